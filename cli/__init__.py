@@ -1,0 +1,1 @@
+"""The `surgery` command line: a thin click layer over the `surgery` library."""

@@ -1,0 +1,123 @@
+"""`surgery` commands: each parses options, calls one library function and prints.
+
+Errors from the library (`SurgeryError`) become one `error: …` line on stderr and exit status 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+
+import click
+
+from surgery import (Budget, Energy, FixedRank, SurgeryError, load_adapter, parse_count, parse_rank_map,
+                     save_adapter, squeeze)
+from surgery.io import FORMATS
+from surgery.squeeze import METHODS
+from surgery.squeeze import spectra as compute_spectra
+
+from .render import inspect_json, inspect_table, squeeze_table
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SurgeryError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="surgery")
+def main():
+    """Model surgery on safetensors adapter checkpoints (PEFT, kohya/diffusers)."""
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")(f)
+
+
+def compute_options(f):
+    """--device, --dtype, --seed: shared by every command that computes."""
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomized methods.")(f)
+    f = click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
+                     show_default=True, help="Storage dtype of the written factors.")(f)
+    f = click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA when present), cpu, cuda or cuda:N.")(f)
+    return f
+
+
+def progress_bar(length: int, label: str):
+    """A click progress bar on stderr when it is a terminal, else a no-op."""
+    if sys.stderr.isatty():
+        return click.progressbar(length=length, label=label, file=sys.stderr)
+    return _Silent()
+
+
+class _Silent:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(path_type=str))
+@click.option("--spectrum", is_flag=True, help="Also compute each module's singular values (exact, no dense ΔW).")
+@json_option
+def inspect(adapter, spectrum, as_json):
+    """Show an adapter's format, modules, ranks, scales and sizes."""
+    a = load_adapter(adapter)
+    spectra = compute_spectra(a) if spectrum else None
+    click.echo(json.dumps(inspect_json(a, spectra), indent=2) if as_json else inspect_table(a, spectra))
+
+
+@main.command(name="squeeze")
+@click.argument("adapter", type=click.Path(path_type=str))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Output directory (peft) or file (peft-file, kohya).")
+@click.option("--rank", type=int, help="One target rank for every module.")
+@click.option("--energy", type=float, help="Keep this fraction of each module's energy Σσ² (e.g. 0.95).")
+@click.option("--budget", help="Total factor parameters for the whole adapter, e.g. 2M, 500K.")
+@click.option("--rank-map", multiple=True, help="REGEX=RANK[,REGEX=RANK…]; first re.search match wins; "
+              "unmatched modules keep their rank. Repeatable.")
+@click.option("--min-rank", type=int, default=1, show_default=True, help="Lowest rank --energy/--budget may give.")
+@click.option("--method", type=click.Choice(METHODS), default="exact", show_default=True,
+              help="exact: QR + small SVD of the LoRA product; rsvd: seeded randomized SVD.")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Arithmetic precision of the factorisation.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), help="Output format (default: the input's).")
+@click.option("--force", is_flag=True, help="Allow the output to replace the input.")
+@compute_options
+@json_option
+def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, fmt, force,
+                device, dtype, seed, as_json):
+    """Compress a LoRA to lower ranks (LoRA-Squeeze, post-hoc)."""
+    chosen = [o for o, v in (("--rank", rank), ("--energy", energy), ("--budget", budget),
+                             ("--rank-map", rank_map or None)) if v is not None]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --rank, --energy, --budget, --rank-map"
+                               + (f" (got {', '.join(chosen)})" if chosen else ""))
+    rule = (FixedRank(rank) if rank is not None else Energy(energy) if energy is not None
+            else Budget(parse_count(budget)) if budget is not None else parse_rank_map(rank_map))
+    a = load_adapter(adapter)
+    with progress_bar(len(a.modules), "squeeze") as bar:
+        small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
+                                seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1))
+    path = save_adapter(small, out, format=fmt, force=force)
+    if as_json:
+        click.echo(json.dumps(report.to_dict() | {"output": str(path)}, indent=2))
+    else:
+        click.echo(squeeze_table(report))
+        click.echo(f"wrote {path}")
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Human tables and JSON documents for the CLI's output."""
+from __future__ import annotations
+
+from collections import Counter
+
+from surgery.adapter import Adapter
+from surgery.rank import energy_rank
+from surgery.squeeze import SqueezeReport
+
+ENERGIES = (0.9, 0.95, 0.99)
+
+
+def _dtype(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def inspect_json(a: Adapter, spectra=None) -> dict:
+    mods = []
+    for name, m in a.modules.items():
+        d = {"name": name, "kind": m.kind, "shape": [m.out_features, m.in_features], "rank": m.rank,
+             "scale": m.scale, "dtype": _dtype(m), "dora": m.dora, "lora_bias": m.bias is not None,
+             "params": m.num_params()}
+        if spectra is not None:
+            S = spectra[name]
+            d["singular_values"] = [float(x) for x in S]
+            d["rank_for_energy"] = {str(e): energy_rank(S, e) for e in ENERGIES}
+        mods.append(d)
+    return {
+        "format": a.format, "path": str(a.source), "modules": mods, "params": a.num_params(),
+        "passthrough": [{"key": k, "shape": list(t.shape), "dtype": _dtype(t)} for k, t in a.passthrough.items()],
+        "config": dict(a.config), "metadata": dict(a.metadata), "notes": list(a.notes),
+    }
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def _counts(values) -> str:
+    return ", ".join(f"{v} ×{n}" if n > 1 else f"{v}" for v, n in sorted(Counter(values).items()))
+
+
+def inspect_table(a: Adapter, spectra=None) -> str:
+    mods = a.modules.values()
+    lines = [
+        f"{a.source}: {a.format} adapter, {len(a.modules)} LoRA modules, {a.num_params():,} factor parameters",
+        f"kinds: {_counts(m.kind for m in mods)}   ranks: {_counts(m.rank for m in mods)}   "
+        f"dtype: {_counts(_dtype(m) for m in mods)}",
+    ]
+    if a.passthrough:
+        lines.append(f"pass-through tensors: {len(a.passthrough)} ({', '.join(list(a.passthrough)[:4])}"
+                     f"{', …' if len(a.passthrough) > 4 else ''})")
+    header = ["module", "kind", "out×in", "rank", "scale", "params"]
+    if spectra is not None:
+        header += ["σ1"] + [f"r@{e:g}" for e in ENERGIES]
+    rows = []
+    for name, m in a.modules.items():
+        row = [name + (" [DoRA]" if m.dora else ""), m.kind, f"{m.out_features}×{m.in_features}", str(m.rank),
+               f"{m.scale:.6g}", f"{m.num_params():,}"]
+        if spectra is not None:
+            S = spectra[name]
+            row += [f"{float(S[0]):.4g}" if len(S) else "0"] + [str(energy_rank(S, e)) for e in ENERGIES]
+        rows.append(row)
+    lines += ["", _table(header, rows, right=set(range(2, len(header))))]
+    lines += [f"note: {n}" for n in a.notes]
+    return "\n".join(lines)
+
+
+def squeeze_table(r: SqueezeReport) -> str:
+    rows = [[m.name + (" [DoRA]" if m.dora else ""), f"{m.old_rank}→{m.new_rank}", f"{m.energy_kept:.6f}",
+             f"{m.rel_error:.3e}", f"{m.params_before:,}→{m.params_after:,}"] for m in r.modules]
+    table = _table(["module", "rank", "energy kept", "rel. error", "params"], rows, right={1, 2, 3, 4})
+    ratio = r.params_after / r.params_before if r.params_before else 1.0
+    return (f"{table}\n\ntotal: {r.params_before:,} → {r.params_after:,} parameters ({ratio:.1%}), "
+            f"relative Frobenius error over all modules {r.rel_error:.3e} ({r.method} SVD)")

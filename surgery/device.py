@@ -1,0 +1,42 @@
+"""Where the maths runs and in which precision: the user's `--device` / `--dtype` choices, resolved once."""
+from __future__ import annotations
+
+import torch
+
+from .errors import SurgeryError
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """'auto' → CUDA when present, else CPU; asking for CUDA without one is an error."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SurgeryError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SurgeryError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+
+
+def storage_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'keep'/None → None (each tensor keeps its dtype), else the named float dtype."""
+    if name is None or name == "keep":
+        return None
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in STORAGE_DTYPES:
+        raise SurgeryError(f"unknown dtype {name!r}; use keep, {', '.join(STORAGE_DTYPES)}")
+    return STORAGE_DTYPES[name]
+
+
+def compute_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in COMPUTE_DTYPES:
+        raise SurgeryError(f"unknown compute precision {name!r}; use float32 or float64")
+    return COMPUTE_DTYPES[name]

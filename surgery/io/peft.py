@@ -1,0 +1,225 @@
+"""PEFT LoRA: a directory (`adapter_model.safetensors` + `adapter_config.json`) or one PEFT-keyed file.
+
+Keys (formats.md §1.2): `<m>.lora_A.weight`, `<m>.lora_B.weight`, `<m>.lora_B.bias`, `<m>.lora_embedding_A/B`,
+`<m>.lora_magnitude_vector`; an adapter name left inside (`lora_A.default.weight`) is accepted and dropped on write.
+Scale per module: `alpha / r` (or `alpha / √r` with rsLoRA) resolved through `rank_pattern` / `alpha_pattern`
+exactly as PEFT's `get_pattern_key` does; writers emit a paired entry for every module that differs from the
+globals, and check that PEFT's resolution gives every module its own rank back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..adapter import Adapter, LoraModule, materialize
+from ..errors import SurgeryError
+from .modules import group_keys, make_module
+from .safetensors_file import atomic_output, save_tensors, tensor_refs
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."
+METADATA_CONFIG = "lora_adapter_metadata"  # diffusers: the LoraConfig as JSON inside the file
+
+_ROLE = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+_KEY = re.compile(
+    r"^(?P<m>.+?)\.(?:"
+    r"(?P<lin>lora_A|lora_B)(?:\.[^.]+)?\.(?P<leaf>weight|bias)"
+    r"|(?P<emb>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?"
+    r"|lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?"
+    r")$"
+)
+
+
+def parse_key(key: str):
+    """`…q_proj.lora_A.default.weight` → ('…q_proj', 'A', 'linear'); None for keys that are not LoRA's."""
+    m = _KEY.match(key)
+    if not m:
+        return None
+    if m["lin"]:
+        role = _ROLE[m["lin"]]
+        if m["leaf"] == "bias":
+            if role != "B":
+                return None
+            role = "bias"
+        return m["m"], role, "linear"
+    if m["emb"]:
+        return m["m"], _ROLE[m["emb"]], "embedding"
+    return m["m"], "magnitude", "linear"
+
+
+def make_keys(name: str, module: LoraModule) -> dict[str, torch.Tensor]:
+    """The on-disk tensors of one module (materialised)."""
+    if module.kind == "embedding":
+        out = {f"{name}.lora_embedding_A": module.A, f"{name}.lora_embedding_B": module.B}
+    else:
+        out = {f"{name}.lora_A.weight": module.A, f"{name}.lora_B.weight": module.B}
+    if module.bias is not None:
+        out[f"{name}.lora_B.bias"] = module.bias
+    if module.magnitude is not None:
+        out[f"{name}.lora_magnitude_vector"] = module.magnitude
+    return {k: materialize(v) for k, v in out.items()}
+
+
+def pattern_key(patterns, key: str):
+    """PEFT's `get_pattern_key`: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return None
+
+
+def config_key(name: str) -> str:
+    """The name PEFT matches rank/alpha patterns against: the module path without `base_model.model.`."""
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def _scale_of(config: Mapping[str, Any], name: str, rank: int, where: str) -> float:
+    key = config_key(name)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    p = pattern_key(rank_pattern, key)
+    r = rank_pattern[p] if p is not None else config.get("r", 8)
+    p = pattern_key(alpha_pattern, key)
+    alpha = alpha_pattern[p] if p is not None else config.get("lora_alpha", 8)
+    if int(r) != rank:
+        raise SurgeryError(
+            f"{where}: module {name} has rank {rank} in its tensors but the config gives r={r} "
+            "(PEFT would refuse to load it); fix r / rank_pattern"
+        )
+    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def _read(weights: Path, config: Mapping[str, Any] | None, fmt: str, where: str) -> Adapter:
+    refs, metadata = tensor_refs(weights)
+    parts, kinds, passthrough = group_keys(refs, parse_key, weights)
+    if not parts:
+        raise SurgeryError(f"{weights}: no LoRA tensors found (expected keys like <module>.lora_A.weight)")
+    notes = []
+    assumed = config is None
+    if assumed:
+        notes.append(f"{weights.name}: no adapter config found; assuming lora_alpha = r (scale 1) for every module")
+        config = {}
+    if config.get("peft_type", "LORA") != "LORA":
+        raise SurgeryError(f"{where}: peft_type {config['peft_type']!r} is not LoRA; only LoRA adapters are supported")
+    if config.get("target_parameters"):
+        raise SurgeryError(f"{where}: LoRA on target_parameters (MoE expert tensors) is not supported yet")
+    modules = {}
+    for name in sorted(parts):
+        rank = parts[name]["A"].shape[0] if "A" in parts[name] else 0
+        scale = 1.0 if assumed else _scale_of(config, name, rank, where)
+        modules[name] = make_module(name, parts[name], kinds.get(name, "linear"), scale, weights)
+    return Adapter(modules=modules, format=fmt, passthrough=passthrough, config=config, metadata=metadata,
+                   source=weights.parent if fmt == "peft" else weights, notes=tuple(notes))
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SurgeryError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(config, dict):
+        raise SurgeryError(f"{path}: expected a JSON object")
+    return config
+
+
+def read_dir(path: Path) -> Adapter:
+    weights, cfg = path / WEIGHTS, path / CONFIG
+    if not weights.exists():
+        if (path / "adapter_model.bin").exists():
+            from .safetensors_file import pickle_error
+
+            raise pickle_error(path / "adapter_model.bin")
+        raise SurgeryError(f"{path}: not a PEFT adapter directory (no {WEIGHTS})")
+    if not cfg.exists():
+        raise SurgeryError(f"{path}: {CONFIG} is missing (PEFT needs it for r and lora_alpha)")
+    return _read(weights, _load_json(cfg), "peft", str(cfg))
+
+
+def read_file(path: Path) -> Adapter:
+    from .safetensors_file import read_header
+
+    _, metadata = read_header(path)
+    config = None
+    if METADATA_CONFIG in metadata:
+        try:
+            config = json.loads(metadata[METADATA_CONFIG])
+        except json.JSONDecodeError:
+            raise SurgeryError(f"{path}: metadata {METADATA_CONFIG} is not valid JSON") from None
+        if not isinstance(config, dict) or any("." in k for k in config):
+            raise SurgeryError(f"{path}: component-prefixed {METADATA_CONFIG} (pipeline LoRA) is not supported yet")
+    return _read(path, config, "peft-file", f"{path}")
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def updated_config(adapter: Adapter) -> dict[str, Any]:
+    """The adapter's config with r, lora_alpha and paired rank/alpha patterns rewritten for its modules.
+
+    alpha = scale · r (scale · √r with rsLoRA), so the file's scale is the module's scale; the most common
+    (rank, alpha) pair becomes the global one and every other module gets an entry in both patterns.
+    """
+    config = dict(adapter.config)
+    rslora = bool(config.get("use_rslora"))
+    pairs = {
+        name: (m.rank, _number(m.scale * (math.sqrt(m.rank) if rslora else m.rank)))
+        for name, m in adapter.modules.items()
+    }
+    (r, alpha), _ = Counter(sorted(pairs.values())).most_common(1)[0]
+    special = {config_key(n): pa for n, pa in pairs.items() if pa != (r, alpha)}
+    keys = sorted(special, key=lambda k: (-len(k), k))
+    if any(_resolve(keys, config_key(n), special, (r, alpha)) != pa for n, pa in pairs.items()):
+        escaped = {re.escape(k): v for k, v in special.items()}
+        special, keys = escaped, sorted(escaped, key=lambda k: (-len(k), k))
+    config.update(
+        r=r, lora_alpha=alpha,
+        rank_pattern={k: special[k][0] for k in keys},
+        alpha_pattern={k: special[k][1] for k in keys},
+    )
+    return config
+
+
+def _resolve(keys, key, special, default):
+    p = pattern_key(keys, key)
+    return special[p] if p is not None else default
+
+
+def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    tensors = {k: materialize(v) for k, v in adapter.passthrough.items()}
+    for name, module in adapter.modules.items():
+        for k, t in make_keys(name, module).items():
+            if k in tensors:
+                raise SurgeryError(f"module {name}: key {k} collides with a pass-through tensor")
+            tensors[k] = t
+    return tensors
+
+
+def write_dir(adapter: Adapter, out: Path) -> None:
+    """`adapter_model.safetensors` (metadata `{"format": "pt"}` + the input's) and `adapter_config.json`."""
+    tensors = _tensors(adapter)
+    config = updated_config(adapter)
+    config.setdefault("peft_type", "LORA")
+    metadata = {k: v for k, v in adapter.metadata.items() if k != METADATA_CONFIG}
+    metadata["format"] = "pt"
+    with atomic_output(out, is_dir=True) as tmp:
+        save_tensors(tensors, tmp / WEIGHTS, metadata)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_file(adapter: Adapter, out: Path) -> None:
+    """One PEFT-keyed file; the config goes into metadata `lora_adapter_metadata` as diffusers writes it."""
+    tensors = _tensors(adapter)
+    config = updated_config(adapter)
+    config.setdefault("peft_type", "LORA")
+    metadata = dict(adapter.metadata)
+    metadata["format"] = "pt"
+    metadata[METADATA_CONFIG] = json.dumps(config, sort_keys=True)
+    with atomic_output(out, is_dir=False) as tmp:
+        save_tensors(tensors, tmp, metadata)

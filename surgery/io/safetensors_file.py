@@ -1,0 +1,151 @@
+"""Bytes in and out: validated safetensors headers, lazy tensor references, atomic writes.
+
+The header is parsed and checked here (cheaply, before any tensor is read) so that a corrupt, truncated or
+pickled file gets one message that names it, instead of a deserializer's stack trace.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from ..adapter import TensorRef
+from ..errors import SurgeryError
+
+MAX_HEADER = 100_000_000
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+        "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
+
+
+def pickle_error(path: Path) -> SurgeryError:
+    return SurgeryError(
+        f"{path}: this is a pickle checkpoint (torch.save); surgery never unpickles files because loading one "
+        "can run arbitrary code. Convert it once, in an environment you trust: python -c \"import torch; "
+        "from safetensors.torch import save_file; "
+        f"save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\""
+    )
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """Validated header of a safetensors file: ({name: {dtype, shape, data_offsets}}, metadata)."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise pickle_error(path)
+    if not path.exists():
+        raise SurgeryError(f"{path}: no such file or directory")
+    if path.is_dir():
+        raise SurgeryError(f"{path}: is a directory, expected a .safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise pickle_error(path)
+        if len(head) < 8:
+            raise SurgeryError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise SurgeryError(
+                f"{path}: corrupt or truncated safetensors file (header claims {n:,} bytes, file has {size:,})"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SurgeryError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise SurgeryError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SurgeryError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise SurgeryError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if dtype not in DTYPES:
+            raise SurgeryError(f"{path}: tensor {name!r} has dtype {dtype}, which surgery does not handle")
+        count = 1
+        for s in shape:
+            count *= s
+        if end - begin != count * BITS[dtype] // 8 or begin < 0:
+            raise SurgeryError(f"{path}: corrupt safetensors header: tensor {name!r} has a wrong byte range")
+        spans.append((begin, end))
+    spans.sort()
+    cursor = 0
+    for begin, end in spans:
+        if begin != cursor:
+            raise SurgeryError(f"{path}: corrupt safetensors header: tensor byte ranges overlap or leave gaps")
+        cursor = end
+    if 8 + n + cursor != size:
+        raise SurgeryError(
+            f"{path}: truncated or corrupt safetensors file: tensors need {8 + n + cursor:,} bytes, file has {size:,}"
+        )
+    return header, metadata
+
+
+def tensor_refs(path: str | os.PathLike) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Lazy references to every tensor of a validated file, plus its metadata; nothing is read yet."""
+    path = Path(path).resolve()
+    header, metadata = read_header(path)
+    refs = {
+        name: TensorRef(path, name, tuple(int(s) for s in info["shape"]), DTYPES[info["dtype"]])
+        for name, info in sorted(header.items())
+    }
+    return refs, metadata
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None) -> None:
+    """safetensors `save_file` of contiguous CPU copies (aliasing views are cloned)."""
+    clean, seen = {}, set()
+    for k, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        clean[k] = t
+    save_file(clean, str(path), metadata=dict(metadata) if metadata else None)
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, is_dir: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to write into; rename it over `out` only if the block succeeds.
+
+    A directory output that already exists keeps its other files: the new files are renamed into it one by one.
+    """
+    out = Path(out)
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        target = tmp if is_dir else tmp / out.name
+        yield target
+        if not is_dir:
+            os.replace(target, out)
+        elif out.exists():
+            if not out.is_dir():
+                raise SurgeryError(f"{out}: exists and is not a directory")
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,88 @@
+"""SVDs of low-rank products without forming the dense matrix.
+
+`lowrank_svd` is exact (methods.md §2.1); `randomized_svd` is Halko–Martinsson–Tropp (2011) Algorithm 4.4
+written against `x ↦ M x` and `y ↦ Mᵀ y`, so it takes a LoRA, a sum of LoRAs or a dense delta alike.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+
+class SVD(NamedTuple):
+    """Thin SVD `M = U diag(S) Vh`: U (m, k), S (k,) descending, Vh (k, n)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+
+def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> SVD:
+    """Exact thin SVD of `scale · B @ A` for B (m, r), A (r, n), in O((m + n) r²).
+
+    B = Qb Rb, Aᵀ = Qa Ra, core C = scale · Rb Raᵀ (r×r) = Uc Σ Vcᵀ, so M = (Qb Uc) Σ (Qa Vc)ᵀ.
+    Works batched over leading dimensions and for r > m or r > n (reduced QR keeps the core small).
+    """
+    Qb, Rb = torch.linalg.qr(B)  # (…, m, p), (…, p, r)
+    Qa, Ra = torch.linalg.qr(A.transpose(-1, -2))  # (…, n, q), (…, q, r)
+    core = scale * (Rb @ Ra.transpose(-1, -2))  # (…, p, q)
+    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
+    return SVD(Qb @ Uc, S, Vch @ Qa.transpose(-1, -2))
+
+
+def randomized_svd(
+    matmul: Callable[[torch.Tensor], torch.Tensor],
+    rmatmul: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, int],
+    rank: int,
+    *,
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> SVD:
+    """Rank-`rank` randomized SVD of an m×n operator given `matmul(X) = M X` and `rmatmul(Y) = Mᵀ Y`.
+
+    Gaussian test matrix drawn on the CPU from `generator` (so every device sees the same draw), `power_iters`
+    subspace iterations with QR re-orthonormalisation between them (Halko et al. 2011, Alg. 4.4).
+    Returns U (m, k), S (k,), Vh (k, n) with k = min(rank, m, n).
+    """
+    m, n = shape
+    k = min(rank, m, n)
+    width = min(k + oversample, m, n)
+    omega = torch.randn(n, width, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    Q = torch.linalg.qr(matmul(omega)).Q  # (m, width)
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(rmatmul(Q)).Q  # (n, width)
+        Q = torch.linalg.qr(matmul(Z)).Q  # (m, width)
+    small = rmatmul(Q).transpose(0, 1)  # Qᵀ M: (width, n)
+    Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
+    return SVD((Q @ Us)[:, :k], S[:k], Vh[:k])
+
+
+def lora_operator(B: torch.Tensor, A: torch.Tensor, scale: float):
+    """(matmul, rmatmul) of M = scale · B @ A for `randomized_svd`, never forming M."""
+    return (lambda X: scale * (B @ (A @ X))), (lambda Y: scale * (A.transpose(0, 1) @ (B.transpose(0, 1) @ Y)))
+
+
+def lowrank_frobenius_sq(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> float:
+    """‖scale · B @ A‖_F² from the two r×r Gram matrices, in float64."""
+    B64, A64 = B.double(), A.double()
+    return float(scale * scale * ((B64.T @ B64) * (A64 @ A64.T)).sum())
+
+
+def split_factors(svd: SVD, k: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B' (m, k), A' (k, n)) with `scale · B' @ A' = U_k Σ_k Vh_k`, √(Σ/|scale|) on both sides.
+
+    Keeping the module's scale (rather than folding it into the factors) keeps alpha's learning-rate
+    meaning for further training; the factors absorb the rest.
+    """
+    if scale == 0:
+        raise ValueError("scale must be non-zero")
+    root = (svd.S[..., :k] / abs(scale)).sqrt()
+    sign = 1.0 if scale > 0 else -1.0
+    B = sign * svd.U[..., :, :k] * root.unsqueeze(-2)
+    A = root.unsqueeze(-1) * svd.Vh[..., :k, :]
+    return B, A

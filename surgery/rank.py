@@ -1,0 +1,129 @@
+"""Choosing target ranks from singular values (methods.md §2.3).
+
+Every rule maps {module: spectrum} to {module: rank}; spectra are 1-D float64 tensors, descending.
+"""
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Union
+
+import torch
+
+from .errors import SurgeryError
+
+
+@dataclass(frozen=True)
+class FixedRank:
+    rank: int
+
+
+@dataclass(frozen=True)
+class Energy:
+    """Smallest k with Σ_{i≤k} σ_i² ≥ threshold · Σ σ_i² (PEFT `convert_to_lora`'s float rank)."""
+
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One parameter budget (A and B entries) for the whole adapter."""
+
+    params: int
+
+
+@dataclass(frozen=True)
+class RankMap:
+    """Ordered (regex, rank) pairs; the first `re.search` match wins, unmatched modules keep their rank."""
+
+    rules: tuple[tuple[str, int], ...]
+
+    def rank_for(self, name: str) -> int | None:
+        for pattern, rank in self.rules:
+            if re.search(pattern, name):
+                return rank
+        return None
+
+
+RankRule = Union[FixedRank, Energy, Budget, RankMap]
+
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
+
+
+def parse_count(text: str) -> int:
+    """'2M' → 2_000_000, '1.5k' → 1500, '350000' → 350000 (decimal suffixes K, M, G)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*", text)
+    if not m:
+        raise SurgeryError(f"budget {text!r}: expected a number with an optional K/M/G suffix, e.g. 2M")
+    return int(round(float(m.group(1)) * _SUFFIX[m.group(2).upper()]))
+
+
+def parse_rank_map(specs: Sequence[str]) -> RankMap:
+    """'mlp=8,attn=4' (and/or repeated specs) → RankMap((('mlp', 8), ('attn', 4)))."""
+    rules = []
+    for spec in specs:
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            pattern, sep, rank = item.rpartition("=")
+            if not sep or not pattern or not rank.strip().lstrip("-").isdigit():
+                raise SurgeryError(f"rank map entry {item!r}: expected REGEX=RANK, e.g. 'mlp=8,attn=4'")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise SurgeryError(f"rank map entry {item!r}: bad regex: {e}") from None
+            rules.append((pattern, int(rank)))
+    if not rules:
+        raise SurgeryError("rank map is empty: expected REGEX=RANK entries, e.g. 'mlp=8,attn=4'")
+    return RankMap(tuple(rules))
+
+
+def energy_rank(S: torch.Tensor, threshold: float) -> int:
+    """Smallest k ≥ 1 keeping `threshold` of the energy Σσ² (a zero spectrum gives 1)."""
+    e = S.double().square()
+    total = float(e.sum())
+    if total == 0.0:
+        return 1
+    cum = torch.cumsum(e, 0)
+    k = int(torch.searchsorted(cum, torch.tensor([threshold * total], dtype=cum.dtype)).item()) + 1
+    return min(k, S.numel())
+
+
+def budget_ranks(
+    spectra: Mapping[str, torch.Tensor], cost: Mapping[str, int], budget: int, min_rank: int = 1
+) -> dict[str, int]:
+    """Greedy spend of `budget` on the directions with the largest σ²/cost (cost = in + out per rank).
+
+    Every module starts at `min_rank`; σ is descending per module, so a module's candidates are taken as a
+    prefix and the result never exceeds the budget.
+    """
+    base = sum(min_rank * cost[n] for n in spectra)
+    if base > budget:
+        raise SurgeryError(
+            f"budget {budget:,} parameters is too small: rank {min_rank} on each of the {len(spectra)} "
+            f"modules already needs {base:,}"
+        )
+    ranks = {n: min(min_rank, S.numel()) for n, S in spectra.items()}
+    left = budget - sum(ranks[n] * cost[n] for n in spectra)
+    heap = [(-float(S[ranks[n]]) ** 2 / cost[n], n) for n, S in spectra.items() if S.numel() > ranks[n]]
+    heapq.heapify(heap)
+    while heap:
+        _, n = heapq.heappop(heap)
+        if cost[n] > left:
+            continue  # every later candidate of this module costs the same: it is done
+        left -= cost[n]
+        ranks[n] += 1
+        S = spectra[n]
+        if S.numel() > ranks[n]:
+            heapq.heappush(heap, (-float(S[ranks[n]]) ** 2 / cost[n], n))
+    return ranks
+
+
+def check_rank(name: str, rank: int, current: int) -> int:
+    if rank <= 0:
+        raise SurgeryError(f"module {name}: rank must be at least 1, got {rank}")
+    if rank > current:
+        raise SurgeryError(
+            f"module {name}: target rank {rank} is above its current rank {current} "
+            "(squeeze only lowers ranks; use --rank-map to give this module another rank)"
+        )
+    return rank

@@ -1,0 +1,201 @@
+"""LoRA-Squeeze, post-hoc: re-factor each module's `ΔW = s·B@A` at a lower rank (methods.md §2).
+
+`squeeze(adapter, rule)` is a pure function Adapter → (Adapter, SqueezeReport). Each module is read, factorised
+(exact QR-core SVD by default, seeded randomized SVD on request), truncated to the rank its rule picks, and
+re-split with √Σ on both sides while keeping the module's scale; factors are cast once to the storage dtype.
+The reported error is exact: Σ of the dropped σ² (exact) or ‖ΔW‖² − ‖ΔW_k‖² from Gram matrices (rsvd).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .adapter import Adapter, LoraModule
+from .device import compute_dtype as _compute_dtype
+from .device import resolve_device, storage_dtype
+from .errors import SurgeryError
+from .linalg import SVD, lora_operator, lowrank_frobenius_sq, lowrank_svd, randomized_svd, split_factors
+from .rank import Budget, Energy, FixedRank, RankMap, RankRule, budget_ranks, check_rank, energy_rank
+
+METHODS = ("exact", "rsvd")
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    name: str
+    kind: str
+    shape: tuple[int, int]  # (out, in) of the flattened ΔW
+    old_rank: int
+    new_rank: int
+    energy_kept: float  # ‖ΔW_k‖² / ‖ΔW‖² (1 for a zero update)
+    rel_error: float  # ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F
+    norm: float  # ‖ΔW‖_F
+    params_before: int
+    params_after: int
+    dora: bool
+
+
+@dataclass(frozen=True)
+class SqueezeReport:
+    modules: tuple[ModuleReport, ...]
+    method: str
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def params_before(self) -> int:
+        return sum(m.params_before for m in self.modules)
+
+    @property
+    def params_after(self) -> int:
+        return sum(m.params_after for m in self.modules)
+
+    @property
+    def rel_error(self) -> float:
+        """‖ΔW − ΔW_k‖_F / ‖ΔW‖_F over the whole adapter (all modules stacked)."""
+        total = sum(m.norm**2 for m in self.modules)
+        return math.sqrt(sum((m.rel_error * m.norm) ** 2 for m in self.modules) / total) if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "modules": [m.__dict__ | {"shape": list(m.shape)} for m in self.modules],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "rel_error": self.rel_error,
+            "warnings": list(self.warnings),
+        }
+
+
+def _check_finite(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not torch.isfinite(t).all():
+            raise SurgeryError(f"module {name}: factor contains NaN or Inf")
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    """Per-module CPU generator: results do not depend on module order or device."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63))
+
+
+def _svd(name: str, m: LoraModule, width: int, method: str, device, dtype, seed: int) -> tuple[SVD, float | None]:
+    """(SVD of ΔW with at least `width` directions, ‖ΔW‖_F² when the SVD does not hold all of it)."""
+    B, A = m.factors(dtype, device)
+    _check_finite(name, B, A)
+    if method == "exact":
+        return lowrank_svd(B, A, m.scale), None
+    matmul, rmatmul = lora_operator(B, A, m.scale)
+    svd = randomized_svd(matmul, rmatmul, (B.shape[0], A.shape[1]), width,
+                         generator=_generator(seed, name), dtype=dtype, device=device)
+    return svd, lowrank_frobenius_sq(B, A, m.scale)
+
+
+def _truncate(m: LoraModule, svd: SVD, k: int, out_dtype) -> LoraModule:
+    """Module at rank k from its SVD, scale kept; zero directions pad a spectrum shorter than k."""
+    B2, A2 = split_factors(svd, k, m.scale if m.scale != 0 else 1.0)  # (out, k'), (k', in)
+    if B2.shape[1] < k:
+        B2 = torch.nn.functional.pad(B2, (0, k - B2.shape[1]))
+        A2 = torch.nn.functional.pad(A2, (0, 0, 0, k - A2.shape[0]))
+    dtype = out_dtype or m.dtype
+    B2 = B2.reshape((m.out_features, k) + tuple(m.B.shape[2:])).to("cpu", dtype).contiguous()
+    A2 = A2.reshape((k,) + tuple(m.A.shape[1:])).to("cpu", dtype).contiguous()
+    return LoraModule(A=A2, B=B2, scale=m.scale, kind=m.kind, bias=m.bias, magnitude=m.magnitude)
+
+
+def _target(name: str, m: LoraModule, rule: RankRule, S: torch.Tensor | None, min_rank: int) -> int:
+    if isinstance(rule, FixedRank):
+        return check_rank(name, rule.rank, m.rank)
+    if isinstance(rule, RankMap):
+        k = rule.rank_for(name)
+        return m.rank if k is None else check_rank(name, k, m.rank)
+    if isinstance(rule, Energy):
+        return min(max(energy_rank(S, rule.threshold), min_rank), m.rank)
+    raise TypeError(rule)
+
+
+def _validate(rule: RankRule, min_rank: int) -> None:
+    if isinstance(rule, Energy) and not 0.0 < rule.threshold <= 1.0:
+        raise SurgeryError(f"energy threshold must be in (0, 1], got {rule.threshold}")
+    if isinstance(rule, Budget) and rule.params <= 0:
+        raise SurgeryError(f"budget must be positive, got {rule.params}")
+    if isinstance(rule, FixedRank) and rule.rank <= 0:
+        raise SurgeryError(f"rank must be at least 1, got {rule.rank}")
+    if min_rank < 1:
+        raise SurgeryError(f"min rank must be at least 1, got {min_rank}")
+
+
+def spectra(
+    adapter: Adapter, *, method: str = "exact", device: str | torch.device = "auto",
+    compute_dtype: str | torch.dtype = torch.float32, seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """{module: singular values of its ΔW (float64, CPU, descending)}, one module in memory at a time."""
+    dev, cdtype = resolve_device(device), _compute_dtype(compute_dtype)
+    return {name: _svd(name, m, m.rank, method, dev, cdtype, seed)[0].S.double().cpu()
+            for name, m in adapter.modules.items()}
+
+
+def squeeze(
+    adapter: Adapter,
+    rule: RankRule,
+    *,
+    method: str = "exact",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype = torch.float32,
+    seed: int = 0,
+    min_rank: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Adapter, SqueezeReport]:
+    """Lower the rank of every LoRA module of `adapter` by `rule`; returns the new adapter and a report.
+
+    dtype: storage dtype of the new factors (None = each module's own); compute_dtype: float32 or float64.
+    Budget rules take two passes (spectra first, then factors) so memory stays at one module at a time.
+    """
+    if method not in METHODS:
+        raise SurgeryError(f"unknown method {method!r}; use exact or rsvd")
+    _validate(rule, min_rank)
+    dev, cdtype, sdtype = resolve_device(device), _compute_dtype(compute_dtype), storage_dtype(dtype)
+    modules = adapter.modules
+    targets: dict[str, int] = {}
+    if isinstance(rule, Budget):
+        S = spectra(adapter, method=method, device=dev, compute_dtype=cdtype, seed=seed)
+        cost = {n: m.in_features + m.out_features for n, m in modules.items()}
+        targets = budget_ranks(S, cost, rule.params, min_rank)
+    elif isinstance(rule, (FixedRank, RankMap)):
+        targets = {n: _target(n, m, rule, None, min_rank) for n, m in modules.items()}
+
+    out, reports = {}, []
+    for name, m in modules.items():
+        width = targets.get(name, m.rank)
+        svd, total = _svd(name, m, width, method, dev, cdtype, seed)
+        k = targets[name] if name in targets else _target(name, m, rule, svd.S, min_rank)
+        out[name] = _truncate(m, svd, k, sdtype)
+        reports.append(_report(name, m, svd.S, total, k))
+        if progress:
+            progress(name)
+    warnings = list(adapter.notes)
+    dora = [n for n, m in modules.items() if m.dora]
+    if dora:
+        warnings.append(
+            f"{len(dora)} DoRA module(s): the magnitude vectors were trained against W + ΔW and are kept as they "
+            "are, so the merged weights change by more than the LoRA truncation error reported here"
+        )
+    return adapter.with_modules(out, source=adapter.source), SqueezeReport(tuple(reports), method, tuple(warnings))
+
+
+def _report(name: str, m: LoraModule, S: torch.Tensor, total: float | None, k: int) -> ModuleReport:
+    s2 = S.double().square().cpu()
+    kept = float(s2[:k].sum())
+    if total is None:  # exact: the spectrum is complete
+        dropped, total = float(s2[k:].sum()), float(s2.sum())
+    else:  # rsvd: ΔW_k is an orthogonal projection of ΔW, so the errors are Pythagorean
+        dropped = max(total - kept, 0.0)
+    return ModuleReport(
+        name=name, kind=m.kind, shape=(m.out_features, m.in_features), old_rank=m.rank, new_rank=k,
+        energy_kept=kept / total if total > 0 else 1.0,
+        rel_error=math.sqrt(dropped / total) if total > 0 else 0.0, norm=math.sqrt(total),
+        params_before=m.num_params(), params_after=m.num_params(k), dora=m.dora,
+    )
