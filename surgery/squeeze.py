@@ -81,16 +81,16 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63))
 
 
-def _svd(name: str, m: LoraModule, width: int, method: str, device, dtype, seed: int) -> tuple[SVD, float | None]:
-    """(SVD of ΔW with at least `width` directions, ‖ΔW‖_F² when the SVD does not hold all of it)."""
+def _svd(name: str, m: LoraModule, width: int, method: str, device, dtype, seed: int):
+    """(SVD of ΔW with at least `width` directions, B (out, r), A (r, in)) in `dtype` on `device`."""
     B, A = m.factors(dtype, device)
     _check_finite(name, B, A)
     if method == "exact":
-        return lowrank_svd(B, A, m.scale), None
+        return lowrank_svd(B, A, m.scale), B, A
     matmul, rmatmul = lora_operator(B, A, m.scale)
     svd = randomized_svd(matmul, rmatmul, (B.shape[0], A.shape[1]), width,
                          generator=_generator(seed, name), dtype=dtype, device=device)
-    return svd, lowrank_frobenius_sq(B, A, m.scale)
+    return svd, B, A
 
 
 def _truncate(m: LoraModule, svd: SVD, k: int, out_dtype) -> LoraModule:
@@ -170,10 +170,10 @@ def squeeze(
     out, reports = {}, []
     for name, m in modules.items():
         width = targets.get(name, m.rank)
-        svd, total = _svd(name, m, width, method, dev, cdtype, seed)
+        svd, B, A = _svd(name, m, width, method, dev, cdtype, seed)
         k = targets[name] if name in targets else _target(name, m, rule, svd.S, min_rank)
         out[name] = _truncate(m, svd, k, sdtype)
-        reports.append(_report(name, m, svd.S, total, k))
+        reports.append(_report(name, m, svd, k, None if method == "exact" else (B, A)))
         if progress:
             progress(name)
     warnings = list(adapter.notes)
@@ -186,13 +186,20 @@ def squeeze(
     return adapter.with_modules(out, source=adapter.source), SqueezeReport(tuple(reports), method, tuple(warnings))
 
 
-def _report(name: str, m: LoraModule, S: torch.Tensor, total: float | None, k: int) -> ModuleReport:
-    s2 = S.double().square().cpu()
+def _report(name: str, m: LoraModule, svd: SVD, k: int, factors) -> ModuleReport:
+    """Errors from the spectrum (exact: it is complete) or, for rsvd, from the rank-(r+k) residual
+    `[sB | −U_kΣ_k] [A; Vh_k]` through Gram matrices in float64, which avoids ‖ΔW‖² − ‖ΔW_k‖² cancellation."""
+    s2 = svd.S.double().square().cpu()
     kept = float(s2[:k].sum())
-    if total is None:  # exact: the spectrum is complete
+    if factors is None:
         dropped, total = float(s2[k:].sum()), float(s2.sum())
-    else:  # rsvd: ΔW_k is an orthogonal projection of ΔW, so the errors are Pythagorean
-        dropped = max(total - kept, 0.0)
+    else:
+        B, A = factors
+        total = lowrank_frobenius_sq(B, A, m.scale)
+        k_ = min(k, svd.S.numel())
+        U, S, Vh = (t.double() for t in svd)
+        dropped = lowrank_frobenius_sq(torch.cat([m.scale * B.double(), -U[:, :k_] * S[:k_]], 1),
+                                       torch.cat([A.double(), Vh[:k_]], 0))
     return ModuleReport(
         name=name, kind=m.kind, shape=(m.out_features, m.in_features), old_rank=m.rank, new_rank=k,
         energy_kept=kept / total if total > 0 else 1.0,

@@ -49,7 +49,7 @@ def detect(path: str | os.PathLike) -> str:
     if path.name == peft.WEIGHTS and (path.parent / peft.CONFIG).exists():
         return "peft"
     header, _ = read_header(path)
-    if any(kohya.parse_key(k) for k in header):
+    if any(kohya.parse_key(k) or kohya.unsupported(k) for k in header):
         if any(peft.parse_key(k) for k in header):
             raise SurgeryError(f"{path}: mixes kohya (lora_down/lora_up) and PEFT (lora_A/lora_B) keys")
         return "kohya"

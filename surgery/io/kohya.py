@@ -24,6 +24,11 @@ _ROLE = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dora
 _UNSUPPORTED = re.compile(r"\.(hada_w1_a|lokr_w1|lokr_w1_a|a1\.weight|oft_blocks|oft_diag)$")
 
 
+def unsupported(key: str) -> bool:
+    """A LyCORIS network other than LoRA/LoCon (LoHa, LoKr, GLoRA, OFT)."""
+    return bool(_UNSUPPORTED.search(key))
+
+
 def parse_key(key: str):
     m = _KEY.match(key)
     return (m["m"], _ROLE[m["role"]], "linear") if m else None
@@ -32,7 +37,7 @@ def parse_key(key: str):
 def read(path: Path) -> Adapter:
     refs, metadata = tensor_refs(path)
     for key in refs:
-        if _UNSUPPORTED.search(key):
+        if unsupported(key):
             raise SurgeryError(f"{path}: {key} belongs to a LyCORIS LoHa/LoKr/GLoRA/OFT network; only LoRA/LoCon is supported")
     parts, kinds, passthrough = group_keys(refs, parse_key, path)
     modules = {}

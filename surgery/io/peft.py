@@ -173,22 +173,32 @@ def updated_config(adapter: Adapter) -> dict[str, Any]:
         for name, m in adapter.modules.items()
     }
     (r, alpha), _ = Counter(sorted(pairs.values())).most_common(1)[0]
-    special = {config_key(n): pa for n, pa in pairs.items() if pa != (r, alpha)}
-    keys = sorted(special, key=lambda k: (-len(k), k))
-    if any(_resolve(keys, config_key(n), special, (r, alpha)) != pa for n, pa in pairs.items()):
-        escaped = {re.escape(k): v for k, v in special.items()}
-        special, keys = escaped, sorted(escaped, key=lambda k: (-len(k), k))
-    config.update(
-        r=r, lora_alpha=alpha,
-        rank_pattern={k: special[k][0] for k in keys},
-        alpha_pattern={k: special[k][1] for k in keys},
-    )
+    keyed = {config_key(n): pa for n, pa in pairs.items()}
+    entries = _pattern_entries(keyed, (r, alpha))
+    config.update(r=r, lora_alpha=alpha, rank_pattern={p: keyed[k][0] for p, k in entries.items()},
+                  alpha_pattern={p: keyed[k][1] for p, k in entries.items()})
     return config
 
 
-def _resolve(keys, key, special, default):
-    p = pattern_key(keys, key)
-    return special[p] if p is not None else default
+def _pattern_entries(keyed: Mapping[str, tuple], default: tuple) -> dict[str, str]:
+    """{pattern: module key}, ordered so that PEFT's first-match resolution gives every module its own value.
+
+    A pattern also matches any module whose path ends with it, so such modules get an entry of their own,
+    longest first; if '.'-as-wildcard still confuses two names, the patterns are regex-escaped.
+    """
+    special = [k for k, pa in keyed.items() if pa != default]
+    for escape in (False, True):
+        entries = {(re.escape(k) if escape else k): k for k in special}
+        while True:
+            order = sorted(entries, key=lambda p: (-len(p), p))
+            caught = [k for k in keyed if k not in entries.values() and pattern_key(order, k) is not None]
+            if not caught:
+                break
+            entries.update({(re.escape(k) if escape else k): k for k in caught})
+        entries = {p: entries[p] for p in order}
+        if all(keyed[entries[p]] == pa for k, pa in keyed.items() if (p := pattern_key(order, k)) is not None):
+            break
+    return entries
 
 
 def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:

@@ -1,0 +1,71 @@
+"""Small deterministic adapters on disk, built from known spectra so every result has a float64 reference."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+PEFT_FIXTURE = FIXTURES / "peft-lora-tiny-llama"
+KOHYA_FIXTURE = FIXTURES / "kohya-lora-tiny.safetensors"
+
+
+def lora_pair(out_f: int, in_f: int, r: int, *, decay: float = 0.7, seed: int = 0, dtype=torch.float32):
+    """B (out, r), A (r, in) whose product has singular values decay**i, with random orthonormal bases."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(out_f, r, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(in_f, r, generator=g, dtype=torch.float64)).Q
+    s = (decay ** torch.arange(r, dtype=torch.float64)).sqrt()
+    return (U * s).to(dtype).contiguous(), (V * s).T.to(dtype).contiguous()
+
+
+def write_peft(path: Path, pairs: dict, *, r: int, alpha: float, config: dict | None = None,
+               extra: dict | None = None, prefix: str = "base_model.model.", suffix: str = ".weight",
+               adapter_name: str | None = None) -> Path:
+    """A PEFT adapter directory with the given {module: (B, A)} pairs."""
+    path.mkdir(parents=True, exist_ok=True)
+    name = f".{adapter_name}" if adapter_name else ""
+    tensors = {}
+    for m, (B, A) in pairs.items():
+        tensors[f"{prefix}{m}.lora_A{name}{suffix}"] = A
+        tensors[f"{prefix}{m}.lora_B{name}{suffix}"] = B
+    tensors.update(extra or {})
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted({m.split(".")[-1] for m in pairs}),
+           "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "task_type": None}
+    cfg.update(config or {})
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def tree_digest(path: Path) -> str:
+    """sha256 over every file (name + bytes) below `path`: proves inputs are untouched."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for f in files:
+        h.update(str(f.relative_to(path) if Path(path).is_dir() else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def dense_truncation(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Best rank-k approximation of a float64 matrix by full dense SVD (the reference)."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vh[:k]
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    """Four modules with different spectra, r=8, alpha=16 (scale 2)."""
+    pairs = {
+        "model.layers.0.self_attn.q_proj": lora_pair(24, 16, 8, decay=0.5, seed=1),
+        "model.layers.0.self_attn.v_proj": lora_pair(12, 16, 8, decay=0.9, seed=2),
+        "model.layers.0.mlp.up_proj": lora_pair(40, 16, 8, decay=0.7, seed=3),
+        "model.layers.0.mlp.down_proj": lora_pair(16, 40, 8, decay=0.3, seed=4),
+    }
+    return write_peft(tmp_path / "adapter", pairs, r=8, alpha=16)

@@ -1,0 +1,258 @@
+"""Readers and writers: key variants, configs, kohya alpha, corrupt files, atomic and safe writes."""
+import json
+import math
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from surgery import FixedRank, SurgeryError, detect, load_adapter, save_adapter, squeeze
+from surgery.io import peft as peft_io
+from surgery.io.safetensors_file import read_header
+
+from .conftest import KOHYA_FIXTURE, PEFT_FIXTURE, lora_pair, tree_digest, write_peft
+
+
+@pytest.mark.parametrize("prefix,adapter_name", [("base_model.model.", None), ("", None), ("base_model.model.", "default")])
+def test_peft_key_variants(tmp_path, prefix, adapter_name):
+    pairs = {"model.layers.0.q_proj": lora_pair(8, 6, 4)}
+    d = write_peft(tmp_path / "a", pairs, r=4, alpha=8, prefix=prefix, adapter_name=adapter_name)
+    a = load_adapter(d)
+    (name,) = a.modules
+    assert name == f"{prefix}model.layers.0.q_proj"
+    assert a.modules[name].scale == 2.0 and not a.passthrough
+    save_adapter(a, tmp_path / "o")
+    keys = set(load_file(str(tmp_path / "o" / "adapter_model.safetensors")))
+    assert keys == {f"{prefix}model.layers.0.q_proj.lora_A.weight", f"{prefix}model.layers.0.q_proj.lora_B.weight"}
+
+
+def test_rank_alpha_patterns_and_rslora(tmp_path):
+    pairs = {"model.layers.0.q_proj": lora_pair(8, 6, 4), "model.layers.1.q_proj": lora_pair(8, 6, 2, seed=1)}
+    cfg = {"rank_pattern": {"layers.1.q_proj": 2}, "alpha_pattern": {"layers.1.q_proj": 3}, "use_rslora": True}
+    a = load_adapter(write_peft(tmp_path / "a", pairs, r=4, alpha=8, config=cfg))
+    assert a.modules["base_model.model.model.layers.0.q_proj"].scale == pytest.approx(8 / 2)
+    assert a.modules["base_model.model.model.layers.1.q_proj"].scale == pytest.approx(3 / math.sqrt(2))
+    small, _ = squeeze(a, FixedRank(1), device="cpu")
+    save_adapter(small, tmp_path / "o")
+    back = load_adapter(tmp_path / "o")
+    for n, m in small.modules.items():
+        assert back.modules[n].scale == pytest.approx(m.scale, rel=1e-12)
+
+
+def test_config_rank_mismatch(tmp_path):
+    d = write_peft(tmp_path / "a", {"m.q_proj": lora_pair(8, 6, 4)}, r=8, alpha=8)
+    with pytest.raises(SurgeryError, match="rank 4 in its tensors but the config gives r=8"):
+        load_adapter(d)
+
+
+def test_written_patterns_resolve_in_peft(tmp_path):
+    """Names that PEFT's unescaped patterns would confuse ('.' matches '_') are escaped."""
+    from peft.utils.other import get_pattern_key
+
+    pairs = {"model.layers_1.q": lora_pair(8, 6, 4), "model.layers.1.q": lora_pair(8, 6, 4, seed=1),
+             "x.model.layers.1.q": lora_pair(8, 6, 4, seed=2), "y.q": lora_pair(8, 6, 4, seed=3)}
+    a = load_adapter(write_peft(tmp_path / "a", pairs, r=4, alpha=4))
+    ranks = {"base_model.model.model.layers_1.q": 1, "base_model.model.model.layers.1.q": 2,
+             "base_model.model.x.model.layers.1.q": 3, "base_model.model.y.q": 3}
+    modules = {n: squeeze(a, FixedRank(ranks[n]), device="cpu")[0].modules[n] for n in a.modules}
+    cfg = peft_io.updated_config(a.with_modules(modules))
+    for n, k in ranks.items():
+        key = n.removeprefix("base_model.model.")
+        assert cfg["rank_pattern"].get(get_pattern_key(cfg["rank_pattern"].keys(), key), cfg["r"]) == k
+        assert cfg["alpha_pattern"].get(get_pattern_key(cfg["alpha_pattern"].keys(), key), cfg["lora_alpha"]) == k
+
+
+def test_peft_file_with_and_without_config(tmp_path):
+    B, A = lora_pair(8, 6, 4)
+    save_file({"m.q_proj.lora_A.weight": A, "m.q_proj.lora_B.weight": B}, str(tmp_path / "bare.safetensors"))
+    a = load_adapter(tmp_path / "bare.safetensors")
+    assert a.format == "peft-file" and a.modules["m.q_proj"].scale == 1.0 and a.notes
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 2, "peft_type": "LORA"})}
+    save_file({"m.q_proj.lora_A.weight": A, "m.q_proj.lora_B.weight": B}, str(tmp_path / "d.safetensors"), metadata=meta)
+    a = load_adapter(tmp_path / "d.safetensors")
+    assert a.modules["m.q_proj"].scale == 0.5 and not a.notes
+    small, _ = squeeze(a, FixedRank(2), device="cpu")
+    save_adapter(small, tmp_path / "o.safetensors")
+    back = load_adapter(tmp_path / "o.safetensors")
+    assert back.modules["m.q_proj"].rank == 2 and back.modules["m.q_proj"].scale == 0.5
+
+
+def test_format_conversions(tmp_path):
+    a = load_adapter(PEFT_FIXTURE)
+    save_adapter(a, tmp_path / "f.safetensors", format="peft-file")
+    b = load_adapter(tmp_path / "f.safetensors")
+    assert b.format == "peft-file" and set(b.modules) == set(a.modules)
+    for n in a.modules:
+        assert b.modules[n].scale == a.modules[n].scale
+        assert torch.equal(b.modules[n].factors()[0], a.modules[n].factors()[0])
+    save_adapter(a, tmp_path / "k.safetensors", format="kohya")
+    k = load_adapter(tmp_path / "k.safetensors")
+    assert "lora_model_layers_0_self_attn_q_proj" in k.modules
+    n = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert torch.allclose(k.modules["lora_model_layers_0_self_attn_q_proj"].delta(), a.modules[n].delta())
+    with pytest.raises(SurgeryError, match="base model"):
+        save_adapter(load_adapter(KOHYA_FIXTURE), tmp_path / "p", format="peft")
+
+
+def test_kohya_round_trip_and_alpha(tmp_path):
+    a = load_adapter(KOHYA_FIXTURE)
+    assert a.format == "kohya" and all(m.scale == 0.5 for m in a.modules.values())
+    save_adapter(a, tmp_path / "same.safetensors")
+    src, dst = load_file(str(KOHYA_FIXTURE)), load_file(str(tmp_path / "same.safetensors"))
+    assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)
+    assert all(dst[k].shape == () and dst[k].dtype == torch.float16 for k in dst if k.endswith(".alpha"))
+    small, _ = squeeze(a, FixedRank(3), device="cpu")
+    save_adapter(small, tmp_path / "s.safetensors")
+    t = load_file(str(tmp_path / "s.safetensors"))
+    assert float(t["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 1.5  # scale 0.5 kept at rank 3
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "1.5"
+    assert meta["ss_network_module"] == "networks.lora"
+
+
+def test_kohya_alpha_variants(tmp_path):
+    B, A = lora_pair(8, 6, 4, dtype=torch.float16)
+    t = {"n1.lora_up.weight": B, "n1.lora_down.weight": A, "n1.alpha": torch.tensor([2.0]),  # LyCORIS [1] shape
+         "n2.lora_up.weight": B.clone(), "n2.lora_down.weight": A.clone(),  # no alpha: scale 1
+         "n3.lora_up.weight": B.clone(), "n3.lora_down.weight": A.clone(), "n3.alpha": torch.tensor(0.0)}  # 0: alpha = r
+    save_file(t, str(tmp_path / "k.safetensors"))
+    a = load_adapter(tmp_path / "k.safetensors")
+    assert [a.modules[n].scale for n in ("n1", "n2", "n3")] == [0.5, 1.0, 1.0]
+    # a scale whose alpha fp16 cannot hold exactly is written as float32
+    small, _ = squeeze(a.with_modules({"n1": a.modules["n1"].__class__(A=A, B=B, scale=1 / 3)}), FixedRank(2), device="cpu")
+    save_adapter(small, tmp_path / "o.safetensors")
+    o = load_file(str(tmp_path / "o.safetensors"))
+    assert o["n1.alpha"].dtype == torch.float32 and float(o["n1.alpha"]) / 2 == pytest.approx(1 / 3, rel=1e-7)
+
+
+def test_kohya_hash_metadata_recomputed(tmp_path):
+    B, A = lora_pair(8, 6, 4, dtype=torch.float16)
+    save_file({"n.lora_up.weight": B, "n.lora_down.weight": A, "n.alpha": torch.tensor(4.0).half()},
+              str(tmp_path / "k.safetensors"), metadata={"ss_network_dim": "4", "sshs_model_hash": "stale"})
+    small, _ = squeeze(load_adapter(tmp_path / "k.safetensors"), FixedRank(2), device="cpu")
+    save_adapter(small, tmp_path / "o.safetensors")
+    import hashlib
+    from safetensors.torch import save as to_bytes
+
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    blob = to_bytes(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+    n = struct.unpack("<Q", blob[:8])[0]
+    assert meta["sshs_model_hash"] == hashlib.sha256(blob[8 + n:]).hexdigest() != "stale"
+
+
+def test_unsupported_kohya_networks(tmp_path):
+    B, A = lora_pair(8, 6, 4)
+    save_file({"n.lora_up.weight": B.reshape(8, 4, 1, 1), "n.lora_down.weight": A.reshape(4, 6, 1, 1),
+               "n.lora_mid.weight": torch.randn(4, 4, 3, 3)}, str(tmp_path / "t.safetensors"))
+    with pytest.raises(SurgeryError, match="Tucker"):
+        load_adapter(tmp_path / "t.safetensors")
+    save_file({"n.hada_w1_a": torch.randn(4, 2)}, str(tmp_path / "h.safetensors"))
+    with pytest.raises(SurgeryError, match="LoHa"):
+        load_adapter(tmp_path / "h.safetensors")
+
+
+def _valid_file(tmp_path):
+    B, A = lora_pair(8, 6, 4)
+    p = tmp_path / "v.safetensors"
+    save_file({"m.q.lora_A.weight": A, "m.q.lora_B.weight": B}, str(p))
+    return p
+
+
+def _bad_files(tmp_path):
+    good = _valid_file(tmp_path).read_bytes()
+    n = struct.unpack("<Q", good[:8])[0]
+    cases = {
+        "truncated": good[:-10],
+        "short": b"\x01\x02",
+        "huge header": struct.pack("<Q", 10**12) + good[8:],
+        "not json": struct.pack("<Q", 6) + b"{nope}" ,
+        "json list": struct.pack("<Q", 8) + b"[1,2,3] ",
+        "gap": good[:8] + good[8:8 + n].replace(b'"data_offsets":[0,', b'"data_offsets":[4,', 1) + good[8 + n:],
+        "zip pickle": b"PK\x03\x04" + b"\x00" * 100,
+        "raw pickle": b"\x80\x02" + b"\x00" * 100,
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", ["truncated", "short", "huge header", "not json", "json list", "gap", "zip pickle", "raw pickle"])
+def test_corrupt_files_are_refused(tmp_path, case):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(_bad_files(tmp_path)[case])
+    with pytest.raises(SurgeryError) as e:
+        load_adapter(p)
+    msg = str(e.value)
+    assert str(p) in msg and "\n" not in msg
+    assert ("pickle" in msg) == ("pickle" in case)
+
+
+def test_pickle_extension_and_dirs(tmp_path):
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x02junk")
+    with pytest.raises(SurgeryError, match="never unpickles"):
+        load_adapter(tmp_path / "adapter_model.bin")
+    with pytest.raises(SurgeryError, match="never unpickles"):
+        load_adapter(tmp_path)
+    with pytest.raises(SurgeryError, match="no such file"):
+        load_adapter(tmp_path / "missing.safetensors")
+    d = tmp_path / "noconf"
+    d.mkdir()
+    _valid_file(d).rename(d / "adapter_model.safetensors")
+    with pytest.raises(SurgeryError, match="adapter_config.json is missing"):
+        load_adapter(d)
+
+
+def test_shape_mismatch_and_missing_factor(tmp_path):
+    B, A = lora_pair(8, 6, 4)
+    save_file({"m.q.lora_A.weight": A, "m.q.lora_B.weight": B[:, :3].contiguous()}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(SurgeryError, match="m.q: A has rank 4.*B has 3 columns"):
+        load_adapter(tmp_path / "x.safetensors")
+    save_file({"m.q.lora_A.weight": A}, str(tmp_path / "y.safetensors"))
+    with pytest.raises(SurgeryError, match="m.q is missing its B"):
+        load_adapter(tmp_path / "y.safetensors")
+    save_file({"something.else": A}, str(tmp_path / "z.safetensors"))
+    with pytest.raises(SurgeryError, match="no LoRA tensors"):
+        load_adapter(tmp_path / "z.safetensors")
+
+
+def test_lazy_read_holds_references(adapter_dir):
+    from surgery.adapter import TensorRef
+
+    a = load_adapter(adapter_dir)
+    assert all(isinstance(m.A, TensorRef) and isinstance(m.B, TensorRef) for m in a.modules.values())
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch, adapter_dir):
+    import surgery.io.peft as p
+
+    a = load_adapter(adapter_dir)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(p, "save_tensors", boom)
+    with pytest.raises(OSError):
+        save_adapter(a, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [q.name for q in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_refuses_to_overwrite_input(adapter_dir, tmp_path):
+    before = tree_digest(adapter_dir)
+    a = load_adapter(adapter_dir)
+    small, _ = squeeze(a, FixedRank(2), device="cpu")
+    with pytest.raises(SurgeryError, match="is the input itself"):
+        save_adapter(small, adapter_dir)
+    assert tree_digest(adapter_dir) == before
+    save_adapter(small, adapter_dir, force=True)
+    assert load_adapter(adapter_dir).modules[next(iter(a.modules))].rank == 2
+
+
+def test_header_is_read_without_tensors(tmp_path):
+    header, meta = read_header(_valid_file(tmp_path))
+    assert set(header) == {"m.q.lora_A.weight", "m.q.lora_B.weight"} and meta == {}
+    assert detect(PEFT_FIXTURE) == "peft" and detect(KOHYA_FIXTURE) == "kohya"
+    assert detect(PEFT_FIXTURE / "adapter_model.safetensors") == "peft"

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from surgery.linalg import (lora_operator, lowrank_frobenius_sq, lowrank_svd, randomized_svd, split_factors)
+
+from .conftest import dense_truncation, lora_pair
+
+
+def rand(shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("m,n,r", [(64, 48, 8), (10, 200, 16), (200, 10, 16), (5, 7, 12)])
+def test_lowrank_svd_matches_dense_float64(m, n, r):
+    B, A = rand((m, r), 0), rand((r, n), 1)
+    dense = 0.75 * (B.double() @ A.double())
+    S_ref = torch.linalg.svdvals(dense)
+    svd = lowrank_svd(B, A, 0.75)
+    p = min(m, n, r)
+    assert torch.allclose(svd.S.double()[:p], S_ref[:p], rtol=1e-5, atol=1e-5 * float(S_ref[0]))
+    for k in range(1, p + 1):
+        approx = (svd.U[:, :k] * svd.S[:k]) @ svd.Vh[:k]
+        ref = dense_truncation(dense, k)
+        assert float((approx.double() - ref).norm() / dense.norm()) < 1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 30), n=st.integers(1, 30), r=st.integers(1, 10), scale=st.floats(-4, 4).filter(lambda s: abs(s) > 1e-3),
+       seed=st.integers(0, 2**16))
+def test_lowrank_svd_property_float64(m, n, r, scale, seed):
+    B, A = rand((m, r), seed, torch.float64), rand((r, n), seed + 1, torch.float64)
+    svd = lowrank_svd(B, A, scale)
+    dense = scale * (B @ A).numpy()
+    S_ref = np.linalg.svd(dense, compute_uv=False)
+    p = min(m, n, r)
+    np.testing.assert_allclose(svd.S.numpy()[:p], S_ref[:p], rtol=1e-9, atol=1e-9 * max(S_ref[0], 1))
+    np.testing.assert_allclose((svd.U * svd.S) @ svd.Vh, dense, atol=1e-9 * max(S_ref[0], 1))
+    # the re-split factors reproduce the truncation with the module's scale
+    k = max(1, p // 2)
+    Bk, Ak = split_factors(svd, k, scale)
+    np.testing.assert_allclose(scale * (Bk @ Ak).numpy(), dense_truncation(torch.from_numpy(dense), k).numpy(),
+                               atol=1e-8 * max(S_ref[0], 1))
+
+
+def test_zero_and_rank_deficient_factors_give_no_nan():
+    B = torch.zeros(20, 6)
+    A = rand((6, 30), 3)
+    svd = lowrank_svd(B, A, 2.0)
+    assert torch.isfinite(svd.U).all() and torch.isfinite(svd.Vh).all()
+    assert float(svd.S.abs().max()) == 0.0
+    Bk, Ak = split_factors(svd, 3, 2.0)
+    assert torch.isfinite(Bk).all() and float((Bk @ Ak).abs().max()) == 0.0
+    B = rand((20, 6), 4)
+    B[:, 3:] = B[:, :3]  # rank 3 product
+    svd = lowrank_svd(B, A)
+    assert torch.isfinite(svd.U).all() and float(svd.S[3:].max()) < 1e-4 * float(svd.S[0])
+
+
+def test_batched_equals_loop():
+    B, A = rand((4, 32, 8), 5), rand((4, 8, 24), 6)
+    batched = lowrank_svd(B, A, 1.5)
+    for i in range(4):
+        one = lowrank_svd(B[i], A[i], 1.5)
+        assert torch.allclose(batched.S[i], one.S, rtol=1e-5)
+
+
+def test_randomized_svd_close_to_exact_and_seeded():
+    B, A = lora_pair(300, 200, 64, decay=0.8, seed=7)
+    mm, rm = lora_operator(B, A, 1.0)
+    exact = lowrank_svd(B, A)
+    k = 8
+    r1 = randomized_svd(mm, rm, (300, 200), k, generator=torch.Generator().manual_seed(0))
+    r2 = randomized_svd(mm, rm, (300, 200), k, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(r1.S, r2.S) and torch.equal(r1.U, r2.U)
+    assert torch.allclose(r1.S, exact.S[:k], rtol=1e-4)
+    # ΔW_k is an orthogonal projection of ΔW: ‖ΔW − ΔW_k‖² = ‖ΔW‖² − ‖Σ_k‖²
+    dense = (B.double() @ A.double())
+    approx = (r1.U.double() * r1.S.double()) @ r1.Vh.double()
+    err2 = float((dense - approx).norm() ** 2)
+    pred = lowrank_frobenius_sq(B, A) - float(r1.S.double().square().sum())
+    assert err2 == pytest.approx(pred, rel=1e-3)
+
+
+def test_power_iterations_matter_on_flat_spectrum():
+    B, A = lora_pair(400, 400, 64, decay=0.97, seed=8)
+    mm, rm = lora_operator(B, A, 1.0)
+    exact = float(lowrank_svd(B, A).S[:8].square().sum())
+    got = {q: float(randomized_svd(mm, rm, (400, 400), 8, power_iters=q,
+                                   generator=torch.Generator().manual_seed(1)).S.square().sum()) for q in (0, 2)}
+    assert exact - got[2] < exact - got[0]
+    assert got[2] <= exact * (1 + 1e-5)
+
+
+def test_frobenius_from_grams():
+    B, A = rand((50, 7), 9), rand((7, 33), 10)
+    assert lowrank_frobenius_sq(B, A, -1.5) == pytest.approx(float((1.5 * B.double() @ A.double()).norm() ** 2), rel=1e-10)
+
+
+def test_split_factors_negative_scale():
+    B, A = rand((9, 4), 11, torch.float64), rand((4, 7), 12, torch.float64)
+    svd = lowrank_svd(B, A, -3.0)
+    Bk, Ak = split_factors(svd, 4, -3.0)
+    assert torch.allclose(-3.0 * Bk @ Ak, -3.0 * B @ A, atol=1e-10)
