@@ -31,6 +31,51 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> SVD:
     return SVD(Qb @ Uc, S, Vch @ Qa.transpose(-1, -2))
 
 
+class CoreSVD(NamedTuple):
+    """SVD of `scale · B @ A` kept in its small core: B = Qb Rb, Aᵀ = Qa Ra, scale · Rb Raᵀ = Uc diag(S) Vch.
+
+    Rb (p, r), Ra (q, r), Uc (p, t), S (t,), Vch (t, q), all float64; the Q factors are never formed.
+    """
+
+    Rb: torch.Tensor
+    Ra: torch.Tensor
+    Uc: torch.Tensor
+    S: torch.Tensor
+    Vch: torch.Tensor
+    scale: float
+
+
+def core_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> CoreSVD:
+    """Singular values of `scale · B @ A` (B (m, r), A (r, n)) from R-only QRs: O((m + n) r²), no Q formed.
+
+    Raises FloatingPointError if a factor holds NaN/Inf (which always reaches its R).
+    """
+    Rb = torch.linalg.qr(B, mode="r").R.double()  # (p, r), p = min(m, r)
+    Ra = torch.linalg.qr(A.transpose(0, 1), mode="r").R.double()  # (q, r), q = min(n, r)
+    if not (torch.isfinite(Rb).all() and torch.isfinite(Ra).all()):
+        raise FloatingPointError("factor contains NaN or Inf")
+    Uc, S, Vch = torch.linalg.svd(scale * (Rb @ Ra.T), full_matrices=False)
+    return CoreSVD(Rb, Ra, Uc, S, Vch, scale)
+
+
+def core_factors(B: torch.Tensor, A: torch.Tensor, core: CoreSVD, k: int, scale: float = 1.0):
+    """Rank-k factors (B' (m, k), A' (k, n)) with `scale · B' @ A'` = the best rank-k approximation of ΔW.
+
+    U_k = ΔW V_k Σ_k⁻¹ = s·B Raᵀ Vc_k Σ_k⁻¹ and V_kᵀ = s·Σ_k⁻¹ Uc_kᵀ Rb A, so with √Σ on each side
+    B' = s·B (Raᵀ Vc_k Σ_k^-½) / √|scale|, A' = s·(Σ_k^-½ Uc_kᵀ Rb) A / √|scale| · sign(scale): two thin
+    products with r×k matrices, no inverse of R. Directions with σ at round-off level are set to zero.
+    """
+    if scale == 0:
+        raise ValueError("scale must be non-zero")
+    S = core.S[:k]
+    tol = float(core.S[0]) * max(B.shape[0], A.shape[1], B.shape[1]) * torch.finfo(B.dtype).eps if len(core.S) else 0.0
+    inv_root = torch.where(S > tol, S.clamp_min(1e-300).rsqrt(), torch.zeros_like(S))  # (k,)
+    c = core.scale / abs(scale) ** 0.5
+    Xb = c * (core.Ra.T @ core.Vch[:k].T) * inv_root  # (r, k)
+    Ya = (c * (1.0 if scale > 0 else -1.0)) * inv_root[:, None] * (core.Uc[:, :k].T @ core.Rb)  # (k, r)
+    return B @ Xb.to(B.dtype), Ya.to(A.dtype) @ A
+
+
 def randomized_svd(
     matmul: Callable[[torch.Tensor], torch.Tensor],
     rmatmul: Callable[[torch.Tensor], torch.Tensor],

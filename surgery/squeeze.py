@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -18,7 +18,7 @@ from .adapter import Adapter, LoraModule
 from .device import compute_dtype as _compute_dtype
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
-from .linalg import SVD, lora_operator, lowrank_frobenius_sq, lowrank_svd, randomized_svd, split_factors
+from .linalg import CoreSVD, lora_operator, lowrank_frobenius_sq, core_svd, core_factors, randomized_svd, split_factors
 from .rank import Budget, Energy, FixedRank, RankMap, RankRule, budget_ranks, check_rank, energy_rank
 
 METHODS = ("exact", "rsvd")
@@ -81,21 +81,27 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63))
 
 
-def _svd(name: str, m: LoraModule, width: int, method: str, device, dtype, seed: int):
-    """(SVD of ΔW with at least `width` directions, B (out, r), A (r, in)) in `dtype` on `device`."""
-    B, A = m.factors(dtype, device)
-    _check_finite(name, B, A)
+def _factorize(name: str, m: LoraModule, B: torch.Tensor, A: torch.Tensor, width: int, method: str, device,
+               dtype, seed: int):
+    """A CoreSVD (exact) or an SVD of ≥ `width` directions (rsvd) of the module's ΔW = s·B (out, r) @ A (r, in)."""
     if method == "exact":
-        return lowrank_svd(B, A, m.scale), B, A
+        try:
+            return core_svd(B, A, m.scale)
+        except FloatingPointError as e:
+            raise SurgeryError(f"module {name}: {e}") from None
+    _check_finite(name, B, A)
     matmul, rmatmul = lora_operator(B, A, m.scale)
-    svd = randomized_svd(matmul, rmatmul, (B.shape[0], A.shape[1]), width,
-                         generator=_generator(seed, name), dtype=dtype, device=device)
-    return svd, B, A
+    return randomized_svd(matmul, rmatmul, (B.shape[0], A.shape[1]), width,
+                                generator=_generator(seed, name), dtype=dtype, device=device)
 
 
-def _truncate(m: LoraModule, svd: SVD, k: int, out_dtype) -> LoraModule:
-    """Module at rank k from its SVD, scale kept; zero directions pad a spectrum shorter than k."""
-    B2, A2 = split_factors(svd, k, m.scale if m.scale != 0 else 1.0)  # (out, k'), (k', in)
+def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out_dtype) -> LoraModule:
+    """Module at rank k, scale kept; zero directions pad a spectrum shorter than k."""
+    scale = m.scale if m.scale != 0 else 1.0
+    if isinstance(fact, CoreSVD):
+        B2, A2 = core_factors(B, A, fact, k, scale)  # (out, k'), (k', in)
+    else:
+        B2, A2 = split_factors(fact, k, scale)
     if B2.shape[1] < k:
         B2 = torch.nn.functional.pad(B2, (0, k - B2.shape[1]))
         A2 = torch.nn.functional.pad(A2, (0, 0, 0, k - A2.shape[0]))
@@ -133,8 +139,8 @@ def spectra(
 ) -> dict[str, torch.Tensor]:
     """{module: singular values of its ΔW (float64, CPU, descending)}, one module in memory at a time."""
     dev, cdtype = resolve_device(device), _compute_dtype(compute_dtype)
-    return {name: _svd(name, m, m.rank, method, dev, cdtype, seed)[0].S.double().cpu()
-            for name, m in adapter.modules.items()}
+    return {name: _factorize(name, m, B, A, m.rank, method, dev, cdtype, seed).S.double().cpu()
+            for name, m in adapter.modules.items() for B, A in [m.factors(cdtype, dev)]}
 
 
 def squeeze(
@@ -169,11 +175,13 @@ def squeeze(
 
     out, reports = {}, []
     for name, m in modules.items():
-        width = targets.get(name, m.rank)
-        svd, B, A = _svd(name, m, width, method, dev, cdtype, seed)
-        k = targets[name] if name in targets else _target(name, m, rule, svd.S, min_rank)
-        out[name] = _truncate(m, svd, k, sdtype)
-        reports.append(_report(name, m, svd, k, None if method == "exact" else (B, A)))
+        B, A = m.factors(cdtype, dev)
+        fact = _factorize(name, m, B, A, targets.get(name, m.rank), method, dev, cdtype, seed)
+        k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
+        small = _truncate(m, B, A, fact, k, sdtype)
+        _check_finite(name, small.A, small.B)
+        out[name] = small
+        reports.append(_report(name, m, fact, k, None if method == "exact" else (B, A)))
         if progress:
             progress(name)
     warnings = list(adapter.notes)
@@ -186,7 +194,7 @@ def squeeze(
     return adapter.with_modules(out, source=adapter.source), SqueezeReport(tuple(reports), method, tuple(warnings))
 
 
-def _report(name: str, m: LoraModule, svd: SVD, k: int, factors) -> ModuleReport:
+def _report(name: str, m: LoraModule, svd, k: int, factors) -> ModuleReport:
     """Errors from the spectrum (exact: it is complete) or, for rsvd, from the rank-(r+k) residual
     `[sB | −U_kΣ_k] [A; Vh_k]` through Gram matrices in float64, which avoids ‖ΔW‖² − ‖ΔW_k‖² cancellation."""
     s2 = svd.S.double().square().cpu()

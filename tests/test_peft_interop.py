@@ -1,0 +1,119 @@
+"""Squeezed adapters load in the real PEFT library and produce the mathematically expected model.
+
+Reference: PEFT's own `get_delta_weight` of the original adapter, truncated by a dense float64 SVD, added to a
+plain copy of the base model (DoRA: PEFT's weight-norm formula with the original magnitude).
+"""
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from surgery import Energy, FixedRank, load_adapter, parse_rank_map, save_adapter, squeeze  # noqa: E402
+
+from .conftest import dense_truncation  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    d = tmp_path_factory.mktemp("base")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def load_base(base_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
+
+
+def make_adapter(base_dir, out, targets=TARGETS, **cfg):
+    """A real PEFT LoRA with random (non-zero) factors and decaying spectra, saved with save_pretrained."""
+    model = get_peft_model(load_base(base_dir), LoraConfig(target_modules=targets, lora_dropout=0.0, **cfg))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, mod in model.named_parameters():
+            if "lora_" in name and "magnitude" not in name:
+                r = mod.shape[0] if "lora_A" in name or "embedding_A" in name else mod.shape[1]
+                decay = 0.8 ** torch.arange(r, dtype=torch.float32)
+                noise = torch.randn(mod.shape, generator=g) * 0.3
+                mod.copy_(noise * (decay if "_B" in name else decay[:, None]))
+            if "magnitude" in name:
+                mod.mul_(1 + 0.1 * torch.rand(mod.shape, generator=g))
+    model.save_pretrained(out)
+    return model
+
+
+def expected_model(base_dir, peft_model, ranks):
+    """Base with each module's PEFT delta replaced by its float64 best rank-k approximation."""
+    base = load_base(base_dir)
+    params = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, mod in peft_model.named_modules():
+            if not hasattr(mod, "get_delta_weight") or "default" not in getattr(mod, "lora_A", {}) and \
+                    "default" not in getattr(mod, "lora_embedding_A", {}):
+                continue
+            path = name.removeprefix("base_model.model.")
+            delta = mod.get_delta_weight("default").double()
+            k = ranks(path)
+            approx = dense_truncation(delta, k)
+            W = params[f"{path}.weight"]
+            new = W.double() + approx
+            if getattr(mod, "use_dora", {}).get("default"):
+                m = mod.lora_magnitude_vector["default"].weight.double()
+                new = (m / new.norm(dim=1)).unsqueeze(1) * new
+            W.copy_(new.to(W.dtype))
+    return base
+
+
+def logits(model, seed=0):
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+CASES = {
+    "fixed": (dict(r=8, lora_alpha=16), FixedRank(4), lambda p: 4),
+    "rank-map-rslora": (dict(r=8, lora_alpha=12, use_rslora=True), parse_rank_map(["mlp=2", r"q_proj=6,embed=3"]),
+                        lambda p: 2 if "mlp" in p else 6 if "q_proj" in p else 3 if "embed" in p else 8),
+    "dora": (dict(r=8, lora_alpha=8, use_dora=True, targets=TARGETS[:-1]), FixedRank(5), lambda p: 5),  # no embeddings
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_squeezed_adapter_loads_in_peft_with_expected_outputs(base_dir, tmp_path, case):
+    cfg, rule, ranks = CASES[case]
+    original = make_adapter(base_dir, tmp_path / "orig", **cfg)
+    small, report = squeeze(load_adapter(tmp_path / "orig"), rule, device="cpu")
+    save_adapter(small, tmp_path / "squeezed")
+    loaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "squeezed").eval()
+    want = logits(expected_model(base_dir, original, ranks))
+    got = logits(loaded)
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), float((got - want).abs().max())
+    # and the squeeze really changed something: the untruncated model differs
+    assert not torch.allclose(logits(original), want, atol=1e-3)
+    if case == "dora":
+        assert any("DoRA" in w for w in report.warnings)
+
+
+def test_energy_squeeze_of_bundled_fixture_loads_in_peft(tmp_path):
+    from .conftest import FIXTURES, PEFT_FIXTURE
+
+    small, report = squeeze(load_adapter(PEFT_FIXTURE), Energy(0.95), device="cpu")
+    assert len({m.new_rank for m in report.modules}) > 1  # heterogeneous ranks
+    save_adapter(small, tmp_path / "s")
+    base = load_base(FIXTURES / "tiny-llama")
+    original = PeftModel.from_pretrained(copy.deepcopy(base), PEFT_FIXTURE).eval()
+    loaded = PeftModel.from_pretrained(base, tmp_path / "s").eval()
+    k = {r.name.removeprefix("base_model.model."): r.new_rank for r in report.modules}
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    want = expected_model(FIXTURES / "tiny-llama", original, lambda p: k[p])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, want(input_ids=ids).logits, atol=2e-4)
