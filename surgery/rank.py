@@ -79,11 +79,10 @@ def parse_rank_map(specs: Sequence[str]) -> RankMap:
 
 def energy_rank(S: torch.Tensor, threshold: float) -> int:
     """Smallest k ≥ 1 keeping `threshold` of the energy Σσ² (a zero spectrum gives 1)."""
-    e = S.double().square()
-    total = float(e.sum())
+    cum = torch.cumsum(S.double().square(), 0)
+    total = float(cum[-1]) if len(cum) else 0.0  # the same summation as cum, so τ = 1 is reachable
     if total == 0.0:
         return 1
-    cum = torch.cumsum(e, 0)
     k = int(torch.searchsorted(cum, torch.tensor([threshold * total], dtype=cum.dtype)).item()) + 1
     return min(k, S.numel())
 
