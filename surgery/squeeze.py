@@ -3,7 +3,8 @@
 `squeeze(adapter, rule)` is a pure function Adapter → (Adapter, SqueezeReport). Each module is read, factorised
 (exact QR-core SVD by default, seeded randomized SVD on request), truncated to the rank its rule picks, and
 re-split with √Σ on both sides while keeping the module's scale; factors are cast once to the storage dtype.
-The reported error is exact: Σ of the dropped σ² (exact) or ‖ΔW‖² − ‖ΔW_k‖² from Gram matrices (rsvd).
+The reported error is exact without a dense ΔW: the dropped σ² (exact method) or the norm of the low-rank
+residual from Gram matrices (rsvd). On the CPU, modules are processed in parallel (`per_module`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from .adapter import Adapter, LoraModule
 from .device import compute_dtype as _compute_dtype
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
-from .linalg import CoreSVD, lora_operator, lowrank_frobenius_sq, core_svd, core_factors, randomized_svd, split_factors
+from .linalg import (CoreSVD, core_factors, core_svd, lora_operator, lowrank_frobenius_sq, randomized_svd,
+                     split_factors)
 from .rank import Budget, Energy, FixedRank, RankMap, RankRule, budget_ranks, check_rank, energy_rank
 
 METHODS = ("exact", "rsvd")
@@ -94,7 +96,7 @@ def _factorize(name: str, m: LoraModule, B: torch.Tensor, A: torch.Tensor, width
     _check_finite(name, B, A)
     matmul, rmatmul = lora_operator(B, A, m.scale)
     return randomized_svd(matmul, rmatmul, (B.shape[0], A.shape[1]), width,
-                                generator=_generator(seed, name), dtype=dtype, device=device)
+                          generator=_generator(seed, name), dtype=dtype, device=device)
 
 
 def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out_dtype) -> LoraModule:
