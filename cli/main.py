@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
+from pathlib import Path
 
 import click
 
@@ -16,7 +16,7 @@ from surgery.io import FORMATS
 from surgery.squeeze import METHODS
 from surgery.squeeze import spectra as compute_spectra
 
-from .render import inspect_json, inspect_table, squeeze_table
+from .render import extract_table, inspect_json, inspect_table, squeeze_table
 
 
 class Group(click.Group):
@@ -48,11 +48,40 @@ def compute_options(f):
     return f
 
 
-def progress_bar(length: int, label: str):
-    """A click progress bar on stderr when it is a terminal, else a no-op."""
-    if sys.stderr.isatty():
-        return click.progressbar(length=length, label=label, file=sys.stderr)
-    return _Silent()
+def progress_bar(length: int | None, label: str):
+    """A click progress bar on stderr when it is a terminal (a counter when the length is unknown), else a no-op."""
+    if not sys.stderr.isatty():
+        return _Silent()
+    if length is None:
+        return _Counter(label)
+    return click.progressbar(length=length, label=label, file=sys.stderr)
+
+
+def rank_rule(rank, energy, budget, rank_map=()):
+    """The one rank rule the user chose (a usage error unless exactly one is given)."""
+    chosen = [o for o, v in (("--rank", rank), ("--energy", energy), ("--budget", budget),
+                             ("--rank-map", rank_map or None)) if v is not None]
+    if len(chosen) != 1:
+        names = "--rank, --energy, --budget" + (", --rank-map" if rank_map is not None else "")
+        raise click.UsageError(f"give exactly one of {names}" + (f" (got {', '.join(chosen)})" if chosen else ""))
+    return (FixedRank(rank) if rank is not None else Energy(energy) if energy is not None
+            else Budget(parse_count(budget)) if budget is not None else parse_rank_map(rank_map))
+
+
+class _Counter:
+    def __init__(self, label):
+        self.label, self.n = label, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        click.echo("", err=True)
+        return False
+
+    def update(self, n):
+        self.n += n
+        click.echo(f"\r{self.label}: {self.n} done", nl=False, err=True)
 
 
 class _Silent:
@@ -98,13 +127,7 @@ def inspect(adapter, spectrum, as_json):
 def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, fmt, force,
                 device, dtype, seed, as_json):
     """Compress a LoRA to lower ranks (LoRA-Squeeze, post-hoc)."""
-    chosen = [o for o, v in (("--rank", rank), ("--energy", energy), ("--budget", budget),
-                             ("--rank-map", rank_map or None)) if v is not None]
-    if len(chosen) != 1:
-        raise click.UsageError("give exactly one of --rank, --energy, --budget, --rank-map"
-                               + (f" (got {', '.join(chosen)})" if chosen else ""))
-    rule = (FixedRank(rank) if rank is not None else Energy(energy) if energy is not None
-            else Budget(parse_count(budget)) if budget is not None else parse_rank_map(rank_map))
+    rule = rank_rule(rank, energy, budget, rank_map)
     a = load_adapter(adapter)
     with progress_bar(len(a.modules), "squeeze") as bar:
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
@@ -115,6 +138,77 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
     else:
         click.echo(squeeze_table(report))
         click.echo(f"wrote {path}")
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+@main.command(name="merge")
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Output directory (sharded base) or .safetensors file (single-file base).")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="Weight per adapter, in order (default 1; -1 un-merges).")
+@click.option("--shard-size", help="Re-split the output into shards of at most this size (e.g. 5GB).")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision in which W + ΔW is formed before the one rounding.")
+@click.option("--allow-missing", is_flag=True, help="Skip adapter modules that have no tensor in the base.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@compute_options
+@json_option
+def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing, force, device, dtype, seed,
+              as_json):
+    """Merge adapters into a base checkpoint, streaming one tensor at a time."""
+    from surgery.device import compute_dtype
+    from surgery.merge import merge
+
+    loaded = [load_adapter(a) for a in adapters]
+    with progress_bar(sum(len(a.modules) for a in loaded), "merge") as bar:
+        report = merge(base, loaded, out, weights=weights or None, dtype=dtype, device=device,
+                       compute_dtype=compute_dtype(precision), shard_size=shard_size, allow_missing=allow_missing,
+                       force=force, progress=lambda _: bar.update(1))
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"merged {report.tensors_merged} tensors ({report.tensors_created} created, "
+                   f"{report.tensors_copied} copied unchanged) into {report.shards} shard(s), "
+                   f"{report.bytes_written / 1e6:,.1f} MB in {report.seconds:.1f} s → {report.output}")
+    for n in report.notes:
+        click.echo(f"note: {n}", err=True)
+
+
+@main.command(name="extract")
+@click.argument("finetuned", type=click.Path(path_type=str))
+@click.argument("base", type=click.Path(path_type=str))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Adapter to write.")
+@click.option("--rank", type=int, help="One rank for every module.")
+@click.option("--energy", type=float, help="Smallest rank (≤ --max-rank) keeping this fraction of each delta's energy.")
+@click.option("--budget", help="Total factor parameters, e.g. 20M (ranks ≤ --max-rank).")
+@click.option("--max-rank", type=int, default=128, show_default=True, help="Cap for --energy and --budget.")
+@click.option("--targets", help="Regex searched in tensor names (default: every 2-D .weight but embeddings).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "peft-file", "kohya"]), default="peft",
+              show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@compute_options
+@json_option
+def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, fmt, force, device, dtype, seed,
+                as_json):
+    """Extract a LoRA from a fine-tuned model: randomized SVD of W_ft − W_base per targeted weight."""
+    from surgery.extract import extract
+
+    rule = rank_rule(rank, energy, budget)
+    with progress_bar(None, "extract") as bar:
+        adapter, report = extract(finetuned, base, rule, targets=targets, max_rank=max_rank, device=device,
+                                  dtype=dtype, seed=seed, progress=lambda _: bar.update(1))
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise SurgeryError(f"{out}: exists; choose a new path or pass --force")
+    save_adapter(adapter, out_path, format=fmt, force=force)
+    if as_json:
+        click.echo(json.dumps(report.to_dict() | {"output": out}, indent=2))
+    else:
+        click.echo(extract_table(report))
+        click.echo(f"wrote {out}")
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
 

@@ -75,3 +75,17 @@ def squeeze_table(r: SqueezeReport) -> str:
     ratio = r.params_after / r.params_before if r.params_before else 1.0
     return (f"{table}\n\ntotal: {r.params_before:,} → {r.params_after:,} parameters ({ratio:.1%}), "
             f"relative Frobenius error over all modules {r.rel_error:.3e} ({r.method} SVD)")
+
+
+def extract_table(r) -> str:
+    rows = [[m.name, f"{m.shape[0]}×{m.shape[1]}", str(m.rank), f"{m.energy_kept:.6f}", f"{m.rel_error:.3e}",
+             f"{m.params:,}"] for m in r.modules]
+    lines = [_table(["tensor", "out×in", "rank", "energy kept", "rel. error", "params"], rows, right={1, 2, 3, 4, 5}),
+             "", f"total: {len(r.modules)} modules, {r.params:,} factor parameters"]
+    if r.unchanged:
+        lines.append(f"unchanged (no module written): {len(r.unchanged)}")
+    lines += [f"not extracted: {m}" for m in r.mismatched]
+    if r.untargeted_changed:
+        lines.append(f"changed but not targeted ({len(r.untargeted_changed)}): "
+                     f"{', '.join(r.untargeted_changed[:5])}{' …' if len(r.untargeted_changed) > 5 else ''}")
+    return "\n".join(lines)

@@ -102,10 +102,10 @@ class LoraModule:
         B = materialize(self.B).to(device=device, dtype=dtype)
         return B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1)
 
-    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Dense ΔW (out, in) — for tests and small modules only."""
-        B, A = self.factors(dtype)
-        return self.scale * (B @ A)
+    def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Dense ΔW (out, in) = scale · (B @ A), in PEFT's order of operations (product, then scale)."""
+        B, A = self.factors(dtype, device)
+        return (B @ A) * self.scale
 
 
 @dataclass(frozen=True)

@@ -53,16 +53,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
         raise SurgeryError(f"{path}: is a directory, expected a .safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise pickle_error(path)
-        if len(head) < 8:
+        head = f.read(9)
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
+        if n is None or n > MAX_HEADER or 8 + n > size or head[8:9] not in (b"{", b" "):
+            if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x01\x02\x03\x04\x05"):
+                raise pickle_error(path)
+        if n is None:
             raise SurgeryError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
             raise SurgeryError(
                 f"{path}: corrupt or truncated safetensors file (header claims {n:,} bytes, file has {size:,})"
             )
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -126,26 +128,36 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapp
 
 
 @contextlib.contextmanager
-def atomic_output(out: Path, is_dir: bool) -> Iterator[Path]:
+def atomic_output(out: Path, is_dir: bool, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out` to write into; rename it over `out` only if the block succeeds.
 
-    A directory output that already exists keeps its other files: the new files are renamed into it one by one.
+    A directory output that already exists keeps its other files (the new ones are renamed into it one by one),
+    unless `replace`: then the whole directory is swapped for the new one.
     """
     out = Path(out)
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output directory's mode
     try:
         target = tmp if is_dir else tmp / out.name
         yield target
         if not is_dir:
             os.replace(target, out)
-        elif out.exists():
+        elif out.exists() and not replace:
             if not out.is_dir():
                 raise SurgeryError(f"{out}: exists and is not a directory")
             for f in sorted(tmp.iterdir()):
                 os.replace(f, out / f.name)
         else:
+            old = None
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+                os.replace(out, old / "x")
             os.replace(tmp, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

