@@ -18,13 +18,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import timed  # noqa: E402
 from safetensors.torch import save_file
 
 HIDDEN, INTER, LAYERS, RANK = 4096, 11008, 32, 64
@@ -60,17 +62,6 @@ t = load_file(src)
 out = {n: (v[:k] if ".lora_A." in n else v[:, :k]).contiguous() for n, v in t.items()}
 save_file(out, dst, metadata={"format": "pt"})
 """
-
-
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{cmd} failed: {p.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024
 
 
 def dense_svd_estimate(adapter: Path, device: str) -> float:
@@ -118,7 +109,7 @@ def main():
     print(f"adapter: {size / 1e6:.0f} MB bf16, {LAYERS * len(SHAPES)} modules, rank {RANK} → {args.rank}")
     for k, (w, r) in med.items():
         print(f"  ({'a' if k == 'floor' else 'b'}) {k:8s} median {w:6.2f} s   peak RSS {r:7.0f} MB "
-              f"({r * 1e6 / 2**20 / (size / 2**20) / 1e6 * 1e6:.2f}× adapter)   runs: "
+              f"({r / (size / 2**20):.2f}× adapter)   runs: "
               + ", ".join(f"{w:.2f}" for w, _ in runs[k]))
     print(f"  ratio squeeze / I/O floor: {med['squeeze'][0] / med['floor'][0]:.2f}×")
     if not args.skip_dense:

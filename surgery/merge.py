@@ -43,6 +43,19 @@ def weight_delta(m: LoraModule, shape: Sequence[int], fan_in_fan_out: bool, dtyp
     return d.reshape(tuple(shape))
 
 
+def add_delta_(acc: torch.Tensor, m: LoraModule, w: float, fan_in_fan_out: bool = False) -> None:
+    """acc += w · ΔW in place, laid out like the base tensor; for LoRA one fused GEMM
+    (`addmm_`, alpha = w · scale), so ΔW is never materialised as a separate tensor."""
+    if not isinstance(m, LoraModule):
+        acc += w * weight_delta(m, acc.shape, fan_in_fan_out, acc.dtype, acc.device)
+        return
+    B, A = m.factors(acc.dtype, acc.device)  # (out, r), (r, in_flat)
+    if m.kind == "embedding" or fan_in_fan_out:
+        acc.addmm_(A.T, B.T, alpha=w * m.scale)  # acc (in, out) += (B @ A)ᵀ
+    else:
+        acc.view(acc.shape[0], -1).addmm_(B, A, alpha=w * m.scale)
+
+
 def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *, fan_in_fan_out: bool = False,
                   out_dtype: torch.dtype | None = None, compute: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu") -> torch.Tensor:
@@ -51,15 +64,23 @@ def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *,
     DoRA (one adapter, weight 1): `m / ‖W + ΔW‖_row · (W + ΔW)`, norms over every dim but the first, as PEFT's
     `DoraLinearVariant.merge` and its conv variant do.
     """
-    acc = W.to(device=device, dtype=compute)
+    acc = W.to(device=device, dtype=compute, copy=True).contiguous()
     for m, w in parts:
-        acc += w * weight_delta(m, W.shape, fan_in_fan_out, compute, device)
+        add_delta_(acc, m, w, fan_in_fan_out)
     dora = [m for m, _ in parts if m.magnitude is not None]
     if dora:
         mag = materialize(dora[0].magnitude).to(device=device, dtype=compute).reshape(-1)
         norm = acc.reshape(acc.shape[0], -1).norm(dim=1)
-        acc = acc * (mag / norm).reshape((-1,) + (1,) * (acc.dim() - 1))
+        acc *= (mag / norm).reshape((-1,) + (1,) * (acc.dim() - 1))
     return acc.to(out_dtype or W.dtype)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """One reduction pass: NaN and ±Inf propagate into the min/max."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 # ---------------------------------------------------------------- planning
@@ -334,7 +355,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
             else:
                 t = merged_weight(read_tensor(spec), change.parts, fan_in_fan_out=name in plan.transposed, out_dtype=odt,
                                   compute=compute_dtype, device=dev)
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise SurgeryError(f"{name}: the merge produced NaN or Inf (overflow in {odt}?)")
             if progress:
                 progress(name)

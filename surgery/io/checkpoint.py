@@ -130,10 +130,11 @@ def _header_len(path: Path) -> int:
 
 def read_tensor(spec: TensorSpec) -> torch.Tensor:
     """One tensor, read with a single pread (no mmap kept)."""
+    raw = bytearray(spec.nbytes)
     with open(spec.path, "rb") as f:
         f.seek(spec.begin)
-        raw = bytearray(f.read(spec.nbytes))
-    if len(raw) != spec.nbytes:
+        got = f.readinto(raw)
+    if got != spec.nbytes:
         raise SurgeryError(f"{spec.path}: truncated while reading {spec.name}")
     if not raw:
         return torch.empty(spec.shape, dtype=spec.torch_dtype)
@@ -180,7 +181,7 @@ def tensor_entry(name: str, make: Callable[[], torch.Tensor], dtype: torch.dtype
         if t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise AssertionError(f"{name}: produced {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
         if n:
-            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
     return Entry(name, code, tuple(shape), nbytes, write)
 
