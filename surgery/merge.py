@@ -56,15 +56,31 @@ def add_delta_(acc: torch.Tensor, m: LoraModule, w: float, fan_in_fan_out: bool 
         acc.view(acc.shape[0], -1).addmm_(B, A, alpha=w * m.scale)
 
 
+class Scratch:
+    """Flat buffers reused from tensor to tensor: page-faulting a fresh 100 MB tensor costs several times the
+    arithmetic done in it (measured: 38 ms vs 5 ms for one bf16 → f32 conversion of 8192×2048)."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, tag: str, shape: Sequence[int], dtype: torch.dtype, device="cpu") -> torch.Tensor:
+        n = math.prod(shape)
+        b = self._bufs.get(tag)
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != torch.device(device):
+            b = self._bufs[tag] = torch.empty(max(n, 1), dtype=dtype, device=device)
+        return b[:n].view(tuple(shape))
+
+
 def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *, fan_in_fan_out: bool = False,
                   out_dtype: torch.dtype | None = None, compute: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> torch.Tensor:
+                  device: str | torch.device = "cpu", scratch: Scratch | None = None) -> torch.Tensor:
     """`W + Σ wᵢ ΔWᵢ` in `compute` precision, rounded once to `out_dtype` (default W's dtype).
 
     DoRA (one adapter, weight 1): `m / ‖W + ΔW‖_row · (W + ΔW)`, norms over every dim but the first, as PEFT's
-    `DoraLinearVariant.merge` and its conv variant do.
+    `DoraLinearVariant.merge` and its conv variant do. With `scratch`, the result lives in a reused buffer.
     """
-    acc = W.to(device=device, dtype=compute, copy=True).contiguous()
+    scratch = scratch or Scratch()
+    acc = scratch.get("acc", W.shape, compute, device).copy_(W)
     for m, w in parts:
         add_delta_(acc, m, w, fan_in_fan_out)
     dora = [m for m, _ in parts if m.magnitude is not None]
@@ -72,7 +88,10 @@ def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *,
         mag = materialize(dora[0].magnitude).to(device=device, dtype=compute).reshape(-1)
         norm = acc.reshape(acc.shape[0], -1).norm(dim=1)
         acc *= (mag / norm).reshape((-1,) + (1,) * (acc.dim() - 1))
-    return acc.to(out_dtype or W.dtype)
+    out_dtype = out_dtype or W.dtype
+    if out_dtype == compute and acc.device.type == "cpu":
+        return acc
+    return scratch.get("out", W.shape, out_dtype).copy_(acc)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -130,8 +149,8 @@ def _kohya_candidates(name: str, underscored: Mapping[str, list[str]]) -> list[s
     return [k for u, ks in underscored.items() if u.endswith("_" + name) for k in ks]
 
 
-def resolve(adapter: Adapter, ck: Checkpoint, allow_missing: bool = False) -> tuple[dict[str, str], list[str]]:
-    """{module name: base weight name} and the modules left unmatched (an error unless `allow_missing`)."""
+def resolve(adapter: Adapter, ck: Checkpoint) -> tuple[dict[str, str], list[str]]:
+    """{module name: base weight name} and the modules that match nothing; several matches are an error."""
     weights = {n for n in ck.tensors if n.endswith(".weight")}
     underscored: dict[str, list[str]] = {}
     for k in weights:
@@ -150,18 +169,16 @@ def resolve(adapter: Adapter, ck: Checkpoint, allow_missing: bool = False) -> tu
             missing.append(name)
     if ambiguous:
         raise SurgeryError(f"{ck.root}: adapter modules match several base tensors: {'; '.join(ambiguous[:5])}")
-    if missing and not allow_missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise SurgeryError(f"{ck.root}: no base tensor for adapter module(s) {shown} (pass --allow-missing to skip)")
     return found, missing
 
 
-def _expected_shape(m: LoraModule, spec: TensorSpec, fan_in_fan_out: bool) -> tuple[int, ...]:
-    rows, cols = (m.in_features, m.out_features) if (m.kind == "embedding" or fan_in_fan_out) else \
-        (m.out_features, m.in_features)
+def _expected_shape(m: LoraModule, fan_in_fan_out: bool) -> tuple[int, ...]:
+    """The base tensor shape a module's ΔW fits."""
     if m.kind == "conv":
         return (m.out_features,) + tuple(m.A.shape[1:])
-    return rows, cols
+    if m.kind == "embedding" or fan_in_fan_out:
+        return m.in_features, m.out_features
+    return m.out_features, m.in_features
 
 
 def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float],
@@ -176,7 +193,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     for adapter, w in zip(adapters, weights):
         fan = bool(adapter.config.get("fan_in_fan_out", False))
         where = str(adapter.source)
-        found, missing = resolve(adapter, ck, allow_missing=True)
+        found, missing = resolve(adapter, ck)
         for name in list(missing):  # an untied lm_head absent from the file because it is tied to the embedding
             path = name.removeprefix(PEFT_PREFIX)
             emb = [k for k in ck.tensors if TIED_EMBEDDING.search(k)]
@@ -187,7 +204,9 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                 notes.append(f"{path}.weight is tied to {emb[0]} in the base; the merged model gets its own "
                              "lm_head.weight and tie_word_embeddings is set to false")
         if missing and not allow_missing:
-            resolve(adapter, ck, allow_missing=False)  # raises with the standard message
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise SurgeryError(f"{ck.root}: no base tensor for adapter module(s) {shown} "
+                               "(pass --allow-missing to skip them)")
         if missing:
             notes.append(f"{where}: {len(missing)} module(s) without a base tensor were skipped: {', '.join(missing[:5])}")
         for name, key in found.items():
@@ -196,7 +215,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
             if spec.torch_dtype not in FLOATS:
                 raise SurgeryError(f"{ck.root}: base tensor {key} has dtype {spec.dtype}; only float16/bfloat16/"
                                    "float32/float64 bases can be merged into")
-            want = _expected_shape(m, spec, fan)
+            want = _expected_shape(m, fan)
             if tuple(spec.shape) != want:
                 raise SurgeryError(f"{where}: module {name} has ΔW of shape {list(want)} but base tensor {key} "
                                    f"has shape {list(spec.shape)}")
@@ -330,6 +349,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                            f"give {'a directory' if ck.is_dir else 'a .safetensors file'}")
     plan = plan_merge(ck, adapters, weights, allow_missing)
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
+    scratch = Scratch()
 
     def out_dtype(spec: TensorSpec) -> torch.dtype:
         return sdtype if sdtype is not None and spec.torch_dtype in FLOATS else spec.torch_dtype
@@ -353,8 +373,9 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                     acc += w * m.scale * materialize(m.bias).to(dev, compute_dtype)
                 t = acc.to(odt)
             else:
-                t = merged_weight(read_tensor(spec), change.parts, fan_in_fan_out=name in plan.transposed, out_dtype=odt,
-                                  compute=compute_dtype, device=dev)
+                W = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
+                t = merged_weight(W, change.parts, fan_in_fan_out=name in plan.transposed, out_dtype=odt,
+                                  compute=compute_dtype, device=dev, scratch=scratch)
             if not all_finite(t):
                 raise SurgeryError(f"{name}: the merge produced NaN or Inf (overflow in {odt}?)")
             if progress:
