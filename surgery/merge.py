@@ -347,16 +347,22 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     if ck.is_dir == (out.suffix == ".safetensors"):
         raise SurgeryError(f"{out}: the base is {'a directory' if ck.is_dir else 'one file'}; "
                            f"give {'a directory' if ck.is_dir else 'a .safetensors file'}")
+    if shard_size is not None and not ck.is_dir:
+        raise SurgeryError("--shard-size needs a model directory as the base (a single file stays one file)")
     plan = plan_merge(ck, adapters, weights, allow_missing)
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
     scratch = Scratch()
+
+    def source(name: str) -> TensorSpec:
+        """The base tensor an output tensor starts from (a created lm_head starts from its tied embedding)."""
+        change = plan.changes.get(name)
+        return ck.tensors[change.source] if change and change.source else ck.tensors[name]
 
     def out_dtype(spec: TensorSpec) -> torch.dtype:
         return sdtype if sdtype is not None and spec.torch_dtype in FLOATS else spec.torch_dtype
 
     def entry(name: str) -> Entry:
-        change = plan.changes.get(name)
-        spec = ck.tensors[change.source] if change and change.source else ck.tensors[name]
+        change, spec = plan.changes.get(name), source(name)
         odt = out_dtype(spec)
         if change is None:
             if odt == spec.torch_dtype:
@@ -384,12 +390,8 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
 
         return tensor_entry(name, make, odt, spec.shape)
 
-    sizes = {n: s.nbytes for n, s in ck.tensors.items()}
-    for name, change in plan.changes.items():
-        if change.source:
-            sizes[name] = ck.tensors[change.source].nbytes
-    if sdtype is not None:
-        sizes = {n: _resized(ck, plan, n, out_dtype, b) for n, b in sizes.items()}
+    names = list(ck.tensors) + [n for n, c in plan.changes.items() if c.source]
+    sizes = {n: math.prod(source(n).shape) * torch.empty(0, dtype=out_dtype(source(n))).element_size() for n in names}
     groups = _shards(ck, sizes, _parse_size(shard_size))
     total = 0
     notes = list(plan.notes)
@@ -416,9 +418,3 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     merged = sum(1 for c in plan.changes.values() if not c.source)
     return MergeReport(str(out), merged, sum(1 for c in plan.changes.values() if c.source),
                        len(ck.tensors) - merged, len(groups), total, round(time.perf_counter() - t0, 3), tuple(notes))
-
-
-def _resized(ck: Checkpoint, plan: MergePlan, name: str, out_dtype, nbytes: int) -> int:
-    change = plan.changes.get(name)
-    spec = ck.tensors[change.source] if change and change.source else ck.tensors[name]
-    return math.prod(spec.shape) * torch.tensor([], dtype=out_dtype(spec)).element_size()

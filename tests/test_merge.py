@@ -344,3 +344,11 @@ def test_cli_merge_and_extract_json(tmp_path):
     assert r.exit_code == 0 and load_adapter(tmp_path / "k.safetensors").format == "kohya"
     r = _run("extract", tmp_path / "ft.safetensors", tmp_path / "base.safetensors", "-o", tmp_path / "x", "--rank", "99")
     assert r.exit_code == 1 and "exceeds" in r.output and not (tmp_path / "x").exists()
+    base = tmp_path / "base.safetensors"
+    for args, message in (
+        (["--shard-size", "1KB", "-o", tmp_path / "s.safetensors"], "--shard-size needs a model directory"),
+        (["--weight", "1", "--weight", "2", "-o", tmp_path / "w.safetensors"], "2 --weight values for 1 adapters"),
+        (["-o", tmp_path / "dir_out"], "give a .safetensors file"),
+    ):
+        r = _run("merge", base, tmp_path / "ad", *args)
+        _assert_failed(r, message, args[-1])
