@@ -219,6 +219,8 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
             if tuple(spec.shape) != want:
                 raise SurgeryError(f"{where}: module {name} has ΔW of shape {list(want)} but base tensor {key} "
                                    f"has shape {list(spec.shape)}")
+            if m.magnitude is not None and adapter.format == "kohya":
+                raise SurgeryError(f"{where}: module {name}: merging LyCORIS/kohya DoRA (dora_scale) is not supported yet")
             if m.magnitude is not None and (w != 1.0 or len(adapters) > 1 or fan or m.kind == "embedding"):
                 raise SurgeryError(f"{where}: DoRA module {name} can only be merged alone, with weight 1, into a "
                                    "linear or conv layer (its magnitude rescales the merged weight)")
