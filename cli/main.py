@@ -16,7 +16,7 @@ from surgery.io import FORMATS
 from surgery.squeeze import METHODS
 from surgery.squeeze import spectra as compute_spectra
 
-from .render import extract_table, inspect_json, inspect_table, squeeze_table
+from .render import convert_table, extract_table, inspect_json, inspect_table, squeeze_table
 
 
 class Group(click.Group):
@@ -102,7 +102,14 @@ class _Silent:
 def inspect(adapter, spectrum, as_json):
     """Show an adapter's format, modules, ranks, scales and sizes."""
     a = load_adapter(adapter)
-    spectra = compute_spectra(a) if spectrum else None
+    spectra = None
+    if spectrum and a.format == "tera":
+        from surgery.tera import tera_svd
+
+        spectra = {n: tera_svd([l.load() if hasattr(l, "load") else l for l in m.lambdas], m.spec, m.scale).S
+                   for n, m in a.modules.items()}
+    elif spectrum:
+        spectra = compute_spectra(a)
     click.echo(json.dumps(inspect_json(a, spectra), indent=2) if as_json else inspect_table(a, spectra))
 
 
@@ -211,6 +218,79 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
         click.echo(f"wrote {out}")
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
+
+
+@main.command(name="convert")
+@click.argument("adapter", type=click.Path(path_type=str))
+@click.option("--to", "to", required=True, type=click.Choice(["tera", "lora", "peft", "peft-file", "kohya"]),
+              help="tera: fit a TeRA adapter to a LoRA; lora: a rank-K LoRA from a TeRA adapter; "
+                   "peft/peft-file/kohya: lossless LoRA format conversion.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
+@click.option("--rank", type=int, help="--to lora: the LoRA rank.")
+@click.option("--order", type=int, default=3, show_default=True, help="--to tera: modes per dimension.")
+@click.option("--core-rank", type=int, default=8, show_default=True, help="--to tera: rank of every mode.")
+@click.option("--iters", type=int, default=50, show_default=True, help="--to tera: alternating LS sweeps.")
+@click.option("--save-factors", is_flag=True, help="--to tera: store the shared core and factors in the file.")
+@click.option("--force", is_flag=True, help="Allow the output to replace the input.")
+@click.option("--seed", type=int, default=0, show_default=True, help="--to tera: seed of the shared factors.")
+@json_option
+def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, force, seed, as_json):
+    """Convert between LoRA and TeRA, or between LoRA file formats."""
+    from surgery.tera import to_lora, to_tera
+
+    a = load_adapter(adapter)
+    if to in ("peft", "peft-file", "kohya"):
+        path = save_adapter(a, out, format=to, force=force)
+        click.echo(json.dumps({"output": str(path)}) if as_json else f"wrote {path}")
+        return
+    if (to == "lora") != (rank is not None):
+        raise click.UsageError("--rank is needed with --to lora, and only there")
+    with progress_bar(len(a.modules), f"convert to {to}") as bar:
+        if to == "tera":
+            if a.format == "tera":
+                raise SurgeryError(f"{adapter}: is already a TeRA adapter")
+            new, report = to_tera(a, order=order, core_rank=core_rank, seed=seed, iters=iters,
+                                  progress=lambda _: bar.update(1))
+        else:
+            if a.format != "tera":
+                raise SurgeryError(f"{adapter}: is not a TeRA adapter (use --to peft/kohya for LoRA formats)")
+            new, report = to_lora(a, rank, progress=lambda _: bar.update(1))
+    path = save_adapter(new, out, force=force, **({"save_factors": save_factors} if to == "tera" else {}))
+    if as_json:
+        click.echo(json.dumps({"output": str(path), "modules": [r.__dict__ | {"shape": list(r.shape)} for r in report]},
+                              indent=2))
+    else:
+        click.echo(convert_table(report))
+        click.echo(f"wrote {path}")
+
+
+@main.command(name="init-tera")
+@click.argument("base", type=click.Path(path_type=str))
+@click.option("--targets", required=True, help="Regex searched in the base's 2-D weight names.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
+@click.option("--order", type=int, default=3, show_default=True)
+@click.option("--core-rank", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-factors", is_flag=True)
+def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors):
+    """A fresh zero-update TeRA adapter for the linear weights of a base checkpoint."""
+    import re
+
+    from surgery.io.checkpoint import open_checkpoint
+    from surgery.tera import fresh_adapter
+
+    ck = open_checkpoint(base)
+    try:
+        pattern = re.compile(targets)
+    except re.error as e:
+        raise SurgeryError(f"--targets {targets!r}: bad regex: {e}") from None
+    shapes = {f"base_model.model.{n[: -len('.weight')]}": tuple(s.shape) for n, s in ck.tensors.items()
+              if n.endswith(".weight") and len(s.shape) == 2 and pattern.search(n)}
+    if not shapes:
+        raise SurgeryError(f"{base}: no 2-D weight matches {targets!r}")
+    a = fresh_adapter(shapes, order=order, core_rank=core_rank, seed=seed, base=str(base))
+    path = save_adapter(a, out, save_factors=save_factors)
+    click.echo(f"wrote {path}: {len(shapes)} TeRA modules, {a.num_params():,} trainable λ entries")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from collections import Counter
 from surgery.adapter import Adapter
 from surgery.rank import energy_rank
 from surgery.squeeze import SqueezeReport
+from surgery.tera import _describe
 
 ENERGIES = (0.9, 0.95, 0.99)
 
@@ -20,6 +21,8 @@ def inspect_json(a: Adapter, spectra=None) -> dict:
         d = {"name": name, "kind": m.kind, "shape": [m.out_features, m.in_features], "rank": m.rank,
              "scale": m.scale, "dtype": _dtype(m), "dora": m.dora, "lora_bias": m.bias is not None,
              "params": m.num_params()}
+        if hasattr(m, "spec"):
+            d["tera"] = m.spec.to_json()
         if spectra is not None:
             S = spectra[name]
             d["singular_values"] = [float(x) for x in S]
@@ -45,7 +48,8 @@ def _counts(values) -> str:
 def inspect_table(a: Adapter, spectra=None) -> str:
     mods = a.modules.values()
     lines = [
-        f"{a.source}: {a.format} adapter, {len(a.modules)} LoRA modules, {a.num_params():,} factor parameters",
+        f"{a.source}: {a.format} adapter, {len(a.modules)} modules, {a.num_params():,} "
+        f"{'trainable λ entries' if a.format == 'tera' else 'factor parameters'}",
         f"kinds: {_counts(m.kind for m in mods)}   ranks: {_counts(m.rank for m in mods)}   "
         f"dtype: {_counts(_dtype(m) for m in mods)}",
     ]
@@ -65,6 +69,16 @@ def inspect_table(a: Adapter, spectra=None) -> str:
         rows.append(row)
     lines += ["", _table(header, rows, right=set(range(2, len(header))))]
     lines += [f"note: {n}" for n in a.notes]
+    if a.format == "tera":
+        lines += ["", "TeRA modules (modes out × in, ranks; 'rank' is rank(ΔW) = min(ΠR_out, ΠR_in), 'params' "
+                  "the trainable λ entries):"]
+        order = a.config.get("order") or 3
+        for name, m in a.modules.items():
+            few = [d for d, modes in ((m.out_features, m.spec.out_modes), (m.in_features, m.spec.in_modes))
+                   if len(modes) < order]
+            lines.append(f"  {name}: {_describe(m.spec)}" +
+                         (f"  (note: {', '.join(map(str, few))} cannot be split into {order} modes; fewer used)"
+                          if few else ""))
     return "\n".join(lines)
 
 
@@ -89,3 +103,9 @@ def extract_table(r) -> str:
         lines.append(f"changed but not targeted ({len(r.untargeted_changed)}): "
                      f"{', '.join(r.untargeted_changed[:5])}{' …' if len(r.untargeted_changed) > 5 else ''}")
     return "\n".join(lines)
+
+
+def convert_table(report) -> str:
+    rows = [[r.name, f"{r.shape[0]}×{r.shape[1]}", r.detail, f"{r.params:,}", f"{r.energy_kept:.6f}",
+             f"{r.rel_error:.3e}"] for r in report]
+    return _table(["module", "out×in", "structure", "params", "energy kept", "rel. error"], rows, right={1, 3, 4, 5})

@@ -157,7 +157,7 @@ def resolve(adapter: Adapter, ck: Checkpoint) -> tuple[dict[str, str], list[str]
         underscored.setdefault(k[: -len(".weight")].replace(".", "_"), []).append(k)
     found, missing, ambiguous = {}, [], []
     for name in adapter.modules:
-        if adapter.format == "kohya":
+        if adapter.format == "kohya" or adapter.config.get("name_style") == "kohya":
             cands = _kohya_candidates(name, underscored)
         else:
             cands = _peft_candidates(name.removeprefix(PEFT_PREFIX), weights)

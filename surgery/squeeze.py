@@ -191,6 +191,9 @@ def squeeze(
     """
     if method not in METHODS:
         raise SurgeryError(f"unknown method {method!r}; use exact or rsvd")
+    for name, m in adapter.modules.items():
+        if not isinstance(m, LoraModule):
+            raise SurgeryError(f"module {name} is a TeRA module; squeeze works on LoRA (surgery convert --to lora)")
     _validate(rule, min_rank)
     dev, cdtype, sdtype = resolve_device(device), _compute_dtype(compute_dtype), storage_dtype(dtype)
     modules = adapter.modules

@@ -23,7 +23,7 @@ def run(*args):
 
 def test_inspect_table_and_json():
     r = run("inspect", PEFT_FIXTURE)
-    assert r.exit_code == 0 and "14 LoRA modules" in r.output and "layers.1.mlp.up_proj" in r.output
+    assert r.exit_code == 0 and "14 modules" in r.output and "layers.1.mlp.up_proj" in r.output
     r = run("inspect", KOHYA_FIXTURE, "--json", "--spectrum")
     doc = json.loads(r.output)
     assert doc["format"] == "kohya" and len(doc["modules"]) == 6

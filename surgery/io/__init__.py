@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 from ..adapter import Adapter
 from ..errors import SurgeryError
-from . import kohya, peft
+from . import kohya, peft, tera_file
 from .safetensors_file import PICKLE_SUFFIXES, pickle_error, read_header
 
 
@@ -37,6 +37,8 @@ register(Format("peft-file", peft.read_file, peft.write_file, False,
                 "one PEFT-keyed .safetensors; config (if any) in metadata lora_adapter_metadata"))
 register(Format("kohya", kohya.read, kohya.write, False,
                 "kohya-ss / LyCORIS LoCon .safetensors: lora_down / lora_up / alpha"))
+register(Format("tera", tera_file.read, tera_file.write, False,
+                "surgery's TeRA tensor-network adapter (.safetensors, docs/tera.md)"))
 
 
 def detect(path: str | os.PathLike) -> str:
@@ -48,7 +50,9 @@ def detect(path: str | os.PathLike) -> str:
         raise pickle_error(path)
     if path.name == peft.WEIGHTS and (path.parent / peft.CONFIG).exists():
         return "peft"
-    header, _ = read_header(path)
+    header, metadata = read_header(path)
+    if tera_file.is_tera(header, metadata):
+        return "tera"
     if any(kohya.parse_key(k) or kohya.unsupported(k) for k in header):
         if any(peft.parse_key(k) for k in header):
             raise SurgeryError(f"{path}: mixes kohya (lora_down/lora_up) and PEFT (lora_A/lora_B) keys")
@@ -74,6 +78,9 @@ def _convert_names(adapter: Adapter, fmt: str) -> Adapter:
     pair = (adapter.format, fmt)
     if pair[0] == pair[1] or set(pair) == {"peft", "peft-file"}:
         return adapter
+    if "tera" in pair:
+        raise SurgeryError(f"cannot write a {adapter.format} adapter as {fmt}: use surgery convert --to "
+                           f"{'lora' if adapter.format == 'tera' else 'tera'}")
     if adapter.passthrough:
         keys = ", ".join(sorted(adapter.passthrough)[:3])
         raise SurgeryError(f"cannot write {fmt}: the adapter carries non-LoRA tensors ({keys}, …) that {fmt} has no place for")
@@ -100,8 +107,10 @@ def kohya_name(name: str) -> str:
     return name.replace(".", "_")
 
 
-def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = None, force: bool = False) -> Path:
-    """Write `adapter` atomically as `format` (default: its own). Refuses to overwrite its source unless `force`."""
+def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = None, force: bool = False,
+                 **options) -> Path:
+    """Write `adapter` atomically as `format` (default: its own). Refuses to overwrite its source unless `force`.
+    `options` go to the format's writer (tera: save_factors)."""
     fmt = format or adapter.format
     if fmt not in FORMATS:
         raise SurgeryError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -113,7 +122,7 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = 
         raise SurgeryError(f"{out}: is a directory but format {fmt} writes one file; give a .safetensors path")
     if adapter.source is not None and not force and _same_place(adapter.source, out, spec.is_dir):
         raise SurgeryError(f"{out}: is the input itself; choose another output or pass --force to replace it")
-    spec.write(_convert_names(adapter, fmt), out)
+    spec.write(_convert_names(adapter, fmt), out, **options)
     return out
 
 

@@ -1,0 +1,372 @@
+"""TeRA: a Tucker-like tensor-network adapter (methods.md §3; this project's specification, docs/tera.md).
+
+ΔW (d_out × d_in) is tensorized row-major into 𝒲 of shape (J1..JP, I1..IQ) and written as
+    𝒲 = scale · 𝒢 ×_1 (Λ1 U1) ×_2 … ×_N (ΛN UN),     N = P + Q modes of sizes n_1..n_N,
+with a random core 𝒢 (R1..RN) and factors U_n (n_n × R_n) frozen and regenerated from a seed (shared by every
+module with the same ranks / the same (n_n, R_n)), and only the diagonals λ_n (n_n,) trained per module.
+The tensor algebra goes through tensorly with the torch backend.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import tensorly as tl
+import torch
+from tensorly import tenalg
+
+from .errors import SurgeryError
+from .linalg import SVD
+
+tl.set_backend("pytorch")
+
+FORMAT_VERSION = "surgery-tera/1"
+MAX_CORE_BYTES = 1 << 30  # a float32 core above 1 GiB is refused
+
+
+def factorize(n: int, order: int) -> tuple[int, ...]:
+    """Near-balanced factors of n, at most `order` of them, descending: primes, largest first, each given to the
+    factor with the smallest product so far (4096 → 16·16·16, 11008 → 43·16·16). Factors equal to 1 are dropped,
+    so a prime n gives (n,): that dimension falls back to fewer modes."""
+    if n < 1 or order < 1:
+        raise SurgeryError(f"cannot factorize {n} into {order} modes")
+    primes, m, p = [], n, 2
+    while p * p <= m:
+        while m % p == 0:
+            primes.append(p)
+            m //= p
+        p += 1
+    if m > 1:
+        primes.append(m)
+    bins = [1] * order
+    for q in sorted(primes, reverse=True):
+        bins[bins.index(min(bins))] *= q
+    out = tuple(sorted((b for b in bins if b > 1), reverse=True))
+    return out or (1,)
+
+
+@dataclass(frozen=True)
+class TeraSpec:
+    """The frozen structure of one module: output modes J, input modes I, one rank per mode, the seed."""
+
+    out_modes: tuple[int, ...]
+    in_modes: tuple[int, ...]
+    ranks: tuple[int, ...]
+    seed: int
+
+    @classmethod
+    def for_shape(cls, out_features: int, in_features: int, order: int = 3, core_rank: int = 8, seed: int = 0):
+        J, I = factorize(out_features, order), factorize(in_features, order)
+        ranks = tuple(min(core_rank, n) for n in J + I)
+        spec = cls(J, I, ranks, seed)
+        if spec.core_bytes > MAX_CORE_BYTES:
+            raise SurgeryError(f"a TeRA core of shape {list(ranks)} needs {spec.core_bytes / 2**30:.1f} GiB; "
+                               "lower --core-rank or --order")
+        return spec
+
+    @property
+    def modes(self) -> tuple[int, ...]:
+        return self.out_modes + self.in_modes
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_modes)
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_modes)
+
+    @property
+    def core_bytes(self) -> int:
+        return 4 * math.prod(self.ranks)
+
+    @property
+    def max_rank(self) -> int:
+        """rank(ΔW) for non-zero λ's and Gaussian factors (almost surely): min(Π R_out, Π R_in)."""
+        P = len(self.out_modes)
+        return min(math.prod(self.ranks[:P]), math.prod(self.ranks[P:]))
+
+    def to_json(self) -> dict:
+        return {"out_modes": list(self.out_modes), "in_modes": list(self.in_modes), "ranks": list(self.ranks)}
+
+
+def _seed(seed: int, what: str) -> int:
+    return (seed * 0x9E3779B1 + zlib.crc32(what.encode())) % (2**63)
+
+
+@lru_cache(maxsize=64)
+def shared_core(seed: int, ranks: tuple[int, ...]) -> torch.Tensor:
+    """𝒢 (R1..RN) ~ N(0, 1), float32, drawn on the CPU from `torch.Generator().manual_seed(h)`,
+    h = (seed·0x9E3779B1 + crc32("core:R1x…xRN")) mod 2⁶³."""
+    g = torch.Generator().manual_seed(_seed(seed, "core:" + "x".join(map(str, ranks))))
+    return torch.randn(ranks, generator=g, dtype=torch.float32)
+
+
+@lru_cache(maxsize=256)
+def shared_factor(seed: int, n: int, rank: int) -> torch.Tensor:
+    """U (n × R) ~ N(0, 1/n), float32, drawn like the core with crc32("factor:NxR")."""
+    g = torch.Generator().manual_seed(_seed(seed, f"factor:{n}x{rank}"))
+    return torch.randn(n, rank, generator=g, dtype=torch.float32) / math.sqrt(n)
+
+
+def shared(spec: TeraSpec, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(core, [U_n]) for a spec, regenerated bit-identically on the CPU, then moved."""
+    core = shared_core(spec.seed, spec.ranks).to(device, dtype)
+    return core, [shared_factor(spec.seed, n, r).to(device, dtype) for n, r in zip(spec.modes, spec.ranks)]
+
+
+def init_lambdas(spec: TeraSpec) -> tuple[torch.Tensor, ...]:
+    """λ_n = 1 for n < N and λ_N = 0: ΔW = 0 exactly at the start (as VeRA zeroes λ_b)."""
+    lams = [torch.ones(n) for n in spec.modes]
+    lams[-1] = torch.zeros(spec.modes[-1])
+    return tuple(lams)
+
+
+def tera_delta(lambdas: Sequence[torch.Tensor], core: torch.Tensor, factors: Sequence[torch.Tensor],
+               spec: TeraSpec, scale: float = 1.0) -> torch.Tensor:
+    """Dense ΔW (d_out, d_in) = scale · reshape(𝒢 ×_n (Λ_n U_n))."""
+    full = tl.tucker_to_tensor((core, [lam[:, None] * U for lam, U in zip(lambdas, factors)]))  # (J.., I..)
+    return scale * full.reshape(spec.out_features, spec.in_features)
+
+
+def tera_forward(x: torch.Tensor, lambdas: Sequence[torch.Tensor], core: torch.Tensor,
+                 factors: Sequence[torch.Tensor], spec: TeraSpec, scale: float = 1.0) -> torch.Tensor:
+    """x @ ΔWᵀ for x (…, d_in) without forming ΔW: contract the input modes with (Λ_q U_q), then the core,
+    then the output modes with (Λ_p U_p). Cost O(batch · Σ n_n R · Π R) instead of O(batch · d_out · d_in)."""
+    P, Q = len(spec.out_modes), len(spec.in_modes)
+    lead = x.shape[:-1]
+    z = x.reshape(-1, *spec.in_modes)  # (b, I1..IQ)
+    M = [lam[:, None] * U for lam, U in zip(lambdas, factors)]  # (n_n, R_n)
+    z = tenalg.multi_mode_dot(z, [m.T for m in M[P:]], modes=list(range(1, Q + 1)))  # (b, R_in..)
+    z = torch.tensordot(z, core, dims=(list(range(1, Q + 1)), list(range(P, P + Q))))  # (b, R_out..)
+    z = tenalg.multi_mode_dot(z, M[:P], modes=list(range(1, P + 1)))  # (b, J1..JP)
+    return scale * z.reshape(*lead, spec.out_features)
+
+
+def fit_lambdas(target: torch.Tensor, spec: TeraSpec, iters: int = 50, scale: float = 1.0,
+                tol: float = 1e-7) -> tuple[tuple[torch.Tensor, ...], float]:
+    """Least-squares λ's for a dense target ΔW (d_out, d_in), by alternating closed-form updates.
+
+    𝒲 is multilinear in the λ's: with the others fixed, 𝒲 = T ×_n Λ_n scales the mode-n slices of T, so
+    λ_n[i] = ⟨T_i, X_i⟩ / ⟨T_i, T_i⟩. Starts from λ = 1. Returns (λ's, relative error ‖X − 𝒲‖ / ‖X‖).
+    """
+    X = target.to(torch.float32).reshape(spec.modes) / scale
+    core, factors = shared(spec, torch.float32, X.device)
+    lams = [torch.ones(n, device=X.device) for n in spec.modes]
+    norm = float(X.norm())
+    if norm == 0.0:
+        return tuple(torch.zeros(n) for n in spec.modes), 0.0
+    err = prev = float("inf")
+    for _ in range(iters):
+        for n in range(len(spec.modes)):
+            mats = [U if m == n else lam[:, None] * U for m, (lam, U) in enumerate(zip(lams, factors))]
+            T = tl.tucker_to_tensor((core, mats))
+            Tn, Xn = T.movedim(n, 0).reshape(spec.modes[n], -1), X.movedim(n, 0).reshape(spec.modes[n], -1)
+            den = Tn.square().sum(1)
+            lams[n] = torch.where(den > 0, (Tn * Xn).sum(1) / den.clamp_min(1e-30), torch.zeros_like(den))
+        W = tl.tucker_to_tensor((core, [lam[:, None] * U for lam, U in zip(lams, factors)]))
+        err = float((X - W).norm()) / norm
+        if prev - err < tol * max(err, 1e-12):
+            break
+        prev = err
+    return tuple(lam.cpu() for lam in lams), err
+
+
+def tera_svd(lambdas: Sequence[torch.Tensor], spec: TeraSpec, scale: float = 1.0,
+             dtype=torch.float64) -> SVD:
+    """Exact thin SVD of ΔW from its Kronecker structure: mat(ΔW) = (⊗_p M_p) 𝒢_(out×in) (⊗_q M_q)ᵀ with
+    M_n = Λ_n U_n = Q_n R_n, so ΔW = (⊗Q_p) [(⊗R_p) 𝒢 (⊗R_q)ᵀ] (⊗Q_q)ᵀ and only the small middle matrix
+    (ΠR_out × ΠR_in) is decomposed; d_out × d_in is never formed."""
+    P = len(spec.out_modes)
+    core, factors = shared(spec, dtype)
+    qr = [torch.linalg.qr(lam.to(dtype)[:, None] * U) for lam, U in zip(lambdas, factors)]
+
+    def kron(mats):
+        out = mats[0]
+        for m in mats[1:]:
+            out = torch.kron(out, m)
+        return out
+
+    G = core.reshape(math.prod(spec.ranks[:P]), -1)
+    C = scale * kron([r for _, r in qr[:P]]) @ G @ kron([r for _, r in qr[P:]]).T
+    Uc, S, Vch = torch.linalg.svd(C, full_matrices=False)
+    return SVD(kron([q for q, _ in qr[:P]]) @ Uc, S, Vch @ kron([q for q, _ in qr[P:]]).T)
+
+
+# ---------------------------------------------------------------- adapters
+
+
+@dataclass(frozen=True)
+class ConvertedModule:
+    name: str
+    shape: tuple[int, int]
+    detail: str  # TeRA modes × ranks, or the LoRA rank
+    params: int
+    energy_kept: float
+    rel_error: float
+
+
+def to_tera(adapter, *, order: int = 3, core_rank: int = 8, seed: int = 0, iters: int = 50,
+            progress=None):
+    """LoRA adapter → TeRA adapter by a least-squares fit of each module's λ's (a lossy projection: a TeRA
+    module has Σ n_n numbers). Returns (adapter, [ConvertedModule]) with the energy honestly reported."""
+    from .adapter import Adapter, LoraModule, TeraModule
+
+    for name, m in adapter.modules.items():
+        if not isinstance(m, LoraModule) or m.kind != "linear" or m.dora:
+            what = "a TeRA module" if not isinstance(m, LoraModule) else "DoRA" if m.dora else m.kind
+            raise SurgeryError(f"module {name}: {what} cannot be converted to TeRA (linear LoRA modules only)")
+    specs = {n: TeraSpec.for_shape(m.out_features, m.in_features, order, core_rank, seed)
+             for n, m in adapter.modules.items()}
+    modules, report = {}, []
+    for name, m in adapter.modules.items():
+        target = m.delta(torch.float32)
+        lams, err = fit_lambdas(target, specs[name], iters)
+        modules[name] = TeraModule(lams, specs[name], 1.0)
+        report.append(ConvertedModule(name, (m.out_features, m.in_features), _describe(specs[name]),
+                                      sum(specs[name].modes), 1.0 - err * err, err))
+        if progress:
+            progress(name)
+    config = {"order": order, "core_rank": core_rank, "name_style": "kohya" if adapter.format == "kohya" else "peft",
+              "base_model_name_or_path": adapter.config.get("base_model_name_or_path")}
+    out = Adapter(modules=modules, format="tera", passthrough=adapter.passthrough, config=config,
+                  metadata={}, source=adapter.source)
+    return out, report
+
+
+def to_lora(adapter, rank: int, progress=None):
+    """TeRA adapter → LoRA of rank `rank` per module by the exact SVD of `tera_svd` (dense randomized SVD when
+    the Kronecker middle matrix would be larger than 4096²). Returns (adapter, [ConvertedModule])."""
+    from .adapter import Adapter, LoraModule, TeraModule
+    from .linalg import randomized_svd, split_factors
+
+    if rank < 1:
+        raise SurgeryError(f"rank must be at least 1, got {rank}")
+    modules, report = {}, []
+    for name, m in adapter.modules.items():
+        if not isinstance(m, TeraModule):
+            raise SurgeryError(f"module {name} is not a TeRA module")
+        if rank > min(m.out_features, m.in_features):
+            raise SurgeryError(f"module {name}: rank {rank} exceeds its shape {m.out_features}×{m.in_features}")
+        lams = [l.load() if hasattr(l, "load") else l for l in m.lambdas]
+        P = len(m.spec.out_modes)
+        if max(math.prod(m.spec.ranks[:P]), math.prod(m.spec.ranks[P:])) <= 4096:
+            svd = tera_svd(lams, m.spec, m.scale)
+            total = float(svd.S.square().sum())
+        else:
+            D = m.delta(torch.float32)
+            g = torch.Generator().manual_seed(_seed(m.spec.seed, name))
+            svd = randomized_svd(lambda X: D @ X, lambda Y: D.T @ Y, tuple(D.shape), rank, generator=g)
+            total = float(D.double().square().sum())
+        k = min(rank, len(svd.S))
+        B, A = split_factors(svd, k)
+        kept = float(svd.S[:k].double().square().sum())
+        modules[name] = LoraModule(A=A.float().contiguous(), B=B.float().contiguous(), scale=1.0)
+        report.append(ConvertedModule(name, (m.out_features, m.in_features), f"rank {k}", k * (m.out_features + m.in_features),
+                                      kept / total if total else 1.0,
+                                      math.sqrt(max(total - kept, 0.0) / total) if total else 0.0))
+        if progress:
+            progress(name)
+    kohya = adapter.config.get("name_style") == "kohya"
+    config = {} if kohya else {
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "use_rslora": False, "lora_dropout": 0.0,
+        "target_modules": sorted({n.split(".")[-1] for n in modules}), "rank_pattern": {}, "alpha_pattern": {},
+        "fan_in_fan_out": False, "bias": "none", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": adapter.config.get("base_model_name_or_path")}
+    return Adapter(modules=modules, format="kohya" if kohya else "peft", passthrough=adapter.passthrough,
+                   config=config, metadata={}, source=adapter.source), report
+
+
+def _describe(spec: TeraSpec) -> str:
+    out = "·".join(map(str, spec.out_modes)) + " × " + "·".join(map(str, spec.in_modes))
+    return f"{out}, R={'·'.join(map(str, spec.ranks))}"
+
+
+def fresh_adapter(shapes: dict, *, order: int = 3, core_rank: int = 8, seed: int = 0, base: str | None = None):
+    """A zero-update TeRA adapter ({module name: (out, in)}): λ_N = 0, every other λ = 1."""
+    from .adapter import Adapter, TeraModule
+
+    modules = {}
+    for name, (o, i) in shapes.items():
+        spec = TeraSpec.for_shape(o, i, order, core_rank, seed)
+        modules[name] = TeraModule(init_lambdas(spec), spec, 1.0)
+    config = {"order": order, "core_rank": core_rank, "name_style": "peft", "base_model_name_or_path": base}
+    return Adapter(modules=modules, format="tera", config=config)
+
+
+# ---------------------------------------------------------------- torch modules
+
+
+class TeRALinear(torch.nn.Module):
+    """A frozen `nn.Linear` plus a TeRA update applied in tensorized form (ΔW is never formed).
+
+    Only the λ's are trainable; the base weight and the shared core/factors have `requires_grad=False` (the
+    shared tensors are non-persistent buffers, regenerated from the seed, and the same objects across modules).
+    """
+
+    def __init__(self, base: torch.nn.Linear, spec: TeraSpec, lambdas=None, scale: float = 1.0):
+        super().__init__()
+        if (spec.out_features, spec.in_features) != (base.out_features, base.in_features):
+            raise SurgeryError(f"TeRA spec {spec.out_features}×{spec.in_features} does not fit "
+                               f"Linear({base.in_features}, {base.out_features})")
+        self.base, self.spec, self.scale = base, spec, scale
+        for p in base.parameters():
+            p.requires_grad_(False)
+        dev = base.weight.device
+        core, factors = shared(spec, torch.float32, dev)
+        self.register_buffer("core", core, persistent=False)
+        for n, U in enumerate(factors):
+            self.register_buffer(f"factor{n}", U, persistent=False)
+        lams = lambdas if lambdas is not None else init_lambdas(spec)
+        self.lambdas = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.as_tensor(l, dtype=torch.float32).to(dev).clone()) for l in lams])
+
+    @property
+    def factors(self) -> list[torch.Tensor]:
+        return [getattr(self, f"factor{n}") for n in range(len(self.spec.modes))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = tera_forward(x.to(torch.float32), list(self.lambdas), self.core, self.factors, self.spec, self.scale)
+        return self.base(x) + delta.to(x.dtype)
+
+
+def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: int = 3, core_rank: int = 8,
+                seed: int = 0) -> dict[str, TeRALinear]:
+    """Replace every `nn.Linear` whose name matches `pattern` (re.search) by a TeRALinear — fresh, or with the
+    λ's of `adapter` (a TeRA Adapter whose module names are `base_model.model.<name>` or `<name>`)."""
+    import re
+
+    from .adapter import materialize
+
+    attached = {}
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Linear) or not re.search(pattern, name):
+            continue
+        if adapter is not None:
+            m = adapter.modules.get(f"base_model.model.{name}") or adapter.modules.get(name)
+            if m is None:
+                continue
+            layer = TeRALinear(mod, m.spec, [materialize(l) for l in m.lambdas], m.scale)
+        else:
+            layer = TeRALinear(mod, TeraSpec.for_shape(mod.out_features, mod.in_features, order, core_rank, seed))
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], layer)
+        attached[name] = layer
+    if not attached:
+        raise SurgeryError(f"no nn.Linear module matches {pattern!r}")
+    return attached
+
+
+def adapter_from_model(model: torch.nn.Module, base: str | None = None):
+    """The TeRA Adapter of a model's TeRALinear modules (to save with `save_adapter`)."""
+    from .adapter import Adapter, TeraModule
+
+    modules = {f"base_model.model.{n}": TeraModule(tuple(l.detach().cpu().clone() for l in m.lambdas), m.spec, m.scale)
+               for n, m in model.named_modules() if isinstance(m, TeRALinear)}
+    specs = [m.spec for m in modules.values()]
+    config = {"name_style": "peft", "base_model_name_or_path": base,
+              "order": max(len(s.out_modes) for s in specs) if specs else None}
+    return Adapter(modules=modules, format="tera", config=config)
