@@ -57,6 +57,17 @@ def progress_bar(length: int | None, label: str):
     return click.progressbar(length=length, label=label, file=sys.stderr)
 
 
+def emit(doc: dict, table: str, path, warnings, as_json: bool) -> None:
+    """A command's result: JSON (with the output path) or the human table, then warnings on stderr."""
+    if as_json:
+        click.echo(json.dumps(doc | {"output": str(path)}, indent=2))
+    else:
+        click.echo(table)
+        click.echo(f"wrote {path}")
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
 def rank_rule(rank, energy, budget, rank_map=()):
     """The one rank rule the user chose (a usage error unless exactly one is given)."""
     chosen = [o for o, v in (("--rank", rank), ("--energy", energy), ("--budget", budget),
@@ -140,13 +151,7 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1))
     path = save_adapter(small, out, format=fmt, force=force)
-    if as_json:
-        click.echo(json.dumps(report.to_dict() | {"output": str(path)}, indent=2))
-    else:
-        click.echo(squeeze_table(report))
-        click.echo(f"wrote {path}")
-    for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
+    emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
 
 
 @main.command(name="merge")
@@ -210,14 +215,8 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
     out_path = Path(out)
     if out_path.exists() and not force:
         raise SurgeryError(f"{out}: exists; choose a new path or pass --force")
-    save_adapter(adapter, out_path, format=fmt, force=force)
-    if as_json:
-        click.echo(json.dumps(report.to_dict() | {"output": out}, indent=2))
-    else:
-        click.echo(extract_table(report))
-        click.echo(f"wrote {out}")
-    for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
+    path = save_adapter(adapter, out_path, format=fmt, force=force)
+    emit(report.to_dict(), extract_table(report), path, report.warnings, as_json)
 
 
 @main.command(name="convert")
