@@ -16,7 +16,7 @@ from surgery.io import FORMATS
 from surgery.squeeze import METHODS
 from surgery.squeeze import spectra as compute_spectra
 
-from .render import convert_table, extract_table, inspect_json, inspect_table, squeeze_table
+from .render import _table, convert_table, extract_table, inspect_json, inspect_table, squeeze_table
 
 
 class Group(click.Group):
@@ -290,6 +290,145 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors):
     a = fresh_adapter(shapes, order=order, core_rank=core_rank, seed=seed, base=str(base))
     path = save_adapter(a, out, save_factors=save_factors)
     click.echo(f"wrote {path}: {len(shapes)} TeRA modules, {a.num_params():,} trainable λ entries")
+
+
+@main.command(name="capture")
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("--texts", required=True, type=click.Path(path_type=str), help="A text file, one text per line.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Token positions sampled (seeded).")
+@click.option("--keep-special", is_flag=True, help="Keep [CLS]/[SEP]/BOS/EOS tokens (excluded by default).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def capture_cmd(model_dir, texts, out, max_tokens, keep_special, device, seed):
+    """Save the hidden states of every layer of a local transformers model on a text file."""
+    from surgery.capture import capture, save_capture
+
+    cap = capture(model_dir, texts, max_tokens=max_tokens, seed=seed, keep_special=keep_special, device=device)
+    save_capture(cap, out)
+    click.echo(f"wrote {out}: {len(cap.layers)} layers × {cap.metadata['tokens']} tokens "
+               f"(of {cap.metadata['tokens_available']} non-padding"
+               f"{'' if keep_special else ', non-special'})")
+
+
+def _ids(hidden, method, discard, device, seed, legacy_cdf=False):
+    import warnings
+
+    from surgery.capture import load_capture
+    from surgery.intrinsic import two_nn
+
+    cap = load_capture(hidden)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicates are reported in the table instead
+        return cap, [two_nn(layer, method=method, discard=discard, device=device, seed=seed, legacy_cdf=legacy_cdf,
+                            name=f"{hidden}: hidden.{i}") for i, layer in enumerate(cap.layers)]
+
+
+@main.command(name="id")
+@click.argument("hidden", type=click.Path(path_type=str))
+@click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
+@click.option("--discard", type=float, default=0.1, show_default=True, help="Fraction of the largest μ discarded.")
+@click.option("--legacy-cdf", is_flag=True, help="F_i = (i−1)/N as scikit-dimension 0.3 (default i/N, as 0.5).")
+@click.option("--plot", type=click.Path(path_type=str), help="Save the ID profile as a PNG (needs matplotlib).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap spread.")
+@json_option
+def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
+    """TwoNN intrinsic dimension of every layer of a hidden-state file."""
+    if not 0 <= discard < 1:
+        raise SurgeryError(f"--discard must be in [0, 1), got {discard}")
+    cap, results = _ids(hidden, method, discard, device, seed, legacy_cdf)
+    doc = {"ids": [r.dimension for r in results], "layers": [r.__dict__ for r in results],
+           "block_prefix": cap.metadata.get("block_prefix")}
+    if plot:
+        _plot(results, plot)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    rows = [[str(i), f"{r.dimension:.3f}", f"±{r.spread:.3f}", str(r.points), str(r.duplicates)]
+            for i, r in enumerate(results)]
+    click.echo(_table(["layer", "ID", "spread", "points", "duplicates dropped"], rows, right={0, 1, 2, 3, 4}))
+    click.echo(f"(TwoNN {method}, discard {discard}; layer 0 is the embedding output; spread = bootstrap std)")
+
+
+def _plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SurgeryError("--plot needs matplotlib (pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.errorbar(range(len(results)), [r.dimension for r in results], yerr=[r.spread for r in results], marker="o")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("TwoNN intrinsic dimension")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+@main.command(name="rerank")
+@click.argument("adapter", required=False, type=click.Path(path_type=str))
+@click.option("--hidden", type=click.Path(path_type=str), help="Hidden-state file from surgery capture.")
+@click.option("--ids", "ids_file", type=click.Path(path_type=str), help="IDs from surgery id --json.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=str), help="Re-ranked adapter.")
+@click.option("--formula", type=click.Choice(["diff", "max"]), default="diff", show_default=True,
+              help="diff: ceil(d_i − d_{i−1}) (GeLoRA); max: ceil(max(d_i, d_{i−1})).")
+@click.option("--min-rank", type=int, default=1, show_default=True)
+@click.option("--budget", help="Scale the ranks to this many factor parameters (e.g. 2M).")
+@click.option("--config-out", type=click.Path(path_type=str), help="Write a PEFT LoraConfig JSON to train with.")
+@click.option("--targets", help="--config-out: comma-separated module leaves, e.g. query,key,value.")
+@click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True)
+@json_option
+def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, config_out, targets, method, device, seed,
+               force, as_json):
+    """GeLoRA: ranks per block from the intrinsic dimensions of the hidden states."""
+    from surgery.intrinsic import gelora_config, gelora_ranks, rerank
+
+    if (hidden is None) == (ids_file is None):
+        raise click.UsageError("give exactly one of --hidden, --ids")
+    if (adapter is None) != (out is None) or (adapter is None and config_out is None):
+        raise click.UsageError("give ADAPTER with -o OUT, and/or --config-out with --targets")
+    block_prefix = None
+    if hidden:
+        cap, results = _ids(hidden, method, 0.1, device, seed)
+        ids, block_prefix = [r.dimension for r in results], cap.metadata.get("block_prefix")
+    else:
+        try:
+            doc = json.loads(Path(ids_file).read_text())
+            ids, block_prefix = [float(x) for x in doc["ids"]], doc.get("block_prefix")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SurgeryError(f"{ids_file}: expected the JSON of surgery id --json ({e})") from None
+    doc = {"ids": ids, "block_ranks": gelora_ranks(ids, formula, min_rank)}
+    if config_out:
+        cfg = gelora_config(doc["block_ranks"], block_prefix,
+                            [t.strip() for t in (targets or "").split(",") if t.strip()])
+        Path(config_out).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        doc["config"] = str(config_out)
+    if adapter:
+        small, rep = rerank(load_adapter(adapter), ids, formula=formula, min_rank=min_rank,
+                            budget=parse_count(budget) if budget else None, device=device, seed=seed)
+        path = save_adapter(small, out, force=force)
+        doc.update(rep.squeeze.to_dict(), clipped={n: list(v) for n, v in rep.clipped.items()}, output=str(path))
+        warnings = list(rep.squeeze.warnings) + [f"{n}: GeLoRA rank {r} is above its rank {c}; kept at {c}"
+                                                  for n, (r, c) in rep.clipped.items()]
+    else:
+        warnings = []
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo("IDs: " + ", ".join(f"{d:.2f}" for d in ids))
+        click.echo("block ranks: " + ", ".join(map(str, doc["block_ranks"])))
+        if adapter:
+            click.echo(squeeze_table(rep.squeeze))
+            click.echo(f"wrote {out}")
+        if config_out:
+            click.echo(f"wrote {config_out}")
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,14 @@ class RankMap:
         return None
 
 
-RankRule = Union[FixedRank, Energy, Budget, RankMap]
+@dataclass(frozen=True)
+class PerModule:
+    """An explicit rank per module name (e.g. GeLoRA's); modules not listed keep their rank."""
+
+    ranks: Mapping[str, int]
+
+
+RankRule = Union[FixedRank, Energy, Budget, RankMap, PerModule]
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 

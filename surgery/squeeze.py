@@ -22,7 +22,7 @@ from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
 from .linalg import (CoreSVD, core_factors, core_svd, lora_operator, lowrank_frobenius_sq, randomized_svd,
                      split_factors)
-from .rank import Budget, Energy, FixedRank, RankMap, RankRule, budget_ranks, check_rank, energy_rank
+from .rank import Budget, Energy, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank, energy_rank
 
 METHODS = ("exact", "rsvd")
 T = TypeVar("T")
@@ -118,8 +118,8 @@ def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out
 def _target(name: str, m: LoraModule, rule: RankRule, S: torch.Tensor | None, min_rank: int) -> int:
     if isinstance(rule, FixedRank):
         return check_rank(name, rule.rank, m.rank)
-    if isinstance(rule, RankMap):
-        k = rule.rank_for(name)
+    if isinstance(rule, (RankMap, PerModule)):
+        k = rule.rank_for(name) if isinstance(rule, RankMap) else rule.ranks.get(name)
         return m.rank if k is None else check_rank(name, k, m.rank)
     if isinstance(rule, Energy):
         return min(max(energy_rank(S, rule.threshold), min_rank), m.rank)
@@ -202,7 +202,7 @@ def squeeze(
         S = spectra(adapter, method=method, device=dev, compute_dtype=cdtype, seed=seed)
         cost = {n: m.in_features + m.out_features for n, m in modules.items()}
         targets = budget_ranks(S, cost, rule.params, min_rank)
-    elif isinstance(rule, (FixedRank, RankMap)):
+    elif isinstance(rule, (FixedRank, RankMap, PerModule)):
         targets = {n: _target(n, m, rule, None, min_rank) for n, m in modules.items()}
 
     def one(name: str, m: LoraModule) -> tuple[LoraModule, ModuleReport]:

@@ -1,0 +1,203 @@
+"""GeLoRA: intrinsic dimension of hidden states (TwoNN) and ranks from it (methods.md §4).
+
+`nn_distances` finds each point's two nearest neighbours with blocked matrix products (‖x‖² + ‖y‖² − 2xyᵀ in
+float32 on the chosen device, a few candidates per point) and recomputes the candidates' distances exactly in
+float64, so memory stays at one block of rows and results match the reference libraries. `two_nn` is the
+estimator of Facco et al. (2017) as scikit-dimension 0.5 and DADApy compute it.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from .device import resolve_device
+from .errors import SurgeryError
+
+MIN_POINTS = 100  # below this (after dropping duplicates) the estimate is refused
+BLOCK_BYTES = 1 << 28  # one block of squared distances: at most 256 MiB
+
+
+def nn_distances(X: torch.Tensor, device: str | torch.device = "cpu", candidates: int = 8,
+                 block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r1, r2): distances of each row of X (N, D) to its first and second nearest other rows, float64 (CPU).
+
+    Duplicated rows give r1 = 0. Memory: X in float32 on `device` plus one (block × N) block.
+    """
+    N = X.shape[0]
+    if N < 3:
+        raise SurgeryError(f"TwoNN needs at least 3 points, got {N}")
+    Xd = X.to(resolve_device(device), torch.float32)
+    sq = Xd.square().sum(1)  # (N,)
+    block = block or max(1, min(N, BLOCK_BYTES // (4 * N)))
+    k = min(candidates, N - 1)
+    r1, r2 = torch.empty(N, dtype=torch.float64), torch.empty(N, dtype=torch.float64)
+    X64 = X.to(torch.float64)
+    for start in range(0, N, block):
+        stop = min(start + block, N)
+        d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (Xd[start:stop] @ Xd.T)  # (b, N)
+        d2[torch.arange(stop - start), torch.arange(start, stop)] = float("inf")  # not its own neighbour
+        idx = d2.topk(k, dim=1, largest=False).indices.cpu()  # (b, k) candidates
+        rows = X64[start:stop]
+        exact = torch.stack([(rows - X64[idx[:, j]]).norm(dim=1) for j in range(k)], 1)  # (b, k)
+        exact = exact.sort(dim=1).values
+        r1[start:stop], r2[start:stop] = exact[:, 0], exact[:, 1]
+    return r1, r2
+
+
+def id_from_mu(mu: torch.Tensor, method: str = "linear", discard: float = 0.1, legacy_cdf: bool = False) -> float:
+    """TwoNN dimension from the ratios μ = r2/r1 (finite, ≥ 1), as scikit-dimension 0.5 `TwoNN` computes it.
+
+    linear: keep the n = int(N(1 − discard)) smallest μ, F_i = i/N ((i − 1)/N with `legacy_cdf`, as
+    scikit-dimension 0.3), least squares through the origin of −log(1 − F_i) on log μ_i.
+    mle: (n − 1) / (Σ_{i≤n} log μ_i + (N − n) log μ_n) (Type-II censored; (N − 1)/Σ log μ with discard 0).
+    """
+    N = mu.numel()
+    n = int(N * (1 - discard))
+    if n < 2:
+        raise SurgeryError("fewer than 2 points left to estimate the dimension")
+    log_mu = torch.sort(mu.to(torch.float64)).values[:n].log()
+    if method == "mle":
+        return float((n - 1) / (log_mu.sum() + (N - n) * log_mu[-1]))
+    if method != "linear":
+        raise SurgeryError(f"unknown TwoNN method {method!r}; use linear or mle")
+    i = torch.arange(1, n + 1, dtype=torch.float64) - (1 if legacy_cdf else 0)
+    y = -torch.log1p(-i / N)
+    return float((log_mu * y).sum() / log_mu.square().sum())
+
+
+@dataclass(frozen=True)
+class TwoNNResult:
+    dimension: float
+    spread: float  # standard deviation over bootstrap resamples of μ
+    points: int  # points used (duplicates removed)
+    duplicates: int  # points dropped because their nearest neighbour is at distance 0
+    method: str
+    discard: float
+
+
+def two_nn(X: torch.Tensor, *, method: str = "linear", discard: float = 0.1, device="cpu", bootstrap: int = 100,
+           seed: int = 0, legacy_cdf: bool = False, name: str = "data") -> TwoNNResult:
+    """TwoNN intrinsic dimension of the rows of X (N, D), with a bootstrap spread; duplicates are dropped."""
+    if not torch.isfinite(X).all():
+        raise SurgeryError(f"{name}: contains NaN or Inf")
+    r1, r2 = nn_distances(X, device)
+    keep = r1 > 0
+    mu = (r2[keep] / r1[keep])
+    dups = int((~keep).sum())
+    if dups:
+        warnings.warn(f"{name}: dropping {dups} points with zero distance to their nearest neighbour (duplicates)")
+    if mu.numel() < MIN_POINTS:
+        raise SurgeryError(f"{name}: {mu.numel()} points after dropping {dups} duplicates; TwoNN needs at least "
+                           f"{MIN_POINTS} for a stable estimate")
+    d = id_from_mu(mu, method, discard, legacy_cdf)
+    g = torch.Generator().manual_seed(seed)
+    boots = [id_from_mu(mu[torch.randint(0, mu.numel(), (mu.numel(),), generator=g)], method, discard, legacy_cdf)
+             for _ in range(bootstrap)]
+    spread = float(torch.tensor(boots).std()) if bootstrap > 1 else float("nan")
+    return TwoNNResult(d, spread, int(mu.numel()), dups, method, discard)
+
+
+# ---------------------------------------------------------------- GeLoRA ranks
+
+BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def gelora_ranks(ids: Sequence[float], formula: str = "diff", min_rank: int = 1) -> list[int]:
+    """Rank of block i (1..L) from the IDs d_0 (embedding output) … d_L (block outputs):
+    diff: max(ceil(d_i − d_{i−1}), min_rank) (GeLoRA); max: max(ceil(max(d_i, d_{i−1})), min_rank)."""
+    if formula not in ("diff", "max"):
+        raise SurgeryError(f"unknown formula {formula!r}; use diff or max")
+    out = []
+    for i in range(1, len(ids)):
+        r = ids[i] - ids[i - 1] if formula == "diff" else max(ids[i], ids[i - 1])
+        out.append(max(math.ceil(r - 1e-9), min_rank))
+    return out
+
+
+def block_of(name: str) -> int | None:
+    """The 0-based transformer block a module belongs to (`…layers.3.…` → 3), or None."""
+    m = BLOCK.findall(name)
+    return int(m[-1]) if m else None
+
+
+def module_ranks(names: Sequence[str], block_ranks: Sequence[int]) -> dict[str, int]:
+    """Every module gets the rank of its block; a module with no block, or a block beyond the IDs, is an error."""
+    out, unknown = {}, []
+    for n in names:
+        b = block_of(n)
+        if b is None or b >= len(block_ranks):
+            unknown.append(n)
+        else:
+            out[n] = block_ranks[b]
+    if unknown:
+        raise SurgeryError(f"cannot place module(s) in the {len(block_ranks)} blocks of the hidden-state file: "
+                           f"{', '.join(unknown[:5])}")
+    return out
+
+
+def fit_budget(ranks: Mapping[str, int], cost: Mapping[str, int], budget: int, min_rank: int = 1) -> dict[str, int]:
+    """Scale all ranks by one factor (binary search) so Σ rank · cost ≤ budget, keeping ≥ min_rank."""
+    if sum(min_rank * cost[n] for n in ranks) > budget:
+        raise SurgeryError(f"budget {budget:,} is below {min_rank} rank(s) per module")
+    scaled = lambda s: {n: max(min_rank, math.floor(r * s)) for n, r in ranks.items()}  # noqa: E731
+    lo, hi = 0.0, 1.0
+    while sum(r * cost[n] for n, r in scaled(hi).items()) <= budget and hi < 1e6:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(r * cost[n] for n, r in scaled(mid).items()) <= budget else (lo, mid)
+    return scaled(lo)
+
+
+@dataclass(frozen=True)
+class RerankReport:
+    ids: tuple[float, ...]  # d_0 (embeddings) … d_L
+    block_ranks: tuple[int, ...]  # rank of block 1..L
+    requested: Mapping[str, int]  # GeLoRA rank per module (after any budget)
+    clipped: Mapping[str, tuple[int, int]]  # module → (requested, current): squeeze cannot raise a rank
+    squeeze: object  # the SqueezeReport
+
+
+def rerank(adapter, ids: Sequence[float], *, formula: str = "diff", min_rank: int = 1, budget: int | None = None,
+           device="auto", seed: int = 0):
+    """Squeeze every LoRA module to its block's GeLoRA rank (exact SVD); ranks above a module's current rank
+    are reported and the module kept at its rank."""
+    from .rank import PerModule
+    from .squeeze import squeeze
+
+    block_ranks = gelora_ranks(ids, formula, min_rank)
+    requested = module_ranks(list(adapter.modules), block_ranks)
+    if budget is not None:
+        cost = {n: m.in_features + m.out_features for n, m in adapter.modules.items()}
+        requested = fit_budget(requested, cost, budget, min_rank)
+    clipped = {n: (r, adapter.modules[n].rank) for n, r in requested.items() if r > adapter.modules[n].rank}
+    final = {n: min(r, adapter.modules[n].rank) for n, r in requested.items()}
+    small, report = squeeze(adapter, PerModule(final), device=device, seed=seed)
+    return small, RerankReport(tuple(ids), tuple(block_ranks), requested, clipped, report)
+
+
+def gelora_config(block_ranks: Sequence[int], block_prefix: str | None, targets: Sequence[str],
+                  base: str | None = None) -> dict:
+    """A PEFT LoraConfig (as a dict) to train with GeLoRA's ranks: the most common rank is `r`, every block
+    whose rank differs gets `rank_pattern` / `alpha_pattern` entries (alpha = rank, scale 1) matching
+    `<block_prefix>.<i>.….<target>` with PEFT's suffix-anchored regex resolution (any of layers/layer/h/blocks/
+    block when the prefix is unknown)."""
+    from collections import Counter
+
+    if not targets:
+        raise SurgeryError("--targets: name the module leaves to adapt, e.g. query,key,value")
+    r = Counter(block_ranks).most_common(1)[0][0]
+    pattern = {}
+    for i, k in enumerate(block_ranks):
+        if k != r:
+            for t in targets:
+                prefix = re.escape(block_prefix) if block_prefix else "(?:layers|layer|h|blocks|block)"
+                pattern[rf"{prefix}\.{i}\..*{re.escape(t)}"] = k
+    return {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": list(targets),
+            "rank_pattern": pattern, "alpha_pattern": dict(pattern), "lora_dropout": 0.0, "bias": "none",
+            "use_rslora": False, "task_type": None, "base_model_name_or_path": base}
