@@ -20,9 +20,9 @@ import torch
 from .adapter import Adapter, LoraModule, materialize
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
-from .io.checkpoint import (INDEX, Checkpoint, Entry, TensorSpec, copy_entry, copy_side_files, open_checkpoint,
-                            read_tensor, tensor_entry, write_shard)
-from .io.safetensors_file import atomic_output
+from .io.checkpoint import (INDEX, Checkpoint, TensorSpec, copy_entry, copy_side_files, open_checkpoint,
+                            read_tensor)
+from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 
 PEFT_PREFIX = "base_model.model."
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_",

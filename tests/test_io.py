@@ -256,3 +256,16 @@ def test_header_is_read_without_tensors(tmp_path):
     assert set(header) == {"m.q.lora_A.weight", "m.q.lora_B.weight"} and meta == {}
     assert detect(PEFT_FIXTURE) == "peft" and detect(KOHYA_FIXTURE) == "kohya"
     assert detect(PEFT_FIXTURE / "adapter_model.safetensors") == "peft"
+
+
+def test_bytes_deterministic_with_several_metadata_keys(tmp_path):
+    """safetensors' own writer orders __metadata__ at random; ours sorts it (kohya files carry many ss_* keys)."""
+    a = load_adapter(KOHYA_FIXTURE)
+    outs = []
+    for i in range(3):
+        small, _ = squeeze(a, FixedRank(3), device="cpu")
+        save_adapter(small, tmp_path / f"k{i}.safetensors")
+        outs.append((tmp_path / f"k{i}.safetensors").read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+    with safe_open(str(tmp_path / "k0.safetensors"), "pt") as f:  # and safetensors reads it
+        assert f.metadata()["ss_network_dim"] == "3" and len(list(f.keys())) == 18

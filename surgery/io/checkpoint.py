@@ -12,17 +12,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Mapping
 
 import torch
 
 from ..errors import SurgeryError
-from .safetensors_file import DTYPES, PICKLE_SUFFIXES, pickle_error, read_header
+from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, pickle_error, read_header
 
 INDEX = "model.safetensors.index.json"
-CODES = {v: k for k, v in DTYPES.items()}
-ALIGN = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-         "U16": 2}
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 
 
@@ -142,18 +139,6 @@ def read_tensor(spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.T
     return raw.view(spec.torch_dtype).reshape(spec.shape)
 
 
-Producer = Callable[[object], None]  # writes exactly the entry's bytes to the open file
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    write: Producer
-
-
 def copy_entry(spec: TensorSpec) -> Entry:
     """An untouched tensor: its bytes copied from the input file as they are."""
 
@@ -168,47 +153,6 @@ def copy_entry(spec: TensorSpec) -> Entry:
                 left -= n
 
     return Entry(spec.name, spec.dtype, spec.shape, spec.nbytes, write)
-
-
-def tensor_entry(name: str, make: Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> Entry:
-    """A computed tensor, made only when its turn to be written comes."""
-    code = CODES[dtype]
-    n = 1
-    for s in shape:
-        n *= s
-    nbytes = n * torch.tensor([], dtype=dtype).element_size()
-
-    def write(f):
-        t = make()
-        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-            raise AssertionError(f"{name}: produced {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
-        if n:
-            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-    return Entry(name, code, tuple(shape), nbytes, write)
-
-
-def write_shard(path: Path, entries: Iterable[Entry], metadata: Mapping[str, str] | None) -> int:
-    """Stream a safetensors file: header first (tensors ordered as safetensors orders them: alignment, then
-    name; header padded with spaces to 8 bytes), then each entry's bytes. Returns the data size."""
-    entries = sorted(entries, key=lambda e: (-ALIGN.get(e.dtype, 1), e.name))
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    for e in entries:
-        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb", buffering=0) as f:  # unbuffered: copy_file_range writes at the fd's position
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for e in entries:
-            start = f.tell()
-            e.write(f)
-            if f.tell() - start != e.nbytes:
-                raise AssertionError(f"{e.name}: wrote {f.tell() - start} bytes, planned {e.nbytes}")
-    return offset
 
 
 def copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:

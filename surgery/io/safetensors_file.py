@@ -11,11 +11,11 @@ import os
 import shutil
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
-from safetensors.torch import save_file
 
 from ..adapter import TensorRef
 from ..errors import SurgeryError
@@ -113,18 +113,70 @@ def tensor_refs(path: str | os.PathLike) -> tuple[dict[str, TensorRef], dict[str
     return refs, metadata
 
 
+CODES = {v: k for k, v in DTYPES.items()}
+ALIGN = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+         "U16": 2}
+
+
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None) -> None:
-    """safetensors `save_file` of contiguous CPU copies (aliasing views are cloned)."""
-    clean, seen = {}, set()
-    for k, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen and t.numel():
-            t = t.clone()
-            ptr = t.untyped_storage().data_ptr()
-        seen.add(ptr)
-        clean[k] = t
-    save_file(clean, str(path), metadata=dict(metadata) if metadata else None)
+    """Write a safetensors file deterministically (safetensors' own writer orders `__metadata__` at random)."""
+    write_shard(path, [tensor_entry(k, (lambda t=t: t), t.dtype, tuple(t.shape)) for k, t in tensors.items()],
+                metadata)
+
+
+Producer = Callable[[object], None]  # writes exactly the entry's bytes to the open file
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    write: Producer
+
+
+def tensor_entry(name: str, make: Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> Entry:
+    """A computed tensor, made only when its turn to be written comes."""
+    code = CODES[dtype]
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = n * torch.tensor([], dtype=dtype).element_size()
+
+    def write(f):
+        t = make()
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise AssertionError(f"{name}: produced {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
+        if n:
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    return Entry(name, code, tuple(shape), nbytes, write)
+
+
+def write_shard(path: Path, entries: Iterable[Entry], metadata: Mapping[str, str] | None) -> int:
+    """Stream a safetensors file: header first (tensors ordered as safetensors orders them: alignment, then
+    name; header padded with spaces to 8 bytes), then each entry's bytes. Returns the data size."""
+    entries = sorted(entries, key=lambda e: (-ALIGN.get(e.dtype, 1), e.name))
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))  # sorted: same input, same bytes
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb", buffering=0) as f:  # unbuffered: copy_file_range writes at the fd's position
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for e in entries:
+            start = f.tell()
+            e.write(f)
+            if f.tell() - start != e.nbytes:
+                raise AssertionError(f"{e.name}: wrote {f.tell() - start} bytes, planned {e.nbytes}")
+    return offset
+
+
 
 
 @contextlib.contextmanager

