@@ -1,0 +1,58 @@
+"""TwoNN benchmark against scikit-dimension 0.5 and DADApy (issue: GeLoRA).
+
+    python benchmarks/bench_twonn.py [--sizes 4000 20000] [--dim 2048] [--repeats 3]
+
+Data: N points on a 12-dimensional linear manifold embedded in `dim` dimensions plus 1 % noise, float64.
+Each estimator is timed in this process on the same array (medians), with its estimate; surgery runs on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from surgery.intrinsic import two_nn
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4000, 20000])
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    import skdim
+    from dadapy import Data
+
+    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    for n in args.sizes:
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(n, 12)) @ rng.normal(size=(12, args.dim))
+        X += 0.01 * X.std() * rng.normal(size=X.shape)
+        runs = {
+            "surgery": lambda: two_nn(torch.from_numpy(X), device="cpu", bootstrap=0).dimension,
+            "scikit-dimension 0.5": lambda: skdim.id.TwoNN().fit(X).dimension_,
+            "DADApy": lambda: Data(X, verbose=False).compute_id_2NN()[0],
+        }
+        res = {}
+        for name, fn in runs.items():
+            times, est = [], None
+            for _ in range(args.repeats if n <= 5000 else 1):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    t0 = time.perf_counter()
+                    est = fn()
+                    times.append(time.perf_counter() - t0)
+            res[name] = (statistics.median(times), est)
+        print(f"N = {n}, dim {args.dim}:")
+        for name, (t, est) in res.items():
+            print(f"  {name:22s} {t:8.2f} s   ID {est:.8f}   ({res['DADApy'][0] / t:.1f}× vs DADApy)")
+
+
+if __name__ == "__main__":
+    main()
