@@ -41,7 +41,8 @@ def nn_distances(X: torch.Tensor, device: str | torch.device = "cpu", candidates
     Xd, Xn = Xc.to(dev), Xc.numpy()
     sq = Xd.square().sum(1)  # (N,)
     k = min(candidates, N - 1)
-    block = block or max(k + 1, min(math.isqrt(BLOCK_BYTES // 4), math.ceil(N / 4)))
+    if block is None:  # one block when the whole matrix fits, else square block pairs of ≤ BLOCK_BYTES
+        block = N if 4 * N * N <= BLOCK_BYTES else max(k + 1, min(math.isqrt(BLOCK_BYTES // 4), math.ceil(N / 4)))
     starts = list(range(0, N, block))
     found: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in starts]  # per row block: (d2, idx)
     for a, i0 in enumerate(starts):

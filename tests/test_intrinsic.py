@@ -132,8 +132,9 @@ def run(*args):
 def test_cli_capture_id_rerank_config(minilm, tmp_path):
     r = run("capture", minilm, "--texts", FIXTURES / "sentences.txt", "-o", tmp_path / "h.safetensors", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    r = run("id", tmp_path / "h.safetensors", "--json", "--device", "cpu")
+    r = run("id", tmp_path / "h.safetensors", "--json", "--device", "cpu", "--plot", tmp_path / "id.png")
     assert r.exit_code == 0, r.output
+    assert (tmp_path / "id.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(r.output)
     assert len(doc["ids"]) == 7 and doc["block_prefix"] == "encoder.layer"
     (tmp_path / "ids.json").write_text(r.output)
