@@ -7,6 +7,7 @@ them, so a 70B adapter is planned from headers and streamed one module at a time
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -32,10 +33,7 @@ class TensorRef:
             return f.get_tensor(self.key)
 
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 TensorLike = Union[torch.Tensor, TensorRef]
@@ -44,10 +42,6 @@ TensorLike = Union[torch.Tensor, TensorRef]
 def materialize(t: TensorLike) -> torch.Tensor:
     """The tensor itself, reading it from disk if it is still a reference."""
     return t.load() if isinstance(t, TensorRef) else t
-
-
-def numel(t: TensorLike) -> int:
-    return t.numel()
 
 
 @dataclass(frozen=True)
@@ -78,10 +72,7 @@ class LoraModule:
     @property
     def in_features(self) -> int:
         """Columns of the flattened ΔW (in · kernel size for conv)."""
-        n = 1
-        for s in self.A.shape[1:]:
-            n *= int(s)
-        return n
+        return math.prod(int(s) for s in self.A.shape[1:])
 
     @property
     def dtype(self) -> torch.dtype:
