@@ -7,6 +7,7 @@ writing each output shard one tensor at a time: untouched tensors are copied as 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -353,7 +354,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
         raise SurgeryError("--shard-size needs a model directory as the base (a single file stays one file)")
     plan = plan_merge(ck, adapters, weights, allow_missing)
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
-    scratch = Scratch()
+    scratches = itertools.cycle([Scratch(), Scratch()])  # tensor i is written while i + 1 is made
 
     def source(name: str) -> TensorSpec:
         """The base tensor an output tensor starts from (a created lm_head starts from its tied embedding)."""
@@ -381,6 +382,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                     acc += w * m.scale * materialize(m.bias).to(dev, compute_dtype)
                 t = acc.to(odt)
             else:
+                scratch = next(scratches)
                 W = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
                 t = merged_weight(W, change.parts, fan_in_fan_out=name in plan.transposed, out_dtype=odt,
                                   compute=compute_dtype, device=dev, scratch=scratch)

@@ -152,7 +152,7 @@ def copy_entry(spec: TensorSpec) -> Entry:
                 offset += n
                 left -= n
 
-    return Entry(spec.name, spec.dtype, spec.shape, spec.nbytes, write)
+    return Entry(spec.name, spec.dtype, spec.shape, spec.nbytes, write=write)
 
 
 def copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -129,34 +131,39 @@ Producer = Callable[[object], None]  # writes exactly the entry's bytes to the o
 
 @dataclass(frozen=True)
 class Entry:
+    """One tensor of a file being written: either `make()` computes it, or `write(f)` copies its bytes."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    write: Producer
+    write: Producer | None = None
+    make: Callable[[], torch.Tensor] | None = None
 
 
 def tensor_entry(name: str, make: Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> Entry:
-    """A computed tensor, made only when its turn to be written comes."""
-    code = CODES[dtype]
-    n = 1
-    for s in shape:
-        n *= s
-    nbytes = n * torch.tensor([], dtype=dtype).element_size()
+    """A computed tensor, made only when its turn to be written comes (or while the one before is written)."""
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
 
-    def write(f):
+    def checked() -> torch.Tensor:
         t = make()
         if t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise AssertionError(f"{name}: produced {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
-        if n:
-            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        return t
 
-    return Entry(name, code, tuple(shape), nbytes, write)
+    return Entry(name, CODES[dtype], tuple(shape), nbytes, make=checked)
+
+
+def _write_tensor(f, t: torch.Tensor) -> None:
+    if t.numel():
+        f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def write_shard(path: Path, entries: Iterable[Entry], metadata: Mapping[str, str] | None) -> int:
     """Stream a safetensors file: header first (tensors ordered as safetensors orders them: alignment, then
-    name; header padded with spaces to 8 bytes), then each entry's bytes. Returns the data size."""
+    name; header padded with spaces to 8 bytes; metadata keys sorted), then each entry's bytes. The next computed
+    entry is made in a worker thread while the current one is written (so `make`s run one at a time, in order,
+    and at most two results are alive). Returns the data size."""
     entries = sorted(entries, key=lambda e: (-ALIGN.get(e.dtype, 1), e.name))
     header, offset = {}, 0
     if metadata:
@@ -166,17 +173,20 @@ def write_shard(path: Path, entries: Iterable[Entry], metadata: Mapping[str, str
         offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb", buffering=0) as f:  # unbuffered: copy_file_range writes at the fd's position
+    with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1) as pool:  # unbuffered: see copy_entry
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for e in entries:
+        made = {}
+        submit = lambda i: made.setdefault(i, pool.submit(entries[i].make)) \
+            if i < len(entries) and entries[i].make else None  # noqa: E731
+        submit(0)
+        for i, e in enumerate(entries):
+            submit(i + 1)
             start = f.tell()
-            e.write(f)
+            _write_tensor(f, made.pop(i).result()) if e.make else e.write(f)
             if f.tell() - start != e.nbytes:
                 raise AssertionError(f"{e.name}: wrote {f.tell() - start} bytes, planned {e.nbytes}")
     return offset
-
-
 
 
 @contextlib.contextmanager
