@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-import tensorly as tl
 import torch
-from tensorly import tenalg
 
 from .errors import SurgeryError
 from .linalg import SVD
@@ -25,11 +23,14 @@ from .linalg import SVD
 
 
 def _torch_backend(fn):
-    """Run `fn` with tensorly's torch backend, without changing the caller's global backend (~8 µs a call)."""
+    """Run `fn` with tensorly's torch backend, without changing the caller's global backend (~8 µs a call).
+    tensorly is imported on first use, so commands that never touch TeRA do not pay its import time."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with tl.backend_context("pytorch"):
+        import tensorly
+
+        with tensorly.backend_context("pytorch"):
             return fn(*args, **kwargs)
 
     return wrapper
@@ -140,6 +141,8 @@ def init_lambdas(spec: TeraSpec) -> tuple[torch.Tensor, ...]:
 def tera_delta(lambdas: Sequence[torch.Tensor], core: torch.Tensor, factors: Sequence[torch.Tensor],
                spec: TeraSpec, scale: float = 1.0) -> torch.Tensor:
     """Dense ΔW (d_out, d_in) = scale · reshape(𝒢 ×_n (Λ_n U_n))."""
+    import tensorly as tl
+
     full = tl.tucker_to_tensor((core, [lam[:, None] * U for lam, U in zip(lambdas, factors)]))  # (J.., I..)
     return scale * full.reshape(spec.out_features, spec.in_features)
 
@@ -149,6 +152,8 @@ def tera_forward(x: torch.Tensor, lambdas: Sequence[torch.Tensor], core: torch.T
                  factors: Sequence[torch.Tensor], spec: TeraSpec, scale: float = 1.0) -> torch.Tensor:
     """x @ ΔWᵀ for x (…, d_in) without forming ΔW: contract the input modes with (Λ_q U_q), then the core,
     then the output modes with (Λ_p U_p). Cost O(batch · Σ n_n R · Π R) instead of O(batch · d_out · d_in)."""
+    from tensorly import tenalg
+
     P, Q = len(spec.out_modes), len(spec.in_modes)
     lead = x.shape[:-1]
     z = x.reshape(-1, *spec.in_modes)  # (b, I1..IQ)
@@ -167,6 +172,8 @@ def fit_lambdas(target: torch.Tensor, spec: TeraSpec, iters: int = 50, scale: fl
     𝒲 is multilinear in the λ's: with the others fixed, 𝒲 = T ×_n Λ_n scales the mode-n slices of T, so
     λ_n[i] = ⟨T_i, X_i⟩ / ⟨T_i, T_i⟩. Starts from λ = 1. Returns (λ's, relative error ‖X − 𝒲‖ / ‖X‖).
     """
+    import tensorly as tl
+
     X = target.to(torch.float32).reshape(spec.modes) / scale
     core, factors = shared(spec, torch.float32, X.device)
     lams = [torch.ones(n, device=X.device) for n in spec.modes]
