@@ -115,9 +115,10 @@ def inspect(adapter, spectrum, as_json):
     a = load_adapter(adapter)
     spectra = None
     if spectrum and a.format == "tera":
+        from surgery.adapter import materialize
         from surgery.tera import tera_svd
 
-        spectra = {n: tera_svd([l.load() if hasattr(l, "load") else l for l in m.lambdas], m.spec, m.scale).S
+        spectra = {n: tera_svd([materialize(l) for l in m.lambdas], m.spec, m.scale).S
                    for n, m in a.modules.items()}
     elif spectrum:
         spectra = compute_spectra(a)

@@ -141,8 +141,9 @@ class TeraModule:
     spec: "TeraSpec"  # noqa: F821 — surgery.tera.TeraSpec (kept out of the import graph of the data model)
     scale: float = 1.0
     kind: str = "linear"
-    bias = None
+    bias = None  # no lora_B.bias, no DoRA magnitude: merge code treats TeRA like a plain linear LoRA
     magnitude = None
+    dora = False
 
     @property
     def out_features(self) -> int:
@@ -160,8 +161,6 @@ class TeraModule:
     @property
     def dtype(self) -> torch.dtype:
         return self.lambdas[0].dtype
-
-    dora = False
 
     def num_params(self, rank: int | None = None) -> int:
         return sum(self.spec.modes)

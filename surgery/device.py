@@ -1,6 +1,8 @@
 """Where the maths runs and in which precision: the user's `--device` / `--dtype` choices, resolved once."""
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from .errors import SurgeryError
@@ -32,6 +34,12 @@ def storage_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in STORAGE_DTYPES:
         raise SurgeryError(f"unknown dtype {name!r}; use keep, {', '.join(STORAGE_DTYPES)}")
     return STORAGE_DTYPES[name]
+
+
+def seeded(seed: int, key: str) -> torch.Generator:
+    """A CPU generator for one named draw, h = (seed · 0x9E3779B1 + crc32(key)) mod 2⁶³: results depend on
+    neither the order of the draws nor the device used later (docs/tera.md fixes this formula for TeRA files)."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(key.encode())) % (2**63))
 
 
 def compute_dtype(name: str | torch.dtype) -> torch.dtype:

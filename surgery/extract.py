@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,7 +14,7 @@ from typing import Callable
 import torch
 
 from .adapter import Adapter, LoraModule
-from .device import resolve_device, storage_dtype
+from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
 from .io.checkpoint import open_checkpoint, read_tensor
 from .linalg import randomized_svd, split_factors
@@ -65,8 +64,7 @@ def _target_modules(modules: list[str], base_names) -> list[str] | str:
 
 
 def _svd(D: torch.Tensor, width: int, seed: int, name: str):
-    g = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63))
-    return randomized_svd(lambda X: D @ X, lambda Y: D.T @ Y, tuple(D.shape), width, generator=g,
+    return randomized_svd(lambda X: D @ X, lambda Y: D.T @ Y, tuple(D.shape), width, generator=seeded(seed, name),
                           dtype=D.dtype, device=D.device)
 
 

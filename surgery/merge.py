@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -182,11 +182,17 @@ def _expected_shape(m: LoraModule, fan_in_fan_out: bool) -> tuple[int, ...]:
     return m.out_features, m.in_features
 
 
+def _tied_source(ck: Checkpoint, path: str) -> str | None:
+    """For `…lm_head(.weight)` missing from a base that ties it to its input embedding: that embedding's name."""
+    if not ck.config().get("tie_word_embeddings", False) or path.removesuffix(".weight").split(".")[-1] != "lm_head":
+        return None
+    emb = [k for k in ck.tensors if TIED_EMBEDDING.search(k)]
+    return emb[0] if len(emb) == 1 else None
+
+
 def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float],
                allow_missing: bool = False) -> MergePlan:
     """Which base tensors change and how, checked against the base's headers before any tensor is read."""
-    config = ck.config()
-    tied = bool(config.get("tie_word_embeddings", False))
     changes: dict[str, list] = {}
     biases: dict[str, list] = {}
     created: dict[str, str] = {}
@@ -195,14 +201,13 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
         fan = bool(adapter.config.get("fan_in_fan_out", False))
         where = str(adapter.source)
         found, missing = resolve(adapter, ck)
-        for name in list(missing):  # an untied lm_head absent from the file because it is tied to the embedding
+        for name in list(missing):  # an lm_head absent from the file because it is tied to the embedding
             path = name.removeprefix(PEFT_PREFIX)
-            emb = [k for k in ck.tensors if TIED_EMBEDDING.search(k)]
-            if tied and path.split(".")[-1] == "lm_head" and len(emb) == 1:
-                created[f"{path}.weight"] = emb[0]
+            if (emb := _tied_source(ck, path)) is not None:
+                created[f"{path}.weight"] = emb
                 found[name] = f"{path}.weight"
                 missing.remove(name)
-                notes.append(f"{path}.weight is tied to {emb[0]} in the base; the merged model gets its own "
+                notes.append(f"{path}.weight is tied to {emb} in the base; the merged model gets its own "
                              "lm_head.weight and tie_word_embeddings is set to false")
         if missing and not allow_missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -231,7 +236,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                 if bias not in ck.tensors:
                     raise SurgeryError(f"{where}: module {name} has lora_B.bias but the base has no {bias}")
                 biases.setdefault(bias, []).append((m, w))
-    replaced = _modules_to_save(ck, adapters, tied, created, notes)
+    replaced = _modules_to_save(ck, adapters, created, notes)
     for key, parts in changes.items():
         if key in replaced:
             raise SurgeryError(f"{key}: both a LoRA module and a modules_to_save tensor target it")
@@ -246,7 +251,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     return MergePlan(plan, tuple(notes), untie=bool(created), transposed=fans)
 
 
-def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], tied: bool, created: dict, notes: list) -> dict:
+def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], created: dict, notes: list) -> dict:
     """PEFT `modules_to_save` tensors (`base_model.model.<path>`) replace the base's `<path>` as in PEFT's
     unload; `….base_layer.weight` copies saved by `save_embedding_layers` are the base's own and are skipped."""
     replaced = {}
@@ -259,9 +264,7 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], tied: bool, cr
                 continue
             if "trainable_tokens" in path:
                 raise SurgeryError(f"{adapter.source}: {key}: merging trainable tokens is not supported yet")
-            emb = [k for k in ck.tensors if TIED_EMBEDDING.search(k)]
-            like = path if path in ck.tensors else emb[0] if tied and path.endswith("lm_head.weight") and \
-                len(emb) == 1 else None
+            like = path if path in ck.tensors else _tied_source(ck, path)
             if like is None:
                 raise SurgeryError(f"{adapter.source}: {key} replaces a tensor the base does not have ({path})")
             if tuple(t.shape) != tuple(ck.tensors[like].shape):

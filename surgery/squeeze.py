@@ -9,7 +9,6 @@ residual from Gram matrices (rsvd). On the CPU, modules are processed in paralle
 from __future__ import annotations
 
 import math
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, TypeVar
@@ -18,7 +17,7 @@ import torch
 
 from .adapter import Adapter, LoraModule
 from .device import compute_dtype as _compute_dtype
-from .device import resolve_device, storage_dtype
+from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
 from .linalg import (CoreSVD, core_factors, core_svd, lora_operator, lowrank_frobenius_sq, randomized_svd,
                      split_factors)
@@ -80,11 +79,6 @@ def _check_finite(name: str, *tensors: torch.Tensor) -> None:
             raise SurgeryError(f"module {name}: factor contains NaN or Inf")
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
-    """Per-module CPU generator: results do not depend on module order or device."""
-    return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63))
-
-
 def _factorize(name: str, m: LoraModule, B: torch.Tensor, A: torch.Tensor, width: int, method: str, device,
                dtype, seed: int):
     """A CoreSVD (exact) or an SVD of ≥ `width` directions (rsvd) of the module's ΔW = s·B (out, r) @ A (r, in)."""
@@ -96,7 +90,7 @@ def _factorize(name: str, m: LoraModule, B: torch.Tensor, A: torch.Tensor, width
     _check_finite(name, B, A)
     matmul, rmatmul = lora_operator(B, A, m.scale)
     return randomized_svd(matmul, rmatmul, (B.shape[0], A.shape[1]), width,
-                          generator=_generator(seed, name), dtype=dtype, device=device)
+                          generator=seeded(seed, name), dtype=dtype, device=device)
 
 
 def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out_dtype) -> LoraModule:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
 import torch
 
+from .device import seeded
 from .errors import SurgeryError
 from .linalg import SVD
 
@@ -105,22 +105,18 @@ class TeraSpec:
         return {"out_modes": list(self.out_modes), "in_modes": list(self.in_modes), "ranks": list(self.ranks)}
 
 
-def _seed(seed: int, what: str) -> int:
-    return (seed * 0x9E3779B1 + zlib.crc32(what.encode())) % (2**63)
-
-
 @lru_cache(maxsize=64)
 def shared_core(seed: int, ranks: tuple[int, ...]) -> torch.Tensor:
     """𝒢 (R1..RN) ~ N(0, 1), float32, drawn on the CPU from `torch.Generator().manual_seed(h)`,
     h = (seed·0x9E3779B1 + crc32("core:R1x…xRN")) mod 2⁶³."""
-    g = torch.Generator().manual_seed(_seed(seed, "core:" + "x".join(map(str, ranks))))
+    g = seeded(seed, "core:" + "x".join(map(str, ranks)))
     return torch.randn(ranks, generator=g, dtype=torch.float32)
 
 
 @lru_cache(maxsize=256)
 def shared_factor(seed: int, n: int, rank: int) -> torch.Tensor:
     """U (n × R) ~ N(0, 1/n), float32, drawn like the core with crc32("factor:NxR")."""
-    g = torch.Generator().manual_seed(_seed(seed, f"factor:{n}x{rank}"))
+    g = seeded(seed, f"factor:{n}x{rank}")
     return torch.randn(n, rank, generator=g, dtype=torch.float32) / math.sqrt(n)
 
 
@@ -261,7 +257,7 @@ def to_tera(adapter, *, order: int = 3, core_rank: int = 8, seed: int = 0, iters
 def to_lora(adapter, rank: int, progress=None):
     """TeRA adapter → LoRA of rank `rank` per module by the exact SVD of `tera_svd` (dense randomized SVD when
     the Kronecker middle matrix would be larger than 4096²). Returns (adapter, [ConvertedModule])."""
-    from .adapter import Adapter, LoraModule, TeraModule
+    from .adapter import Adapter, LoraModule, TeraModule, materialize
     from .linalg import randomized_svd, split_factors
 
     if rank < 1:
@@ -272,14 +268,14 @@ def to_lora(adapter, rank: int, progress=None):
             raise SurgeryError(f"module {name} is not a TeRA module")
         if rank > min(m.out_features, m.in_features):
             raise SurgeryError(f"module {name}: rank {rank} exceeds its shape {m.out_features}×{m.in_features}")
-        lams = [l.load() if hasattr(l, "load") else l for l in m.lambdas]
+        lams = [materialize(l) for l in m.lambdas]
         P = len(m.spec.out_modes)
         if max(math.prod(m.spec.ranks[:P]), math.prod(m.spec.ranks[P:])) <= 4096:
             svd = tera_svd(lams, m.spec, m.scale)
             total = float(svd.S.square().sum())
         else:
             D = m.delta(torch.float32)
-            g = torch.Generator().manual_seed(_seed(m.spec.seed, name))
+            g = seeded(m.spec.seed, name)
             svd = randomized_svd(lambda X: D @ X, lambda Y: D.T @ Y, tuple(D.shape), rank, generator=g)
             total = float(D.double().square().sum())
         k = min(rank, len(svd.S))
