@@ -76,6 +76,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
 
     rule: FixedRank(k), Energy(τ) (smallest k ≤ max_rank with ‖D_k‖² ≥ τ‖D‖²) or Budget(P) over ranks ≤ max_rank.
     """
+    if isinstance(rule, FixedRank) and rule.rank <= 0 or max_rank <= 0:
+        raise SurgeryError("rank must be at least 1")
     ft, bs = open_checkpoint(finetuned), open_checkpoint(base)
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
     pattern = re.compile(targets) if targets else None
@@ -97,8 +99,9 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     if not chosen:
         raise SurgeryError(f"{finetuned}: no tensor to extract (targets {targets or 'default'} matched nothing "
                            "of the same shape in both models)")
-    if isinstance(rule, FixedRank) and rule.rank <= 0 or max_rank <= 0:
-        raise SurgeryError("rank must be at least 1")
+    for name in chosen:  # from the headers, before any delta is formed
+        if isinstance(rule, FixedRank) and rule.rank > min(ft.tensors[name].shape):
+            raise SurgeryError(f"{name}: rank {rule.rank} exceeds the matrix size {list(ft.tensors[name].shape)}")
 
     def delta(name: str) -> torch.Tensor:
         d = read_tensor(ft.tensors[name]).to(dev, torch.float32) - read_tensor(bs.tensors[name]).to(dev, torch.float32)
@@ -124,8 +127,6 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             unchanged.append(name)
             continue
         cap = min(max_rank if not isinstance(rule, FixedRank) else rule.rank, *d.shape)
-        if isinstance(rule, FixedRank) and rule.rank > min(d.shape):
-            raise SurgeryError(f"{name}: rank {rule.rank} exceeds the matrix size {list(d.shape)}")
         svd = _svd(d, ranks.get(name, cap), seed, name)
         if isinstance(rule, FixedRank):
             k = rule.rank
