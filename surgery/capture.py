@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .errors import SurgeryError
 
 @dataclass(frozen=True)
 class Capture:
-    layers: tuple[torch.Tensor, ...]  # (n_tokens, hidden) per layer: embeddings, then blocks 1..L
+    layers: Sequence[torch.Tensor]  # (n_tokens, hidden) per layer: embeddings, then blocks 1..L
     metadata: dict
 
 
@@ -85,19 +86,38 @@ def save_capture(cap: Capture, out: str | os.PathLike) -> None:
         save_tensors(tensors, tmp, {"format": "pt", "surgery_capture": json.dumps(cap.metadata, sort_keys=True)})
 
 
+class _LazyLayers(Sequence):
+    """Layers of a hidden-state file, each read (and checked) only when indexed: `surgery id` holds one layer."""
+
+    def __init__(self, path, refs):
+        self.path, self.refs = path, refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        t = self.refs[i].load()
+        if not torch.isfinite(t).all():
+            raise SurgeryError(f"{self.path}: hidden.{i} is not a finite (tokens, hidden) matrix")
+        return t
+
+
 def load_capture(path: str | os.PathLike) -> Capture:
+    """A hidden-state file, its layers read lazily; shapes are checked from the header."""
     from .io.safetensors_file import tensor_refs
 
     refs, metadata = tensor_refs(path)
     n = sum(1 for k in refs if k.startswith("hidden."))
     if n == 0 or any(f"hidden.{i}" not in refs for i in range(n)):
         raise SurgeryError(f"{path}: not a hidden-state file (expected tensors hidden.0 … hidden.L)")
-    layers = tuple(refs[f"hidden.{i}"].load() for i in range(n))
-    for i, t in enumerate(layers):
-        if t.dim() != 2 or not torch.isfinite(t).all():
+    layers = [refs[f"hidden.{i}"] for i in range(n)]
+    for i, ref in enumerate(layers):
+        if len(ref.shape) != 2 or not ref.dtype.is_floating_point:
             raise SurgeryError(f"{path}: hidden.{i} is not a finite (tokens, hidden) matrix")
     try:
         meta = json.loads(metadata.get("surgery_capture", "{}"))
     except json.JSONDecodeError:
         meta = {}
-    return Capture(layers, meta)
+    return Capture(_LazyLayers(path, layers), meta)
