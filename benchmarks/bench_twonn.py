@@ -2,7 +2,9 @@
 
     python benchmarks/bench_twonn.py [--sizes 4000 20000] [--dim 2048] [--repeats 3]
 
-Data: N points on a 12-dimensional linear manifold embedded in `dim` dimensions plus 1 % noise, float64.
+Data (float64): `linear` — N points on a 12-dimensional linear manifold embedded in `dim` dimensions plus 1 % noise
+(a dominant subspace: surgery's projection-pruned search applies); `curved` — a 12-dimensional manifold bent
+through random Fourier features, cos(uW + b), whose spectrum has no small dominant subspace (the full search).
 Each estimator is timed in this process on the same array (medians), with its estimate; surgery runs on the CPU.
 """
 from __future__ import annotations
@@ -25,20 +27,28 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[4000, 20000])
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="+", default=None, help="estimators to run (surgery, skdim, dadapy)")
+    ap.add_argument("--data", nargs="+", default=["linear", "curved"], choices=["linear", "curved"])
     args = ap.parse_args()
     import skdim
     from dadapy import Data
 
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    for n in args.sizes:
+    for kind, n in [(k, n) for n in args.sizes for k in args.data]:
         rng = np.random.default_rng(0)
-        X = rng.normal(size=(n, 12)) @ rng.normal(size=(12, args.dim))
-        X += 0.01 * X.std() * rng.normal(size=X.shape)
+        if kind == "linear":
+            X = rng.normal(size=(n, 12)) @ rng.normal(size=(12, args.dim))
+            X += 0.01 * X.std() * rng.normal(size=X.shape)
+        else:
+            X = np.cos(rng.normal(size=(n, 12)) @ rng.normal(size=(12, args.dim)) + rng.uniform(0, 6.3, args.dim))
         runs = {
             "surgery": lambda: two_nn(torch.from_numpy(X), device="cpu", bootstrap=0).dimension,
             "scikit-dimension 0.5": lambda: skdim.id.TwoNN().fit(X).dimension_,
             "DADApy": lambda: Data(X, verbose=False).compute_id_2NN()[0],
         }
+        if args.only:
+            runs = {k: v for k, v in runs.items() if k.split()[0].lower().replace("scikit-dimension", "skdim")
+                    in args.only}
         res = {}
         for name, fn in runs.items():
             times, est = [], None
@@ -49,9 +59,10 @@ def main():
                     est = fn()
                     times.append(time.perf_counter() - t0)
             res[name] = (statistics.median(times), est)
-        print(f"N = {n}, dim {args.dim}:")
+        print(f"{kind}, N = {n}, dim {args.dim}:")
         for name, (t, est) in res.items():
-            print(f"  {name:22s} {t:8.2f} s   ID {est:.8f}   ({res['DADApy'][0] / t:.1f}× vs DADApy)")
+            vs = f"   ({res['DADApy'][0] / t:.1f}× vs DADApy)" if "DADApy" in res else ""
+            print(f"  {name:22s} {t:8.2f} s   ID {est:.8f}{vs}")
 
 
 if __name__ == "__main__":

@@ -298,18 +298,62 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors):
 @click.option("--texts", required=True, type=click.Path(path_type=str), help="A text file, one text per line.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Token positions sampled (seeded).")
-@click.option("--keep-special", is_flag=True, help="Keep [CLS]/[SEP]/BOS/EOS tokens (excluded by default).")
+@click.option("--module-inputs", is_flag=True,
+              help="Save the inputs of the linear modules (for surgery tune) instead of the hidden states.")
+@click.option("--targets", help="--module-inputs: regex of the module paths (default: every linear module inside "
+                                "the transformer blocks).")
+@click.option("--keep-special/--drop-special", default=None,
+              help="Keep [CLS]/[SEP]/BOS/EOS tokens (default: dropped for hidden states, kept for module inputs).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def capture_cmd(model_dir, texts, out, max_tokens, keep_special, device, seed):
-    """Save the hidden states of every layer of a local transformers model on a text file."""
-    from surgery.capture import capture, save_capture
+def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_special, device, seed):
+    """Save the hidden states of every layer (or the inputs of the linear modules) of a local transformers model
+    on a text file."""
+    from surgery.capture import capture, capture_inputs, save_capture, save_inputs
 
-    cap = capture(model_dir, texts, max_tokens=max_tokens, seed=seed, keep_special=keep_special, device=device)
-    save_capture(cap, out)
-    click.echo(f"wrote {out}: {len(cap.layers)} layers × {cap.metadata['tokens']} tokens "
-               f"(of {cap.metadata['tokens_available']} non-padding"
-               f"{'' if keep_special else ', non-special'})")
+    if targets and not module_inputs:
+        raise click.UsageError("--targets goes with --module-inputs")
+    if module_inputs:
+        cap = capture_inputs(model_dir, texts, targets=targets, max_tokens=max_tokens, seed=seed,
+                             keep_special=keep_special is not False, device=device)
+        save_inputs(cap, out)
+        what = f"inputs of {len(cap.inputs)} modules"
+    else:
+        cap = capture(model_dir, texts, max_tokens=max_tokens, seed=seed, keep_special=bool(keep_special),
+                      device=device)
+        save_capture(cap, out)
+        what = f"{len(cap.layers)} layers"
+    click.echo(f"wrote {out}: {what} × {cap.metadata['tokens']} tokens (of {cap.metadata['tokens_available']} "
+               f"non-padding{'' if cap.metadata['special_tokens_kept'] else ', non-special'})")
+
+
+@main.command(name="tune")
+@click.argument("student", type=click.Path(path_type=str))
+@click.option("--teacher", required=True, type=click.Path(path_type=str), help="The adapter to match.")
+@click.option("--activations", required=True, type=click.Path(path_type=str),
+              help="Module inputs from surgery capture --module-inputs.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
+@click.option("--steps", type=int, default=200, show_default=True, help="Adam steps per module (full batch).")
+@click.option("--lr", type=float, default=1e-2, show_default=True,
+              help="Relative step size: each tensor moves by about lr × its starting RMS per step.")
+@click.option("--force", is_flag=True, help="Allow the output to replace the input.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+def tune_cmd(student, teacher, activations, out, steps, lr, force, device, seed, as_json):
+    """Distil TEACHER into STUDENT module by module on captured inputs: min ‖X(ΔW_s − ΔW_t)ᵀ‖², training only
+    the student's LoRA factors or TeRA λ's; per-module relative output error before and after."""
+    from surgery.capture import load_inputs
+    from surgery.distill import tune
+
+    s, t, inputs = load_adapter(student), load_adapter(teacher), load_inputs(activations)
+    with progress_bar(len(s.modules), "tune") as bar:
+        new, report = tune(s, t, inputs, steps=steps, lr=lr, device=device, seed=seed,
+                           progress=lambda _: bar.update(1))
+    path = save_adapter(new, out, force=force)
+    rows = [[r.name, str(r.tokens), f"{r.before:.4g}", f"{r.after:.4g}", str(r.best_step)] for r in report]
+    table = _table(["module", "tokens", "error before", "error after", "best step"], rows, {1, 2, 3, 4})
+    emit({"modules": [r.__dict__ for r in report]}, table, path, [], as_json)
 
 
 def _ids(hidden, method, discard, device, seed, legacy_cdf=False):

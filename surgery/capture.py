@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +35,7 @@ def _block_prefix(model) -> str | None:
     return best[0] if best else None
 
 
-def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_tokens: int = 4096, seed: int = 0,
-            keep_special: bool = False, batch_size: int = 16, max_length: int = 256,
-            device: str = "auto") -> Capture:
+def _load(model_dir, texts, device):
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
@@ -51,31 +49,149 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
         model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
     except (OSError, ValueError) as e:
         raise SurgeryError(f"{model_dir}: not a local transformers model ({str(e).splitlines()[0]})") from None
-    dev = resolve_device(device)
-    model.to(dev)
+    return tok, model.to(resolve_device(device)), lines
+
+
+def _token_plan(tok, lines, *, batch_size, max_length, keep_special, max_tokens, seed):
+    """[(encoding, mask of the sampled positions)] per batch, and the counts: padding (and by default special
+    tokens) excluded, then a seeded sample of at most `max_tokens` of the remaining positions, chosen before the
+    model runs so that only sampled positions are ever kept."""
     special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+    encs, keeps = [], []
+    for i in range(0, len(lines), batch_size):
+        enc = tok(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                  return_tensors="pt")
+        keep = enc["attention_mask"].bool()
+        if not keep_special:
+            keep &= ~torch.isin(enc["input_ids"], special)
+        encs.append(enc)
+        keeps.append(keep)
+    n = int(sum(int(k.sum()) for k in keeps))
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[torch.randperm(n, generator=g)[:max_tokens] if n > max_tokens else torch.arange(n)] = True
+    plan, at = [], 0
+    for enc, keep in zip(encs, keeps):
+        m = int(keep.sum())
+        sel = keep.clone()
+        sel[keep] = chosen[at:at + m]
+        at += m
+        plan.append((enc, sel))
+    return plan, n, int(chosen.sum())
+
+
+def _metadata(model, model_dir, texts, n, k, seed, keep_special) -> dict:
+    return {"model": str(model_dir), "texts": str(texts),
+            "texts_sha256": hashlib.sha256(Path(texts).read_bytes()).hexdigest(),
+            "tokens_available": n, "tokens": k, "seed": seed, "special_tokens_kept": keep_special,
+            "block_prefix": _block_prefix(model)}
+
+
+def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_tokens: int = 4096, seed: int = 0,
+            keep_special: bool = False, batch_size: int = 16, max_length: int = 256,
+            device: str = "auto") -> Capture:
+    """Hidden states (embedding output, then each block's output) at a seeded sample of token positions."""
+    tok, model, lines = _load(model_dir, texts, device)
+    plan, n, k = _token_plan(tok, lines, batch_size=batch_size, max_length=max_length, keep_special=keep_special,
+                             max_tokens=max_tokens, seed=seed)
+    dev = next(model.parameters()).device
     per_layer: list[list[torch.Tensor]] = []
     with torch.no_grad():
-        for i in range(0, len(lines), batch_size):
-            enc = tok(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
-            out = model(**{k: v.to(dev) for k, v in enc.items()}, output_hidden_states=True)
-            keep = enc["attention_mask"].bool()
-            if not keep_special:
-                keep &= ~torch.isin(enc["input_ids"], special)
+        for enc, sel in plan:
+            out = model(**{key: v.to(dev) for key, v in enc.items()}, output_hidden_states=True)
             for j, h in enumerate(out.hidden_states):
                 if len(per_layer) <= j:
                     per_layer.append([])
-                per_layer[j].append(h.cpu()[keep].float())
-    layers = [torch.cat(chunks) for chunks in per_layer]
-    n = layers[0].shape[0]
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(n, generator=g)[:max_tokens].sort().values if n > max_tokens else torch.arange(n)
-    metadata = {"model": str(model_dir), "texts": str(texts),
-                "texts_sha256": hashlib.sha256(Path(texts).read_bytes()).hexdigest(),
-                "tokens_available": n, "tokens": int(pick.numel()), "seed": seed, "special_tokens_kept": keep_special,
-                "layers": len(layers), "block_prefix": _block_prefix(model)}
-    return Capture(tuple(layer[pick].contiguous() for layer in layers), metadata)
+                per_layer[j].append(h.cpu()[sel].float())
+    layers = tuple(torch.cat(chunks).contiguous() for chunks in per_layer)
+    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special) | {"layers": len(layers)}
+    return Capture(layers, metadata)
+
+
+@dataclass(frozen=True)
+class ModuleInputs:
+    inputs: Mapping[str, torch.Tensor]  # module path → its input rows (tokens, in_features)
+    metadata: dict
+
+
+def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, targets: str | None = None,
+                   max_tokens: int = 4096, seed: int = 0, keep_special: bool = True, batch_size: int = 16,
+                   max_length: int = 256, device: str = "auto") -> ModuleInputs:
+    """The inputs of the model's `nn.Linear` modules (those matching the regex `targets`, by default every one
+    inside the transformer blocks) at a seeded sample of token positions — the X of `surgery tune`. Special
+    tokens are kept by default: they are real inputs of every module."""
+    import re
+
+    tok, model, lines = _load(model_dir, texts, device)
+    plan, n, k = _token_plan(tok, lines, batch_size=batch_size, max_length=max_length, keep_special=keep_special,
+                             max_tokens=max_tokens, seed=seed)
+    prefix = _block_prefix(model)
+    names = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+             and (re.search(targets, name) if targets else prefix and name.startswith(prefix + "."))]
+    if not names:
+        raise SurgeryError(f"{model_dir}: no nn.Linear module matches {targets or 'the transformer blocks'!r}")
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    state = {}
+
+    def hook(name):
+        def pre(_mod, args):  # modules fed the very same tensor (q/k/v, gate/up) share one copy of its rows
+            x = args[0]
+            first = state["fed"].setdefault((x.data_ptr(), tuple(x.shape)), name)
+            rows[name].append(rows[first][-1] if first != name else x[state["sel"]].detach().float().cpu())
+        return pre
+
+    dev = next(model.parameters()).device
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            for enc, sel in plan:
+                state["sel"], state["fed"] = sel.to(dev), {}
+                model(**{key: v.to(dev) for key, v in enc.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    inputs = {}
+    for name, chunks in rows.items():
+        twin = next((o for o in inputs if all(a is b for a, b in zip(rows[o], chunks))), None)
+        inputs[name] = inputs[twin] if twin else torch.cat(chunks).contiguous()
+    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special) | {"modules": names}
+    return ModuleInputs(inputs, metadata)
+
+
+def save_inputs(cap: ModuleInputs, out: str | os.PathLike) -> None:
+    """One tensor `input.<module path>` per module; modules fed the same tensor (q/k/v, gate/up) share one copy,
+    named in the metadata's `shared` map."""
+    from .io.safetensors_file import atomic_output, save_tensors
+
+    tensors, shared = {}, {}
+    for name, x in cap.inputs.items():
+        twin = next((key for key, y in tensors.items() if y is x), None)
+        if twin is None:
+            tensors[f"input.{name}"] = x
+        else:
+            shared[name] = twin
+    meta = dict(cap.metadata, shared=shared)
+    with atomic_output(Path(out), is_dir=False) as tmp:
+        save_tensors(tensors, tmp, {"format": "pt", "surgery_module_inputs": json.dumps(meta, sort_keys=True)})
+
+
+def load_inputs(path: str | os.PathLike) -> dict:
+    """{module path: TensorRef (tokens, in_features)} of a module-inputs file, checked from the header."""
+    from .io.safetensors_file import tensor_refs
+
+    refs, metadata = tensor_refs(path)
+    try:
+        meta = json.loads(metadata["surgery_module_inputs"])
+    except (KeyError, json.JSONDecodeError):
+        raise SurgeryError(f"{path}: not a module-inputs file (write one with surgery capture --module-inputs)")
+    out = {}
+    for name in meta.get("modules", []):
+        key = meta.get("shared", {}).get(name, f"input.{name}")
+        ref = refs.get(key)
+        if ref is None or len(ref.shape) != 2 or not ref.dtype.is_floating_point:
+            raise SurgeryError(f"{path}: no (tokens, in_features) input for module {name}")
+        out[name] = ref
+    return out
 
 
 def save_capture(cap: Capture, out: str | os.PathLike) -> None:

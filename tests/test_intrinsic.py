@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from scipy.spatial.distance import cdist
 
-from surgery import SurgeryError, load_adapter
+from surgery import SurgeryError, intrinsic, load_adapter
 from surgery.intrinsic import (fit_budget, gelora_config, gelora_ranks, id_from_mu, module_ranks, nn_distances,
                                rerank, two_nn)
 from surgery_cli.main import main
@@ -66,6 +67,24 @@ def test_blocked_search_equals_one_block_and_legacy_cdf():
     x = np.log(np.sort(mu)[:n])
     y = -np.log(1 - np.arange(0, n) / N)  # scikit-dimension 0.3: (i − 1)/N
     assert id_from_mu(torch.from_numpy(mu), legacy_cdf=True) == pytest.approx((x @ y) / (x @ x), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["subspace", "gauss"])
+def test_projected_search_is_exact(kind):
+    """The projection-pruned search (used when D ≥ 4·project) gives the same distances as the full search — on data
+    with a dominant subspace (pruned) and on isotropic data (the probe gives up) — and as a float64 cdist."""
+    rng = np.random.default_rng(1)
+    X = (rng.normal(size=(900, 8)) @ rng.normal(size=(8, 256)) if kind == "subspace" else rng.normal(size=(900, 256)))
+    X = X + 0.01 * rng.normal(size=X.shape)
+    X = np.concatenate([X, X[:30]])  # and 30 duplicated rows
+    t = torch.from_numpy(X)
+    pruned, full = nn_distances(t, project=16), nn_distances(t, project=0)
+    assert torch.equal(pruned[0], full[0]) and torch.equal(pruned[1], full[1])
+    D = torch.from_numpy(cdist(X, X)).fill_diagonal_(float("inf")).sort(dim=1).values  # float64 differences
+    assert torch.allclose(pruned[0], D[:, 0], rtol=1e-5, atol=0) and torch.allclose(pruned[1], D[:, 1], rtol=1e-5)
+    assert (pruned[0][:30] == 0).all()
+    pruning = intrinsic._projected_search((t - t.mean(0)).float(), 16, 3)
+    assert (pruning is None) == (kind == "gauss")  # the subspace case really went through the pruned search
 
 
 def test_refusals():

@@ -1,0 +1,148 @@
+"""Layer-wise distillation of one adapter into another (`surgery tune`).
+
+For each module, with X (n, in) its captured inputs, minimise the relative output error
+‖X (ΔW_student − ΔW_teacher)ᵀ‖² / ‖X ΔW_teacherᵀ‖² over the student's trainable tensors only (LoRA A/B, or TeRA
+λ's with the shared core and factors frozen), full batch, Adam. Uses: refine a LoRA → TeRA conversion beyond the
+closed-form fit; Cont-Squeeze on checkpoints (student the squeezed LoRA, teacher the original). The best iterate
+is kept, and a module whose rounded result is not better than where it started is left unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
+
+import torch
+
+from .adapter import Adapter, LoraModule, TeraModule, TensorLike, materialize
+from .device import resolve_device
+from .errors import SurgeryError
+from .io import kohya_name
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class TunedModule:
+    name: str
+    tokens: int
+    before: float  # relative output error of the student as given
+    after: float  # … of what is written (never above `before`)
+    best_step: int  # 0: the starting point was kept
+
+
+def _match(name: str, inputs: Mapping[str, TensorLike]) -> str | None:
+    """The module path in a module-inputs file for an adapter module name (PEFT-prefixed, bare or kohya)."""
+    if name in inputs:
+        return name
+    if name.removeprefix(PEFT_PREFIX) in inputs:
+        return name.removeprefix(PEFT_PREFIX)
+    return next((p for p in inputs if kohya_name(p) == name), None)
+
+
+def _forward(m, device) -> tuple[list[torch.nn.Parameter], Callable[[torch.Tensor], torch.Tensor]]:
+    """(trainable float32 tensors, X ↦ X ΔWᵀ) for a linear LoRA or TeRA module."""
+    if isinstance(m, TeraModule):
+        from .tera import shared, tera_forward
+
+        core, factors = shared(m.spec, torch.float32, device)
+        lams = [torch.nn.Parameter(materialize(l).to(device, torch.float32).clone()) for l in m.lambdas]
+        return lams, lambda X: tera_forward(X, list(lams), core, factors, m.spec, m.scale)
+    if m.kind != "linear" or m.dora:
+        raise ValueError("only linear, non-DoRA LoRA or TeRA modules can be tuned")
+    B, A = (torch.nn.Parameter(t.clone()) for t in m.factors(torch.float32, device))
+    return [B, A], lambda X: (X @ A.T) @ B.T * m.scale
+
+
+def _written(m, params: list[torch.Tensor]):
+    """The module with its trainable tensors replaced (rounded once to the module's storage dtype)."""
+    if isinstance(m, TeraModule):
+        return replace(m, lambdas=tuple(p.detach().to("cpu", m.dtype).clone() for p in params))
+    B, A = (p.detach().to("cpu", m.dtype) for p in params)
+    return replace(m, B=B.reshape(tuple(m.B.shape)).contiguous(), A=A.reshape(tuple(m.A.shape)).contiguous())
+
+
+def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: float = 1e-2,
+                device="cpu", seed: int = 0):
+    """(tuned student module, before, after, best step) for one module; X (n, in).
+
+    `lr` is relative: each tensor's Adam step is lr × its starting RMS (1 for an all-zero tensor), so one value
+    suits LoRA factors and TeRA λ's of any scale.
+    """
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    X = X.to(dev, torch.float32)
+    with torch.no_grad():
+        _, teach = _forward(teacher, dev)
+        Yt = teach(X)
+    norm = float(Yt.square().sum())
+    if norm == 0:
+        return student, 0.0, 0.0, 0
+    params, run = _forward(student, dev)
+    groups = [{"params": [p], "lr": lr * (float(p.detach().square().mean().sqrt()) or 1.0)} for p in params]
+    opt = torch.optim.Adam(groups)
+
+    def loss_fn() -> torch.Tensor:
+        return (run(X) - Yt).square().sum() / norm
+
+    def rel(m) -> float:
+        with torch.no_grad():
+            return math.sqrt(float((_forward(m, dev)[1](X) - Yt).square().sum()) / norm)
+
+    before = rel(student)
+    best, best_step = (float("inf"), None), 0
+    for step in range(steps + 1):
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            break
+        if float(loss) < best[0]:
+            best, best_step = (float(loss), [p.detach().clone() for p in params]), step
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if best[1] is None or best_step == 0:
+        return student, before, before, 0
+    out = _written(student, best[1])
+    after = rel(out)
+    return (out, before, after, best_step) if after < before else (student, before, before, 0)
+
+
+def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *, steps: int = 200,
+         lr: float = 1e-2, device="auto", seed: int = 0, progress=None) -> tuple[Adapter, list[TunedModule]]:
+    """Distil `teacher` into `student` module by module on the captured inputs (module path → (n, in))."""
+    if steps < 0:
+        raise SurgeryError(f"--steps must be ≥ 0, got {steps}")
+    if not lr > 0:
+        raise SurgeryError(f"--lr must be positive, got {lr}")
+    plan = []
+    for name, m in student.modules.items():
+        t = teacher.modules.get(name)
+        if t is None:
+            raise SurgeryError(f"module {name}: not in the teacher adapter")
+        key = _match(name, inputs)
+        if key is None:
+            raise SurgeryError(f"module {name}: no captured inputs for it (capture them with --module-inputs)")
+        if (t.out_features, t.in_features) != (m.out_features, m.in_features):
+            raise SurgeryError(f"module {name}: student {m.out_features}×{m.in_features} vs teacher "
+                               f"{t.out_features}×{t.in_features}")
+        if inputs[key].shape[1] != m.in_features:
+            raise SurgeryError(f"module {name}: captured inputs have {inputs[key].shape[1]} features, the module "
+                               f"takes {m.in_features}")
+        for who, mod in (("student", m), ("teacher", t)):
+            if not isinstance(mod, TeraModule) and (mod.kind != "linear" or mod.dora):
+                raise SurgeryError(f"module {name}: the {who} is a {'DoRA' if mod.dora else mod.kind} module; "
+                                   "tune handles linear LoRA and TeRA modules")
+        plan.append((name, m, t, key))
+    modules, report = dict(student.modules), []
+    for name, m, t, key in plan:
+        X = materialize(inputs[key])
+        if not torch.isfinite(X).all():
+            raise SurgeryError(f"{key}: captured inputs contain NaN or Inf")
+        new, before, after, best = tune_module(m, t, X, steps=steps, lr=lr, device=device, seed=seed)
+        modules[name] = new
+        report.append(TunedModule(name, X.shape[0], before, after, best))
+        if progress:
+            progress(name)
+    return student.with_modules(modules), report
