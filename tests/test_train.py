@@ -1,0 +1,231 @@
+"""surgery.train (adapter-only steps, In-Squeeze on our layers and on real PEFT models, export) and
+surgery.distill (`tune`), against float64 references and the real PEFT / transformers libraries."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from surgery import SurgeryError, load_adapter, save_adapter
+from surgery.adapter import Adapter, LoraModule
+from surgery.distill import tune, tune_module
+from surgery.tera import attach_tera, to_tera
+from surgery.train import InSqueeze, TrainStep, attach_lora, lora_adapter, lora_sites, squeeze_model
+from surgery_cli.main import main
+
+from .conftest import FIXTURES, dense_truncation, lora_pair, tree_digest
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
+                               torch.nn.GELU(), torch.nn.Linear(64, 16))
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def test_train_step_moves_only_adapter_tensors_and_lowers_the_loss():
+    model, teacher = mlp(0), mlp(1)
+    attach_lora(model, r"^0$", rank=4, alpha=8, seed=3)
+    tera = attach_tera(model, r"^2$", core_rank=4, seed=5)
+    shared_before = [t.clone() for t in [tera["2"].core, *tera["2"].factors]]
+    before = snapshot(model)
+    X = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    Y = teacher(X).detach()
+    step = TrainStep(model, lr=1e-2)
+    losses = [step.step(lambda: (model(X) - Y).square().mean()) for _ in range(60)]
+    assert losses[-1] < 0.7 * losses[0]
+    after = snapshot(model)
+    trained = {"0.A", "0.B", "2.lambdas.0", "2.lambdas.1", "2.lambdas.2", "2.lambdas.3", "2.lambdas.4",
+               "2.lambdas.5"}
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        assert same == (k not in trained), k
+    assert all(torch.equal(a, b) for a, b in zip(shared_before, [tera["2"].core, *tera["2"].factors]))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+
+
+def test_squeeze_model_is_the_exact_truncation_and_resets_optimizer_state():
+    model = mlp()
+    layers = attach_lora(model, r"^(0|2)$", rank=16, alpha=32)
+    for i, layer in enumerate(layers.values()):
+        B, A = lora_pair(64, 64, 16, decay=0.8, seed=i)
+        layer.A.data, layer.B.data = A, B
+    step = TrainStep(model, lr=1e-3)
+    X = torch.randn(32, 64)
+    step.step(lambda: model(X).square().mean())
+    ref = {n: dense_truncation(l.scale * (l.B.double() @ l.A.double()).detach(), 4) for n, l in layers.items()}
+    assert all(len(step.optimizer.state[p]) > 0 for l in layers.values() for p in (l.A, l.B))
+    done = squeeze_model(model, 4, step.optimizer)
+    assert [(d.from_rank, d.to_rank) for d in done] == [(16, 4), (16, 4)]
+    for n, l in layers.items():
+        assert l.A.shape == (4, 64) and l.B.shape == (64, 4) and l.scale == 2.0
+        assert torch.allclose(l.scale * (l.B.double() @ l.A.double()), ref[n], atol=1e-6)
+        assert all(p not in step.optimizer.state or not step.optimizer.state[p] for p in (l.A, l.B))
+    step.step(lambda: model(X).square().mean())  # the optimizer carries on with the new shapes
+    assert squeeze_model(model, 8) == []  # never raises a rank
+
+
+def test_in_squeeze_plan():
+    s = InSqueeze(64, 8, 400)
+    assert s.plan == [(100, 32), (200, 16), (300, 8)]
+    assert [s.rank_at(k) for k in (0, 99, 100, 250, 400)] == [64, 64, 32, 16, 8]
+    assert InSqueeze(32, 4, 40, squeezes=2).plan == [(13, 11), (26, 4)]
+    with pytest.raises(SurgeryError, match="target rank < source rank"):
+        InSqueeze(4, 8, 100)
+    with pytest.raises(SurgeryError, match="need at least"):
+        InSqueeze(64, 8, 3)
+
+
+def tiny_llama():
+    return transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny-llama").float()
+
+
+def test_in_squeeze_on_a_peft_model_recovers_and_exports(tmp_path):
+    """Distil a planted rank-16 teacher into a PEFT LoRA annealed 16 → 2: after every squeeze the loss goes
+    back below where the squeeze left it, and the exported rank-2 adapter loads in PEFT with the same logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
+    teacher = get_peft_model(tiny_llama(), cfg)
+    g = torch.Generator().manual_seed(0)
+    for site in lora_sites(teacher).values():
+        site.B.data = 0.3 * torch.randn(site.B.shape, generator=g)
+    student = get_peft_model(tiny_llama(), cfg)
+    ids = torch.randint(0, 256, (8, 24), generator=g)
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits
+    step = TrainStep(student, lr=5e-3)
+    schedule = InSqueeze(16, 2, 160)
+    loss_fn = lambda: (student(input_ids=ids).logits - target).square().mean()  # noqa: E731
+    losses, after_squeeze = {}, {}
+    for k in range(1, 161):
+        losses[k] = step.step(loss_fn)
+        if schedule.on_step(student, step.optimizer, k):
+            with torch.no_grad():
+                after_squeeze[k] = float(loss_fn())
+    assert list(after_squeeze) == [s for s, _ in schedule.plan] == [40, 80, 120]
+    for s, end in zip(after_squeeze, [80, 120, 160]):
+        assert losses[end] < 0.8 * after_squeeze[s], (s, after_squeeze[s], losses[end])  # recovered
+    assert {s.A.shape[0] for s in lora_sites(student).values()} == {2}
+    assert student.peft_config["default"].r == 2
+    save_adapter(lora_adapter(student), tmp_path / "ours")
+    student.save_pretrained(tmp_path / "peft")  # PEFT's own writer sees the synced config too
+    with torch.no_grad():
+        want = student(input_ids=ids).logits
+        for d in ("ours", "peft"):
+            loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / d)
+            assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5), d
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_in_squeeze_trainer_callback(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=100)
+    schedule = InSqueeze(8, 2, 12)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[schedule.trainer_callback()]).train()
+    assert {s.A.shape[0] for s in lora_sites(model).values()} == {2}
+    assert model.peft_config["default"].r == 2 and model.peft_config["default"].lora_alpha == 2
+
+
+def lowrank_inputs(n, d, seed):
+    """Inputs with a strongly non-white covariance: the plain SVD truncation is not the optimum for them."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * torch.logspace(0, -2, d)
+
+
+def test_tune_cont_squeeze_beats_the_svd_truncation_and_never_worsens():
+    B, A = lora_pair(48, 32, 12, decay=0.85, seed=4)
+    teacher = LoraModule(A=A, B=B, scale=2.0)
+    core = dense_truncation(teacher.delta(), 3)
+    U, S, Vh = torch.linalg.svd(core)
+    student = LoraModule(A=(S[:3, None].sqrt() * Vh[:3]).float(), B=(U[:, :3] * S[:3].sqrt()).float(), scale=1.0)
+    X = lowrank_inputs(512, 32, 0)
+    tuned, before, after, best = tune_module(student, teacher, X, steps=300, lr=1e-2)
+    assert after < 0.9 * before and best > 0 and tuned.rank == 3
+    ref = torch.linalg.norm(X.double() @ (tuned.delta() - teacher.delta()).T) / torch.linalg.norm(
+        X.double() @ teacher.delta().T)
+    assert float(ref) == pytest.approx(after, rel=1e-4)  # the reported error is the written module's
+    same, b2, a2, best2 = tune_module(teacher, teacher, X, steps=20)  # already exact: kept as it is
+    assert same is teacher and a2 == b2 == pytest.approx(0, abs=1e-7) and best2 == 0
+
+
+def test_tune_refines_a_lora_to_tera_conversion(tmp_path):
+    pairs = {f"base_model.model.layers.{i}.proj": lora_pair(64, 64, 16, decay=0.8, seed=i) for i in range(2)}
+    teacher = Adapter(modules={n: LoraModule(A=A, B=B, scale=1.0) for n, (B, A) in pairs.items()}, format="peft")
+    student, _ = to_tera(teacher, core_rank=4)
+    inputs = {n.removeprefix("base_model.model."): lowrank_inputs(256, 64, 1) for n in pairs}
+    tuned, report = tune(student, teacher, inputs, steps=150, device="cpu")
+    for r in report:
+        assert r.after < r.before
+    for n, m in tuned.modules.items():
+        assert m.spec == student.modules[n].spec  # only the λ's moved
+    with pytest.raises(SurgeryError, match="no captured inputs"):
+        tune(student, teacher, {}, steps=1)
+    with pytest.raises(SurgeryError, match="features"):
+        tune(student, teacher, {k: v[:, :10] for k, v in inputs.items()}, steps=1)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_capture_module_inputs_and_tune_on_minilm(minilm, tmp_path):
+    r = run("capture", minilm, "--texts", FIXTURES / "sentences.txt", "--module-inputs", "--max-tokens", 300,
+            "-o", tmp_path / "acts.safetensors", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    from surgery.capture import load_inputs
+
+    acts = load_inputs(tmp_path / "acts.safetensors")
+    assert len(acts) == 36 and acts["encoder.layer.0.attention.self.query"].shape == (300, 384)
+    assert acts["encoder.layer.5.output.dense"].shape == (300, 1536)
+    q, k = (acts[f"encoder.layer.0.attention.self.{m}"].load() for m in ("query", "key"))
+    assert torch.equal(q, k)  # q/k/v are fed the same tensor: stored once, read for each
+    # the captured rows are the real inputs: the query layer applied to them gives the model's own outputs
+    model = transformers.AutoModel.from_pretrained(minilm).eval()
+    assert torch.isfinite(q).all() and q.std() > 0.1
+    with torch.no_grad():
+        out = model.encoder.layer[0].attention.self.query(q)
+    assert out.shape == (300, 384)
+
+    names = ["attention.self.query", "attention.self.value", "output.dense"]
+    pairs = {f"encoder.layer.{i}.{n}": lora_pair(384, 1536 if n == "output.dense" else 384, 16, decay=0.8, seed=i)
+             for i in range(6) for n in names}
+    pairs = {k: (B, A) for k, (B, A) in pairs.items()}
+    from .conftest import write_peft
+
+    write_peft(tmp_path / "teacher", pairs, r=16, alpha=16)
+    assert run("squeeze", tmp_path / "teacher", "--rank", 2, "-o", tmp_path / "student").exit_code == 0
+    digest = tree_digest(tmp_path / "student")
+    r = run("tune", tmp_path / "student", "--teacher", tmp_path / "teacher", "--activations",
+            tmp_path / "acts.safetensors", "-o", tmp_path / "tuned", "--steps", 40, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert len(doc["modules"]) == 18 and all(m["after"] <= m["before"] for m in doc["modules"])
+    assert sum(m["after"] < m["before"] for m in doc["modules"]) >= 12
+    assert tree_digest(tmp_path / "student") == digest
+    tuned = load_adapter(tmp_path / "tuned")
+    assert {m.rank for m in tuned.modules.values()} == {2}
+    # bad input: activations without the modules' inputs → one error line, nothing written
+    r = CliRunner().invoke(main, ["capture", str(minilm), "--texts", str(FIXTURES / "sentences.txt"),
+                                  "--module-inputs", "--targets", r"layer\.0\.", "-o", str(tmp_path / "a0.safetensors"),
+                                  "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["tune", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                                  "--activations", str(tmp_path / "a0.safetensors"), "-o", str(tmp_path / "bad")])
+    assert r.exit_code == 1 and "no captured inputs" in r.output and not (tmp_path / "bad").exists()
+    r = CliRunner().invoke(main, ["tune", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                                  "--activations", str(tmp_path / "teacher" / "adapter_model.safetensors"),
+                                  "-o", str(tmp_path / "bad")])
+    assert r.exit_code == 1 and "not a module-inputs file" in r.output
