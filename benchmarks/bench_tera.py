@@ -16,17 +16,7 @@ import time
 import torch
 
 from surgery.tera import TeRALinear, TeraSpec
-
-
-class LoRALinear(torch.nn.Module):
-    def __init__(self, base: torch.nn.Linear, r: int):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.A = torch.nn.Parameter(torch.randn(r, base.in_features) / base.in_features**0.5)
-        self.B = torch.nn.Parameter(torch.randn(base.out_features, r) * 0.01)
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.A.T) @ self.B.T
+from surgery.train import LoRALinear
 
 
 def step(layer, x, sync):
@@ -46,7 +36,8 @@ def main():
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     base = torch.nn.Linear(4096, 4096, bias=False).to(dev, dt)
-    layers = {"lora r=64": LoRALinear(base, 64).to(dev, dt),
+    lora = LoRALinear(base, 64, A=torch.randn(64, 4096) / 64, B=torch.randn(4096, 64) * 0.01)
+    layers = {"lora r=64": lora.to(dev, dt),
               "tera 16³×16³ R=8": TeRALinear(base, TeraSpec.for_shape(4096, 4096, 3, 8, 0)).to(dev),
               "base only": base}
     x = torch.randn(args.tokens, 4096, device=dev, dtype=dt, requires_grad=False)

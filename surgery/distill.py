@@ -95,8 +95,8 @@ def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: floa
         loss = loss_fn()
         if not torch.isfinite(loss):
             break
-        if float(loss) < best[0]:
-            best, best_step = (float(loss), [p.detach().clone() for p in params]), step
+        if float(loss.detach()) < best[0]:
+            best, best_step = (float(loss.detach()), [p.detach().clone() for p in params]), step
         if step == steps:
             break
         opt.zero_grad(set_to_none=True)

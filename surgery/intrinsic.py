@@ -95,7 +95,7 @@ def _projected_search(X: torch.Tensor, width: int, c: int, seed: int = 0) -> tor
     starts = [0, *range(min(rows, 256), N, rows)]  # a first small block probes whether pruning works
     for i0, i1 in zip(starts, [*starts[1:], N]):
         lb = _mm(left[i0:i1], right)
-        lb[torch.arange(i1 - i0), torch.arange(i0, i1, device=X.device)] = float("inf")
+        lb[torch.arange(i1 - i0, device=X.device), torch.arange(i0, i1, device=X.device)] = float("inf")
         v, ix = lb.topk(c + 1, dim=1, largest=False)
         exact = _refine(X, torch.arange(i0, i1), ix[:, :c])
         r12[i0:i1] = exact[:, :2]
@@ -107,7 +107,7 @@ def _projected_search(X: torch.Tensor, width: int, c: int, seed: int = 0) -> tor
     for h0 in range(0, hard.numel(), rows):
         h = hard[h0:h0 + rows].to(X.device)
         d2 = _mm(X[h], X.T).mul_(-2.0).add_(sq[h, None]).add_(sq[None])
-        d2[torch.arange(h.numel()), h] = float("inf")
+        d2[torch.arange(h.numel(), device=X.device), h] = float("inf")
         r12[h.cpu()] = _refine(X, h, d2.topk(c, dim=1, largest=False).indices)[:, :2]
     return r12
 

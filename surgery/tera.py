@@ -346,7 +346,8 @@ class TeRALinear(torch.nn.Module):
         return [getattr(self, f"factor{n}") for n in range(len(self.spec.modes))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = tera_forward(x.to(torch.float32), list(self.lambdas), self.core, self.factors, self.spec, self.scale)
+        with torch.autocast(x.device.type, enabled=False):  # tensordot has no autocast rule: run it in float32
+            delta = tera_forward(x.float(), list(self.lambdas), self.core, self.factors, self.spec, self.scale)
         return self.base(x) + delta.to(x.dtype)
 
 

@@ -29,7 +29,8 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def test_train_step_moves_only_adapter_tensors_and_lowers_the_loss():
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_train_step_moves_only_adapter_tensors_and_lowers_the_loss(amp):
     model, teacher = mlp(0), mlp(1)
     attach_lora(model, r"^0$", rank=4, alpha=8, seed=3)
     tera = attach_tera(model, r"^2$", core_rank=4, seed=5)
@@ -37,8 +38,8 @@ def test_train_step_moves_only_adapter_tensors_and_lowers_the_loss():
     before = snapshot(model)
     X = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
     Y = teacher(X).detach()
-    step = TrainStep(model, lr=1e-2)
-    losses = [step.step(lambda: (model(X) - Y).square().mean()) for _ in range(60)]
+    step = TrainStep(model, lr=1e-2, amp=amp)
+    losses = [step.step(lambda: (model(X) - Y).float().square().mean()) for _ in range(60)]
     assert losses[-1] < 0.7 * losses[0]
     after = snapshot(model)
     trained = {"0.A", "0.B", "2.lambdas.0", "2.lambdas.1", "2.lambdas.2", "2.lambdas.3", "2.lambdas.4",
