@@ -76,6 +76,8 @@ def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: floa
         _, teach = _forward(teacher, dev)
         Yt = teach(X)
     norm = float(Yt.square().sum())
+    if not math.isfinite(norm):
+        raise SurgeryError("the teacher's outputs are not finite (NaN/Inf in its tensors)")
     if norm == 0:
         return student, 0.0, 0.0, 0
     params, run = _forward(student, dev)
@@ -90,6 +92,8 @@ def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: floa
             return math.sqrt(float((_forward(m, dev)[1](X) - Yt).square().sum()) / norm)
 
     before = rel(student)
+    if not math.isfinite(before):
+        raise SurgeryError("the student's tensors contain NaN or Inf")
     best, best_step = (float("inf"), None), 0
     for step in range(steps + 1):
         loss = loss_fn()
@@ -140,7 +144,10 @@ def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *
         X = materialize(inputs[key])
         if not torch.isfinite(X).all():
             raise SurgeryError(f"{key}: captured inputs contain NaN or Inf")
-        new, before, after, best = tune_module(m, t, X, steps=steps, lr=lr, device=device, seed=seed)
+        try:
+            new, before, after, best = tune_module(m, t, X, steps=steps, lr=lr, device=device, seed=seed)
+        except SurgeryError as e:
+            raise SurgeryError(f"module {name}: {e}") from None
         modules[name] = new
         report.append(TunedModule(name, X.shape[0], before, after, best))
         if progress:

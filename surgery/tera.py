@@ -166,7 +166,9 @@ def fit_lambdas(target: torch.Tensor, spec: TeraSpec, iters: int = 50, scale: fl
     """Least-squares λ's for a dense target ΔW (d_out, d_in), by alternating closed-form updates.
 
     𝒲 is multilinear in the λ's: with the others fixed, 𝒲 = T ×_n Λ_n scales the mode-n slices of T, so
-    λ_n[i] = ⟨T_i, X_i⟩ / ⟨T_i, T_i⟩. Starts from λ = 1. Returns (λ's, relative error ‖X − 𝒲‖ / ‖X‖).
+    λ_n[i] = ⟨T_i, X_i⟩ / ⟨T_i, T_i⟩. Starts from λ = 1; at the end the modes are rescaled to one RMS (the
+    product, hence ΔW, unchanged), which keeps later gradient steps on the λ's well conditioned.
+    Returns (λ's, relative error ‖X − 𝒲‖ / ‖X‖).
     """
     import tensorly as tl
 
@@ -189,6 +191,10 @@ def fit_lambdas(target: torch.Tensor, spec: TeraSpec, iters: int = 50, scale: fl
         if prev - err < tol * max(err, 1e-12):
             break
         prev = err
+    rms = [float(lam.square().mean().sqrt()) for lam in lams]
+    if all(r > 0 for r in rms):  # balance the modes (same RMS, same product) so no λ is tiny next to huge ones
+        g = math.exp(sum(math.log(r) for r in rms) / len(rms))
+        lams = [lam * (g / r) for lam, r in zip(lams, rms)]
     return tuple(lam.cpu() for lam in lams), err
 
 

@@ -174,6 +174,11 @@ def test_tune_refines_a_lora_to_tera_conversion(tmp_path):
         assert m.spec == student.modules[n].spec  # only the λ's moved
     with pytest.raises(SurgeryError, match="no captured inputs"):
         tune(student, teacher, {}, steps=1)
+    name = next(iter(pairs))
+    bad = teacher.with_modules({**teacher.modules, name: LoraModule(A=pairs[name][1] * float("nan"),
+                                                                    B=pairs[name][0], scale=1.0)})
+    with pytest.raises(SurgeryError, match=f"module {name}: the teacher's outputs are not finite"):
+        tune(student, bad, inputs, steps=1)
     with pytest.raises(SurgeryError, match="features"):
         tune(student, teacher, {k: v[:, :10] for k, v in inputs.items()}, steps=1)
 
