@@ -361,27 +361,16 @@ def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: in
                 seed: int = 0) -> dict[str, TeRALinear]:
     """Replace every `nn.Linear` whose name matches `pattern` (re.search) by a TeRALinear — fresh, or with the
     λ's of `adapter` (a TeRA Adapter whose module names are `base_model.model.<name>` or `<name>`)."""
-    import re
-
     from .adapter import materialize
+    from .layers import replace_linears
 
-    attached = {}
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, torch.nn.Linear) or not re.search(pattern, name):
-            continue
-        if adapter is not None:
-            m = adapter.modules.get(f"base_model.model.{name}") or adapter.modules.get(name)
-            if m is None:
-                continue
-            layer = TeRALinear(mod, m.spec, [materialize(l) for l in m.lambdas], m.scale)
-        else:
-            layer = TeRALinear(mod, TeraSpec.for_shape(mod.out_features, mod.in_features, order, core_rank, seed))
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], layer)
-        attached[name] = layer
-    if not attached:
-        raise SurgeryError(f"no nn.Linear module matches {pattern!r}")
-    return attached
+    def make(name, mod):
+        if adapter is None:
+            return TeRALinear(mod, TeraSpec.for_shape(mod.out_features, mod.in_features, order, core_rank, seed))
+        m = adapter.modules.get(f"base_model.model.{name}") or adapter.modules.get(name)
+        return None if m is None else TeRALinear(mod, m.spec, [materialize(l) for l in m.lambdas], m.scale)
+
+    return replace_linears(model, pattern, make)
 
 
 def adapter_from_model(model: torch.nn.Module, base: str | None = None):

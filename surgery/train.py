@@ -52,20 +52,11 @@ def attach_lora(model: torch.nn.Module, pattern: str, rank: int, *, alpha: float
                 seed: int = 0) -> dict[str, LoRALinear]:
     """Replace every `nn.Linear` whose name matches `pattern` (re.search) by a LoRALinear of `rank`, scale
     alpha / rank (1 without alpha); A is drawn from (seed, module name)."""
-    import re
-
     from .device import seeded
+    from .layers import replace_linears
 
-    attached = {}
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, torch.nn.Linear) and re.search(pattern, name):
-            layer = LoRALinear(mod, rank, (alpha or rank) / rank, generator=seeded(seed, name))
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], layer)
-            attached[name] = layer
-    if not attached:
-        raise SurgeryError(f"no nn.Linear module matches {pattern!r}")
-    return attached
+    return replace_linears(model, pattern, lambda name, mod: LoRALinear(mod, rank, (alpha or rank) / rank,
+                                                                        generator=seeded(seed, name)))
 
 
 # ---------------------------------------------------------------- the LoRA layers of a model
