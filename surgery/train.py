@@ -199,7 +199,10 @@ def _sync_peft_config(model) -> None:
         return
     from .io.peft import updated_config
 
+    active = {site.adapter for site in lora_sites(model).values()}
     for a, cfg in model.peft_config.items():
+        if a not in active:
+            continue
         adapter = lora_adapter(model, adapter_name=a)
         new = updated_config(adapter)
         for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
