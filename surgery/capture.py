@@ -122,12 +122,16 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     tokens are kept by default: they are real inputs of every module."""
     import re
 
+    try:
+        pattern = re.compile(targets) if targets else None
+    except re.error as e:
+        raise SurgeryError(f"--targets {targets!r}: bad regex: {e}") from None
     tok, model, lines = _load(model_dir, texts, device)
     plan, n, k = _token_plan(tok, lines, batch_size=batch_size, max_length=max_length, keep_special=keep_special,
                              max_tokens=max_tokens, seed=seed)
     prefix = _block_prefix(model)
     names = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-             and (re.search(targets, name) if targets else prefix and name.startswith(prefix + "."))]
+             and (pattern.search(name) if pattern else prefix and name.startswith(prefix + "."))]
     if not names:
         raise SurgeryError(f"{model_dir}: no nn.Linear module matches {targets or 'the transformer blocks'!r}")
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}

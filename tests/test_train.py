@@ -235,3 +235,6 @@ def test_cli_capture_module_inputs_and_tune_on_minilm(minilm, tmp_path):
                                   "--activations", str(tmp_path / "teacher" / "adapter_model.safetensors"),
                                   "-o", str(tmp_path / "bad")])
     assert r.exit_code == 1 and "not a module-inputs file" in r.output
+    r = CliRunner().invoke(main, ["capture", str(minilm), "--texts", str(FIXTURES / "sentences.txt"),
+                                  "--module-inputs", "--targets", "(", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 1 and "bad regex" in r.output and not (tmp_path / "x.safetensors").exists()
