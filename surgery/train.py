@@ -45,7 +45,7 @@ class LoRALinear(torch.nn.Module):
         return self.A.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x.to(self.A.dtype) @ self.A.T @ self.B.T * self.scale).to(x.dtype)
+        return self.base(x) + (((x.to(self.A.dtype) @ self.A.T) * self.scale) @ self.B.T).to(x.dtype)
 
 
 def attach_lora(model: torch.nn.Module, pattern: str, rank: int, *, alpha: float | None = None,
@@ -103,13 +103,11 @@ def lora_sites(model: torch.nn.Module) -> dict[str, _Site]:
 
 
 def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The adapter's trainable tensors (LoRA A/B, TeRA λ's), after freezing every other parameter of `model`."""
-    keep = []
-    for site in lora_sites(model).values():
-        keep += [site.A, site.B]
-    for mod in model.modules():
-        if isinstance(mod, TeRALinear):
-            keep += list(mod.lambdas)
+    """The adapter's trainable tensors — A/B of LoRALinear, TeRA λ's, PEFT's `lora_*` tensors (A/B, embedding
+    LoRA, DoRA magnitudes) — after freezing every other parameter of `model`."""
+    ours = {id(p) for m in model.modules() if isinstance(m, (LoRALinear, TeRALinear))
+            for n, p in m.named_parameters() if not n.startswith("base.")}
+    keep = [p for n, p in model.named_parameters() if id(p) in ours or "lora_" in n]
     if not keep:
         raise SurgeryError("the model has no LoRA or TeRA layers to train")
     ids = {id(p) for p in keep}
