@@ -421,6 +421,8 @@ def _plot(results, path):
               help="diff: ceil(d_i − d_{i−1}) (GeLoRA); max: ceil(max(d_i, d_{i−1})).")
 @click.option("--min-rank", type=int, default=1, show_default=True)
 @click.option("--budget", help="Scale the ranks to this many factor parameters (e.g. 2M).")
+@click.option("--expand", is_flag=True, help="Pad modules whose GeLoRA rank is above their rank up to it (ΔW "
+                                             "unchanged; new A rows random, new B columns zero, as PEFT inits).")
 @click.option("--config-out", type=click.Path(path_type=str), help="Write a PEFT LoraConfig JSON to train with.")
 @click.option("--targets", help="--config-out: comma-separated module leaves, e.g. query,key,value.")
 @click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
@@ -428,8 +430,8 @@ def _plot(results, path):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True)
 @json_option
-def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, config_out, targets, method, device, seed,
-               force, as_json):
+def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand, config_out, targets, method, device,
+               seed, force, as_json):
     """GeLoRA: ranks per block from the intrinsic dimensions of the hidden states."""
     from surgery.intrinsic import gelora_config, gelora_ranks, rerank
 
@@ -455,11 +457,14 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, config
         doc["config"] = str(config_out)
     if adapter:
         small, rep = rerank(load_adapter(adapter), ids, formula=formula, min_rank=min_rank,
-                            budget=parse_count(budget) if budget else None, device=device, seed=seed)
+                            budget=parse_count(budget) if budget else None, expand_ranks=expand, device=device,
+                            seed=seed)
         path = save_adapter(small, out, force=force)
-        doc.update(rep.squeeze.to_dict(), clipped={n: list(v) for n, v in rep.clipped.items()}, output=str(path))
-        warnings = list(rep.squeeze.warnings) + [f"{n}: GeLoRA rank {r} is above its rank {c}; kept at {c}"
-                                                  for n, (r, c) in rep.clipped.items()]
+        doc.update(rep.squeeze.to_dict(), clipped={n: list(v) for n, v in rep.clipped.items()},
+                   expanded=rep.expanded, output=str(path))
+        warnings = list(rep.squeeze.warnings) + [
+            f"{n}: GeLoRA rank {r} is above its rank {c}; " + (f"padded to {r}" if expand else f"kept at {c}")
+            for n, (r, c) in rep.clipped.items()]
     else:
         warnings = []
     if as_json:

@@ -253,14 +253,35 @@ class RerankReport:
     ids: tuple[float, ...]  # d_0 (embeddings) … d_L
     block_ranks: tuple[int, ...]  # rank of block 1..L
     requested: Mapping[str, int]  # GeLoRA rank per module (after any budget)
-    clipped: Mapping[str, tuple[int, int]]  # module → (requested, current): squeeze cannot raise a rank
+    clipped: Mapping[str, tuple[int, int]]  # module → (requested, current): above the current rank
+    expanded: bool  # clipped modules were padded up to their GeLoRA rank (else kept at their rank)
     squeeze: object  # the SqueezeReport
 
 
+def expand(m, k: int, generator: torch.Generator):
+    """The LoRA module at rank k > its rank, ΔW unchanged and the new directions trainable, as PEFT initialises
+    a LoRA: new rows of A Kaiming-uniform (±1/√in) and new columns of B zero (embedding LoRA: the reverse, A zero
+    and B standard normal, as PEFT's `lora_embedding_A/B`)."""
+    from dataclasses import replace
+
+    from .adapter import materialize
+
+    A, B = materialize(m.A), materialize(m.B)
+    extra = k - m.rank
+    shape_a, shape_b = (extra, *A.shape[1:]), (B.shape[0], extra, *B.shape[2:])
+    if m.kind == "embedding":
+        newA, newB = torch.zeros(shape_a), torch.randn(shape_b, generator=generator)
+    else:
+        bound = 1 / math.sqrt(m.in_features)
+        newA, newB = (torch.rand(shape_a, generator=generator) * 2 - 1) * bound, torch.zeros(shape_b)
+    return replace(m, A=torch.cat([A, newA.to(A.dtype)]).contiguous(), B=torch.cat([B, newB.to(B.dtype)], 1).contiguous())
+
+
 def rerank(adapter, ids: Sequence[float], *, formula: str = "diff", min_rank: int = 1, budget: int | None = None,
-           device="auto", seed: int = 0):
-    """Squeeze every LoRA module to its block's GeLoRA rank (exact SVD); ranks above a module's current rank
-    are reported and the module kept at its rank."""
+           expand_ranks: bool = False, device="auto", seed: int = 0):
+    """Squeeze every LoRA module to its block's GeLoRA rank (exact SVD). Ranks above a module's current rank
+    are reported, and the module kept at its rank — or, with `expand_ranks`, padded up to it (`expand`)."""
+    from .device import seeded
     from .rank import PerModule
     from .squeeze import squeeze
 
@@ -272,7 +293,10 @@ def rerank(adapter, ids: Sequence[float], *, formula: str = "diff", min_rank: in
     clipped = {n: (r, adapter.modules[n].rank) for n, r in requested.items() if r > adapter.modules[n].rank}
     final = {n: min(r, adapter.modules[n].rank) for n, r in requested.items()}
     small, report = squeeze(adapter, PerModule(final), device=device, seed=seed)
-    return small, RerankReport(tuple(ids), tuple(block_ranks), requested, clipped, report)
+    if expand_ranks and clipped:
+        small = small.with_modules({n: expand(m, requested[n], seeded(seed, n)) if n in clipped else m
+                                    for n, m in small.modules.items()})
+    return small, RerankReport(tuple(ids), tuple(block_ranks), requested, clipped, expand_ranks, report)
 
 
 def gelora_config(block_ranks: Sequence[int], block_prefix: str | None, targets: Sequence[str],

@@ -120,6 +120,37 @@ def test_rerank_squeezes_to_block_ranks():
         rerank(a, [2.0, 7.5], device="cpu")  # one block of IDs for a two-block adapter
 
 
+def test_rerank_expand_pads_without_changing_the_update(tmp_path):
+    """--expand: modules below their GeLoRA rank are padded to it, ΔW bit-identical, the new directions
+    trainable (new A rows non-zero, new B columns zero); in PEFT the padded adapter gives the logits of the
+    unpadded one."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from surgery import save_adapter
+
+    a = load_adapter(PEFT_FIXTURE)
+    kept, _ = rerank(a, [2.0, 7.5, 30.0], device="cpu")
+    big, rep = rerank(a, [2.0, 7.5, 30.0], expand_ranks=True, device="cpu")
+    assert rep.expanded and len(rep.clipped) == 7
+    for name, m in big.modules.items():
+        if ".layers.1." in name:
+            assert m.rank == 23 and torch.allclose(m.delta(), kept.modules[name].delta(), rtol=0, atol=1e-12)
+            assert (m.A[16:] != 0).any(dim=-1).all() and (m.B[:, 16:] == 0).all()
+    again, _ = rerank(a, [2.0, 7.5, 30.0], expand_ranks=True, device="cpu")
+    assert all(torch.equal(x.A, again.modules[n].A) for n, x in big.modules.items())  # seeded
+    ids = torch.arange(12)[None]
+    logits = {}
+    for tag, adapter in (("kept", kept), ("big", big)):
+        save_adapter(adapter, tmp_path / tag)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny-llama"), tmp_path / tag)
+        if tag == "big":
+            assert model.base_model.model.model.layers[1].self_attn.q_proj.r["default"] == 23
+        with torch.no_grad():
+            logits[tag] = model(input_ids=ids).logits
+    assert torch.allclose(logits["big"], logits["kept"], atol=1e-6)
+
+
 def test_capture_real_minilm(minilm, tmp_path):
     from surgery.capture import capture, load_capture, save_capture
 
@@ -179,3 +210,7 @@ def test_cli_capture_id_rerank_config(minilm, tmp_path):
     (tmp_path / "one.json").write_text(json.dumps({"ids": [3.0, 5.0]}))
     r = run("rerank", PEFT_FIXTURE, "--ids", tmp_path / "one.json", "-o", tmp_path / "out")
     assert r.exit_code == 1 and "layers.1" in r.output and not (tmp_path / "out").exists()
+    (tmp_path / "two.json").write_text(json.dumps({"ids": [2.0, 7.5, 30.0]}))
+    r = run("rerank", PEFT_FIXTURE, "--ids", tmp_path / "two.json", "-o", tmp_path / "wide", "--expand", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["expanded"] is True
+    assert {m.rank for m in load_adapter(tmp_path / "wide").modules.values()} == {6, 23}
