@@ -179,6 +179,17 @@ def test_tune_refines_a_lora_to_tera_conversion(tmp_path):
                                                                     B=pairs[name][0], scale=1.0)})
     with pytest.raises(SurgeryError, match=f"module {name}: the teacher's outputs are not finite"):
         tune(student, bad, inputs, steps=1)
+    with pytest.raises(SurgeryError, match="not in the teacher"):
+        tune(student, teacher.with_modules({}), inputs, steps=1)
+    B, A = lora_pair(32, 64, 4)
+    other = teacher.with_modules({**teacher.modules, name: LoraModule(A=A, B=B, scale=1.0)})
+    with pytest.raises(SurgeryError, match="student 64×64 vs teacher 32×64"):
+        tune(student, other, inputs, steps=1)
+    B, A = lora_pair(64, 64, 4)
+    conv = teacher.with_modules({**teacher.modules, name: LoraModule(A=A[:, :, None, None], B=B[:, :, None, None],
+                                                                     scale=1.0, kind="conv")})
+    with pytest.raises(SurgeryError, match="the teacher is a conv module"):
+        tune(student, conv, inputs, steps=1)
     with pytest.raises(SurgeryError, match="features"):
         tune(student, teacher, {k: v[:, :10] for k, v in inputs.items()}, steps=1)
 
