@@ -1,7 +1,6 @@
 """TwoNN against scikit-dimension 0.5 and DADApy; GeLoRA ranks; capture on the real all-MiniLM-L6-v2."""
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from click.testing import CliRunner
 from scipy.spatial.distance import cdist
 
 from surgery import SurgeryError, intrinsic, load_adapter
-from surgery.intrinsic import (fit_budget, gelora_config, gelora_ranks, id_from_mu, module_ranks, nn_distances,
+from surgery.intrinsic import (fit_budget, gelora_ranks, id_from_mu, module_ranks, nn_distances,
                                rerank, two_nn)
 from surgery_cli.main import main
 

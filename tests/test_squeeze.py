@@ -1,10 +1,8 @@
 """squeeze against float64 dense references, read back from the files it writes."""
 import json
-import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from surgery import Budget, Energy, FixedRank, SurgeryError, load_adapter, parse_rank_map, save_adapter, squeeze
 
