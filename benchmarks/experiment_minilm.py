@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from surgery.tera import attach_tera, to_tera
-from surgery.train import InSqueeze, TrainStep, attach_lora, lora_adapter, squeeze_model
+from surgery.train import InSqueeze, TrainStep, adapter_parameters, attach_lora, lora_adapter, squeeze_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|layer\.\d+\.output\.dense)$"
@@ -136,10 +136,7 @@ def run(task: Task, steps: int, seed: int, lr_lora: float, lr_tera: float, cont:
     tera, _ = to_tera(lora32, core_rank=8, seed=seed)
     m = base_model()
     attach_tera(m, TARGETS, adapter=tera)
-    m.requires_grad_(False)
-    for mod in m.modules():
-        if hasattr(mod, "lambdas"):
-            mod.lambdas.requires_grad_(True)
+    adapter_parameters(m)  # only the λ's count as trainable
     record("(v-b) r=32 LoRA → TeRA (closed-form fit)", m, t0, -steps)
     record(f"(v-c) (v-b) + {cont} tuning steps", task.train(m, cont, lr_tera, seed + 100), t0, cont - steps)
     return rows

@@ -338,9 +338,8 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
               help="Relative step size: each tensor moves by about lr × its starting RMS per step.")
 @click.option("--force", is_flag=True, help="Allow the output to replace the input.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
 @json_option
-def tune_cmd(student, teacher, activations, out, steps, lr, force, device, seed, as_json):
+def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_json):
     """Distil TEACHER into STUDENT module by module on captured inputs: min ‖X(ΔW_s − ΔW_t)ᵀ‖², training only
     the student's LoRA factors or TeRA λ's; per-module relative output error before and after."""
     from surgery.capture import load_inputs
@@ -348,7 +347,7 @@ def tune_cmd(student, teacher, activations, out, steps, lr, force, device, seed,
 
     s, t, inputs = load_adapter(student), load_adapter(teacher), load_inputs(activations)
     with progress_bar(len(s.modules), "tune") as bar:
-        new, report = tune(s, t, inputs, steps=steps, lr=lr, device=device, seed=seed,
+        new, report = tune(s, t, inputs, steps=steps, lr=lr, device=device,
                            progress=lambda _: bar.update(1))
     path = save_adapter(new, out, force=force)
     rows = [[r.name, str(r.tokens), f"{r.before:.4g}", f"{r.after:.4g}", str(r.best_step)] for r in report]

@@ -18,8 +18,7 @@ from .adapter import Adapter, TeraModule, TensorLike, materialize
 from .device import resolve_device
 from .errors import SurgeryError
 from .io import kohya_name
-
-PEFT_PREFIX = "base_model.model."
+from .io.peft import PREFIX
 
 
 @dataclass(frozen=True)
@@ -35,8 +34,8 @@ def _match(name: str, inputs: Mapping[str, TensorLike]) -> str | None:
     """The module path in a module-inputs file for an adapter module name (PEFT-prefixed, bare or kohya)."""
     if name in inputs:
         return name
-    if name.removeprefix(PEFT_PREFIX) in inputs:
-        return name.removeprefix(PEFT_PREFIX)
+    if name.removeprefix(PREFIX) in inputs:
+        return name.removeprefix(PREFIX)
     return next((p for p in inputs if kohya_name(p) == name), None)
 
 
@@ -49,7 +48,7 @@ def _forward(m, device) -> tuple[list[torch.nn.Parameter], Callable[[torch.Tenso
         lams = [torch.nn.Parameter(materialize(l).to(device, torch.float32).clone()) for l in m.lambdas]
         return lams, lambda X: tera_forward(X, list(lams), core, factors, m.spec, m.scale)
     if m.kind != "linear" or m.dora:
-        raise ValueError("only linear, non-DoRA LoRA or TeRA modules can be tuned")
+        raise SurgeryError(f"a {'DoRA' if m.dora else m.kind} module: tune handles linear LoRA and TeRA modules")
     B, A = (torch.nn.Parameter(t.clone()) for t in m.factors(torch.float32, device))
     return [B, A], lambda X: (X @ A.T) @ B.T * m.scale
 
@@ -62,15 +61,13 @@ def _written(m, params: list[torch.Tensor]):
     return replace(m, B=B.reshape(tuple(m.B.shape)).contiguous(), A=A.reshape(tuple(m.A.shape)).contiguous())
 
 
-def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: float = 1e-2,
-                device="cpu", seed: int = 0):
+def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: float = 1e-2, device="cpu"):
     """(tuned student module, before, after, best step) for one module; X (n, in).
 
     `lr` is relative: each tensor's Adam step is lr × its starting RMS (1 for an all-zero tensor), so one value
-    suits LoRA factors and TeRA λ's of any scale.
+    suits LoRA factors and TeRA λ's of any scale. Nothing is random: same inputs, same result.
     """
     dev = resolve_device(device)
-    torch.manual_seed(seed)
     X = X.to(dev, torch.float32)
     with torch.no_grad():
         _, teach = _forward(teacher, dev)
@@ -94,27 +91,28 @@ def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: floa
     before = rel(student)
     if not math.isfinite(before):
         raise SurgeryError("the student's tensors contain NaN or Inf")
-    best, best_step = (float("inf"), None), 0
+    best_loss, best, best_step = math.inf, None, 0
     for step in range(steps + 1):
         loss = loss_fn()
-        if not torch.isfinite(loss):
+        value = float(loss.detach())
+        if not math.isfinite(value):
             break
-        if float(loss.detach()) < best[0]:
-            best, best_step = (float(loss.detach()), [p.detach().clone() for p in params]), step
+        if value < best_loss:
+            best_loss, best, best_step = value, [p.detach().clone() for p in params], step
         if step == steps:
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if best[1] is None or best_step == 0:
+    if best_step == 0:
         return student, before, before, 0
-    out = _written(student, best[1])
+    out = _written(student, best)
     after = rel(out)
     return (out, before, after, best_step) if after < before else (student, before, before, 0)
 
 
 def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *, steps: int = 200,
-         lr: float = 1e-2, device="auto", seed: int = 0, progress=None) -> tuple[Adapter, list[TunedModule]]:
+         lr: float = 1e-2, device="auto", progress=None) -> tuple[Adapter, list[TunedModule]]:
     """Distil `teacher` into `student` module by module on the captured inputs (module path → (n, in))."""
     if steps < 0:
         raise SurgeryError(f"--steps must be ≥ 0, got {steps}")
@@ -145,7 +143,7 @@ def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *
         if not torch.isfinite(X).all():
             raise SurgeryError(f"{key}: captured inputs contain NaN or Inf")
         try:
-            new, before, after, best = tune_module(m, t, X, steps=steps, lr=lr, device=device, seed=seed)
+            new, before, after, best = tune_module(m, t, X, steps=steps, lr=lr, device=device)
         except SurgeryError as e:
             raise SurgeryError(f"module {name}: {e}") from None
         modules[name] = new

@@ -17,11 +17,11 @@ from .adapter import Adapter, LoraModule
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
 from .io.checkpoint import open_checkpoint, read_tensor
+from .io.peft import PREFIX
 from .linalg import randomized_svd, split_factors
 from .rank import Budget, FixedRank, RankRule, budget_ranks
 
 EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")
-PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)

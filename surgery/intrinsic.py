@@ -73,11 +73,11 @@ def _projected_search(X: torch.Tensor, width: int, c: int, seed: int = 0) -> tor
     projection prunes too little (then the full search is cheaper).
 
     P (D, width) spans the leading right singular vectors of 4·width sampled rows; unless it holds 90 % of the
-    variance, pruning is not tried. With
-    ẑ = [Pᵀx, ‖x − PPᵀx‖], LB = ‖ẑ_i − ẑ_j‖² ≤ ‖x_i − x_j‖² (Pythagoras and the reverse triangle inequality); less
-    a float32 rounding margin of 1e-4·(‖x_i‖² + ‖x_j‖²), it is one GEMM of width + 3 columns. Each row's c smallest
-    LB are refined exactly; the row is settled when its (c+1)-th LB is at least the refined second distance, as nothing left out can be
-    nearer. Unsettled rows get the full search. Costs N²·width instead of N²·D multiply-adds.
+    variance, pruning is not tried. With ẑ = [Pᵀx, ‖x − PPᵀx‖], LB = ‖ẑ_i − ẑ_j‖² ≤ ‖x_i − x_j‖² (Pythagoras and the
+    reverse triangle inequality); less a float32 rounding margin of 1e-4·(‖x_i‖² + ‖x_j‖²), it is one GEMM of
+    width + 3 columns. Each row's c smallest LB are refined exactly; the row is settled when its (c+1)-th LB is at
+    least the refined second distance, as nothing left out can be nearer. Unsettled rows get the full search.
+    Costs N²·width instead of N²·D multiply-adds.
     """
     N, D = X.shape
     g = torch.Generator().manual_seed(seed)
@@ -88,7 +88,7 @@ def _projected_search(X: torch.Tensor, width: int, c: int, seed: int = 0) -> tor
     if float(zs.sum()) < 0.9 * float(sq.sum()):  # no dominant subspace: the bounds could not prune
         return None
     Zh = torch.cat([Z, (sq.double() - zs.double()).clamp_(min=0).sqrt().to(X)[:, None]], 1)  # ‖ẑ‖² = ‖x‖²
-    s = sq - 1e-4 * sq  # ‖ẑ‖² less the margin
+    s = (1 - 1e-4) * sq  # ‖ẑ‖² less the margin
     one = torch.ones_like(s)
     left = torch.cat([Zh, s[:, None], one[:, None]], 1)  # left_i · right_j = s_i + s_j − 2 ẑ_i·ẑ_j
     right = torch.cat([-2 * Zh, one[:, None], s[:, None]], 1).T.contiguous()

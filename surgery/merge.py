@@ -21,11 +21,11 @@ import torch
 from .adapter import Adapter, LoraModule, materialize
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
+from .io.peft import PREFIX
 from .io.checkpoint import (INDEX, Checkpoint, TensorSpec, copy_entry, copy_side_files, open_checkpoint,
                             read_tensor)
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 
-PEFT_PREFIX = "base_model.model."
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_",
                   "lycoris_", "lora_")
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -161,7 +161,7 @@ def resolve(adapter: Adapter, ck: Checkpoint) -> tuple[dict[str, str], list[str]
         if adapter.format == "kohya" or adapter.config.get("name_style") == "kohya":
             cands = _kohya_candidates(name, underscored)
         else:
-            cands = _peft_candidates(name.removeprefix(PEFT_PREFIX), weights)
+            cands = _peft_candidates(name.removeprefix(PREFIX), weights)
         if len(cands) == 1:
             found[name] = cands[0]
         elif cands:
@@ -202,7 +202,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
         where = str(adapter.source)
         found, missing = resolve(adapter, ck)
         for name in list(missing):  # an lm_head absent from the file because it is tied to the embedding
-            path = name.removeprefix(PEFT_PREFIX)
+            path = name.removeprefix(PREFIX)
             if (emb := _tied_source(ck, path)) is not None:
                 created[f"{path}.weight"] = emb
                 found[name] = f"{path}.weight"
@@ -259,7 +259,7 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], created: dict,
         if adapter.format == "kohya":
             continue
         for key, t in adapter.passthrough.items():
-            path = key.removeprefix(PEFT_PREFIX)
+            path = key.removeprefix(PREFIX)
             if ".base_layer." in path:
                 continue
             if "trainable_tokens" in path:

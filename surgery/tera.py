@@ -362,12 +362,13 @@ def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: in
     """Replace every `nn.Linear` whose name matches `pattern` (re.search) by a TeRALinear — fresh, or with the
     λ's of `adapter` (a TeRA Adapter whose module names are `base_model.model.<name>` or `<name>`)."""
     from .adapter import materialize
+    from .io.peft import PREFIX
     from .layers import replace_linears
 
     def make(name, mod):
         if adapter is None:
             return TeRALinear(mod, TeraSpec.for_shape(mod.out_features, mod.in_features, order, core_rank, seed))
-        m = adapter.modules.get(f"base_model.model.{name}") or adapter.modules.get(name)
+        m = adapter.modules.get(PREFIX + name) or adapter.modules.get(name)
         return None if m is None else TeRALinear(mod, m.spec, [materialize(l) for l in m.lambdas], m.scale)
 
     return replace_linears(model, pattern, make)
@@ -376,8 +377,9 @@ def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: in
 def adapter_from_model(model: torch.nn.Module, base: str | None = None):
     """The TeRA Adapter of a model's TeRALinear modules (to save with `save_adapter`)."""
     from .adapter import Adapter, TeraModule
+    from .io.peft import PREFIX
 
-    modules = {f"base_model.model.{n}": TeraModule(tuple(l.detach().cpu().clone() for l in m.lambdas), m.spec, m.scale)
+    modules = {PREFIX + n: TeraModule(tuple(l.detach().cpu().clone() for l in m.lambdas), m.spec, m.scale)
                for n, m in model.named_modules() if isinstance(m, TeRALinear)}
     specs = [m.spec for m in modules.values()]
     config = {"name_style": "peft", "base_model_name_or_path": base,

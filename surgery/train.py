@@ -14,10 +14,9 @@ from typing import Callable, Mapping
 import torch
 
 from .errors import SurgeryError
+from .io.peft import PREFIX
 from .linalg import core_factors, core_svd
 from .tera import TeRALinear
-
-PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(torch.nn.Module):
@@ -201,8 +200,7 @@ def _sync_peft_config(model) -> None:
     for a, cfg in model.peft_config.items():
         if a not in active:
             continue
-        adapter = lora_adapter(model, adapter_name=a)
-        new = updated_config(adapter)
+        new = updated_config(lora_adapter(model, adapter_name=a, copy=False))
         for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
             setattr(cfg, key, new[key])
 
@@ -272,17 +270,19 @@ class InSqueeze:
 # ---------------------------------------------------------------- export
 
 
-def lora_adapter(model: torch.nn.Module, base: str | None = None, adapter_name: str | None = None):
-    """The LoRA Adapter of a model's LoRA layers (PEFT names, fp32 copies), to save with `save_adapter`."""
+def lora_adapter(model: torch.nn.Module, base: str | None = None, adapter_name: str | None = None,
+                 copy: bool = True):
+    """The LoRA Adapter of a model's LoRA layers (PEFT names, fp32 CPU copies — or, with copy=False, views of the
+    live parameters, enough for ranks and scales), to save with `save_adapter`."""
     from .adapter import Adapter, LoraModule
 
     modules = {}
     for name, site in lora_sites(model).items():
         if adapter_name is not None and site.adapter != adapter_name:
             continue
-        key = name if name.startswith(PEFT_PREFIX) else PEFT_PREFIX + name
-        modules[key] = LoraModule(A=site.A.detach().float().cpu().clone(), B=site.B.detach().float().cpu().clone(),
-                                  scale=site.scale)
+        key = name if name.startswith(PREFIX) else PREFIX + name
+        A, B = (t.detach().float().cpu().clone() if copy else t.detach() for t in (site.A, site.B))
+        modules[key] = LoraModule(A=A, B=B, scale=site.scale)
     if not modules:
         raise SurgeryError("the model has no LoRA layers")
     if hasattr(model, "peft_config"):

@@ -249,3 +249,7 @@ def test_cli_capture_module_inputs_and_tune_on_minilm(minilm, tmp_path):
     r = CliRunner().invoke(main, ["capture", str(minilm), "--texts", str(FIXTURES / "sentences.txt"),
                                   "--module-inputs", "--targets", "(", "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 1 and "bad regex" in r.output and not (tmp_path / "x.safetensors").exists()
+    r = CliRunner().invoke(main, ["capture", str(minilm), "--texts", str(FIXTURES / "sentences.txt"),
+                                  "--targets", "query", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "--targets goes with --module-inputs" in r.output
+    assert not (tmp_path / "x.safetensors").exists()
