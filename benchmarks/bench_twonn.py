@@ -6,7 +6,8 @@ Data (float64): `linear` — N points on a 12-dimensional linear manifold embedd
 (a dominant subspace: surgery's projection-pruned search applies); `curved` — a 12-dimensional manifold bent
 through random Fourier features, cos(uW + b), whose spectrum has no small dominant subspace (the full search);
 `minilm` — real hidden states: block 3 of all-MiniLM-L6-v2 (dimension 384) on fixtures/docstring-sentences.txt,
-N capped by the tokens available, duplicates removed first (DADApy refuses them). Each estimator is timed in this process on the same array (medians), with its estimate; surgery runs on the CPU.
+N capped by the tokens available, duplicates removed first (DADApy refuses them). Each estimator is timed in this process on the same array, the runs interleaved (medians, and the median
+of the per-run ratios), with its estimate; surgery runs on the CPU.
 """
 from __future__ import annotations
 
@@ -64,21 +65,21 @@ def main():
         if args.only:
             runs = {k: v for k, v in runs.items() if k.split()[0].lower().replace("scikit-dimension", "skdim")
                     in args.only}
-        res = {}
-        for name, fn in runs.items():
-            times, est = [], None
-            for _ in range(args.repeats if n <= 5000 else 1):
+        times, est = {name: [] for name in runs}, {}
+        for _ in range(args.repeats if n <= 5000 else 1):  # interleaved: each sees the same machine load
+            for name, fn in runs.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     t0 = time.perf_counter()
-                    est = fn()
-                    times.append(time.perf_counter() - t0)
-            res[name] = (statistics.median(times), est)
+                    est[name] = fn()
+                    times[name].append(time.perf_counter() - t0)
         print(f"{kind}, N = {len(X)}, dim {X.shape[1]}:")
-        for name, (t, est) in res.items():
-            vs = f"   ({res['DADApy'][0] / t:.1f}× vs DADApy)" if "DADApy" in res else ""
-            print(f"  {name:22s} {t:8.2f} s   ID {est:.8f}{vs}")
-
+        for name, ts in times.items():
+            vs = ""
+            if "DADApy" in times and name != "DADApy":
+                ratios = [d / t for d, t in zip(times["DADApy"], ts)]
+                vs = f"   ({statistics.median(ratios):.1f}× vs DADApy; per run {', '.join(f'{r:.1f}' for r in ratios)})"
+            print(f"  {name:22s} {statistics.median(ts):8.2f} s   ID {est[name]:.8f}{vs}")
 
 if __name__ == "__main__":
     main()

@@ -68,6 +68,39 @@ def test_blocked_search_equals_one_block_and_legacy_cdf():
     assert id_from_mu(torch.from_numpy(mu), legacy_cdf=True) == pytest.approx((x @ y) / (x @ x), rel=1e-12)
 
 
+def hard_case(kind, rng):
+    if kind == "clusters-interleaved":  # 20 tight clusters, rows dealt round-robin: each block's own rows are far
+        c = rng.normal(size=(20, 30)) * 10
+        return (c[:, None] + 0.01 * rng.normal(size=(20, 30, 30))).transpose(1, 0, 2).reshape(600, 30)
+    if kind == "clusters-sorted":
+        c = rng.normal(size=(20, 30)) * 10
+        return (c[:, None] + 0.01 * rng.normal(size=(20, 30, 30))).reshape(600, 30)
+    if kind == "grid-ties":  # integer points: many equal distances and duplicates
+        return rng.integers(0, 4, size=(500, 6)).astype(float)
+    if kind == "offset":  # tiny spread far from the origin: the centring carries the precision
+        return 1e3 + 1e-3 * rng.normal(size=(400, 64))
+    return rng.normal(size=(9, 5))  # "tiny"
+
+
+@pytest.mark.parametrize("loose", [4, 0])
+@pytest.mark.parametrize("kind", ["clusters-interleaved", "clusters-sorted", "grid-ties", "offset", "tiny"])
+def test_search_is_exact_on_hard_inputs(kind, loose, monkeypatch):
+    """Every block size and candidate count gives the float64 cdist distances, also when every block pair is
+    selected by top-k (loose = 0); the input is not modified."""
+    monkeypatch.setattr(intrinsic, "LOOSE", loose)
+    X = hard_case(kind, np.random.default_rng(3))
+    D = np.sort(cdist(X, X) + np.diag(np.full(len(X), np.inf)), axis=1)[:, :2]
+    for dtype in (torch.float64, torch.float32):
+        t = torch.from_numpy(X).to(dtype)
+        before = t.clone()
+        ref = D if dtype == torch.float64 else np.sort(cdist(t.double().numpy(), t.double().numpy()) +
+                                                        np.diag(np.full(len(X), np.inf)), axis=1)[:, :2]
+        for block, cand in [(None, None), (7, 2), (64, 4), (len(X), 8)]:
+            r1, r2 = nn_distances(t, block=block, candidates=cand)
+            np.testing.assert_allclose(np.stack([r1, r2], 1), ref, rtol=1e-12, atol=0)
+        assert torch.equal(t, before)
+
+
 @pytest.mark.parametrize("kind", ["subspace", "gauss"])
 def test_projected_search_is_exact(kind):
     """The projection-pruned search (used when D ≥ 4·project) gives the same distances as the full search — on data
@@ -82,7 +115,8 @@ def test_projected_search_is_exact(kind):
     D = torch.from_numpy(cdist(X, X)).fill_diagonal_(float("inf")).sort(dim=1).values  # float64 differences
     assert torch.allclose(pruned[0], D[:, 0], rtol=1e-5, atol=0) and torch.allclose(pruned[1], D[:, 1], rtol=1e-5)
     assert (pruned[0][:30] == 0).all()
-    pruning = intrinsic._projected_search((t - t.mean(0)).float(), 16, 3)
+    Xc = (t - t.mean(0)).float()
+    pruning = intrinsic._projected_search(Xc, Xc.square().sum(1), 16, 3)
     assert (pruning is None) == (kind == "gauss")  # the subspace case really went through the pruned search
 
 
