@@ -1,10 +1,10 @@
 """GeLoRA: intrinsic dimension of hidden states (TwoNN) and ranks from it (methods.md §4).
 
 `nn_distances` finds each point's two nearest neighbours with blocked matrix products in float32 on the chosen
-device — pruned exactly through a low-dimensional projection when the data have a dominant subspace — and
-recomputes the candidates' distances from explicit differences, so memory stays at one block of rows and results
-match the reference libraries. `two_nn` is the
-estimator of Facco et al. (2017) as scikit-dimension 0.5 and DADApy compute it.
+device — pruned through a low-dimensional projection when the data have a dominant subspace — and settles them
+from explicit float64 differences, with error bounds deciding what must be checked, so memory stays at one block
+of rows and the distances are exactly those the reference libraries compute. `two_nn` is the estimator of Facco
+et al. (2017) as scikit-dimension 0.5 and DADApy compute it.
 """
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def _pair_distances(X: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
 
 
 def _above(f: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the entries of f (m, n) above min(rows_i, cols_j) — or at least rows_i when cols is None;
-    on the CPU through numpy (its nonzero is 6× faster than torch's)."""
+    """Flat indices of the entries of f (m, n) above min(rows_i, cols_j), or above rows_i when cols is None; on
+    the CPU through numpy (its nonzero is 6× faster than torch's)."""
     if f.device.type != "cpu":
         thr = rows[:, None] if cols is None else torch.minimum(rows[:, None], cols[None])
         return torch.gt(f, thr).flatten().nonzero().squeeze(1)
@@ -134,16 +134,15 @@ def _merge(best_v: torch.Tensor, best_i: torch.Tensor, r: torch.Tensor, c: torch
 
 
 def _symmetric_search(M: torch.Tensor, k: int, block: int | None):
-    """Candidates for `_settle`: the k nearest other rows of X (N, D) by float32 GEMM, given M = [X, −‖x‖²/2, 1]
-    (N, D + 2). Returns idx (N, k), lower (N, k), floor (N,).
+    """The k nearest other rows of X (N, D) by float32 GEMM, given M = [X, −‖x‖²/2, 1] (N, D + 2): their indices
+    (N, k) and scores −‖x_i − x_j‖²/2 (N, k), best first.
 
     One GEMM per block pair I ≤ J gives f = x_i·x_j − ‖x_i‖²/2 − ‖x_j‖²/2 = −‖x_i − x_j‖²/2 for the rows of I
     and of J at once. The diagonal blocks come first: each row's k best there set its threshold (its k-th best
     score so far). In an off-diagonal block only the entries above the row's or the column's threshold can
     enter either's k best; those few are merged (tightening the thresholds) instead of selecting over whole
     rows and columns. Where they are not few (no useful threshold yet), both sides are selected by top-k.
-    The float32 error of ‖x_i − x_j‖² is at most (3D + 16)·2⁻²⁴·(‖x_i‖² + ‖x_j‖²) (GEMM of D + 2 terms and the
-    norms), which gives the bounds. Memory: one block pair of scores and two masks (block² · 6 bytes)."""
+    Memory: one block pair of scores, thresholds and mask (block² · 9 bytes)."""
     N, dev = M.shape[0], M.device
     if block is None:
         block = 2048 if dev.type == "cpu" else math.isqrt(BLOCK_BYTES // 6)
@@ -159,15 +158,15 @@ def _symmetric_search(M: torch.Tensor, k: int, block: int | None):
         n, g = j1 - j0, (j1 - j0) // k
         if g >= 2:  # each row's k best are ≥ the least of its maxima over k column groups (k distinct entries)
             floor = f[:, :k * g].view(n, k, g).amax(2).amin(1)
-            hit = _above(f, torch.nextafter(floor, torch.tensor(-math.inf)), None)
+            hit = _above(f, torch.nextafter(floor, floor.new_full((), -math.inf)), None)  # ≥ floor
             i, j = hit // n, hit % n
             _merge(best_v, best_i, i + j0, j + j0, f.flatten()[hit] + a[i])
         else:
             v, ix = f.topk(min(k, n), dim=1)
             best_v[j0:j1, :v.shape[1]], best_i[j0:j1, :v.shape[1]] = v + a[:, None], ix + j0
-    for b, (j0, j1) in enumerate(spans):
+    for J, (j0, j1) in enumerate(spans):
         M[j0:j1, -2:] = M[j0:j1, -2:].flip(1)  # rows of J as [x, 1, a] (for a while): M_I · M_Jᵀ = f
-        for i0, i1 in spans[:b]:
+        for i0, i1 in spans[:J]:
             f = _mm(M[i0:i1], M[j0:j1].T)
             tau = best_v[:, -1].contiguous()  # each row's k-th best score so far
             hit = _above(f, tau[i0:i1], tau[j0:j1])
@@ -176,87 +175,84 @@ def _symmetric_search(M: torch.Tensor, k: int, block: int | None):
                 top.scatter_(1, f.topk(k, dim=1).indices, 1.0).scatter_(0, f.topk(k, dim=0).indices, 1.0)
                 hit = _above(top, torch.zeros(len(top), device=dev), None)  # the k best of each row and column
             i, j, v = hit // (j1 - j0) + i0, hit % (j1 - j0) + j0, f.flatten()[hit]
-            a, b = v > tau[i], v > tau[j]  # a hit for row i, for row j (or both)
-            o = j[b].argsort()  # the hits come sorted by i; the rows of I come before those of J
-            _merge(best_v, best_i, torch.cat([i[a], j[b][o]]), torch.cat([j[a], i[b][o]]), torch.cat([v[a], v[b][o]]))
+            for_i, for_j = v > tau[i], v > tau[j]  # a hit for row i, for row j (or both)
+            o = j[for_j].argsort()  # the hits come sorted by i; the rows of I come before those of J
+            _merge(best_v, best_i, torch.cat([i[for_i], j[for_j][o]]), torch.cat([j[for_i], i[for_j][o]]),
+                   torch.cat([v[for_i], v[for_j][o]]))
         M[j0:j1, -2:] = M[j0:j1, -2:].flip(1)
-    d2, sq, slack = -2 * best_v, -2 * M[:, -2], _slack(M.shape[1] - 2)
-    # a row j outside the candidates has approximate d2 ≥ d2[:, -1], and ‖x_j‖² ≤ 2‖x_i‖² + 2‖x_i − x_j‖²
-    return best_i, d2 - slack * (sq[:, None] + sq[best_i]), (d2[:, -1] - 3 * slack * sq) / (1 + 2 * slack)
+    return best_i, best_v
 
 
-def _projected_search(X: torch.Tensor, sq: torch.Tensor, width: int, c: int, seed: int = 0):
-    """Candidates for `_settle` (idx (N, c), lower (N, c), floor (N,)) pruned through a projection, or None when
-    the data have no dominant subspace or the bounds prune too little (then the full search is cheaper).
-
-    P (D, width) spans the leading right singular vectors of 4·width sampled rows; unless it holds 90 % of the
-    variance of 4·width other sampled rows, pruning is not tried. With ẑ = [Pᵀx, ‖x − PPᵀx‖],
-    LB = ‖ẑ_i − ẑ_j‖² ≤ ‖x_i − x_j‖² (Pythagoras and the reverse triangle inequality); less a float32 rounding
-    margin of 1e-4·(‖x_i‖² + ‖x_j‖²), it is one GEMM of width + 3 columns. A row's c smallest LB are its
-    candidates and its (c+1)-th bounds all the others. Costs N²·width instead of N²·D multiply-adds.
-    """
-    N, D = X.shape
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(N, generator=g)[:8 * width].to(X.device)
-    S, H = X[pick[:4 * width]].double(), X[pick[4 * width:]].double()
+def _dominant_subspace(X: torch.Tensor, mean: torch.Tensor, width: int, seed: int = 0) -> torch.Tensor | None:
+    """P (D, ≤ width) float64, orthonormal: the leading right singular vectors of 4·width sampled centred rows of
+    X — or None unless P holds 90 % of the variance of 4·width other sampled rows (no dominant subspace)."""
+    pick = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(seed))[:8 * width]
+    S = X[pick.to(X.device)].to(mean.device, torch.float64) - mean
+    S, H = S[:4 * width], S[4 * width:]
     w, U = torch.linalg.eigh(S @ S.T)  # the sample's right singular vectors, from its Gram matrix
     keep = w[-width:] > 1e-9 * w[-1]
-    P = torch.linalg.qr(S.T @ U[:, -width:][:, keep]).Q  # (D, ≤ width), orthonormal
-    if float((H @ P).square().sum()) < 0.9 * float(H.square().sum()):  # no dominant subspace
+    P = torch.linalg.qr(S.T @ U[:, -width:][:, keep]).Q
+    return P if float((H @ P).square().sum()) >= 0.9 * float(H.square().sum()) else None
+
+
+def _projected_search(X: torch.Tensor, Mz: torch.Tensor, c: int):
+    """Candidates for `_settle` (idx (N, c), lower (N, c), floor (N,)) pruned through a projection, or None when
+    the bounds prune too little (then the full search is cheaper). Mz (N, width + 3) = [ẑ, −s/2, 1], made by
+    `nn_distances`.
+
+    With ẑ = [Pᵀx, ‖x − PPᵀx‖] (in float64), LB = ‖ẑ_i − ẑ_j‖² ≤ ‖x_i − x_j‖² (Pythagoras and the reverse
+    triangle inequality) is s_i + s_j − 2ẑ_i·ẑ_j with s = ‖x‖² less the float32 margin of `_slack`: a GEMM of
+    width + 3 columns. A row's c smallest LB are its candidates and its (c+1)-th bounds all the others;
+    `_symmetric_search` finds them. Costs N²·width/2 instead of N²·D/2 multiply-adds."""
+    p, dev = min(Mz.shape[0], 256), Mz.device  # probe whether the bounds settle most of the first rows
+    f = _mm(Mz[:p], torch.cat([Mz[:, :-2], Mz[:, -1:], Mz[:, -2:-1]], 1).T)  # −LB/2, as the search scores
+    f[torch.arange(p, device=dev), torch.arange(p, device=dev)] = -math.inf
+    v, ix = f.topk(c + 1, dim=1)
+    if int((-2 * v[:, c].double().cpu() < _refine(X, torch.arange(p), ix[:, :c])[:, 1].square()).sum()) > p // 4:
         return None
-    P = P.to(X)
-    Z = _mm(X, P)
-    zs = Z.square().sum(1)
-    Zh = torch.cat([Z, (sq.double() - zs.double()).clamp_(min=0).sqrt().to(X)[:, None]], 1)  # ‖ẑ‖² = ‖x‖²
-    s = (1 - 1e-4) * sq  # ‖ẑ‖² less the margin
-    one = torch.ones_like(s)
-    left = torch.cat([Zh, s[:, None], one[:, None]], 1)  # left_i · right_j = s_i + s_j − 2 ẑ_i·ẑ_j
-    right = torch.cat([-2 * Zh, one[:, None], s[:, None]], 1).T.contiguous()
-    out = []
-    rows = max(1, min(N, BLOCK_BYTES // (4 * N)))
-    starts = [0, *range(min(rows, 256), N, rows)]  # a first small block probes whether pruning works
-    for i0, i1 in zip(starts, [*starts[1:], N]):
-        lb = _mm(left[i0:i1], right)
-        lb[torch.arange(i1 - i0, device=X.device), torch.arange(i0, i1, device=X.device)] = math.inf
-        v, ix = lb.topk(c + 1, dim=1, largest=False)
-        if i0 == 0:
-            r2 = _refine(X, torch.arange(i1), ix[:, :c])[:, 1].square()
-            if int((v[:, c].double().cpu() < r2).sum()) > i1 // 4:
-                return None
-        out.append((ix[:, :c], v[:, :c], v[:, c]))
-    return tuple(torch.cat(t) for t in zip(*out))
+    idx, v = _symmetric_search(Mz, c + 1, None)
+    return idx[:, :c], -2 * v[:, :c], -2 * v[:, c]
 
 
 def nn_distances(X: torch.Tensor, device: str | torch.device = "cpu", candidates: int | None = None,
                  block: int | None = None, project: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(r1, r2): distances of each row of X (N, D) to its first and second nearest other rows, float64 (CPU).
 
-    The data are centred (in float64) and cast to float32 on the chosen device. When D ≥ 4·project, the search is
-    first pruned exactly through a `project`-wide projection (`_projected_search`: N²·project work when the data
-    have a dominant subspace); otherwise, or when that prunes too little, the float32 GEMM search over
-    symmetric block pairs runs (`_symmetric_search`, N²·D/2). Either gives candidates with rigorous bounds, which
-    `_settle` turns into exact distances, as the reference libraries compute them. Memory: X in float32 plus
-    one block of scores (≤ BLOCK_BYTES).
+    The data are centred (in float64) and cast to float32 on the chosen device. When they have a dominant
+    `project`-wide subspace (`_dominant_subspace`; tried for D ≥ 4·project), the search is first pruned through
+    the projection (`_projected_search`, N²·project/2 work); otherwise, or when that prunes too little, the
+    float32 GEMM search over symmetric block pairs runs (`_symmetric_search`, N²·D/2; its float32 error, at most
+    `_slack`, bounds the distances). Either gives candidates with bounds that hold whatever the float32 rounding,
+    which `_settle` turns into the exact float64 distances of the data as given (as the reference libraries
+    compute them). Memory: X in float32 plus one block of scores (≤ BLOCK_BYTES).
     """
     N, D = X.shape
     if N < 3:
         raise SurgeryError(f"TwoNN needs at least 3 points, got {N}")
     dev = resolve_device(device)
-    mean = X.sum(0, dtype=torch.float64) / N
-    M = torch.empty(N, D + 2, dtype=torch.float32, device=dev)  # [X − mean, −‖x − mean‖²/2, 1]
-    step = max(1, (1 << 21) // (8 * D))  # a few rows at a time, in cache
-    for i0 in range(0, N, step):
-        x = X[i0:i0 + step].to(device=dev, dtype=torch.float64, copy=True).sub_(mean)
-        M[i0:i0 + step, :D], M[i0:i0 + step, D] = x, x.square().sum(1).mul_(-0.5)
-    M[:, D + 1] = 1
-    Xc, sq = M[:, :D], M[:, D] * -2
-    k = min(candidates or (8 if D >= 1024 else 4), N - 1)  # the float32 error bound, ∝ D, needs more to settle
     with _single_torch_thread(dev.type == "cpu"):
-        found = None
-        if project and D >= 4 * project and N > 8 * project:
-            found = _projected_search(Xc, sq, project, k)
+        mean = (X.sum(0, dtype=torch.float64) / N).to(dev)
+        P = _dominant_subspace(X, mean, project) if project and D >= 4 * project and N > 8 * project else None
+        M = torch.empty(N, D + 2, dtype=torch.float32, device=dev)  # [X − mean, −‖x − mean‖²/2, 1]
+        Mz = None if P is None else torch.ones(N, P.shape[1] + 3, dtype=torch.float32, device=dev)  # [ẑ, −s/2, 1]
+        step = max(1, (1 << 22) // (8 * D))  # a few rows at a time, in cache
+        for i0 in range(0, N, step):
+            x = X[i0:i0 + step].to(device=dev, dtype=torch.float64, copy=True).sub_(mean)
+            sq = x.square().sum(1)
+            M[i0:i0 + step, :D], M[i0:i0 + step, D] = x, sq * -0.5
+            if Mz is not None:
+                z = _mm(x, P)
+                Mz[i0:i0 + step, :-3], Mz[i0:i0 + step, -3] = z, (sq - z.square().sum(1)).clamp_(min=0).sqrt_()
+                Mz[i0:i0 + step, -2] = sq * (-0.5 * (1 - _slack(D)))  # s: ‖ẑ‖² (= ‖x‖²) less the margin
+        M[:, D + 1] = 1
+        Xc, sq = M[:, :D], M[:, D] * -2
+        k = min(candidates or (8 if D >= 1024 else 4), N - 1)  # the float32 error bound, ∝ D, needs more to settle
+        found = None if Mz is None else _projected_search(X, Mz, k)
         if found is None:
-            found = _symmetric_search(M, k, block)
+            idx, v = _symmetric_search(M, k, block)
+            d2, slack = -2 * v, _slack(D)
+            # a row j outside the candidates has approximate d2 ≥ d2[:, -1], and ‖x_j‖² ≤ 2‖x_i‖² + 2‖x_i − x_j‖²
+            found = idx, d2 - slack * (sq[:, None] + sq[idx]), (d2[:, -1] - 3 * slack * sq) / (1 + 2 * slack)
         r = _settle(X, Xc, sq, *found)
     return r[:, 0].contiguous(), r[:, 1].contiguous()
 
