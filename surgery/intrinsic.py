@@ -145,7 +145,7 @@ def _symmetric_search(M: torch.Tensor, k: int, block: int | None):
     Memory: one block pair of scores, thresholds and mask (block² · 9 bytes)."""
     N, dev = M.shape[0], M.device
     if block is None:
-        block = 2048 if dev.type == "cpu" else math.isqrt(BLOCK_BYTES // 6)
+        block = 2048 if dev.type == "cpu" else math.isqrt(BLOCK_BYTES // 9)
     nb = math.ceil(N / max(block, k + 1))
     edges = [round(i * N / nb) for i in range(nb + 1)]
     spans = list(zip(edges[:-1], edges[1:]))
@@ -230,23 +230,23 @@ def nn_distances(X: torch.Tensor, device: str | torch.device = "cpu", candidates
     if N < 3:
         raise SurgeryError(f"TwoNN needs at least 3 points, got {N}")
     dev = resolve_device(device)
+    mean = (X.sum(0, dtype=torch.float64) / N).to(dev)
+    P = _dominant_subspace(X, mean, project) if project and D >= 4 * project and N > 8 * project else None
+    M = torch.empty(N, D + 2, dtype=torch.float32, device=dev)  # [X − mean, −‖x − mean‖²/2, 1]
+    Mz = None if P is None else torch.ones(N, P.shape[1] + 3, dtype=torch.float32, device=dev)  # [ẑ, −s/2, 1]
+    step = max(1, (1 << 21) // (8 * D))  # a few rows at a time, in cache
+    for i0 in range(0, N, step):
+        x = X[i0:i0 + step].to(device=dev, dtype=torch.float64, copy=True).sub_(mean)
+        sq = x.square().sum(1)
+        M[i0:i0 + step, :D], M[i0:i0 + step, D] = x, sq * -0.5
+        if Mz is not None:
+            z = x @ P
+            Mz[i0:i0 + step, :-3], Mz[i0:i0 + step, -3] = z, (sq - z.square().sum(1)).clamp_(min=0).sqrt_()
+            Mz[i0:i0 + step, -2] = sq * (-0.5 * (1 - _slack(D)))  # s: ‖ẑ‖² (= ‖x‖²) less the margin
+    M[:, D + 1] = 1
+    Xc, sq = M[:, :D], M[:, D] * -2
+    k = min(candidates or (8 if D >= 1024 else 4), N - 1)  # the float32 error bound, ∝ D, needs more to settle
     with _single_torch_thread(dev.type == "cpu"):
-        mean = (X.sum(0, dtype=torch.float64) / N).to(dev)
-        P = _dominant_subspace(X, mean, project) if project and D >= 4 * project and N > 8 * project else None
-        M = torch.empty(N, D + 2, dtype=torch.float32, device=dev)  # [X − mean, −‖x − mean‖²/2, 1]
-        Mz = None if P is None else torch.ones(N, P.shape[1] + 3, dtype=torch.float32, device=dev)  # [ẑ, −s/2, 1]
-        step = max(1, (1 << 22) // (8 * D))  # a few rows at a time, in cache
-        for i0 in range(0, N, step):
-            x = X[i0:i0 + step].to(device=dev, dtype=torch.float64, copy=True).sub_(mean)
-            sq = x.square().sum(1)
-            M[i0:i0 + step, :D], M[i0:i0 + step, D] = x, sq * -0.5
-            if Mz is not None:
-                z = _mm(x, P)
-                Mz[i0:i0 + step, :-3], Mz[i0:i0 + step, -3] = z, (sq - z.square().sum(1)).clamp_(min=0).sqrt_()
-                Mz[i0:i0 + step, -2] = sq * (-0.5 * (1 - _slack(D)))  # s: ‖ẑ‖² (= ‖x‖²) less the margin
-        M[:, D + 1] = 1
-        Xc, sq = M[:, :D], M[:, D] * -2
-        k = min(candidates or (8 if D >= 1024 else 4), N - 1)  # the float32 error bound, ∝ D, needs more to settle
         found = None if Mz is None else _projected_search(X, Mz, k)
         if found is None:
             idx, v = _symmetric_search(M, k, block)
