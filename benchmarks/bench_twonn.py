@@ -66,7 +66,7 @@ def main():
             runs = {k: v for k, v in runs.items() if k.split()[0].lower().replace("scikit-dimension", "skdim")
                     in args.only}
         times, est = {name: [] for name in runs}, {}
-        for _ in range(args.repeats if n <= 5000 else 1):  # interleaved: each sees the same machine load
+        for _ in range(args.repeats if len(X) <= 12000 else 1):  # interleaved: each sees the same machine load
             for name, fn in runs.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
