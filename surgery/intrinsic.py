@@ -72,7 +72,7 @@ def _settle(X: torch.Tensor, Xc: torch.Tensor, sq: torch.Tensor, idx: torch.Tens
     approximation (far-off, tight clusters) costs time, never exactness."""
     N, c = idx.shape
     r = _refine(X, torch.arange(N), idx[:, :2])
-    tie = 1 + 1e-5  # the refined distances' own rounding
+    tie = 1 + 1e-5  # room for the rounding of the comparisons themselves (float32 in the hard rows)
     again = (lower[:, 2:].double().cpu() < r[:, 1:].square() * tie).any(1).nonzero().flatten()
     if again.numel():
         r[again] = _refine(X, again, idx[again.to(idx.device)])[:, :2]

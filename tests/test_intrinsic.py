@@ -77,13 +77,17 @@ def hard_case(kind, rng):
         return (c[:, None] + 0.01 * rng.normal(size=(20, 30, 30))).reshape(600, 30)
     if kind == "grid-ties":  # integer points: many equal distances and duplicates
         return rng.integers(0, 4, size=(500, 6)).astype(float)
+    if kind == "clusters-subspace":  # tight clusters in an 8-dimensional subspace of 256, far from the origin:
+        c = 10 * rng.normal(size=(20, 1, 8)) + 0.05 * rng.normal(size=(20, 30, 8))  # pruning is tried, gives up
+        return 1e3 + c.reshape(600, 8) @ rng.normal(size=(8, 256)) + 1e-5 * rng.normal(size=(600, 256))
     if kind == "offset":  # tiny spread far from the origin: the centring carries the precision
         return 1e3 + 1e-3 * rng.normal(size=(400, 64))
     return rng.normal(size=(9, 5))  # "tiny"
 
 
 @pytest.mark.parametrize("loose", [4, 0])
-@pytest.mark.parametrize("kind", ["clusters-interleaved", "clusters-sorted", "grid-ties", "offset", "tiny"])
+@pytest.mark.parametrize("kind", ["clusters-interleaved", "clusters-sorted", "clusters-subspace", "grid-ties",
+                                  "offset", "tiny"])
 def test_search_is_exact_on_hard_inputs(kind, loose, monkeypatch):
     """Every block size and candidate count gives the float64 cdist distances, also when every block pair is
     selected by top-k (loose = 0); the input is not modified."""
