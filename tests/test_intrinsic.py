@@ -124,6 +124,16 @@ def test_projected_search_is_exact(kind, monkeypatch):
     assert (pruned[0][:30] == 0).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kind", ["subspace", "clusters-interleaved", "grid-ties"])
+def test_cuda_search_equals_cpu(kind):
+    """On CUDA (full and pruned search, exact settling on the CPU) the distances are the CPU's, bit for bit."""
+    X = dataset(kind, n=3000) if kind == "subspace" else hard_case(kind, np.random.default_rng(3))
+    t = torch.from_numpy(np.pad(X, ((0, 0), (0, 200))) if kind == "subspace" else X)  # D ≥ 128: pruning tried
+    cpu, gpu = nn_distances(t), nn_distances(t, device="cuda")
+    assert torch.equal(cpu[0], gpu[0]) and torch.equal(cpu[1], gpu[1])
+
+
 def test_refusals():
     with pytest.raises(SurgeryError, match="at least 100"):
         two_nn(torch.randn(50, 8))
