@@ -92,7 +92,7 @@ def _settle(X: torch.Tensor, Xc: torch.Tensor, sq: torch.Tensor, idx: torch.Tens
         o = o[i[o].argsort(stable=True)]  # by row, nearest first
         start = torch.searchsorted(i[o], torch.arange(h.numel()))
         ok = torch.bincount(i, minlength=h.numel()) >= 2  # always, as the refined two qualify
-        r[h[ok]] = d[o][torch.stack([start, start + 1], 1)][ok]
+        r[h[ok]] = d[o][torch.stack([start, start + 1], 1)[ok]]
     return r
 
 
