@@ -230,7 +230,10 @@ def nn_distances(X: torch.Tensor, device: str | torch.device = "cpu", candidates
     if N < 3:
         raise SurgeryError(f"TwoNN needs at least 3 points, got {N}")
     dev = resolve_device(device)
-    mean = (X.sum(0, dtype=torch.float64) / N).to(dev)
+    mean = X.sum(0, dtype=torch.float64) / N
+    if not torch.isfinite(mean).all() and not torch.isfinite(X).all():  # the sums first: 7× cheaper
+        raise SurgeryError("contains NaN or Inf")
+    mean = mean.to(dev)
     P = _dominant_subspace(X, mean, project) if project and D >= 4 * project and N > 8 * project else None
     M = torch.empty(N, D + 2, dtype=torch.float32, device=dev)  # [X − mean, −‖x − mean‖²/2, 1]
     Mz = None if P is None else torch.ones(N, P.shape[1] + 3, dtype=torch.float32, device=dev)  # [ẑ, −s/2, 1]
@@ -304,9 +307,10 @@ class TwoNNResult:
 def two_nn(X: torch.Tensor, *, method: str = "linear", discard: float = 0.1, device="cpu", bootstrap: int = 100,
            seed: int = 0, legacy_cdf: bool = False, name: str = "data") -> TwoNNResult:
     """TwoNN intrinsic dimension of the rows of X (N, D), with a bootstrap spread; duplicates are dropped."""
-    if not torch.isfinite(X.sum(0)).all() and not torch.isfinite(X).all():  # the sums first: 7× cheaper
-        raise SurgeryError(f"{name}: contains NaN or Inf")
-    r1, r2 = nn_distances(X, device)
+    try:
+        r1, r2 = nn_distances(X, device)
+    except SurgeryError as e:
+        raise SurgeryError(f"{name}: {e}") from None
     keep = r1 > 0
     mu = (r2[keep] / r1[keep])
     dups = int((~keep).sum())
