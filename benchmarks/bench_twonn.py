@@ -1,13 +1,15 @@
 """TwoNN benchmark against scikit-dimension 0.5 and DADApy (issue: GeLoRA).
 
     python benchmarks/bench_twonn.py [--sizes 4000 20000] [--dim 2048] [--repeats 3]
+                                     [--data linear curved minilm] [--only surgery skdim dadapy]
 
 Data (float64): `linear` — N points on a 12-dimensional linear manifold embedded in `dim` dimensions plus 1 % noise
 (a dominant subspace: surgery's projection-pruned search applies); `curved` — a 12-dimensional manifold bent
 through random Fourier features, cos(uW + b), whose spectrum has no small dominant subspace (the full search);
 `minilm` — real hidden states: block 3 of all-MiniLM-L6-v2 (dimension 384) on fixtures/docstring-sentences.txt,
-N capped by the tokens available, duplicates removed first (DADApy refuses them). Each estimator is timed in this process on the same array, the runs interleaved (medians, and the median
-of the per-run ratios), with its estimate; surgery runs on the CPU.
+N capped by the tokens available, duplicates removed first (DADApy refuses them). Each estimator is timed in this
+process on the same array, the runs interleaved (medians, and the median of the per-run ratios), with its
+estimate; surgery runs on the CPU.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ def main():
                 ratios = [d / t for d, t in zip(times["DADApy"], ts)]
                 vs = f"   ({statistics.median(ratios):.1f}× vs DADApy; per run {', '.join(f'{r:.1f}' for r in ratios)})"
             print(f"  {name:22s} {statistics.median(ts):8.2f} s   ID {est[name]:.8f}{vs}")
+
 
 if __name__ == "__main__":
     main()

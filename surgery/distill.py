@@ -39,6 +39,13 @@ def _match(name: str, inputs: Mapping[str, TensorLike]) -> str | None:
     return next((p for p in inputs if kohya_name(p) == name), None)
 
 
+def _unsupported(m) -> str | None:
+    """What a module is when tune cannot train it (a conv/embedding or DoRA LoRA), else None."""
+    if isinstance(m, TeraModule) or (m.kind == "linear" and not m.dora):
+        return None
+    return "DoRA" if m.dora else m.kind
+
+
 def _forward(m, device) -> tuple[list[torch.nn.Parameter], Callable[[torch.Tensor], torch.Tensor]]:
     """(trainable float32 tensors, X ↦ X ΔWᵀ) for a linear LoRA or TeRA module."""
     if isinstance(m, TeraModule):
@@ -47,8 +54,8 @@ def _forward(m, device) -> tuple[list[torch.nn.Parameter], Callable[[torch.Tenso
         core, factors = shared(m.spec, torch.float32, device)
         lams = [torch.nn.Parameter(materialize(l).to(device, torch.float32).clone()) for l in m.lambdas]
         return lams, lambda X: tera_forward(X, list(lams), core, factors, m.spec, m.scale)
-    if m.kind != "linear" or m.dora:
-        raise SurgeryError(f"a {'DoRA' if m.dora else m.kind} module: tune handles linear LoRA and TeRA modules")
+    if _unsupported(m):
+        raise SurgeryError(f"a {_unsupported(m)} module: tune handles linear LoRA and TeRA modules")
     B, A = (torch.nn.Parameter(t.clone()) for t in m.factors(torch.float32, device))
     return [B, A], lambda X: (X @ A.T) @ B.T * m.scale
 
@@ -133,8 +140,8 @@ def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *
             raise SurgeryError(f"module {name}: captured inputs have {inputs[key].shape[1]} features, the module "
                                f"takes {m.in_features}")
         for who, mod in (("student", m), ("teacher", t)):
-            if not isinstance(mod, TeraModule) and (mod.kind != "linear" or mod.dora):
-                raise SurgeryError(f"module {name}: the {who} is a {'DoRA' if mod.dora else mod.kind} module; "
+            if _unsupported(mod):
+                raise SurgeryError(f"module {name}: the {who} is a {_unsupported(mod)} module; "
                                    "tune handles linear LoRA and TeRA modules")
         plan.append((name, m, t, key))
     modules, report = dict(student.modules), []

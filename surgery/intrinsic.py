@@ -113,7 +113,7 @@ def _above(f: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Ten
         return torch.gt(f, thr).flatten().nonzero().squeeze(1)
     f, rows = f.numpy(), rows.numpy()[:, None]
     thr = rows if cols is None else np.minimum(rows, cols.numpy()[None])
-    return torch.from_numpy(np.flatnonzero(np.greater(f, thr, out=np.empty(f.shape, bool))))
+    return torch.from_numpy(np.flatnonzero(f > thr))
 
 
 def _merge(best_v: torch.Tensor, best_i: torch.Tensor, r: torch.Tensor, c: torch.Tensor, v: torch.Tensor):
@@ -405,7 +405,8 @@ def expand(m, k: int, generator: torch.Generator):
     else:
         bound = 1 / math.sqrt(m.in_features)
         newA, newB = (torch.rand(shape_a, generator=generator) * 2 - 1) * bound, torch.zeros(shape_b)
-    return replace(m, A=torch.cat([A, newA.to(A.dtype)]).contiguous(), B=torch.cat([B, newB.to(B.dtype)], 1).contiguous())
+    return replace(m, A=torch.cat([A, newA.to(A.dtype)]).contiguous(),
+                   B=torch.cat([B, newB.to(B.dtype)], 1).contiguous())
 
 
 def rerank(adapter, ids: Sequence[float], *, formula: str = "diff", min_rank: int = 1, budget: int | None = None,
