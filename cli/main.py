@@ -12,7 +12,7 @@ import click
 
 from surgery import (Budget, Energy, FixedRank, SurgeryError, load_adapter, parse_count, parse_rank_map,
                      save_adapter, squeeze)
-from surgery.io import FORMATS
+from surgery.io import FORMATS, default_output
 from surgery.squeeze import METHODS
 from surgery.squeeze import spectra as compute_spectra
 
@@ -36,6 +36,22 @@ def main():
 
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")(f)
+
+
+def output_option(f):
+    return click.option("-o", "--output", "out", type=click.Path(path_type=str),
+                        help="Where to write: a .safetensors path is one file, any other path a PEFT directory "
+                             "(default: beside the input, named after what was done).")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True, help="Replace an existing output (never an input).")(f)
+
+
+def output_for(adapter, tag: str, fmt: str | None, source=None) -> Path:
+    """The default output of `adapter` (read from `source`): beside it, in `fmt`'s layout (default: the input's)."""
+    layout = FORMATS[fmt or adapter.format].is_dir
+    return default_output(source or adapter.source, tag, layout)
 
 
 def compute_options(f):
@@ -127,8 +143,7 @@ def inspect(adapter, spectrum, as_json):
 
 @main.command(name="squeeze")
 @click.argument("adapter", type=click.Path(path_type=str))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
-              help="Output directory (peft) or file (peft-file, kohya).")
+@output_option
 @click.option("--rank", type=int, help="One target rank for every module.")
 @click.option("--energy", type=float, help="Keep this fraction of each module's energy Σσ² (e.g. 0.95).")
 @click.option("--budget", help="Total factor parameters for the whole adapter, e.g. 2M, 500K.")
@@ -139,8 +154,9 @@ def inspect(adapter, spectrum, as_json):
               help="exact: QR + small SVD of the LoRA product; rsvd: seeded randomized SVD.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Arithmetic precision of the factorisation.")
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), help="Output format (default: the input's).")
-@click.option("--force", is_flag=True, help="Allow the output to replace the input.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
+              help="Output format (default: the output path's layout, in the input's naming).")
+@force_option
 @compute_options
 @json_option
 def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, fmt, force,
@@ -151,7 +167,9 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
     with progress_bar(len(a.modules), "squeeze") as bar:
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1))
-    path = save_adapter(small, out, format=fmt, force=force)
+    tag = (f"r{rank}" if rank is not None else f"e{energy:g}" if energy is not None
+           else f"b{budget}" if budget is not None else "map")
+    path = save_adapter(small, out or output_for(a, tag, fmt), format=fmt, force=force)
     emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
 
 
@@ -199,9 +217,9 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
 @click.option("--budget", help="Total factor parameters, e.g. 20M (ranks ≤ --max-rank).")
 @click.option("--max-rank", type=int, default=128, show_default=True, help="Cap for --energy and --budget.")
 @click.option("--targets", help="Regex searched in tensor names (default: every 2-D .weight but embeddings).")
-@click.option("--format", "fmt", type=click.Choice(["peft", "peft-file", "kohya"]), default="peft",
-              show_default=True)
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "peft-file", "kohya"]),
+              help="Output format (default: peft-file for a .safetensors path, else a PEFT directory).")
+@force_option
 @compute_options
 @json_option
 def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, fmt, force, device, dtype, seed,
@@ -213,10 +231,7 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
     with progress_bar(None, "extract") as bar:
         adapter, report = extract(finetuned, base, rule, targets=targets, max_rank=max_rank, device=device,
                                   dtype=dtype, seed=seed, progress=lambda _: bar.update(1))
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise SurgeryError(f"{out}: exists; choose a new path or pass --force")
-    path = save_adapter(adapter, out_path, format=fmt, force=force)
+    path = save_adapter(adapter, out, format=fmt, force=force, inputs=(finetuned, base))
     emit(report.to_dict(), extract_table(report), path, report.warnings, as_json)
 
 
@@ -225,13 +240,13 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @click.option("--to", "to", required=True, type=click.Choice(["tera", "lora", "peft", "peft-file", "kohya"]),
               help="tera: fit a TeRA adapter to a LoRA; lora: a rank-K LoRA from a TeRA adapter; "
                    "peft/peft-file/kohya: lossless LoRA format conversion.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
+@output_option
 @click.option("--rank", type=int, help="--to lora: the LoRA rank.")
 @click.option("--order", type=int, default=3, show_default=True, help="--to tera: modes per dimension.")
 @click.option("--core-rank", type=int, default=8, show_default=True, help="--to tera: rank of every mode.")
 @click.option("--iters", type=int, default=50, show_default=True, help="--to tera: alternating LS sweeps.")
 @click.option("--save-factors", is_flag=True, help="--to tera: store the shared core and factors in the file.")
-@click.option("--force", is_flag=True, help="Allow the output to replace the input.")
+@force_option
 @click.option("--seed", type=int, default=0, show_default=True, help="--to tera: seed of the shared factors.")
 @json_option
 def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, force, seed, as_json):
@@ -240,7 +255,7 @@ def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, f
 
     a = load_adapter(adapter)
     if to in ("peft", "peft-file", "kohya"):
-        path = save_adapter(a, out, format=to, force=force)
+        path = save_adapter(a, out or output_for(a, to.removesuffix("-file"), to), format=to, force=force)
         click.echo(json.dumps({"output": str(path)}) if as_json else f"wrote {path}")
         return
     if (to == "lora") != (rank is not None):
@@ -255,7 +270,9 @@ def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, f
             if a.format != "tera":
                 raise SurgeryError(f"{adapter}: is not a TeRA adapter (use --to peft/kohya for LoRA formats)")
             new, report = to_lora(a, rank, progress=lambda _: bar.update(1))
-    path = save_adapter(new, out, force=force, **({"save_factors": save_factors} if to == "tera" else {}))
+    path = save_adapter(new, out or output_for(new, "tera" if to == "tera" else f"lora-r{rank}", new.format,
+                                               source=a.source),
+                        force=force, **({"save_factors": save_factors} if to == "tera" else {}))
     if as_json:
         click.echo(json.dumps({"output": str(path), "modules": [r.__dict__ | {"shape": list(r.shape)} for r in report]},
                               indent=2))
@@ -267,12 +284,13 @@ def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, f
 @main.command(name="init-tera")
 @click.argument("base", type=click.Path(path_type=str))
 @click.option("--targets", required=True, help="Regex searched in the base's 2-D weight names.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="A .safetensors file.")
 @click.option("--order", type=int, default=3, show_default=True)
 @click.option("--core-rank", type=int, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-factors", is_flag=True)
-def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors):
+@force_option
+def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, force):
     """A fresh zero-update TeRA adapter for the linear weights of a base checkpoint."""
     import re
 
@@ -289,7 +307,7 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors):
     if not shapes:
         raise SurgeryError(f"{base}: no 2-D weight matches {targets!r}")
     a = fresh_adapter(shapes, order=order, core_rank=core_rank, seed=seed, base=str(base))
-    path = save_adapter(a, out, save_factors=save_factors)
+    path = save_adapter(a, out, force=force, inputs=(base,), save_factors=save_factors)
     click.echo(f"wrote {path}: {len(shapes)} TeRA modules, {a.num_params():,} trainable λ entries")
 
 
@@ -336,7 +354,7 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
 @click.option("--steps", type=int, default=200, show_default=True, help="Adam steps per module (full batch).")
 @click.option("--lr", type=float, default=1e-2, show_default=True,
               help="Relative step size: each tensor moves by about lr × its starting RMS per step.")
-@click.option("--force", is_flag=True, help="Allow the output to replace the input.")
+@force_option
 @click.option("--device", default="auto", show_default=True)
 @json_option
 def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_json):
@@ -349,7 +367,7 @@ def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_js
     with progress_bar(len(s.modules), "tune") as bar:
         new, report = tune(s, t, inputs, steps=steps, lr=lr, device=device,
                            progress=lambda _: bar.update(1))
-    path = save_adapter(new, out, force=force)
+    path = save_adapter(new, out, force=force, inputs=(teacher, activations))
     rows = [[r.name, str(r.tokens), f"{r.before:.4g}", f"{r.after:.4g}", str(r.best_step)] for r in report]
     table = _table(["module", "tokens", "error before", "error after", "best step"], rows, {1, 2, 3, 4})
     emit({"modules": [r.__dict__ for r in report]}, table, path, [], as_json)
@@ -427,7 +445,7 @@ def _plot(results, path):
 @click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True)
+@force_option
 @json_option
 def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand, config_out, targets, method, device,
                seed, force, as_json):
@@ -458,7 +476,7 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
         small, rep = rerank(load_adapter(adapter), ids, formula=formula, min_rank=min_rank,
                             budget=parse_count(budget) if budget else None, expand_ranks=expand, device=device,
                             seed=seed)
-        path = save_adapter(small, out, force=force)
+        path = save_adapter(small, out, force=force, inputs=tuple(p for p in (hidden, ids_file) if p))
         doc.update(rep.squeeze.to_dict(), clipped={n: list(v) for n, v in rep.clipped.items()},
                    expanded=rep.expanded, output=str(path))
         warnings = list(rep.squeeze.warnings) + [

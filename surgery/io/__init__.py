@@ -107,30 +107,65 @@ def kohya_name(name: str) -> str:
     return name.replace(".", "_")
 
 
-def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = None, force: bool = False,
-                 **options) -> Path:
-    """Write `adapter` atomically as `format` (default: its own). Refuses to overwrite its source unless `force`.
-    `options` go to the format's writer (tera: save_factors)."""
-    fmt = format or adapter.format
-    if fmt not in FORMATS:
-        raise SurgeryError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    spec = FORMATS[fmt]
+SUFFIX = ".safetensors"
+
+
+def output_format(adapter: Adapter, out: str | os.PathLike, format: str | None = None) -> str:
+    """The format `adapter` is written in at `out`: `format` if given (it must agree with the path), else the
+    path decides — a `.safetensors` path is one file (a PEFT adapter becomes `peft-file`), any other path a PEFT
+    directory."""
     out = Path(out)
-    if spec.is_dir and out.suffix == ".safetensors":
-        raise SurgeryError(f"{out}: format {fmt} is a directory; give a directory or --format peft-file")
-    if not spec.is_dir and out.is_dir():
-        raise SurgeryError(f"{out}: is a directory but format {fmt} writes one file; give a .safetensors path")
-    if adapter.source is not None and not force and _same_place(adapter.source, out, spec.is_dir):
-        raise SurgeryError(f"{out}: is the input itself; choose another output or pass --force to replace it")
-    spec.write(_convert_names(adapter, fmt), out, **options)
+    is_file = out.name.lower().endswith(SUFFIX)
+    if format is not None:
+        if format not in FORMATS:
+            raise SurgeryError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+        if FORMATS[format].is_dir == is_file:
+            want = "a directory path (no .safetensors suffix)" if FORMATS[format].is_dir else "a .safetensors path"
+            raise SurgeryError(f"{out}: --format {format} writes {'a directory' if FORMATS[format].is_dir else 'one file'}"
+                               f"; give {want}, or leave --format out and the path decides")
+        return format
+    if is_file:
+        return "peft-file" if adapter.format == "peft" else adapter.format
+    if adapter.format in ("kohya", "tera"):
+        raise SurgeryError(f"{out}: a path without {SUFFIX} is written as a PEFT directory, which a {adapter.format} "
+                           f"adapter cannot become here; give a {SUFFIX} path")
+    return "peft"
+
+
+def default_output(source: str | os.PathLike, tag: str, is_dir: bool) -> Path:
+    """Where a result goes without -o: beside its input, named after what was done
+    (`in.safetensors` + `r4` → `in-r4.safetensors`, `my-lora/` + `e0.95` → `my-lora-e0.95/`)."""
+    source = Path(source)
+    stem = source.name[: -len(SUFFIX)] if source.name.lower().endswith(SUFFIX) else source.name
+    return source.with_name(f"{stem}-{tag}" + ("" if is_dir else SUFFIX))
+
+
+def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path:
+    """Refuse an output that is (or holds, or lies inside) one of `inputs` — whatever `force` says — and an
+    existing output unless `force`."""
+    out = Path(out)
+    o = out.resolve()
+    for i in inputs:
+        i = Path(i).resolve()
+        if o == i or i.is_relative_to(o) or (i.is_dir() and o.is_relative_to(i) and o.name in (peft.WEIGHTS, peft.CONFIG)):
+            raise SurgeryError(f"{out}: is an input of this command ({i}); choose another output")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise SurgeryError(f"{out}: exists; choose a new path or pass --force to replace it")
     return out
 
 
-def _files(path: Path, is_dir: bool) -> set[Path]:
-    path = path.resolve()
-    return {path / peft.WEIGHTS, path / peft.CONFIG} if is_dir else {path}
+def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = None, force: bool = False,
+                 inputs=(), **options) -> Path:
+    """Write `adapter` atomically at `out`, in `format` or the one the path implies (`output_format`).
 
-
-def _same_place(source: Path, out: Path, is_dir: bool) -> bool:
-    """Would writing `out` replace a file the adapter was read from?"""
-    return bool(_files(Path(source), Path(source).is_dir()) & _files(out, is_dir))
+    Never over the adapter's own source or any of `inputs`; over an existing path only if `force`.
+    `options` go to the format's writer (tera: save_factors)."""
+    fmt = output_format(adapter, out, format)
+    spec = FORMATS[fmt]
+    out = check_output(out, [*inputs, *([adapter.source] if adapter.source is not None else [])], force)
+    if not spec.is_dir and out.is_dir():
+        raise SurgeryError(f"{out}: is a directory but format {fmt} writes one file; give another path")
+    if spec.is_dir and out.exists() and not out.is_dir():
+        raise SurgeryError(f"{out}: is a file but format {fmt} writes a directory; give another path")
+    spec.write(_convert_names(adapter, fmt), out, **options)
+    return out
