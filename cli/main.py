@@ -409,7 +409,7 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
         return
     rows = [[str(i), f"{r.dimension:.3f}", f"±{r.spread:.3f}", str(r.points), str(r.duplicates)]
             for i, r in enumerate(results)]
-    click.echo(_table(["layer", "ID", "spread", "points", "duplicates dropped"], rows, right={0, 1, 2, 3, 4}))
+    click.echo(_table(["layer", "ID", "spread", "points", "repeated rows merged"], rows, right={0, 1, 2, 3, 4}))
     click.echo(f"(TwoNN {method}, discard {discard}; layer 0 is the embedding output; spread = bootstrap std)")
 
 

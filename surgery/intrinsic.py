@@ -21,7 +21,7 @@ import torch
 from .device import resolve_device
 from .errors import SurgeryError
 
-MIN_POINTS = 100  # below this (after dropping duplicates) the estimate is refused
+MIN_POINTS = 100  # below this many distinct rows the estimate is refused
 BLOCK_BYTES = 1 << 28  # working memory of one step of a search: at most 256 MiB
 U32 = 2.0 ** -24  # float32 unit roundoff
 LOOSE = 4  # hits per row and candidate above which a block pair is selected by top-k instead
@@ -298,27 +298,60 @@ def id_from_mu(mu: torch.Tensor, method: str = "linear", discard: float = 0.1, l
 class TwoNNResult:
     dimension: float
     spread: float  # standard deviation over bootstrap resamples of μ
-    points: int  # points used (duplicates removed)
-    duplicates: int  # points dropped because their nearest neighbour is at distance 0
+    points: int  # distinct rows used
+    duplicates: int  # repeated rows merged into their first copy before the search
     method: str
     discard: float
 
 
+def distinct_rows(X: torch.Tensor) -> torch.Tensor:
+    """Indices (ascending) of the first copy of each distinct row of X (N, D): the rows DADApy's
+    `remove_identical_points` (`np.unique(X, axis=0)`) keeps; values compare equal as numpy's do (−0.0 = 0.0).
+
+    Rows are grouped by 8 spread-out columns; a row is compared whole only with the first of its group (and,
+    in the rare group where that differs, with the others by an exact sort) — a full sort of N records of D
+    values costs 5–20× more, most of it moving the records."""
+    x = X.detach().cpu().contiguous().numpy()
+    N, D = x.shape
+
+    def record(a):  # rows as opaque byte records; + 0 makes −0.0 +0.0, so equal values get equal bytes
+        a = np.ascontiguousarray(a + a.dtype.type(0) if a.dtype.kind == "f" else a)
+        return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
+
+    _, first, inverse = np.unique(record(x[:, np.linspace(0, D - 1, min(D, 8)).astype(int)]),
+                                  return_index=True, return_inverse=True)  # stable: first = the first row's index
+    rep = first[inverse.ravel()]  # (N,) the first row with the same key
+    others = np.flatnonzero(rep != np.arange(N))
+    keep = np.ones(N, dtype=bool)
+    same = (x[others] == x[rep[others]]).all(1)
+    keep[others[same]] = False
+    rest = others[~same]  # equal key, other values: compared whole among themselves (rare)
+    if rest.size:
+        _, f = np.unique(record(x[rest]), return_index=True)
+        keep[rest] = False
+        keep[rest[f]] = True
+    return torch.from_numpy(np.flatnonzero(keep))
+
+
 def two_nn(X: torch.Tensor, *, method: str = "linear", discard: float = 0.1, device="cpu", bootstrap: int = 100,
            seed: int = 0, legacy_cdf: bool = False, name: str = "data") -> TwoNNResult:
-    """TwoNN intrinsic dimension of the rows of X (N, D), with a bootstrap spread; duplicates are dropped."""
+    """TwoNN intrinsic dimension of the distinct rows of X (N, D), with a bootstrap spread.
+
+    Repeated rows are merged into one copy before the neighbour search, as DADApy's `remove_identical_points`
+    does (methods.md §4.1); how many were merged is reported (`duplicates`) and warned about."""
+    keep = distinct_rows(X) if X.ndim == 2 and X.shape[0] else None
+    dups = 0 if keep is None else X.shape[0] - keep.numel()
+    if dups:
+        X = X[keep.to(X.device)]
+        warnings.warn(f"{name}: merged {dups} repeated rows into one copy each ({X.shape[0]} distinct rows)")
+    if X.ndim == 2 and X.shape[0] < MIN_POINTS:
+        raise SurgeryError(f"{name}: {X.shape[0]} distinct points (after merging {dups} repeated rows); TwoNN "
+                           f"needs at least {MIN_POINTS} for a stable estimate")
     try:
         r1, r2 = nn_distances(X, device)
     except SurgeryError as e:
         raise SurgeryError(f"{name}: {e}") from None
-    keep = r1 > 0
-    mu = (r2[keep] / r1[keep])
-    dups = int((~keep).sum())
-    if dups:
-        warnings.warn(f"{name}: dropping {dups} points with zero distance to their nearest neighbour (duplicates)")
-    if mu.numel() < MIN_POINTS:
-        raise SurgeryError(f"{name}: {mu.numel()} points after dropping {dups} duplicates; TwoNN needs at least "
-                           f"{MIN_POINTS} for a stable estimate")
+    mu = r2 / r1
     d = id_from_mu(mu, method, discard, legacy_cdf)
     g = torch.Generator().manual_seed(seed)
     boots = [id_from_mu(mu[torch.randint(0, mu.numel(), (mu.numel(),), generator=g)], method, discard, legacy_cdf)

@@ -42,17 +42,39 @@ def test_twonn_matches_skdim_and_dadapy(kind):
     assert mle0 == pytest.approx(dadapy.Data(X).compute_id_2NN(algorithm="ml")[0], rel=1e-6)
 
 
-def test_duplicates_dropped_exactly_with_a_warning():
+def dadapy_id(X):
+    """DADApy's TwoNN after its own duplicate removal (it prints what it merged)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        d = dadapy.Data(X)
+        d.remove_identical_points()
+        return d.compute_id_2NN()[0]
+
+
+def test_repeated_rows_merged_as_dadapy_does():
     X = dataset("subspace")
-    Xd = np.concatenate([X, X[:60]])
-    with pytest.warns(UserWarning, match="dropping 120 points"):
+    Xd = np.concatenate([X, X[:60], X[:30]])
+    with pytest.warns(UserWarning, match="merged 90 repeated rows"):
         res = two_nn(torch.from_numpy(Xd), bootstrap=0)
-    assert res.duplicates == 120 and res.points == len(Xd) - 120
-    r1, r2 = nn_distances(torch.from_numpy(Xd))
-    with warnings.catch_warnings():  # scikit-dimension on the same (exact) neighbour distances
-        warnings.simplefilter("ignore")
-        ref = skdim.id.TwoNN(dist=True).fit(np.stack([r1.numpy(), r2.numpy()], 1)).dimension_
-    assert res.dimension == pytest.approx(ref, rel=1e-12)
+    assert res.duplicates == 90 and res.points == len(X)
+    assert res.dimension == pytest.approx(dadapy_id(Xd), rel=1e-9)
+    assert res.dimension == pytest.approx(skdim.id.TwoNN().fit(np.unique(Xd, axis=0)).dimension_, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["float", "signed-zero", "grid"])
+def test_distinct_rows_equal_numpy_unique(kind):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 12)).astype(np.float32)
+    X = np.concatenate([X, X[rng.integers(0, 400, 150)]])
+    if kind == "signed-zero":
+        X[:, 3] = 0.0
+        X[rng.integers(0, len(X), 100), 3] = -0.0
+    if kind == "grid":  # many rows agree on the 8 sampled columns but not elsewhere
+        X = rng.integers(0, 2, size=(600, 40)).astype(np.float64)
+    _, first = np.unique(X, axis=0, return_index=True)
+    assert intrinsic.distinct_rows(torch.from_numpy(X)).tolist() == sorted(first.tolist())
 
 
 def test_blocked_search_equals_one_block_and_legacy_cdf():
@@ -213,6 +235,23 @@ def test_capture_real_minilm(minilm, tmp_path):
         results = [two_nn(t, bootstrap=20) for t in load_capture(tmp_path / "a.safetensors").layers]
     assert results[0].duplicates > 0  # same token at the same position: identical embedding-layer states
     assert all(np.isfinite(r.dimension) and 1 < r.dimension < 384 / 10 for r in results)
+
+
+def test_real_minilm_capture_with_repeats_equals_dadapy(minilm, tmp_path):
+    """Every text given twice repeats every layer's rows; the embedding layer repeats tokens too."""
+    from surgery.capture import capture
+
+    texts = (FIXTURES / "sentences.txt").read_text().splitlines()[:30]
+    (tmp_path / "t.txt").write_text("\n".join(texts + texts[:20]) + "\n")
+    cap = capture(minilm, tmp_path / "t.txt", max_tokens=10**6, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = [two_nn(t, bootstrap=0) for t in cap.layers]
+    for t, r in zip(cap.layers, results):
+        X = t.double().numpy()
+        assert r.duplicates == len(X) - len(np.unique(X, axis=0)) > 0
+        assert r.dimension == pytest.approx(dadapy_id(X), rel=1e-6)
+        assert r.dimension == pytest.approx(skdim.id.TwoNN().fit(np.unique(X, axis=0)).dimension_, rel=1e-6)
 
 
 def run(*args):
