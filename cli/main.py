@@ -125,9 +125,17 @@ class _Silent:
 @main.command()
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--spectrum", is_flag=True, help="Also compute each module's singular values (exact, no dense ΔW).")
+@click.option("--plot", type=click.Path(path_type=str),
+              help="With --spectrum: draw σᵢ/σ₁ of every module to this PNG (needs surgery[plot]).")
 @json_option
-def inspect(adapter, spectrum, as_json):
+def inspect(adapter, spectrum, plot, as_json):
     """Show an adapter's format, modules, ranks, scales and sizes."""
+    if plot and not spectrum:
+        raise click.UsageError("--plot goes with --spectrum")
+    if plot:
+        from .plot import _pyplot
+
+        _pyplot()  # a missing matplotlib is said before the work
     a = load_adapter(adapter)
     spectra = None
     if spectrum and a.format == "tera":
@@ -138,7 +146,13 @@ def inspect(adapter, spectrum, as_json):
                    for n, m in a.modules.items()}
     elif spectrum:
         spectra = compute_spectra(a)
+    if plot:
+        from .plot import plot_spectrum
+
+        plot_spectrum(spectra, plot, f"{Path(adapter).name}: {a.format} adapter, {len(a.modules)} modules")
     click.echo(json.dumps(inspect_json(a, spectra), indent=2) if as_json else inspect_table(a, spectra))
+    if plot:
+        click.echo(f"wrote {plot}", err=as_json)
 
 
 @main.command(name="squeeze")
@@ -403,7 +417,9 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
     doc = {"ids": [r.dimension for r in results], "layers": [r.__dict__ for r in results],
            "block_prefix": cap.metadata.get("block_prefix")}
     if plot:
-        _plot(results, plot)
+        from .plot import plot_ids
+
+        plot_ids(results, plot)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -411,22 +427,6 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
             for i, r in enumerate(results)]
     click.echo(_table(["layer", "ID", "spread", "points", "repeated rows merged"], rows, right={0, 1, 2, 3, 4}))
     click.echo(f"(TwoNN {method}, discard {discard}; layer 0 is the embedding output; spread = bootstrap std)")
-
-
-def _plot(results, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SurgeryError("--plot needs matplotlib (pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.errorbar(range(len(results)), [r.dimension for r in results], yerr=[r.spread for r in results], marker="o")
-    ax.set_xlabel("layer (0 = embeddings)")
-    ax.set_ylabel("TwoNN intrinsic dimension")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 @main.command(name="rerank")

@@ -1,0 +1,90 @@
+"""PNG pictures for the CLI (matplotlib, the `plot` extra): the ID profile and the singular-value spectrum."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+
+from surgery import SurgeryError
+
+ENERGIES = (0.9, 0.95, 0.99)
+_TYPE = re.compile(r"(?:^|[._])((?:q|k|v|o|gate|up|down)_proj|to_(?:q|k|v|out(?:_0)?)|query|key|value|dense|"
+                   r"fc1|fc2|c_attn|c_proj|c_fc|w1|w2|w3|proj_in|proj_out|proj|lm_head|embed_tokens)$")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SurgeryError("--plot needs matplotlib: pip install 'surgery[plot]'") from None
+    return plt
+
+
+def module_type(name: str) -> str:
+    """q_proj, to_k, fc1, …: the layer type a module name ends with (PEFT dotted or kohya underscored)."""
+    m = _TYPE.search(name)
+    return m[1] if m else re.split(r"[._]", name)[-1]
+
+
+def adapter_rank(spectra: dict[str, torch.Tensor], energy: float) -> int:
+    """The smallest K with which one `--rank K` for every module keeps `energy` of the adapter's Σσ²."""
+    depth = max((len(S) for S in spectra.values()), default=0)
+    kept = torch.zeros(depth, dtype=torch.float64)
+    for S in spectra.values():
+        e = S.double().square()
+        kept[: len(e)] += e.cumsum(0)
+        kept[len(e):] += e.sum()
+    total = float(kept[-1]) if depth else 0.0
+    return int((kept < energy * total * (1 - 1e-12)).sum()) + 1 if total > 0 else 0
+
+
+def plot_spectrum(spectra: dict[str, torch.Tensor], path, title: str) -> None:
+    """σᵢ/σ₁ (log) against i for every module, one colour per module type, with the adapter-wide ranks that keep
+    90/95/99 % of the energy marked."""
+    plt = _pyplot()
+    groups = defaultdict(list)
+    for name, S in spectra.items():
+        if len(S) and float(S[0]) > 0:
+            groups[module_type(name)].append(S.double() / S[0])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    for c, (kind, curves) in enumerate(sorted(groups.items())):
+        for j, s in enumerate(curves):
+            ax.plot(range(1, len(s) + 1), s.clamp_min(1e-12).numpy(), color=colours(c % colours.N), alpha=0.55,
+                    lw=1.2, label=f"{kind} ({len(curves)})" if j == 0 else None)
+    for e, style in zip(ENERGIES, (":", "--", "-.")):
+        k = adapter_rank(spectra, e)
+        ax.axvline(k, color="black", ls=style, lw=1, label=f"rank {k} keeps {e:.0%} of the energy")
+    ax.set_yscale("log")
+    ax.set_xlabel("singular value index i")
+    ax.set_ylabel("σᵢ / σ₁ (each module)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="lower left", ncols=2)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise SurgeryError(f"{path}: cannot write the plot ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+
+
+def plot_ids(results, path) -> None:
+    """The TwoNN ID of every layer, with its bootstrap spread."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.errorbar(range(len(results)), [r.dimension for r in results], yerr=[r.spread for r in results], marker="o")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("TwoNN intrinsic dimension")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise SurgeryError(f"{path}: cannot write the plot ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
