@@ -20,12 +20,28 @@ from .render import _table, convert_table, extract_table, inspect_json, inspect_
 
 
 class Group(click.Group):
+    """Every command's one error path: bad input and OS failures are one `error:` line and exit status 1; a
+    traceback only for a bug, with a line asking for a report."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except SurgeryError as e:
             click.echo(f"error: {e}", err=True)
-            ctx.exit(1)
+        except OSError as e:
+            where = " → ".join(str(f) for f in (e.filename, e.filename2) if f)
+            click.echo(f"error: {where + ': ' if where else ''}{e.strerror or e}", err=True)
+        except MemoryError:
+            click.echo("error: out of memory (try --device cpu, a smaller --shard-size or fewer adapters)", err=True)
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+            click.echo("error: this is a bug in surgery; please report it with the command line and the traceback "
+                       "above", err=True)
+        ctx.exit(1)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +52,14 @@ def main():
 
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")(f)
+
+
+def load(path):
+    """`load_adapter`, with every note its reader made (an assumed scale, …) printed as one line on stderr."""
+    a = load_adapter(path)
+    for note in a.notes:
+        click.echo(f"note: {note}", err=True)
+    return a
 
 
 def output_option(f):
@@ -136,7 +160,7 @@ def inspect(adapter, spectrum, plot, as_json):
         from .plot import _pyplot
 
         _pyplot()  # a missing matplotlib is said before the work
-    a = load_adapter(adapter)
+    a = load(adapter)
     spectra = None
     if spectrum and a.format == "tera":
         from surgery.adapter import materialize
@@ -177,7 +201,7 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
                 device, dtype, seed, as_json):
     """Compress a LoRA to lower ranks (LoRA-Squeeze, post-hoc)."""
     rule = rank_rule(rank, energy, budget, rank_map)
-    a = load_adapter(adapter)
+    a = load(adapter)
     with progress_bar(len(a.modules), "squeeze") as bar:
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1))
@@ -207,7 +231,7 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
     from surgery.device import compute_dtype
     from surgery.merge import merge
 
-    loaded = [load_adapter(a) for a in adapters]
+    loaded = [load(a) for a in adapters]
     with progress_bar(sum(len(a.modules) for a in loaded), "merge") as bar:
         report = merge(base, loaded, out, weights=weights or None, dtype=dtype, device=device,
                        compute_dtype=compute_dtype(precision), shard_size=shard_size, allow_missing=allow_missing,
@@ -267,7 +291,7 @@ def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, f
     """Convert between LoRA and TeRA, or between LoRA file formats."""
     from surgery.tera import to_lora, to_tera
 
-    a = load_adapter(adapter)
+    a = load(adapter)
     if to in ("peft", "peft-file", "kohya"):
         path = save_adapter(a, out or output_for(a, to.removesuffix("-file"), to), format=to, force=force)
         click.echo(json.dumps({"output": str(path)}) if as_json else f"wrote {path}")
@@ -377,7 +401,7 @@ def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_js
     from surgery.capture import load_inputs
     from surgery.distill import tune
 
-    s, t, inputs = load_adapter(student), load_adapter(teacher), load_inputs(activations)
+    s, t, inputs = load(student), load(teacher), load_inputs(activations)
     with progress_bar(len(s.modules), "tune") as bar:
         new, report = tune(s, t, inputs, steps=steps, lr=lr, device=device,
                            progress=lambda _: bar.update(1))
@@ -473,7 +497,7 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
         Path(config_out).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         doc["config"] = str(config_out)
     if adapter:
-        small, rep = rerank(load_adapter(adapter), ids, formula=formula, min_rank=min_rank,
+        small, rep = rerank(load(adapter), ids, formula=formula, min_rank=min_rank,
                             budget=parse_count(budget) if budget else None, expand_ranks=expand, device=device,
                             seed=seed)
         path = save_adapter(small, out, force=force, inputs=tuple(p for p in (hidden, ids_file) if p))

@@ -68,7 +68,6 @@ def inspect_table(a: Adapter, spectra=None) -> str:
             row += [f"{float(S[0]):.4g}" if len(S) else "0"] + [str(energy_rank(S, e)) for e in ENERGIES]
         rows.append(row)
     lines += ["", _table(header, rows, right=set(range(2, len(header))))]
-    lines += [f"note: {n}" for n in a.notes]
     if a.format == "tera":
         lines += ["", "TeRA modules (modes out × in, ranks; 'rank' is rank(ΔW) = min(ΠR_out, ΠR_in), 'params' "
                   "the trainable λ entries):"]

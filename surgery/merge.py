@@ -21,8 +21,9 @@ import torch
 from .adapter import Adapter, LoraModule, materialize
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
+from .io import check_output
 from .io.peft import PREFIX
-from .io.checkpoint import (INDEX, Checkpoint, TensorSpec, copy_entry, copy_side_files, open_checkpoint,
+from .io.checkpoint import (INDEX, SINGLE, Checkpoint, TensorSpec, copy_entry, copy_side_files, open_checkpoint,
                             read_tensor)
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 
@@ -348,6 +349,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
         raise SurgeryError(f"{len(weights)} --weight values for {len(adapters)} adapters")
     if out.resolve() == ck.root.resolve():
         raise SurgeryError(f"{out}: is the base itself; write the merged model elsewhere")
+    check_output(out, [a.source for a in adapters if a.source is not None], force=True)  # never an adapter
     if out.exists() and not force and (out.is_file() or any(out.iterdir())):
         raise SurgeryError(f"{out}: exists and is not empty; choose a new path or pass --force")
     if ck.is_dir == (out.suffix == ".safetensors"):
@@ -411,16 +413,25 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
             total += write_shard(target, [entry(n) for n in names], meta)
             weight_map.update({n: shard for n in names})
         if ck.is_dir:
-            if len(groups) > 1:
+            if len(groups) > 1 or ck.index is not None or groups[0][0] != SINGLE:  # shard names need it
                 index = {"metadata": {**(ck.index or {}).get("metadata", {}), "total_size": total},
                          "weight_map": dict(sorted(weight_map.items()))}
                 (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            left_out = copy_side_files(ck.root, folder, skip=set(ck.shards) | {INDEX})
+            inside = out.resolve().relative_to(ck.root.resolve()) if out.resolve().is_relative_to(ck.root.resolve()) \
+                else None  # an output inside the base (base/merged) is not copied into itself
+            left_out = copy_side_files(ck.root, folder, skip=set(ck.shards) | {INDEX},
+                                       skip_dirs={inside} if inside else set())
             if left_out:
                 notes.append(f"not copied (other weight formats would hold unmerged weights): {', '.join(left_out)}")
-            if plan.untie and (folder / "config.json").exists():
+            if (plan.untie or sdtype is not None) and (folder / "config.json").exists():
                 cfg = json.loads((folder / "config.json").read_text())
-                cfg["tie_word_embeddings"] = False
+                if plan.untie:
+                    cfg["tie_word_embeddings"] = False
+                if sdtype is not None:  # transformers loads at this dtype: it must be the stored one
+                    name = str(sdtype).removeprefix("torch.")
+                    for key in ("torch_dtype", "dtype"):
+                        if key in cfg or key == "torch_dtype":
+                            cfg[key] = name
                 (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     merged = sum(1 for c in plan.changes.values() if not c.source)
     return MergeReport(str(out), merged, sum(1 for c in plan.changes.values() if c.source),

@@ -20,6 +20,7 @@ from ..errors import SurgeryError
 from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, pickle_error, read_header
 
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"  # the one weights file of an unsharded model directory
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 
 
@@ -126,16 +127,20 @@ def _header_len(path: Path) -> int:
 
 
 def read_tensor(spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor, read with a single `readinto` (no mmap kept) — into `buffer` (a flat uint8 CPU tensor of at
-    least `spec.nbytes`) when given, so that repeated reads reuse memory instead of page-faulting new memory."""
+    """One tensor, read with `readinto` calls until complete (one call moves at most ~2 GiB on Linux; no mmap
+    kept) — into `buffer` (a flat uint8 CPU tensor of at least `spec.nbytes`) when given, so that repeated reads
+    reuse memory instead of page-faulting new memory."""
     if spec.nbytes == 0:
         return torch.empty(spec.shape, dtype=spec.torch_dtype)
     raw = buffer[: spec.nbytes] if buffer is not None else torch.empty(spec.nbytes, dtype=torch.uint8)
-    with open(spec.path, "rb") as f:
+    view, done = memoryview(raw.numpy()), 0
+    with open(spec.path, "rb", buffering=0) as f:
         f.seek(spec.begin)
-        got = f.readinto(raw.numpy().data)
-    if got != spec.nbytes:
-        raise SurgeryError(f"{spec.path}: truncated while reading {spec.name}")
+        while done < spec.nbytes:
+            got = f.readinto(view[done:])
+            if not got:
+                raise SurgeryError(f"{spec.path}: truncated while reading {spec.name}")
+            done += got
     return raw.view(spec.torch_dtype).reshape(spec.shape)
 
 
@@ -155,13 +160,16 @@ def copy_entry(spec: TensorSpec) -> Entry:
     return Entry(spec.name, spec.dtype, spec.shape, spec.nbytes, write=write)
 
 
-def copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
-    """Copy the non-weight files of a model directory (config, tokenizer, …), sub-folders included; returns
-    the weight files in other formats that were left out (they would hold stale weights)."""
+def copy_side_files(src: Path, dst: Path, skip: set[str], skip_dirs: set[Path] = frozenset()) -> list[str]:
+    """Copy the non-weight files of a model directory (config, tokenizer, …), sub-folders included but
+    `skip_dirs` (relative paths); returns the weight files in other formats that were left out (they would hold
+    stale weights)."""
     left_out = []
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
         if any(part.startswith(".") for part in rel.parts) or p.is_dir() or str(rel) in skip:
+            continue
+        if any(rel.is_relative_to(d) for d in skip_dirs):
             continue
         if p.suffix.lower() in WEIGHT_SUFFIXES:
             left_out.append(str(rel))

@@ -154,9 +154,20 @@ def tensor_entry(name: str, make: Callable[[], torch.Tensor], dtype: torch.dtype
     return Entry(name, CODES[dtype], tuple(shape), nbytes, make=checked)
 
 
+def write_all(f, data) -> None:
+    """Write every byte of `data` to the unbuffered file `f`: one `write()` moves at most 2,147,479,552 bytes on
+    Linux (and fewer on a full disk, where the next call raises ENOSPC), so loop until done."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        n = f.write(view[done:])
+        if not n:
+            raise OSError(28, "No space left on device", getattr(f, "name", None))
+        done += n
+
+
 def _write_tensor(f, t: torch.Tensor) -> None:
     if t.numel():
-        f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        write_all(f, t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_shard(path: Path, entries: Iterable[Entry], metadata: Mapping[str, str] | None) -> int:
@@ -174,8 +185,8 @@ def write_shard(path: Path, entries: Iterable[Entry], metadata: Mapping[str, str
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1) as pool:  # unbuffered: see copy_entry
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
+        write_all(f, len(blob).to_bytes(8, "little"))
+        write_all(f, blob)
         made = {}
         submit = lambda i: made.setdefault(i, pool.submit(entries[i].make)) \
             if i < len(entries) and entries[i].make else None  # noqa: E731

@@ -1,0 +1,148 @@
+"""Issue-12 edges: writes over Linux's 2 GiB per-call cap, single-shard bases with an index, --dtype in the
+merged config, an adapter as the merge output, nested outputs, reader notes, OS errors as one line."""
+import json
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+from peft import PeftModel  # noqa: E402
+
+from surgery.io.safetensors_file import write_all  # noqa: E402
+from surgery_cli.main import main  # noqa: E402
+
+from .conftest import PEFT_FIXTURE, lora_pair, tree_digest  # noqa: E402
+from .test_merge import load, logits, random_lora, tiny_llama  # noqa: E402
+
+CAP = 2_147_479_552  # the most one write() moves on Linux
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(r):
+    lines = r.output.strip().splitlines()
+    return r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output
+
+
+class Capped:
+    """A file whose write() moves at most `cap` bytes per call, as Linux's does."""
+
+    def __init__(self, cap):
+        self.cap, self.data = cap, bytearray()
+
+    def write(self, b):
+        b = memoryview(b)[: self.cap]
+        self.data += b
+        return len(b)
+
+
+def test_write_all_loops_over_short_writes():
+    f = Capped(7)
+    write_all(f, torch.arange(100, dtype=torch.uint8).numpy())
+    assert bytes(f.data) == bytes(range(100))
+
+
+def test_merge_of_a_tensor_over_the_write_cap(tmp_path):
+    """A real > 2 GiB tensor through `surgery merge` (one write() would stop at CAP bytes)."""
+    rows = CAP // (4 * 1024) + 1  # float32 (rows, 1024): just over the cap
+    W = torch.zeros(rows, 1024)
+    W[-1, :] = 1.0
+    save_file({"big.weight": W}, str(tmp_path / "base.safetensors"))
+    del W
+    B, A = torch.zeros(rows, 1), torch.ones(1, 1024)
+    B[-1, 0] = 2.0
+    save_file({"big.lora_A.weight": A, "big.lora_B.weight": B}, str(tmp_path / "lora.safetensors"))
+    r = run("merge", tmp_path / "base.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    (tmp_path / "base.safetensors").unlink()
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        t = f.get_slice("big.weight")
+        assert t.get_shape() == [rows, 1024]
+        assert torch.equal(t[rows - 2:], torch.tensor([[0.0] * 1024, [3.0] * 1024]))
+
+
+def test_single_listed_shard_and_dtype_config_load_in_transformers(tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    os.rename(base / "model.safetensors", base / "model-00001-of-00001.safetensors")
+    with safe_open(str(base / "model-00001-of-00001.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    (base / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}))
+    random_lora(load(base), tmp_path / "lora")
+    r = run("merge", base, tmp_path / "lora", "-o", tmp_path / "out", "--dtype", "bfloat16", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16"
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # dtype from the config
+    assert merged.dtype == torch.bfloat16
+    ref = PeftModel.from_pretrained(load(base), tmp_path / "lora").merge_and_unload()
+    assert torch.allclose(logits(merged), logits(ref), atol=5e-2)
+
+
+def test_merge_never_writes_over_an_adapter_or_into_itself(tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    random_lora(load(base), tmp_path / "lora")
+    before = tree_digest(tmp_path / "lora")
+    r = run("merge", base, tmp_path / "lora", "-o", tmp_path / "lora", "--force")
+    assert one_error_line(r) and "is an input" in r.output and tree_digest(tmp_path / "lora") == before
+    for _ in range(2):  # a second merge into base/merged must not nest merged/merged
+        r = run("merge", base, tmp_path / "lora", "-o", base / "merged", "--force", "--device", "cpu")
+        assert r.exit_code == 0, r.output
+    assert not (base / "merged" / "merged").exists()
+    transformers.AutoModelForCausalLM.from_pretrained(base / "merged")
+
+
+def test_reader_notes_are_printed(tmp_path):
+    B, A = lora_pair(8, 6, 4)
+    save_file({"m.q.lora_A.weight": A, "m.q.lora_B.weight": B}, str(tmp_path / "bare.safetensors"))
+    r = CliRunner().invoke(main, ["squeeze", str(tmp_path / "bare.safetensors"), "--rank", "2", "--device", "cpu"])
+    assert r.exit_code == 0 and "note: bare.safetensors: no adapter config found; assuming lora_alpha = r" in r.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_unwritable_output_is_one_line(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        r = run("squeeze", PEFT_FIXTURE, "--rank", "2", "-o", ro / "out")
+        assert one_error_line(r) and "ro" in r.output and list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_os_errors_are_one_line(tmp_path, monkeypatch):
+    """A full disk (ENOSPC mid-write) and a refused directory (EACCES from mkdtemp): one line, nothing left."""
+    import tempfile
+
+    import surgery.io.safetensors_file as sf
+
+    def full(f, data):
+        raise OSError(28, "No space left on device", getattr(f, "name", None))
+
+    shutil.copytree(PEFT_FIXTURE, tmp_path / "a")
+    before = tree_digest(tmp_path / "a")
+    monkeypatch.setattr(sf, "write_all", full)
+    r = run("squeeze", tmp_path / "a", "--rank", "2", "-o", tmp_path / "out", "--device", "cpu")
+    assert one_error_line(r) and "No space left on device" in r.output
+    monkeypatch.undo()
+
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied", k.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    r = run("squeeze", tmp_path / "a", "--rank", "2", "-o", tmp_path / "out2", "--device", "cpu")
+    assert one_error_line(r) and "Permission denied" in r.output
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and tree_digest(tmp_path / "a") == before
