@@ -222,11 +222,13 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision in which W + ΔW is formed before the one rounding.")
 @click.option("--allow-missing", is_flag=True, help="Skip adapter modules that have no tensor in the base.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@click.option("--skip-modules-to-save", is_flag=True,
+              help="Keep the base's tensors where an adapter carries modules_to_save (needed with --weight ≠ 1).")
+@force_option
 @compute_options
 @json_option
-def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing, force, device, dtype, seed,
-              as_json):
+def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing, skip_modules_to_save, force,
+              device, dtype, seed, as_json):
     """Merge adapters into a base checkpoint, streaming one tensor at a time."""
     from surgery.device import compute_dtype
     from surgery.merge import merge
@@ -235,7 +237,7 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
     with progress_bar(sum(len(a.modules) for a in loaded), "merge") as bar:
         report = merge(base, loaded, out, weights=weights or None, dtype=dtype, device=device,
                        compute_dtype=compute_dtype(precision), shard_size=shard_size, allow_missing=allow_missing,
-                       force=force, progress=lambda _: bar.update(1))
+                       skip_modules_to_save=skip_modules_to_save, force=force, progress=lambda _: bar.update(1))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -192,7 +192,7 @@ def _tied_source(ck: Checkpoint, path: str) -> str | None:
 
 
 def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float],
-               allow_missing: bool = False) -> MergePlan:
+               allow_missing: bool = False, skip_modules_to_save: bool = False) -> MergePlan:
     """Which base tensors change and how, checked against the base's headers before any tensor is read."""
     changes: dict[str, list] = {}
     biases: dict[str, list] = {}
@@ -237,7 +237,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                 if bias not in ck.tensors:
                     raise SurgeryError(f"{where}: module {name} has lora_B.bias but the base has no {bias}")
                 biases.setdefault(bias, []).append((m, w))
-    replaced = _modules_to_save(ck, adapters, created, notes)
+    replaced = _modules_to_save(ck, adapters, weights, created, notes, skip_modules_to_save)
     for key, parts in changes.items():
         if key in replaced:
             raise SurgeryError(f"{key}: both a LoRA module and a modules_to_save tensor target it")
@@ -252,17 +252,26 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     return MergePlan(plan, tuple(notes), untie=bool(created), transposed=fans)
 
 
-def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], created: dict, notes: list) -> dict:
+def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], created: dict,
+                     notes: list, skip: bool = False) -> dict:
     """PEFT `modules_to_save` tensors (`base_model.model.<path>`) replace the base's `<path>` as in PEFT's
-    unload; `….base_layer.weight` copies saved by `save_embedding_layers` are the base's own and are skipped."""
+    unload; `….base_layer.weight` copies saved by `save_embedding_layers` are the base's own and are skipped.
+    A replacement cannot be scaled or undone, so a weight ≠ 1 is refused unless `skip` (then none is applied)."""
     replaced = {}
-    for adapter in adapters:
+    for adapter, w in zip(adapters, weights):
         if adapter.format == "kohya":
             continue
         for key, t in adapter.passthrough.items():
             path = key.removeprefix(PREFIX)
             if ".base_layer." in path:
                 continue
+            if skip:
+                notes.append(f"{adapter.source}: {key} (modules_to_save) skipped; the base's {path} is kept")
+                continue
+            if w != 1:
+                raise SurgeryError(f"{adapter.source}: carries modules_to_save ({key}), which replace base tensors "
+                                   f"and cannot be scaled by --weight {w:g} or undone; pass --skip-modules-to-save "
+                                   "to merge only its LoRA modules")
             if "trainable_tokens" in path:
                 raise SurgeryError(f"{adapter.source}: {key}: merging trainable tokens is not supported yet")
             like = path if path in ck.tensors else _tied_source(ck, path)
@@ -335,7 +344,7 @@ def _shards(ck: Checkpoint, sizes: Mapping[str, int], shard_size: int | None) ->
 def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, weights: Sequence[float] | None = None,
           dtype: str | torch.dtype | None = None, device: str | torch.device = "auto",
           compute_dtype: torch.dtype = torch.float32, shard_size: str | int | None = None,
-          allow_missing: bool = False, force: bool = False,
+          allow_missing: bool = False, skip_modules_to_save: bool = False, force: bool = False,
           progress: Callable[[str], None] | None = None) -> MergeReport:
     """Write `base` with every adapter merged (`W + Σ wᵢ ΔWᵢ`) to `out`, in the base's layout.
 
@@ -357,7 +366,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                            f"give {'a directory' if ck.is_dir else 'a .safetensors file'}")
     if shard_size is not None and not ck.is_dir:
         raise SurgeryError("--shard-size needs a model directory as the base (a single file stays one file)")
-    plan = plan_merge(ck, adapters, weights, allow_missing)
+    plan = plan_merge(ck, adapters, weights, allow_missing, skip_modules_to_save)
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
     scratches = itertools.cycle([Scratch(), Scratch()])  # tensor i is written while i + 1 is made
 

@@ -154,6 +154,20 @@ def test_modules_to_save_replace_base_tensors(tmp_path):
     merge(tmp_path / "base", [load_adapter(tmp_path / "lora")], tmp_path / "out", device="cpu")
     ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").merge_and_unload()
     assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+    # a replaced lm_head cannot be scaled or un-merged: --weight ≠ 1 is refused, unless it is skipped
+    for w in ("-1", "0.5"):
+        r = CliRunner().invoke(main, ["merge", str(tmp_path / "out"), str(tmp_path / "lora"), "--weight", w,
+                                      "-o", str(tmp_path / f"w{w}")])
+        assert r.exit_code == 1 and "modules_to_save" in r.output and not (tmp_path / f"w{w}").exists()
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "--weight", "0.5",
+                                  "--skip-modules-to-save", "-o", str(tmp_path / "half"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    half, base = load(tmp_path / "half"), load(tmp_path / "base")
+    assert torch.equal(half.lm_head.weight, base.lm_head.weight)
+    peft_half = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora")
+    q = peft_half.base_model.model.model.layers[0].self_attn.q_proj
+    expect = q.base_layer.weight + 0.5 * q.get_delta_weight("default")
+    assert torch.allclose(half.model.layers[0].self_attn.q_proj.weight, expect, atol=1e-6)
 
 
 def test_kohya_names_resolve_against_base(tmp_path):
