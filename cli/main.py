@@ -54,9 +54,9 @@ def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")(f)
 
 
-def load(path):
+def load(path, alpha=None):
     """`load_adapter`, with every note its reader made (an assumed scale, …) printed as one line on stderr."""
-    a = load_adapter(path)
+    a = load_adapter(path, alpha)
     for note in a.notes:
         click.echo(f"note: {note}", err=True)
     return a
@@ -66,6 +66,11 @@ def output_option(f):
     return click.option("-o", "--output", "out", type=click.Path(path_type=str),
                         help="Where to write: a .safetensors path is one file, any other path a PEFT directory "
                              "(default: beside the input, named after what was done).")(f)
+
+
+def alpha_option(f):
+    return click.option("--alpha", type=float, help="lora_alpha of a PEFT-keyed file without a config (default: "
+                                                     "alpha = r, scale 1, with a note).")(f)
 
 
 def force_option(f):
@@ -195,13 +200,14 @@ def inspect(adapter, spectrum, plot, as_json):
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output format (default: the output path's layout, in the input's naming).")
 @force_option
+@alpha_option
 @compute_options
 @json_option
-def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, fmt, force,
+def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, fmt, force, alpha,
                 device, dtype, seed, as_json):
     """Compress a LoRA to lower ranks (LoRA-Squeeze, post-hoc)."""
     rule = rank_rule(rank, energy, budget, rank_map)
-    a = load(adapter)
+    a = load(adapter, alpha)
     with progress_bar(len(a.modules), "squeeze") as bar:
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1))
@@ -225,15 +231,19 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
 @click.option("--skip-modules-to-save", is_flag=True,
               help="Keep the base's tensors where an adapter carries modules_to_save (needed with --weight ≠ 1).")
 @force_option
+@click.option("--alpha", "alphas", type=float, multiple=True,
+              help="lora_alpha per adapter, in order, for PEFT-keyed files without a config (0 = not given).")
 @compute_options
 @json_option
 def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing, skip_modules_to_save, force,
-              device, dtype, seed, as_json):
+              alphas, device, dtype, seed, as_json):
     """Merge adapters into a base checkpoint, streaming one tensor at a time."""
     from surgery.device import compute_dtype
     from surgery.merge import merge
 
-    loaded = [load(a) for a in adapters]
+    if alphas and len(alphas) != len(adapters):
+        raise click.UsageError(f"{len(alphas)} --alpha values for {len(adapters)} adapters")
+    loaded = [load(a, (alphas[i] or None) if alphas else None) for i, a in enumerate(adapters)]
     with progress_bar(sum(len(a.modules) for a in loaded), "merge") as bar:
         report = merge(base, loaded, out, weights=weights or None, dtype=dtype, device=device,
                        compute_dtype=compute_dtype(precision), shard_size=shard_size, allow_missing=allow_missing,
@@ -287,13 +297,14 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @click.option("--iters", type=int, default=50, show_default=True, help="--to tera: alternating LS sweeps.")
 @click.option("--save-factors", is_flag=True, help="--to tera: store the shared core and factors in the file.")
 @force_option
+@alpha_option
 @click.option("--seed", type=int, default=0, show_default=True, help="--to tera: seed of the shared factors.")
 @json_option
-def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, force, seed, as_json):
+def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, force, alpha, seed, as_json):
     """Convert between LoRA and TeRA, or between LoRA file formats."""
     from surgery.tera import to_lora, to_tera
 
-    a = load(adapter)
+    a = load(adapter, alpha)
     if to in ("peft", "peft-file", "kohya"):
         path = save_adapter(a, out or output_for(a, to.removesuffix("-file"), to), format=to, force=force)
         click.echo(json.dumps({"output": str(path)}) if as_json else f"wrote {path}")

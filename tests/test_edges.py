@@ -146,3 +146,40 @@ def test_os_errors_are_one_line(tmp_path, monkeypatch):
     assert one_error_line(r) and "Permission denied" in r.output
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and tree_digest(tmp_path / "a") == before
+
+
+def test_alpha_for_a_file_without_config_matches_peft(tmp_path):
+    """A PEFT weights file copied without its config: --alpha restores the real scale (alpha 2r here)."""
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    random_lora(load(base), tmp_path / "lora")  # r = 8, lora_alpha = 16
+    shutil.copy(tmp_path / "lora" / "adapter_model.safetensors", tmp_path / "bare.safetensors")
+    r = run("merge", base, tmp_path / "bare.safetensors", "-o", tmp_path / "assumed", "--device", "cpu")
+    assert r.exit_code == 0 and "assuming lora_alpha = r" in r.output
+    r = run("merge", base, tmp_path / "bare.safetensors", "--alpha", "16", "-o", tmp_path / "out", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    ref = PeftModel.from_pretrained(load(base), tmp_path / "lora").merge_and_unload()
+    assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+    assert not torch.allclose(logits(load(tmp_path / "assumed")), logits(ref), atol=1e-2)
+    r = run("merge", base, tmp_path / "lora", "--alpha", "16", "-o", tmp_path / "x")
+    assert one_error_line(r) and "states its own scales" in r.output
+    r = run("squeeze", tmp_path / "bare.safetensors", "--alpha", "16", "--rank", "8", "-o", tmp_path / "sq",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "sq" / "adapter_config.json").read_text())["lora_alpha"] == 16
+    r = run("merge", base, tmp_path / "sq", "-o", tmp_path / "sq-merged", "--device", "cpu")  # lossless rank 8
+    assert r.exit_code == 0 and torch.allclose(logits(load(tmp_path / "sq-merged")), logits(ref), atol=1e-4)
+
+
+def test_fan_in_fan_out_to_kohya_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    model = get_peft_model(transformers.GPT2LMHeadModel(cfg), LoraConfig(r=4, target_modules=["c_attn", "c_proj"],
+                                                                         fan_in_fan_out=True))
+    model.save_pretrained(tmp_path / "gpt2-lora")
+    r = run("convert", tmp_path / "gpt2-lora", "--to", "kohya")
+    assert one_error_line(r) and "fan_in_fan_out" in r.output
+    assert not (tmp_path / "gpt2-lora-kohya.safetensors").exists()
+    r = run("squeeze", tmp_path / "gpt2-lora", "--rank", "2", "-o", tmp_path / "k.safetensors", "--format", "kohya")
+    assert one_error_line(r) and not (tmp_path / "k.safetensors").exists()

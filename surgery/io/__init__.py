@@ -5,6 +5,7 @@ One registry, filled by explicit `register` calls below, maps a format name to i
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -62,15 +63,29 @@ def detect(path: str | os.PathLike) -> str:
     raise SurgeryError(f"{path}: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys)")
 
 
-def load_adapter(path: str | os.PathLike) -> Adapter:
-    """Read an adapter lazily: headers and configs now, tensors when an operation asks for them."""
+def load_adapter(path: str | os.PathLike, alpha: float | None = None) -> Adapter:
+    """Read an adapter lazily: headers and configs now, tensors when an operation asks for them.
+
+    `alpha`: the lora_alpha of a PEFT-keyed file that carries no config (scale alpha / r per module); refused
+    for an adapter whose file states its own scales."""
     path = Path(path)
     if not path.exists():
         raise SurgeryError(f"{path}: no such file or directory")
     fmt = detect(path)
     if fmt == "peft" and path.is_file():
         path = path.parent
-    return FORMATS[fmt].read(path)
+    adapter = FORMATS[fmt].read(path)
+    if alpha is None:
+        return adapter
+    if fmt != "peft-file" or adapter.config:
+        raise SurgeryError(f"{path}: --alpha is for PEFT-keyed files without a config; this {fmt} adapter states "
+                           "its own scales")
+    if not alpha > 0 or alpha != alpha:
+        raise SurgeryError(f"--alpha must be a positive number, got {alpha}")
+    modules = {n: replace(m, scale=alpha / m.rank) for n, m in adapter.modules.items()}
+    number = int(alpha) if float(alpha).is_integer() else alpha
+    return adapter.with_modules(modules, config={"lora_alpha": number}, notes=(
+        f"{path.name}: no adapter config; lora_alpha = {alpha:g} from --alpha (scale alpha / r)",))
 
 
 def _convert_names(adapter: Adapter, fmt: str) -> Adapter:
@@ -85,6 +100,9 @@ def _convert_names(adapter: Adapter, fmt: str) -> Adapter:
         keys = ", ".join(sorted(adapter.passthrough)[:3])
         raise SurgeryError(f"cannot write {fmt}: the adapter carries non-LoRA tensors ({keys}, …) that {fmt} has no place for")
     if fmt == "kohya":
+        if adapter.config.get("fan_in_fan_out"):
+            raise SurgeryError("cannot write kohya: this adapter has fan_in_fan_out = true (GPT-2 Conv1D bases), "
+                               "which kohya files have no place for; a kohya file of it would merge transposed")
         modules = {kohya_name(n): m for n, m in adapter.modules.items()}
         if len(modules) != len(adapter.modules):
             raise SurgeryError("cannot write kohya: two module paths map to the same kohya name")
