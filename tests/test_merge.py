@@ -223,6 +223,8 @@ def test_extract_recovers_planted_rank(tmp_path):
     assert r2.modules[0].rel_error == pytest.approx(float(s[2] / s.norm()), rel=1e-4)  # Eckart–Young
     _, r3 = extract(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", Energy(0.99), device="cpu")
     assert r3.modules[0].rank == 2  # 3² + 1² = 10 of 10.0625: 99.4 %
+    _, r4 = extract(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", Energy(1.0), device="cpu")
+    assert r4.modules[0].rank == 3 and r4.warnings == ()  # all the energy: the exact rank, nothing to warn about
     save_adapter(adapter, tmp_path / "ad")
     merge(tmp_path / "base.safetensors", [load_adapter(tmp_path / "ad")], tmp_path / "re.safetensors", device="cpu")
     assert torch.allclose(load_file(str(tmp_path / "re.safetensors"))["l.proj.weight"],
