@@ -232,6 +232,11 @@ class ConvertedModule:
     rel_error: float
 
 
+# PEFT LoraConfig fields that say where a LoRA sits; carried through LoRA → TeRA → LoRA
+PLACEMENT = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save",
+             "task_type")
+
+
 def to_tera(adapter, *, order: int = 3, core_rank: int = 8, seed: int = 0, iters: int = 50,
             progress=None):
     """LoRA adapter → TeRA adapter by a least-squares fit of each module's λ's (a lossy projection: a TeRA
@@ -255,6 +260,9 @@ def to_tera(adapter, *, order: int = 3, core_rank: int = 8, seed: int = 0, iters
             progress(name)
     config = {"order": order, "core_rank": core_rank, "name_style": "kohya" if adapter.format == "kohya" else "peft",
               "base_model_name_or_path": adapter.config.get("base_model_name_or_path")}
+    placement = {k: adapter.config[k] for k in PLACEMENT if adapter.config.get(k) is not None}
+    if placement:  # where the LoRA sat in the model, for the way back (PEFT needs it to load a LoRA again)
+        config["lora_placement"] = placement
     out = Adapter(modules=modules, format="tera", passthrough=adapter.passthrough, config=config,
                   metadata={}, source=adapter.source)
     return out, report
@@ -298,7 +306,8 @@ def to_lora(adapter, rank: int, progress=None):
         "peft_type": "LORA", "r": rank, "lora_alpha": rank, "use_rslora": False, "lora_dropout": 0.0,
         "target_modules": sorted({n.split(".")[-1] for n in modules}), "rank_pattern": {}, "alpha_pattern": {},
         "fan_in_fan_out": False, "bias": "none", "task_type": None, "inference_mode": True,
-        "base_model_name_or_path": adapter.config.get("base_model_name_or_path")}
+        "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
+        **(adapter.config.get("lora_placement") or {})}
     return Adapter(modules=modules, format="kohya" if kohya else "peft", passthrough=adapter.passthrough,
                    config=config, metadata={}, source=adapter.source), report
 

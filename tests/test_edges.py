@@ -183,3 +183,25 @@ def test_fan_in_fan_out_to_kohya_refused(tmp_path):
     assert not (tmp_path / "gpt2-lora-kohya.safetensors").exists()
     r = run("squeeze", tmp_path / "gpt2-lora", "--rank", "2", "-o", tmp_path / "k.safetensors", "--format", "kohya")
     assert one_error_line(r) and not (tmp_path / "k.safetensors").exists()
+
+
+def test_tera_round_trip_keeps_layers_to_transform(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    model = get_peft_model(load(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                                                  layers_pattern="layers"))
+    model.save_pretrained(tmp_path / "lora")
+    assert run("convert", tmp_path / "lora", "--to", "tera", "--iters", "2", "-o", tmp_path / "t.safetensors").exit_code == 0
+    r = run("convert", tmp_path / "t.safetensors", "--to", "lora", "--rank", "4", "-o", tmp_path / "back")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1] and cfg["layers_pattern"] == "layers"
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = PeftModel.from_pretrained(load(base), tmp_path / "back")
+    assert not [w for w in caught if "missing" in str(w.message).lower()]
+    assert not hasattr(back.base_model.model.model.layers[0].self_attn.q_proj, "lora_A")
