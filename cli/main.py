@@ -162,9 +162,9 @@ def inspect(adapter, spectrum, plot, as_json):
     if plot and not spectrum:
         raise click.UsageError("--plot goes with --spectrum")
     if plot:
-        from .plot import _pyplot
+        from .plot import pyplot
 
-        _pyplot()  # a missing matplotlib is said before the work
+        pyplot()  # a missing matplotlib is said before the work
     a = load(adapter)
     spectra = None
     if spectrum and a.format == "tera":

@@ -13,7 +13,7 @@ _TYPE = re.compile(r"(?:^|[._])((?:q|k|v|o|gate|up|down)_proj|to_(?:q|k|v|out(?:
                    r"fc1|fc2|c_attn|c_proj|c_fc|w1|w2|w3|proj_in|proj_out|proj|lm_head|embed_tokens)$")
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -22,6 +22,17 @@ def _pyplot():
     except ImportError:
         raise SurgeryError("--plot needs matplotlib: pip install 'surgery[plot]'") from None
     return plt
+
+
+def _save(plt, fig, path) -> None:
+    """Write `fig` as a PNG at `path` (an unwritable path is one error line) and free it."""
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise SurgeryError(f"{path}: cannot write the plot ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
 
 
 def module_type(name: str) -> str:
@@ -45,7 +56,7 @@ def adapter_rank(spectra: dict[str, torch.Tensor], energy: float) -> int:
 def plot_spectrum(spectra: dict[str, torch.Tensor], path, title: str) -> None:
     """σᵢ/σ₁ (log) against i for every module, one colour per module type, with the adapter-wide ranks that keep
     90/95/99 % of the energy marked."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = defaultdict(list)
     for name, S in spectra.items():
         if len(S) and float(S[0]) > 0:
@@ -65,26 +76,14 @@ def plot_spectrum(spectra: dict[str, torch.Tensor], path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="lower left", ncols=2)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise SurgeryError(f"{path}: cannot write the plot ({e.strerror or e})") from None
-    finally:
-        plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_ids(results, path) -> None:
     """The TwoNN ID of every layer, with its bootstrap spread."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.errorbar(range(len(results)), [r.dimension for r in results], yerr=[r.spread for r in results], marker="o")
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("TwoNN intrinsic dimension")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise SurgeryError(f"{path}: cannot write the plot ({e.strerror or e})") from None
-    finally:
-        plt.close(fig)
+    _save(plt, fig, path)

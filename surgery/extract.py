@@ -135,10 +135,10 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         elif rule.threshold >= 1:  # all the energy: the full numerical rank (rounding never reaches Σσ² = ‖D‖²)
             S = svd.S.double().cpu()
             tol = float(S[0]) * max(d.shape) * torch.finfo(torch.float32).eps
-            k = max(1, int((S > tol).sum()))
-            if k == len(S) and len(S) < min(d.shape) and float(S.square().sum()) < total * (1 - 1e-5):
+            k, captured = max(1, int((S > tol).sum())), float(S.square().sum())
+            if k == len(S) and len(S) < min(d.shape) and captured < total * (1 - 1e-5):
                 warnings.append(f"{name}: its numerical rank exceeds --max-rank {max_rank} "
-                                f"(kept {float(S.square().sum()) / total:.4f} of the energy)")
+                                f"(kept {captured / total:.4f} of the energy)")
         else:  # energy against the true ‖D‖², not the captured part
             cum = torch.cumsum(svd.S.double().square().cpu(), 0)
             k = int((cum < rule.threshold * total * (1 - 1e-12)).sum()) + 1

@@ -426,10 +426,9 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                 index = {"metadata": {**(ck.index or {}).get("metadata", {}), "total_size": total},
                          "weight_map": dict(sorted(weight_map.items()))}
                 (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            inside = out.resolve().relative_to(ck.root.resolve()) if out.resolve().is_relative_to(ck.root.resolve()) \
-                else None  # an output inside the base (base/merged) is not copied into itself
+            root, o = ck.root.resolve(), out.resolve()  # an output inside the base (base/merged): not copied into itself
             left_out = copy_side_files(ck.root, folder, skip=set(ck.shards) | {INDEX},
-                                       skip_dirs={inside} if inside else set())
+                                       skip_dirs={o.relative_to(root)} if o.is_relative_to(root) else set())
             if left_out:
                 notes.append(f"not copied (other weight formats would hold unmerged weights): {', '.join(left_out)}")
             if (plan.untie or sdtype is not None) and (folder / "config.json").exists():

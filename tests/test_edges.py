@@ -205,3 +205,22 @@ def test_tera_round_trip_keeps_layers_to_transform(tmp_path):
         back = PeftModel.from_pretrained(load(base), tmp_path / "back")
     assert not [w for w in caught if "missing" in str(w.message).lower()]
     assert not hasattr(back.base_model.model.model.layers[0].self_attn.q_proj, "lora_A")
+
+
+def test_bad_alpha_and_layout_clashes_are_one_line(tmp_path):
+    B, A = lora_pair(8, 6, 4)
+    save_file({"m.q.lora_A.weight": A, "m.q.lora_B.weight": B}, str(tmp_path / "bare.safetensors"))
+    before = tree_digest(tmp_path)
+    for bad in ("0", "-1", "nan"):
+        r = run("squeeze", tmp_path / "bare.safetensors", "--alpha", bad, "--rank", "2", "-o", tmp_path / "o")
+        assert one_error_line(r) and "--alpha must be a positive number" in r.output
+    r = run("merge", tmp_path / "bare.safetensors", tmp_path / "bare.safetensors", "--alpha", "1", "--alpha", "2",
+            "-o", tmp_path / "m.safetensors")
+    assert r.exit_code == 2 and "2 --alpha values for 1 adapters" in r.output
+    (tmp_path / "taken").write_text("a file")
+    before = tree_digest(tmp_path)
+    r = run("squeeze", PEFT_FIXTURE, "--rank", "2", "-o", tmp_path / "taken", "--force")
+    assert one_error_line(r) and "is a file but format peft writes a directory" in r.output
+    r = run("inspect", PEFT_FIXTURE, "--spectrum", "--plot", tmp_path / "no-such-dir" / "s.png")
+    assert r.exit_code == 1 and "cannot write the plot" in r.output
+    assert tree_digest(tmp_path) == before  # nothing written, nothing changed

@@ -80,7 +80,7 @@ def load_adapter(path: str | os.PathLike, alpha: float | None = None) -> Adapter
     if fmt != "peft-file" or adapter.config:
         raise SurgeryError(f"{path}: --alpha is for PEFT-keyed files without a config; this {fmt} adapter states "
                            "its own scales")
-    if not alpha > 0 or alpha != alpha:
+    if not alpha > 0:  # also NaN
         raise SurgeryError(f"--alpha must be a positive number, got {alpha}")
     modules = {n: replace(m, scale=alpha / m.rank) for n, m in adapter.modules.items()}
     number = int(alpha) if float(alpha).is_integer() else alpha
