@@ -12,7 +12,8 @@ import click
 
 from surgery import (Budget, Energy, FixedRank, SurgeryError, load_adapter, parse_count, parse_rank_map,
                      save_adapter, squeeze)
-from surgery.io import FORMATS, default_output
+from surgery.io import FORMATS, check_output, default_output
+from surgery.io.safetensors_file import atomic_output
 from surgery.squeeze import METHODS
 from surgery.squeeze import spectra as compute_spectra
 
@@ -165,6 +166,7 @@ def inspect(adapter, spectrum, plot, as_json):
         from .plot import pyplot
 
         pyplot()  # a missing matplotlib is said before the work
+        check_output(plot, [adapter], force=True)
     a = load(adapter)
     spectra = None
     if spectrum and a.format == "tera":
@@ -373,15 +375,17 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
                                 "the transformer blocks).")
 @click.option("--keep-special/--drop-special", default=None,
               help="Keep [CLS]/[SEP]/BOS/EOS tokens (default: dropped for hidden states, kept for module inputs).")
+@force_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_special, device, seed):
+def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_special, force, device, seed):
     """Save the hidden states of every layer (or the inputs of the linear modules) of a local transformers model
     on a text file."""
     from surgery.capture import capture, capture_inputs, save_capture, save_inputs
 
     if targets and not module_inputs:
         raise click.UsageError("--targets goes with --module-inputs")
+    check_output(out, [model_dir, texts], force)
     if module_inputs:
         cap = capture_inputs(model_dir, texts, targets=targets, max_tokens=max_tokens, seed=seed,
                              keep_special=keep_special is not False, device=device)
@@ -450,6 +454,8 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
     """TwoNN intrinsic dimension of every layer of a hidden-state file."""
     if not 0 <= discard < 1:
         raise SurgeryError(f"--discard must be in [0, 1), got {discard}")
+    if plot:
+        check_output(plot, [hidden], force=True)
     cap, results = _ids(hidden, method, discard, device, seed, legacy_cdf)
     doc = {"ids": [r.dimension for r in results], "layers": [r.__dict__ for r in results],
            "block_prefix": cap.metadata.get("block_prefix")}
@@ -493,6 +499,9 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
         raise click.UsageError("give exactly one of --hidden, --ids")
     if (adapter is None) != (out is None) or (adapter is None and config_out is None):
         raise click.UsageError("give ADAPTER with -o OUT, and/or --config-out with --targets")
+    inputs = [p for p in (adapter, hidden, ids_file) if p]
+    if config_out:
+        check_output(config_out, inputs + ([out] if out else []), force)
     block_prefix = None
     if hidden:
         cap, results = _ids(hidden, method, 0.1, device, seed)
@@ -504,23 +513,24 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SurgeryError(f"{ids_file}: expected the JSON of surgery id --json ({e})") from None
     doc = {"ids": ids, "block_ranks": gelora_ranks(ids, formula, min_rank)}
-    if config_out:
+    if config_out:  # built (and checked) before anything is written
         cfg = gelora_config(doc["block_ranks"], block_prefix,
                             [t.strip() for t in (targets or "").split(",") if t.strip()])
-        Path(config_out).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        doc["config"] = str(config_out)
+    warnings = []
     if adapter:
         small, rep = rerank(load(adapter), ids, formula=formula, min_rank=min_rank,
                             budget=parse_count(budget) if budget else None, expand_ranks=expand, device=device,
                             seed=seed)
-        path = save_adapter(small, out, force=force, inputs=tuple(p for p in (hidden, ids_file) if p))
+        path = save_adapter(small, out, force=force, inputs=inputs + ([config_out] if config_out else []))
         doc.update(rep.squeeze.to_dict(), clipped={n: list(v) for n, v in rep.clipped.items()},
                    expanded=rep.expanded, output=str(path))
         warnings = list(rep.squeeze.warnings) + [
             f"{n}: GeLoRA rank {r} is above its rank {c}; " + (f"padded to {r}" if expand else f"kept at {c}")
             for n, (r, c) in rep.clipped.items()]
-    else:
-        warnings = []
+    if config_out:
+        with atomic_output(Path(config_out), is_dir=False) as tmp:
+            tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        doc["config"] = str(config_out)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:

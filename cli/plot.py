@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -25,12 +26,13 @@ def pyplot():
 
 
 def _save(plt, fig, path) -> None:
-    """Write `fig` as a PNG at `path` (an unwritable path is one error line) and free it."""
+    """Write `fig` as a PNG at `path`, atomically (an unwritable path is one error line), and free it."""
+    from surgery.io.safetensors_file import atomic_output
+
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise SurgeryError(f"{path}: cannot write the plot ({e.strerror or e})") from None
+        with atomic_output(Path(path), is_dir=False) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
 

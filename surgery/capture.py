@@ -44,11 +44,18 @@ def _load(model_dir, texts, device):
         if Path(texts).is_file() else None
     if not lines:
         raise SurgeryError(f"{texts}: no texts (expected a file with one text per line)")
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar is not ours to print
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
     except (OSError, ValueError) as e:
         raise SurgeryError(f"{model_dir}: not a local transformers model ({str(e).splitlines()[0]})") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return tok, model.to(resolve_device(device)), lines
 
 

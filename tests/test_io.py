@@ -24,8 +24,9 @@ def test_peft_key_variants(tmp_path, prefix, adapter_name):
     assert name == f"{prefix}model.layers.0.q_proj"
     assert a.modules[name].scale == 2.0 and not a.passthrough
     save_adapter(a, tmp_path / "o")
-    keys = set(load_file(str(tmp_path / "o" / "adapter_model.safetensors")))
-    assert keys == {f"{prefix}model.layers.0.q_proj.lora_A.weight", f"{prefix}model.layers.0.q_proj.lora_B.weight"}
+    keys = set(load_file(str(tmp_path / "o" / "adapter_model.safetensors")))  # PEFT loads only prefixed keys
+    assert keys == {"base_model.model.model.layers.0.q_proj.lora_A.weight",
+                    "base_model.model.model.layers.0.q_proj.lora_B.weight"}
 
 
 def test_rank_alpha_patterns_and_rslora(tmp_path):
@@ -69,7 +70,8 @@ def test_peft_file_with_and_without_config(tmp_path):
     save_file({"m.q_proj.lora_A.weight": A, "m.q_proj.lora_B.weight": B}, str(tmp_path / "bare.safetensors"))
     a = load_adapter(tmp_path / "bare.safetensors")
     assert a.format == "peft-file" and a.modules["m.q_proj"].scale == 1.0 and a.notes
-    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 2, "peft_type": "LORA"})}
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 2, "peft_type": "LORA",
+                                                        "target_modules": ["q_proj"]})}
     save_file({"m.q_proj.lora_A.weight": A, "m.q_proj.lora_B.weight": B}, str(tmp_path / "d.safetensors"), metadata=meta)
     a = load_adapter(tmp_path / "d.safetensors")
     assert a.modules["m.q_proj"].scale == 0.5 and not a.notes
@@ -231,10 +233,10 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch, adapter_d
     a = load_adapter(adapter_dir)
 
     def boom(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(p, "save_tensors", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(SurgeryError, match=r"out: cannot write the output \(No space left on device\)"):
         save_adapter(a, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [q.name for q in tmp_path.iterdir()] == ["adapter"]

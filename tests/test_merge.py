@@ -132,6 +132,23 @@ def test_tied_lm_head_gets_its_own_weight(tmp_path):
     assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
 
 
+def test_tied_embedding_target_is_noted_and_matches_merge_and_unload(tmp_path):
+    tiny_llama(tie=True).save_pretrained(tmp_path / "base")
+    random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=["q_proj", "embed_tokens"])
+    report = merge(tmp_path / "base", [load_adapter(tmp_path / "lora")], tmp_path / "out", device="cpu")
+    assert [n for n in report.notes if "model.embed_tokens.weight is tied to the output head" in n]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+    ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").merge_and_unload()
+    assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+
+
+def test_untied_embedding_target_has_no_tie_note(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=["embed_tokens"])
+    report = merge(tmp_path / "base", [load_adapter(tmp_path / "lora")], tmp_path / "out", device="cpu")
+    assert not [n for n in report.notes if "tied" in n]
+
+
 def test_dora_merge_matches_peft(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
     random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=["q_proj", "v_proj", "down_proj"], use_dora=True)

@@ -117,3 +117,15 @@ def test_energy_squeeze_of_bundled_fixture_loads_in_peft(tmp_path):
     want = expected_model(FIXTURES / "tiny-llama", original, lambda p: k[p])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, want(input_ids=ids).logits, atol=2e-4)
+
+
+def test_parent_of_named_adapters_names_them(base_dir, tmp_path):
+    """PEFT saves an adapter not named "default" under `<dir>/<name>/`: pointing at `<dir>` names the subfolders."""
+    model = get_peft_model(load_base(base_dir), LoraConfig(target_modules=["q_proj"], r=4), adapter_name="style")
+    model.add_adapter("tone", LoraConfig(target_modules=["v_proj"], r=2))
+    model.save_pretrained(tmp_path / "saved", selected_adapters=["style", "tone"])
+    from surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match=r"not a PEFT adapter directory .*subfolders: style, tone$"):
+        load_adapter(tmp_path / "saved")
+    assert load_adapter(tmp_path / "saved" / "tone").modules  # and the named one reads

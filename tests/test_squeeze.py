@@ -167,7 +167,8 @@ def test_dora_embedding_bias_and_passthrough(tmp_path):
         "base_model.model.embed.lora_embedding_B": eB,
         "base_model.model.score.weight": head,
     }
-    d = write_peft(tmp_path / "d", {"m.q_proj": (B, A)}, r=6, alpha=12, extra=extra, config={"use_dora": True})
+    d = write_peft(tmp_path / "d", {"m.q_proj": (B, A)}, r=6, alpha=12, extra=extra,
+                   config={"use_dora": True, "target_modules": ["q_proj", "embed"], "modules_to_save": ["score"]})
     a = load_adapter(d)
     assert a.modules["base_model.model.embed"].kind == "embedding"
     assert a.modules["base_model.model.m.q_proj"].dora

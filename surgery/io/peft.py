@@ -135,7 +135,9 @@ def read_dir(path: Path) -> Adapter:
             from .safetensors_file import pickle_error
 
             raise pickle_error(path / "adapter_model.bin")
-        raise SurgeryError(f"{path}: not a PEFT adapter directory (no {WEIGHTS})")
+        inside = sorted(p.parent.name for p in path.glob(f"*/{WEIGHTS}"))
+        hint = f"; adapters in its subfolders: {', '.join(inside)}" if inside else ""
+        raise SurgeryError(f"{path}: not a PEFT adapter directory (no {WEIGHTS}){hint}")
     if not cfg.exists():
         raise SurgeryError(f"{path}: {CONFIG} is missing (PEFT needs it for r and lora_alpha)")
     return _read(weights, _load_json(cfg), "peft", str(cfg))
@@ -177,6 +179,8 @@ def updated_config(adapter: Adapter) -> dict[str, Any]:
     entries = _pattern_entries(keyed, (r, alpha))
     config.update(r=r, lora_alpha=alpha, rank_pattern={p: keyed[k][0] for p, k in entries.items()},
                   alpha_pattern={p: keyed[k][1] for p, k in entries.items()})
+    if not config.get("target_modules") and not config.get("target_parameters"):
+        config["target_modules"] = sorted(keyed)  # PEFT refuses a config without targets; these are exact
     return config
 
 
@@ -212,8 +216,11 @@ def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 def write_dir(adapter: Adapter, out: Path) -> None:
-    """`adapter_model.safetensors` (metadata `{"format": "pt"}` + the input's) and `adapter_config.json`."""
-    tensors = _tensors(adapter)
+    """`adapter_model.safetensors` (metadata `{"format": "pt"}` + the input's) and `adapter_config.json`.
+
+    Keys get PEFT's `base_model.model.` prefix where the input had none: `PeftModel.from_pretrained` silently
+    leaves prefix-less tensors unloaded (a zero adapter), while transformers' `load_adapter` takes both."""
+    tensors = {k if k.startswith(PREFIX) else PREFIX + k: t for k, t in _tensors(adapter).items()}
     config = updated_config(adapter)
     config.setdefault("peft_type", "LORA")
     metadata = {k: v for k, v in adapter.metadata.items() if k != METADATA_CONFIG}

@@ -205,10 +205,32 @@ def atomic_output(out: Path, is_dir: bool, replace: bool = False) -> Iterator[Pa
     """Yield a temporary sibling of `out` to write into; rename it over `out` only if the block succeeds.
 
     A directory output that already exists keeps its other files (the new ones are renamed into it one by one),
-    unless `replace`: then the whole directory is swapped for the new one.
+    unless `replace`: then the whole directory is swapped for the new one. An OS failure while writing (no
+    permission, full disk, a file where a folder must be) is a SurgeryError naming `out`, with nothing left.
     """
     out = Path(out)
+    try:
+        with _atomic(out, is_dir, replace) as target:
+            yield target
+    except OSError as e:
+        if e.filename is not None and not _within(e.filename, out):
+            raise  # not the output's failure (e.g. reading an input inside the block)
+        raise SurgeryError(f"{out}: cannot write the output ({e.strerror or e})") from None
+
+
+def _within(path, out: Path) -> bool:
+    """Whether `path` is `out`, a folder above it, or inside its temporary sibling."""
+    p, o = Path(path).resolve(), out.resolve()
+    return o.is_relative_to(p) or p.is_relative_to(o.parent) and p.relative_to(o.parent).parts[0].startswith(
+        (o.name, f".{o.name}."))
+
+
+@contextlib.contextmanager
+def _atomic(out: Path, is_dir: bool, replace: bool) -> Iterator[Path]:
     parent = out.parent
+    above = next(p for p in (parent, *parent.parents) if p.exists() or p == p.parent)
+    if not above.is_dir():
+        raise NotADirectoryError(20, f"{above} is a file, not a folder", str(above))
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     umask = os.umask(0)

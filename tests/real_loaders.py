@@ -1,0 +1,125 @@
+"""Every model a test writes is loaded back with the real library: PEFT adapters with `PeftModel.from_pretrained`
+on a skeleton base built from the adapter's own shapes (so an adapter for any model can be checked), merged
+transformers models with `from_pretrained` (no missing or unexpected keys).
+
+PEFT's loaded update of every module must equal ours (`delta()`), which checks keys, shapes and the scale PEFT
+resolves from r / lora_alpha / rank_pattern / alpha_pattern / use_rslora."""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+MAX_PARAMS = 60_000_000  # larger skeletons are not built (none of the tests writes one)
+
+
+def _skeleton(adapter):
+    """A torch module tree holding, at every module path of `adapter`, a base layer of the matching type/shape."""
+    from surgery.adapter import LoraModule
+    from surgery.io.peft import PREFIX
+
+    root = torch.nn.Module()
+    fan = bool(adapter.config.get("fan_in_fan_out"))
+    layers = {}
+    for name, m in adapter.modules.items():
+        shape = tuple(getattr(m, "shape", ()) or ())
+        if isinstance(m, LoraModule) and m.kind == "embedding":
+            layer = torch.nn.Embedding(m.in_features, m.out_features)
+        elif isinstance(m, LoraModule) and m.kind == "conv" or len(shape) == 4:
+            kernel = tuple(m.A.shape[2:]) if isinstance(m, LoraModule) else shape[2:]
+            layer = torch.nn.Conv2d(m.in_features // math.prod(kernel), m.out_features, kernel)
+        elif fan:
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(m.out_features, m.in_features)
+        else:
+            layer = torch.nn.Linear(m.in_features, m.out_features)
+        layers[name.removeprefix(PREFIX)] = layer
+    for key, t in adapter.passthrough.items():  # modules_to_save: a layer holding the saved weight's shape
+        path = key.removeprefix(PREFIX)
+        if ".base_layer." in path or "token_adapter" in path or not path.endswith(".weight"):
+            return None
+        path = path[: -len(".weight")]
+        if path not in layers:
+            layers[path] = torch.nn.Linear(t.shape[-1], t.shape[0], bias=False) if len(t.shape) == 2 else None
+        if layers[path] is None:
+            return None
+    if sum(p.numel() for layer in layers.values() for p in layer.parameters()) > MAX_PARAMS:
+        return None
+    for path, layer in layers.items():
+        parent = root
+        *parts, leaf = path.split(".")
+        for part in parts:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, layer)
+    return root
+
+
+def check_peft_loads(path: Path) -> None:
+    """Load the PEFT adapter at `path` (a directory or a PEFT-keyed file) with PEFT; compare every module's update."""
+    from peft import PeftModel
+
+    from surgery import load_adapter
+    from surgery.io.safetensors_file import read_header
+
+    adapter = load_adapter(path)
+    root = _skeleton(adapter)
+    if root is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(path)
+        weights = d if d.is_file() else d / "adapter_model.safetensors"
+        if d.is_file() or not all(k.startswith("base_model.model.") for k in read_header(weights)[0]):
+            # a single file or prefix-less keys: loaded as transformers' / diffusers' load_adapter do, prefixed
+            from safetensors.torch import load_file, save_file
+
+            d = Path(tmp)
+            state = {k if k.startswith("base_model.model.") else "base_model.model." + k: v
+                     for k, v in load_file(str(weights)).items()}
+            save_file(state, str(d / "adapter_model.safetensors"))
+            (d / "adapter_config.json").write_text(json.dumps(dict(adapter.config)))
+        config = json.loads((d / "adapter_config.json").read_text())
+        if isinstance(config.get("target_modules"), str) and config["target_modules"] == "all-linear":
+            return
+        model = PeftModel.from_pretrained(root, d)
+    ours = {n.removeprefix("base_model.model."): m for n, m in adapter.modules.items()}
+    seen = set()
+    for name, mod in model.base_model.model.named_modules():
+        if hasattr(mod, "get_delta_weight") and name in ours:
+            seen.add(name)
+            theirs = mod.get_delta_weight("default").detach().double()
+            mine = ours[name].delta(torch.float64)
+            if isinstance(mod, torch.nn.Module) and type(mod).__name__ == "Embedding":
+                mine = mine.T
+            elif adapter.config.get("fan_in_fan_out"):
+                mine = mine.T
+            theirs = theirs.reshape(mine.shape)
+            tol = 1e-5 * max(1.0, float(mine.abs().max()))
+            assert torch.allclose(theirs, mine, atol=tol, equal_nan=True), f"{path}: module {name}: PEFT's update differs from ours"
+    assert seen == set(ours), f"{path}: PEFT did not load modules {sorted(set(ours) - seen)[:5]}"
+
+
+def check_transformers_loads(path: Path) -> None:
+    """Load a merged model directory with transformers; no weight may be missing or unexpected."""
+    import transformers
+
+    from surgery.errors import SurgeryError
+    from surgery.io.checkpoint import open_checkpoint
+
+    try:
+        open_checkpoint(path)
+    except SurgeryError:
+        return  # refused by our reader (a test's bad input)
+    config = json.loads((path / "config.json").read_text())
+    if "model_type" not in config or not (config.get("architectures") or []):
+        return
+    cls = getattr(transformers, config["architectures"][0], None)
+    if cls is None:
+        return
+    _, info = cls.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], f"{path}: {info}"
