@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 KINDS = ("linear", "conv", "embedding")
+ALGOS = ("lora", "loha", "lokr", "diff", "tera")  # what `inspect` calls each module class
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ TensorLike = Union[torch.Tensor, TensorRef]
 
 def materialize(t: TensorLike) -> torch.Tensor:
     """The tensor itself, reading it from disk if it is still a reference."""
-    return t.load() if isinstance(t, TensorRef) else t
+    return t if isinstance(t, torch.Tensor) else t.load()
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,21 @@ class LoraModule:
     kind: str = "linear"
     bias: TensorLike | None = None
     magnitude: TensorLike | None = None
+    algo = "lora"
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """ΔW's shape as the base layer stores it before any transpose: (out, in) or (out, in, *kernel)."""
+        return (self.out_features,) + tuple(int(s) for s in self.A.shape[1:])
+
+    @property
+    def tensors(self) -> dict[str, TensorLike]:
+        return {k: v for k, v in (("A", self.A), ("B", self.B), ("bias", self.bias), ("magnitude", self.magnitude))
+                if v is not None}
 
     @property
     def out_features(self) -> int:
@@ -81,6 +93,13 @@ class LoraModule:
     @property
     def dora(self) -> bool:
         return self.magnitude is not None
+
+    def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """Exact thin SVD of the flattened ΔW (out, in) (linalg.lowrank_svd)."""
+        from .linalg import lowrank_svd
+
+        B, A = self.factors(dtype, device)
+        return lowrank_svd(B, A, self.scale)
 
     def num_params(self, rank: int | None = None) -> int:
         """Factor parameters (A and B) at `rank` (default: the current rank)."""
@@ -171,3 +190,213 @@ class TeraModule:
         core, factors = shared(self.spec, dtype, device)
         lams = [materialize(l).to(device, dtype) for l in self.lambdas]
         return tera_delta(lams, core, factors, self.spec, self.scale)
+
+
+class _Structured:
+    """What LoHa, LoKr and full-diff modules share: their tensors by role (the LyCORIS/PEFT names without the
+    `hada_` / `lokr_` prefix), one `scale`, the ΔW shape, and an exact SVD without a dense ΔW where the
+    structure gives one (surgery.hadamard_kron)."""
+
+    bias = None
+    kind = "linear"  # "conv" when a kernel is known (Tucker core or a 4-D factor)
+
+    def get(self, role: str, dtype=torch.float32, device="cpu") -> torch.Tensor | None:
+        t = self.tensors.get(role)
+        return None if t is None else materialize(t).to(device=device, dtype=dtype)
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.tensors.values())).dtype
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
+
+    def num_params(self, rank: int | None = None) -> int:
+        """Stored parameters; at `rank`, those of the LoRA it becomes when squeezed."""
+        if rank is not None:
+            return rank * (self.in_features + self.out_features)
+        return sum(math.prod(t.shape) for t in self.tensors.values())
+
+    def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Dense ΔW (out, in_flat), for merging and for tests."""
+        U, S, Vh = self.svd(dtype, device)
+        return (U * S) @ Vh
+
+
+def _half(m, n: int, dtype, device):
+    """(B (rows, r), A (r, cols)) of half `n` ∈ {1, 2}: a w{n}_a @ w{n}_b pair, its Tucker form folded, or a full
+    w{n} as (w{n}.flatten(1), None)."""
+    from .hadamard_kron import tucker_pair
+
+    full = m.get(f"w{n}", dtype, device)
+    if full is not None:
+        return full.reshape(full.shape[0], -1), None
+    a, b, t = (m.get(f"{r}", dtype, device) for r in (f"w{n}_a", f"w{n}_b", f"t{n}"))
+    if t is not None:
+        return tucker_pair(t, a, b)
+    return a, b.reshape(b.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class LohaModule(_Structured):
+    """LoHa: `ΔW = scale · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)`, flattened (out, in·kh·kw).
+
+    tensors: w1_a (out, r), w1_b (r, in_flat), w2_a, w2_b alike; Tucker convs instead w{n}_a (r, out),
+    w{n}_b (r, in) and cores t1, t2 (r, r, kh, kw). magnitude: a LyCORIS `dora_scale`.
+    """
+
+    tensors: Mapping[str, TensorLike]
+    scale: float
+    magnitude: TensorLike | None = None
+    algo = "loha"
+
+    def __post_init__(self):
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    @property
+    def kind(self) -> str:
+        return "conv" if "t1" in self.tensors else "linear"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        t = self.tensors
+        if "t1" in t:
+            return (int(t["w1_a"].shape[1]), int(t["w1_b"].shape[1])) + tuple(int(s) for s in t["t1"].shape[2:])
+        return int(t["w1_a"].shape[0]), math.prod(int(s) for s in t["w1_b"].shape[1:])
+
+    @property
+    def rank(self) -> int:
+        """The rank bound of ΔW: r₁·r₂ (capped by its shape)."""
+        r1, r2 = (int(self.tensors[f"w{n}_b"].shape[0]) for n in (1, 2))
+        return min(r1 * r2, self.out_features, self.in_features)
+
+    def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """Exact thin SVD of ΔW via its face-splitting LoRA of rank r₁r₂: O((out + in)(r₁r₂)²)."""
+        from .hadamard_kron import hadamard_lora
+        from .linalg import lowrank_svd
+
+        B, A = hadamard_lora(*_half(self, 1, dtype, device), *_half(self, 2, dtype, device))
+        return lowrank_svd(B, A, self.scale)
+
+    def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        (B1, A1), (B2, A2) = _half(self, 1, dtype, device), _half(self, 2, dtype, device)
+        return (B1 @ A1) * (B2 @ A2) * self.scale
+
+
+@dataclass(frozen=True)
+class LokrModule(_Structured):
+    """LoKr: `ΔW = scale · kron(W₁, W₂)`, flattened (l·k, m·n·kh·kw).
+
+    tensors: W₁ as w1 (l, m) or w1_a (l, r) @ w1_b (r, m); W₂ as w2 (k, n[, kh, kw]), w2_a (k, r) @ w2_b
+    (r, n·kh·kw), or Tucker t2 (r, r, kh, kw) with w2_a (r, k), w2_b (r, n). `rank_hint`: PEFT's r for a
+    module whose factors are both full (its tensors do not say it). magnitude: a LyCORIS `dora_scale`.
+    """
+
+    tensors: Mapping[str, TensorLike]
+    scale: float
+    magnitude: TensorLike | None = None
+    rank_hint: int | None = None
+    algo = "lokr"
+
+    def __post_init__(self):
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    def _dims(self):
+        """(l, m, k, n, kernel) of the two halves."""
+        t = self.tensors
+        l, m = (t["w1"].shape if "w1" in t else (t["w1_a"].shape[0], t["w1_b"].shape[1]))
+        if "w2" in t:
+            k, n, kernel = t["w2"].shape[0], t["w2"].shape[1], tuple(t["w2"].shape[2:])
+        elif "t2" in t:
+            k, n, kernel = t["w2_a"].shape[1], t["w2_b"].shape[1], tuple(t["t2"].shape[2:])
+        else:
+            k, n, kernel = t["w2_a"].shape[0], math.prod(t["w2_b"].shape[1:]), ()
+        return int(l), int(m), int(k), int(n), tuple(int(s) for s in kernel)
+
+    @property
+    def kind(self) -> str:
+        return "conv" if self._dims()[4] else "linear"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        l, m, k, n, kernel = self._dims()
+        return (l * k, m * n) + kernel
+
+    @property
+    def factor_ranks(self) -> tuple[int, int]:
+        """Rank bounds of W₁ and W₂ (the decomposed factor's r, else the smaller side)."""
+        t, (l, m, k, n, kernel) = self.tensors, self._dims()
+        r1 = int(t["w1_b"].shape[0]) if "w1_b" in t else min(l, m)
+        r2 = int(t["w2_b"].shape[0]) if "w2_b" in t else min(k, n * math.prod(kernel))
+        return r1, r2
+
+    @property
+    def rank(self) -> int:
+        r1, r2 = self.factor_ranks
+        return r1 * r2
+
+    def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """Exact SVD of ΔW from the SVDs of its two halves (hadamard_kron.kron_svd); the scale's sign goes
+        into U."""
+        from .hadamard_kron import factor_svd, kron_svd
+        from .linalg import SVD
+
+        U, S, Vh = kron_svd(factor_svd(*_half(self, 1, dtype, device)), factor_svd(*_half(self, 2, dtype, device)))
+        return SVD(U * (1.0 if self.scale >= 0 else -1.0), S * abs(self.scale), Vh)
+
+    def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        (B1, A1), (B2, A2) = _half(self, 1, dtype, device), _half(self, 2, dtype, device)
+        W1 = B1 if A1 is None else B1 @ A1
+        W2 = B2 if A2 is None else B2 @ A2
+        return torch.kron(W1, W2) * self.scale
+
+
+@dataclass(frozen=True)
+class DiffModule(_Structured):
+    """A full update as LyCORIS's extractor writes it where low rank does not pay: `ΔW = diff` (out, in[, kernel]),
+    `diff_b` (out,) added to the bias."""
+
+    tensors: Mapping[str, TensorLike]
+    scale: float = 1.0
+    magnitude = None
+    algo = "diff"
+
+    def __post_init__(self):
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    @property
+    def bias(self):
+        return self.tensors.get("diff_b")
+
+    @property
+    def kind(self) -> str:
+        return "conv" if len(self.tensors["diff"].shape) > 2 else "linear"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.tensors["diff"].shape)
+
+    @property
+    def rank(self) -> int:
+        return min(self.out_features, self.in_features)
+
+    def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """Dense SVD: a full update has no structure to use."""
+        from .linalg import SVD
+
+        D = self.get("diff", dtype, device)
+        U, S, Vh = torch.linalg.svd(D.reshape(D.shape[0], -1) * self.scale, full_matrices=False)
+        return SVD(U, S, Vh)
+
+    def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        D = self.get("diff", dtype, device)
+        return D.reshape(D.shape[0], -1) * self.scale

@@ -7,6 +7,7 @@ means alpha = r), `<name>.dora_scale` (DoRA). Scale = alpha / r. Names are kohya
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 
@@ -15,42 +16,100 @@ from safetensors.torch import save as save_bytes
 
 from ..adapter import Adapter, materialize
 from ..errors import SurgeryError
-from .modules import group_keys, make_module
+from .modules import group_keys, make_module, make_structured, structured_algo
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
-_KEY = re.compile(r"^(?P<m>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight)$")
-_ROLE = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dora_scale": "magnitude",
-         "lora_mid.weight": "mid"}
-_UNSUPPORTED = re.compile(r"\.(hada_w1_a|lokr_w1|lokr_w1_a|a1\.weight|oft_blocks|oft_diag)$")
+_KEY = re.compile(r"^(?P<m>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale|"
+                  r"hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t[12])|diff|diff_b)$")
+_ROLE = {"lora_down.weight": "A", "lora_up.weight": "B", "lora_mid.weight": "mid", "alpha": "alpha",
+         "dora_scale": "magnitude"}
+# LyCORIS algorithms this reader does not take, by a key each writes
+_UNSUPPORTED = {"a1.weight": "GLoRA", "a2.weight": "GLoRA", "b1.weight": "GLoRA", "oft_blocks": "OFT",
+                "oft_diag": "OFT", "oft_R": "BOFT", "boft_R": "BOFT", "on_input": "IA³", "w_norm": "a norm-layer diff",
+                "b_norm": "a norm-layer diff", "bias_indices": "a sparse-bias residual", "bias_values": "a sparse-bias residual"}
 
 
-def unsupported(key: str) -> bool:
-    """A LyCORIS network other than LoRA/LoCon (LoHa, LoKr, GLoRA, OFT)."""
-    return bool(_UNSUPPORTED.search(key))
+def unsupported(key: str) -> str | None:
+    """The name of the LyCORIS algorithm a key belongs to, if this reader does not take it."""
+    leaf = key.split(".", 1)[-1]
+    return _UNSUPPORTED.get(leaf)
 
 
 def parse_key(key: str):
     m = _KEY.match(key)
-    return (m["m"], _ROLE[m["role"]], "linear") if m else None
+    if not m:
+        return None
+    role = m["role"]
+    return m["m"], _ROLE.get(role, role), "linear"
 
 
 def read(path: Path) -> Adapter:
+    """A kohya / LyCORIS file: LoRA/LoCon (Tucker `lora_mid` folded in), LoHa, LoKr and full `diff` modules."""
     refs, metadata = tensor_refs(path)
     for key in refs:
-        if unsupported(key):
-            raise SurgeryError(f"{path}: {key} belongs to a LyCORIS LoHa/LoKr/GLoRA/OFT network; only LoRA/LoCon is supported")
+        if (algo := unsupported(key)) is not None:
+            raise SurgeryError(f"{path}: {key} belongs to {algo}, which surgery does not read (LoRA/LoCon, LoHa, "
+                               "LoKr and full diff modules only)")
     parts, kinds, passthrough = group_keys(refs, parse_key, path)
     modules = {}
     for name in sorted(parts):
-        roles = parts[name]
-        if "mid" in roles:
-            raise SurgeryError(f"{path}: module {name} is a LyCORIS Tucker conv (lora_mid), which is not supported yet")
-        rank = roles["A"].shape[0] if "A" in roles and roles["A"].shape else 0
-        alpha = _alpha(roles.pop("alpha", None), rank, name, path)
-        modules[name] = make_module(name, roles, "linear", alpha / rank if rank else 1.0, path)
+        roles = dict(parts[name])
+        alpha = roles.pop("alpha", None)
+        magnitude = roles.pop("magnitude", None)
+        algo = structured_algo(roles, name, path)
+        if algo is None:
+            modules[name] = _lora(name, roles, alpha, magnitude, path)
+        else:
+            tensors = {r.split("_", 1)[1] if r.startswith(("hada_", "lokr_")) else r: t for r, t in roles.items()}
+            dim = lycoris_dim(algo, tensors)
+            scale = 1.0 if dim is None else _alpha(alpha, dim, name, path) / dim
+            modules[name] = make_structured(name, algo, tensors, scale, path, magnitude=magnitude)
     if not modules:
         raise SurgeryError(f"{path}: no LoRA tensors found (expected keys like <name>.lora_down.weight)")
     return Adapter(modules=modules, format="kohya", passthrough=passthrough, metadata=metadata, source=path)
+
+
+def lycoris_dim(algo: str, tensors) -> int | None:
+    """The `dim` LyCORIS / ComfyUI divide alpha by: LoHa `w1_b.shape[0]`; LoKr that of its decomposed factor
+    (w2_b first); None (scale 1, alpha ignored) for a LoKr whose factors are both full and for `diff`."""
+    if algo == "loha":
+        return int(tensors["w1_b"].shape[0])
+    for role in ("w2_b", "w1_b") if algo == "lokr" else ():
+        if role in tensors:
+            return int(tensors[role].shape[0])
+    return None
+
+
+def _lora(name, roles, alpha, magnitude, path):
+    if "mid" in roles:  # Tucker conv: fold mid into down, an exact rank-r LoCon (methods.md §6)
+        roles = dict(roles)
+        mid, down = roles.pop("mid"), roles.get("A")
+        if down is None or len(mid.shape) != 4 or len(down.shape) != 4 or mid.shape[1] != down.shape[0]:
+            raise SurgeryError(f"{path}: module {name}: lora_mid {list(mid.shape)} does not compose with lora_down "
+                               f"{list(down.shape) if down is not None else 'missing'}")
+        roles["A"] = _TuckerDown(mid, down)
+    rank = roles["A"].shape[0] if "A" in roles and roles["A"].shape else 0
+    scale = _alpha(alpha, rank, name, path) / rank if rank else 1.0
+    return make_module(name, roles | ({"magnitude": magnitude} if magnitude is not None else {}), "linear", scale, path)
+
+
+class _TuckerDown:
+    """lora_down (r, in, kh, kw) rebuilt from a Tucker pair: A[i, c, h, w] = Σⱼ mid[i, j, h, w] · down[j, c, 0, 0]."""
+
+    def __init__(self, mid, down):
+        self.mid, self.down = mid, down
+        self.shape = (mid.shape[0], down.shape[1], *mid.shape[2:])
+        self.dtype = mid.dtype
+
+    def load(self):
+        from ..hadamard_kron import tucker_pair
+
+        mid, down = materialize(self.mid), materialize(self.down)
+        _, A = tucker_pair(mid.float(), torch.eye(mid.shape[0]), down.float().flatten(1))
+        return A.reshape(self.shape).to(self.dtype)
+
+    def numel(self):
+        return math.prod(self.shape)
 
 
 def _alpha(ref, rank: int, name: str, path: Path) -> float:

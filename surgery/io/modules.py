@@ -5,6 +5,7 @@ keys it does not claim pass through untouched.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -66,3 +67,73 @@ def make_module(name: str, roles: Mapping[str, TensorRef], kind: str, scale: flo
     if r == 0:
         raise SurgeryError(f"{path}: module {name} has rank 0")
     return LoraModule(A=A, B=B, scale=float(scale), kind=kind, bias=bias, magnitude=roles.get("magnitude"))
+
+
+def structured_algo(roles: Mapping[str, TensorRef], name: str, path: Path) -> str | None:
+    """"loha" / "lokr" / "diff" from a module's role names (`hada_…`, `lokr_…`, `diff`), None for LoRA."""
+    algos = {"loha" if r.startswith("hada_") else "lokr" if r.startswith("lokr_") else "diff" if r.startswith("diff")
+             else "lora" for r in roles if r not in ("magnitude", "alpha")}
+    if len(algos) > 1:
+        raise SurgeryError(f"{path}: module {name} mixes tensors of {' and '.join(sorted(algos))}")
+    algo = algos.pop() if algos else "lora"
+    return None if algo == "lora" else algo
+
+
+def _shape_error(path, name, what, tensors):
+    have = ", ".join(f"{r} {list(t.shape)}" for r, t in sorted(tensors.items()))
+    return SurgeryError(f"{path}: module {name}: {what} ({have})")
+
+
+def _check_pair(path, name, tensors, n: int, rows: int | None = None):
+    """Half n of a LoHa/LoKr: (rows, cols) of its rebuilt matrix; Tucker cores fix the kernel."""
+    a, b, t = tensors.get(f"w{n}_a"), tensors.get(f"w{n}_b"), tensors.get(f"t{n}")
+    if a is None or b is None:
+        raise _shape_error(path, name, f"half {n} needs w{n}_a and w{n}_b, or a full w{n}", tensors)
+    if t is not None:  # Tucker: t (r, r', *k), a (r, out), b (r', in)
+        if len(t.shape) < 3 or len(a.shape) != 2 or len(b.shape) != 2 or t.shape[0] != a.shape[0] \
+                or t.shape[1] != b.shape[0]:
+            raise _shape_error(path, name, f"Tucker core t{n} does not compose with w{n}_a, w{n}_b", tensors)
+        return a.shape[1], b.shape[1], tuple(t.shape[2:])
+    if len(a.shape) != 2 or len(b.shape) < 2 or a.shape[1] != b.shape[0]:
+        raise _shape_error(path, name, f"w{n}_a and w{n}_b do not compose", tensors)
+    return a.shape[0], math.prod(b.shape[1:]), ()
+
+
+def make_structured(name: str, algo: str, tensors: Mapping[str, TensorRef], scale: float, path: Path,
+                    magnitude=None, rank_hint: int | None = None):
+    """A validated LohaModule / LokrModule / DiffModule: factor shapes that compose, one ΔW shape."""
+    from ..adapter import DiffModule, LohaModule, LokrModule
+
+    known = {"loha": {"w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2"},
+             "lokr": {"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"}, "diff": {"diff", "diff_b"}}[algo]
+    if extra := set(tensors) - known:
+        raise _shape_error(path, name, f"unexpected {algo} tensors {sorted(extra)}", tensors)
+    if algo == "diff":
+        d, b = tensors.get("diff"), tensors.get("diff_b")
+        if d is None or len(d.shape) < 2 or (b is not None and tuple(b.shape) != (d.shape[0],)):
+            raise _shape_error(path, name, "a full update needs diff (out, in[, kernel]) and diff_b (out,)", tensors)
+        return DiffModule(tensors, scale)
+    if algo == "loha":
+        if ("t1" in tensors) != ("t2" in tensors):
+            raise _shape_error(path, name, "a Tucker LoHa needs both t1 and t2", tensors)
+        h1, h2 = _check_pair(path, name, tensors, 1), _check_pair(path, name, tensors, 2)
+        if h1 != h2:
+            raise _shape_error(path, name, "its two Hadamard halves have different shapes", tensors)
+        module = LohaModule(tensors, float(scale), magnitude)
+    else:
+        if ("w1" in tensors) == ("w1_a" in tensors or "w1_b" in tensors):
+            raise _shape_error(path, name, "W1 must be lokr_w1 or a lokr_w1_a, lokr_w1_b pair", tensors)
+        if "w1" not in tensors:
+            _check_pair(path, name, tensors, 1)
+        elif len(tensors["w1"].shape) != 2:
+            raise _shape_error(path, name, "lokr_w1 must be 2-D", tensors)
+        if ("w2" in tensors) == ("w2_a" in tensors or "w2_b" in tensors) or ("t2" in tensors and "w2" in tensors):
+            raise _shape_error(path, name, "W2 must be lokr_w2 or a lokr_w2_a, lokr_w2_b pair (with lokr_t2)", tensors)
+        if "w2" not in tensors:
+            _check_pair(path, name, tensors, 2)
+        elif len(tensors["w2"].shape) < 2:
+            raise _shape_error(path, name, "lokr_w2 must be at least 2-D", tensors)
+        module = LokrModule(tensors, float(scale), magnitude, rank_hint)
+    if not all(t.dtype.is_floating_point for t in tensors.values()):
+        raise _shape_error(path, name, "factors must be floating point", tensors)
+    return module

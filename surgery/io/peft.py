@@ -19,7 +19,7 @@ import torch
 
 from ..adapter import Adapter, LoraModule, materialize
 from ..errors import SurgeryError
-from .modules import group_keys, make_module
+from .modules import group_keys, make_module, make_structured
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
 WEIGHTS = "adapter_model.safetensors"
@@ -35,6 +35,18 @@ _KEY = re.compile(
     r"|lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?"
     r")$"
 )
+
+
+_STRUCTURED = re.compile(r"^(?P<m>.+?)\.(?P<role>hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t[12]))"
+                         r"(?:\.[^.]+)?$")
+TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}  # peft_type → module algorithm
+ALPHA_KEY = {"lora": "lora_alpha", "loha": "alpha", "lokr": "alpha"}  # the config's name for alpha
+
+
+def parse_structured(key: str):
+    """`…q_proj.hada_w1_a` → ('…q_proj', 'w1_a', 'linear') for PEFT LoHa / LoKr keys."""
+    m = _STRUCTURED.match(key)
+    return (m["m"], m["role"].split("_", 1)[1], "linear") if m else None
 
 
 def parse_key(key: str):
@@ -80,13 +92,20 @@ def config_key(name: str) -> str:
     return name[len(PREFIX):] if name.startswith(PREFIX) else name
 
 
-def _scale_of(config: Mapping[str, Any], name: str, rank: int, where: str) -> float:
+def rank_alpha(config: Mapping[str, Any], name: str, alpha_key: str = "lora_alpha") -> tuple[int, float]:
+    """(r, alpha) of module `name` as PEFT resolves them through rank_pattern / alpha_pattern."""
     key = config_key(name)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     p = pattern_key(rank_pattern, key)
     r = rank_pattern[p] if p is not None else config.get("r", 8)
     p = pattern_key(alpha_pattern, key)
-    alpha = alpha_pattern[p] if p is not None else config.get("lora_alpha", 8)
+    return int(r), float(alpha_pattern[p] if p is not None else config.get(alpha_key, 8))
+
+
+def _scale_of(config: Mapping[str, Any], name: str, rank: int | None, where: str, alpha_key="lora_alpha") -> float:
+    """alpha / r (alpha / √r with rsLoRA); `rank` from the tensors must be the configured r (None: unknown)."""
+    r, alpha = rank_alpha(config, name, alpha_key)
+    rank = r if rank is None else rank
     if int(r) != rank:
         raise SurgeryError(
             f"{where}: module {name} has rank {rank} in its tensors but the config gives r={r} "
@@ -97,25 +116,40 @@ def _scale_of(config: Mapping[str, Any], name: str, rank: int, where: str) -> fl
 
 def _read(weights: Path, config: Mapping[str, Any] | None, fmt: str, where: str) -> Adapter:
     refs, metadata = tensor_refs(weights)
-    parts, kinds, passthrough = group_keys(refs, parse_key, weights)
+    ptype = (config or {}).get("peft_type", "LORA")
+    if ptype not in TYPES:
+        raise SurgeryError(f"{where}: peft_type {ptype!r} is not read by surgery (LORA, LOHA and LOKR are)")
+    algo = TYPES[ptype]
+    parts, kinds, passthrough = group_keys(refs, parse_key if algo == "lora" else parse_structured, weights)
     if not parts:
-        raise SurgeryError(f"{weights}: no LoRA tensors found (expected keys like <module>.lora_A.weight)")
+        what = "<module>.lora_A.weight" if algo == "lora" else f"<module>.{'hada_w1_a' if algo == 'loha' else 'lokr_w1'}"
+        raise SurgeryError(f"{weights}: no {ptype} tensors found (expected keys like {what})")
     notes = []
     assumed = config is None
     if assumed:
         notes.append(f"{weights.name}: no adapter config found; assuming lora_alpha = r (scale 1) for every module")
         config = {}
-    if config.get("peft_type", "LORA") != "LORA":
-        raise SurgeryError(f"{where}: peft_type {config['peft_type']!r} is not LoRA; only LoRA adapters are supported")
     if config.get("target_parameters"):
         raise SurgeryError(f"{where}: LoRA on target_parameters (MoE expert tensors) is not supported yet")
     modules = {}
     for name in sorted(parts):
+        if algo != "lora":
+            modules[name] = _structured(name, algo, parts[name], config, weights, where)
+            continue
         rank = parts[name]["A"].shape[0] if "A" in parts[name] else 0
         scale = 1.0 if assumed else _scale_of(config, name, rank, where)
         modules[name] = make_module(name, parts[name], kinds.get(name, "linear"), scale, weights)
     return Adapter(modules=modules, format=fmt, passthrough=passthrough, config=config, metadata=metadata,
                    source=weights.parent if fmt == "peft" else weights, notes=tuple(notes))
+
+
+def _structured(name, algo, tensors, config, weights, where):
+    """A PEFT LoHa / LoKr module: scale alpha / r (no rsLoRA in PEFT's LoHa/LoKr), r checked against the tensors
+    where they state it (LoHa: w1_b; LoKr: its decomposed factor — both full: PEFT's r is kept as a hint)."""
+    r_of = {"loha": ("w1_b",), "lokr": ("w2_b", "w1_b")}[algo]
+    rank = next((int(tensors[k].shape[0]) for k in r_of if k in tensors), None)
+    scale = _scale_of(config, name, rank, where, ALPHA_KEY[algo])
+    return make_structured(name, algo, tensors, scale, weights, rank_hint=rank_alpha(config, name)[0])
 
 
 def _load_json(path: Path) -> dict:
