@@ -163,6 +163,11 @@ class TeraModule:
     bias = None  # no lora_B.bias, no DoRA magnitude: merge code treats TeRA like a plain linear LoRA
     magnitude = None
     dora = False
+    algo = "tera"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
 
     @property
     def out_features(self) -> int:

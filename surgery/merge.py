@@ -75,21 +75,30 @@ class Scratch:
 
 def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *, fan_in_fan_out: bool = False,
                   out_dtype: torch.dtype | None = None, compute: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu", scratch: Scratch | None = None) -> torch.Tensor:
+                  device: str | torch.device = "cpu", scratch: Scratch | None = None,
+                  dora: str = "peft") -> torch.Tensor:
     """`W + Σ wᵢ ΔWᵢ` in `compute` precision, rounded once to `out_dtype` (default W's dtype).
 
     DoRA (one adapter, weight 1): `m / ‖W + ΔW‖_row · (W + ΔW)`, norms over every dim but the first, as PEFT's
-    `DoraLinearVariant.merge` and its conv variant do. With `scratch`, the result lives in a reused buffer.
+    `DoraLinearVariant.merge` and its conv variant do; `dora="lycoris"`: LyCORIS's `weight_decompose`, the norm
+    + float32 eps per output row or, for a `dora_scale` of shape (1, in, …), per input column. With `scratch`,
+    the result lives in a reused buffer.
     """
     scratch = scratch or Scratch()
     acc = scratch.get("acc", W.shape, compute, device).copy_(W)
     for m, w in parts:
         add_delta_(acc, m, w, fan_in_fan_out)
-    dora = [m for m, _ in parts if m.magnitude is not None]
-    if dora:
-        mag = materialize(dora[0].magnitude).to(device=device, dtype=compute).reshape(-1)
-        norm = acc.reshape(acc.shape[0], -1).norm(dim=1)
-        acc *= (mag / norm).reshape((-1,) + (1,) * (acc.dim() - 1))
+    mags = [m.magnitude for m, _ in parts if m.magnitude is not None]
+    if mags:
+        mag = materialize(mags[0]).to(device=device, dtype=compute)
+        on_input = dora == "lycoris" and mag.dim() > 1 and mag.shape[0] == 1 and mag.numel() == acc.shape[1] > 1
+        eps = torch.finfo(torch.float32).eps if dora == "lycoris" else 0.0
+        if on_input:  # (1, in, …): one norm per input channel, over the output rows and the kernel
+            norm = acc.transpose(0, 1).reshape(acc.shape[1], -1).norm(dim=1) + eps
+            acc *= (mag.reshape(-1) / norm).reshape((1, -1) + (1,) * (acc.dim() - 2))
+        else:
+            norm = acc.reshape(acc.shape[0], -1).norm(dim=1) + eps
+            acc *= (mag.reshape(-1) / norm).reshape((-1,) + (1,) * (acc.dim() - 1))
     out_dtype = out_dtype or W.dtype
     if out_dtype == compute and acc.device.type == "cpu":
         return acc
@@ -115,6 +124,7 @@ class Change:
     kind: str = "weight"  # "weight" | "bias" | "replace"
     source: str | None = None  # for a tensor created from a tied one
     replacement: object = None  # kind "replace": PEFT modules_to_save tensor that takes the base tensor's place
+    dora: str = "peft"  # how a DoRA magnitude rescales: "peft" (lora_magnitude_vector) or "lycoris" (dora_scale)
 
 
 @dataclass(frozen=True)
@@ -174,13 +184,16 @@ def resolve(adapter: Adapter, ck: Checkpoint) -> tuple[dict[str, str], list[str]
     return found, missing
 
 
-def _expected_shape(m: LoraModule, fan_in_fan_out: bool) -> tuple[int, ...]:
-    """The base tensor shape a module's ΔW fits."""
-    if m.kind == "conv":
-        return (m.out_features,) + tuple(m.A.shape[1:])
+def _fits(m, shape: Sequence[int], fan_in_fan_out: bool) -> bool:
+    """Whether a module's ΔW fits a base tensor of `shape`: exactly for LoRA; LoHa/LoKr/diff factors flatten a
+    conv kernel into their columns (and a Conv1d's Tucker core is stored (r, r, k, 1)), so they fit any base
+    tensor of the same (out, in·kernel)."""
+    shape = tuple(shape)
     if m.kind == "embedding" or fan_in_fan_out:
-        return m.in_features, m.out_features
-    return m.out_features, m.in_features
+        return shape == (m.in_features, m.out_features)
+    if m.algo != "lora":
+        return len(shape) >= 2 and (shape[0], math.prod(shape[1:])) == (m.out_features, m.in_features)
+    return shape == m.shape
 
 
 def _tied_source(ck: Checkpoint, path: str) -> str | None:
@@ -196,6 +209,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     """Which base tensors change and how, checked against the base's headers before any tensor is read."""
     changes: dict[str, list] = {}
     biases: dict[str, list] = {}
+    dora_styles: dict[str, str] = {}  # base tensor → "lycoris" for a LyCORIS dora_scale (PEFT's otherwise)
     created: dict[str, str] = {}
     notes: list[str] = []
     for adapter, w in zip(adapters, weights):
@@ -222,12 +236,16 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
             if spec.torch_dtype not in FLOATS:
                 raise SurgeryError(f"{ck.root}: base tensor {key} has dtype {spec.dtype}; only float16/bfloat16/"
                                    "float32/float64 bases can be merged into")
-            want = _expected_shape(m, fan)
-            if tuple(spec.shape) != want:
-                raise SurgeryError(f"{where}: module {name} has ΔW of shape {list(want)} but base tensor {key} "
+            if not _fits(m, spec.shape, fan):
+                want = list(m.shape[::-1] if m.kind == "embedding" or fan else m.shape)
+                raise SurgeryError(f"{where}: module {name} ({m.algo}) has ΔW of shape {want} but base tensor {key} "
                                    f"has shape {list(spec.shape)}")
             if m.magnitude is not None and adapter.format == "kohya":
-                raise SurgeryError(f"{where}: module {name}: merging LyCORIS/kohya DoRA (dora_scale) is not supported yet")
+                n = math.prod(m.magnitude.shape)
+                if n not in (spec.shape[0], spec.shape[1]) or max(m.magnitude.shape) != n:
+                    raise SurgeryError(f"{where}: module {name}: dora_scale of shape {list(m.magnitude.shape)} fits "
+                                       f"neither axis of base tensor {key} {list(spec.shape)}")
+                dora_styles[key] = "lycoris"
             if m.magnitude is not None and (w != 1.0 or len(adapters) > 1 or fan or m.kind == "embedding"):
                 raise SurgeryError(f"{where}: DoRA module {name} can only be merged alone, with weight 1, into a "
                                    "linear or conv layer (its magnitude rescales the merged weight)")
@@ -251,7 +269,8 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
             raise SurgeryError(f"{key}: adapters disagree on fan_in_fan_out")
         if any(m.magnitude is not None for m, _, _ in parts) and len(parts) > 1:
             raise SurgeryError(f"{key}: a DoRA module cannot be merged together with other adapters")
-    plan = {k: Change(tuple((m, w) for m, w, _ in p), "weight", created.get(k)) for k, p in changes.items()}
+    plan = {k: Change(tuple((m, w) for m, w, _ in p), "weight", created.get(k), dora=dora_styles.get(k, "peft"))
+            for k, p in changes.items()}
     plan.update({k: Change(tuple(p), "bias") for k, p in biases.items()})
     plan.update({k: Change((), "replace", source=created.get(k), replacement=t) for k, t in replaced.items()})
     fans = frozenset(k for k, p in changes.items() if p[0][2])
@@ -405,7 +424,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                 scratch = next(scratches)
                 W = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
                 t = merged_weight(W, change.parts, fan_in_fan_out=name in plan.transposed, out_dtype=odt,
-                                  compute=compute_dtype, device=dev, scratch=scratch)
+                                  compute=compute_dtype, device=dev, scratch=scratch, dora=change.dora)
             if not all_finite(t):
                 raise SurgeryError(f"{name}: the merge produced NaN or Inf (overflow in {odt}?)")
             if progress:

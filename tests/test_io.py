@@ -147,15 +147,29 @@ def test_kohya_hash_metadata_recomputed(tmp_path):
     assert meta["sshs_model_hash"] == hashlib.sha256(blob[8 + n:]).hexdigest() != "stale"
 
 
-def test_unsupported_kohya_networks(tmp_path):
-    B, A = lora_pair(8, 6, 4)
-    save_file({"n.lora_up.weight": B.reshape(8, 4, 1, 1), "n.lora_down.weight": A.reshape(4, 6, 1, 1),
-               "n.lora_mid.weight": torch.randn(4, 4, 3, 3)}, str(tmp_path / "t.safetensors"))
-    with pytest.raises(SurgeryError, match="Tucker"):
-        load_adapter(tmp_path / "t.safetensors")
-    save_file({"n.hada_w1_a": torch.randn(4, 2)}, str(tmp_path / "h.safetensors"))
-    with pytest.raises(SurgeryError, match="LoHa"):
-        load_adapter(tmp_path / "h.safetensors")
+@pytest.mark.parametrize("keys,message", [
+    ({"n.hada_w1_a": (4, 2)}, "n: half 1 needs w1_a and w1_b"),
+    ({"n.hada_w1_a": (8, 4), "n.hada_w1_b": (4, 6), "n.hada_w2_a": (8, 4), "n.hada_w2_b": (3, 6)},
+     "n: w2_a and w2_b do not compose"),
+    ({"n.hada_w1_a": (8, 4), "n.hada_w1_b": (4, 6), "n.hada_w2_a": (8, 4), "n.hada_w2_b": (4, 5)},
+     "n: its two Hadamard halves have different shapes"),
+    ({"n.lokr_w1": (2, 2), "n.lokr_w1_a": (2, 1)}, "W1 must be lokr_w1 or a lokr_w1_a, lokr_w1_b pair"),
+    ({"n.lokr_w1": (2, 2), "n.lokr_w2_a": (4, 2), "n.lokr_w2_b": (2, 3), "n.lokr_t2": (2, 3, 3, 3)},
+     "Tucker core t2 does not compose"),
+    ({"n.lora_up.weight": (8, 4, 1, 1), "n.lora_down.weight": (4, 6, 1, 1), "n.lora_mid.weight": (4, 3, 3, 3)},
+     r"lora_mid \[4, 3, 3, 3\] does not compose"),
+    ({"n.lora_up.weight": (8, 4), "n.hada_w1_a": (8, 4)}, "n mixes tensors of loha and lora"),
+    ({"n.a1.weight": (4, 4)}, "belongs to GLoRA"),
+    ({"n.oft_blocks": (4, 4, 4)}, "belongs to OFT"),
+    ({"n.oft_R": (4, 4)}, "belongs to BOFT"),
+    ({"n.on_input": ()}, "belongs to IA³"),
+])
+def test_lycoris_files_that_do_not_compose_or_are_not_read(tmp_path, keys, message):
+    """Each bad LyCORIS file: one error naming the file, the module and what is wrong (or the algorithm)."""
+    save_file({k: torch.randn(s) for k, s in keys.items()}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(SurgeryError, match=message) as e:
+        load_adapter(tmp_path / "x.safetensors")
+    assert str(tmp_path / "x.safetensors") in str(e.value)
 
 
 def _valid_file(tmp_path):
@@ -216,7 +230,7 @@ def test_shape_mismatch_and_missing_factor(tmp_path):
     with pytest.raises(SurgeryError, match="m.q is missing its B"):
         load_adapter(tmp_path / "y.safetensors")
     save_file({"something.else": A}, str(tmp_path / "z.safetensors"))
-    with pytest.raises(SurgeryError, match="no LoRA tensors"):
+    with pytest.raises(SurgeryError, match="no adapter tensors found"):
         load_adapter(tmp_path / "z.safetensors")
 
 

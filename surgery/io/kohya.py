@@ -72,9 +72,7 @@ def read(path: Path) -> Adapter:
 def lycoris_dim(algo: str, tensors) -> int | None:
     """The `dim` LyCORIS / ComfyUI divide alpha by: LoHa `w1_b.shape[0]`; LoKr that of its decomposed factor
     (w2_b first); None (scale 1, alpha ignored) for a LoKr whose factors are both full and for `diff`."""
-    if algo == "loha":
-        return int(tensors["w1_b"].shape[0])
-    for role in ("w2_b", "w1_b") if algo == "lokr" else ():
+    for role in {"loha": ("w1_b",), "lokr": ("w2_b", "w1_b")}.get(algo, ()):
         if role in tensors:
             return int(tensors[role].shape[0])
     return None
