@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from surgery import (Budget, Energy, FixedRank, SurgeryError, load_adapter, parse_count, parse_rank_map,
+from surgery import (Budget, Energy, Exact, FixedRank, SurgeryError, load_adapter, parse_count, parse_rank_map,
                      save_adapter, squeeze)
 from surgery.io import FORMATS, check_output, default_output
 from surgery.io.safetensors_file import atomic_output
@@ -290,10 +290,15 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @main.command(name="convert")
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--to", "to", required=True, type=click.Choice(["tera", "lora", "peft", "peft-file", "kohya"]),
-              help="tera: fit a TeRA adapter to a LoRA; lora: a rank-K LoRA from a TeRA adapter; "
-                   "peft/peft-file/kohya: lossless LoRA format conversion.")
+              help="tera: fit a TeRA adapter to a LoRA; lora: a LoRA from a TeRA, LoHa, LoKr or full-diff adapter "
+                   "(exact without a rule); peft/peft-file/kohya: lossless layout conversion.")
 @output_option
-@click.option("--rank", type=int, help="--to lora: the LoRA rank.")
+@click.option("--rank", type=int, help="--to lora: the LoRA rank (needed from TeRA).")
+@click.option("--energy", type=float, help="--to lora from LoHa/LoKr: keep this fraction of each module's Σσ².")
+@click.option("--budget", help="--to lora from LoHa/LoKr: total factor parameters, e.g. 2M.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
+              help="--to lora: output format (default: the output path's layout, in the input's naming).")
+@click.option("--device", default="auto", show_default=True)
 @click.option("--order", type=int, default=3, show_default=True, help="--to tera: modes per dimension.")
 @click.option("--core-rank", type=int, default=8, show_default=True, help="--to tera: rank of every mode.")
 @click.option("--iters", type=int, default=50, show_default=True, help="--to tera: alternating LS sweeps.")
@@ -302,8 +307,9 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @alpha_option
 @click.option("--seed", type=int, default=0, show_default=True, help="--to tera: seed of the shared factors.")
 @json_option
-def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, force, alpha, seed, as_json):
-    """Convert between LoRA and TeRA, or between LoRA file formats."""
+def convert_cmd(adapter, to, out, rank, energy, budget, fmt, device, order, core_rank, iters, save_factors, force,
+                alpha, seed, as_json):
+    """Convert LoHa/LoKr/TeRA to LoRA, LoRA to TeRA, or between file layouts."""
     from surgery.tera import to_lora, to_tera
 
     a = load(adapter, alpha)
@@ -311,6 +317,19 @@ def convert_cmd(adapter, to, out, rank, order, core_rank, iters, save_factors, f
         path = save_adapter(a, out or output_for(a, to.removesuffix("-file"), to), format=to, force=force)
         click.echo(json.dumps({"output": str(path)}) if as_json else f"wrote {path}")
         return
+    if to == "lora" and a.format != "tera":
+        if all(m.algo == "lora" for m in a.modules.values()):
+            raise SurgeryError(f"{adapter}: is already a LoRA adapter (surgery squeeze changes its ranks)")
+        rule = Exact() if (rank, energy, budget) == (None, None, None) else rank_rule(rank, energy, budget)
+        with progress_bar(len(a.modules), "convert to lora") as bar:
+            new, report = squeeze(a, rule, device=device, progress=lambda _: bar.update(1))
+        tag = "lora" + (f"-r{rank}" if rank is not None else f"-e{energy:g}" if energy is not None
+                        else f"-b{budget}" if budget is not None else "")
+        path = save_adapter(new, out or output_for(a, tag, fmt), format=fmt, force=force)
+        emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
+        return
+    if energy is not None or budget is not None or fmt is not None:
+        raise click.UsageError("--energy, --budget and --format go with --to lora from a LoHa/LoKr adapter")
     if (to == "lora") != (rank is not None):
         raise click.UsageError("--rank is needed with --to lora, and only there")
     with progress_bar(len(a.modules), f"convert to {to}") as bar:

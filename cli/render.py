@@ -18,9 +18,11 @@ def _dtype(t) -> str:
 def inspect_json(a: Adapter, spectra=None) -> dict:
     mods = []
     for name, m in a.modules.items():
-        d = {"name": name, "kind": m.kind, "shape": [m.out_features, m.in_features], "rank": m.rank,
-             "scale": m.scale, "dtype": _dtype(m), "dora": m.dora, "lora_bias": m.bias is not None,
-             "params": m.num_params()}
+        d = {"name": name, "type": m.algo, "kind": m.kind, "shape": [m.out_features, m.in_features],
+             "weight_shape": list(m.shape), "rank": m.rank, "scale": m.scale, "dtype": _dtype(m), "dora": m.dora,
+             "lora_bias": m.bias is not None and m.algo == "lora", "params": m.num_params()}
+        if m.algo in ("loha", "lokr", "diff"):
+            d["factors"] = {role: list(t.shape) for role, t in m.tensors.items()}
         if hasattr(m, "spec"):
             d["tera"] = m.spec.to_json()
         if spectra is not None:
@@ -45,12 +47,17 @@ def _counts(values) -> str:
     return ", ".join(f"{v} ×{n}" if n > 1 else f"{v}" for v, n in sorted(Counter(values).items()))
 
 
+def _kind(m) -> str:
+    """`conv`, `linear`, … for LoRA; the algorithm first for the others (`loha conv`, `lokr linear`, `diff linear`)."""
+    return m.kind if m.algo in ("lora", "tera") else f"{m.algo} {m.kind}"
+
+
 def inspect_table(a: Adapter, spectra=None) -> str:
     mods = a.modules.values()
     lines = [
         f"{a.source}: {a.format} adapter, {len(a.modules)} modules, {a.num_params():,} "
         f"{'trainable λ entries' if a.format == 'tera' else 'factor parameters'}",
-        f"kinds: {_counts(m.kind for m in mods)}   ranks: {_counts(m.rank for m in mods)}   "
+        f"kinds: {_counts(_kind(m) for m in mods)}   ranks: {_counts(m.rank for m in mods)}   "
         f"dtype: {_counts(_dtype(m) for m in mods)}",
     ]
     if a.passthrough:
@@ -61,7 +68,7 @@ def inspect_table(a: Adapter, spectra=None) -> str:
         header += ["σ1"] + [f"r@{e:g}" for e in ENERGIES]
     rows = []
     for name, m in a.modules.items():
-        row = [name + (" [DoRA]" if m.dora else ""), m.kind, f"{m.out_features}×{m.in_features}", str(m.rank),
+        row = [name + (" [DoRA]" if m.dora else ""), _kind(m), f"{m.out_features}×{m.in_features}", str(m.rank),
                f"{m.scale:.6g}", f"{m.num_params():,}"]
         if spectra is not None:
             S = spectra[name]

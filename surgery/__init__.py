@@ -8,12 +8,12 @@
 from .adapter import Adapter, LoraModule, TensorRef
 from .errors import SurgeryError
 from .io import FORMATS, detect, load_adapter, save_adapter
-from .rank import Budget, Energy, FixedRank, RankMap, parse_count, parse_rank_map
+from .rank import Budget, Energy, Exact, FixedRank, RankMap, parse_count, parse_rank_map
 from .squeeze import ModuleReport, SqueezeReport, squeeze
 
 __all__ = [
     "Adapter", "LoraModule", "TensorRef", "SurgeryError", "FORMATS", "detect", "load_adapter", "save_adapter",
-    "Budget", "Energy", "FixedRank", "RankMap", "parse_count", "parse_rank_map",
+    "Budget", "Energy", "Exact", "FixedRank", "RankMap", "parse_count", "parse_rank_map",
     "ModuleReport", "SqueezeReport", "squeeze",
 ]
 __version__ = "0.1.0"

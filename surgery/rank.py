@@ -53,7 +53,12 @@ class PerModule:
     ranks: Mapping[str, int]
 
 
-RankRule = Union[FixedRank, Energy, Budget, RankMap, PerModule]
+@dataclass(frozen=True)
+class Exact:
+    """Each ΔW's numerical rank (σ > σ₁ · max(out, in) · ε_float32): an exact LoRA of a LoHa/LoKr, nothing lost."""
+
+
+RankRule = Union[FixedRank, Energy, Budget, RankMap, PerModule, Exact]
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 

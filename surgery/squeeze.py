@@ -9,6 +9,7 @@ residual from Gram matrices (rsvd). On the CPU, modules are processed in paralle
 from __future__ import annotations
 
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, TypeVar
@@ -19,9 +20,10 @@ from .adapter import Adapter, LoraModule
 from .device import compute_dtype as _compute_dtype
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
-from .linalg import (CoreSVD, core_factors, core_svd, lora_operator, lowrank_frobenius_sq, randomized_svd,
+from .linalg import (SVD, CoreSVD, core_factors, core_svd, lora_operator, lowrank_frobenius_sq, randomized_svd,
                      split_factors)
-from .rank import Budget, Energy, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank, energy_rank
+from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
+                   energy_rank)
 
 METHODS = ("exact", "rsvd")
 T = TypeVar("T")
@@ -40,6 +42,7 @@ class ModuleReport:
     params_before: int
     params_after: int
     dora: bool
+    algo: str = "lora"  # what the module was: lora, loha, lokr or diff (all are LoRA afterwards)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,26 @@ def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out
     return LoraModule(A=A2, B=B2, scale=m.scale, kind=m.kind, bias=m.bias, magnitude=m.magnitude)
 
 
+def _as_lora(m, svd, k: int, out_dtype) -> LoraModule:
+    """The best rank-k LoRA of a module from its exact SVD (√Σ on both sides, the module's scale kept),
+    shaped as a conv LoRA where the module knows its kernel; zero directions pad a spectrum shorter than k."""
+    scale = m.scale if m.scale != 0 else 1.0
+    B, A = split_factors(SVD(svd.U[:, :k], svd.S[:k], svd.Vh[:k]), k, scale)
+    if B.shape[1] < k:
+        B = torch.nn.functional.pad(B, (0, k - B.shape[1]))
+        A = torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0]))
+    dtype = out_dtype or m.dtype
+    kernel = tuple(m.shape[2:])
+    B = B.reshape((m.out_features, k) + (1,) * len(kernel)).to("cpu", dtype).contiguous()
+    A = A.reshape((k,) + tuple(m.shape[1:])).to("cpu", dtype).contiguous()
+    return LoraModule(A=A, B=B, scale=scale, kind="conv" if kernel else "linear", bias=m.bias,
+                      magnitude=m.magnitude)
+
+
 def _target(name: str, m: LoraModule, rule: RankRule, S: torch.Tensor | None, min_rank: int) -> int:
+    if isinstance(rule, Exact):
+        tol = float(S[0]) * max(m.out_features, m.in_features) * torch.finfo(torch.float32).eps if len(S) else 0.0
+        return max(int((S > tol).sum()), 1)
     if isinstance(rule, FixedRank):
         return check_rank(name, rule.rank, m.rank)
     if isinstance(rule, (RankMap, PerModule)):
@@ -160,6 +182,8 @@ def spectra(
     dev, cdtype = resolve_device(device), _compute_dtype(compute_dtype)
 
     def one(name: str, m: LoraModule) -> torch.Tensor:
+        if m.algo != "lora":
+            return m.svd(cdtype, dev).S.double().cpu()
         B, A = m.factors(cdtype, dev)
         return _factorize(name, m, B, A, m.rank, method, dev, cdtype, seed).S.double().cpu()
 
@@ -186,7 +210,7 @@ def squeeze(
     if method not in METHODS:
         raise SurgeryError(f"unknown method {method!r}; use exact or rsvd")
     for name, m in adapter.modules.items():
-        if not isinstance(m, LoraModule):
+        if m.algo == "tera":
             raise SurgeryError(f"module {name} is a TeRA module; squeeze works on LoRA (surgery convert --to lora)")
     _validate(rule, min_rank)
     dev, cdtype, sdtype = resolve_device(device), _compute_dtype(compute_dtype), storage_dtype(dtype)
@@ -200,6 +224,12 @@ def squeeze(
         targets = {n: _target(n, m, rule, None, min_rank) for n, m in modules.items()}
 
     def one(name: str, m: LoraModule) -> tuple[LoraModule, ModuleReport]:
+        if m.algo != "lora":  # LoHa / LoKr / diff: their exact SVD (hadamard_kron), then a LoRA of rank k
+            fact = m.svd(cdtype, dev)
+            k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
+            small = _as_lora(m, fact, k, sdtype)
+            _check_finite(name, small.A, small.B)
+            return small, _report(name, m, fact, k, None)
         B, A = m.factors(cdtype, dev)
         fact = _factorize(name, m, B, A, targets.get(name, m.rank), method, dev, cdtype, seed)
         k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
@@ -214,6 +244,10 @@ def squeeze(
         if progress:
             progress(name)
     warnings = list(adapter.notes)
+    became = Counter(m.algo for m in modules.values() if m.algo != "lora")
+    if became:
+        warnings.append(", ".join(f"{c} {a}" for a, c in sorted(became.items())) + " module(s) became LoRA modules: "
+                        "a LoHa/LoKr/full update cannot keep its kind at a chosen rank")
     dora = [n for n, m in modules.items() if m.dora]
     if dora:
         warnings.append(
@@ -241,5 +275,5 @@ def _report(name: str, m: LoraModule, svd, k: int, factors) -> ModuleReport:
         name=name, kind=m.kind, shape=(m.out_features, m.in_features), old_rank=m.rank, new_rank=k,
         energy_kept=kept / total if total > 0 else 1.0,
         rel_error=math.sqrt(dropped / total) if total > 0 else 0.0, norm=math.sqrt(total),
-        params_before=m.num_params(), params_after=m.num_params(k), dora=m.dora,
+        params_before=m.num_params(), params_after=m.num_params(k), dora=m.dora, algo=m.algo,
     )

@@ -133,16 +133,16 @@ def write(adapter: Adapter, out: Path) -> None:
     for name, m in adapter.modules.items():
         if m.kind == "embedding":
             raise SurgeryError(f"module {name}: embedding LoRAs have no kohya form; write --format peft")
-        if m.bias is not None:
+        if m.algo == "lora" and m.bias is not None:
             raise SurgeryError(f"module {name}: lora_B.bias has no kohya form; write --format peft")
-        alpha = m.scale * m.rank
-        tensors[f"{name}.lora_down.weight"] = materialize(m.A)
-        tensors[f"{name}.lora_up.weight"] = materialize(m.B)
-        tensors[f"{name}.alpha"] = _alpha_tensor(alpha, m.dtype)
+        own, dim = _module_tensors(name, m)
+        tensors.update(own)
+        if dim is not None:
+            tensors[f"{name}.alpha"] = _alpha_tensor(m.scale * dim, m.dtype)
+            alphas.add(float(tensors[f"{name}.alpha"]))
         if m.magnitude is not None:
             tensors[f"{name}.dora_scale"] = materialize(m.magnitude)
-        ranks.add(m.rank)
-        alphas.add(float(tensors[f"{name}.alpha"]))
+        ranks.add(dim if dim is not None else m.rank)
     metadata = dict(adapter.metadata)
     if any(k.startswith("ss_") for k in metadata) or adapter.format != "kohya":
         metadata["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
@@ -151,6 +151,24 @@ def write(adapter: Adapter, out: Path) -> None:
         metadata.update(_addnet_hashes(tensors, metadata))
     with atomic_output(out, is_dir=False) as tmp:
         save_tensors(tensors, tmp, metadata)
+
+
+def _module_tensors(name: str, m) -> tuple[dict, int | None]:
+    """A module's LyCORIS keys and the `dim` its alpha is divided by (None: the format fixes the scale at 1, and a
+    scale ≠ 1 is folded into the first factor, computed in float32 and rounded once)."""
+    if m.algo == "lora":
+        return {f"{name}.lora_down.weight": materialize(m.A), f"{name}.lora_up.weight": materialize(m.B)}, m.rank
+    if m.algo not in ("loha", "lokr", "diff"):
+        raise SurgeryError(f"module {name}: a {m.algo} module has no kohya/LyCORIS form")
+    tensors = {role: materialize(t) for role, t in m.tensors.items()}
+    dim = lycoris_dim(m.algo, tensors)
+    if dim is None and m.scale != 1:
+        first = "w1" if m.algo == "lokr" else "diff"
+        tensors[first] = (tensors[first].float() * m.scale).to(tensors[first].dtype)
+        if m.algo == "diff" and "diff_b" in tensors:
+            tensors["diff_b"] = (tensors["diff_b"].float() * m.scale).to(tensors["diff_b"].dtype)
+    prefix = {"loha": "hada_", "lokr": "lokr_", "diff": ""}[m.algo]
+    return {f"{name}.{prefix}{role}": t.contiguous() for role, t in tensors.items()}, dim
 
 
 def _fmt(x: float) -> str:

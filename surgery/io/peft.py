@@ -68,6 +68,12 @@ def parse_key(key: str):
 
 def make_keys(name: str, module: LoraModule) -> dict[str, torch.Tensor]:
     """The on-disk tensors of one module (materialised)."""
+    if module.algo in ("loha", "lokr"):
+        prefix = "hada_" if module.algo == "loha" else "lokr_"
+        return {f"{name}.{prefix}{role}": materialize(t).contiguous() for role, t in module.tensors.items()}
+    if module.algo != "lora":
+        raise SurgeryError(f"module {name}: PEFT has no form for a {module.algo} module; write a kohya/LyCORIS file "
+                           "or convert it with surgery convert --to lora")
     if module.kind == "embedding":
         out = {f"{name}.lora_embedding_A": module.A, f"{name}.lora_embedding_B": module.B}
     else:
@@ -196,23 +202,55 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
+# config keys that say where an adapter sits, whatever its algorithm (kept when LoHa/LoKr becomes LoRA)
+PLACEMENT = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+             "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
+
+
+def peft_rank(m) -> int:
+    """The r PEFT gives a module: LoRA's rank; LoHa's w1_b rows; LoKr's decomposed factor's rows, or for two full
+    factors the config's r it was read with (else the smallest r for which PEFT keeps W₂ full)."""
+    if m.algo == "lora":
+        return m.rank
+    t = m.tensors
+    for role in ("w1_b",) if m.algo == "loha" else ("w2_b", "w1_b"):
+        if role in t:
+            return int(t[role].shape[0])
+    if m.rank_hint is not None:
+        return m.rank_hint
+    _, _, k, n, _ = m._dims()
+    return math.ceil(max(k, n) / 2)
+
+
 def updated_config(adapter: Adapter) -> dict[str, Any]:
-    """The adapter's config with r, lora_alpha and paired rank/alpha patterns rewritten for its modules.
+    """The adapter's config with r, alpha and paired rank/alpha patterns rewritten for its modules.
 
     alpha = scale · r (scale · √r with rsLoRA), so the file's scale is the module's scale; the most common
-    (rank, alpha) pair becomes the global one and every other module gets an entry in both patterns.
+    (rank, alpha) pair becomes the global one and every other module gets an entry in both patterns. The
+    peft_type follows the modules (a LoHa squeezed to LoRA gets a LORA config keeping its placement).
     """
+    algos = {m.algo for m in adapter.modules.values()}
+    if len(algos) > 1 or not algos <= set(ALPHA_KEY):
+        raise SurgeryError(f"a PEFT adapter holds one algorithm; this one has {', '.join(sorted(algos))} modules "
+                           "(write a kohya/LyCORIS file, or convert --to lora)")
+    algo = algos.pop()
+    ptype = next(t for t, a in TYPES.items() if a == algo)
     config = dict(adapter.config)
-    rslora = bool(config.get("use_rslora"))
-    pairs = {
-        name: (m.rank, _number(m.scale * (math.sqrt(m.rank) if rslora else m.rank)))
-        for name, m in adapter.modules.items()
-    }
+    if config.get("peft_type", "LORA") != ptype:
+        config = {k: v for k, v in config.items() if k in PLACEMENT}
+    config["peft_type"] = ptype
+    rslora = bool(config.get("use_rslora")) and algo == "lora"
+    pairs = {}
+    for name, m in adapter.modules.items():
+        r = peft_rank(m)
+        pairs[name] = (r, _number(m.scale * (math.sqrt(r) if rslora else r)))
     (r, alpha), _ = Counter(sorted(pairs.values())).most_common(1)[0]
     keyed = {config_key(n): pa for n, pa in pairs.items()}
     entries = _pattern_entries(keyed, (r, alpha))
-    config.update(r=r, lora_alpha=alpha, rank_pattern={p: keyed[k][0] for p, k in entries.items()},
-                  alpha_pattern={p: keyed[k][1] for p, k in entries.items()})
+    config.update({"r": r, ALPHA_KEY[algo]: alpha, "rank_pattern": {p: keyed[k][0] for p, k in entries.items()},
+                   "alpha_pattern": {p: keyed[k][1] for p, k in entries.items()}})
+    if algo != "lora":
+        config["use_effective_conv2d"] = any("t1" in m.tensors or "t2" in m.tensors for m in adapter.modules.values())
     if not config.get("target_modules") and not config.get("target_parameters"):
         config["target_modules"] = sorted(keyed)  # PEFT refuses a config without targets; these are exact
     return config
@@ -256,7 +294,6 @@ def write_dir(adapter: Adapter, out: Path) -> None:
     leaves prefix-less tensors unloaded (a zero adapter), while transformers' `load_adapter` takes both."""
     tensors = {k if k.startswith(PREFIX) else PREFIX + k: t for k, t in _tensors(adapter).items()}
     config = updated_config(adapter)
-    config.setdefault("peft_type", "LORA")
     metadata = {k: v for k, v in adapter.metadata.items() if k != METADATA_CONFIG}
     metadata["format"] = "pt"
     with atomic_output(out, is_dir=True) as tmp:
@@ -268,7 +305,6 @@ def write_file(adapter: Adapter, out: Path) -> None:
     """One PEFT-keyed file; the config goes into metadata `lora_adapter_metadata` as diffusers writes it."""
     tensors = _tensors(adapter)
     config = updated_config(adapter)
-    config.setdefault("peft_type", "LORA")
     metadata = dict(adapter.metadata)
     metadata["format"] = "pt"
     metadata[METADATA_CONFIG] = json.dumps(config, sort_keys=True)
