@@ -84,6 +84,21 @@ def output_for(adapter, tag: str, fmt: str | None, source=None) -> Path:
     return default_output(source or adapter.source, tag, layout)
 
 
+def base_option(f):
+    return click.option("--base", type=click.Path(path_type=str),
+                        help="LoHa/LoKr on convs stored flattened: the base model, for the kernel sizes a conv "
+                             "LoRA needs (else 2-D factors).")(f)
+
+
+def base_shapes_of(adapter, base):
+    """The base's weight shapes for the adapter's LoHa/LoKr modules (None without --base)."""
+    if base is None:
+        return None
+    from surgery.merge import base_shapes
+
+    return base_shapes(adapter, base)
+
+
 def compute_options(f):
     """--device, --dtype, --seed: shared by every command that computes."""
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomized methods.")(f)
@@ -201,21 +216,23 @@ def inspect(adapter, spectrum, plot, as_json):
               help="Arithmetic precision of the factorisation.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output format (default: the output path's layout, in the input's naming).")
+@base_option
 @force_option
 @alpha_option
 @compute_options
 @json_option
-def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, fmt, force, alpha,
+def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, fmt, base, force, alpha,
                 device, dtype, seed, as_json):
     """Compress a LoRA to lower ranks (LoRA-Squeeze, post-hoc)."""
     rule = rank_rule(rank, energy, budget, rank_map)
     a = load(adapter, alpha)
     with progress_bar(len(a.modules), "squeeze") as bar:
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
-                                seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1))
+                                seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1),
+                                shapes=base_shapes_of(a, base))
     tag = (f"r{rank}" if rank is not None else f"e{energy:g}" if energy is not None
            else f"b{budget}" if budget is not None else "map")
-    path = save_adapter(small, out or output_for(a, tag, fmt), format=fmt, force=force)
+    path = save_adapter(small, out or output_for(a, tag, fmt), format=fmt, force=force, inputs=[base] if base else ())
     emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
 
 
@@ -298,6 +315,7 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @click.option("--budget", help="--to lora from LoHa/LoKr: total factor parameters, e.g. 2M.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="--to lora: output format (default: the output path's layout, in the input's naming).")
+@base_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--order", type=int, default=3, show_default=True, help="--to tera: modes per dimension.")
 @click.option("--core-rank", type=int, default=8, show_default=True, help="--to tera: rank of every mode.")
@@ -307,7 +325,7 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @alpha_option
 @click.option("--seed", type=int, default=0, show_default=True, help="--to tera: seed of the shared factors.")
 @json_option
-def convert_cmd(adapter, to, out, rank, energy, budget, fmt, device, order, core_rank, iters, save_factors, force,
+def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order, core_rank, iters, save_factors, force,
                 alpha, seed, as_json):
     """Convert LoHa/LoKr/TeRA to LoRA, LoRA to TeRA, or between file layouts."""
     from surgery.tera import to_lora, to_tera
@@ -322,10 +340,12 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, device, order, core
             raise SurgeryError(f"{adapter}: is already a LoRA adapter (surgery squeeze changes its ranks)")
         rule = Exact() if (rank, energy, budget) == (None, None, None) else rank_rule(rank, energy, budget)
         with progress_bar(len(a.modules), "convert to lora") as bar:
-            new, report = squeeze(a, rule, device=device, progress=lambda _: bar.update(1))
+            new, report = squeeze(a, rule, device=device, progress=lambda _: bar.update(1),
+                                  shapes=base_shapes_of(a, base))
         tag = "lora" + (f"-r{rank}" if rank is not None else f"-e{energy:g}" if energy is not None
                         else f"-b{budget}" if budget is not None else "")
-        path = save_adapter(new, out or output_for(a, tag, fmt), format=fmt, force=force)
+        path = save_adapter(new, out or output_for(a, tag, fmt), format=fmt, force=force,
+                            inputs=[base] if base else ())
         emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
         return
     if energy is not None or budget is not None or fmt is not None:

@@ -184,6 +184,14 @@ def resolve(adapter: Adapter, ck: Checkpoint) -> tuple[dict[str, str], list[str]
     return found, missing
 
 
+def base_shapes(adapter: Adapter, base: str | Path) -> dict[str, tuple[int, ...]]:
+    """{module name: the base weight's shape} from the base checkpoint's headers — the kernel size that LoHa/LoKr
+    factors stored flattened do not say (needed to write a conv LoRA that PEFT and kohya loaders take)."""
+    ck = open_checkpoint(base)
+    found, _ = resolve(adapter, ck)
+    return {name: tuple(ck.tensors[key].shape) for name, key in found.items()}
+
+
 def _fits(m, shape: Sequence[int], fan_in_fan_out: bool) -> bool:
     """Whether a module's ΔW fits a base tensor of `shape`: exactly for LoRA; LoHa/LoKr/diff factors flatten a
     conv kernel into their columns (and a Conv1d's Tucker core is stored (r, r, k, 1)), so they fit any base

@@ -112,18 +112,22 @@ def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out
     return LoraModule(A=A2, B=B2, scale=m.scale, kind=m.kind, bias=m.bias, magnitude=m.magnitude)
 
 
-def _as_lora(m, svd, k: int, out_dtype) -> LoraModule:
+def _as_lora(m, svd, k: int, out_dtype, shape=None) -> LoraModule:
     """The best rank-k LoRA of a module from its exact SVD (√Σ on both sides, the module's scale kept),
-    shaped as a conv LoRA where the module knows its kernel; zero directions pad a spectrum shorter than k."""
+    shaped as a conv LoRA where the module (or the base weight's `shape`) gives the kernel; zero directions pad
+    a spectrum shorter than k."""
     scale = m.scale if m.scale != 0 else 1.0
     B, A = split_factors(SVD(svd.U[:, :k], svd.S[:k], svd.Vh[:k]), k, scale)
     if B.shape[1] < k:
         B = torch.nn.functional.pad(B, (0, k - B.shape[1]))
         A = torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0]))
     dtype = out_dtype or m.dtype
-    kernel = tuple(m.shape[2:])
+    full = tuple(m.shape)
+    if shape is not None and len(shape) > 2 and (shape[0], math.prod(shape[1:])) == (m.out_features, m.in_features):
+        full = tuple(shape)
+    kernel = full[2:]
     B = B.reshape((m.out_features, k) + (1,) * len(kernel)).to("cpu", dtype).contiguous()
-    A = A.reshape((k,) + tuple(m.shape[1:])).to("cpu", dtype).contiguous()
+    A = A.reshape((k,) + full[1:]).to("cpu", dtype).contiguous()
     return LoraModule(A=A, B=B, scale=scale, kind="conv" if kernel else "linear", bias=m.bias,
                       magnitude=m.magnitude)
 
@@ -201,10 +205,14 @@ def squeeze(
     seed: int = 0,
     min_rank: int = 1,
     progress: Callable[[str], None] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> tuple[Adapter, SqueezeReport]:
     """Lower the rank of every LoRA module of `adapter` by `rule`; returns the new adapter and a report.
+    LoHa, LoKr and full-diff modules become LoRA modules (their exact SVD, truncated).
 
     dtype: storage dtype of the new factors (None = each module's own); compute_dtype: float32 or float64.
+    shapes: base weight shapes by module (merge.base_shapes) for the conv kernels flattened LoHa/LoKr factors
+    do not state; without them such modules become 2-D LoRA factors.
     Budget rules take two passes (spectra first, then factors) so memory stays at one module at a time.
     """
     if method not in METHODS:
@@ -227,7 +235,7 @@ def squeeze(
         if m.algo != "lora":  # LoHa / LoKr / diff: their exact SVD (hadamard_kron), then a LoRA of rank k
             fact = m.svd(cdtype, dev)
             k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
-            small = _as_lora(m, fact, k, sdtype)
+            small = _as_lora(m, fact, k, sdtype, (shapes or {}).get(name))
             _check_finite(name, small.A, small.B)
             return small, _report(name, m, fact, k, None)
         B, A = m.factors(cdtype, dev)

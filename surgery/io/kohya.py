@@ -137,8 +137,8 @@ def write(adapter: Adapter, out: Path) -> None:
             raise SurgeryError(f"module {name}: lora_B.bias has no kohya form; write --format peft")
         own, dim = _module_tensors(name, m)
         tensors.update(own)
-        if dim is not None:
-            tensors[f"{name}.alpha"] = _alpha_tensor(m.scale * dim, m.dtype)
+        if dim is not None or m.algo == "lokr":  # LyCORIS's loader wants an alpha even where it fixes scale 1
+            tensors[f"{name}.alpha"] = _alpha_tensor(m.scale * dim if dim is not None else 1.0, m.dtype)
             alphas.add(float(tensors[f"{name}.alpha"]))
         if m.magnitude is not None:
             tensors[f"{name}.dora_scale"] = materialize(m.magnitude)
