@@ -231,6 +231,10 @@ class _Structured:
             return rank * (self.in_features + self.out_features)
         return sum(math.prod(t.shape) for t in self.tensors.values())
 
+    def lowrank(self, dtype=torch.float32, device="cpu"):
+        """An exact LoRA pair (B, A) of ΔW / scale where one is cheaper than the exact SVD; None otherwise."""
+        return None
+
     def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
         """Dense ΔW (out, in_flat), for merging and for tests."""
         U, S, Vh = self.svd(dtype, device)
@@ -284,13 +288,17 @@ class LohaModule(_Structured):
         r1, r2 = (int(self.tensors[f"w{n}_b"].shape[0]) for n in (1, 2))
         return min(r1 * r2, self.out_features, self.in_features)
 
-    def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        """Exact thin SVD of ΔW via its face-splitting LoRA of rank r₁r₂: O((out + in)(r₁r₂)²)."""
+    def lowrank(self, dtype=torch.float32, device="cpu"):
+        """The face-splitting LoRA (B (out, r₁r₂), A (r₁r₂, in)) of ΔW / scale (hadamard_kron.hadamard_lora)."""
         from .hadamard_kron import hadamard_lora
+
+        return hadamard_lora(*_half(self, 1, dtype, device), *_half(self, 2, dtype, device))
+
+    def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """Exact thin SVD of ΔW via its face-splitting LoRA: O((out + in)(r₁r₂)²)."""
         from .linalg import lowrank_svd
 
-        B, A = hadamard_lora(*_half(self, 1, dtype, device), *_half(self, 2, dtype, device))
-        return lowrank_svd(B, A, self.scale)
+        return lowrank_svd(*self.lowrank(dtype, device), self.scale)
 
     def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
         (B1, A1), (B2, A2) = _half(self, 1, dtype, device), _half(self, 2, dtype, device)

@@ -103,24 +103,16 @@ def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out
         B2, A2 = core_factors(B, A, fact, k, scale)  # (out, k'), (k', in)
     else:
         B2, A2 = split_factors(fact, k, scale)
-    if B2.shape[1] < k:
-        B2 = torch.nn.functional.pad(B2, (0, k - B2.shape[1]))
-        A2 = torch.nn.functional.pad(A2, (0, 0, 0, k - A2.shape[0]))
+    B2, A2 = _pad(B2, A2, k)
     dtype = out_dtype or m.dtype
     B2 = B2.reshape((m.out_features, k) + tuple(m.B.shape[2:])).to("cpu", dtype).contiguous()
     A2 = A2.reshape((k,) + tuple(m.A.shape[1:])).to("cpu", dtype).contiguous()
     return LoraModule(A=A2, B=B2, scale=m.scale, kind=m.kind, bias=m.bias, magnitude=m.magnitude)
 
 
-def _as_lora(m, svd, k: int, out_dtype, shape=None) -> LoraModule:
-    """The best rank-k LoRA of a module from its exact SVD (√Σ on both sides, the module's scale kept),
-    shaped as a conv LoRA where the module (or the base weight's `shape`) gives the kernel; zero directions pad
-    a spectrum shorter than k."""
-    scale = m.scale if m.scale != 0 else 1.0
-    B, A = split_factors(SVD(svd.U[:, :k], svd.S[:k], svd.Vh[:k]), k, scale)
-    if B.shape[1] < k:
-        B = torch.nn.functional.pad(B, (0, k - B.shape[1]))
-        A = torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0]))
+def _as_lora(m, B: torch.Tensor, A: torch.Tensor, k: int, out_dtype, shape=None) -> LoraModule:
+    """Rank-k factors B (out, k), A (k, in_flat) of a LoHa/LoKr/diff module as a LoRA module (its scale kept),
+    shaped as a conv LoRA where the module (or the base weight's `shape`) gives the kernel."""
     dtype = out_dtype or m.dtype
     full = tuple(m.shape)
     if shape is not None and len(shape) > 2 and (shape[0], math.prod(shape[1:])) == (m.out_features, m.in_features):
@@ -128,8 +120,16 @@ def _as_lora(m, svd, k: int, out_dtype, shape=None) -> LoraModule:
     kernel = full[2:]
     B = B.reshape((m.out_features, k) + (1,) * len(kernel)).to("cpu", dtype).contiguous()
     A = A.reshape((k,) + full[1:]).to("cpu", dtype).contiguous()
-    return LoraModule(A=A, B=B, scale=scale, kind="conv" if kernel else "linear", bias=m.bias,
-                      magnitude=m.magnitude)
+    return LoraModule(A=A, B=B, scale=m.scale if m.scale != 0 else 1.0, kind="conv" if kernel else "linear",
+                      bias=m.bias, magnitude=m.magnitude)
+
+
+def _pad(B: torch.Tensor, A: torch.Tensor, k: int):
+    """Zero directions pad a spectrum shorter than k."""
+    if B.shape[1] < k:
+        B = torch.nn.functional.pad(B, (0, k - B.shape[1]))
+        A = torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0]))
+    return B, A
 
 
 def _target(name: str, m: LoraModule, rule: RankRule, S: torch.Tensor | None, min_rank: int) -> int:
@@ -186,10 +186,11 @@ def spectra(
     dev, cdtype = resolve_device(device), _compute_dtype(compute_dtype)
 
     def one(name: str, m: LoraModule) -> torch.Tensor:
-        if m.algo != "lora":
+        pair = m.factors(cdtype, dev) if m.algo == "lora" else m.lowrank(cdtype, dev)
+        if pair is None:
             return m.svd(cdtype, dev).S.double().cpu()
-        B, A = m.factors(cdtype, dev)
-        return _factorize(name, m, B, A, m.rank, method, dev, cdtype, seed).S.double().cpu()
+        lora = m if m.algo == "lora" else LoraModule(A=pair[1], B=pair[0], scale=m.scale)
+        return _factorize(name, lora, *pair, m.rank, method, dev, cdtype, seed).S.double().cpu()
 
     return dict(zip(adapter.modules, per_module(one, adapter.modules, dev)))
 
@@ -232,16 +233,21 @@ def squeeze(
         targets = {n: _target(n, m, rule, None, min_rank) for n, m in modules.items()}
 
     def one(name: str, m: LoraModule) -> tuple[LoraModule, ModuleReport]:
-        if m.algo != "lora":  # LoHa / LoKr / diff: their exact SVD (hadamard_kron), then a LoRA of rank k
+        pair = m.factors(cdtype, dev) if m.algo == "lora" else m.lowrank(cdtype, dev)
+        if pair is None:  # LoKr / diff: their exact SVD (hadamard_kron.kron_svd, dense for diff), then rank k
             fact = m.svd(cdtype, dev)
             k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
-            small = _as_lora(m, fact, k, sdtype, (shapes or {}).get(name))
+            B2, A2 = _pad(*split_factors(SVD(fact.U[:, :k], fact.S[:k], fact.Vh[:k]), k, m.scale or 1.0), k)
+            small = _as_lora(m, B2, A2, k, sdtype, (shapes or {}).get(name))
             _check_finite(name, small.A, small.B)
             return small, _report(name, m, fact, k, None)
-        B, A = m.factors(cdtype, dev)
-        fact = _factorize(name, m, B, A, targets.get(name, m.rank), method, dev, cdtype, seed)
+        B, A = pair  # LoRA, or LoHa's exact face-splitting LoRA (rank r₁r₂): the QR-core path
+        lora = m if m.algo == "lora" else LoraModule(A=A, B=B, scale=m.scale, bias=m.bias, magnitude=m.magnitude)
+        fact = _factorize(name, lora, B, A, targets.get(name, m.rank), method, dev, cdtype, seed)
         k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
-        small = _truncate(m, B, A, fact, k, sdtype)
+        small = _truncate(lora, B, A, fact, k, sdtype or m.dtype)
+        if lora is not m:
+            small = _as_lora(m, small.B, small.A, k, sdtype, (shapes or {}).get(name))
         _check_finite(name, small.A, small.B)
         return small, _report(name, m, fact, k, None if method == "exact" else (B, A))
 
