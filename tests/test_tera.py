@@ -210,7 +210,7 @@ def test_cli_convert_init_inspect(tmp_path):
     assert r.exit_code == 0 and "2 TeRA modules" in r.output
     fresh = load_adapter(tmp_path / "i.safetensors")
     assert all(float(m.delta().abs().max()) == 0 for m in fresh.modules.values())
-    for args, message in ((["convert", PEFT_FIXTURE, "--to", "lora", "--rank", "2", "-o", tmp_path / "x"], "not a TeRA"),
+    for args, message in ((["convert", PEFT_FIXTURE, "--to", "lora", "--rank", "2", "-o", tmp_path / "x"], "already a LoRA adapter"),
                           (["init-tera", FIXTURES / "tiny-llama", "--targets", "nothing", "-o", tmp_path / "x"], "no 2-D weight"),
                           (["squeeze", tmp_path / "t.safetensors", "--rank", "2", "-o", tmp_path / "x"], "TeRA module")):
         r = run(*args)
