@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from surgery import Exact, FixedRank, SurgeryError, load_adapter, save_adapter, squeeze
+from surgery import Exact, SurgeryError, load_adapter, save_adapter, squeeze
 from surgery.hadamard_kron import factor_svd, hadamard_lora, kron_svd, tucker_pair
 from surgery.merge import base_shapes, merge
 from surgery_cli.main import main
@@ -19,7 +19,7 @@ from .conftest import tree_digest
 peft = pytest.importorskip("peft")
 lycoris = pytest.importorskip("lycoris")
 from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights  # noqa: E402
-from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoHaConfig, LoKrConfig, PeftModel, get_peft_model  # noqa: E402
 
 
 def dense_svals(M):
@@ -285,6 +285,8 @@ def test_lycoris_squeeze_bf16_and_mixed_file(tmp_path):
     assert {n: m["type"] for n, m in doc.items()} == {"lycoris_conv": "lora", "lycoris_fc": "loha",
                                                        "lycoris_conv1": "lokr", "lycoris_extra": "diff"}
     assert doc["lycoris_fc"]["factors"] == {"w1_a": [96, 4], "w1_b": [4, 64], "w2_a": [96, 4], "w2_b": [4, 64]}
+    assert doc["lycoris_fc"]["rank"] == 16 and doc["lycoris_fc"]["numerical_rank"] == 16
+    assert doc["lycoris_extra"]["numerical_rank"] == 6 and doc["lycoris_conv1"]["weight_shape"] == [16, 48]
     a = load_adapter(tmp_path / "mixed.safetensors")
     for n, m in a.modules.items():  # exact singular values, no dense ΔW, against the dense float64 SVD
         ref = dense_svals(m.delta())
