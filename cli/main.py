@@ -14,10 +14,12 @@ from surgery import (Budget, Energy, Exact, FixedRank, SurgeryError, load_adapte
                      save_adapter, squeeze)
 from surgery.io import FORMATS, check_output, default_output
 from surgery.io.safetensors_file import atomic_output
+from surgery.combine import METHODS as COMBINE_METHODS
 from surgery.squeeze import METHODS
 from surgery.squeeze import spectra as compute_spectra
 
-from .render import _table, convert_table, extract_table, inspect_json, inspect_table, squeeze_table
+from .render import (_table, combine_table, convert_table, extract_table, inspect_json, inspect_table,
+                     squeeze_table)
 
 
 class Group(click.Group):
@@ -234,6 +236,61 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
            else f"b{budget}" if budget is not None else "map")
     path = save_adapter(small, out or output_for(a, tag, fmt), format=fmt, force=force, inputs=[base] if base else ())
     emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
+
+
+@main.command(name="combine")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
+@output_option
+@click.option("--weight", "weights", type=float, multiple=True, help="One per adapter (default 1); negative subtracts.")
+@click.option("--rank", type=int, help="Rank of every combined module (default: the exact combination).")
+@click.option("--energy", type=float, help="Keep this fraction of each combined module's Σσ².")
+@click.option("--budget", help="Total factor parameters of the result, e.g. 2M.")
+@click.option("--rank-map", multiple=True, help="REGEX=RANK[,REGEX=RANK…]; first re.search match wins.")
+@click.option("--method", type=click.Choice(list(COMBINE_METHODS)), default="sum", show_default=True,
+              help="sum: Σ wᵢΔWᵢ exactly; ties / dare-* / magnitude-prune: PEFT's merge_utils on the dense deltas.")
+@click.option("--density", type=float, help="Fraction of entries kept by the sparsifying methods, in (0, 1].")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True)
+@click.option("--weight-map", multiple=True, help="REGEX=W[,REGEX=W…]: scale matching modules' weights too.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
+              help="Output format (default: the output path's layout, in the first input's naming).")
+@force_option
+@compute_options
+@json_option
+def combine_cmd(adapters, out, weights, rank, energy, budget, rank_map, method, density, majority_sign, weight_map,
+                fmt, force, device, dtype, seed, as_json):
+    """Combine several adapters into one: an exact weighted sum (or TIES / DARE / magnitude pruning), at any rank."""
+    from surgery.combine import combine
+
+    if len(adapters) < 2:
+        raise click.UsageError("give at least two adapters")
+    if weights and len(weights) != len(adapters):
+        raise click.UsageError(f"{len(weights)} --weight values for {len(adapters)} adapters")
+    chosen = [v for v in (rank, energy, budget, rank_map or None) if v is not None]
+    rule = rank_rule(rank, energy, budget, rank_map) if chosen else None
+    inputs = [load(a) for a in adapters]
+    with progress_bar(None, "combine") as bar:
+        new, report = combine(inputs, list(weights) or None, rule, method=method, density=density,
+                              majority_sign=majority_sign, weight_map=_weight_map(weight_map), seed=seed,
+                              device=device, dtype=dtype, progress=lambda _: bar.update(1))
+    tag = "combined" + (f"-r{rank}" if rank is not None else f"-e{energy:g}" if energy is not None
+                        else f"-b{budget}" if budget is not None else "-map" if rank_map else "")
+    path = save_adapter(new, out or output_for(inputs[0], tag, fmt), format=fmt, force=force, inputs=adapters)
+    emit(report.to_dict(), combine_table(report), path, report.warnings, as_json)
+
+
+def _weight_map(items) -> list[tuple[str, float]]:
+    """REGEX=W entries, comma-separated and repeatable, each regex checked."""
+    import re
+
+    out = []
+    for part in (p for item in items for p in item.split(",") if p.strip()):
+        pattern, _, w = part.rpartition("=")
+        try:
+            re.compile(pattern)
+            out.append((pattern, float(w)))
+        except (re.error, ValueError):
+            raise SurgeryError(f"--weight-map: expected REGEX=WEIGHT, got {part!r}") from None
+    return out
 
 
 @main.command(name="merge")

@@ -117,3 +117,15 @@ def convert_table(report) -> str:
     rows = [[r.name, f"{r.shape[0]}×{r.shape[1]}", r.detail, f"{r.params:,}", f"{r.energy_kept:.6f}",
              f"{r.rel_error:.3e}"] for r in report]
     return _table(["module", "out×in", "structure", "params", "energy kept", "rel. error"], rows, right={1, 3, 4, 5})
+
+
+def combine_table(r) -> str:
+    ranks = lambda rs: "+".join("–" if x is None else str(x) for x in rs)  # noqa: E731
+    rows = [[m.name, ranks(m.input_ranks), str(m.new_rank), f"{m.energy_kept:.6f}", f"{m.rel_error:.3e}"]
+            + ([f"{m.kept_fraction:.3f}"] if m.kept_fraction is not None else []) for m in r.modules]
+    header = ["module", "input ranks", "rank", "energy kept", "rel. error"]
+    if any(m.kept_fraction is not None for m in r.modules):
+        header.append("entries kept")
+    weights = ", ".join(f"{w:g}" for w in r.weights)
+    return (f"{_table(header, rows, right=set(range(1, len(header))))}\n\n{r.method} of {len(r.weights)} adapters "
+            f"(weights {weights}); errors against the exact combination")

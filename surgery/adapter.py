@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 KINDS = ("linear", "conv", "embedding")
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for module paths (formats.md §1.2)
 ALGOS = ("lora", "loha", "lokr", "diff", "tera")  # what `inspect` calls each module class
 
 

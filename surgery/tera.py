@@ -371,7 +371,7 @@ def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: in
     """Replace every `nn.Linear` whose name matches `pattern` (re.search) by a TeRALinear — fresh, or with the
     λ's of `adapter` (a TeRA Adapter whose module names are `base_model.model.<name>` or `<name>`)."""
     from .adapter import materialize
-    from .io.peft import PREFIX
+    from .adapter import PEFT_PREFIX as PREFIX
     from .layers import replace_linears
 
     def make(name, mod):
@@ -386,7 +386,7 @@ def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: in
 def adapter_from_model(model: torch.nn.Module, base: str | None = None):
     """The TeRA Adapter of a model's TeRALinear modules (to save with `save_adapter`)."""
     from .adapter import Adapter, TeraModule
-    from .io.peft import PREFIX
+    from .adapter import PEFT_PREFIX as PREFIX
 
     modules = {PREFIX + n: TeraModule(tuple(l.detach().cpu().clone() for l in m.lambdas), m.spec, m.scale)
                for n, m in model.named_modules() if isinstance(m, TeRALinear)}

@@ -17,14 +17,14 @@ from typing import Any, Mapping
 
 import torch
 
-from ..adapter import Adapter, LoraModule, materialize
+from ..adapter import PEFT_PREFIX, Adapter, LoraModule, materialize
 from ..errors import SurgeryError
 from .modules import group_keys, make_module, make_structured
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-PREFIX = "base_model.model."
+PREFIX = PEFT_PREFIX
 METADATA_CONFIG = "lora_adapter_metadata"  # diffusers: the LoraConfig as JSON inside the file
 
 _ROLE = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}

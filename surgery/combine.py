@@ -1,0 +1,241 @@
+"""Several adapters into one (methods.md §5): an exact weighted sum in the factors' own space, or PEFT's
+sparsifying merges (TIES, DARE, magnitude pruning) on each module's dense deltas, then any squeeze rank rule.
+
+`combine(adapters, weights, rule, method)` is a pure function → (Adapter, CombineReport), streamed module by
+module: `sum` stacks `[w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …]` (rank Σrᵢ, nothing lost) and truncates it with the
+QR-core SVD of the stacked factors; the sparsifying methods hold one module's dense deltas at a time.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .adapter import PEFT_PREFIX, Adapter, DiffModule, LoraModule, materialize
+from .device import resolve_device, seeded, storage_dtype
+from .errors import SurgeryError
+from .rank import Exact, RankRule
+from .squeeze import SqueezeReport, squeeze
+
+METHODS = ("sum", "ties", "dare-linear", "dare-ties", "magnitude-prune")
+SIGNS = ("total", "frequency")
+
+
+@dataclass(frozen=True)
+class CombineModuleReport:
+    name: str
+    input_ranks: tuple[int | None, ...]  # per input; None where the input lacks the module (a zero update)
+    new_rank: int
+    energy_kept: float  # of the combination ‖ΔW‖² kept by the output's rank
+    rel_error: float  # ‖ΔW_out − ΔW_combination‖_F / ‖ΔW_combination‖_F
+    kept_fraction: float | None  # sparsifying methods: the fraction of the inputs' entries kept by the pruning
+
+
+@dataclass(frozen=True)
+class CombineReport:
+    modules: tuple[CombineModuleReport, ...]
+    method: str
+    weights: tuple[float, ...]
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "weights": list(self.weights), "warnings": list(self.warnings),
+                "modules": [m.__dict__ | {"input_ranks": list(m.input_ranks)} for m in self.modules]}
+
+
+class _Lazy:
+    """A tensor made on `load()` (a stacked factor), shaped and typed in advance, like a TensorRef."""
+
+    def __init__(self, make: Callable[[], torch.Tensor], shape, dtype):
+        self.make, self.shape, self.dtype = make, tuple(shape), dtype
+
+    def load(self) -> torch.Tensor:
+        return self.make()
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def width(m) -> int:
+    """Columns of a module's exact LoRA form: its rank, r₁·r₂ for a LoHa's face-splitting pair."""
+    if m.algo == "loha":
+        return int(m.tensors["w1_b"].shape[0]) * int(m.tensors["w2_b"].shape[0])
+    return m.rank
+
+
+def exact_pair(m, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B (out, width), A (width, in_flat)) with ΔW = B @ A exactly, the scale folded in: LoRA's factors,
+    LoHa's face-splitting pair, else the leading `width` triplets of the module's exact SVD (LoKr, diff, TeRA),
+    zero-padded where the spectrum is shorter."""
+    if m.algo == "lora":
+        B, A = m.factors(dtype, device)
+        return B * m.scale, A
+    if m.algo == "loha":
+        B, A = m.lowrank(dtype, device)
+        return B * m.scale, A
+    U, S, Vh = m.svd(dtype, device) if hasattr(m, "svd") else torch.linalg.svd(m.delta(dtype, device),
+                                                                               full_matrices=False)
+    k = width(m)
+    B, A = (U * S)[:, :k], Vh[:k]
+    return torch.nn.functional.pad(B, (0, k - B.shape[1])), torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0]))
+
+
+def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign):
+    if len(adapters) < 2:
+        raise SurgeryError("combine needs at least two adapters")
+    if len(weights) != len(adapters):
+        raise SurgeryError(f"{len(weights)} weights for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise SurgeryError(f"weights must be finite numbers, got {list(weights)}")
+    if method not in METHODS:
+        raise SurgeryError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "sum" and density is not None:
+        raise SurgeryError("--density goes with ties, dare-linear, dare-ties and magnitude-prune")
+    if method != "sum" and (density is None or not 0 < density <= 1):
+        raise SurgeryError(f"method {method} needs a density in (0, 1], got {density}")
+    if majority_sign not in SIGNS:
+        raise SurgeryError(f"majority sign must be total or frequency, got {majority_sign!r}")
+    naming = {"kohya" if a.format == "kohya" else "peft" for a in adapters}
+    if len(naming) > 1:
+        raise SurgeryError("the adapters use different namings (kohya and PEFT); convert them to one first")
+    for a in adapters:
+        if dora := [n for n, m in a.modules.items() if m.dora]:
+            raise SurgeryError(f"{a.source}: DoRA module {dora[0]}: its magnitude rescales W + ΔW, so DoRA adapters "
+                               "cannot be combined linearly")
+        if a.passthrough:
+            raise SurgeryError(f"{a.source}: carries non-LoRA tensors ({next(iter(a.passthrough))}, e.g. "
+                               "modules_to_save), which replace base tensors and cannot be weighted")
+    fans = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
+    if len(fans) > 1:
+        raise SurgeryError("the adapters disagree on fan_in_fan_out")
+
+
+def _shapes(adapters: Sequence[Adapter]) -> dict[str, tuple]:
+    """{module: (kind, ΔW shape)} over every input, in first-seen order; the same module must agree."""
+    seen: dict[str, tuple] = {}
+    for a in adapters:
+        for name, m in a.modules.items():
+            key = ("embedding" if m.kind == "embedding" else "weight", (m.out_features, m.in_features))
+            if name in seen and seen[name][:2] != key:
+                raise SurgeryError(f"{a.source}: module {name} has ΔW {list(key[1])} ({key[0]}) but an earlier "
+                                   f"adapter's is {list(seen[name][1])} ({seen[name][0]}): made for another model?")
+            seen.setdefault(name, key + (m,))
+    return seen
+
+
+def module_weights(name: str, weights: Sequence[float], weight_map: Sequence[tuple[str, float]]) -> list[float]:
+    """The inputs' weights for one module, times the first `weight_map` factor whose regex searches the name."""
+    factor = next((w for pattern, w in weight_map if re.search(pattern, name)), 1.0)
+    return [w * factor for w in weights]
+
+
+def sparsify(deltas: torch.Tensor, weights: torch.Tensor, method: str, density: float, majority_sign: str,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """PEFT's `peft.utils.merge_utils` on stacked dense deltas (n, out, in) → (merged (out, in), kept fraction).
+
+    magnitude-prune: each delta keeps its int(density·numel) largest |entries|, then Σ wᵢΔᵢ; ties: that pruning,
+    the sign elected per entry from the pruned unweighted deltas (sum, or sign count), the weighted mean over the
+    agreeing inputs; dare-linear: Bernoulli(density) masks from `generator`, rescaled by 1/density, then Σ wᵢΔᵢ;
+    dare-ties: DARE masks with the TIES election. density 1 prunes nothing, as PEFT's.
+    """
+    if density < 1:
+        if method in ("ties", "magnitude-prune"):
+            flat = deltas.reshape(len(deltas), -1)
+            k = int(density * flat.shape[1])
+            mask = torch.zeros_like(flat)
+            mask.scatter_(1, flat.abs().topk(k, dim=1).indices, 1.0)
+            deltas = (flat * mask).reshape(deltas.shape)
+        else:
+            keep = torch.bernoulli(torch.full(deltas.shape, density, dtype=torch.float64), generator=generator)
+            deltas = deltas * keep.to(deltas) / density
+    kept = float((deltas != 0).sum()) / max(1, deltas.numel())
+    w = weights.reshape((-1,) + (1,) * (deltas.dim() - 1)).to(deltas)
+    if method in ("ties", "dare-ties"):
+        sign = deltas.sign()
+        votes = deltas.sum(0) if majority_sign == "total" else sign.sum(0)
+        agree = sign == torch.where(votes >= 0, 1.0, -1.0).to(deltas)
+        return (deltas * w * agree).sum(0) / agree.sum(0).clamp(min=1), kept
+    return (deltas * w).sum(0), kept
+
+
+def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, rule: RankRule | None = None, *,
+            method: str = "sum", density: float | None = None, majority_sign: str = "total",
+            weight_map: Sequence[tuple[str, float]] = (), seed: int = 0, device: str | torch.device = "auto",
+            dtype: str | torch.dtype | None = None, progress: Callable[[str], None] | None = None,
+            ) -> tuple[Adapter, CombineReport]:
+    """One adapter holding the combination of `adapters` (weights default to 1; negative ones subtract).
+
+    rule None keeps the exact combination (sum: rank Σrᵢ; the sparsifying methods: each result's numerical
+    rank); a rule truncates it optimally. A module missing from an input is a zero update there. The output
+    has the first input's format (a TeRA first input gives a PEFT LoRA) and names; factors are stored in
+    `dtype` (default: the first input's factor dtype), computed in float32.
+    """
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    _check(adapters, weights, method, density, majority_sign)
+    shapes, dev = _shapes(adapters), resolve_device(device)
+    store = storage_dtype(dtype) or next(iter(adapters[0].modules.values())).dtype
+    modules, kept = {}, {}
+    for name, (kind, (out_f, in_f), _) in shapes.items():
+        present = [(a.modules[name], w) for a, w in zip(adapters, module_weights(name, weights, weight_map))
+                   if name in a.modules]
+        if method == "sum":  # [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …], made when squeeze reads the module
+            def stacked(part, present=present):
+                pairs = [exact_pair(m, torch.float32, dev) for m, _ in present]
+                if part == "B":
+                    return torch.cat([w * B for (B, _), (_, w) in zip(pairs, present)], 1)
+                return torch.cat([A for _, A in pairs], 0)
+
+            r = sum(width(m) for m, _ in present)
+            modules[name] = LoraModule(A=_Lazy(lambda s=stacked: s("A"), (r, in_f), torch.float32),
+                                       B=_Lazy(lambda s=stacked: s("B"), (out_f, r), torch.float32), scale=1.0,
+                                       kind=kind if kind == "embedding" else "linear")
+        else:  # one module's dense deltas at a time, when squeeze reads it; the result is a full update
+            def merged(name=name, present=present):
+                D = torch.stack([m.delta(torch.float32, dev) for m, _ in present])
+                out, kept[name] = sparsify(D, torch.tensor([w for _, w in present], dtype=torch.float64), method,
+                                           density, majority_sign, seeded(seed, name))
+                return out
+            modules[name] = DiffModule({"diff": _Lazy(merged, (out_f, in_f), torch.float32)})
+        if progress:
+            progress(name)
+    first = adapters[0]
+    exact = first.with_modules(modules, format="peft" if first.format == "tera" else first.format,
+                               config=_config(adapters, modules), source=None, notes=())
+    small, rep = squeeze(exact, rule or Exact(), device=dev, dtype=store)
+    small = small.with_modules({n: _shaped(m, shapes[n]) for n, m in small.modules.items()})
+    reports = tuple(CombineModuleReport(
+        name=r.name, input_ranks=tuple(a.modules[r.name].rank if r.name in a.modules else None for a in adapters),
+        new_rank=r.new_rank, energy_kept=r.energy_kept, rel_error=r.rel_error, kept_fraction=kept.get(r.name))
+        for r in rep.modules)
+    notes = [n for a in adapters for n in a.notes]
+    return small, CombineReport(reports, method, tuple(weights), tuple(notes + _warnings(rep)))
+
+
+def _shaped(m: LoraModule, seen: tuple) -> LoraModule:
+    """A combined module in its first input's layout: a conv LoRA where that input states the kernel."""
+    kind, _, like = seen
+    if kind == "embedding":
+        return LoraModule(A=m.A, B=m.B, scale=m.scale, kind="embedding")
+    if like.kind != "conv" or len(like.shape) < 3:
+        return m
+    k = m.rank
+    return LoraModule(A=materialize(m.A).reshape((k,) + tuple(like.shape[1:])),
+                      B=materialize(m.B).reshape((m.out_features, k) + (1,) * (len(like.shape) - 2)),
+                      scale=m.scale, kind="conv")
+
+
+def _config(adapters: Sequence[Adapter], modules: Mapping) -> dict:
+    """The first PEFT input's config, targeting exactly the combined modules (every input's placement)."""
+    config = next((dict(a.config) for a in adapters if a.config and a.format != "tera"), {})
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules", "rank_pattern", "alpha_pattern"):
+        config.pop(key, None)
+    if adapters[0].format != "kohya":
+        config["target_modules"] = sorted(n.removeprefix(PEFT_PREFIX) for n in modules)
+    return config
+
+
+def _warnings(rep: SqueezeReport) -> list[str]:
+    return [w for w in rep.warnings if "became LoRA" not in w]
