@@ -181,12 +181,15 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     for name, (kind, (out_f, in_f), _) in shapes.items():
         present = [(a.modules[name], w) for a, w in zip(adapters, module_weights(name, weights, weight_map))
                    if name in a.modules]
-        if method == "sum":  # [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …], made when squeeze reads the module
-            def stacked(part, present=present):
-                pairs = [exact_pair(m, torch.float32, dev) for m, _ in present]
-                if part == "B":
-                    return torch.cat([w * B for (B, _), (_, w) in zip(pairs, present)], 1)
-                return torch.cat([A for _, A in pairs], 0)
+        if method == "sum":  # [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …], made once when squeeze reads the module
+            held: dict = {}
+
+            def stacked(part, present=present, held=held):
+                if part not in held:  # the first of the two reads makes both; each is handed out once
+                    pairs = [exact_pair(m, torch.float32, dev) for m, _ in present]
+                    held["B"] = torch.cat([w * B for (B, _), (_, w) in zip(pairs, present)], 1)
+                    held["A"] = torch.cat([A for _, A in pairs], 0)
+                return held.pop(part)
 
             r = sum(width(m) for m, _ in present)
             modules[name] = LoraModule(A=_Lazy(lambda s=stacked: s("A"), (r, in_f), torch.float32),
