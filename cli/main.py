@@ -253,11 +253,13 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
 @click.option("--weight-map", multiple=True, help="REGEX=W[,REGEX=W…]: scale matching modules' weights too.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output format (default: the output path's layout, in the first input's naming).")
+@click.option("--base", type=click.Path(path_type=str),
+              help="Resolve module names against this model's weights (PEFT naming), so kohya and PEFT inputs mix.")
 @force_option
 @compute_options
 @json_option
 def combine_cmd(adapters, out, weights, rank, energy, budget, rank_map, method, density, majority_sign, weight_map,
-                fmt, force, device, dtype, seed, as_json):
+                fmt, base, force, device, dtype, seed, as_json):
     """Combine several adapters into one: an exact weighted sum (or TIES / DARE / magnitude pruning), at any rank."""
     from surgery.combine import combine
 
@@ -271,10 +273,11 @@ def combine_cmd(adapters, out, weights, rank, energy, budget, rank_map, method, 
     with progress_bar(None, "combine") as bar:
         new, report = combine(inputs, list(weights) or None, rule, method=method, density=density,
                               majority_sign=majority_sign, weight_map=_weight_map(weight_map), seed=seed,
-                              device=device, dtype=dtype, progress=lambda _: bar.update(1))
+                              device=device, dtype=dtype, base=base, progress=lambda _: bar.update(1))
     tag = "combined" + (f"-r{rank}" if rank is not None else f"-e{energy:g}" if energy is not None
                         else f"-b{budget}" if budget is not None else "-map" if rank_map else "")
-    path = save_adapter(new, out or output_for(inputs[0], tag, fmt), format=fmt, force=force, inputs=adapters)
+    path = save_adapter(new, out or output_for(inputs[0], tag, fmt), format=fmt, force=force,
+                        inputs=[*adapters, *([base] if base else [])])
     emit(report.to_dict(), combine_table(report), path, report.warnings, as_json)
 
 

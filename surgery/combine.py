@@ -100,7 +100,8 @@ def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign)
         raise SurgeryError(f"majority sign must be total or frequency, got {majority_sign!r}")
     naming = {"kohya" if a.format == "kohya" else "peft" for a in adapters}
     if len(naming) > 1:
-        raise SurgeryError("the adapters use different namings (kohya and PEFT); convert them to one first")
+        raise SurgeryError("the adapters use different namings (kohya and PEFT); give --base MODEL to resolve "
+                           "both against the base's weights")
     for a in adapters:
         if dora := [n for n, m in a.modules.items() if m.dora]:
             raise SurgeryError(f"{a.source}: DoRA module {dora[0]}: its magnitude rescales W + ΔW, so DoRA adapters "
@@ -124,6 +125,23 @@ def _shapes(adapters: Sequence[Adapter]) -> dict[str, tuple]:
                                    f"adapter's is {list(seen[name][1])} ({seen[name][0]}): made for another model?")
             seen.setdefault(name, key + (m,))
     return seen
+
+
+def on_base_names(adapters: Sequence[Adapter], base) -> list[Adapter]:
+    """Each adapter with its modules renamed to the base weights they update (`base_model.model.<path>`), as
+    `merge` resolves them — kohya and PEFT adapters of one model then share one naming."""
+    from .io.checkpoint import open_checkpoint
+    from .merge import resolve
+
+    ck, out = open_checkpoint(base), []
+    for a in adapters:
+        found, missing = resolve(a, ck)
+        if missing:
+            raise SurgeryError(f"{a.source}: module(s) {', '.join(missing[:3])} match no weight of the base {base}")
+        modules = {PEFT_PREFIX + found[n].removesuffix(".weight"): m for n, m in a.modules.items()}
+        out.append(a.with_modules(modules, format="peft" if a.format == "kohya" else a.format,
+                                  config={} if a.format == "kohya" else a.config))
+    return out
 
 
 def module_weights(name: str, weights: Sequence[float], weight_map: Sequence[tuple[str, float]]) -> list[float]:
@@ -164,16 +182,20 @@ def sparsify(deltas: torch.Tensor, weights: torch.Tensor, method: str, density: 
 def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, rule: RankRule | None = None, *,
             method: str = "sum", density: float | None = None, majority_sign: str = "total",
             weight_map: Sequence[tuple[str, float]] = (), seed: int = 0, device: str | torch.device = "auto",
+            base: str | None = None,
             dtype: str | torch.dtype | None = None, progress: Callable[[str], None] | None = None,
             ) -> tuple[Adapter, CombineReport]:
     """One adapter holding the combination of `adapters` (weights default to 1; negative ones subtract).
 
     rule None keeps the exact combination (sum: rank Σrᵢ; the sparsifying methods: each result's numerical
-    rank); a rule truncates it optimally. A module missing from an input is a zero update there. The output
+    rank); a rule truncates it optimally. A module missing from an input is a zero update there. `base`: names
+    resolved against that checkpoint's weights (PEFT naming), so kohya and PEFT inputs mix. The output
     has the first input's format (a TeRA first input gives a PEFT LoRA) and names; factors are stored in
     `dtype` (default: the first input's factor dtype), computed in float32.
     """
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if base is not None:
+        adapters = on_base_names(adapters, base)
     _check(adapters, weights, method, density, majority_sign)
     shapes, dev = _shapes(adapters), resolve_device(device)
     store = storage_dtype(dtype) or next(iter(adapters[0].modules.values())).dtype

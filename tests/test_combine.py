@@ -160,3 +160,15 @@ def test_bad_inputs_are_one_line_and_write_nothing(two, tmp_path):
     with pytest.raises(SurgeryError, match="at least two"):
         combine([load_adapter(two / "a")])
     assert tree_digest(two) == before and not (tmp_path / "out").exists()
+
+
+def test_kohya_and_peft_mix_with_base(two, tmp_path):
+    """A kohya file and a PEFT adapter of one model: names resolved against the base's weights."""
+    assert run("convert", two / "b", "--to", "kohya", "-o", tmp_path / "b.safetensors").exit_code == 0
+    r = run("combine", two / "a", tmp_path / "b.safetensors", "--base", two / "base", "-o", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    a, b, c = load_adapter(two / "a"), load_adapter(two / "b"), load_adapter(tmp_path / "c")
+    assert set(c.modules) == set(a.modules) | set(b.modules)
+    for name, m in c.modules.items():
+        ref = sum(d for d in (dense(a, name), dense(b, name)) if d is not None)
+        assert torch.allclose(m.delta(), ref, atol=1e-5 * float(ref.abs().max()))
