@@ -19,8 +19,9 @@ from ..errors import SurgeryError
 from .modules import group_keys, make_module, make_structured, structured_algo
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
-_KEY = re.compile(r"^(?P<m>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale|"
-                  r"hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t[12])|diff|diff_b)$")
+# LoRA roles after any name; LoHa/LoKr ones only after kohya's dot-free names (dotted paths are PEFT's keys)
+_KEY = re.compile(r"^(?:(?P<m>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale|"
+                  r"diff|diff_b)|(?P<m2>[^.]+)\.(?P<role2>hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t[12])))$")
 _ROLE = {"lora_down.weight": "A", "lora_up.weight": "B", "lora_mid.weight": "mid", "alpha": "alpha",
          "dora_scale": "magnitude"}
 # LyCORIS algorithms this reader does not take, by a key each writes
@@ -39,8 +40,8 @@ def parse_key(key: str):
     m = _KEY.match(key)
     if not m:
         return None
-    role = m["role"]
-    return m["m"], _ROLE.get(role, role), "linear"
+    role = m["role"] or m["role2"]
+    return m["m"] or m["m2"], _ROLE.get(role, role), "linear"
 
 
 def read(path: Path) -> Adapter:
