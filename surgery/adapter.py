@@ -74,11 +74,6 @@ class LoraModule:
         return (self.out_features,) + tuple(int(s) for s in self.A.shape[1:])
 
     @property
-    def tensors(self) -> dict[str, TensorLike]:
-        return {k: v for k, v in (("A", self.A), ("B", self.B), ("bias", self.bias), ("magnitude", self.magnitude))
-                if v is not None}
-
-    @property
     def out_features(self) -> int:
         return int(self.B.shape[0])
 
