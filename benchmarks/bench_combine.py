@@ -79,17 +79,17 @@ def peft_comparison(work: Path, device: str) -> None:
     t0 = time.perf_counter()
     pm.add_weighted_adapter(["a", "b"], [1.0, 1.0], "svd", combination_type="svd", svd_rank=16)
     peft_s = time.perf_counter() - t0
+    print(f"  PEFT add_weighted_adapter(svd), model loaded, in process: {peft_s:7.2f} s", flush=True)
     cmd = [sys.executable, "-m", "surgery_cli.main", "combine", str(work / "1b-a"), str(work / "1b-b"), "--rank", "16",
            "-o", str(work / "1b-c"), "--device", device, "--force"]
     ours_s = statistics.median(timed(cmd)[0] for _ in range(3))
     ours = load_adapter(work / "1b-c")
     worst = 0.0
     for name, m in ours.modules.items():
-        layer = pm.get_submodule(name.removeprefix("base_model.model."))
+        layer = pm.base_model.model.get_submodule(name.removeprefix("base_model.model."))
         ref = layer.get_delta_weight("svd").double()
         worst = max(worst, float((m.delta() - ref).abs().max() / ref.abs().max()))
     print(f"Llama-1B, two rank-16 LoRAs on {len(ours.modules)} modules → rank 16:")
-    print(f"  PEFT add_weighted_adapter(svd), model loaded, in process: {peft_s:7.2f} s")
     print(f"  surgery combine --rank 16, whole process (median of 3):  {ours_s:7.2f} s   ratio {peft_s / ours_s:.0f}×")
     print(f"  largest |ΔW_surgery − ΔW_PEFT| / max|ΔW_PEFT| over all modules: {worst:.2e}")
 
