@@ -12,8 +12,6 @@ vocabulary cut to 2048) with two rank-16 LoRAs on all 7 projections: PEFT's `add
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,11 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_squeeze import LAYERS, RANK, SHAPES  # noqa: E402
-from measure import timed  # noqa: E402
+from bench_squeeze import LAYERS, RANK, SHAPES, make_adapter  # noqa: E402
+from measure import alternate, llama_1b, parser, report, timed  # noqa: E402
 
 FLOOR = """
 import sys
@@ -37,33 +34,12 @@ save_file({n: v.clone() for n, v in a.items()}, dst, metadata={"format": "pt"})
 """
 
 
-def make(path: Path, seed: int) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    root = (0.9 ** torch.arange(RANK, dtype=torch.float32)).sqrt()
-    tensors = {}
-    for layer in range(LAYERS):
-        for mod, (o, i) in SHAPES.items():
-            name = f"base_model.model.model.layers.{layer}.{mod}"
-            tensors[f"{name}.lora_B.weight"] = (torch.randn(o, RANK, generator=g) / o**0.5 * root).bfloat16()
-            tensors[f"{name}.lora_A.weight"] = (root[:, None] * torch.randn(RANK, i, generator=g) / i**0.5).bfloat16()
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = {"peft_type": "LORA", "r": RANK, "lora_alpha": RANK, "target_modules": sorted(m.split(".")[1] for m in SHAPES),
-           "task_type": "CAUSAL_LM"}
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
-
-
 def peft_comparison(work: Path, device: str) -> None:
-    import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from surgery import load_adapter
 
-    cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8)
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = llama_1b()
     targets = sorted(m.split(".")[1] for m in SHAPES)
     for name, seed in (("a", 1), ("b", 2)):
         m = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets))
@@ -95,32 +71,20 @@ def peft_comparison(work: Path, device: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--skip-peft", action="store_true")
-    args = ap.parse_args()
+    args = parser("--skip-peft").parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="surgery-bench-"))
     for name, seed in (("a", 1), ("b", 2)):
         if not (work / f"7b-{name}" / "adapter_model.safetensors").exists():
-            make(work / f"7b-{name}", seed)
+            make_adapter(work / f"7b-{name}", seed)
     a, b = (work / f"7b-{n}" for n in "ab")
     floor = [sys.executable, "-c", FLOOR, str(a / "adapter_model.safetensors"), str(b / "adapter_model.safetensors"),
              str(work / "floor.safetensors")]
     ours = [sys.executable, "-m", "surgery_cli.main", "combine", str(a), str(b), "--rank", str(RANK),
             "-o", str(work / "7b-c"), "--device", args.device, "--force"]
-    timed(floor)
-    runs = {"floor": [], "combine": []}
-    for _ in range(args.repeats):
-        runs["floor"].append(timed(floor))
-        runs["combine"].append(timed(ours))
-    med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items()}
+    med = alternate({"floor": floor, "combine": ours}, args.repeats)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}")
     print(f"two 7B-shaped rank-{RANK} bf16 adapters ({LAYERS * len(SHAPES)} modules each) → rank {RANK}")
-    for k, (w, rss) in med.items():
-        print(f"  {k:8s} median {w:6.2f} s   peak RSS {rss:6.0f} MB   runs: " + ", ".join(f"{w:.2f}" for w, _ in runs[k]))
-    print(f"  ratio combine / I/O floor: {med['combine'][0] / med['floor'][0]:.2f}×")
+    report(med, "combine")
     if not args.skip_peft:
         peft_comparison(work, args.device)
 

@@ -14,7 +14,6 @@ module) against `surgery squeeze` of the same saved LoHa as a whole process, and
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import timed  # noqa: E402
+from measure import alternate, llama_1b, parser, report, timed  # noqa: E402
 
 LAYERS, HIDDEN, INTER, R, FACTOR, K = 32, 4096, 11008, 16, 16, 8
 MODULES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
@@ -86,17 +85,11 @@ save_file(out, dst, metadata={"format": "pt"})
 
 def peft_comparison(work: Path, device: str) -> None:
     """convert_to_lora on the loaded 1B PeftModel vs surgery squeeze of the saved LoHa, same shapes."""
-    import transformers
     from peft import LoHaConfig, convert_to_lora, get_peft_model
 
     from surgery import load_adapter
 
-    cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = llama_1b()
     targets = sorted(m.split(".")[1] for m in MODULES)
     model = get_peft_model(model, LoHaConfig(r=R, alpha=R, target_modules=targets))
     g = torch.Generator().manual_seed(1)
@@ -126,12 +119,7 @@ def peft_comparison(work: Path, device: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--skip-peft", action="store_true")
-    args = ap.parse_args()
+    args = parser("--skip-peft").parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="surgery-bench-"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}")
@@ -143,17 +131,9 @@ def main():
                  str(K)]
         ours = [sys.executable, "-m", "surgery_cli.main", "squeeze", str(d), "--rank", str(K), "-o",
                 str(work / f"{algo}-r8"), "--device", args.device, "--force"]
-        timed(floor)  # warm the page cache
-        runs = {"floor": [], "squeeze": []}
-        for _ in range(args.repeats):
-            runs["floor"].append(timed(floor))
-            runs["squeeze"].append(timed(ours))
-        med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items()}
+        med = alternate({"floor": floor, "squeeze": ours}, args.repeats)
         print(f"{algo}: {size / 1e6:.0f} MB bf16, {LAYERS * len(MODULES)} modules → rank {K}")
-        for k, (w, rss) in med.items():
-            print(f"  {k:8s} median {w:6.2f} s   peak RSS {rss:6.0f} MB   runs: "
-                  + ", ".join(f"{w:.2f}" for w, _ in runs[k]))
-        print(f"  ratio squeeze / I/O floor: {med['squeeze'][0] / med['floor'][0]:.2f}×")
+        report(med, "squeeze")
     if not args.skip_peft:
         peft_comparison(work, args.device)
 

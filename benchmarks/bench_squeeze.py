@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import timed  # noqa: E402
+from measure import alternate  # noqa: E402
 from safetensors.torch import save_file
 
 HIDDEN, INTER, LAYERS, RANK = 4096, 11008, 32, 64
@@ -37,9 +36,9 @@ SHAPES = {  # module → (out, in)
 }
 
 
-def make_adapter(path: Path) -> int:
+def make_adapter(path: Path, seed: int = 0) -> int:
     path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     root = (0.9 ** torch.arange(RANK, dtype=torch.float32)).sqrt()
     tensors = {}
     for layer in range(LAYERS):
@@ -98,19 +97,14 @@ def main():
                  str(args.rank)]
     surgery_cmd = [sys.executable, "-m", "surgery_cli.main", "squeeze", str(adapter), "--rank", str(args.rank),
                    "-o", str(work / "squeezed"), "--device", args.device, "--force"]
-    timed(floor_cmd)  # warm the page cache
-    runs = {"floor": [], "squeeze": []}
-    for _ in range(args.repeats):
-        runs["floor"].append(timed(floor_cmd))
-        runs["squeeze"].append(timed(surgery_cmd))
-    med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items()}
+    med = alternate({"floor": floor_cmd, "squeeze": surgery_cmd}, args.repeats)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}")
     print(f"adapter: {size / 1e6:.0f} MB bf16, {LAYERS * len(SHAPES)} modules, rank {RANK} → {args.rank}")
-    for k, (w, r) in med.items():
+    for k, (w, r, walls) in med.items():
         print(f"  ({'a' if k == 'floor' else 'b'}) {k:8s} median {w:6.2f} s   peak RSS {r:7.0f} MB "
               f"({r / (size / 2**20):.2f}× adapter)   runs: "
-              + ", ".join(f"{w:.2f}" for w, _ in runs[k]))
+              + ", ".join(f"{w:.2f}" for w in walls))
     print(f"  ratio squeeze / I/O floor: {med['squeeze'][0] / med['floor'][0]:.2f}×")
     if not args.skip_dense:
         est = dense_svd_estimate(adapter, args.device)

@@ -142,6 +142,12 @@ def rank_rule(rank, energy, budget, rank_map=()):
             else Budget(parse_count(budget)) if budget is not None else parse_rank_map(rank_map))
 
 
+def rule_tag(rank, energy, budget, rank_map=()) -> str:
+    """The output-name tag of a rank rule: r4, e0.95, b2M, map ("" when none was given)."""
+    return (f"r{rank}" if rank is not None else f"e{energy:g}" if energy is not None
+            else f"b{budget}" if budget is not None else "map" if rank_map else "")
+
+
 class _Counter:
     def __init__(self, label):
         self.label, self.n = label, 0
@@ -186,12 +192,8 @@ def inspect(adapter, spectrum, plot, as_json):
         check_output(plot, [adapter], force=True)
     a = load(adapter)
     spectra = None
-    if spectrum and a.format == "tera":
-        from surgery.adapter import materialize
-        from surgery.tera import tera_svd
-
-        spectra = {n: tera_svd([materialize(l) for l in m.lambdas], m.spec, m.scale).S
-                   for n, m in a.modules.items()}
+    if spectrum and a.format == "tera":  # float64, as TeRA's own exact SVD computes it
+        spectra = {n: m.svd().S for n, m in a.modules.items()}
     elif spectrum:
         spectra = compute_spectra(a)
     if plot:
@@ -232,9 +234,8 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1),
                                 shapes=base_shapes_of(a, base))
-    tag = (f"r{rank}" if rank is not None else f"e{energy:g}" if energy is not None
-           else f"b{budget}" if budget is not None else "map")
-    path = save_adapter(small, out or output_for(a, tag, fmt), format=fmt, force=force, inputs=[base] if base else ())
+    path = save_adapter(small, out or output_for(a, rule_tag(rank, energy, budget, rank_map), fmt), format=fmt,
+                        force=force, inputs=[base] if base else ())
     emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
 
 
@@ -267,17 +268,15 @@ def combine_cmd(adapters, out, weights, rank, energy, budget, rank_map, method, 
         raise click.UsageError("give at least two adapters")
     if weights and len(weights) != len(adapters):
         raise click.UsageError(f"{len(weights)} --weight values for {len(adapters)} adapters")
-    chosen = [v for v in (rank, energy, budget, rank_map or None) if v is not None]
-    rule = rank_rule(rank, energy, budget, rank_map) if chosen else None
+    tag = rule_tag(rank, energy, budget, rank_map)
+    rule = rank_rule(rank, energy, budget, rank_map) if tag else None
     inputs = [load(a) for a in adapters]
     with progress_bar(None, "combine") as bar:
         new, report = combine(inputs, list(weights) or None, rule, method=method, density=density,
                               majority_sign=majority_sign, weight_map=_weight_map(weight_map), seed=seed,
                               device=device, dtype=dtype, base=base, progress=lambda _: bar.update(1))
-    tag = "combined" + (f"-r{rank}" if rank is not None else f"-e{energy:g}" if energy is not None
-                        else f"-b{budget}" if budget is not None else "-map" if rank_map else "")
-    path = save_adapter(new, out or output_for(inputs[0], tag, fmt), format=fmt, force=force,
-                        inputs=[*adapters, *([base] if base else [])])
+    path = save_adapter(new, out or output_for(inputs[0], "-".join(filter(None, ("combined", tag))), fmt),
+                        format=fmt, force=force, inputs=[*adapters, *([base] if base else [])])
     emit(report.to_dict(), combine_table(report), path, report.warnings, as_json)
 
 
@@ -398,14 +397,13 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
     if to == "lora" and a.format != "tera":
         if all(m.algo == "lora" for m in a.modules.values()):
             raise SurgeryError(f"{adapter}: is already a LoRA adapter (surgery squeeze changes its ranks)")
-        rule = Exact() if (rank, energy, budget) == (None, None, None) else rank_rule(rank, energy, budget)
+        tag = rule_tag(rank, energy, budget)
+        rule = rank_rule(rank, energy, budget) if tag else Exact()
         with progress_bar(len(a.modules), "convert to lora") as bar:
             new, report = squeeze(a, rule, device=device, progress=lambda _: bar.update(1),
                                   shapes=base_shapes_of(a, base))
-        tag = "lora" + (f"-r{rank}" if rank is not None else f"-e{energy:g}" if energy is not None
-                        else f"-b{budget}" if budget is not None else "")
-        path = save_adapter(new, out or output_for(a, tag, fmt), format=fmt, force=force,
-                            inputs=[base] if base else ())
+        path = save_adapter(new, out or output_for(a, "-".join(filter(None, ("lora", tag))), fmt), format=fmt,
+                            force=force, inputs=[base] if base else ())
         emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
         return
     if energy is not None or budget is not None or fmt is not None:

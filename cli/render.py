@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 from surgery.adapter import Adapter
-from surgery.rank import energy_rank
+from surgery.rank import energy_rank, numerical_rank
 from surgery.squeeze import SqueezeReport
 from surgery.tera import _describe
 
@@ -28,8 +28,7 @@ def inspect_json(a: Adapter, spectra=None) -> dict:
         if spectra is not None:
             S = spectra[name]
             d["singular_values"] = [float(x) for x in S]
-            tol = float(S[0]) * max(m.out_features, m.in_features) * 1.1920929e-07 if len(S) else 0.0
-            d["numerical_rank"] = int((S > tol).sum())  # the rank of ΔW itself ("rank" is its factors' bound)
+            d["numerical_rank"] = numerical_rank(S, (m.out_features, m.in_features))  # of ΔW itself ("rank" is its factors' bound)
             d["rank_for_energy"] = {str(e): energy_rank(S, e) for e in ENERGIES}
         mods.append(d)
     return {

@@ -18,7 +18,6 @@ from safetensors import safe_open
 
 KINDS = ("linear", "conv", "embedding")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for module paths (formats.md §1.2)
-ALGOS = ("lora", "loha", "lokr", "diff", "tera")  # what `inspect` calls each module class
 
 
 @dataclass(frozen=True)
@@ -90,12 +89,9 @@ class LoraModule:
     def dora(self) -> bool:
         return self.magnitude is not None
 
-    def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        """Exact thin SVD of the flattened ΔW (out, in) (linalg.lowrank_svd)."""
-        from .linalg import lowrank_svd
-
-        B, A = self.factors(dtype, device)
-        return lowrank_svd(B, A, self.scale)
+    def lowrank(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """The exact pair (B, A) of ΔW / scale that every module kind offers where it has one: its factors."""
+        return self.factors(dtype, device)
 
     def num_params(self, rank: int | None = None) -> int:
         """Factor parameters (A and B) at `rank` (default: the current rank)."""
@@ -185,6 +181,17 @@ class TeraModule:
     def num_params(self, rank: int | None = None) -> int:
         return sum(self.spec.modes)
 
+    def lowrank(self, dtype=torch.float32, device="cpu"):
+        return None  # its exact SVD (below) is cheaper than any pair
+
+    def svd(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):
+        """Exact thin SVD of ΔW from the Kronecker structure (tera.tera_svd), never forming ΔW."""
+        from .linalg import SVD
+        from .tera import tera_svd
+
+        return SVD(*(t.to(device) for t in tera_svd([materialize(l) for l in self.lambdas], self.spec, self.scale,
+                                                    dtype)))
+
     def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
         from .tera import shared, tera_delta
 
@@ -199,7 +206,6 @@ class _Structured:
     structure gives one (surgery.hadamard_kron)."""
 
     bias = None
-    kind = "linear"  # "conv" when a kernel is known (Tucker core or a 4-D factor)
 
     def get(self, role: str, dtype=torch.float32, device="cpu") -> torch.Tensor | None:
         t = self.tensors.get(role)
@@ -231,11 +237,6 @@ class _Structured:
         """An exact LoRA pair (B, A) of ΔW / scale where one is cheaper than the exact SVD; None otherwise."""
         return None
 
-    def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Dense ΔW (out, in_flat), for merging and for tests."""
-        U, S, Vh = self.svd(dtype, device)
-        return (U * S) @ Vh
-
 
 def _half(m, n: int, dtype, device):
     """(B (rows, r), A (r, cols)) of half `n` ∈ {1, 2}: a w{n}_a @ w{n}_b pair, its Tucker form folded, or a full
@@ -245,7 +246,7 @@ def _half(m, n: int, dtype, device):
     full = m.get(f"w{n}", dtype, device)
     if full is not None:
         return full.reshape(full.shape[0], -1), None
-    a, b, t = (m.get(f"{r}", dtype, device) for r in (f"w{n}_a", f"w{n}_b", f"t{n}"))
+    a, b, t = (m.get(r, dtype, device) for r in (f"w{n}_a", f"w{n}_b", f"t{n}"))
     if t is not None:
         return tucker_pair(t, a, b)
     return a, b.reshape(b.shape[0], -1)
@@ -341,16 +342,11 @@ class LokrModule(_Structured):
         return (l * k, m * n) + kernel
 
     @property
-    def factor_ranks(self) -> tuple[int, int]:
-        """Rank bounds of W₁ and W₂ (the decomposed factor's r, else the smaller side)."""
+    def rank(self) -> int:
+        """rank(W₁) · rank(W₂) bounds: each half's decomposed r, else its smaller side."""
         t, (l, m, k, n, kernel) = self.tensors, self._dims()
         r1 = int(t["w1_b"].shape[0]) if "w1_b" in t else min(l, m)
         r2 = int(t["w2_b"].shape[0]) if "w2_b" in t else min(k, n * math.prod(kernel))
-        return r1, r2
-
-    @property
-    def rank(self) -> int:
-        r1, r2 = self.factor_ranks
         return r1 * r2
 
     def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

@@ -70,14 +70,10 @@ def exact_pair(m, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torc
     """(B (out, width), A (width, in_flat)) with ΔW = B @ A exactly, the scale folded in: LoRA's factors,
     LoHa's face-splitting pair, else the leading `width` triplets of the module's exact SVD (LoKr, diff, TeRA),
     zero-padded where the spectrum is shorter."""
-    if m.algo == "lora":
-        B, A = m.factors(dtype, device)
-        return B * m.scale, A
-    if m.algo == "loha":
-        B, A = m.lowrank(dtype, device)
-        return B * m.scale, A
-    U, S, Vh = m.svd(dtype, device) if hasattr(m, "svd") else torch.linalg.svd(m.delta(dtype, device),
-                                                                               full_matrices=False)
+    pair = m.lowrank(dtype, device)
+    if pair is not None:
+        return pair[0] * m.scale, pair[1]
+    U, S, Vh = m.svd(dtype, device)
     k = width(m)
     B, A = (U * S)[:, :k], Vh[:k]
     return torch.nn.functional.pad(B, (0, k - B.shape[1])), torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0]))

@@ -19,7 +19,7 @@ from .errors import SurgeryError
 from .io.checkpoint import open_checkpoint, read_tensor
 from .io.peft import PREFIX
 from .linalg import randomized_svd, split_factors
-from .rank import Budget, FixedRank, RankRule, budget_ranks
+from .rank import Budget, FixedRank, RankRule, budget_ranks, numerical_rank
 
 EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")
 
@@ -134,8 +134,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             k = ranks[name]
         elif rule.threshold >= 1:  # all the energy: the full numerical rank (rounding never reaches Σσ² = ‖D‖²)
             S = svd.S.double().cpu()
-            tol = float(S[0]) * max(d.shape) * torch.finfo(torch.float32).eps
-            k, captured = max(1, int((S > tol).sum())), float(S.square().sum())
+            k, captured = max(1, numerical_rank(S, d.shape)), float(S.square().sum())
             if k == len(S) and len(S) < min(d.shape) and captured < total * (1 - 1e-5):
                 warnings.append(f"{name}: its numerical rank exceeds --max-rank {max_rank} "
                                 f"(kept {captured / total:.4f} of the energy)")

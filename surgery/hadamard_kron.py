@@ -34,11 +34,6 @@ def hadamard_lora(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torc
     return face_split(B1, B2), face_split(A1.T, A2.T).T
 
 
-def kron_lora(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor):
-    """An exact LoRA (kron(B₁, B₂), kron(A₁, A₂)) of the LoKr update `kron(B₁ @ A₁, B₂ @ A₂)`."""
-    return torch.kron(B1, B2), torch.kron(A1, A2)
-
-
 def kron_svd(f1: SVD, f2: SVD, k: int | None = None) -> SVD:
     """SVD of `kron(W₁, W₂)` from thin SVDs of W₁ (l, m) and W₂ (k₂, n).
 

@@ -60,6 +60,12 @@ class Exact:
 
 RankRule = Union[FixedRank, Energy, Budget, RankMap, PerModule, Exact]
 
+
+def numerical_rank(S: torch.Tensor, shape) -> int:
+    """How many σ exceed σ₁ · max(shape) · ε_float32: the rank a float32 computation resolves (0 for ΔW = 0)."""
+    tol = float(S[0]) * max(shape) * torch.finfo(torch.float32).eps if len(S) else 0.0
+    return int((S > tol).sum())
+
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 
 

@@ -23,7 +23,7 @@ from .errors import SurgeryError
 from .linalg import (SVD, CoreSVD, core_factors, core_svd, lora_operator, lowrank_frobenius_sq, randomized_svd,
                      split_factors)
 from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
-                   energy_rank)
+                   energy_rank, numerical_rank)
 
 METHODS = ("exact", "rsvd")
 T = TypeVar("T")
@@ -124,6 +124,11 @@ def _as_lora(m, B: torch.Tensor, A: torch.Tensor, k: int, out_dtype, shape=None)
                       bias=m.bias, magnitude=m.magnitude)
 
 
+def _as_pair(m, B: torch.Tensor, A: torch.Tensor) -> LoraModule:
+    """The LoRA module itself, or a 2-D LoRA view of another kind's exact pair (its scale, bias and magnitude)."""
+    return m if m.algo == "lora" else LoraModule(A=A, B=B, scale=m.scale, bias=m.bias, magnitude=m.magnitude)
+
+
 def _pad(B: torch.Tensor, A: torch.Tensor, k: int):
     """Zero directions pad a spectrum shorter than k."""
     if B.shape[1] < k:
@@ -134,8 +139,7 @@ def _pad(B: torch.Tensor, A: torch.Tensor, k: int):
 
 def _target(name: str, m: LoraModule, rule: RankRule, S: torch.Tensor | None, min_rank: int) -> int:
     if isinstance(rule, Exact):
-        tol = float(S[0]) * max(m.out_features, m.in_features) * torch.finfo(torch.float32).eps if len(S) else 0.0
-        return max(int((S > tol).sum()), 1)
+        return max(numerical_rank(S, (m.out_features, m.in_features)), 1)
     if isinstance(rule, FixedRank):
         return check_rank(name, rule.rank, m.rank)
     if isinstance(rule, (RankMap, PerModule)):
@@ -186,11 +190,10 @@ def spectra(
     dev, cdtype = resolve_device(device), _compute_dtype(compute_dtype)
 
     def one(name: str, m: LoraModule) -> torch.Tensor:
-        pair = m.factors(cdtype, dev) if m.algo == "lora" else m.lowrank(cdtype, dev)
+        pair = m.lowrank(cdtype, dev)
         if pair is None:
             return m.svd(cdtype, dev).S.double().cpu()
-        lora = m if m.algo == "lora" else LoraModule(A=pair[1], B=pair[0], scale=m.scale)
-        return _factorize(name, lora, *pair, m.rank, method, dev, cdtype, seed).S.double().cpu()
+        return _factorize(name, _as_pair(m, *pair), *pair, m.rank, method, dev, cdtype, seed).S.double().cpu()
 
     return dict(zip(adapter.modules, per_module(one, adapter.modules, dev)))
 
@@ -233,7 +236,7 @@ def squeeze(
         targets = {n: _target(n, m, rule, None, min_rank) for n, m in modules.items()}
 
     def one(name: str, m: LoraModule) -> tuple[LoraModule, ModuleReport]:
-        pair = m.factors(cdtype, dev) if m.algo == "lora" else m.lowrank(cdtype, dev)
+        pair = m.lowrank(cdtype, dev)
         if pair is None:  # LoKr / diff: their exact SVD (hadamard_kron.kron_svd, dense for diff), then rank k
             fact = m.svd(cdtype, dev)
             k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
@@ -242,7 +245,7 @@ def squeeze(
             _check_finite(name, small.A, small.B)
             return small, _report(name, m, fact, k, None)
         B, A = pair  # LoRA, or LoHa's exact face-splitting LoRA (rank r₁r₂): the QR-core path
-        lora = m if m.algo == "lora" else LoraModule(A=A, B=B, scale=m.scale, bias=m.bias, magnitude=m.magnitude)
+        lora = _as_pair(m, B, A)
         fact = _factorize(name, lora, B, A, targets.get(name, m.rank), method, dev, cdtype, seed)
         k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
         small = _truncate(lora, B, A, fact, k, sdtype or m.dtype)

@@ -36,7 +36,7 @@ def load(path, dtype=torch.float32):
 
 
 def random_lora(model, out, targets=LINEAR, seed=1, **cfg):
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, **cfg))
+    peft_model = get_peft_model(model, LoraConfig(target_modules=targets, **({"r": 8, "lora_alpha": 16} | cfg)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -54,12 +54,11 @@ def detect(path: str | os.PathLike) -> str:
     header, metadata = read_header(path)
     if tera_file.is_tera(header, metadata):
         return "tera"
-    is_peft = any(peft.parse_key(k) or peft.parse_structured(k) for k in header)
     if any(kohya.parse_key(k) or kohya.unsupported(k) for k in header):
         if any(peft.parse_key(k) for k in header):
             raise SurgeryError(f"{path}: mixes kohya (lora_down/lora_up) and PEFT (lora_A/lora_B) keys")
         return "kohya"
-    if is_peft:
+    if any(peft.parse_key(k) or peft.parse_structured(k) for k in header):
         return "peft-file"
     raise SurgeryError(f"{path}: no adapter tensors found (expected lora_A/lora_B, lora_down/lora_up, hada_* or "
                        "lokr_* keys)")

@@ -16,7 +16,7 @@ from safetensors.torch import save as save_bytes
 
 from ..adapter import Adapter, materialize
 from ..errors import SurgeryError
-from .modules import group_keys, make_module, make_structured, structured_algo
+from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank, structured_algo
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
 # LoRA roles after any name; LoHa/LoKr ones only after kohya's dot-free names (dotted paths are PEFT's keys)
@@ -61,8 +61,8 @@ def read(path: Path) -> Adapter:
         if algo is None:
             modules[name] = _lora(name, roles, alpha, magnitude, path)
         else:
-            tensors = {r.split("_", 1)[1] if r.startswith(("hada_", "lokr_")) else r: t for r, t in roles.items()}
-            dim = lycoris_dim(algo, tensors)
+            tensors = {r.removeprefix(KEY_PREFIX[algo]): t for r, t in roles.items()}
+            dim = stated_rank(algo, tensors)  # LyCORIS / ComfyUI divide alpha by it; None: scale 1
             scale = 1.0 if dim is None else _alpha(alpha, dim, name, path) / dim
             modules[name] = make_structured(name, algo, tensors, scale, path, magnitude=magnitude)
     if not modules:
@@ -70,18 +70,8 @@ def read(path: Path) -> Adapter:
     return Adapter(modules=modules, format="kohya", passthrough=passthrough, metadata=metadata, source=path)
 
 
-def lycoris_dim(algo: str, tensors) -> int | None:
-    """The `dim` LyCORIS / ComfyUI divide alpha by: LoHa `w1_b.shape[0]`; LoKr that of its decomposed factor
-    (w2_b first); None (scale 1, alpha ignored) for a LoKr whose factors are both full and for `diff`."""
-    for role in {"loha": ("w1_b",), "lokr": ("w2_b", "w1_b")}.get(algo, ()):
-        if role in tensors:
-            return int(tensors[role].shape[0])
-    return None
-
-
 def _lora(name, roles, alpha, magnitude, path):
     if "mid" in roles:  # Tucker conv: fold mid into down, an exact rank-r LoCon (methods.md §6)
-        roles = dict(roles)
         mid, down = roles.pop("mid"), roles.get("A")
         if down is None or len(mid.shape) != 4 or len(down.shape) != 4 or mid.shape[1] != down.shape[0]:
             raise SurgeryError(f"{path}: module {name}: lora_mid {list(mid.shape)} does not compose with lora_down "
@@ -162,14 +152,13 @@ def _module_tensors(name: str, m) -> tuple[dict, int | None]:
     if m.algo not in ("loha", "lokr", "diff"):
         raise SurgeryError(f"module {name}: a {m.algo} module has no kohya/LyCORIS form")
     tensors = {role: materialize(t) for role, t in m.tensors.items()}
-    dim = lycoris_dim(m.algo, tensors)
+    dim = stated_rank(m.algo, tensors)
     if dim is None and m.scale != 1:
         first = "w1" if m.algo == "lokr" else "diff"
         tensors[first] = (tensors[first].float() * m.scale).to(tensors[first].dtype)
         if m.algo == "diff" and "diff_b" in tensors:
             tensors["diff_b"] = (tensors["diff_b"].float() * m.scale).to(tensors["diff_b"].dtype)
-    prefix = {"loha": "hada_", "lokr": "lokr_", "diff": ""}[m.algo]
-    return {f"{name}.{prefix}{role}": t.contiguous() for role, t in tensors.items()}, dim
+    return {f"{name}.{KEY_PREFIX[m.algo]}{role}": t.contiguous() for role, t in tensors.items()}, dim
 
 
 def _fmt(x: float) -> str:

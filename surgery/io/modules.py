@@ -69,6 +69,18 @@ def make_module(name: str, roles: Mapping[str, TensorRef], kind: str, scale: flo
     return LoraModule(A=A, B=B, scale=float(scale), kind=kind, bias=bias, magnitude=roles.get("magnitude"))
 
 
+KEY_PREFIX = {"loha": "hada_", "lokr": "lokr_", "diff": ""}  # on-disk key prefix of each kind's tensor roles
+
+
+def stated_rank(algo: str, tensors: Mapping) -> int | None:
+    """The r a LoHa / LoKr module's tensors state — LoHa's `w1_b` rows; LoKr's decomposed factor's (`w2_b` first,
+    as ComfyUI) — which PEFT's config and LyCORIS's alpha divide by; None for two full LoKr factors and diffs."""
+    for role in {"loha": ("w1_b",), "lokr": ("w2_b", "w1_b")}.get(algo, ()):
+        if role in tensors:
+            return int(tensors[role].shape[0])
+    return None
+
+
 def structured_algo(roles: Mapping[str, TensorRef], name: str, path: Path) -> str | None:
     """"loha" / "lokr" / "diff" from a module's role names (`hada_…`, `lokr_…`, `diff`), None for LoRA."""
     algos = {"loha" if r.startswith("hada_") else "lokr" if r.startswith("lokr_") else "diff" if r.startswith("diff")

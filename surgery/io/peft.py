@@ -19,7 +19,7 @@ import torch
 
 from ..adapter import PEFT_PREFIX, Adapter, LoraModule, materialize
 from ..errors import SurgeryError
-from .modules import group_keys, make_module, make_structured
+from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
 WEIGHTS = "adapter_model.safetensors"
@@ -69,7 +69,7 @@ def parse_key(key: str):
 def make_keys(name: str, module: LoraModule) -> dict[str, torch.Tensor]:
     """The on-disk tensors of one module (materialised)."""
     if module.algo in ("loha", "lokr"):
-        prefix = "hada_" if module.algo == "loha" else "lokr_"
+        prefix = KEY_PREFIX[module.algo]
         return {f"{name}.{prefix}{role}": materialize(t).contiguous() for role, t in module.tensors.items()}
     if module.algo != "lora":
         raise SurgeryError(f"module {name}: PEFT has no form for a {module.algo} module; write a kohya/LyCORIS file "
@@ -152,9 +152,7 @@ def _read(weights: Path, config: Mapping[str, Any] | None, fmt: str, where: str)
 def _structured(name, algo, tensors, config, weights, where):
     """A PEFT LoHa / LoKr module: scale alpha / r (no rsLoRA in PEFT's LoHa/LoKr), r checked against the tensors
     where they state it (LoHa: w1_b; LoKr: its decomposed factor — both full: PEFT's r is kept as a hint)."""
-    r_of = {"loha": ("w1_b",), "lokr": ("w2_b", "w1_b")}[algo]
-    rank = next((int(tensors[k].shape[0]) for k in r_of if k in tensors), None)
-    scale = _scale_of(config, name, rank, where, ALPHA_KEY[algo])
+    scale = _scale_of(config, name, stated_rank(algo, tensors), where, ALPHA_KEY[algo])
     return make_structured(name, algo, tensors, scale, weights, rank_hint=rank_alpha(config, name)[0])
 
 
@@ -212,10 +210,8 @@ def peft_rank(m) -> int:
     factors the config's r it was read with (else the smallest r for which PEFT keeps W₂ full)."""
     if m.algo == "lora":
         return m.rank
-    t = m.tensors
-    for role in ("w1_b",) if m.algo == "loha" else ("w2_b", "w1_b"):
-        if role in t:
-            return int(t[role].shape[0])
+    if (r := stated_rank(m.algo, m.tensors)) is not None:
+        return r
     if m.rank_hint is not None:
         return m.rank_hint
     _, _, k, n, _ = m._dims()
