@@ -165,3 +165,13 @@ def test_kohya_and_peft_mix_with_base(two, tmp_path):
     for name, m in c.modules.items():
         ref = sum(d for d in (dense(a, name), dense(b, name)) if d is not None)
         assert torch.allclose(m.delta(), ref, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_bad_weight_map_and_convert_options_are_one_line(two, tmp_path):
+    r = run("combine", two / "a", two / "b", "--weight-map", "(=2", "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "--weight-map: expected REGEX=WEIGHT, got '(=2'" in r.output
+    r = run("combine", two / "a", two / "b", "--weight-map", "q_proj=x", "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "expected REGEX=WEIGHT" in r.output
+    r = run("convert", two / "a", "--to", "tera", "--energy", "0.9", "-o", tmp_path / "out.safetensors")
+    assert r.exit_code == 2 and "--energy, --budget and --format go with --to lora" in r.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()

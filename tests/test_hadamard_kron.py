@@ -339,3 +339,12 @@ def test_unknown_peft_type_is_named(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps(cfg | {"peft_type": "OFT"}))
     with pytest.raises(SurgeryError, match="peft_type 'OFT' is not read by surgery"):
         load_adapter(d)
+
+
+def test_full_diff_has_no_peft_form(tmp_path):
+    save_file({"lycoris_fc.diff": torch.randn(8, 6)}, str(tmp_path / "d.safetensors"))
+    a = load_adapter(tmp_path / "d.safetensors")
+    renamed = a.with_modules({"base_model.model.fc": a.modules["lycoris_fc"]}, format="peft")
+    with pytest.raises(SurgeryError, match="PEFT has no form for a diff module"):
+        save_adapter(renamed, tmp_path / "p.safetensors", format="peft-file")
+    assert not (tmp_path / "p.safetensors").exists()
