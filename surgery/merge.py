@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,11 @@ from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
 from .io import check_output
 from .io.peft import PREFIX
-from .io.checkpoint import (INDEX, SINGLE, Checkpoint, TensorSpec, copy_entry, copy_side_files, open_checkpoint,
-                            read_tensor)
+from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, index_name, is_pipeline,
+                            open_checkpoint, open_pipeline, read_tensor)
+from .io.names import Placement, component_name, place
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_",
-                  "lycoris_", "lora_")
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TIED_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 
@@ -135,61 +135,50 @@ class MergePlan:
     transposed: frozenset[str] = frozenset()  # weights stored (in, out): GPT-2 Conv1D with fan_in_fan_out
 
 
-def _peft_candidates(path: str, weights: set[str]) -> list[str]:
-    """Base weight names for a PEFT module path: exact, base with an extra prefix, or adapter with one."""
-    if f"{path}.weight" in weights:
-        return [f"{path}.weight"]
-    found = [k for k in weights if k.endswith(f".{path}.weight")]
-    if found:
-        return found
-    parts = path.split(".")
-    for i in range(1, len(parts)):
-        if (k := ".".join(parts[i:]) + ".weight") in weights:
-            return [k]
-    return []
-
-
-def _kohya_candidates(name: str, underscored: Mapping[str, list[str]]) -> list[str]:
-    """kohya's `lora_unet_a_b_c` against the base's names with dots made underscores ('.'→'_' is lossy)."""
-    for prefix in KOHYA_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
-    exact = underscored.get(name, [])
-    if exact:
-        return exact
-    return [k for u, ks in underscored.items() if u.endswith("_" + name) for k in ks]
-
-
-def resolve(adapter: Adapter, ck: Checkpoint) -> tuple[dict[str, str], list[str]]:
-    """{module name: base weight name} and the modules that match nothing; several matches are an error."""
-    weights = {n for n in ck.tensors if n.endswith(".weight")}
-    underscored: dict[str, list[str]] = {}
-    for k in weights:
-        underscored.setdefault(k[: -len(".weight")].replace(".", "_"), []).append(k)
-    found, missing, ambiguous = {}, [], []
-    for name in adapter.modules:
-        if adapter.format == "kohya" or adapter.config.get("name_style") == "kohya":
-            cands = _kohya_candidates(name, underscored)
-        else:
-            cands = _peft_candidates(name.removeprefix(PREFIX), weights)
-        if len(cands) == 1:
-            found[name] = cands[0]
-        elif cands:
-            ambiguous.append(f"{name} ({' / '.join(sorted(cands)[:3])})")
-        else:
-            missing.append(name)
-    if ambiguous:
-        raise SurgeryError(f"{ck.root}: adapter modules match several base tensors: {'; '.join(ambiguous[:5])}")
-    return found, missing
+def placed(adapter: Adapter, ck: Checkpoint) -> Placement:
+    """The adapter's modules at the base module paths they update (surgery.io.names.place); an adapter that is
+    already on the base's names (`name_style: base`, as a pipeline merge hands each component) stays as it is."""
+    if adapter.config.get("name_style") == "base":
+        keys = {(None, n): m for n, m in adapter.modules.items()}
+        return Placement(modules=keys, origin={k: [k[1]] for k in keys},
+                         missing={n: "no base tensor of that name" for n in adapter.modules
+                                  if f"{n}.weight" not in ck.tensors})
+    return place(adapter, [(component_name(ck), ck)])
 
 
 def base_shapes(adapter: Adapter, base: str | Path) -> dict[str, tuple[int, ...]]:
     """{module name: the base weight's shape} from the base checkpoint's headers — the kernel size that LoHa/LoKr
     factors stored flattened do not say (needed to write a conv LoRA that PEFT and kohya loaders take)."""
+    targets = base_targets(base)
+    p = place(adapter, targets)
+    cks = dict(targets)
+    out = {}
+    for (c, path), names in p.origin.items():
+        if len(names) == 1 and p.modules[(c, path)] is adapter.modules.get(names[0]):
+            ck = cks.get(c) or next(iter(cks.values()))
+            out[names[0]] = tuple(ck.tensors[f"{path}.weight"].shape)
+    return out
+
+
+def base_targets(base: str | Path) -> list[tuple[str | None, Checkpoint]]:
+    """(component, checkpoint) pairs of a base: one per component of a pipeline, else the one checkpoint."""
+    if is_pipeline(base):
+        return list(open_pipeline(base).components.items())
     ck = open_checkpoint(base)
-    found, _ = resolve(adapter, ck)
-    return {name: tuple(ck.tensors[key].shape) for name, key in found.items()}
+    return [(component_name(ck), ck)]
+
+
+def missing_error(where, missing: Mapping[str, str]) -> SurgeryError:
+    """One line naming the modules that have no place in the base, grouped by why."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in missing.items():
+        by_reason.setdefault(why, []).append(name)
+    parts = []
+    for why, names in by_reason.items():
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        parts.append(f"{shown} ({why})")
+    return SurgeryError(f"{where}: adapter module(s) without a base tensor: {'; '.join(parts)} "
+                        "(pass --allow-missing to skip them)")
 
 
 def _fits(m, shape: Sequence[int], fan_in_fan_out: bool) -> bool:
@@ -223,23 +212,23 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     for adapter, w in zip(adapters, weights):
         fan = bool(adapter.config.get("fan_in_fan_out", False))
         where = str(adapter.source)
-        found, missing = resolve(adapter, ck)
+        p = placed(adapter, ck)
+        found = {p.origin[k][0]: (f"{k[1]}.weight", m) for k, m in p.modules.items()}
+        missing = list(p.missing)
         for name in list(missing):  # an lm_head absent from the file because it is tied to the embedding
             path = name.removeprefix(PREFIX)
             if (emb := _tied_source(ck, path)) is not None:
                 created[f"{path}.weight"] = emb
-                found[name] = f"{path}.weight"
+                found[name] = (f"{path}.weight", adapter.modules[name])
                 missing.remove(name)
                 notes.append(f"{path}.weight is tied to {emb} in the base; the merged model gets its own "
                              "lm_head.weight and tie_word_embeddings is set to false")
         if missing and not allow_missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise SurgeryError(f"{ck.root}: no base tensor for adapter module(s) {shown} "
-                               "(pass --allow-missing to skip them)")
+            raise missing_error(ck.root, {n: p.missing[n] for n in missing})
         if missing:
             notes.append(f"{where}: {len(missing)} module(s) without a base tensor were skipped: {', '.join(missing[:5])}")
-        for name, key in found.items():
-            m = adapter.modules[name]
+        notes.extend(p.notes)
+        for name, (key, m) in found.items():
             spec = ck.tensors.get(created.get(key, key))
             if spec.torch_dtype not in FLOATS:
                 raise SurgeryError(f"{ck.root}: base tensor {key} has dtype {spec.dtype}; only float16/bfloat16/"
@@ -370,8 +359,8 @@ def _shards(ck: Checkpoint, sizes: Mapping[str, int], shard_size: int | None) ->
         used += sizes[name]
     out.append(cur)
     if len(out) == 1:
-        return [("model.safetensors", out[0])]
-    return [(f"model-{i + 1:05d}-of-{len(out):05d}.safetensors", names) for i, names in enumerate(out)]
+        return [(f"{ck.stem}.safetensors", out[0])]
+    return [(f"{ck.stem}-{i + 1:05d}-of-{len(out):05d}.safetensors", names) for i, names in enumerate(out)]
 
 
 def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, weights: Sequence[float] | None = None,
@@ -379,28 +368,97 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
           compute_dtype: torch.dtype = torch.float32, shard_size: str | int | None = None,
           allow_missing: bool = False, skip_modules_to_save: bool = False, force: bool = False,
           progress: Callable[[str], None] | None = None) -> MergeReport:
-    """Write `base` with every adapter merged (`W + Σ wᵢ ΔWᵢ`) to `out`, in the base's layout.
+    """Write `base` with every adapter merged (`W + Σ wᵢ ΔWᵢ`) to `out`, in the base's layout: one file, a model
+    or component folder, or a diffusers pipeline (each module merged into its component, the rest copied).
 
     Memory: one tensor at a time (plus the adapters' factors). The output appears only when complete.
     """
     t0 = time.perf_counter()
-    ck = open_checkpoint(base)
+    pipeline = open_pipeline(base) if is_pipeline(base) else None
+    ck = None if pipeline else open_checkpoint(base)
+    root = pipeline.root if pipeline else ck.root
     out = Path(out)
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise SurgeryError(f"{len(weights)} --weight values for {len(adapters)} adapters")
-    if out.resolve() == ck.root.resolve():
+    if out.resolve() == root.resolve():
         raise SurgeryError(f"{out}: is the base itself; write the merged model elsewhere")
     check_output(out, [a.source for a in adapters if a.source is not None], force=True)  # never an adapter
     if out.exists() and not force and (out.is_file() or any(out.iterdir())):
         raise SurgeryError(f"{out}: exists and is not empty; choose a new path or pass --force")
-    if ck.is_dir == (out.suffix == ".safetensors"):
-        raise SurgeryError(f"{out}: the base is {'a directory' if ck.is_dir else 'one file'}; "
-                           f"give {'a directory' if ck.is_dir else 'a .safetensors file'}")
-    if shard_size is not None and not ck.is_dir:
+    is_dir = pipeline is not None or ck.is_dir
+    if is_dir == (out.suffix == ".safetensors"):
+        raise SurgeryError(f"{out}: the base is {'a directory' if is_dir else 'one file'}; "
+                           f"give {'a directory' if is_dir else 'a .safetensors file'}")
+    if shard_size is not None and not is_dir:
         raise SurgeryError("--shard-size needs a model directory as the base (a single file stays one file)")
-    plan = plan_merge(ck, adapters, weights, allow_missing, skip_modules_to_save)
-    dev, sdtype = resolve_device(device), storage_dtype(dtype)
+    opts = dict(device=resolve_device(device), sdtype=storage_dtype(dtype), compute_dtype=compute_dtype,
+                shard_size=_parse_size(shard_size), progress=progress)
+    if pipeline is not None:
+        plans = _plan_pipeline(pipeline, adapters, weights, allow_missing)
+    else:
+        plans = {None: (ck, plan_merge(ck, adapters, weights, allow_missing, skip_modules_to_save))}
+    counts = dict(merged=0, created=0, copied=0, shards=0, total=0)
+    notes: list[str] = []
+    with atomic_output(out, is_dir=is_dir, replace=True) as tmp:
+        for component, (c, plan) in plans.items():
+            target = tmp / component if component else tmp
+            if component:
+                target.mkdir()
+            result, more = _write_checkpoint(c, plan, target, out if component is None else out / component, **opts)
+            for k, v in result.items():
+                counts[k] += v
+            notes.extend(plan.notes + tuple(more))
+        if pipeline is not None:
+            done = {pipeline.root / c for c in plans}
+            for p in sorted(pipeline.root.iterdir()):
+                if p in done or p.name.startswith(".") or p.resolve() == out.resolve():
+                    continue
+                (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+                if p.name in pipeline.components:
+                    counts["copied"] += len(pipeline.components[p.name].tensors)
+            notes.extend(f"{c}: merged" for c in plans)
+    return MergeReport(str(out), counts["merged"], counts["created"], counts["copied"], counts["shards"],
+                       counts["total"], round(time.perf_counter() - t0, 3), tuple(dict.fromkeys(notes)))
+
+
+def _plan_pipeline(pipeline: Pipeline, adapters: Sequence[Adapter], weights: Sequence[float],
+                   allow_missing: bool) -> dict[str, tuple[Checkpoint, MergePlan]]:
+    """Each adapter's modules sent to the pipeline component they update, then one merge plan per component."""
+    targets = list(pipeline.components.items())
+    per: dict[str, list[tuple[Adapter, float]]] = {}
+    notes = []
+    for a, w in zip(adapters, weights):
+        if a.passthrough and a.format != "kohya":
+            keys = ", ".join(sorted(a.passthrough)[:3])
+            raise SurgeryError(f"{a.source}: carries non-LoRA tensors ({keys}) that a pipeline merge has no place for")
+        p = place(a, targets)
+        if p.missing and not allow_missing:
+            raise missing_error(a.source or pipeline.root, p.missing)
+        if p.missing:
+            notes.append(f"{a.source}: {len(p.missing)} module(s) without a base tensor were skipped: "
+                         f"{', '.join(list(p.missing)[:5])}")
+        notes.extend(p.notes)
+        by_component: dict[str, dict] = {}
+        for (c, path), m in p.modules.items():
+            by_component.setdefault(c, {})[path] = m
+        for c, modules in by_component.items():
+            sub = a.with_modules(modules, passthrough={}, config={"name_style": "base"})
+            per.setdefault(c, []).append((sub, w))
+    plans = {}
+    for c, pairs in per.items():
+        ck = pipeline.components[c]
+        plan = plan_merge(ck, [a for a, _ in pairs], [w for _, w in pairs])
+        plans[c] = (ck, MergePlan(plan.changes, tuple(notes) + plan.notes, plan.untie, plan.transposed))
+        notes = []
+    return plans
+
+
+def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, shown: Path, *, device, sdtype, compute_dtype,
+                      shard_size: int | None, progress) -> dict[str, int]:
+    """Stream `ck` with `plan` applied into `target` (a folder for a directory base, else the file), shard by
+    shard, one tensor at a time; untouched tensors are copied as raw bytes. `shown`: the path reported for it."""
+    dev = device
     scratches = itertools.cycle([Scratch(), Scratch()])  # tensor i is written while i + 1 is made
 
     def source(name: str) -> TensorSpec:
@@ -443,37 +501,35 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
 
     names = list(ck.tensors) + [n for n, c in plan.changes.items() if c.source]
     sizes = {n: math.prod(source(n).shape) * torch.empty(0, dtype=out_dtype(source(n))).element_size() for n in names}
-    groups = _shards(ck, sizes, _parse_size(shard_size))
-    total = 0
-    notes = list(plan.notes)
-    with atomic_output(out, is_dir=ck.is_dir, replace=True) as tmp:
-        folder = tmp if ck.is_dir else tmp.parent
-        weight_map = {}
-        for shard, names in groups:
-            target = tmp if not ck.is_dir else folder / shard
-            meta = ck.metadata.get(shard) or next(iter(ck.metadata.values()), None)
-            total += write_shard(target, [entry(n) for n in names], meta)
-            weight_map.update({n: shard for n in names})
-        if ck.is_dir:
-            if len(groups) > 1 or ck.index is not None or groups[0][0] != SINGLE:  # shard names need it
-                index = {"metadata": {**(ck.index or {}).get("metadata", {}), "total_size": total},
-                         "weight_map": dict(sorted(weight_map.items()))}
-                (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            root, o = ck.root.resolve(), out.resolve()  # an output inside the base (base/merged): not copied into itself
-            left_out = copy_side_files(ck.root, folder, skip=set(ck.shards) | {INDEX},
-                                       skip_dirs={o.relative_to(root)} if o.is_relative_to(root) else set())
-            if left_out:
-                notes.append(f"not copied (other weight formats would hold unmerged weights): {', '.join(left_out)}")
-            if (plan.untie or sdtype is not None) and (folder / "config.json").exists():
-                cfg = json.loads((folder / "config.json").read_text())
-                if plan.untie:
-                    cfg["tie_word_embeddings"] = False
-                if sdtype is not None:  # transformers loads at this dtype: it must be the stored one
-                    name = str(sdtype).removeprefix("torch.")
-                    for key in ("torch_dtype", "dtype"):
-                        if key in cfg or key == "torch_dtype":
-                            cfg[key] = name
-                (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    groups = _shards(ck, sizes, shard_size)
+    total, notes = 0, []
+    folder = target if ck.is_dir else target.parent
+    weight_map = {}
+    for shard, names in groups:
+        meta = ck.metadata.get(shard) or next(iter(ck.metadata.values()), None)
+        total += write_shard(folder / shard if ck.is_dir else target, [entry(n) for n in names], meta)
+        weight_map.update({n: shard for n in names})
+    if ck.is_dir:
+        index = index_name(ck.stem)
+        if len(groups) > 1 or ck.index is not None or groups[0][0] != f"{ck.stem}.safetensors":  # shard names need it
+            content = {"metadata": {**(ck.index or {}).get("metadata", {}), "total_size": total},
+                       "weight_map": dict(sorted(weight_map.items()))}
+            (folder / index).write_text(json.dumps(content, indent=2) + "\n")
+        root, o = ck.root.resolve(), shown.resolve()  # an output inside the base (base/merged): not copied into itself
+        left_out = copy_side_files(ck.root, folder, skip=set(ck.shards) | {index},
+                                   skip_dirs={o.relative_to(root)} if o.is_relative_to(root) else set())
+        if left_out:
+            notes.append(f"not copied (other weight formats would hold unmerged weights): {', '.join(left_out)}")
+        if (plan.untie or sdtype is not None) and (folder / "config.json").exists():
+            cfg = json.loads((folder / "config.json").read_text())
+            if plan.untie:
+                cfg["tie_word_embeddings"] = False
+            if sdtype is not None:  # transformers loads at this dtype: it must be the stored one
+                name = str(sdtype).removeprefix("torch.")
+                for key in ("torch_dtype", "dtype"):
+                    if key in cfg or key == "torch_dtype":
+                        cfg[key] = name
+            (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     merged = sum(1 for c in plan.changes.values() if not c.source)
-    return MergeReport(str(out), merged, sum(1 for c in plan.changes.values() if c.source),
-                       len(ck.tensors) - merged, len(groups), total, round(time.perf_counter() - t0, 3), tuple(notes))
+    return dict(merged=merged, created=sum(1 for c in plan.changes.values() if c.source),
+                copied=len(ck.tensors) - merged, shards=len(groups), total=total), notes

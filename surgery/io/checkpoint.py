@@ -1,5 +1,6 @@
-"""Model checkpoints on disk: one `.safetensors` file or a Hugging Face directory with
-`model.safetensors.index.json` and shards (formats.md §7).
+"""Model checkpoints on disk: one `.safetensors` file, a Hugging Face directory with `model.safetensors` or
+`model.safetensors.index.json` and shards (formats.md §7), a diffusers component folder (the same with the stem
+`diffusion_pytorch_model`), or a diffusers pipeline (`model_index.json` + component folders).
 
 `open_checkpoint` plans from headers only (names, dtypes, shapes, byte ranges; every shard validated);
 `read_tensor` reads one tensor; `write_shard` streams a safetensors file tensor by tensor, so memory stays at one
@@ -19,8 +20,14 @@ import torch
 from ..errors import SurgeryError
 from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, pickle_error, read_header
 
+STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file stems
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"  # the one weights file of an unsharded model directory
+PIPELINE_INDEX = "model_index.json"
+
+
+def index_name(stem: str) -> str:
+    return f"{stem}.safetensors.index.json"
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 
 
@@ -57,6 +64,7 @@ class Checkpoint:
     tensors: Mapping[str, TensorSpec]
     metadata: Mapping[str, Mapping[str, str]]
     index: Mapping | None
+    stem: str = "model"  # weight file stem of a directory: "model" or diffusers' "diffusion_pytorch_model"
 
     @property
     def is_dir(self) -> bool:
@@ -86,23 +94,30 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         folder = root.parent
     else:
         folder = root
-        if (root / INDEX).exists():
+        if (root / PIPELINE_INDEX).exists():
+            raise SurgeryError(f"{root}: is a diffusers pipeline ({PIPELINE_INDEX}); give one of its component "
+                               "folders (unet/, transformer/, text_encoder/, …)")
+        stem = next((s for s in STEMS if (root / index_name(s)).exists() or (root / f"{s}.safetensors").exists()),
+                    None)
+        if stem is not None and (root / index_name(stem)).exists():
+            index_path = root / index_name(stem)
             try:
-                index = json.loads((root / INDEX).read_text())
+                index = json.loads(index_path.read_text())
                 weight_map = index["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SurgeryError(f"{root / INDEX}: not a valid safetensors index ({e})") from None
-            shards = sorted(set(weight_map.values()))
+                shards = sorted(set(weight_map.values()))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise SurgeryError(f"{index_path}: not a valid safetensors index ({e})") from None
             missing = [s for s in shards if not (root / s).is_file()]
             if missing:
-                raise SurgeryError(f"{root}: shard(s) listed in {INDEX} are missing: {', '.join(missing)}")
-        elif (root / "model.safetensors").exists():
-            shards, index = ["model.safetensors"], None
+                raise SurgeryError(f"{root}: shard(s) listed in {index_path.name} are missing: {', '.join(missing)}")
+        elif stem is not None:
+            shards, index = [f"{stem}.safetensors"], None
         else:
             pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
             if pickles:
                 raise pickle_error(root / pickles[0])
-            raise SurgeryError(f"{root}: no model.safetensors or {INDEX}")
+            raise SurgeryError(f"{root}: no model.safetensors, diffusion_pytorch_model.safetensors or their "
+                               ".index.json")
     tensors, metadata = {}, {}
     for shard in shards:
         p = (folder / shard).resolve()
@@ -117,8 +132,43 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if index is not None:
         for name, shard in index["weight_map"].items():
             if name not in tensors or tensors[name].path.name != shard:
-                raise SurgeryError(f"{root}: {INDEX} maps {name} to {shard}, which does not contain it")
-    return Checkpoint(root, tuple(shards), tensors, metadata, index)
+                raise SurgeryError(f"{root}: {index_name(stem)} maps {name} to {shard}, which does not contain it")
+    return Checkpoint(root, tuple(shards), tensors, metadata, index, stem if root.is_dir() else "model")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A diffusers pipeline folder: its components with safetensors weights (folder name → checkpoint, in
+    `model_index.json` order) and the class each component is (`UNet2DConditionModel`, `CLIPTextModel`, …)."""
+
+    root: Path
+    components: Mapping[str, Checkpoint]
+    classes: Mapping[str, str]
+
+
+def is_pipeline(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / PIPELINE_INDEX).is_file()
+
+
+def open_pipeline(path: str | os.PathLike) -> Pipeline:
+    """Plan every component of a pipeline that holds safetensors weights (the others are copied as they are)."""
+    root = Path(path)
+    try:
+        index = json.loads((root / PIPELINE_INDEX).read_text())
+        entries = {k: v for k, v in index.items() if not k.startswith("_")}
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise SurgeryError(f"{root / PIPELINE_INDEX}: not a valid diffusers model index ({e})") from None
+    components, classes = {}, {}
+    for name, value in entries.items():
+        folder = root / name
+        if not (isinstance(value, list) and len(value) == 2 and value[1] and folder.is_dir()):
+            continue
+        classes[name] = str(value[1])
+        if any((folder / f"{s}.safetensors").exists() or (folder / index_name(s)).exists() for s in STEMS):
+            components[name] = open_checkpoint(folder)
+    if not components:
+        raise SurgeryError(f"{root}: no component of this pipeline holds safetensors weights")
+    return Pipeline(root, components, classes)
 
 
 def _header_len(path: Path) -> int:

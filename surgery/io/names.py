@@ -1,0 +1,373 @@
+"""Adapter module names resolved against a base model's key list (formats.md §3; docs/formats.md "Names").
+
+`place(adapter, targets)` gives every module the base module path it updates, per component of a diffusers
+pipeline. A module is first routed to its component by its prefix (kohya `lora_unet_`, `lora_te1_`, …; diffusers
+`unet.`, `transformer.`, `text_encoder_2.`, …), then matched in that component by, in order:
+1. its own path (PEFT/diffusers dotted paths, with or without extra leading parts; kohya's underscore names against
+   the base's names with dots made underscores — '.'→'_' is lossy, so the base decides);
+2. SD/SDXL's original (SGM) block names ↔ diffusers' block names, both sides mapped to diffusers' spelling as
+   diffusers' `_maybe_map_sgm_blocks_to_diffusers` + `_convert_unet_lora_key` do (`layers_per_block` from the
+   component's config.json);
+3. Flux's original (BFL) names ↔ diffusers' names, the fused projections (`img_attn.qkv`, `txt_attn.qkv`,
+   `single_blocks.N.linear1`) split into or fused from the separate ones exactly (surgery.fuse), the row split
+   read from the base's shapes.
+Modules that match nothing are returned with the reason, never dropped.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..adapter import PEFT_PREFIX, Adapter
+from ..errors import SurgeryError
+from .. import fuse
+from .checkpoint import Checkpoint
+
+DENOISER = "denoiser"  # the pipeline's unet or transformer
+DENOISERS = ("unet", "transformer", "prior")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# kohya / LyCORIS / ComfyUI name prefixes → the component they address (longest first)
+KOHYA_ROUTES = (("lora_prior_unet_", "prior"), ("lora_unet_", DENOISER), ("lora_transformer_", DENOISER),
+                ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te3_", "text_encoder_3"),
+                ("lora_te_", "text_encoder"), ("lycoris_", None), ("lora_", None))
+# where each component lives inside the original single-file checkpoints (SD 1/2, SDXL, ComfyUI Flux)
+ORIGINAL_PREFIXES = {DENOISER: ("model.diffusion_model.",),
+                     "text_encoder": ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.",
+                                      "cond_stage_model.model."),
+                     "text_encoder_2": ("conditioner.embedders.1.model.",)}
+
+
+def route(name: str, kohya: bool) -> tuple[str | None, str]:
+    """(component or None, the name inside it): `lora_te2_text_model_…` → ('text_encoder_2', 'text_model_…'),
+    `unet.down_blocks.0…` → ('denoiser', 'down_blocks.0…'), `base_model.model.x` → (None, 'x')."""
+    if kohya:
+        for prefix, component in KOHYA_ROUTES:
+            if name.startswith(prefix):
+                return component, name[len(prefix):]
+        return None, name
+    name = name.removeprefix(PEFT_PREFIX)
+    head, _, rest = name.partition(".")
+    if rest and head in DENOISERS[:2]:
+        return DENOISER, rest
+    if rest and head in TEXT_ENCODERS + DENOISERS[2:]:
+        return head, rest
+    return None, name
+
+
+def is_kohya(adapter: Adapter) -> bool:
+    return adapter.format == "kohya" or adapter.config.get("name_style") == "kohya"
+
+
+# ---------------------------------------------------------------- SGM (original SD/SDXL UNet) block names
+
+_RESNET = (("in_layers_2", "conv1"), ("out_layers_3", "conv2"), ("emb_layers_1", "time_emb_proj"),
+           ("skip_connection", "conv_shortcut"))
+_TOP = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+        "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2",
+        "input_blocks_0_0": "conv_in", "out_2": "conv_out", "out_0": "conv_norm_out"}
+_SGM = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)(?:_(.*))?$")
+_MIDDLE = re.compile(r"^middle_block_(\d+)(?:_(.*))?$")
+
+
+def _resnet(rest: str) -> str:
+    for old, new in _RESNET:
+        if rest == old or rest.startswith(old + "_"):
+            return new + rest[len(old):]
+    return rest
+
+
+def sgm_to_diffusers(u: str, layers_per_block: int = 2) -> str:
+    """An underscored SGM UNet name in diffusers' spelling (underscored): `input_blocks_4_1_proj_in` →
+    `down_blocks_1_attentions_0_proj_in`, `middle_block_2_in_layers_2` → `mid_block_resnets_1_conv1`, as diffusers'
+    `_maybe_map_sgm_blocks_to_diffusers`; names of other layouts come back unchanged."""
+    for top, new in _TOP.items():
+        if u == top or u.startswith(top + "_"):
+            return new + u[len(top):]
+    if m := _MIDDLE.match(u):
+        head = ("mid_block_resnets_0", "mid_block_attentions_0", "mid_block_resnets_1")[min(int(m[1]), 2)]
+        rest = _resnet(m[2] or "")
+        return f"{head}_{rest}" if rest else head
+    m = _SGM.match(u)
+    if not m:
+        return u
+    kind, i, j, rest = m[1], int(m[2]), int(m[3]), _resnet(m[4] or "")
+    n = layers_per_block + 1
+    if kind == "input_blocks":
+        if rest.startswith("op"):
+            head, rest = f"down_blocks_{(i - 1) // n}_downsamplers_0", "conv" + rest[2:]
+        else:
+            head = f"down_blocks_{(i - 1) // n}_{('resnets', 'attentions')[min(j, 1)]}_{(i - 1) % n}"
+    elif rest == "conv" or j == 2:  # an output block's upsampler
+        head = f"up_blocks_{i // n}_upsamplers_0"
+    else:
+        head = f"up_blocks_{i // n}_{('resnets', 'attentions')[min(j, 1)]}_{i % n}"
+    return f"{head}_{rest}" if rest else head
+
+
+# ---------------------------------------------------------------- Flux: original (BFL) ↔ diffusers names
+
+def _thirds(out, inp):
+    return [out // 3] * 3
+
+
+def _linear1(out, inp):  # q, k, v of the hidden size, then the MLP input
+    return [inp, inp, inp, out - 3 * inp]
+
+
+def _halves(out, inp):
+    return [out // 2] * 2
+
+
+def _one(out, inp):
+    return [out]
+
+
+_D = "transformer_blocks.{n}."
+_S = "single_transformer_blocks.{n}."
+# (BFL path, its row blocks from its (out, in), [(diffusers path, the BFL row blocks it holds, in order)])
+FLUX: tuple[tuple[str, Callable, tuple[tuple[str, tuple[int, ...]], ...]], ...] = (
+    ("double_blocks.{n}.img_attn.qkv", _thirds, ((_D + "attn.to_q", (0,)), (_D + "attn.to_k", (1,)),
+                                                 (_D + "attn.to_v", (2,)))),
+    ("double_blocks.{n}.txt_attn.qkv", _thirds, ((_D + "attn.add_q_proj", (0,)), (_D + "attn.add_k_proj", (1,)),
+                                                 (_D + "attn.add_v_proj", (2,)))),
+    ("double_blocks.{n}.img_attn.proj", _one, ((_D + "attn.to_out.0", (0,)),)),
+    ("double_blocks.{n}.txt_attn.proj", _one, ((_D + "attn.to_add_out", (0,)),)),
+    ("double_blocks.{n}.img_mlp.0", _one, ((_D + "ff.net.0.proj", (0,)),)),
+    ("double_blocks.{n}.img_mlp.2", _one, ((_D + "ff.net.2", (0,)),)),
+    ("double_blocks.{n}.txt_mlp.0", _one, ((_D + "ff_context.net.0.proj", (0,)),)),
+    ("double_blocks.{n}.txt_mlp.2", _one, ((_D + "ff_context.net.2", (0,)),)),
+    ("double_blocks.{n}.img_mod.lin", _one, ((_D + "norm1.linear", (0,)),)),
+    ("double_blocks.{n}.txt_mod.lin", _one, ((_D + "norm1_context.linear", (0,)),)),
+    ("single_blocks.{n}.linear1", _linear1, ((_S + "attn.to_q", (0,)), (_S + "attn.to_k", (1,)),
+                                             (_S + "attn.to_v", (2,)), (_S + "proj_mlp", (3,)))),
+    ("single_blocks.{n}.linear2", _one, ((_S + "proj_out", (0,)),)),
+    ("single_blocks.{n}.modulation.lin", _one, ((_S + "norm.linear", (0,)),)),
+    ("img_in", _one, (("x_embedder", (0,)),)),
+    ("txt_in", _one, (("context_embedder", (0,)),)),
+    ("time_in.in_layer", _one, (("time_text_embed.timestep_embedder.linear_1", (0,)),)),
+    ("time_in.out_layer", _one, (("time_text_embed.timestep_embedder.linear_2", (0,)),)),
+    ("vector_in.in_layer", _one, (("time_text_embed.text_embedder.linear_1", (0,)),)),
+    ("vector_in.out_layer", _one, (("time_text_embed.text_embedder.linear_2", (0,)),)),
+    ("guidance_in.in_layer", _one, (("time_text_embed.guidance_embedder.linear_1", (0,)),)),
+    ("guidance_in.out_layer", _one, (("time_text_embed.guidance_embedder.linear_2", (0,)),)),
+    ("final_layer.linear", _one, (("proj_out", (0,)),)),
+    # BFL's final modulation is (shift, scale); diffusers' norm_out.linear (scale, shift)
+    ("final_layer.adaLN_modulation.1", _halves, (("norm_out.linear", (1, 0)),)),
+)
+
+
+def _pattern(path: str) -> re.Pattern:
+    """A path template as a regex over underscored names (dots and underscores alike)."""
+    return re.compile("^" + re.escape(path.replace(".", "_")).replace(r"\{n\}", r"(?P<n>\d+)") + "$")
+
+
+_FLUX_FROM_BFL = [(_pattern(b), b, sizes, parts) for b, sizes, parts in FLUX]
+_FLUX_FROM_DIFFUSERS = [(_pattern(d), b, sizes, parts, k) for b, sizes, parts in FLUX for k, (d, _) in enumerate(parts)]
+
+
+# ---------------------------------------------------------------- one component's names
+
+
+class _Names:
+    """The module paths of one checkpoint (or of the part under one original-layout prefix), by spelling."""
+
+    def __init__(self, ck: Checkpoint, prefix: str = ""):
+        self.ck, self.prefix = ck, prefix
+        self.shapes = {k[len(prefix): -len(".weight")]: tuple(s.shape) for k, s in ck.tensors.items()
+                       if k.startswith(prefix) and k.endswith(".weight")}
+        self.underscored = defaultdict(list)
+        for p in self.shapes:
+            self.underscored[p.replace(".", "_")].append(p)
+        self._canonical = None
+
+    def find(self, local: str, kohya: bool) -> list[str]:
+        """Paths for a name: exact; the base's path with extra leading parts; the name with extra leading parts."""
+        if kohya:
+            if local in self.underscored:
+                return self.underscored[local]
+            return [p for u, ps in self.underscored.items() if u.endswith("_" + local) for p in ps]
+        if local in self.shapes:
+            return [local]
+        found = [p for p in self.shapes if p.endswith("." + local)]
+        if found:
+            return found
+        parts = local.split(".")
+        for i in range(1, len(parts)):
+            if (p := ".".join(parts[i:])) in self.shapes:
+                return [p]
+        return []
+
+    def canonical(self, u: str) -> list[str]:
+        """Paths whose SGM-or-diffusers name, in diffusers' spelling, is `u`'s."""
+        if self._canonical is None:
+            lpb = int(self.ck.config().get("layers_per_block", 2) or 2) if self.ck.is_dir else 2
+            self._lpb = lpb
+            self._canonical = defaultdict(list)
+            for uu, ps in self.underscored.items():
+                self._canonical[sgm_to_diffusers(uu, lpb)].extend(ps)
+        return self._canonical.get(sgm_to_diffusers(u, self._lpb), [])
+
+    def full(self, path: str) -> str:
+        return self.prefix + path
+
+
+@dataclass
+class Placement:
+    """modules: (component, base module path) → module; origin: the same key → the adapter names it came from;
+    missing: adapter name → why it has no place; notes: what was transformed."""
+
+    modules: dict = field(default_factory=dict)
+    origin: dict = field(default_factory=dict)
+    missing: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def component_name(ck: Checkpoint) -> str | None:
+    """A component folder's role from its name (unet/, text_encoder_2/, …) or config class; None if unknown."""
+    folder = (ck.root if ck.is_dir else ck.root.parent).name
+    if folder in DENOISERS + TEXT_ENCODERS:
+        return folder
+    cls = str(ck.config().get("_class_name", "")) if ck.is_dir else ""
+    return "unet" if "UNet" in cls else "transformer" if cls.endswith("Transformer2DModel") else None
+
+
+def _targets_for(component: str | None, targets: Sequence[tuple[str | None, Checkpoint]], cache: dict):
+    """The (component, names) to search for a module routed to `component`: the matching components of a
+    pipeline; in an original single file, the component's own part (`model.diffusion_model.`, …) if it has one."""
+    out = []
+    for name, ck in targets:
+        if name is not None:
+            if component is None or component == name or (component == DENOISER and name in DENOISERS[:2]):
+                out.append((name, _names(ck, "", cache)))
+            continue
+        groups = cache.setdefault(("groups", id(ck)), _original_parts(ck))
+        if component in groups:
+            out.append((component, _names(ck, groups[component], cache)))
+        elif not groups or component is None:
+            out.append((component, _names(ck, "", cache)))
+    return out
+
+
+def _original_parts(ck: Checkpoint) -> dict[str, str]:
+    """{component: key prefix} of an original-layout single file (SD 1/2, SDXL, ComfyUI); {} for other layouts."""
+    heads = {k.split(".", 1)[0] for k in ck.tensors}
+    if not heads & {"model", "cond_stage_model", "conditioner"}:
+        return {}
+    found = {}
+    for component, prefixes in ORIGINAL_PREFIXES.items():
+        for p in prefixes:
+            if any(k.startswith(p) for k in ck.tensors):
+                found[component] = p
+                break
+    return found
+
+
+def _names(ck: Checkpoint, prefix: str, cache: dict) -> _Names:
+    if (id(ck), prefix) not in cache:
+        cache[(id(ck), prefix)] = _Names(ck, prefix)
+    return cache[(id(ck), prefix)]
+
+
+def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) -> Placement:
+    """Every module of `adapter` at the base module path(s) it updates; `targets` are (component name or None,
+    checkpoint) — one for a single base, one per component for a pipeline."""
+    kohya, out, cache = is_kohya(adapter), Placement(), {}
+    fused: dict = defaultdict(dict)  # (component, names, BFL path) → {part index: (name, module)}
+    for name, m in adapter.modules.items():
+        component, local = route(name, kohya)
+        found = _targets_for(component, targets, cache)
+        if not found:
+            have = ", ".join(c for c, _ in targets if c) or "none"
+            out.missing[name] = f"a {component} module, and this base has no {component} (its components: {have})"
+            continue
+        hits = [(c, n, p) for c, n in found for p in n.find(local, kohya)]
+        if not hits:
+            u = local.replace(".", "_")
+            hits = [(c, n, p) for c, n in found for p in n.canonical(u)]
+        if len(hits) > 1:
+            shown = " / ".join(sorted(n.full(p) for _, n, p in hits)[:3])
+            raise SurgeryError(f"module {name} matches several base tensors ({shown})")
+        if hits:
+            c, n, p = hits[0]
+            _put(out, (c, n.full(p)), m, name)
+            continue
+        if not _flux(out, fused, name, m, local, found):
+            out.missing[name] = "no base tensor of that name"
+    for (c, n, path, sizes, blocks), parts in fused.items():
+        _fuse(out, c, n, path, sizes, blocks, parts)
+    return out
+
+
+def _put(out: Placement, key, m, name: str) -> None:
+    if key in out.modules:
+        raise SurgeryError(f"modules {out.origin[key][0]} and {name} both update base tensor {key[1]}.weight")
+    out.modules[key], out.origin[key] = m, [name]
+
+
+def _flux(out: Placement, fused, name: str, m, local: str, found) -> bool:
+    """Place a Flux module across the BFL ↔ diffusers naming: split a fused one, or collect a part for fusing."""
+    u = local.replace(".", "_")
+    for c, n in found:
+        for pattern, bfl, sizes, parts in _FLUX_FROM_BFL:
+            if not (g := pattern.match(u)):
+                continue
+            paths = [d.format(n=g.groupdict().get("n")) for d, _ in parts]
+            if not all(p in n.shapes for p in paths):
+                continue
+            blocks = [n.shapes[p][0] // len(k) for p, (_, k) in zip(paths, parts)]
+            size = {k[i]: blocks[j] for j, (_, k) in enumerate(parts) for i in range(len(k))}
+            starts = [sum(size[i] for i in range(b)) for b in range(len(size))]
+            if sum(size.values()) != m.out_features:
+                raise SurgeryError(f"module {name}: its ΔW has {m.out_features} rows but base tensors "
+                                   f"{', '.join(paths)} have {sum(size.values())} together (a LoRA for another model?)")
+            for p, (_, k) in zip(paths, parts):
+                rows = torch.cat([torch.arange(starts[i], starts[i] + size[i]) for i in k])
+                _put(out, (c, n.full(p)), m if len(paths) == 1 and k == (0,) else _rows(name, m, rows), name)
+            if len(paths) > 1 or parts[0][1] != (0,):
+                out.notes.append(f"{name}: split exactly into {', '.join(paths)}")
+            return True
+        for pattern, bfl, sizes, parts, k in _FLUX_FROM_DIFFUSERS:
+            if not (g := pattern.match(u)):
+                continue
+            path = bfl.format(n=g.groupdict().get("n"))
+            if path not in n.shapes:
+                continue
+            if len(parts) == 1 and parts[0][1] == (0,):
+                _put(out, (c, n.full(path)), m, name)
+            else:
+                fused[(c, n, path, sizes, parts)][k] = (name, m)
+            return True
+    return False
+
+
+def _rows(name, m, rows):
+    try:
+        return fuse.take_rows(m, rows)
+    except ValueError as e:
+        raise SurgeryError(f"module {name}: {e}") from None
+
+
+def _fuse(out: Placement, c, n: _Names, path: str, sizes, blocks, parts: Mapping[int, tuple[str, object]]) -> None:
+    """The separate projections' modules as one LoRA of the fused BFL weight (rows of absent ones stay zero)."""
+    out_f, in_f = n.shapes[path][0], n.shapes[path][1]
+    size = sizes(out_f, in_f)
+    starts = [sum(size[:i]) for i in range(len(size))]
+    stack = []
+    for k, (name, m) in sorted(parts.items()):
+        rows = torch.cat([torch.arange(starts[i], starts[i] + size[i]) for i in blocks[k][1]])
+        if m.out_features != len(rows) or m.in_features != in_f:
+            raise SurgeryError(f"module {name}: ΔW {m.out_features}×{m.in_features} does not fit rows of base tensor "
+                               f"{n.full(path)}.weight {list(n.shapes[path])} (a LoRA for another model?)")
+        stack.append((m, rows))
+    names = [name for _, (name, _) in sorted(parts.items())]
+    try:
+        module = fuse.stack_rows(stack, out_f)
+    except ValueError as e:
+        raise SurgeryError(f"modules {', '.join(names)}: {e}") from None
+    _put(out, (c, n.full(path)), module, names[0])
+    out.origin[(c, n.full(path))] = names
+    out.notes.append(f"{', '.join(names)}: fused exactly into {n.full(path)} (rank {module.rank})")
