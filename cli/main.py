@@ -88,8 +88,9 @@ def output_for(adapter, tag: str, fmt: str | None, source=None) -> Path:
 
 def base_option(f):
     return click.option("--base", type=click.Path(path_type=str),
-                        help="LoHa/LoKr on convs stored flattened: the base model, for the kernel sizes a conv "
-                             "LoRA needs (else 2-D factors).")(f)
+                        help="The base model (file, folder, diffusers component or pipeline): --to "
+                             "diffusers/peft/kohya name modules after its tensors; LoHa/LoKr convs stored "
+                             "flattened get their kernel sizes from it.")(f)
 
 
 def base_shapes_of(adapter, base):
@@ -255,7 +256,8 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output format (default: the output path's layout, in the first input's naming).")
 @click.option("--base", type=click.Path(path_type=str),
-              help="Resolve module names against this model's weights (PEFT naming), so kohya and PEFT inputs mix.")
+              help="Resolve module names against this model's tensors (a pipeline or component folder: diffusers "
+                   "naming; else PEFT's), so kohya, PEFT and diffusers inputs mix.")
 @force_option
 @compute_options
 @json_option
@@ -365,9 +367,11 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 
 @main.command(name="convert")
 @click.argument("adapter", type=click.Path(path_type=str))
-@click.option("--to", "to", required=True, type=click.Choice(["tera", "lora", "peft", "peft-file", "kohya"]),
+@click.option("--to", "to", required=True,
+              type=click.Choice(["tera", "lora", "peft", "peft-file", "kohya", "diffusers"]),
               help="tera: fit a TeRA adapter to a LoRA; lora: a LoRA from a TeRA, LoHa, LoKr or full-diff adapter "
-                   "(exact without a rule); peft/peft-file/kohya: lossless layout conversion.")
+                   "(exact without a rule); peft/peft-file/kohya/diffusers: lossless layout and naming conversion "
+                   "(with --base, names follow the base's tensors).")
 @output_option
 @click.option("--rank", type=int, help="--to lora: the LoRA rank (needed from TeRA).")
 @click.option("--energy", type=float, help="--to lora from LoHa/LoKr: keep this fraction of each module's Σσ².")
@@ -383,16 +387,29 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @force_option
 @alpha_option
 @click.option("--seed", type=int, default=0, show_default=True, help="--to tera: seed of the shared factors.")
+@click.option("--allow-missing", is_flag=True, help="--base: skip (and report) modules that match no base tensor.")
 @json_option
 def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order, core_rank, iters, save_factors, force,
-                alpha, seed, as_json):
-    """Convert LoHa/LoKr/TeRA to LoRA, LoRA to TeRA, or between file layouts."""
+                alpha, seed, allow_missing, as_json):
+    """Convert LoHa/LoKr/TeRA to LoRA, LoRA to TeRA, or between file layouts and namings."""
     from surgery.tera import to_lora, to_tera
 
     a = load(adapter, alpha)
-    if to in ("peft", "peft-file", "kohya"):
-        path = save_adapter(a, out or output_for(a, to.removesuffix("-file"), to), format=to, force=force)
-        click.echo(json.dumps({"output": str(path)}) if as_json else f"wrote {path}")
+    if to in ("peft", "peft-file", "kohya", "diffusers"):
+        notes = []
+        if base is not None:
+            from surgery.io.names import on_base
+
+            a = on_base(a, base, to, allow_missing=allow_missing)
+            notes = [n for n in a.notes if ": split " in n or ": fused " in n or ": skipped " in n]
+        path = save_adapter(a, out or output_for(a, to.removesuffix("-file"), to, source=adapter), format=to,
+                            force=force, inputs=[base] if base else ())
+        if as_json:
+            click.echo(json.dumps({"output": str(path), "notes": notes}))
+        else:
+            for n in notes:
+                click.echo(f"note: {n}", err=True)
+            click.echo(f"wrote {path}")
         return
     if to == "lora" and a.format != "tera":
         if all(m.algo == "lora" for m in a.modules.values()):

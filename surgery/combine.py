@@ -94,10 +94,10 @@ def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign)
         raise SurgeryError(f"method {method} needs a density in (0, 1], got {density}")
     if majority_sign not in SIGNS:
         raise SurgeryError(f"majority sign must be total or frequency, got {majority_sign!r}")
-    naming = {"kohya" if a.format == "kohya" else "peft" for a in adapters}
+    naming = {a.format if a.format in ("kohya", "diffusers") else "peft" for a in adapters}
     if len(naming) > 1:
-        raise SurgeryError("the adapters use different namings (kohya and PEFT); give --base MODEL to resolve "
-                           "both against the base's weights")
+        raise SurgeryError(f"the adapters use different namings ({' and '.join(sorted(naming))}); give --base MODEL "
+                           "to resolve them all against the base's weights")
     for a in adapters:
         if dora := [n for n, m in a.modules.items() if m.dora]:
             raise SurgeryError(f"{a.source}: DoRA module {dora[0]}: its magnitude rescales W + ΔW, so DoRA adapters "
@@ -124,20 +124,13 @@ def _shapes(adapters: Sequence[Adapter]) -> dict[str, tuple]:
 
 
 def on_base_names(adapters: Sequence[Adapter], base) -> list[Adapter]:
-    """Each adapter with its modules renamed to the base weights they update (`base_model.model.<path>`), as
-    `merge` resolves them — kohya and PEFT adapters of one model then share one naming."""
-    from .io.checkpoint import open_checkpoint
-    from .merge import resolve
+    """Each adapter with its modules renamed to the base weights they update, as `merge` resolves them —
+    diffusers names (`unet.<path>`) for a pipeline or component folder, PEFT's (`base_model.model.<path>`)
+    otherwise — so kohya, PEFT and diffusers adapters of one model share one naming."""
+    from .io.names import base_targets, on_base
 
-    ck, out = open_checkpoint(base), []
-    for a in adapters:
-        found, missing = resolve(a, ck)
-        if missing:
-            raise SurgeryError(f"{a.source}: module(s) {', '.join(missing[:3])} match no weight of the base {base}")
-        modules = {PEFT_PREFIX + found[n].removesuffix(".weight"): m for n, m in a.modules.items()}
-        out.append(a.with_modules(modules, format="peft" if a.format == "kohya" else a.format,
-                                  config={} if a.format == "kohya" else a.config))
-    return out
+    fmt = "diffusers" if all(c is not None for c, _ in base_targets(base)) else "peft"
+    return [on_base(a, base, fmt) for a in adapters]
 
 
 def module_weights(name: str, weights: Sequence[float], weight_map: Sequence[tuple[str, float]]) -> list[float]:
@@ -251,7 +244,10 @@ def _shaped(m: LoraModule, seen: tuple) -> LoraModule:
 def _config(adapters: Sequence[Adapter], modules: Mapping) -> dict:
     """The first PEFT input's config, targeting exactly the combined modules (every input's placement)."""
     config = next((dict(a.config) for a in adapters if a.config and a.format != "tera"), {})
-    for key in ("layers_to_transform", "layers_pattern", "exclude_modules", "rank_pattern", "alpha_pattern"):
+    placement = ("layers_to_transform", "layers_pattern", "exclude_modules", "rank_pattern", "alpha_pattern")
+    if adapters[0].format == "diffusers":  # component-prefixed: the writer targets each component's modules
+        return {k: v for k, v in config.items() if k.split(".", 1)[-1] not in placement + ("target_modules",)}
+    for key in placement:
         config.pop(key, None)
     if adapters[0].format != "kohya":
         config["target_modules"] = sorted(n.removeprefix(PEFT_PREFIX) for n in modules)

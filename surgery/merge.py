@@ -26,7 +26,7 @@ from .io import check_output
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, index_name, is_pipeline,
                             open_checkpoint, open_pipeline, read_tensor)
-from .io.names import Placement, component_name, place
+from .io.names import Placement, base_targets, component_name, missing_error, place
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -160,27 +160,6 @@ def base_shapes(adapter: Adapter, base: str | Path) -> dict[str, tuple[int, ...]
     return out
 
 
-def base_targets(base: str | Path) -> list[tuple[str | None, Checkpoint]]:
-    """(component, checkpoint) pairs of a base: one per component of a pipeline, else the one checkpoint."""
-    if is_pipeline(base):
-        return list(open_pipeline(base).components.items())
-    ck = open_checkpoint(base)
-    return [(component_name(ck), ck)]
-
-
-def missing_error(where, missing: Mapping[str, str]) -> SurgeryError:
-    """One line naming the modules that have no place in the base, grouped by why."""
-    by_reason: dict[str, list[str]] = {}
-    for name, why in missing.items():
-        by_reason.setdefault(why, []).append(name)
-    parts = []
-    for why, names in by_reason.items():
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        parts.append(f"{shown} ({why})")
-    return SurgeryError(f"{where}: adapter module(s) without a base tensor: {'; '.join(parts)} "
-                        "(pass --allow-missing to skip them)")
-
-
 def _fits(m, shape: Sequence[int], fan_in_fan_out: bool) -> bool:
     """Whether a module's ΔW fits a base tensor of `shape`: exactly for LoRA; LoHa/LoKr/diff factors flatten a
     conv kernel into their columns (and a Conv1d's Tucker core is stored (r, r, k, 1)), so they fit any base
@@ -213,13 +192,13 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
         fan = bool(adapter.config.get("fan_in_fan_out", False))
         where = str(adapter.source)
         p = placed(adapter, ck)
-        found = {p.origin[k][0]: (f"{k[1]}.weight", m) for k, m in p.modules.items()}
+        found = {f"{k[1]}.weight": (p.origin[k][0], m) for k, m in p.modules.items()}  # base tensor → (name, ΔW)
         missing = list(p.missing)
         for name in list(missing):  # an lm_head absent from the file because it is tied to the embedding
             path = name.removeprefix(PREFIX)
             if (emb := _tied_source(ck, path)) is not None:
                 created[f"{path}.weight"] = emb
-                found[name] = (f"{path}.weight", adapter.modules[name])
+                found[f"{path}.weight"] = (name, adapter.modules[name])
                 missing.remove(name)
                 notes.append(f"{path}.weight is tied to {emb} in the base; the merged model gets its own "
                              "lm_head.weight and tie_word_embeddings is set to false")
@@ -228,7 +207,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
         if missing:
             notes.append(f"{where}: {len(missing)} module(s) without a base tensor were skipped: {', '.join(missing[:5])}")
         notes.extend(p.notes)
-        for name, (key, m) in found.items():
+        for key, (name, m) in found.items():
             spec = ck.tensors.get(created.get(key, key))
             if spec.torch_dtype not in FLOATS:
                 raise SurgeryError(f"{ck.root}: base tensor {key} has dtype {spec.dtype}; only float16/bfloat16/"

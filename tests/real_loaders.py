@@ -68,6 +68,9 @@ def check_peft_loads(path: Path) -> None:
     from surgery.io.safetensors_file import read_header
 
     adapter = load_adapter(path)
+    if adapter.format == "diffusers":  # each component as diffusers' load_lora_adapter(file, prefix=c) reads it
+        _check_components(path, adapter)
+        return
     root = _skeleton(adapter)
     if root is None:
         return
@@ -123,3 +126,21 @@ def check_transformers_loads(path: Path) -> None:
         return
     _, info = cls.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], f"{path}: {info}"
+
+
+def _check_components(path: Path, adapter) -> None:
+    """A diffusers pipeline LoRA: per component, the keys and the metadata with the prefix stripped (what
+    `load_lora_adapter(file, prefix=c)` hands PEFT) as one PEFT-keyed file, checked as above."""
+    from safetensors.torch import load_file, save_file
+
+    from surgery.io.diffusers import split_config
+    from surgery.io.peft import METADATA_CONFIG
+
+    state = load_file(str(path))
+    configs = split_config(adapter.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in sorted({k.split(".", 1)[0] for k in state}):
+            f = Path(tmp) / f"{c}.safetensors"
+            save_file({k[len(c) + 1:]: v for k, v in state.items() if k.startswith(c + ".")}, str(f),
+                      metadata={"format": "pt", METADATA_CONFIG: json.dumps(configs[c])})
+            check_peft_loads(f)

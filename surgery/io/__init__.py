@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 
 from ..adapter import Adapter
 from ..errors import SurgeryError
-from . import kohya, peft, tera_file
+from . import diffusers, kohya, peft, tera_file
 from .safetensors_file import PICKLE_SUFFIXES, pickle_error, read_header
 
 
@@ -36,6 +36,9 @@ register(Format("peft", peft.read_dir, peft.write_dir, True,
                 "PEFT directory: adapter_model.safetensors + adapter_config.json"))
 register(Format("peft-file", peft.read_file, peft.write_file, False,
                 "one PEFT-keyed .safetensors; config (if any) in metadata lora_adapter_metadata"))
+register(Format("diffusers", diffusers.read, diffusers.write, False,
+                "diffusers pipeline LoRA (pytorch_lora_weights.safetensors): unet./text_encoder./transformer. keys, "
+                "component-prefixed lora_adapter_metadata"))
 register(Format("kohya", kohya.read, kohya.write, False,
                 "kohya-ss / LyCORIS LoCon .safetensors: lora_down / lora_up / alpha"))
 register(Format("tera", tera_file.read, tera_file.write, False,
@@ -59,7 +62,7 @@ def detect(path: str | os.PathLike) -> str:
             raise SurgeryError(f"{path}: mixes kohya (lora_down/lora_up) and PEFT (lora_A/lora_B) keys")
         return "kohya"
     if any(peft.parse_key(k) or peft.parse_structured(k) for k in header):
-        return "peft-file"
+        return "diffusers" if diffusers.is_diffusers(header, metadata) else "peft-file"
     raise SurgeryError(f"{path}: no adapter tensors found (expected lora_A/lora_B, lora_down/lora_up, hada_* or "
                        "lokr_* keys)")
 
@@ -90,7 +93,8 @@ def load_adapter(path: str | os.PathLike, alpha: float | None = None) -> Adapter
 
 
 def _convert_names(adapter: Adapter, fmt: str) -> Adapter:
-    """Module names for another format; only name-preserving conversions are possible without the base model."""
+    """Module names for another format; only name-preserving conversions are possible without the base model
+    (convert --base renames through surgery.io.names.on_base)."""
     pair = (adapter.format, fmt)
     if pair[0] == pair[1] or set(pair) == {"peft", "peft-file"}:
         return adapter
@@ -108,16 +112,26 @@ def _convert_names(adapter: Adapter, fmt: str) -> Adapter:
         if len(modules) != len(adapter.modules):
             raise SurgeryError("cannot write kohya: two module paths map to the same kohya name")
         return adapter.with_modules(modules, config={}, metadata={})
+    if adapter.format == "diffusers":  # → one PEFT model: only a one-component adapter, its prefix dropped
+        components = {n.split(".", 1)[0] for n in adapter.modules}
+        if len(components) > 1:
+            raise SurgeryError(f"cannot write {fmt}: this pipeline LoRA has modules of {', '.join(sorted(components))}"
+                               ", and a PEFT adapter is for one model; keep --format diffusers")
+        (c,) = components
+        return adapter.with_modules({n[len(c) + 1:]: m for n, m in adapter.modules.items()},
+                                    config=diffusers.split_config(adapter.config).get(c, {}),
+                                    metadata={k: v for k, v in adapter.metadata.items() if k != peft.METADATA_CONFIG})
     raise SurgeryError(
-        f"cannot convert {adapter.format} to {fmt}: kohya's underscore names cannot be mapped back to module paths "
-        "without the base model's key list"
+        f"cannot convert {adapter.format} to {fmt} without the base model: give --base MODEL (a model, component "
+        "folder or pipeline) to name the modules after its tensors"
     )
 
 
 def kohya_name(name: str) -> str:
     """PEFT/diffusers module path → kohya name, as diffusers' `convert_state_dict_to_kohya` does."""
     name = name.removeprefix(peft.PREFIX)
-    for src, dst in (("text_encoder_2.", "lora_te2."), ("text_encoder.", "lora_te1."), ("unet.", "lora_unet.")):
+    for src, dst in (("text_encoder_2.", "lora_te2."), ("text_encoder.", "lora_te1."), ("unet.", "lora_unet."),
+                     ("transformer.", "lora_transformer.")):
         if name.startswith(src):
             name = dst + name[len(src):]
             break

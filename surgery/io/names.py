@@ -16,6 +16,7 @@ Modules that match nothing are returned with the reason, never dropped.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ import torch
 from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import SurgeryError
 from .. import fuse
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, is_pipeline, open_checkpoint, open_pipeline
 
 DENOISER = "denoiser"  # the pipeline's unet or transformer
 DENOISERS = ("unet", "transformer", "prior")
@@ -222,6 +223,7 @@ class Placement:
 
     modules: dict = field(default_factory=dict)
     origin: dict = field(default_factory=dict)
+    local: dict = field(default_factory=dict)  # the same key → the path inside its component (no file prefix)
     missing: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -293,7 +295,7 @@ def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) ->
             raise SurgeryError(f"module {name} matches several base tensors ({shown})")
         if hits:
             c, n, p = hits[0]
-            _put(out, (c, n.full(p)), m, name)
+            _put(out, c, n, p, m, name)
             continue
         if not _flux(out, fused, name, m, local, found):
             out.missing[name] = "no base tensor of that name"
@@ -302,10 +304,12 @@ def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) ->
     return out
 
 
-def _put(out: Placement, key, m, name: str) -> None:
+def _put(out: Placement, c, n: _Names, path: str, m, name: str) -> tuple:
+    key = (c, n.full(path))
     if key in out.modules:
         raise SurgeryError(f"modules {out.origin[key][0]} and {name} both update base tensor {key[1]}.weight")
-    out.modules[key], out.origin[key] = m, [name]
+    out.modules[key], out.origin[key], out.local[key] = m, [name], path
+    return key
 
 
 def _flux(out: Placement, fused, name: str, m, local: str, found) -> bool:
@@ -326,7 +330,7 @@ def _flux(out: Placement, fused, name: str, m, local: str, found) -> bool:
                                    f"{', '.join(paths)} have {sum(size.values())} together (a LoRA for another model?)")
             for p, (_, k) in zip(paths, parts):
                 rows = torch.cat([torch.arange(starts[i], starts[i] + size[i]) for i in k])
-                _put(out, (c, n.full(p)), m if len(paths) == 1 and k == (0,) else _rows(name, m, rows), name)
+                _put(out, c, n, p, m if len(paths) == 1 and k == (0,) else _rows(name, m, rows), name)
             if len(paths) > 1 or parts[0][1] != (0,):
                 out.notes.append(f"{name}: split exactly into {', '.join(paths)}")
             return True
@@ -337,7 +341,7 @@ def _flux(out: Placement, fused, name: str, m, local: str, found) -> bool:
             if path not in n.shapes:
                 continue
             if len(parts) == 1 and parts[0][1] == (0,):
-                _put(out, (c, n.full(path)), m, name)
+                _put(out, c, n, path, m, name)
             else:
                 fused[(c, n, path, sizes, parts)][k] = (name, m)
             return True
@@ -368,6 +372,81 @@ def _fuse(out: Placement, c, n: _Names, path: str, sizes, blocks, parts: Mapping
         module = fuse.stack_rows(stack, out_f)
     except ValueError as e:
         raise SurgeryError(f"modules {', '.join(names)}: {e}") from None
-    _put(out, (c, n.full(path)), module, names[0])
-    out.origin[(c, n.full(path))] = names
+    out.origin[_put(out, c, n, path, module, names[0])] = names
     out.notes.append(f"{', '.join(names)}: fused exactly into {n.full(path)} (rank {module.rank})")
+
+
+def base_targets(base: str | Path) -> list[tuple[str | None, Checkpoint]]:
+    """(component, checkpoint) pairs of a base: one per component of a pipeline, else the one checkpoint."""
+    if is_pipeline(base):
+        return list(open_pipeline(base).components.items())
+    ck = open_checkpoint(base)
+    return [(component_name(ck), ck)]
+
+
+def missing_error(where, missing: Mapping[str, str]) -> SurgeryError:
+    """One line naming the modules that have no place in the base, grouped by why."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in missing.items():
+        by_reason.setdefault(why, []).append(name)
+    parts = []
+    for why, names in by_reason.items():
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        parts.append(f"{shown} ({why})")
+    return SurgeryError(f"{where}: adapter module(s) without a base tensor: {'; '.join(parts)} "
+                        "(pass --allow-missing to skip them)")
+
+
+def kohya_prefix(component: str | None, two_text_encoders: bool) -> str:
+    """kohya's name prefix for a component: SD 1/2 `lora_te_`, SDXL `lora_te1_`/`lora_te2_`, `lora_unet_` for the
+    denoiser (Flux too, as sd-scripts names it)."""
+    if component in (DENOISER,) + DENOISERS[:2]:
+        return "lora_unet_"
+    if component == "text_encoder":
+        return "lora_te1_" if two_text_encoders else "lora_te_"
+    if component in TEXT_ENCODERS:
+        return f"lora_te{component[-1]}_"
+    return "lora_" if component is None else f"lora_{component}_"
+
+
+def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Adapter:
+    """The adapter with every module named after the base tensor it updates, in `fmt`'s naming: diffusers
+    `<component>.<path>`, PEFT `base_model.model.<path>` (one component), kohya `lora_unet_<path with _>`, …"""
+    targets = base_targets(base)
+    p = place(adapter, targets)
+    if p.missing and not allow_missing:
+        raise missing_error(adapter.source or base, p.missing)
+    components = {c for c, _ in p.modules}
+    if fmt in ("peft", "peft-file") and len(components) > 1:
+        raise SurgeryError(f"a PEFT adapter is for one model, and this one updates {', '.join(sorted(map(str, components)))}"
+                           " of the pipeline; write --to diffusers, or give one component folder as --base")
+    two = any(c == "text_encoder_2" for c, _ in targets) or "text_encoder_2" in components
+    denoiser = next((c for c, _ in targets if c in DENOISERS[:2]), None)
+    modules = {}
+    for key, m in p.modules.items():
+        c, path = key[0], p.local[key]
+        if fmt == "diffusers":
+            if c == DENOISER:
+                c = denoiser or ("transformer" if "transformer_blocks" in path else "unet")
+            if c is None:
+                raise SurgeryError(f"{base}: is not a diffusers model, so its modules have no diffusers component; "
+                                   "give a component folder (unet/, transformer/, …) or the pipeline")
+            name = f"{c}.{path}"
+        elif fmt == "kohya":
+            name = kohya_prefix(c, two) + path.replace(".", "_")
+        else:
+            name = PEFT_PREFIX + path
+        modules[name] = m
+    from .diffusers import component_configs
+
+    configs = component_configs(adapter)
+    if fmt == "diffusers":
+        config = {f"{c}.{k}": v for c in {n.split(".", 1)[0] for n in modules} for k, v in configs.get(c, {}).items()}
+    elif fmt == "kohya" or adapter.format == "kohya":
+        config = {}
+    else:
+        config = next((configs[c] for c in components if c in configs), next(iter(configs.values()), {}))
+    notes = tuple(adapter.notes) + tuple(p.notes) + tuple(
+        f"{n}: skipped ({why})" for n, why in p.missing.items())
+    return Adapter(modules=modules, format=fmt, passthrough={}, config=config,
+                   metadata={} if fmt != adapter.format else adapter.metadata, source=adapter.source, notes=notes)

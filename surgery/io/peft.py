@@ -122,6 +122,13 @@ def _scale_of(config: Mapping[str, Any], name: str, rank: int | None, where: str
 
 def _read(weights: Path, config: Mapping[str, Any] | None, fmt: str, where: str) -> Adapter:
     refs, metadata = tensor_refs(weights)
+    modules, passthrough, config, notes = read_modules(refs, config, weights, where)
+    return Adapter(modules=modules, format=fmt, passthrough=passthrough, config=config, metadata=metadata,
+                   source=weights.parent if fmt == "peft" else weights, notes=tuple(notes))
+
+
+def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: str):
+    """(modules, passthrough, config, notes) of PEFT-keyed tensors under one config (None: scale 1, noted)."""
     ptype = (config or {}).get("peft_type", "LORA")
     if ptype not in TYPES:
         raise SurgeryError(f"{where}: peft_type {ptype!r} is not read by surgery (LORA, LOHA and LOKR are)")
@@ -145,8 +152,7 @@ def _read(weights: Path, config: Mapping[str, Any] | None, fmt: str, where: str)
         rank = parts[name]["A"].shape[0] if "A" in parts[name] else 0
         scale = 1.0 if assumed else _scale_of(config, name, rank, where)
         modules[name] = make_module(name, parts[name], kinds.get(name, "linear"), scale, weights)
-    return Adapter(modules=modules, format=fmt, passthrough=passthrough, config=config, metadata=metadata,
-                   source=weights.parent if fmt == "peft" else weights, notes=tuple(notes))
+    return modules, passthrough, config, notes
 
 
 def _structured(name, algo, tensors, config, weights, where):
@@ -191,8 +197,8 @@ def read_file(path: Path) -> Adapter:
             config = json.loads(metadata[METADATA_CONFIG])
         except json.JSONDecodeError:
             raise SurgeryError(f"{path}: metadata {METADATA_CONFIG} is not valid JSON") from None
-        if not isinstance(config, dict) or any("." in k for k in config):
-            raise SurgeryError(f"{path}: component-prefixed {METADATA_CONFIG} (pipeline LoRA) is not supported yet")
+        if not isinstance(config, dict):
+            raise SurgeryError(f"{path}: metadata {METADATA_CONFIG} is not a JSON object")
     return _read(path, config, "peft-file", f"{path}")
 
 

@@ -1,0 +1,118 @@
+"""diffusers' pipeline LoRA file, `pytorch_lora_weights.safetensors` as `save_lora_weights` writes it (formats.md §3.2).
+
+Keys are PEFT's with the component in front (`unet.down_blocks.0….lora_A.weight`, `text_encoder.…`,
+`transformer.…`); metadata `lora_adapter_metadata` holds each component's LoraConfig (or LoKrConfig) with its keys
+prefixed the same way (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, …), which `load_lora_adapter(file,
+prefix=component)` strips. Without it, diffusers gives every module alpha = r (scale 1), and so does this reader.
+The adapter keeps the prefixed names and the prefixed config as they are on disk.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..adapter import Adapter
+from ..errors import SurgeryError
+from . import peft
+from .names import DENOISERS, TEXT_ENCODERS
+from .safetensors_file import atomic_output, save_tensors, tensor_refs
+
+COMPONENTS = DENOISERS + TEXT_ENCODERS
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def component(key: str) -> str | None:
+    head = key.split(".", 1)[0]
+    return head if head in COMPONENTS and "." in key else None
+
+
+def is_diffusers(header: Mapping, metadata: Mapping[str, str]) -> bool:
+    """A PEFT-keyed file whose config is component-prefixed, or that has no config and every module under a
+    component prefix."""
+    raw = metadata.get(peft.METADATA_CONFIG)
+    if raw is not None:
+        try:
+            config = json.loads(raw)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(config, dict) and bool(config) and all(component(k) for k in config)
+    keys = [k for k in header if peft.parse_key(k) or peft.parse_structured(k)]
+    return bool(keys) and all(component(k) for k in keys)
+
+
+def split_config(config: Mapping[str, Any]) -> dict[str, dict]:
+    """{component: its config} from a prefixed config (`unet.r` → {'unet': {'r': …}})."""
+    out: dict[str, dict] = {}
+    for k, v in config.items():
+        c, _, key = k.partition(".")
+        out.setdefault(c, {})[key] = v
+    return out
+
+
+def read(path: Path) -> Adapter:
+    refs, metadata = tensor_refs(path)
+    try:
+        configs = split_config(json.loads(metadata[peft.METADATA_CONFIG])) if peft.METADATA_CONFIG in metadata else {}
+    except (json.JSONDecodeError, AttributeError):
+        raise SurgeryError(f"{path}: metadata {peft.METADATA_CONFIG} is not a JSON object") from None
+    by_component: dict[str, dict] = {}
+    passthrough = {}
+    for k, ref in refs.items():
+        c = component(k)
+        if c is None:
+            passthrough[k] = ref
+        else:
+            by_component.setdefault(c, {})[k[len(c) + 1:]] = ref
+    modules, notes = {}, []
+    for c, sub in sorted(by_component.items()):
+        config = configs.get(c)
+        if configs and config is None:
+            raise SurgeryError(f"{path}: {peft.METADATA_CONFIG} has no {c}.* entries for the {c} modules")
+        mods, rest, _, more = peft.read_modules(sub, config, path, f"{path} ({c})")
+        modules.update({f"{c}.{n}": m for n, m in mods.items()})
+        passthrough.update({f"{c}.{k}": v for k, v in rest.items()})
+        notes.extend(f"{c}: {n}" for n in more)
+    flat = {f"{c}.{k}": v for c, cfg in configs.items() for k, v in cfg.items()}
+    return Adapter(modules=modules, format="diffusers", passthrough=passthrough, config=flat, metadata=metadata,
+                   source=path, notes=tuple(notes))
+
+
+def component_configs(adapter: Adapter) -> dict[str, dict]:
+    """Each component's starting config: a diffusers adapter's own; a PEFT one's placement-free settings for all."""
+    if adapter.format == "diffusers":
+        return split_config(adapter.config)
+    keep = {k: v for k, v in adapter.config.items()
+            if k not in ("target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+                         "modules_to_save", "name_style", "base_model_name_or_path")}
+    return {c: dict(keep) for c in COMPONENTS}
+
+
+def write(adapter: Adapter, out: Path) -> None:
+    """Component-prefixed keys and `lora_adapter_metadata`, one config per component (surgery.io.peft
+    `updated_config`, so PEFT's resolution gives every module its own rank and alpha back)."""
+    if adapter.passthrough:
+        keys = ", ".join(sorted(adapter.passthrough)[:3])
+        raise SurgeryError(f"cannot write diffusers: the adapter carries non-LoRA tensors ({keys}) that diffusers "
+                           "has no place for")
+    groups: dict[str, dict] = {}
+    for name, m in adapter.modules.items():
+        c = component(name)
+        if c is None:
+            raise SurgeryError(f"cannot write diffusers: module {name} has no component prefix (unet., "
+                               "transformer., text_encoder., …); give --base MODEL to name it")
+        if m.algo not in ("lora", "lokr"):
+            raise SurgeryError(f"cannot write diffusers: module {name} is {m.algo}, and diffusers loads LoRA and LoKr "
+                               "only (make it LoRA first: surgery convert --to lora)")
+        groups.setdefault(c, {})[name[len(c) + 1:]] = m
+    starts = component_configs(adapter)
+    tensors, config = {}, {}
+    for c, modules in sorted(groups.items()):
+        sub = Adapter(modules=modules, format="peft", config=starts.get(c, {}))
+        config.update({f"{c}.{k}": v for k, v in peft.updated_config(sub).items()})
+        for name, m in modules.items():
+            tensors.update({f"{c}.{k}": t for k, t in peft.make_keys(name, m).items()})
+    metadata = {k: v for k, v in adapter.metadata.items() if not k.startswith("ss_") and k != peft.METADATA_CONFIG}
+    metadata.update({"format": "pt", peft.METADATA_CONFIG: json.dumps(config, sort_keys=True)})
+    with atomic_output(out, is_dir=False) as tmp:
+        save_tensors(tensors, tmp, metadata)

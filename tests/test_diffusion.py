@@ -1,0 +1,419 @@
+"""Diffusion models: diffusers pipelines and component folders as bases, diffusers' own LoRA files, kohya SD /
+SDXL (SGM) / Flux (BFL) names — every merge checked against diffusers' own loading (`load_lora_adapter`, after its
+kohya converters where the input is kohya) or, where diffusers cannot read a file, a float64 dense reference."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from cli.main import main
+from surgery import load_adapter
+from surgery.errors import SurgeryError
+from surgery.merge import merge
+
+from .diffusion_models import (diffusers, flux, kohya_lora, linear_modules, save_pipeline, sd_unet,
+                               text_encoder)
+
+from diffusers.loaders.lora_conversion_utils import (  # noqa: E402
+    _convert_kohya_flux_lora_to_diffusers, _convert_non_diffusers_lora_to_diffusers,
+    _maybe_map_sgm_blocks_to_diffusers)
+from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+
+UNET_TARGETS = r"attn[12]\.to_|proj_in|proj_out|ff\.net|conv1|conv2|time_emb_proj"
+TE_TARGETS = r"_proj$|fc[12]"
+
+
+def _fused(model):
+    """A model with its loaded LoRA merged by PEFT, as a plain state dict."""
+    for mod in model.modules():
+        if isinstance(mod, BaseTunerLayer):
+            mod.merge()
+    return {re.sub(r"\.base_layer", "", k): v for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def _assert_merged(ours: dict, ref: dict, base: dict, changed_at_least: int):
+    """Every tensor within 1e-5 of the adapter's effect on it; the expected number of tensors changed."""
+    changed = 0
+    for k, v in ours.items():
+        effect = (ref[k].double() - base[k].double()).abs().max().item()
+        err = (v.double() - ref[k].double()).abs().max().item()
+        assert err <= 1e-5 * max(effect, 1e-12) + 1e-7, f"{k}: off by {err:g} (effect {effect:g})"
+        changed += effect > 0
+    assert changed >= changed_at_least
+    assert set(ours) == set(base)
+
+
+def _kohya_reference(sd, unet, te=None):
+    """diffusers' own reading of a kohya SD file: its converter, then load_lora_adapter / the text encoder loader."""
+    new, alphas = _convert_non_diffusers_lora_to_diffusers(dict(sd))
+    unet.load_lora_adapter({k: v for k, v in new.items() if k.startswith("unet.")}, prefix="unet", network_alphas=alphas)
+    if te is not None:
+        StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+            {k: v for k, v in new.items() if k.startswith("text_encoder.")}, alphas, te, prefix="text_encoder")
+
+
+@pytest.fixture
+def sd(tmp_path):
+    """A tiny SD 1.x pipeline and a kohya LoRA for its UNet and text encoder (alpha ≠ rank)."""
+    unet, te = sd_unet(), text_encoder()
+    pipe = save_pipeline(tmp_path / "pipe", {"unet": unet, "text_encoder": te})
+    state = kohya_lora(linear_modules(unet, UNET_TARGETS), "lora_unet_", 1, rank=3, alpha=1.5)
+    state.update(kohya_lora(linear_modules(te, TE_TARGETS), "lora_te_", 2, rank=2, alpha=4.0))
+    save_file(state, str(tmp_path / "kohya.safetensors"))
+    return pipe, tmp_path / "kohya.safetensors", state, unet, te
+
+
+def test_pipeline_merge_equals_diffusers_and_copies_the_rest(sd, tmp_path):
+    pipe, lora, state, unet, te = sd
+    r = CliRunner().invoke(main, ["merge", str(pipe), str(lora), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    ref_unet, ref_te = sd_unet(), text_encoder()
+    _kohya_reference(state, ref_unet, ref_te)
+    _assert_merged(load_file(tmp_path / "out/unet/diffusion_pytorch_model.safetensors"), _fused(ref_unet),
+                   unet.state_dict(), 40)
+    _assert_merged(load_file(tmp_path / "out/text_encoder/model.safetensors"), _fused(ref_te), te.state_dict(), 12)
+    for f in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "unet/config.json"):
+        assert (tmp_path / "out" / f).read_bytes() == (pipe / f).read_bytes()
+    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out/unet")  # loads as diffusers' own
+    assert torch.equal(merged.conv_in.weight, unet.conv_in.weight)
+
+
+def test_component_folder_sharded_keeps_its_layout(sd, tmp_path):
+    pipe, lora, state, unet, _ = sd
+    unet.save_pretrained(tmp_path / "unet-sharded", max_shard_size="60KB")
+    index = "diffusion_pytorch_model.safetensors.index.json"
+    shards = sorted(p.name for p in (tmp_path / "unet-sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "unet-sharded" / index).exists()
+    a = load_adapter(lora)
+    with pytest.raises(SurgeryError, match="lora_te_.*text_encoder"):  # text-encoder modules: not this component
+        merge(tmp_path / "unet-sharded", [a], tmp_path / "m")
+    report = merge(tmp_path / "unet-sharded", [a], tmp_path / "m", allow_missing=True)
+    assert any("skipped" in n for n in report.notes)
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.safetensors")) == shards
+    assert json.loads((tmp_path / "m" / index).read_text())["weight_map"].keys() == \
+        json.loads((tmp_path / "unet-sharded" / index).read_text())["weight_map"].keys()
+    merge(pipe, [a], tmp_path / "whole")
+    one = load_file(tmp_path / "whole/unet/diffusion_pytorch_model.safetensors")
+    many = {}
+    for s in shards:
+        many.update(load_file(tmp_path / "m" / s))
+    assert all(torch.equal(one[k], many[k]) for k in one)
+    diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "m")
+
+
+def _diffusers_lora_file(tmp_path, unet, te, seed=3):
+    """A pipeline LoRA as diffusers' save_lora_weights writes it, with rank/alpha patterns in its metadata."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    ucfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "proj_in", "conv1"],
+                      rank_pattern={"proj_in": 2}, alpha_pattern={"conv1": 3}, init_lora_weights=False)
+    tcfg = LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "out_proj"], init_lora_weights=False)
+    torch.manual_seed(seed)
+    unet.add_adapter(ucfg)
+    inject_adapter_in_model(tcfg, te)  # (transformers' add_adapter wants a newer PEFT)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "dlora", unet_lora_layers=get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(te),
+        unet_lora_adapter_metadata=ucfg.to_dict(), text_encoder_lora_adapter_metadata=tcfg.to_dict())
+    return tmp_path / "dlora" / "pytorch_lora_weights.safetensors"
+
+
+def test_diffusers_file_is_read_merged_and_written_back(sd, tmp_path):
+    pipe, _, _, unet, te = sd
+    lora_unet, lora_te = sd_unet(), text_encoder()
+    f = _diffusers_lora_file(tmp_path, lora_unet, lora_te)
+    a = load_adapter(f)
+    assert a.format == "diffusers" and any(n.startswith("text_encoder.") for n in a.modules)
+    r = CliRunner().invoke(main, ["inspect", str(f), "--json"])
+    assert r.exit_code == 0, r.output
+    merge(pipe, [a], tmp_path / "out")
+    _assert_merged(load_file(tmp_path / "out/unet/diffusion_pytorch_model.safetensors"), _fused(lora_unet),
+                   unet.state_dict(), 8)
+    _assert_merged(load_file(tmp_path / "out/text_encoder/model.safetensors"), _fused(lora_te), te.state_dict(), 4)
+    # squeeze writes the same layout back, and diffusers loads it with the scales we computed
+    r = CliRunner().invoke(main, ["squeeze", str(f), "--rank", "2", "-o", str(tmp_path / "sq.safetensors")])
+    assert r.exit_code == 0, r.output
+    sq = load_adapter(tmp_path / "sq.safetensors")
+    assert sq.format == "diffusers"
+    meta = json.loads(__import__("safetensors").safe_open(str(tmp_path / "sq.safetensors"), "pt").metadata()
+                      ["lora_adapter_metadata"])
+    assert "unet.r" in meta and "text_encoder.lora_alpha" in meta
+    fresh = sd_unet()
+    fresh.load_lora_adapter(str(tmp_path / "sq.safetensors"), prefix="unet", use_safetensors=True)  # reads the metadata
+    for name, mod in fresh.named_modules():
+        if isinstance(mod, BaseTunerLayer):
+            theirs = mod.get_delta_weight("default_0").double()
+            mine = sq.modules[f"unet.{name}"].delta(torch.float64).reshape(theirs.shape)
+            assert torch.allclose(theirs, mine, atol=1e-6), name
+
+
+def test_convert_kohya_to_diffusers_and_back_with_base(sd, tmp_path):
+    pipe, lora, state, unet, te = sd
+    run = CliRunner().invoke
+    r = run(main, ["convert", str(lora), "--to", "diffusers", "--base", str(pipe), "-o", str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 0, r.output
+    ref_unet, ref_te = sd_unet(), text_encoder()
+    _kohya_reference(state, ref_unet, ref_te)
+    ref_u, ref_t = _fused(ref_unet), _fused(ref_te)
+    got_unet = sd_unet()  # diffusers reads our file on its own: load_lora_adapter with the prefixed metadata
+    got_unet.load_lora_adapter(str(tmp_path / "d.safetensors"), prefix="unet", use_safetensors=True)
+    got_te = text_encoder()
+    sdict, _, meta = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path / "d.safetensors"),
+                                                                     return_lora_metadata=True)
+    StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(sdict, None, got_te, prefix="text_encoder",
+                                                               metadata=meta)
+    _assert_merged(_fused(got_unet), ref_u, unet.state_dict(), 40)
+    _assert_merged(_fused(got_te), ref_t, te.state_dict(), 12)
+    # diffusers → kohya names with the base: the converter of diffusers reads them back to the same effect
+    r = run(main, ["convert", str(tmp_path / "d.safetensors"), "--to", "kohya", "--base", str(pipe),
+                   "-o", str(tmp_path / "k.safetensors")])
+    assert r.exit_code == 0, r.output
+    back = sd_unet()
+    _kohya_reference(load_file(tmp_path / "k.safetensors"), back)
+    _assert_merged(_fused(back), ref_u, unet.state_dict(), 40)
+    # kohya → PEFT needs one component: refused for the pipeline, fine for its unet folder
+    r = run(main, ["convert", str(lora), "--to", "peft", "--base", str(pipe), "-o", str(tmp_path / "p")])
+    assert r.exit_code != 0 and "one model" in r.output
+    r = run(main, ["convert", str(lora), "--to", "peft", "--base", str(pipe / "unet"), "--allow-missing",
+                   "-o", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    p = load_adapter(tmp_path / "p")
+    assert all(n.startswith("base_model.model.") for n in p.modules) and len(p.modules) == len(linear_modules(unet, UNET_TARGETS))
+    r = run(main, ["convert", str(lora), "--to", "diffusers", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code != 0 and "--base" in r.output
+
+
+def test_combine_with_a_pipeline_base_mixes_kohya_and_diffusers(sd, tmp_path):
+    pipe, lora, state, unet, te = sd
+    f = _diffusers_lora_file(tmp_path, sd_unet(), text_encoder())
+    r = CliRunner().invoke(main, ["combine", str(lora), str(f), "--weight", "1", "--weight", "0.5", "--base", str(pipe),
+                                  "-o", str(tmp_path / "c.safetensors")])
+    assert r.exit_code == 0, r.output
+    c = load_adapter(tmp_path / "c.safetensors")
+    assert c.format == "diffusers"
+    merge(pipe, [c], tmp_path / "one")
+    merge(pipe, [load_adapter(lora), load_adapter(f)], tmp_path / "two", weights=[1, 0.5])
+    a, b = (load_file(tmp_path / d / "unet/diffusion_pytorch_model.safetensors") for d in ("one", "two"))
+    base = unet.state_dict()
+    for k in a:
+        effect = (b[k] - base[k]).abs().max().item()
+        assert (a[k] - b[k]).abs().max().item() <= 1e-5 * effect + 1e-7, k
+
+
+# ---------------------------------------------------------------- SDXL: original (SGM) block names
+
+
+def _to_sgm(path: str, lpb: int = 2, has_attn=lambda b: True) -> str | None:
+    """diffusers UNet path → the original SGM path (the inverse of diffusers' mapping, written independently)."""
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+    top = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+           "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+           "add_embedding.linear_2": "label_emb.0.2"}
+    if path in top:
+        return top[path]
+    p = path.split(".")
+
+    def inner(rest):
+        return ".".join([resnet.get(rest[0], rest[0])] + rest[1:]) if rest else ""
+    if p[0] == "down_blocks":
+        b = int(p[1])
+        if p[2] == "downsamplers":
+            return f"input_blocks.{(b + 1) * (lpb + 1)}.0.op"
+        i = 1 + b * (lpb + 1) + int(p[3])
+        return f"input_blocks.{i}.{0 if p[2] == 'resnets' else 1}.{inner(p[4:])}"
+    if p[0] == "mid_block":
+        j = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{p[1]}.{p[2]}"]
+        return f"middle_block.{j}.{inner(p[3:])}"
+    if p[0] == "up_blocks":
+        b = int(p[1])
+        if p[2] == "upsamplers":
+            return f"output_blocks.{b * (lpb + 1) + lpb}.{2 if has_attn(b) else 1}.conv"
+        i = b * (lpb + 1) + int(p[3])
+        return f"output_blocks.{i}.{0 if p[2] == 'resnets' else 1}.{inner(p[4:])}"
+    return None
+
+
+def test_sdxl_sgm_names_follow_diffusers_mapping(tmp_path):
+    unet = sd_unet(sdxl=True)
+    unet.save_pretrained(tmp_path / "unet")
+    shapes = linear_modules(unet, r"attn[12]\.to_|proj_in|ff\.net\.2|conv[12]$|time_emb_proj|downsamplers|"
+                                  r"upsamplers|conv_shortcut|^conv_in$|time_embedding")
+    names = {p: "lora_unet_" + _to_sgm(p, has_attn=lambda b: b < 2).replace(".", "_") for p in shapes}
+    state = kohya_lora(shapes, "", 5, rank=2, alpha=1.0, names=names)
+    # the independent inverse above is diffusers' mapping read backwards: its converters give the paths back
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(state), unet.config)
+    new, alphas = _convert_non_diffusers_lora_to_diffusers(mapped)
+    ref = sd_unet(sdxl=True)
+    ref.load_lora_adapter({k: v for k, v in new.items()}, prefix="unet", network_alphas=alphas)
+    assert {n for n, m in ref.named_modules() if isinstance(m, BaseTunerLayer)} == set(shapes)
+    save_file(state, str(tmp_path / "sgm.safetensors"))
+    merge(tmp_path / "unet", [load_adapter(tmp_path / "sgm.safetensors")], tmp_path / "m")
+    _assert_merged(load_file(tmp_path / "m/diffusion_pytorch_model.safetensors"), _fused(ref), unet.state_dict(),
+                   len(shapes))
+    # the reverse: a diffusers-named kohya LoRA into an original single-file SDXL checkpoint (SGM key names)
+    sgm_base = {f"model.diffusion_model.{_to_sgm(k[:-7], has_attn=lambda b: b < 2)}.weight": v
+                for k, v in unet.state_dict().items() if k.endswith(".weight") and k[:-7] in shapes}
+    save_file(sgm_base, str(tmp_path / "sdxl.safetensors"))
+    save_file(kohya_lora(shapes, "lora_unet_", 5, rank=2, alpha=1.0), str(tmp_path / "dn.safetensors"))
+    merge(tmp_path / "sdxl.safetensors", [load_adapter(tmp_path / "dn.safetensors")], tmp_path / "sdxl-m.safetensors")
+    got = load_file(tmp_path / "sdxl-m.safetensors")
+    fused = _fused(ref)
+    for k, v in sgm_base.items():
+        path = next(p for p in shapes if f"model.diffusion_model.{_to_sgm(p, has_attn=lambda b: b < 2)}.weight" == k)
+        assert torch.allclose(got[k], fused[f"{path}.weight"], atol=1e-6), k
+
+
+# ---------------------------------------------------------------- Flux: original (BFL) fused projections
+
+
+def _bfl_state(model) -> dict:
+    """A Flux transformer's weights in the original BFL layout (q/k/v and the MLP input fused by rows)."""
+    s = {k: v for k, v in model.state_dict().items()}
+    out = {}
+    for n in range(len(model.transformer_blocks)):
+        d = f"transformer_blocks.{n}."
+        out[f"double_blocks.{n}.img_attn.qkv.weight"] = torch.cat([s[d + f"attn.to_{x}.weight"] for x in "qkv"])
+        out[f"double_blocks.{n}.txt_attn.qkv.weight"] = torch.cat([s[d + f"attn.add_{x}_proj.weight"] for x in "qkv"])
+        out[f"double_blocks.{n}.img_attn.proj.weight"] = s[d + "attn.to_out.0.weight"]
+        out[f"double_blocks.{n}.img_mlp.0.weight"] = s[d + "ff.net.0.proj.weight"]
+    for n in range(len(model.single_transformer_blocks)):
+        d = f"single_transformer_blocks.{n}."
+        out[f"single_blocks.{n}.linear1.weight"] = torch.cat(
+            [s[d + f"attn.to_{x}.weight"] for x in "qkv"] + [s[d + "proj_mlp.weight"]])
+        out[f"single_blocks.{n}.linear2.weight"] = s[d + "proj_out.weight"]
+    w = s["norm_out.linear.weight"]
+    out["final_layer.adaLN_modulation.1.weight"] = torch.cat(w.chunk(2)[::-1])  # BFL: (shift, scale)
+    return out
+
+
+def test_flux_fused_kohya_splits_exactly_into_diffusers(tmp_path):
+    model = flux()
+    model.save_pretrained(tmp_path / "transformer")
+    bfl = _bfl_state(model)
+    shapes = {k[:-7]: tuple(v.shape) for k, v in bfl.items()}
+    state = kohya_lora(shapes, "lora_unet_", 7, rank=4, alpha=2.0)
+    save_file(state, str(tmp_path / "flux-kohya.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "transformer"), str(tmp_path / "flux-kohya.safetensors"),
+                                  "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    got = load_file(tmp_path / "m/diffusion_pytorch_model.safetensors")
+    base = model.state_dict()
+    # double blocks through diffusers' own converter (its single-block split is hard-coded to Flux-dev's sizes)
+    double = {k: v for k, v in state.items() if "double_blocks" in k}
+    ref = flux()
+    ref.load_lora_adapter(_convert_kohya_flux_lora_to_diffusers(dict(double)), prefix="transformer")
+    fused = _fused(ref)
+    for k in [k for k in fused if k.startswith("transformer_blocks.") and not torch.equal(fused[k], base[k])]:
+        effect = (fused[k] - base[k]).abs().max().item()
+        assert (got[k] - fused[k]).abs().max().item() <= 1e-5 * effect, k
+    # single blocks and the final modulation against the dense float64 update split by the base's rows
+    h = model.inner_dim
+    for n in range(2):
+        up, down = (state[f"lora_unet_single_blocks_{n}_linear1.lora_{x}.weight"].double() for x in ("up", "down"))
+        delta = 0.5 * up @ down
+        rows = dict(zip(["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], delta.split([h, h, h, delta.shape[0] - 3 * h])))
+        for part, d in rows.items():
+            key = f"single_transformer_blocks.{n}.{part}.weight"
+            assert torch.allclose(got[key].double(), base[key].double() + d, atol=1e-6), key
+    up, down = (state[f"lora_unet_final_layer_adaLN_modulation_1.lora_{x}.weight"].double() for x in ("up", "down"))
+    d = 0.5 * up @ down
+    assert torch.allclose(got["norm_out.linear.weight"].double(), base["norm_out.linear.weight"].double()
+                          + torch.cat(d.chunk(2)[::-1]), atol=1e-6)
+    # the same file into a BFL single-file checkpoint: names as they are, no split
+    save_file(bfl, str(tmp_path / "flux1.safetensors"))
+    merge(tmp_path / "flux1.safetensors", [load_adapter(tmp_path / "flux-kohya.safetensors")], tmp_path / "b.safetensors")
+    b = load_file(tmp_path / "b.safetensors")
+    assert torch.allclose(b["single_blocks.0.linear1.weight"][:h], got["single_transformer_blocks.0.attn.to_q.weight"],
+                          atol=1e-6)
+
+
+def test_flux_separate_projections_fuse_exactly_into_bfl(tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = flux()
+    bfl = _bfl_state(model)
+    save_file(bfl, str(tmp_path / "flux1.safetensors"))
+    lora = flux()
+    cfg = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, rank_pattern={"to_k": 3},
+                     target_modules=["to_q", "to_k", "to_v", "proj_mlp", "add_q_proj", "norm_out.linear"])
+    torch.manual_seed(1)
+    lora.add_adapter(cfg)
+    diffusers.FluxPipeline.save_lora_weights(tmp_path / "dl", transformer_lora_layers=get_peft_model_state_dict(lora),
+                                             transformer_lora_adapter_metadata=cfg.to_dict())
+    f = tmp_path / "dl/pytorch_lora_weights.safetensors"
+    merged = _fused(lora)  # diffusers-layout weights with the LoRA merged, then laid out as BFL
+    ref = _bfl_state(_load_state(flux(), merged))
+    r = CliRunner().invoke(main, ["convert", str(f), "--to", "kohya", "--base", str(tmp_path / "flux1.safetensors"),
+                                  "-o", str(tmp_path / "k.safetensors")])
+    assert r.exit_code == 0, r.output
+    k = load_adapter(tmp_path / "k.safetensors")
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in k.modules and "lora_unet_single_blocks_1_linear1" in k.modules
+    assert k.modules["lora_unet_double_blocks_0_img_attn_qkv"].rank == 2 + 3 + 2  # A stacked: exact, rank Σrᵢ
+    for adapter in (load_adapter(f), k):
+        merge(tmp_path / "flux1.safetensors", [adapter], tmp_path / "o.safetensors", force=True)
+        got = load_file(tmp_path / "o.safetensors")
+        for key in bfl:
+            effect = (ref[key] - bfl[key]).abs().max().item()
+            assert (got[key] - ref[key]).abs().max().item() <= 1e-5 * effect + 1e-7, key
+
+
+def _load_state(model, state):
+    model.load_state_dict(state)
+    return model
+
+
+# ---------------------------------------------------------------- LyCORIS kinds and bad inputs
+
+
+def test_loha_on_a_flux_fused_projection_splits_as_loha(tmp_path):
+    model = flux()
+    model.save_pretrained(tmp_path / "transformer")
+    h = model.inner_dim
+    g = torch.Generator().manual_seed(0)
+    out_f = 3 * h
+    t = {f"lora_unet_double_blocks_0_img_attn_qkv.hada_{n}": torch.randn(s, generator=g)
+         for n, s in (("w1_a", (out_f, 2)), ("w1_b", (2, h)), ("w2_a", (out_f, 2)), ("w2_b", (2, h)))}
+    t["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(1.0)
+    save_file(t, str(tmp_path / "loha.safetensors"))
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "loha.safetensors"), "--to", "kohya", "--base",
+                                  str(tmp_path / "transformer"), "-o", str(tmp_path / "split.safetensors")])
+    assert r.exit_code == 0, r.output
+    split = load_adapter(tmp_path / "split.safetensors")
+    assert {m.algo for m in split.modules.values()} == {"loha"} and len(split.modules) == 3
+    merge(tmp_path / "transformer", [load_adapter(tmp_path / "loha.safetensors")], tmp_path / "m")
+    got, base = load_file(tmp_path / "m/diffusion_pytorch_model.safetensors"), model.state_dict()
+    g1 = t["lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a"].double() @ t["lora_unet_double_blocks_0_img_attn_qkv.hada_w1_b"].double()
+    g2 = t["lora_unet_double_blocks_0_img_attn_qkv.hada_w2_a"].double() @ t["lora_unet_double_blocks_0_img_attn_qkv.hada_w2_b"].double()
+    d = (g1 * g2 * 0.5).split(h)
+    for x, dx in zip("qkv", d):
+        key = f"transformer_blocks.0.attn.to_{x}.weight"
+        assert torch.allclose(got[key].double(), base[key].double() + dx, atol=1e-5), key
+
+
+def test_names_that_match_nothing_and_lora_for_another_model(sd, tmp_path):
+    pipe, lora, state, unet, _ = sd
+    bad = dict(state)
+    bad["lora_unet_no_such_block_to_q.lora_down.weight"] = torch.zeros(2, 8)
+    bad["lora_unet_no_such_block_to_q.lora_up.weight"] = torch.zeros(8, 2)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(pipe), str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "lora_unet_no_such_block_to_q" in r.output and "--allow-missing" in r.output
+    assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(main, ["merge", str(pipe), str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "o"),
+                                  "--allow-missing"])
+    assert r.exit_code == 0, r.output
+    other = sd_unet(sdxl=True)  # same names in places, other shapes: one clear line
+    other.save_pretrained(tmp_path / "xl")
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "xl"), str(lora), "-o", str(tmp_path / "o2"),
+                                  "--allow-missing"])
+    assert r.exit_code != 0 and "has shape" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
