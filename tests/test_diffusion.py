@@ -64,7 +64,10 @@ def sd(tmp_path):
     unet, te = sd_unet(), text_encoder()
     pipe = save_pipeline(tmp_path / "pipe", {"unet": unet, "text_encoder": te})
     state = kohya_lora(linear_modules(unet, UNET_TARGETS), "lora_unet_", 1, rank=3, alpha=1.5)
-    state.update(kohya_lora(linear_modules(te, TE_TARGETS), "lora_te_", 2, rank=2, alpha=4.0))
+    te_paths = linear_modules(te, TE_TARGETS)  # kohya names them `lora_te_text_model_…` (transformers 4 paths)
+    state.update(kohya_lora(te_paths, "", 2, rank=2, alpha=4.0,
+                            names={p: "lora_te_" + ("" if p.startswith("text_model.") else "text_model_")
+                                   + p.replace(".", "_") for p in te_paths}))
     save_file(state, str(tmp_path / "kohya.safetensors"))
     return pipe, tmp_path / "kohya.safetensors", state, unet, te
 

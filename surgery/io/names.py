@@ -190,7 +190,14 @@ class _Names:
         if kohya:
             if local in self.underscored:
                 return self.underscored[local]
-            return [p for u, ps in self.underscored.items() if u.endswith("_" + local) for p in ps]
+            found = [p for u, ps in self.underscored.items() if u.endswith("_" + local) for p in ps]
+            if found:
+                return found
+            parts = local.split("_")  # e.g. kohya's `text_model_encoder_…` on a CLIP saved without `text_model.`
+            for i in range(1, len(parts)):
+                if (u := "_".join(parts[i:])) in self.underscored:
+                    return self.underscored[u]
+            return []
         if local in self.shapes:
             return [local]
         found = [p for p in self.shapes if p.endswith("." + local)]
