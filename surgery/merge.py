@@ -26,7 +26,7 @@ from .io import check_output
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, index_name, is_pipeline,
                             open_checkpoint, open_pipeline, read_tensor)
-from .io.names import Placement, base_targets, component_name, missing_error, place
+from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -412,6 +412,11 @@ def _plan_pipeline(pipeline: Pipeline, adapters: Sequence[Adapter], weights: Seq
             keys = ", ".join(sorted(a.passthrough)[:3])
             raise SurgeryError(f"{a.source}: carries non-LoRA tensors ({keys}) that a pipeline merge has no place for")
         p = place(a, targets)
+        for name, wanted in p.absent.items():  # a component that is there, but not in safetensors
+            for c in pipeline.classes:
+                if c not in pipeline.components and (c == wanted or (wanted == "denoiser" and c in DENOISERS)):
+                    raise SurgeryError(f"{pipeline.root / c}: holds no safetensors weights (module {name} is for it); "
+                                       "convert it to safetensors first — surgery never unpickles")
         if p.missing and not allow_missing:
             raise missing_error(a.source or pipeline.root, p.missing)
         if p.missing:

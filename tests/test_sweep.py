@@ -40,6 +40,8 @@ COMMANDS = {
     "id-plot": "id {i}/hidden.safetensors --device cpu --plot {o}/out.png",
     "rerank": "rerank {i}/teacher --ids {i}/ids.json --device cpu -o {o}/out",
     "rerank-config": "rerank --ids {i}/ids.json --targets query,value --config-out {o}/out.json",
+    "merge-pipeline": "merge {i}/pipe {i}/sd-kohya.safetensors --device cpu -o {o}/out",
+    "convert-diffusers": "convert {i}/sd-kohya.safetensors --to diffusers --base {i}/pipe -o {o}/out.safetensors",
 }
 
 
@@ -52,6 +54,15 @@ def inputs(tmp_path_factory, minilm):
     shutil.copytree(BASE, d / "base")
     merge(d / "base", [load_adapter(d / "lora")], d / "ft", device="cpu")
     shutil.copytree(minilm, d / "minilm")
+    from safetensors.torch import save_file
+
+    from .diffusion_models import kohya_lora, linear_modules, save_pipeline, sd_unet, text_encoder
+
+    unet, te = sd_unet(), text_encoder()
+    save_pipeline(d / "pipe", {"unet": unet, "text_encoder": te})
+    sd = kohya_lora(linear_modules(unet, "to_q"), "lora_unet_", 1)
+    sd.update(kohya_lora(linear_modules(te, "q_proj"), "lora_te_", 2))
+    save_file(sd, str(d / "sd-kohya.safetensors"))
     (d / "texts.txt").write_text((FIXTURES / "sentences.txt").read_text())
     pairs = {n: lora_pair(384, 384, 4, seed=i) for i, n in enumerate(BERT)}
     write_peft(d / "teacher", pairs, r=4, alpha=4)

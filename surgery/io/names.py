@@ -231,6 +231,7 @@ class Placement:
     modules: dict = field(default_factory=dict)
     origin: dict = field(default_factory=dict)
     local: dict = field(default_factory=dict)  # the same key → the path inside its component (no file prefix)
+    absent: dict = field(default_factory=dict)  # adapter name → the component it is for, which the base lacks
     missing: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -292,6 +293,7 @@ def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) ->
         if not found:
             have = ", ".join(c for c, _ in targets if c) or "none"
             out.missing[name] = f"a {component} module, and this base has no {component} (its components: {have})"
+            out.absent[name] = component
             continue
         hits = [(c, n, p) for c, n in found for p in n.find(local, kohya)]
         if not hits:
