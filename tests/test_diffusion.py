@@ -420,3 +420,61 @@ def test_names_that_match_nothing_and_lora_for_another_model(sd, tmp_path):
                                   "--allow-missing"])
     assert r.exit_code != 0 and "has shape" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "o2").exists()
+
+
+def test_lokr_pipeline_file_reads_merges_and_loads_in_diffusers(tmp_path):
+    """diffusers loads LoKr too: a component-prefixed PEFT LoKr file is read with its config, renamed on a base
+    and written back, and diffusers' loader gives every module the update we compute."""
+    from peft import LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from surgery import save_adapter
+    from surgery.io.names import on_base
+
+    unet = sd_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    lokr = sd_unet()
+    cfg = LoKrConfig(r=2, alpha=3, target_modules=["to_q", "to_v", "proj_in"], init_weights=False)
+    inject_adapter_in_model(cfg, lokr)
+    meta = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in cfg.to_dict().items()}
+    save_file({f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(lokr).items()},
+              str(tmp_path / "lokr.safetensors"), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    a = load_adapter(tmp_path / "lokr.safetensors")
+    assert a.format == "diffusers" and {m.algo for m in a.modules.values()} == {"lokr"}
+    merge(tmp_path / "unet", [a], tmp_path / "m")
+    _assert_merged(load_file(tmp_path / "m/diffusion_pytorch_model.safetensors"), _fused(lokr), unet.state_dict(), 10)
+    save_adapter(on_base(a, tmp_path / "unet", "diffusers"), tmp_path / "back.safetensors")
+    fresh = sd_unet()
+    fresh.load_lora_adapter(str(tmp_path / "back.safetensors"), prefix="unet", use_safetensors=True)
+    for name, mod in fresh.named_modules():
+        if isinstance(mod, BaseTunerLayer):
+            theirs = mod.get_delta_weight("default_0").double()
+            mine = a.modules[f"unet.{name}"].delta(torch.float64).reshape(theirs.shape)
+            assert torch.allclose(theirs, mine, atol=1e-6), name
+
+
+def test_sdxl_pipeline_routes_te1_and_te2_to_their_own_encoders(tmp_path):
+    """Two text encoders with identical module names: `lora_te1_` / `lora_te2_` (and `text_encoder_2.`) reach
+    only their own, as diffusers' converter routes them."""
+    unet, te1, te2 = sd_unet(), text_encoder(seed=1), text_encoder(seed=2)
+    pipe = save_pipeline(tmp_path / "pipe", {"unet": unet, "text_encoder": te1, "text_encoder_2": te2})
+    state = {}
+    for prefix, model, seed in (("lora_te1_", te1, 11), ("lora_te2_", te2, 12)):
+        paths = linear_modules(model, TE_TARGETS)
+        state.update(kohya_lora(paths, "", seed, rank=2, alpha=3.0,
+                                names={p: prefix + ("" if p.startswith("text_model.") else "text_model_")
+                                       + p.replace(".", "_") for p in paths}))
+    save_file(state, str(tmp_path / "xl.safetensors"))
+    merge(pipe, [load_adapter(tmp_path / "xl.safetensors")], tmp_path / "out")
+    new, alphas = _convert_non_diffusers_lora_to_diffusers(dict(state))
+    refs = {}
+    for c, seed in (("text_encoder", 1), ("text_encoder_2", 2)):
+        refs[c] = text_encoder(seed=seed)
+        StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+            {k: v for k, v in new.items() if k.startswith(c + ".")}, alphas, refs[c], prefix=c)
+    for c, model in (("text_encoder", te1), ("text_encoder_2", te2)):
+        _assert_merged(load_file(tmp_path / "out" / c / "model.safetensors"), _fused(refs[c]), model.state_dict(), 12)
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "xl.safetensors"), "--to", "diffusers", "--base",
+                                  str(pipe), "-o", str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 0, r.output
+    names = load_adapter(tmp_path / "d.safetensors").modules
+    assert sum(n.startswith("text_encoder_2.") for n in names) == sum(n.startswith("text_encoder.") for n in names) > 0
