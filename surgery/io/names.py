@@ -180,33 +180,26 @@ class _Names:
         self.ck, self.prefix = ck, prefix
         self.shapes = {k[len(prefix): -len(".weight")]: tuple(s.shape) for k, s in ck.tensors.items()
                        if k.startswith(prefix) and k.endswith(".weight")}
+        self.dotted = {p: [p] for p in self.shapes}
         self.underscored = defaultdict(list)
         for p in self.shapes:
             self.underscored[p.replace(".", "_")].append(p)
         self._canonical = None
 
-    def find(self, local: str, kohya: bool) -> list[str]:
-        """Paths for a name: exact; the base's path with extra leading parts; the name with extra leading parts."""
-        if kohya:
-            if local in self.underscored:
-                return self.underscored[local]
-            found = [p for u, ps in self.underscored.items() if u.endswith("_" + local) for p in ps]
-            if found:
-                return found
-            parts = local.split("_")  # e.g. kohya's `text_model_encoder_…` on a CLIP saved without `text_model.`
-            for i in range(1, len(parts)):
-                if (u := "_".join(parts[i:])) in self.underscored:
-                    return self.underscored[u]
-            return []
-        if local in self.shapes:
-            return [local]
-        found = [p for p in self.shapes if p.endswith("." + local)]
-        if found:
+    def find(self, local: str, kohya: bool, drop: bool = False) -> list[str]:
+        """Paths for a name (kohya's underscored or a dotted path): exact; the base's path with extra leading parts;
+        the name with extra leading parts — for kohya names only when `drop` (the last resort: kohya's
+        `text_model_encoder_…` on a CLIP saved without `text_model.`), as underscores make it loose."""
+        sep, table = ("_", self.underscored) if kohya else (".", self.dotted)
+        if local in table:
+            return table[local]
+        found = [p for u, ps in table.items() if u.endswith(sep + local) for p in ps]
+        if found or (kohya and not drop):
             return found
-        parts = local.split(".")
+        parts = local.split(sep)
         for i in range(1, len(parts)):
-            if (p := ".".join(parts[i:])) in self.shapes:
-                return [p]
+            if (u := sep.join(parts[i:])) in table:
+                return table[u]
         return []
 
     def canonical(self, u: str) -> list[str]:
@@ -306,8 +299,14 @@ def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) ->
             c, n, p = hits[0]
             _put(out, c, n, p, m, name)
             continue
-        if not _flux(out, fused, name, m, local, found):
-            out.missing[name] = "no base tensor of that name"
+        if _flux(out, fused, name, m, local, found):
+            continue
+        hits = [(c, n, p) for c, n in found for p in n.find(local, kohya, drop=True)] if kohya else []
+        if len(hits) == 1:
+            _put(out, *hits[0], m, name)
+        else:
+            out.missing[name] = "no base tensor of that name" if not hits else \
+                f"matches several base tensors ({' / '.join(sorted(n.full(p) for _, n, p in hits)[:3])})"
     for (c, n, path, sizes, blocks), parts in fused.items():
         _fuse(out, c, n, path, sizes, blocks, parts)
     return out
