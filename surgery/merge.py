@@ -373,12 +373,12 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
         raise SurgeryError("--shard-size needs a model directory as the base (a single file stays one file)")
     opts = dict(device=resolve_device(device), sdtype=storage_dtype(dtype), compute_dtype=compute_dtype,
                 shard_size=_parse_size(shard_size), progress=progress)
+    notes: list[str] = []
     if pipeline is not None:
-        plans = _plan_pipeline(pipeline, adapters, weights, allow_missing)
+        plans, notes = _plan_pipeline(pipeline, adapters, weights, allow_missing)
     else:
         plans = {None: (ck, plan_merge(ck, adapters, weights, allow_missing, skip_modules_to_save))}
     counts = dict(merged=0, created=0, copied=0, shards=0, total=0)
-    notes: list[str] = []
     with atomic_output(out, is_dir=is_dir, replace=True) as tmp:
         for component, (c, plan) in plans.items():
             target = tmp / component if component else tmp
@@ -402,8 +402,9 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
 
 
 def _plan_pipeline(pipeline: Pipeline, adapters: Sequence[Adapter], weights: Sequence[float],
-                   allow_missing: bool) -> dict[str, tuple[Checkpoint, MergePlan]]:
-    """Each adapter's modules sent to the pipeline component they update, then one merge plan per component."""
+                   allow_missing: bool) -> tuple[dict[str, tuple[Checkpoint, MergePlan]], list[str]]:
+    """Each adapter's modules sent to the pipeline component they update, then one merge plan per component;
+    and the notes of the placement (splits, fusions, skipped modules)."""
     targets = list(pipeline.components.items())
     per: dict[str, list[tuple[Adapter, float]]] = {}
     notes = []
@@ -427,15 +428,14 @@ def _plan_pipeline(pipeline: Pipeline, adapters: Sequence[Adapter], weights: Seq
         for (c, path), m in p.modules.items():
             by_component.setdefault(c, {})[path] = m
         for c, modules in by_component.items():
-            sub = a.with_modules(modules, passthrough={}, config={"name_style": "base"})
+            sub = a.with_modules(modules, passthrough={}, config={
+                "name_style": "base", "fan_in_fan_out": bool(a.config.get("fan_in_fan_out"))})
             per.setdefault(c, []).append((sub, w))
     plans = {}
     for c, pairs in per.items():
         ck = pipeline.components[c]
-        plan = plan_merge(ck, [a for a, _ in pairs], [w for _, w in pairs])
-        plans[c] = (ck, MergePlan(plan.changes, tuple(notes) + plan.notes, plan.untie, plan.transposed))
-        notes = []
-    return plans
+        plans[c] = (ck, plan_merge(ck, [a for a, _ in pairs], [w for _, w in pairs]))
+    return plans, notes
 
 
 def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, shown: Path, *, device, sdtype, compute_dtype,
