@@ -388,6 +388,8 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
             for k, v in result.items():
                 counts[k] += v
             notes.extend(plan.notes + tuple(more))
+            if component:
+                notes.append(f"{component}: {result['merged']} tensor(s) merged, {result['copied']} copied")
         if pipeline is not None:
             done = {pipeline.root / c for c in plans}
             for p in sorted(pipeline.root.iterdir()):
@@ -396,7 +398,6 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
                 if p.name in pipeline.components:
                     counts["copied"] += len(pipeline.components[p.name].tensors)
-            notes.extend(f"{c}: merged" for c in plans)
     return MergeReport(str(out), counts["merged"], counts["created"], counts["copied"], counts["shards"],
                        counts["total"], round(time.perf_counter() - t0, 3), tuple(dict.fromkeys(notes)))
 

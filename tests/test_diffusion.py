@@ -367,6 +367,24 @@ def test_flux_separate_projections_fuse_exactly_into_bfl(tmp_path):
         for key in bfl:
             effect = (ref[key] - bfl[key]).abs().max().item()
             assert (got[key] - ref[key]).abs().max().item() <= 1e-5 * effect + 1e-7, key
+    # against a diffusers transformer folder: kohya names on diffusers paths take OneTrainer's `lora_transformer_`
+    # (what ComfyUI and diffusers read; `lora_unet_` there means BFL names); diffusers' converter reads them back
+    model.save_pretrained(tmp_path / "transformer")
+    r = CliRunner().invoke(main, ["convert", str(f), "--to", "kohya", "--base", str(tmp_path / "transformer"),
+                                  "-o", str(tmp_path / "ot.safetensors")])
+    assert r.exit_code == 0, r.output
+    ot = load_file(tmp_path / "ot.safetensors")
+    assert ot and all(n.startswith("lora_transformer_") for n in ot)
+    attn = {n: v for n, v in ot.items() if "_attn_" in n}  # the part diffusers' converter maps
+    back = flux()
+    back.load_lora_adapter(_convert_kohya_flux_lora_to_diffusers(attn), prefix="transformer")
+    base, changed = model.state_dict(), 0
+    for key, v in _fused(back).items():
+        if re.search(r"attn\.(to_[qkv]|add_[qkv]_proj)\.weight", key):
+            effect = (merged[key] - base[key]).abs().max().item()
+            assert (v - merged[key]).abs().max().item() <= 1e-5 * effect, key
+            changed += effect > 0
+    assert changed == 3 * 3 + 1  # to_q/k/v of the three blocks, add_q_proj
 
 
 def _load_state(model, state):

@@ -406,15 +406,17 @@ def missing_error(where, missing: Mapping[str, str]) -> SurgeryError:
 
 
 def kohya_prefix(component: str | None, two_text_encoders: bool) -> str:
-    """kohya's name prefix for a component: SD 1/2 `lora_te_`, SDXL `lora_te1_`/`lora_te2_`, `lora_unet_` for the
-    denoiser (Flux too, as sd-scripts names it)."""
-    if component in (DENOISER,) + DENOISERS[:2]:
+    """kohya's name prefix for a component: SD 1/2 `lora_te_`, SDXL `lora_te1_`/`lora_te2_`; `lora_unet_` for a UNet
+    and for the original single files' denoiser (Flux BFL names, as sd-scripts writes them); `lora_transformer_`
+    for a diffusers transformer's names (OneTrainer's, which ComfyUI and diffusers read)."""
+    if component in (DENOISER, "unet"):
         return "lora_unet_"
     if component == "text_encoder":
         return "lora_te1_" if two_text_encoders else "lora_te_"
     if component in TEXT_ENCODERS:
         return f"lora_te{component[-1]}_"
-    return "lora_" if component is None else f"lora_{component}_"
+    return {"transformer": "lora_transformer_", "prior": "lora_prior_unet_", None: "lora_"}.get(
+        component, f"lora_{component}_")
 
 
 def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Adapter:
