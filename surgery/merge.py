@@ -25,7 +25,7 @@ from .errors import SurgeryError
 from .io import check_output
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, index_name, is_pipeline,
-                            open_checkpoint, open_pipeline, read_tensor)
+                            open_pipeline, open_weight_sets, read_tensor, weights_name)
 from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 
@@ -338,8 +338,8 @@ def _shards(ck: Checkpoint, sizes: Mapping[str, int], shard_size: int | None) ->
         used += sizes[name]
     out.append(cur)
     if len(out) == 1:
-        return [(f"{ck.stem}.safetensors", out[0])]
-    return [(f"{ck.stem}-{i + 1:05d}-of-{len(out):05d}.safetensors", names) for i, names in enumerate(out)]
+        return [(weights_name(ck.stem, ck.variant), out[0])]
+    return [(weights_name(ck.stem, ck.variant, (i + 1, len(out))), names) for i, names in enumerate(out)]
 
 
 def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, weights: Sequence[float] | None = None,
@@ -354,7 +354,8 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     """
     t0 = time.perf_counter()
     pipeline = open_pipeline(base) if is_pipeline(base) else None
-    ck = None if pipeline else open_checkpoint(base)
+    sets = None if pipeline else open_weight_sets(base)
+    ck = None if pipeline else sets[0]
     root = pipeline.root if pipeline else ck.root
     out = Path(out)
     weights = list(weights) if weights else [1.0] * len(adapters)
@@ -377,19 +378,26 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     if pipeline is not None:
         plans, notes = _plan_pipeline(pipeline, adapters, weights, allow_missing)
     else:
-        plans = {None: (ck, plan_merge(ck, adapters, weights, allow_missing, skip_modules_to_save))}
+        plans = {None: [(c, plan_merge(c, adapters, weights, allow_missing, skip_modules_to_save)) for c in sets]}
+    _check_variant_dtypes([c for pairs in plans.values() for c, _ in pairs], opts["sdtype"])
     counts = dict(merged=0, created=0, copied=0, shards=0, total=0)
     with atomic_output(out, is_dir=is_dir, replace=True) as tmp:
-        for component, (c, plan) in plans.items():
+        for component, pairs in plans.items():
             target = tmp / component if component else tmp
             if component:
                 target.mkdir()
-            result, more = _write_checkpoint(c, plan, target, out if component is None else out / component, **opts)
-            for k, v in result.items():
-                counts[k] += v
-            notes.extend(plan.notes + tuple(more))
-            if component:
-                notes.append(f"{component}: {result['merged']} tensor(s) merged, {result['copied']} copied")
+            for c, plan in pairs:
+                result = _write_checkpoint(c, plan, target, **opts)
+                for k, v in result.items():
+                    counts[k] += v
+                notes.extend(plan.notes)
+            if is_dir:
+                notes.extend(_finish_folder([c for c, _ in pairs], pairs[0][1], target,
+                                            out if component is None else out / component, opts["sdtype"]))
+            variants = [c.variant or "plain" for c, _ in pairs]
+            if component or len(pairs) > 1:
+                notes.append(f"{component or out}: {result['merged']} tensor(s) merged, {result['copied']} copied"
+                             + (f", in each of its weight sets ({', '.join(variants)})" if len(pairs) > 1 else ""))
         if pipeline is not None:
             done = {pipeline.root / c for c in plans}
             for p in sorted(pipeline.root.iterdir()):
@@ -434,15 +442,28 @@ def _plan_pipeline(pipeline: Pipeline, adapters: Sequence[Adapter], weights: Seq
             per.setdefault(c, []).append((sub, w))
     plans = {}
     for c, pairs in per.items():
-        ck = pipeline.components[c]
-        plans[c] = (ck, plan_merge(ck, [a for a, _ in pairs], [w for _, w in pairs]))
+        plans[c] = [(ck, plan_merge(ck, [a for a, _ in pairs], [w for _, w in pairs]))
+                    for ck in open_weight_sets(pipeline.root / c)]
     return plans, notes
 
 
-def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, shown: Path, *, device, sdtype, compute_dtype,
+DTYPE_VARIANTS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _check_variant_dtypes(checkpoints: Sequence[Checkpoint], sdtype: torch.dtype | None) -> None:
+    """`--dtype` must not store another dtype under a variant named for one (`….fp16.safetensors` in bfloat16)."""
+    for c in checkpoints:
+        if sdtype is not None and DTYPE_VARIANTS.get(c.variant, sdtype) != sdtype:
+            raise SurgeryError(f"{c.root}: its weight variant {c.variant} would be stored as "
+                               f"{str(sdtype).removeprefix('torch.')}; merge without --dtype, or keep only the "
+                               "weight set you want in the base folder")
+
+
+def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, sdtype, compute_dtype,
                       shard_size: int | None, progress) -> dict[str, int]:
     """Stream `ck` with `plan` applied into `target` (a folder for a directory base, else the file), shard by
-    shard, one tensor at a time; untouched tensors are copied as raw bytes. `shown`: the path reported for it."""
+    shard, one tensor at a time, with its index where the shard names need one; untouched tensors are copied as
+    raw bytes."""
     dev = device
     scratches = itertools.cycle([Scratch(), Scratch()])  # tensor i is written while i + 1 is made
 
@@ -487,34 +508,40 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, shown: Path
     names = list(ck.tensors) + [n for n, c in plan.changes.items() if c.source]
     sizes = {n: math.prod(source(n).shape) * torch.empty(0, dtype=out_dtype(source(n))).element_size() for n in names}
     groups = _shards(ck, sizes, shard_size)
-    total, notes = 0, []
+    total = 0
     folder = target if ck.is_dir else target.parent
     weight_map = {}
     for shard, names in groups:
         meta = ck.metadata.get(shard) or next(iter(ck.metadata.values()), None)
         total += write_shard(folder / shard if ck.is_dir else target, [entry(n) for n in names], meta)
         weight_map.update({n: shard for n in names})
-    if ck.is_dir:
-        index = index_name(ck.stem)
-        if len(groups) > 1 or ck.index is not None or groups[0][0] != f"{ck.stem}.safetensors":  # shard names need it
-            content = {"metadata": {**(ck.index or {}).get("metadata", {}), "total_size": total},
-                       "weight_map": dict(sorted(weight_map.items()))}
-            (folder / index).write_text(json.dumps(content, indent=2) + "\n")
-        root, o = ck.root.resolve(), shown.resolve()  # an output inside the base (base/merged): not copied into itself
-        left_out = copy_side_files(ck.root, folder, skip=set(ck.shards) | {index},
-                                   skip_dirs={o.relative_to(root)} if o.is_relative_to(root) else set())
-        if left_out:
-            notes.append(f"not copied (other weight formats would hold unmerged weights): {', '.join(left_out)}")
-        if (plan.untie or sdtype is not None) and (folder / "config.json").exists():
-            cfg = json.loads((folder / "config.json").read_text())
-            if plan.untie:
-                cfg["tie_word_embeddings"] = False
-            if sdtype is not None:  # transformers loads at this dtype: it must be the stored one
-                name = str(sdtype).removeprefix("torch.")
-                for key in ("torch_dtype", "dtype"):
-                    if key in cfg or key == "torch_dtype":
-                        cfg[key] = name
-            (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if ck.is_dir and (len(groups) > 1 or ck.index is not None or groups[0][0] != weights_name(ck.stem, ck.variant)):
+        content = {"metadata": {**(ck.index or {}).get("metadata", {}), "total_size": total},
+                   "weight_map": dict(sorted(weight_map.items()))}
+        (folder / index_name(ck.stem, ck.variant)).write_text(json.dumps(content, indent=2) + "\n")
     merged = sum(1 for c in plan.changes.values() if not c.source)
     return dict(merged=merged, created=sum(1 for c in plan.changes.values() if c.source),
-                copied=len(ck.tensors) - merged, shards=len(groups), total=total), notes
+                copied=len(ck.tensors) - merged, shards=len(groups), total=total)
+
+
+def _finish_folder(sets: Sequence[Checkpoint], plan: MergePlan, folder: Path, shown: Path,
+                   sdtype: torch.dtype | None) -> list[str]:
+    """The rest of a merged model folder: its other files copied (not the weight sets just written, nor weights in
+    other formats, which would be stale), config.json updated for an untied head or a new dtype."""
+    ck = sets[0]
+    skip = {n for c in sets for n in c.shards + (index_name(c.stem, c.variant),)}
+    root, o = ck.root.resolve(), shown.resolve()  # an output inside the base (base/merged): not copied into itself
+    left_out = copy_side_files(ck.root, folder, skip=skip, skip_dirs={o.relative_to(root)} if o.is_relative_to(root)
+                               else set())
+    notes = [f"not copied (other weight formats would hold unmerged weights): {', '.join(left_out)}"] if left_out else []
+    if (plan.untie or sdtype is not None) and (folder / "config.json").exists():
+        cfg = json.loads((folder / "config.json").read_text())
+        if plan.untie:
+            cfg["tie_word_embeddings"] = False
+        if sdtype is not None:  # transformers loads at this dtype: it must be the stored one (diffusers has none)
+            name = str(sdtype).removeprefix("torch.")
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg or (key == "torch_dtype" and ck.stem == "model"):
+                    cfg[key] = name
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return notes

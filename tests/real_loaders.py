@@ -108,14 +108,15 @@ def check_peft_loads(path: Path) -> None:
 
 
 def check_transformers_loads(path: Path) -> None:
-    """Load a merged model directory with transformers; no weight may be missing or unexpected."""
+    """Load a merged model directory with transformers, each of its weight sets (plain, `fp16`, …); no weight may
+    be missing or unexpected."""
     import transformers
 
     from surgery.errors import SurgeryError
-    from surgery.io.checkpoint import open_checkpoint
+    from surgery.io.checkpoint import open_weight_sets
 
     try:
-        open_checkpoint(path)
+        variants = [ck.variant for ck in open_weight_sets(path)]
     except SurgeryError:
         return  # refused by our reader (a test's bad input)
     config = json.loads((path / "config.json").read_text())
@@ -124,8 +125,9 @@ def check_transformers_loads(path: Path) -> None:
     cls = getattr(transformers, config["architectures"][0], None)
     if cls is None:
         return
-    _, info = cls.from_pretrained(path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], f"{path}: {info}"
+    for variant in variants:
+        _, info = cls.from_pretrained(path, output_loading_info=True, variant=variant)
+        assert not info["missing_keys"] and not info["unexpected_keys"], f"{path} ({variant}): {info}"
 
 
 def _check_components(path: Path, adapter) -> None:

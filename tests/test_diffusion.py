@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from diffusers.loaders.lora_conversion_utils import (  # noqa: E402
     _maybe_map_sgm_blocks_to_diffusers)
 from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+import transformers  # noqa: E402
 
 UNET_TARGETS = r"attn[12]\.to_|proj_in|proj_out|ff\.net|conv1|conv2|time_emb_proj"
 TE_TARGETS = r"_proj$|fc[12]"
@@ -108,6 +110,44 @@ def test_component_folder_sharded_keeps_its_layout(sd, tmp_path):
         many.update(load_file(tmp_path / "m" / s))
     assert all(torch.equal(one[k], many[k]) for k in one)
     diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "m")
+
+
+def test_weight_variants_are_each_merged(sd, tmp_path):
+    """A pipeline as the Hub serves it: the UNet twice (plain float32 and `fp16`), the text encoder only as a sharded
+    `fp16` variant. Every weight set is merged (none left stale for `from_pretrained(variant=…)`), names kept."""
+    pipe, lora, state, unet, te = sd
+    unet.half().save_pretrained(pipe / "unet", variant="fp16")
+    unet.float()
+    shutil.rmtree(pipe / "text_encoder")
+    te.half().save_pretrained(pipe / "text_encoder", variant="fp16", max_shard_size="4KB")
+    te.float()
+    te_files = sorted(p.name for p in (pipe / "text_encoder").iterdir())
+    assert "model.safetensors.index.fp16.json" in te_files and "model.safetensors" not in te_files
+    r = CliRunner().invoke(main, ["merge", str(pipe), str(lora), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "in each of its weight sets (plain, fp16)" in r.output
+    assert sorted(p.name for p in (tmp_path / "out/text_encoder").iterdir()) == te_files
+    assert load_file(tmp_path / "out/unet/diffusion_pytorch_model.fp16.safetensors")["conv_in.weight"].dtype == torch.float16
+    ref_unet, ref_te = sd_unet(), text_encoder()
+    _kohya_reference(state, ref_unet, ref_te)
+    ref_u, ref_t = _fused(ref_unet), _fused(ref_te)
+    _assert_merged(load_file(tmp_path / "out/unet/diffusion_pytorch_model.safetensors"), ref_u, unet.state_dict(), 40)
+    for got, ref, base in ((diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out/unet", variant="fp16"),
+                            ref_u, unet.state_dict()),
+                           (transformers.CLIPTextModel.from_pretrained(tmp_path / "out/text_encoder", variant="fp16"),
+                            ref_t, te.state_dict())):
+        changed = 0
+        for k, v in got.state_dict().items():
+            effect = (ref[k] - base[k]).abs().max().item()
+            # the fp16 set starts from fp16 weights: one fp16 rounding of the base, one of the result
+            tol = 2 * 2.0 ** -10 * ref[k].abs().max().item()
+            assert (v.float() - ref[k]).abs().max().item() <= tol, k
+            changed += effect > 0
+        assert changed >= 12
+    # --dtype that would put bfloat16 under the fp16 name: one line, nothing written
+    r = CliRunner().invoke(main, ["merge", str(pipe), str(lora), "-o", str(tmp_path / "bf"), "--dtype", "bfloat16"])
+    assert r.exit_code == 1 and "variant fp16 would be stored as bfloat16" in r.output
+    assert not (tmp_path / "bf").exists()
 
 
 def _diffusers_lora_file(tmp_path, unet, te, seed=3):

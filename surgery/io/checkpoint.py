@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,33 @@ from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, pickle_error, read
 
 STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file stems
 INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"  # the one weights file of an unsharded model directory
 PIPELINE_INDEX = "model_index.json"
+# a weight set's entry file: `model.safetensors`, `diffusion_pytorch_model.fp16.safetensors`,
+# `model.safetensors.index.json`, `diffusion_pytorch_model.safetensors.index.fp16.json` (variants as diffusers and
+# transformers name them: `_add_variant`)
+_ENTRY = re.compile(rf"^({'|'.join(STEMS)})(?:\.safetensors\.index(?:\.(\w+))?\.json|(?:\.(\w+))?\.safetensors)$")
 
 
-def index_name(stem: str) -> str:
-    return f"{stem}.safetensors.index.json"
+def index_name(stem: str, variant: str | None = None) -> str:
+    return f"{stem}.safetensors.index{f'.{variant}' if variant else ''}.json"
+
+
+def weights_name(stem: str, variant: str | None = None, part: tuple[int, int] | None = None) -> str:
+    """`model.safetensors`, `model.fp16.safetensors`, `model-00001-of-00002.safetensors`,
+    `model.fp16-00001-of-00002.safetensors`."""
+    name = stem + (f".{variant}" if variant else "")
+    return name + (f"-{part[0]:05d}-of-{part[1]:05d}" if part else "") + ".safetensors"
+
+
+def weight_sets(folder: Path) -> list[tuple[str, str | None]]:
+    """The (stem, variant) weight sets a model folder holds, the plain one (variant None) first: diffusers
+    pipelines often carry the same weights twice (`diffusion_pytorch_model.safetensors` and `….fp16.safetensors`)."""
+    found = set()
+    for p in folder.iterdir() if folder.is_dir() else ():
+        m = _ENTRY.match(p.name)
+        if m:
+            found.add((m.group(1), m.group(2) or m.group(3)))
+    return sorted(found, key=lambda sv: (sv[1] is not None, sv[1] or "", STEMS.index(sv[0])))
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 
 
@@ -65,6 +87,7 @@ class Checkpoint:
     metadata: Mapping[str, Mapping[str, str]]
     index: Mapping | None
     stem: str = "model"  # weight file stem of a directory: "model" or diffusers' "diffusion_pytorch_model"
+    variant: str | None = None  # the weight variant of a directory (`fp16` for `model.fp16.safetensors`)
 
     @property
     def is_dir(self) -> bool:
@@ -82,25 +105,33 @@ class Checkpoint:
             raise SurgeryError(f"{p}: unreadable config ({e})") from None
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Plan a single-file or sharded checkpoint; a missing shard or a tensor missing from its shard is an error."""
+def open_checkpoint(path: str | os.PathLike, variant: str | None = "") -> Checkpoint:
+    """Plan a single-file or sharded checkpoint; a missing shard or a tensor missing from its shard is an error.
+    In a folder, `variant` picks the weight set (None: the plain one); by default the plain one, else the first."""
     root = Path(path)
     if not root.exists():
         raise SurgeryError(f"{root}: no such file or directory")
+    stem = "model"
     if root.is_file():
         if root.suffix.lower() in PICKLE_SUFFIXES:
             raise pickle_error(root)
-        shards, index = [root.name], None
+        shards, index, variant = [root.name], None, None
         folder = root.parent
     else:
         folder = root
         if (root / PIPELINE_INDEX).exists():
             raise SurgeryError(f"{root}: is a diffusers pipeline ({PIPELINE_INDEX}); give one of its component "
                                "folders (unet/, transformer/, text_encoder/, …)")
-        stem = next((s for s in STEMS if (root / index_name(s)).exists() or (root / f"{s}.safetensors").exists()),
-                    None)
-        if stem is not None and (root / index_name(stem)).exists():
-            index_path = root / index_name(stem)
+        sets = [sv for sv in weight_sets(root) if variant == "" or sv[1] == variant]
+        if not sets:
+            pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise pickle_error(root / pickles[0])
+            raise SurgeryError(f"{root}: no model.safetensors, diffusion_pytorch_model.safetensors or their "
+                               ".index.json")
+        stem, variant = sets[0]
+        index_path = root / index_name(stem, variant)
+        if index_path.exists():
             try:
                 index = json.loads(index_path.read_text())
                 weight_map = index["weight_map"]
@@ -110,14 +141,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             missing = [s for s in shards if not (root / s).is_file()]
             if missing:
                 raise SurgeryError(f"{root}: shard(s) listed in {index_path.name} are missing: {', '.join(missing)}")
-        elif stem is not None:
-            shards, index = [f"{stem}.safetensors"], None
         else:
-            pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
-            if pickles:
-                raise pickle_error(root / pickles[0])
-            raise SurgeryError(f"{root}: no model.safetensors, diffusion_pytorch_model.safetensors or their "
-                               ".index.json")
+            shards, index = [weights_name(stem, variant)], None
     tensors, metadata = {}, {}
     for shard in shards:
         p = (folder / shard).resolve()
@@ -132,8 +157,17 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if index is not None:
         for name, shard in index["weight_map"].items():
             if name not in tensors or tensors[name].path.name != shard:
-                raise SurgeryError(f"{root}: {index_name(stem)} maps {name} to {shard}, which does not contain it")
-    return Checkpoint(root, tuple(shards), tensors, metadata, index, stem if root.is_dir() else "model")
+                raise SurgeryError(f"{root}: {index_name(stem, variant)} maps {name} to {shard}, which does not "
+                                   "contain it")
+    return Checkpoint(root, tuple(shards), tensors, metadata, index, stem, variant)
+
+
+def open_weight_sets(path: str | os.PathLike) -> list[Checkpoint]:
+    """Every weight set of a model folder (the plain one and each variant), or the one file."""
+    root = Path(path)
+    if root.is_dir() and not (root / PIPELINE_INDEX).exists():
+        return [open_checkpoint(root, v) for v in dict.fromkeys(v for _, v in weight_sets(root))] or [open_checkpoint(root)]
+    return [open_checkpoint(root)]
 
 
 @dataclass(frozen=True)
@@ -164,7 +198,7 @@ def open_pipeline(path: str | os.PathLike) -> Pipeline:
         if not (isinstance(value, list) and len(value) == 2 and value[1] and folder.is_dir()):
             continue
         classes[name] = str(value[1])
-        if any((folder / f"{s}.safetensors").exists() or (folder / index_name(s)).exists() for s in STEMS):
+        if weight_sets(folder):
             components[name] = open_checkpoint(folder)
     if not components:
         raise SurgeryError(f"{root}: no component of this pipeline holds safetensors weights")
