@@ -536,3 +536,33 @@ def test_sdxl_pipeline_routes_te1_and_te2_to_their_own_encoders(tmp_path):
     assert r.exit_code == 0, r.output
     names = load_adapter(tmp_path / "d.safetensors").modules
     assert sum(n.startswith("text_encoder_2.") for n in names) == sum(n.startswith("text_encoder.") for n in names) > 0
+
+
+def test_flux_pipeline_t5_is_kohya_te3(tmp_path):
+    """Flux's T5 is `text_encoder_2/` in diffusers but `lora_te3_` in kohya (sd-scripts, ComfyUI): read and written
+    so; CLIP stays `lora_te1_`. Merged against the dense float64 update."""
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1,
+                                                           num_heads=2))
+    clip, fl = text_encoder(), flux()
+    pipe = save_pipeline(tmp_path / "pipe", {"transformer": fl, "text_encoder": clip, "text_encoder_2": t5})
+    state = kohya_lora(linear_modules(t5, r"SelfAttention\.[qv]$"), "lora_te3_", 5, rank=2, alpha=1.0)
+    state.update(kohya_lora(linear_modules(clip, TE_TARGETS), "lora_te1_", 6, rank=2, alpha=1.0))
+    save_file(state, str(tmp_path / "k.safetensors"))
+    merge(pipe, [load_adapter(tmp_path / "k.safetensors")], tmp_path / "out")
+    for c, model, prefix in (("text_encoder_2", t5, "lora_te3_"), ("text_encoder", clip, "lora_te1_")):
+        got, base = load_file(tmp_path / "out" / c / "model.safetensors"), model.state_dict()
+        paths = linear_modules(model, r"SelfAttention\.[qv]$" if c == "text_encoder_2" else TE_TARGETS)
+        for path in paths:
+            n = prefix + path.replace(".", "_")
+            up, down = (state[f"{n}.lora_{x}.weight"].double() for x in ("up", "down"))
+            want = base[path + ".weight"].double() + 0.5 * up @ down
+            assert torch.allclose(got[path + ".weight"].double(), want, atol=1e-6), path
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "k.safetensors"), "--to", "diffusers", "--base", str(pipe),
+                                  "-o", str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 0, r.output
+    d = load_adapter(tmp_path / "d.safetensors").modules
+    assert sum(n.startswith("text_encoder_2.encoder.block.0.layer.0.SelfAttention.") for n in d) == 2
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "d.safetensors"), "--to", "kohya", "--base", str(pipe),
+                                  "-o", str(tmp_path / "k2.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert set(load_file(tmp_path / "k2.safetensors")) == set(state)

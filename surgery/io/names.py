@@ -252,7 +252,14 @@ def _targets_for(component: str | None, targets: Sequence[tuple[str | None, Chec
             out.append((component, _names(ck, groups[component], cache)))
         elif not groups or component is None:
             out.append((component, _names(ck, "", cache)))
+    if not out and component == "text_encoder_3":  # kohya's `lora_te3_` is the T5: Flux's text_encoder_2
+        out = [(name, _names(ck, "", cache)) for name, ck in targets if _is_t5(name, ck)]
     return out
+
+
+def _is_t5(component: str | None, ck: Checkpoint) -> bool:
+    """A T5 text encoder (kohya and ComfyUI call it `lora_te3_` whatever its folder: Flux's text_encoder_2)."""
+    return component in TEXT_ENCODERS and "T5EncoderModel" in (ck.config().get("architectures") or [])
 
 
 def _original_parts(ck: Checkpoint) -> dict[str, str]:
@@ -443,7 +450,8 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Ad
                                    "give a component folder (unet/, transformer/, …) or the pipeline")
             name = f"{c}.{path}"
         elif fmt == "kohya":
-            name = kohya_prefix(c, two) + path.replace(".", "_")
+            prefix = "lora_te3_" if any(c == t and _is_t5(t, ck) for t, ck in targets) else kohya_prefix(c, two)
+            name = prefix + path.replace(".", "_")
         else:
             name = PEFT_PREFIX + path
         modules[name] = m
