@@ -301,6 +301,17 @@ def test_sdxl_sgm_names_follow_diffusers_mapping(tmp_path):
     merge(tmp_path / "unet", [load_adapter(tmp_path / "sgm.safetensors")], tmp_path / "m")
     _assert_merged(load_file(tmp_path / "m/diffusion_pytorch_model.safetensors"), _fused(ref), unet.state_dict(),
                    len(shapes))
+    # ComfyUI's generic keys: `diffusion_model.<SGM path>.lora_A/lora_B` (no alpha: scale 1, so B carries it)
+    comfy = {}
+    for p in shapes:
+        n = names[p]
+        sgm = "diffusion_model." + _to_sgm(p, has_attn=lambda b: b < 2)
+        comfy[f"{sgm}.lora_A.weight"] = state[f"{n}.lora_down.weight"]
+        comfy[f"{sgm}.lora_B.weight"] = state[f"{n}.lora_up.weight"] * 0.5
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    merge(tmp_path / "unet", [load_adapter(tmp_path / "comfy.safetensors")], tmp_path / "mc")
+    _assert_merged(load_file(tmp_path / "mc/diffusion_pytorch_model.safetensors"), _fused(ref), unet.state_dict(),
+                   len(shapes))
     # the reverse: a diffusers-named kohya LoRA into an original single-file SDXL checkpoint (SGM key names)
     sgm_base = {f"model.diffusion_model.{_to_sgm(k[:-7], has_attn=lambda b: b < 2)}.weight": v
                 for k, v in unet.state_dict().items() if k.endswith(".weight") and k[:-7] in shapes}
@@ -370,6 +381,13 @@ def test_flux_fused_kohya_splits_exactly_into_diffusers(tmp_path):
     d = 0.5 * up @ down
     assert torch.allclose(got["norm_out.linear.weight"].double(), base["norm_out.linear.weight"].double()
                           + torch.cat(d.chunk(2)[::-1]), atol=1e-6)
+    # ComfyUI's generic keys for the same LoRA (`diffusion_model.<BFL path>.lora_A/B`, scale 1): the same merge
+    comfy = {f"diffusion_model.{p}.lora_{ab}.weight": state[f"lora_unet_{p.replace('.', '_')}.lora_{ud}.weight"] * s
+             for p in shapes for ab, ud, s in (("A", "down", 1.0), ("B", "up", 0.5))}
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    merge(tmp_path / "transformer", [load_adapter(tmp_path / "comfy.safetensors")], tmp_path / "mc")
+    mc = load_file(tmp_path / "mc/diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(mc[k], got[k], atol=1e-6) for k in got)
     # the same file into a BFL single-file checkpoint: names as they are, no split
     save_file(bfl, str(tmp_path / "flux1.safetensors"))
     merge(tmp_path / "flux1.safetensors", [load_adapter(tmp_path / "flux-kohya.safetensors")], tmp_path / "b.safetensors")

@@ -35,6 +35,10 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 KOHYA_ROUTES = (("lora_prior_unet_", "prior"), ("lora_unet_", DENOISER), ("lora_transformer_", DENOISER),
                 ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te3_", "text_encoder_3"),
                 ("lora_te_", "text_encoder"), ("lycoris_", None), ("lora_", None))
+# ComfyUI's dotted prefixes (its "generic" LoRA keys: `diffusion_model.<key>`, `text_encoders.clip_l.transformer.…`)
+COMFY_ROUTES = (("diffusion_model.", DENOISER), ("text_encoders.clip_l.transformer.", "text_encoder"),
+                ("text_encoders.clip_g.transformer.", "text_encoder_2"),
+                ("text_encoders.t5xxl.transformer.", "text_encoder_3"))
 # where each component lives inside the original single-file checkpoints (SD 1/2, SDXL, ComfyUI Flux)
 ORIGINAL_PREFIXES = {DENOISER: ("model.diffusion_model.",),
                      "text_encoder": ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.",
@@ -51,6 +55,9 @@ def route(name: str, kohya: bool) -> tuple[str | None, str]:
                 return component, name[len(prefix):]
         return None, name
     name = name.removeprefix(PEFT_PREFIX)
+    for prefix, component in COMFY_ROUTES:
+        if name.startswith(prefix):
+            return component, name[len(prefix):]
     head, _, rest = name.partition(".")
     if rest and head in DENOISERS[:2]:
         return DENOISER, rest
