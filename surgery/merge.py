@@ -26,7 +26,7 @@ from .io import check_output
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, index_name, is_pipeline,
                             open_pipeline, open_weight_sets, read_tensor, weights_name)
-from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place
+from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place, weight_key
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -142,7 +142,7 @@ def placed(adapter: Adapter, ck: Checkpoint) -> Placement:
         keys = {(None, n): m for n, m in adapter.modules.items()}
         return Placement(modules=keys, origin={k: [k[1]] for k in keys},
                          missing={n: "no base tensor of that name" for n in adapter.modules
-                                  if f"{n}.weight" not in ck.tensors})
+                                  if weight_key(ck.tensors, n) not in ck.tensors})
     return place(adapter, [(component_name(ck), ck)])
 
 
@@ -156,7 +156,7 @@ def base_shapes(adapter: Adapter, base: str | Path) -> dict[str, tuple[int, ...]
     for (c, path), names in p.origin.items():
         if len(names) == 1 and p.modules[(c, path)] is adapter.modules.get(names[0]):
             ck = cks.get(c) or next(iter(cks.values()))
-            out[names[0]] = tuple(ck.tensors[f"{path}.weight"].shape)
+            out[names[0]] = tuple(ck.tensors[weight_key(ck.tensors, path)].shape)
     return out
 
 
@@ -192,7 +192,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
         fan = bool(adapter.config.get("fan_in_fan_out", False))
         where = str(adapter.source)
         p = placed(adapter, ck)
-        found = {f"{k[1]}.weight": (p.origin[k][0], m) for k, m in p.modules.items()}  # base tensor → (name, ΔW)
+        found = {weight_key(ck.tensors, k[1]): (p.origin[k][0], m) for k, m in p.modules.items()}  # tensor → (name, ΔW)
         missing = list(p.missing)
         for name in list(missing):  # an lm_head absent from the file because it is tied to the embedding
             path = name.removeprefix(PREFIX)
@@ -227,7 +227,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                                    "linear or conv layer (its magnitude rescales the merged weight)")
             changes.setdefault(key, []).append((m, w, fan))
             if m.bias is not None:
-                bias = key[: -len(".weight")] + ".bias"
+                bias = key[: -len("weight")] + "bias"  # `.bias`, or nn.MultiheadAttention's `in_proj_bias`
                 if bias not in ck.tensors:
                     raise SurgeryError(f"{where}: module {name} has lora_B.bias but the base has no {bias}")
                 biases.setdefault(bias, []).append((m, w))

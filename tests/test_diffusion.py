@@ -584,3 +584,63 @@ def test_flux_pipeline_t5_is_kohya_te3(tmp_path):
                                   "-o", str(tmp_path / "k2.safetensors")])
     assert r.exit_code == 0, r.output
     assert set(load_file(tmp_path / "k2.safetensors")) == set(state)
+
+
+def _open_clip_state(te, prefix: str) -> dict:
+    """A transformers CLIP text encoder in OpenCLIP's layout, as the original SD 2.x / SDXL single files hold it
+    (q, k, v fused into nn.MultiheadAttention's in_proj; diffusers' convert_open_clip_checkpoint read backwards)."""
+    s = {k.removeprefix("text_model."): v for k, v in te.state_dict().items()}
+    out = {}
+    for i in range(te.config.num_hidden_layers):
+        h, o = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for x in ("weight", "bias"):
+            out[f"{o}attn.in_proj_{x}"] = torch.cat([s[f"{h}self_attn.{q}_proj.{x}"] for q in "qkv"])
+            for hf, oc in (("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+                           ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2")):
+                out[f"{o}{oc}.{x}"] = s[f"{h}{hf}.{x}"]
+    out[f"{prefix}token_embedding.weight"] = s["embeddings.token_embedding.weight"]
+    out[f"{prefix}positional_embedding"] = s["embeddings.position_embedding.weight"]
+    return out
+
+
+def test_sdxl_original_file_open_clip_encoder_takes_te2_loras(tmp_path):
+    """An SDXL single file (`conditioner.embedders.0.transformer.` CLIP, `conditioner.embedders.1.model.` OpenCLIP):
+    kohya's te2 q/k/v LoRAs fuse exactly into `attn.in_proj_weight`, out_proj / fc1 / fc2 are renamed — equal to
+    diffusers' own reading of the file into transformers' CLIP, laid out as OpenCLIP."""
+    unet, te1, te2 = sd_unet(sdxl=True), text_encoder(seed=1), text_encoder(seed=2)
+    base = {f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in te1.state_dict().items()}
+    base.update(_open_clip_state(te2, "conditioner.embedders.1.model."))
+    base.update({f"model.diffusion_model.{k}": v for k, v in list(unet.state_dict().items())[:4]})
+    save_file(base, str(tmp_path / "sdxl.safetensors"))
+    state = {}
+    for prefix, model, seed in (("lora_te1_", te1, 21), ("lora_te2_", te2, 22)):
+        paths = linear_modules(model, r"(q|k|v|out)_proj|fc[12]")
+        state.update(kohya_lora(paths, "", seed, rank=2, alpha=3.0, names={
+            p: prefix + "text_model_" + p.removeprefix("text_model.").replace(".", "_") for p in paths}))
+    save_file(state, str(tmp_path / "xl.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "sdxl.safetensors"), str(tmp_path / "xl.safetensors"),
+                                  "-o", str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "fused exactly into conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj" in r.output
+    new, alphas = _convert_non_diffusers_lora_to_diffusers(dict(state))
+    refs = {}
+    for c, seed in (("text_encoder", 1), ("text_encoder_2", 2)):
+        refs[c] = text_encoder(seed=seed)
+        StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+            {k: v for k, v in new.items() if k.startswith(c + ".")}, alphas, refs[c], prefix=c)
+    want = {f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in _fused(refs["text_encoder"]).items()}
+    merged_te2 = text_encoder(seed=2)
+    merged_te2.load_state_dict(_fused(refs["text_encoder_2"]))
+    want.update(_open_clip_state(merged_te2, "conditioner.embedders.1.model."))
+    got, changed = load_file(tmp_path / "m.safetensors"), 0
+    for k, v in got.items():
+        ref = want.get(k, base[k])
+        effect = (ref - base[k]).abs().max().item()
+        assert (v - ref).abs().max().item() <= 1e-5 * effect + 1e-7, k
+        changed += effect > 0
+    assert changed == 6 * 2 + 4 * 2  # te1: q, k, v, out, fc1, fc2 of 2 layers; te2: in_proj, out_proj, c_fc, c_proj
+    # as a naming base it is refused: OpenCLIP's fused names are read by no loader, diffusers names need diffusers'
+    for to, why in (("kohya", "OpenCLIP's layout"), ("peft", "OpenCLIP's layout"), ("diffusers", "not a diffusers model")):
+        r = CliRunner().invoke(main, ["convert", str(tmp_path / "xl.safetensors"), "--to", to, "--base",
+                                      str(tmp_path / "sdxl.safetensors"), "-o", str(tmp_path / f"x-{to}.safetensors")])
+        assert r.exit_code == 1 and why in r.output and not (tmp_path / f"x-{to}.safetensors").exists(), r.output

@@ -116,7 +116,7 @@ def sgm_to_diffusers(u: str, layers_per_block: int = 2) -> str:
     return f"{head}_{rest}" if rest else head
 
 
-# ---------------------------------------------------------------- Flux: original (BFL) ↔ diffusers names
+# ---------------------------------------------------------------- fused original layouts ↔ diffusers names: Flux (BFL)
 
 def _thirds(out, inp):
     return [out // 3] * 3
@@ -173,8 +173,28 @@ def _pattern(path: str) -> re.Pattern:
     return re.compile("^" + re.escape(path.replace(".", "_")).replace(r"\{n\}", r"(?P<n>\d+)") + "$")
 
 
-_FLUX_FROM_BFL = [(_pattern(b), b, sizes, parts) for b, sizes, parts in FLUX]
-_FLUX_FROM_DIFFUSERS = [(_pattern(d), b, sizes, parts, k) for b, sizes, parts in FLUX for k, (d, _) in enumerate(parts)]
+# OpenCLIP text encoders inside the original SD 2.x / SDXL single files (`cond_stage_model.model.`,
+# `conditioner.embedders.1.model.`) ↔ transformers' CLIP (diffusers' `convert_open_clip_checkpoint`): q, k, v are
+# thirds of nn.MultiheadAttention's `attn.in_proj_weight`
+OPEN_CLIP = tuple(
+    (f"transformer.resblocks.{{n}}.{o}", sizes, tuple((t + h, k) for h, k in hf))
+    for t in ("text_model.encoder.layers.{n}.", "encoder.layers.{n}.")  # transformers 4 / 5 CLIPTextModel paths
+    for o, sizes, hf in (("attn.in_proj", _thirds, (("self_attn.q_proj", (0,)), ("self_attn.k_proj", (1,)),
+                                                     ("self_attn.v_proj", (2,)))),
+                         ("attn.out_proj", _one, (("self_attn.out_proj", (0,)),)),
+                         ("mlp.c_fc", _one, (("mlp.fc1", (0,)),)), ("mlp.c_proj", _one, (("mlp.fc2", (0,)),))))
+# (fused-layout path, row blocks, parts) of both tables: the original layouts and diffusers' / transformers' own
+LAYOUTS = FLUX + OPEN_CLIP
+_FROM_FUSED = [(_pattern(b), b, sizes, parts) for b, sizes, parts in LAYOUTS]
+_FROM_SEPARATE = [(_pattern(d), b, sizes, parts, k) for b, sizes, parts in LAYOUTS for k, (d, _) in enumerate(parts)]
+_OPEN_CLIP_PATHS = [_pattern(b) for b, *_ in OPEN_CLIP]
+
+
+def weight_key(tensors: Mapping, path: str) -> str:
+    """The base tensor a module path's ΔW goes to: `path.weight`, or nn.MultiheadAttention's `path_weight`
+    (`attn.in_proj_weight`, OpenCLIP's fused q/k/v) where that is what the base holds."""
+    key = f"{path}.weight"
+    return key if key in tensors or f"{path}_weight" not in tensors else f"{path}_weight"
 
 
 # ---------------------------------------------------------------- one component's names
@@ -186,7 +206,7 @@ class _Names:
     def __init__(self, ck: Checkpoint, prefix: str = ""):
         self.ck, self.prefix = ck, prefix
         self.shapes = {k[len(prefix): -len(".weight")]: tuple(s.shape) for k, s in ck.tensors.items()
-                       if k.startswith(prefix) and k.endswith(".weight")}
+                       if k.startswith(prefix) and k.endswith((".weight", "attn.in_proj_weight"))}
         self.dotted = {p: [p] for p in self.shapes}
         self.underscored = defaultdict(list)
         for p in self.shapes:
@@ -313,7 +333,7 @@ def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) ->
             c, n, p = hits[0]
             _put(out, c, n, p, m, name)
             continue
-        if _flux(out, fused, name, m, local, found):
+        if _other_layout(out, fused, name, m, local, found):
             continue
         hits = [(c, n, p) for c, n in found for p in n.find(local, kohya, drop=True)] if kohya else []
         if len(hits) == 1:
@@ -334,11 +354,12 @@ def _put(out: Placement, c, n: _Names, path: str, m, name: str) -> tuple:
     return key
 
 
-def _flux(out: Placement, fused, name: str, m, local: str, found) -> bool:
-    """Place a Flux module across the BFL ↔ diffusers naming: split a fused one, or collect a part for fusing."""
+def _other_layout(out: Placement, fused, name: str, m, local: str, found) -> bool:
+    """Place a module across an original ↔ diffusers layout (Flux BFL, OpenCLIP): split a fused one, or collect a
+    part for fusing."""
     u = local.replace(".", "_")
     for c, n in found:
-        for pattern, bfl, sizes, parts in _FLUX_FROM_BFL:
+        for pattern, bfl, sizes, parts in _FROM_FUSED:
             if not (g := pattern.match(u)):
                 continue
             paths = [d.format(n=g.groupdict().get("n")) for d, _ in parts]
@@ -356,7 +377,7 @@ def _flux(out: Placement, fused, name: str, m, local: str, found) -> bool:
             if len(paths) > 1 or parts[0][1] != (0,):
                 out.notes.append(f"{name}: split exactly into {', '.join(paths)}")
             return True
-        for pattern, bfl, sizes, parts, k in _FLUX_FROM_DIFFUSERS:
+        for pattern, bfl, sizes, parts, k in _FROM_SEPARATE:
             if not (g := pattern.match(u)):
                 continue
             path = bfl.format(n=g.groupdict().get("n"))
@@ -378,7 +399,7 @@ def _rows(name, m, rows):
 
 
 def _fuse(out: Placement, c, n: _Names, path: str, sizes, blocks, parts: Mapping[int, tuple[str, object]]) -> None:
-    """The separate projections' modules as one LoRA of the fused BFL weight (rows of absent ones stay zero)."""
+    """The separate projections' modules as one LoRA of the fused weight (rows of absent ones stay zero)."""
     out_f, in_f = n.shapes[path][0], n.shapes[path][1]
     size = sizes(out_f, in_f)
     starts = [sum(size[:i]) for i in range(len(size))]
@@ -387,7 +408,8 @@ def _fuse(out: Placement, c, n: _Names, path: str, sizes, blocks, parts: Mapping
         rows = torch.cat([torch.arange(starts[i], starts[i] + size[i]) for i in blocks[k][1]])
         if m.out_features != len(rows) or m.in_features != in_f:
             raise SurgeryError(f"module {name}: ΔW {m.out_features}×{m.in_features} does not fit rows of base tensor "
-                               f"{n.full(path)}.weight {list(n.shapes[path])} (a LoRA for another model?)")
+                               f"{weight_key(n.ck.tensors, n.full(path))} {list(n.shapes[path])} (a LoRA for another "
+                               "model?)")
         stack.append((m, rows))
     names = [name for _, (name, _) in sorted(parts.items())]
     try:
@@ -437,24 +459,25 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Ad
     """The adapter with every module named after the base tensor it updates, in `fmt`'s naming: diffusers
     `<component>.<path>`, PEFT `base_model.model.<path>` (one component), kohya `lora_unet_<path with _>`, …"""
     targets = base_targets(base)
+    if fmt == "diffusers" and any(c is None for c, _ in targets):
+        raise SurgeryError(f"{base}: is not a diffusers model folder, and diffusers names are a diffusers model's "
+                           "module paths; give the pipeline or a component folder (unet/, transformer/, …)")
     p = place(adapter, targets)
     if p.missing and not allow_missing:
         raise missing_error(adapter.source or base, p.missing)
+    if open_clip := sorted(path for path in p.local.values()
+                           if any(r.match(path.replace(".", "_")) for r in _OPEN_CLIP_PATHS)):
+        raise SurgeryError(f"{base}: {open_clip[0]} is OpenCLIP's layout, which no adapter names (they name "
+                           "transformers' CLIP modules); give the diffusers pipeline as --base")
     components = {c for c, _ in p.modules}
     if fmt in ("peft", "peft-file") and len(components) > 1:
         raise SurgeryError(f"a PEFT adapter is for one model, and this one updates {', '.join(sorted(map(str, components)))}"
                            " of the pipeline; write --to diffusers, or give one component folder as --base")
     two = any(c == "text_encoder_2" for c, _ in targets) or "text_encoder_2" in components
-    denoiser = next((c for c, _ in targets if c in DENOISERS[:2]), None)
     modules = {}
     for key, m in p.modules.items():
         c, path = key[0], p.local[key]
         if fmt == "diffusers":
-            if c == DENOISER:
-                c = denoiser or ("transformer" if "transformer_blocks" in path else "unet")
-            if c is None:
-                raise SurgeryError(f"{base}: is not a diffusers model, so its modules have no diffusers component; "
-                                   "give a component folder (unet/, transformer/, …) or the pipeline")
             name = f"{c}.{path}"
         elif fmt == "kohya":
             prefix = "lora_te3_" if any(c == t and _is_t5(t, ck) for t, ck in targets) else kohya_prefix(c, two)
