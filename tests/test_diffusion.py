@@ -644,3 +644,39 @@ def test_sdxl_original_file_open_clip_encoder_takes_te2_loras(tmp_path):
         r = CliRunner().invoke(main, ["convert", str(tmp_path / "xl.safetensors"), "--to", to, "--base",
                                       str(tmp_path / "sdxl.safetensors"), "-o", str(tmp_path / f"x-{to}.safetensors")])
         assert r.exit_code == 1 and why in r.output and not (tmp_path / f"x-{to}.safetensors").exists(), r.output
+
+
+def test_peft_keys_with_per_module_alpha_keys(tmp_path):
+    """PEFT keys with a kohya-style `<module>.alpha` each (diffusers' "network alphas", e.g. TheLastBen's Flux
+    LoRAs; ComfyUI's `{x}.alpha`): scale alpha / r, as diffusers' FluxPipeline.lora_state_dict + load_lora_adapter."""
+    model = flux()
+    model.save_pretrained(tmp_path / "transformer")
+    g = torch.Generator().manual_seed(9)
+    state = {}
+    for i, (path, shape) in enumerate(linear_modules(model, r"attn\.to_[qkv]$|proj_mlp").items()):
+        r = 2 + i % 3
+        state[f"transformer.{path}.lora_A.weight"] = torch.randn(r, shape[1], generator=g)
+        state[f"transformer.{path}.lora_B.weight"] = torch.randn(shape[0], r, generator=g)
+        state[f"transformer.{path}.alpha"] = torch.tensor(float(1 + i % 4))
+    save_file(state, str(tmp_path / "a.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "transformer"), str(tmp_path / "a.safetensors"),
+                                  "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    sd, alphas = diffusers.FluxPipeline.lora_state_dict(str(tmp_path / "a.safetensors"), return_alphas=True)
+    assert len(alphas) == len(state) // 3
+    ref = flux()
+    ref.load_lora_adapter(sd, network_alphas=alphas, prefix="transformer")
+    base = model.state_dict()
+    _assert_merged(load_file(tmp_path / "m/diffusion_pytorch_model.safetensors"), _fused(ref), base, len(alphas))
+    # written back (a diffusers file with its scales in the metadata), diffusers loads the same update
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "a.safetensors"), "--to", "diffusers",
+                                  "-o", str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 0, r.output
+    back = flux()
+    back.load_lora_adapter(str(tmp_path / "d.safetensors"), prefix="transformer", use_safetensors=True)
+    _assert_merged(_fused(back), _fused(ref), base, len(alphas))
+    # an alpha for some modules only: diffusers and ComfyUI would disagree on the others — one line
+    del state[next(k for k in state if k.endswith(".alpha"))]
+    save_file(state, str(tmp_path / "b.safetensors"))
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "b.safetensors")])
+    assert r.exit_code == 1 and "none for transformer_blocks.0.attn.to_q (diffusers" in r.output, r.output

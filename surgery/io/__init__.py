@@ -57,8 +57,10 @@ def detect(path: str | os.PathLike) -> str:
     header, metadata = read_header(path)
     if tera_file.is_tera(header, metadata):
         return "tera"
-    if any(kohya.parse_key(k) or kohya.unsupported(k) for k in header):
-        if any(peft.parse_key(k) for k in header):
+    kohya_keys = [k for k in header if kohya.parse_key(k) or kohya.unsupported(k)]
+    peft_keys = any(peft.parse_key(k) for k in header)
+    if kohya_keys and not (peft_keys and all(k.endswith(".alpha") for k in kohya_keys)):  # PEFT keys + .alpha: PEFT's
+        if peft_keys:
             raise SurgeryError(f"{path}: mixes kohya (lora_down/lora_up) and PEFT (lora_A/lora_B) keys")
         return "kohya"
     if any(peft.parse_key(k) or peft.parse_structured(k) for k in header):

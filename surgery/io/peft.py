@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -133,10 +134,21 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
     if ptype not in TYPES:
         raise SurgeryError(f"{where}: peft_type {ptype!r} is not read by surgery (LORA, LOHA and LOKR are)")
     algo = TYPES[ptype]
+    alphas = {k.removesuffix(".alpha"): ref for k, ref in refs.items() if k.endswith(".alpha")}
+    refs = {k: ref for k, ref in refs.items() if not k.endswith(".alpha")}
     parts, kinds, passthrough = group_keys(refs, parse_key if algo == "lora" else parse_structured, weights)
     if not parts:
         what = "<module>.lora_A.weight" if algo == "lora" else f"<module>.{'hada_w1_a' if algo == 'loha' else 'lokr_w1'}"
         raise SurgeryError(f"{weights}: no {ptype} tensors found (expected keys like {what})")
+    if alphas:
+        _check_alpha_keys(alphas, parts, config, algo, where)
+        modules = {}
+        for n in sorted(parts):
+            m = make_module(n, parts[n], kinds.get(n, "linear"), 1.0, weights)
+            modules[n] = replace(m, scale=_alpha_value(alphas[n], n, where) / m.rank)
+        note = (f"{weights.name}: scales from its per-module .alpha keys (alpha / r, as diffusers and ComfyUI read "
+                "them)")
+        return modules, passthrough, updated_config(Adapter(modules=modules, format="peft")), [note]
     notes = []
     assumed = config is None
     if assumed:
@@ -153,6 +165,28 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
         scale = 1.0 if assumed else _scale_of(config, name, rank, where)
         modules[name] = make_module(name, parts[name], kinds.get(name, "linear"), scale, weights)
     return modules, passthrough, config, notes
+
+
+def _check_alpha_keys(alphas, parts, config, algo, where) -> None:
+    """PEFT keys with kohya-style `<module>.alpha` scalars (diffusers' "network alphas"): every module needs one,
+    and nothing else may state the scale."""
+    if config is not None or algo != "lora":
+        raise SurgeryError(f"{where}: has both {'a config' if config is not None else algo + ' tensors'} and "
+                           f"per-module .alpha keys ({next(iter(alphas))}.alpha); which scale is meant is unclear")
+    if stray := sorted(set(alphas) - set(parts)):
+        raise SurgeryError(f"{where}: .alpha key for {stray[0]}, which has no lora_A/lora_B tensors")
+    if without := sorted(set(parts) - set(alphas)):
+        more = f" and {len(without) - 1} more" if len(without) > 1 else ""
+        raise SurgeryError(f"{where}: per-module .alpha keys, but none for {without[0]}{more} (diffusers and ComfyUI "
+                           "would give it different scales)")
+
+
+def _alpha_value(ref, name, where) -> float:
+    value = float(materialize(ref).reshape(-1)[0].double()) if ref.numel() == 1 else float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise SurgeryError(f"{where}: module {name}: alpha must be one positive number, got "
+                           f"{value if ref.numel() == 1 else list(ref.shape)}")
+    return value
 
 
 def _structured(name, algo, tensors, config, weights, where):
