@@ -680,3 +680,39 @@ def test_peft_keys_with_per_module_alpha_keys(tmp_path):
     save_file(state, str(tmp_path / "b.safetensors"))
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "b.safetensors")])
     assert r.exit_code == 1 and "none for transformer_blocks.0.attn.to_q (diffusers" in r.output, r.output
+
+
+def test_legacy_diffusers_keys_read_as_diffusers_renames_them(sd, tmp_path):
+    """diffusers' pre-PEFT LoRA files (attention processors: `attn1.processor.to_out_lora.up.weight`; text encoder
+    `self_attn.to_q_lora`): the UNet part merges as diffusers' own loader reads it, the text encoder's to q_proj /
+    out_proj (its DIFFUSERS_OLD_TO_PEFT table) against the float64 update; written back as a current file."""
+    pipe, _, _, unet, te = sd
+    g = torch.Generator().manual_seed(4)
+    state = {}
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    for proj, (o, i) in (("to_q", (8, 8)), ("to_v", (8, 8)), ("to_out", (8, 8))):
+        state[f"unet.{attn}.processor.{proj}_lora.down.weight"] = torch.randn(2, i, generator=g)
+        state[f"unet.{attn}.processor.{proj}_lora.up.weight"] = torch.randn(o, 2, generator=g)
+    te_path = next(p for p in linear_modules(te, r"layers\.0\.self_attn\.q_proj")).removesuffix(".q_proj")
+    for proj in ("to_q", "to_out"):
+        state[f"text_encoder.{te_path}.{proj}_lora.down.weight"] = torch.randn(2, 12, generator=g)
+        state[f"text_encoder.{te_path}.{proj}_lora.up.weight"] = torch.randn(12, 2, generator=g)
+    save_file(state, str(tmp_path / "legacy.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(pipe), str(tmp_path / "legacy.safetensors"), "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    sdict, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path / "legacy.safetensors"))
+    ref = sd_unet()
+    ref.load_lora_adapter({k: v for k, v in sdict.items() if k.startswith("unet.")}, prefix="unet",
+                          network_alphas=alphas)
+    _assert_merged(load_file(tmp_path / "m/unet/diffusion_pytorch_model.safetensors"), _fused(ref), unet.state_dict(), 3)
+    got, base = load_file(tmp_path / "m/text_encoder/model.safetensors"), te.state_dict()
+    for proj, hf in (("to_q", "q_proj"), ("to_out", "out_proj")):
+        up, down = (state[f"text_encoder.{te_path}.{proj}_lora.{x}.weight"].double() for x in ("up", "down"))
+        key = f"{te_path}.{hf}.weight"
+        assert torch.allclose(got[key].double(), base[key].double() + up @ down, atol=1e-6), key
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "legacy.safetensors"), "--to", "diffusers",
+                                  "-o", str(tmp_path / "new.safetensors")])
+    assert r.exit_code == 0, r.output
+    back = sd_unet()
+    back.load_lora_adapter(str(tmp_path / "new.safetensors"), prefix="unet", use_safetensors=True)
+    _assert_merged(_fused(back), _fused(ref), unet.state_dict(), 3)

@@ -9,6 +9,7 @@ The adapter keeps the prefixed names and the prefixed config as they are on disk
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +28,26 @@ def component(key: str) -> str | None:
     return head if head in COMPONENTS and "." in key else None
 
 
+# diffusers' pre-PEFT layouts (≤ 0.24): attention processors (`attn1.processor.to_q_lora.down.weight`), text-encoder
+# `to_q_lora` / `lora_linear_layer`, LoRACompatibleLinear's `.lora.down`; renamed as diffusers' own
+# UNET_TO_DIFFUSERS / DIFFUSERS_OLD_TO_PEFT tables do (its loaders still take them), scale 1
+_LEGACY = re.compile(r"^(?P<c>[^.]+)\.(?P<path>.+?)(?:\.processor)?\.(?:(?P<proj>to_[qkv]|to_out)_lora|lora_linear_layer|lora)"
+                     r"\.(?P<role>down|up)\.weight$")
+
+
+def legacy_key(key: str) -> str | None:
+    """The PEFT key of a legacy diffusers LoRA key, or None: `unet.….attn1.processor.to_out_lora.up.weight` →
+    `unet.….attn1.to_out.0.lora_B.weight`; `text_encoder.….self_attn.to_q_lora.down.weight` → `….q_proj.lora_A.weight`."""
+    m = _LEGACY.match(key)
+    if not m or m["c"] not in COMPONENTS:
+        return None
+    path, proj = m["path"], m["proj"]
+    if proj:
+        te = m["c"] in TEXT_ENCODERS
+        path += "." + ("out_proj" if te else "to_out.0") if proj == "to_out" else "." + (f"{proj[-1]}_proj" if te else proj)
+    return f"{m['c']}.{path}.lora_{'A' if m['role'] == 'down' else 'B'}.weight"
+
+
 def is_diffusers(header: Mapping, metadata: Mapping[str, str]) -> bool:
     """A PEFT-keyed file whose config is component-prefixed, or that has no config and every module under a
     component prefix."""
@@ -37,7 +58,7 @@ def is_diffusers(header: Mapping, metadata: Mapping[str, str]) -> bool:
         except json.JSONDecodeError:
             return False
         return isinstance(config, dict) and bool(config) and all(component(k) for k in config)
-    keys = [k for k in header if peft.parse_key(k) or peft.parse_structured(k)]
+    keys = [k for k in header if peft.parse_key(k) or peft.parse_structured(k) or legacy_key(k)]
     return bool(keys) and all(component(k) for k in keys)
 
 
@@ -52,6 +73,11 @@ def split_config(config: Mapping[str, Any]) -> dict[str, dict]:
 
 def read(path: Path) -> Adapter:
     refs, metadata = tensor_refs(path)
+    legacy = {k: legacy_key(k) for k in refs if legacy_key(k)}
+    if legacy:
+        if clash := set(legacy.values()) & set(refs):
+            raise SurgeryError(f"{path}: holds both legacy and PEFT keys for {sorted(clash)[0]}")
+        refs = {legacy.get(k, k): ref for k, ref in refs.items()}
     try:
         configs = split_config(json.loads(metadata[peft.METADATA_CONFIG])) if peft.METADATA_CONFIG in metadata else {}
     except (json.JSONDecodeError, AttributeError):
@@ -73,6 +99,8 @@ def read(path: Path) -> Adapter:
         modules.update({f"{c}.{n}": m for n, m in mods.items()})
         passthrough.update({f"{c}.{k}": v for k, v in rest.items()})
         notes.extend(f"{c}: {n}" for n in more)
+    if legacy:
+        notes.append(f"{path.name}: legacy diffusers LoRA keys ({next(iter(legacy))}) read as diffusers renames them")
     flat = {f"{c}.{k}": v for c, cfg in configs.items() for k, v in cfg.items()}
     return Adapter(modules=modules, format="diffusers", passthrough=passthrough, config=flat, metadata=metadata,
                    source=path, notes=tuple(notes))
