@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,21 @@ def tree_digest(path: Path) -> str:
         h.update(str(f.relative_to(path) if Path(path).is_dir() else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def hub_snapshot(src: Path, root: Path) -> Path:
+    """`src` laid out as the Hugging Face cache holds a download: every file of `snapshots/<rev>/` a relative
+    symlink to `blobs/<sha256>`, so the names a checkpoint lists are not the names of the files they point to."""
+    snap, blobs = root / "snapshots" / "0123abc", root / "blobs"
+    blobs.mkdir(parents=True)
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            blob = blobs / hashlib.sha256(p.read_bytes()).hexdigest()
+            blob.write_bytes(p.read_bytes())
+            link = snap / p.relative_to(src)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, link.parent), link)
+    return snap
 
 
 def dense_truncation(delta: torch.Tensor, k: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from surgery import load_adapter
 from surgery.errors import SurgeryError
 from surgery.merge import merge
 
+from .conftest import hub_snapshot, tree_digest
 from .diffusion_models import (diffusers, flux, kohya_lora, linear_modules, save_pipeline, sd_unet,
                                text_encoder)
 
@@ -87,6 +88,12 @@ def test_pipeline_merge_equals_diffusers_and_copies_the_rest(sd, tmp_path):
         assert (tmp_path / "out" / f).read_bytes() == (pipe / f).read_bytes()
     merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out/unet")  # loads as diffusers' own
     assert torch.equal(merged.conv_in.weight, unet.conv_in.weight)
+    # the same pipeline as the Hub cache holds it (every file a symlink to a blob): the same bytes out, no links
+    snap = hub_snapshot(pipe, tmp_path / "hub")
+    r = CliRunner().invoke(main, ["merge", str(snap), str(lora), "-o", str(tmp_path / "from-snap")])
+    assert r.exit_code == 0, r.output
+    assert tree_digest(tmp_path / "from-snap") == tree_digest(tmp_path / "out")
+    assert not any(p.is_symlink() for p in (tmp_path / "from-snap").rglob("*"))
 
 
 def test_component_folder_sharded_keeps_its_layout(sd, tmp_path):

@@ -18,7 +18,7 @@ from surgery.io.checkpoint import INDEX, open_checkpoint  # noqa: E402
 from surgery.merge import merge  # noqa: E402
 from surgery_cli.main import main  # noqa: E402
 
-from .conftest import KOHYA_FIXTURE, lora_pair, tree_digest  # noqa: E402
+from .conftest import KOHYA_FIXTURE, hub_snapshot, lora_pair, tree_digest  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,6 +91,19 @@ def test_merge_matches_peft_merge_and_unload(sharded, tmp_path):
     for norm in (k for k in ck_in.tensors if "norm" in k):
         src = load_file(str(d / "base" / ck_in.shard_of(norm)))[norm]
         assert torch.equal(load_file(str(tmp_path / "out" / ck_in.shard_of(norm)))[norm], src)
+
+
+def test_hub_cache_snapshot_merges_like_its_files(sharded, tmp_path):
+    d, _ = sharded
+    snap = hub_snapshot(d / "base", tmp_path / "hub")
+    lora = load_adapter(d / "lora")
+    r = CliRunner().invoke(main, ["merge", str(snap), str(d / "lora"), "-o", str(tmp_path / "from-snap")])
+    assert r.exit_code == 0, r.output
+    merge(d / "base", [lora], tmp_path / "plain", device="cpu")
+    assert tree_digest(tmp_path / "from-snap") == tree_digest(tmp_path / "plain")
+    assert not any(p.is_symlink() for p in (tmp_path / "from-snap").rglob("*"))
+    adapter, _ = extract(tmp_path / "from-snap", snap, FixedRank(2), device="cpu")
+    assert len(adapter.modules) == 14
 
 
 def test_unmerge_restores_base(sharded, tmp_path):

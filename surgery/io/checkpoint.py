@@ -145,7 +145,7 @@ def open_checkpoint(path: str | os.PathLike, variant: str | None = "") -> Checkp
             shards, index = [weights_name(stem, variant)], None
     tensors, metadata = {}, {}
     for shard in shards:
-        p = (folder / shard).resolve()
+        p = folder / shard  # as listed: a Hub cache snapshot links it to a blob of another name
         header, meta = read_header(p)
         metadata[shard] = meta
         start = 8 + _header_len(p)
