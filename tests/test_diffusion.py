@@ -723,3 +723,35 @@ def test_legacy_diffusers_keys_read_as_diffusers_renames_them(sd, tmp_path):
     back = sd_unet()
     back.load_lora_adapter(str(tmp_path / "new.safetensors"), prefix="unet", use_safetensors=True)
     _assert_merged(_fused(back), _fused(ref), unet.state_dict(), 3)
+
+
+def test_xlabs_flux_lora_reads_as_diffusers_converts_it(tmp_path):
+    """XLabs' Flux LoRAs (`double_blocks.N.processor.qkv_lora1.down.weight`, …): merged into a diffusers transformer as
+    diffusers' own FluxPipeline.lora_state_dict + load_lora_adapter; into the BFL single file through the exact fusion."""
+    model = flux()
+    model.save_pretrained(tmp_path / "transformer")
+    h, g, state = model.inner_dim, torch.Generator().manual_seed(12), {}
+    shapes = {"double_blocks.0.processor.qkv_lora1": (3 * h, h), "double_blocks.0.processor.qkv_lora2": (3 * h, h),
+              "double_blocks.0.processor.proj_lora1": (h, h), "double_blocks.0.processor.proj_lora2": (h, h),
+              "single_blocks.1.processor.qkv_lora": (3 * h, h), "single_blocks.1.processor.proj_lora": (h, 5 * h)}
+    for name, (o, i) in shapes.items():
+        state[f"{name}.down.weight"] = torch.randn(3, i, generator=g)
+        state[f"{name}.up.weight"] = torch.randn(o, 3, generator=g)
+    save_file(state, str(tmp_path / "xlabs.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "transformer"), str(tmp_path / "xlabs.safetensors"),
+                                  "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    ref = flux()
+    ref.load_lora_adapter(diffusers.FluxPipeline.lora_state_dict(str(tmp_path / "xlabs.safetensors")), prefix="transformer")
+    fused, base = _fused(ref), model.state_dict()
+    _assert_merged(load_file(tmp_path / "m/diffusion_pytorch_model.safetensors"), fused, base, 3 + 3 + 1 + 1 + 3 + 1)
+    bfl = _bfl_state(model)
+    bfl["double_blocks.0.txt_attn.proj.weight"] = base["transformer_blocks.0.attn.to_add_out.weight"]
+    save_file(bfl, str(tmp_path / "flux1.safetensors"))
+    merge(tmp_path / "flux1.safetensors", [load_adapter(tmp_path / "xlabs.safetensors")], tmp_path / "b.safetensors")
+    want = _bfl_state(_load_state(flux(), fused))
+    want["double_blocks.0.txt_attn.proj.weight"] = fused["transformer_blocks.0.attn.to_add_out.weight"]
+    got = load_file(tmp_path / "b.safetensors")
+    for k in bfl:
+        effect = (want[k] - bfl[k]).abs().max().item()
+        assert (got[k] - want[k]).abs().max().item() <= 1e-5 * effect + 1e-7, k

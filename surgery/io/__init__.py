@@ -65,7 +65,8 @@ def detect(path: str | os.PathLike) -> str:
         return "kohya"
     if any(peft.parse_key(k) or peft.parse_structured(k) for k in header):
         return "diffusers" if diffusers.is_diffusers(header, metadata) else "peft-file"
-    if any(diffusers.legacy_key(k) for k in header) and diffusers.is_diffusers(header, metadata):
+    if diffusers.is_xlabs(header) or (any(diffusers.legacy_key(k) for k in header)
+                                      and diffusers.is_diffusers(header, metadata)):
         return "diffusers"
     raise SurgeryError(f"{path}: no adapter tensors found (expected lora_A/lora_B, lora_down/lora_up, hada_* or "
                        "lokr_* keys)")

@@ -15,7 +15,9 @@ from typing import Any, Mapping
 
 from ..adapter import Adapter
 from ..errors import SurgeryError
+from .. import fuse
 from . import peft
+from .modules import make_module
 from .names import DENOISERS, TEXT_ENCODERS
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
@@ -71,8 +73,47 @@ def split_config(config: Mapping[str, Any]) -> dict[str, dict]:
     return out
 
 
+# XLabs' Flux LoRAs (x-flux): `double_blocks.N.processor.qkv_lora1.down.weight`, …; scale 1. Mapped as diffusers'
+# `_convert_xlabs_flux_lora_to_diffusers` does: a qkv LoRA splits exactly into q, k, v (down shared, up in thirds)
+_XLABS = re.compile(r"^(?:diffusion_model\.)?(?P<kind>double|single)_blocks\.(?P<n>\d+)\.processor\."
+                    r"(?P<lora>qkv_lora[12]?|proj_lora[12]?)\.(?P<role>down|up)\.weight$")
+_XLABS_PARTS = {  # (block kind, lora) → the diffusers paths it updates, in row order
+    ("double", "qkv_lora1"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+    ("double", "qkv_lora2"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    ("double", "proj_lora1"): ("attn.to_out.0",), ("double", "proj_lora2"): ("attn.to_add_out",),
+    ("single", "qkv_lora"): ("attn.to_q", "attn.to_k", "attn.to_v"), ("single", "proj_lora"): ("proj_out",)}
+
+
+def is_xlabs(header: Mapping) -> bool:
+    return any(_XLABS.match(k) for k in header)
+
+
+def _read_xlabs(path: Path, refs, metadata) -> Adapter:
+    roles: dict[tuple, dict] = {}
+    for key, ref in refs.items():
+        m = _XLABS.match(key)
+        if not m or (m["kind"], m["lora"]) not in _XLABS_PARTS:
+            raise SurgeryError(f"{path}: {key} is not an XLabs Flux LoRA key that surgery knows")
+        roles.setdefault((m["kind"], m["n"], m["lora"]), {})["A" if m["role"] == "down" else "B"] = ref
+    modules = {}
+    for (kind, n, lora), pair in sorted(roles.items()):
+        block = f"transformer.{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{n}."
+        module = make_module(f"{kind}_blocks.{n}.{lora}", pair, "linear", 1.0, path)
+        parts = _XLABS_PARTS[(kind, lora)]
+        if module.out_features % len(parts):
+            raise SurgeryError(f"{path}: {kind}_blocks.{n}.{lora}: {module.out_features} rows do not split into "
+                               f"{len(parts)} equal projections")
+        size = module.out_features // len(parts)
+        for i, part in enumerate(parts):
+            modules[block + part] = module if len(parts) == 1 else fuse.take_rows(module, range(i * size, (i + 1) * size))
+    return Adapter(modules=modules, format="diffusers", config={}, metadata=metadata, source=path, notes=(
+        f"{path.name}: XLabs Flux LoRA, read as diffusers' converter maps it (scale 1; qkv split into q, k, v)",))
+
+
 def read(path: Path) -> Adapter:
     refs, metadata = tensor_refs(path)
+    if is_xlabs(refs):
+        return _read_xlabs(path, refs, metadata)
     legacy = {k: legacy_key(k) for k in refs if legacy_key(k)}
     if legacy:
         if clash := set(legacy.values()) & set(refs):
