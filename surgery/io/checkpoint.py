@@ -24,6 +24,7 @@ from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, pickle_error, read
 STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file stems
 INDEX = "model.safetensors.index.json"
 PIPELINE_INDEX = "model_index.json"
+WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 # a weight set's entry file: `model.safetensors`, `diffusion_pytorch_model.fp16.safetensors`,
 # `model.safetensors.index.json`, `diffusion_pytorch_model.safetensors.index.fp16.json` (variants as diffusers and
 # transformers name them: `_add_variant`)
@@ -50,7 +51,6 @@ def weight_sets(folder: Path) -> list[tuple[str, str | None]]:
         if m:
             found.add((m.group(1), m.group(2) or m.group(3)))
     return sorted(found, key=lambda sv: (sv[1] is not None, sv[1] or "", STEMS.index(sv[0])))
-WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 
 
 @dataclass(frozen=True)
