@@ -202,6 +202,11 @@ def test_diffusers_file_is_read_merged_and_written_back(sd, tmp_path):
             theirs = mod.get_delta_weight("default_0").double()
             mine = sq.modules[f"unet.{name}"].delta(torch.float64).reshape(theirs.shape)
             assert torch.allclose(theirs, mine, atol=1e-6), name
+    # the folder save_lora_weights wrote (what load_lora_weights takes) is read as its file; results beside it
+    r = CliRunner().invoke(main, ["squeeze", str(f.parent), "--rank", "2"])
+    assert r.exit_code == 0, r.output
+    beside = f.parent.with_name(f.parent.name + "-r2.safetensors")
+    assert beside.exists() and load_file(beside).keys() == load_file(tmp_path / "sq.safetensors").keys()
 
 
 def test_convert_kohya_to_diffusers_and_back_with_base(sd, tmp_path):

@@ -80,6 +80,10 @@ def load_adapter(path: str | os.PathLike, alpha: float | None = None) -> Adapter
     path = Path(path)
     if not path.exists():
         raise SurgeryError(f"{path}: no such file or directory")
+    if path.is_dir() and not (path / peft.WEIGHTS).exists() and (path / diffusers.WEIGHTS).is_file():
+        # a folder as diffusers' save_lora_weights writes it (load_lora_weights takes the folder): its one file,
+        # results named after the folder
+        return replace(load_adapter(path / diffusers.WEIGHTS, alpha), source=path)
     fmt = detect(path)
     if fmt == "peft" and path.is_file():
         path = path.parent
