@@ -94,6 +94,11 @@ def test_pipeline_merge_equals_diffusers_and_copies_the_rest(sd, tmp_path):
     assert r.exit_code == 0, r.output
     assert tree_digest(tmp_path / "from-snap") == tree_digest(tmp_path / "out")
     assert not any(p.is_symlink() for p in (tmp_path / "from-snap").rglob("*"))
+    # kohya's names with PEFT's factor keys (`lora_unet_….lora_A.weight` + `.alpha`, as ComfyUI reads them): the same
+    ab = {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v for k, v in state.items()}
+    save_file(ab, str(tmp_path / "ab.safetensors"))
+    merge(pipe, [load_adapter(tmp_path / "ab.safetensors")], tmp_path / "from-ab")
+    assert tree_digest(tmp_path / "from-ab") == tree_digest(tmp_path / "out")
 
 
 def test_component_folder_sharded_keeps_its_layout(sd, tmp_path):

@@ -67,7 +67,10 @@ def route(name: str, kohya: bool) -> tuple[str | None, str]:
 
 
 def is_kohya(adapter: Adapter) -> bool:
-    return adapter.format == "kohya" or adapter.config.get("name_style") == "kohya"
+    """kohya's underscore names: a kohya file, or PEFT-style keys on them (`lora_unet_…_proj_in.lora_A.weight`, which
+    ComfyUI reads too)."""
+    return adapter.format == "kohya" or adapter.config.get("name_style") == "kohya" or bool(adapter.modules) and all(
+        "." not in n and n.startswith(("lora_", "lycoris_")) for n in adapter.modules)
 
 
 # ---------------------------------------------------------------- SGM (original SD/SDXL UNet) block names
