@@ -545,6 +545,18 @@ def test_lokr_pipeline_file_reads_merges_and_loads_in_diffusers(tmp_path):
             assert torch.allclose(theirs, mine, atol=1e-6), name
 
 
+def _sdxl_text_encoders_reference(state) -> dict:
+    """diffusers' own reading of a kohya file's `lora_te1_` / `lora_te2_` modules into two text encoders (seeds 1, 2),
+    as `StableDiffusionXLPipeline.load_lora_weights` routes them."""
+    new, alphas = _convert_non_diffusers_lora_to_diffusers(dict(state))
+    refs = {}
+    for c, seed in (("text_encoder", 1), ("text_encoder_2", 2)):
+        refs[c] = text_encoder(seed=seed)
+        StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+            {k: v for k, v in new.items() if k.startswith(c + ".")}, alphas, refs[c], prefix=c)
+    return refs
+
+
 def test_sdxl_pipeline_routes_te1_and_te2_to_their_own_encoders(tmp_path):
     """Two text encoders with identical module names: `lora_te1_` / `lora_te2_` (and `text_encoder_2.`) reach
     only their own, as diffusers' converter routes them."""
@@ -558,12 +570,7 @@ def test_sdxl_pipeline_routes_te1_and_te2_to_their_own_encoders(tmp_path):
                                        + p.replace(".", "_") for p in paths}))
     save_file(state, str(tmp_path / "xl.safetensors"))
     merge(pipe, [load_adapter(tmp_path / "xl.safetensors")], tmp_path / "out")
-    new, alphas = _convert_non_diffusers_lora_to_diffusers(dict(state))
-    refs = {}
-    for c, seed in (("text_encoder", 1), ("text_encoder_2", 2)):
-        refs[c] = text_encoder(seed=seed)
-        StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-            {k: v for k, v in new.items() if k.startswith(c + ".")}, alphas, refs[c], prefix=c)
+    refs = _sdxl_text_encoders_reference(state)
     for c, model in (("text_encoder", te1), ("text_encoder_2", te2)):
         _assert_merged(load_file(tmp_path / "out" / c / "model.safetensors"), _fused(refs[c]), model.state_dict(), 12)
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "xl.safetensors"), "--to", "diffusers", "--base",
@@ -639,12 +646,7 @@ def test_sdxl_original_file_open_clip_encoder_takes_te2_loras(tmp_path):
                                   "-o", str(tmp_path / "m.safetensors")])
     assert r.exit_code == 0, r.output
     assert "fused exactly into conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj" in r.output
-    new, alphas = _convert_non_diffusers_lora_to_diffusers(dict(state))
-    refs = {}
-    for c, seed in (("text_encoder", 1), ("text_encoder_2", 2)):
-        refs[c] = text_encoder(seed=seed)
-        StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-            {k: v for k, v in new.items() if k.startswith(c + ".")}, alphas, refs[c], prefix=c)
+    refs = _sdxl_text_encoders_reference(state)
     want = {f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in _fused(refs["text_encoder"]).items()}
     merged_te2 = text_encoder(seed=2)
     merged_te2.load_state_dict(_fused(refs["text_encoder_2"]))
