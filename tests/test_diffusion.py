@@ -86,6 +86,9 @@ def test_pipeline_merge_equals_diffusers_and_copies_the_rest(sd, tmp_path):
     _assert_merged(load_file(tmp_path / "out/text_encoder/model.safetensors"), _fused(ref_te), te.state_dict(), 12)
     for f in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "unet/config.json"):
         assert (tmp_path / "out" / f).read_bytes() == (pipe / f).read_bytes()
+    # the arguments swapped (the adapter first): one line that says which is which
+    r = CliRunner().invoke(main, ["merge", str(lora), str(pipe), "-o", str(tmp_path / "swapped.safetensors")])
+    assert r.exit_code == 1 and "it is a model (a base for merge" in r.output, r.output
     merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out/unet")  # loads as diffusers' own
     assert torch.equal(merged.conv_in.weight, unet.conv_in.weight)
     # the same pipeline as the Hub cache holds it (every file a symlink to a blob): the same bytes out, no links

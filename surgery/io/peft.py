@@ -215,6 +215,8 @@ def read_dir(path: Path) -> Adapter:
             raise pickle_error(path / "adapter_model.bin")
         inside = sorted(p.parent.name for p in path.glob(f"*/{WEIGHTS}"))
         hint = f"; adapters in its subfolders: {', '.join(inside)}" if inside else ""
+        if not inside and any((path / f).exists() for f in ("model_index.json", "config.json")):
+            hint = "; it is a model (a base for merge/extract/--base), not an adapter"
         raise SurgeryError(f"{path}: not a PEFT adapter directory (no {WEIGHTS}){hint}")
     if not cfg.exists():
         raise SurgeryError(f"{path}: {CONFIG} is missing (PEFT needs it for r and lora_alpha)")
