@@ -157,7 +157,7 @@ def test_weight_variants_are_each_merged(sd, tmp_path):
             # the fp16 set starts from fp16 weights: one fp16 rounding of the base, one of the result
             tol = 2 * 2.0 ** -10 * ref[k].abs().max().item()
             assert (v.float() - ref[k]).abs().max().item() <= tol, k
-            changed += effect > 0
+            changed += effect > 10 * tol  # where a stale (unmerged) copy would be far off
         assert changed >= 12
     # --dtype that would put bfloat16 under the fp16 name: one line, nothing written
     r = CliRunner().invoke(main, ["merge", str(pipe), str(lora), "-o", str(tmp_path / "bf"), "--dtype", "bfloat16"])
