@@ -45,6 +45,15 @@ def flux(seed=0):
                                             pooled_projection_dim=6, guidance_embeds=True, axes_dims_rope=(2, 2))
 
 
+def wan(seed=0):
+    """A WanTransformer3DModel with image conditioning (cross-attention k_img / v_img)."""
+    torch.manual_seed(seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=4, text_dim=8,
+        freq_dim=8, ffn_dim=16, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+        image_dim=6, added_kv_proj_dim=8, rope_max_seq_len=32)
+
+
 def save_pipeline(root: Path, components: dict) -> Path:
     """A pipeline folder: model_index.json, each component saved by its own library, and the side folders
     (scheduler, tokenizer) that are copied as they are."""

@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 from cli.main import main
 from surgery import load_adapter
 from surgery.errors import SurgeryError
+from surgery.io.names import WAN
 from surgery.merge import merge
 
 from .conftest import hub_snapshot, tree_digest
-from .diffusion_models import (diffusers, flux, kohya_lora, linear_modules, save_pipeline, sd_unet,
+from .diffusion_models import (diffusers, flux, kohya_lora, linear_modules, save_pipeline, sd_unet, wan,
                                text_encoder)
 
 from diffusers.loaders.lora_conversion_utils import (  # noqa: E402
@@ -770,3 +771,42 @@ def test_xlabs_flux_lora_reads_as_diffusers_converts_it(tmp_path):
     for k in bfl:
         effect = (want[k] - bfl[k]).abs().max().item()
         assert (got[k] - want[k]).abs().max().item() <= 1e-5 * effect + 1e-7, k
+
+
+def test_wan_original_names_rename_to_diffusers(tmp_path):
+    """Wan LoRAs on the original names — musubi-tuner's `lora_unet_blocks_0_self_attn_q`, ComfyUI's
+    `diffusion_model.blocks.0.self_attn.q.lora_A.weight` + `.alpha` — merge into a diffusers WanTransformer3DModel as
+    diffusers' WanPipeline.lora_state_dict + load_lora_adapter read them; diffusers-named ones into an original file."""
+    model = wan()
+    model.save_pretrained(tmp_path / "transformer")
+    renames = {d.format(n=n): o.format(n=n) for o, _, ((d, _),) in WAN for n in range(2)}
+    shapes = {o: tuple(model.get_submodule(d).weight.shape) for d, o in renames.items()
+              if o.startswith("blocks.")}  # musubi's converter reads the blocks only
+    state = kohya_lora(shapes, "lora_unet_", 13, rank=2, alpha=3.0)
+    save_file(state, str(tmp_path / "musubi.safetensors"))
+    comfy = {}
+    for o in shapes:
+        n = "lora_unet_" + o.replace(".", "_")
+        for theirs, ours in (("lora_A.weight", "lora_down.weight"), ("lora_B.weight", "lora_up.weight"), ("alpha", "alpha")):
+            comfy[f"diffusion_model.{o}.{theirs}"] = state[f"{n}.{ours}"]
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    base = model.state_dict()
+    for f in ("musubi", "comfy"):
+        r = CliRunner().invoke(main, ["merge", str(tmp_path / "transformer"), str(tmp_path / f"{f}.safetensors"),
+                                      "-o", str(tmp_path / f"m-{f}")])
+        assert r.exit_code == 0, r.output
+        ref = wan()
+        ref.load_lora_adapter(diffusers.WanPipeline.lora_state_dict(str(tmp_path / f"{f}.safetensors")),
+                              prefix="transformer")
+        _assert_merged(load_file(tmp_path / f"m-{f}/diffusion_pytorch_model.safetensors"), _fused(ref), base, len(shapes))
+    # the reverse: the same LoRA on diffusers' names into the original Wan file
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "musubi.safetensors"), "--to", "diffusers", "--base",
+                                  str(tmp_path / "transformer"), "-o", str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 0, r.output
+    original = {f"{renames[k[:-7]]}.weight" if k[:-7] in renames else k: v for k, v in base.items()}
+    save_file(original, str(tmp_path / "wan.safetensors"))
+    merge(tmp_path / "wan.safetensors", [load_adapter(tmp_path / "d.safetensors")], tmp_path / "o.safetensors")
+    got, fused = load_file(tmp_path / "o.safetensors"), _fused(ref)
+    for d, o in renames.items():
+        if o in shapes:
+            assert torch.allclose(got[f"{o}.weight"], fused[f"{d}.weight"], atol=1e-6), o

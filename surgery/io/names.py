@@ -186,8 +186,23 @@ OPEN_CLIP = tuple(
                                                      ("self_attn.v_proj", (2,)))),
                          ("attn.out_proj", _one, (("self_attn.out_proj", (0,)),)),
                          ("mlp.c_fc", _one, (("mlp.fc1", (0,)),)), ("mlp.c_proj", _one, (("mlp.fc2", (0,)),))))
-# (fused-layout path, row blocks, parts) of both tables: the original layouts and diffusers' / transformers' own
-LAYOUTS = FLUX + OPEN_CLIP
+# Wan 2.x original names (Wan-AI, musubi-tuner `lora_unet_blocks_0_self_attn_q`, ComfyUI) ↔ diffusers'
+# WanTransformer3DModel, renames only (diffusers' `_convert_non_diffusers_wan_lora_to_diffusers`)
+_W = "blocks.{n}."
+WAN = tuple((o, _one, ((d, (0,)),)) for o, d in (
+    *((f"{_W}{a}.{x}", f"{_W}{b}.{y}") for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+      for x, y in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))),
+    (_W + "cross_attn.k_img", _W + "attn2.add_k_proj"), (_W + "cross_attn.v_img", _W + "attn2.add_v_proj"),
+    (_W + "ffn.0", _W + "ffn.net.0.proj"), (_W + "ffn.2", _W + "ffn.net.2"), ("head.head", "proj_out"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2")))
+# (original-layout path, row blocks, parts) of every table: the original layouts and diffusers' / transformers' own
+LAYOUTS = FLUX + OPEN_CLIP + WAN
 _FROM_FUSED = [(_pattern(b), b, sizes, parts) for b, sizes, parts in LAYOUTS]
 _FROM_SEPARATE = [(_pattern(d), b, sizes, parts, k) for b, sizes, parts in LAYOUTS for k, (d, _) in enumerate(parts)]
 _OPEN_CLIP_PATHS = [_pattern(b) for b, *_ in OPEN_CLIP]
