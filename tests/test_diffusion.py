@@ -239,9 +239,14 @@ def test_convert_kohya_to_diffusers_and_back_with_base(sd, tmp_path):
     r = run(main, ["convert", str(tmp_path / "d.safetensors"), "--to", "kohya", "--base", str(pipe),
                    "-o", str(tmp_path / "k.safetensors")])
     assert r.exit_code == 0, r.output
-    back = sd_unet()
-    _kohya_reference(load_file(tmp_path / "k.safetensors"), back)
+    back, back_te = sd_unet(), text_encoder()
+    k = load_file(tmp_path / "k.safetensors")
+    # kohya's CLIP names keep transformers 4's `text_model_` (ComfyUI and sd-scripts look for it), whatever the base saved
+    assert {n.split(".")[0] for n in k if n.startswith("lora_te")} == {
+        "lora_te_text_model_" + p.removeprefix("text_model.").replace(".", "_") for p in linear_modules(te, TE_TARGETS)}
+    _kohya_reference(k, back, back_te)
     _assert_merged(_fused(back), ref_u, unet.state_dict(), 40)
+    _assert_merged(_fused(back_te), ref_t, te.state_dict(), 12)
     # kohya → PEFT needs one component: refused for the pipeline, fine for its unet folder
     r = run(main, ["convert", str(lora), "--to", "peft", "--base", str(pipe), "-o", str(tmp_path / "p")])
     assert r.exit_code != 0 and "one model" in r.output
@@ -591,15 +596,18 @@ def test_flux_pipeline_t5_is_kohya_te3(tmp_path):
                                                            num_heads=2))
     clip, fl = text_encoder(), flux()
     pipe = save_pipeline(tmp_path / "pipe", {"transformer": fl, "text_encoder": clip, "text_encoder_2": t5})
-    state = kohya_lora(linear_modules(t5, r"SelfAttention\.[qv]$"), "lora_te3_", 5, rank=2, alpha=1.0)
-    state.update(kohya_lora(linear_modules(clip, TE_TARGETS), "lora_te1_", 6, rank=2, alpha=1.0))
+    kohya = {p: "lora_te3_" + p.replace(".", "_") for p in linear_modules(t5, r"SelfAttention\.[qv]$")}
+    kohya |= {p: "lora_te1_text_model_" + p.removeprefix("text_model.").replace(".", "_")
+              for p in linear_modules(clip, TE_TARGETS)}  # kohya's CLIP names (transformers 4 paths)
+    state = kohya_lora(linear_modules(t5, r"SelfAttention\.[qv]$"), "", 5, rank=2, alpha=1.0, names=kohya)
+    state.update(kohya_lora(linear_modules(clip, TE_TARGETS), "", 6, rank=2, alpha=1.0, names=kohya))
     save_file(state, str(tmp_path / "k.safetensors"))
     merge(pipe, [load_adapter(tmp_path / "k.safetensors")], tmp_path / "out")
-    for c, model, prefix in (("text_encoder_2", t5, "lora_te3_"), ("text_encoder", clip, "lora_te1_")):
+    for c, model in (("text_encoder_2", t5), ("text_encoder", clip)):
         got, base = load_file(tmp_path / "out" / c / "model.safetensors"), model.state_dict()
         paths = linear_modules(model, r"SelfAttention\.[qv]$" if c == "text_encoder_2" else TE_TARGETS)
         for path in paths:
-            n = prefix + path.replace(".", "_")
+            n = kohya[path]
             up, down = (state[f"{n}.lora_{x}.weight"].double() for x in ("up", "down"))
             want = base[path + ".weight"].double() + 0.5 * up @ down
             assert torch.allclose(got[path + ".weight"].double(), want, atol=1e-6), path

@@ -307,6 +307,11 @@ def _is_t5(component: str | None, ck: Checkpoint) -> bool:
     return component in TEXT_ENCODERS and "T5EncoderModel" in (ck.config().get("architectures") or [])
 
 
+def _is_clip(ck: Checkpoint) -> bool:
+    """A transformers CLIP text encoder (transformers 5 saves it without the `text_model.` of kohya's names)."""
+    return any(a.startswith("CLIPText") for a in ck.config().get("architectures") or [])
+
+
 def _original_parts(ck: Checkpoint) -> dict[str, str]:
     """{component: key prefix} of an original-layout single file (SD 1/2, SDXL, ComfyUI); {} for other layouts."""
     heads = {k.split(".", 1)[0] for k in ck.tensors}
@@ -498,7 +503,10 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Ad
         if fmt == "diffusers":
             name = f"{c}.{path}"
         elif fmt == "kohya":
-            prefix = "lora_te3_" if any(c == t and _is_t5(t, ck) for t, ck in targets) else kohya_prefix(c, two)
+            ck = dict(targets).get(c)
+            prefix = "lora_te3_" if ck is not None and _is_t5(c, ck) else kohya_prefix(c, two)
+            if ck is not None and c in TEXT_ENCODERS and _is_clip(ck) and not path.startswith("text_model."):
+                path = "text_model." + path  # kohya / ComfyUI name CLIP's modules as transformers 4 did
             name = prefix + path.replace(".", "_")
         else:
             name = PEFT_PREFIX + path
