@@ -347,8 +347,9 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
 @click.option("--budget", help="Total factor parameters, e.g. 20M (ranks ≤ --max-rank).")
 @click.option("--max-rank", type=int, default=128, show_default=True, help="Cap for --energy and --budget.")
 @click.option("--targets", help="Regex searched in tensor names (default: every 2-D .weight but embeddings).")
-@click.option("--format", "fmt", type=click.Choice(["peft", "peft-file", "kohya"]),
-              help="Output format (default: peft-file for a .safetensors path, else a PEFT directory).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "peft-file", "kohya", "diffusers"]),
+              help="Output format (default: peft-file for a .safetensors path, else a PEFT directory; two diffusers "
+                   "pipelines give a diffusers pipeline LoRA file).")
 @force_option
 @compute_options
 @json_option

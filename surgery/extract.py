@@ -16,7 +16,7 @@ import torch
 from .adapter import Adapter, LoraModule
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
-from .io.checkpoint import open_checkpoint, read_tensor
+from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
 from .io.peft import PREFIX
 from .linalg import randomized_svd, split_factors
 from .rank import Budget, FixedRank, RankRule, budget_ranks, numerical_rank
@@ -63,6 +63,19 @@ def _target_modules(modules: list[str], base_names) -> list[str] | str:
     return "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
 
 
+def _pairs(finetuned, base) -> dict[str, tuple[TensorSpec, TensorSpec | None]]:
+    """{tensor name: (fine-tuned spec, base spec or None)} of two checkpoints, or of two diffusers pipelines
+    component by component (names `<component>.<tensor>`, for the components both hold)."""
+    if is_pipeline(finetuned) != is_pipeline(base):
+        raise SurgeryError(f"{finetuned if is_pipeline(finetuned) else base}: a diffusers pipeline, and the other model "
+                           "is not; give two pipelines or two component folders")
+    if not is_pipeline(finetuned):
+        ft, bs = open_checkpoint(finetuned), open_checkpoint(base)
+        return {n: (s, bs.tensors.get(n)) for n, s in ft.tensors.items()}
+    ft, bs = open_pipeline(finetuned).components, open_pipeline(base).components
+    return {f"{c}.{n}": (s, bs[c].tensors.get(n)) for c in ft if c in bs for n, s in ft[c].tensors.items()}
+
+
 def _svd(D: torch.Tensor, width: int, seed: int, name: str):
     return randomized_svd(lambda X: D @ X, lambda Y: D.T @ Y, tuple(D.shape), width, generator=seeded(seed, name),
                           dtype=D.dtype, device=D.device)
@@ -72,18 +85,19 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             max_rank: int = 128, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
             seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[Adapter, ExtractReport]:
     """A PEFT LoRA (scale 1: lora_alpha = r per module) approximating `finetuned − base` on the targeted 2-D
-    weights (`targets`: a regex searched in tensor names; default every 2-D `.weight` but embeddings).
+    weights (`targets`: a regex searched in tensor names; default every 2-D `.weight` but embeddings). Two diffusers
+    pipelines give a diffusers pipeline LoRA over the components both hold (names and targets `<component>.…`).
 
     rule: FixedRank(k), Energy(τ) (smallest k ≤ max_rank with ‖D_k‖² ≥ τ‖D‖²) or Budget(P) over ranks ≤ max_rank.
     """
     if isinstance(rule, FixedRank) and rule.rank <= 0 or max_rank <= 0:
         raise SurgeryError("rank must be at least 1")
-    ft, bs = open_checkpoint(finetuned), open_checkpoint(base)
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
     pattern = re.compile(targets) if targets else None
+    pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
+    pipeline = is_pipeline(finetuned)
     chosen, mismatched, untargeted = [], [], []
-    for name, spec in ft.tensors.items():
-        other = bs.tensors.get(name)
+    for name, (spec, other) in pairs.items():
         targeted = (pattern.search(name) if pattern else not EMBEDDING.search(name)) and name.endswith(".weight") \
             and len(spec.shape) == 2 and spec.torch_dtype.is_floating_point
         if other is None:
@@ -100,11 +114,12 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         raise SurgeryError(f"{finetuned}: no tensor to extract (targets {targets or 'default'} matched nothing "
                            "of the same shape in both models)")
     for name in chosen:  # from the headers, before any delta is formed
-        if isinstance(rule, FixedRank) and rule.rank > min(ft.tensors[name].shape):
-            raise SurgeryError(f"{name}: rank {rule.rank} exceeds the matrix size {list(ft.tensors[name].shape)}")
+        if isinstance(rule, FixedRank) and rule.rank > min(pairs[name][0].shape):
+            raise SurgeryError(f"{name}: rank {rule.rank} exceeds the matrix size {list(pairs[name][0].shape)}")
 
     def delta(name: str) -> torch.Tensor:
-        d = read_tensor(ft.tensors[name]).to(dev, torch.float32) - read_tensor(bs.tensors[name]).to(dev, torch.float32)
+        ft, bs = pairs[name]
+        d = read_tensor(ft).to(dev, torch.float32) - read_tensor(bs).to(dev, torch.float32)
         if not torch.isfinite(d).all():
             raise SurgeryError(f"{name}: the delta contains NaN or Inf")
         return d.T if EMBEDDING.search(name) else d  # PEFT embedding LoRA: B @ A = ΔWᵀ
@@ -147,8 +162,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                                 f"(kept {float(cum[-1]) / total:.4f})")
         B, A = split_factors(svd, k)
         resid = float((d.double() - B.double() @ A.double()).square().sum())
-        out = sdtype or ft.tensors[name].torch_dtype
-        key = PREFIX + name[: -len(".weight")]
+        out = sdtype or pairs[name][0].torch_dtype
+        key = (PREFIX if not pipeline else "") + name[: -len(".weight")]
         kind = "embedding" if EMBEDDING.search(name) else "linear"
         modules[key] = LoraModule(A=A.to("cpu", out).contiguous(), B=B.to("cpu", out).contiguous(), scale=1.0, kind=kind)
         reports.append(ExtractedModule(name, tuple(d.shape), k, float(svd.S[:k].double().square().sum()) / total,
@@ -157,10 +172,14 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             progress(name)
     if not modules:
         raise SurgeryError(f"{finetuned}: the targeted tensors are identical in both models; nothing to extract")
-    config = {"peft_type": "LORA", "base_model_name_or_path": str(base), "task_type": None, "r": 8,
-              "lora_alpha": 8, "target_modules": _target_modules(list(modules), bs.tensors), "rank_pattern": {}, "alpha_pattern": {},
-              "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
-              "use_dora": False, "inference_mode": True, "modules_to_save": None}
-    adapter = Adapter(modules=modules, format="peft", config=config, metadata={"format": "pt"})
+    if pipeline:  # a diffusers pipeline LoRA: its writer gives each component its config (alpha = r)
+        adapter = Adapter(modules=modules, format="diffusers", config={}, metadata={"format": "pt"})
+    else:
+        targets = _target_modules(list(modules), [n for n, (_, b) in pairs.items() if b is not None])
+        config = {"peft_type": "LORA", "base_model_name_or_path": str(base), "task_type": None, "r": 8,
+                  "lora_alpha": 8, "target_modules": targets, "rank_pattern": {}, "alpha_pattern": {},
+                  "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
+                  "use_dora": False, "inference_mode": True, "modules_to_save": None}
+        adapter = Adapter(modules=modules, format="peft", config=config, metadata={"format": "pt"})
     return adapter, ExtractReport(tuple(reports), tuple(unchanged), tuple(mismatched), tuple(untargeted),
                                   tuple(warnings))

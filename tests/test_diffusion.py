@@ -818,3 +818,33 @@ def test_wan_original_names_rename_to_diffusers(tmp_path):
     for d, o in renames.items():
         if o in shapes:
             assert torch.allclose(got[f"{o}.weight"], fused[f"{d}.weight"], atol=1e-6), o
+
+
+def test_extract_between_two_pipelines_is_a_diffusers_lora(sd, tmp_path):
+    """A fully fine-tuned pipeline against its base: planted rank-2 changes in the UNet and the text encoder come back
+    as one diffusers pipeline LoRA (rank 2 recovers them), which diffusers loads and which merges back to the tuned."""
+    pipe, _, _, unet, te = sd
+    g = torch.Generator().manual_seed(21)
+    planted = {}
+    tuned_unet, tuned_te = sd_unet(), text_encoder()
+    for c, model, pattern in (("unet", tuned_unet, r"attn1\.to_[qv]$"), ("text_encoder", tuned_te, r"q_proj$")):
+        for path, (o, i) in linear_modules(model, pattern).items():
+            d = torch.randn(o, 2, generator=g) @ torch.randn(2, i, generator=g) * 0.1
+            model.get_submodule(path).weight.data += d
+            planted[f"{c}.{path}"] = d
+    tuned = save_pipeline(tmp_path / "tuned", {"unet": tuned_unet, "text_encoder": tuned_te})
+    r = CliRunner().invoke(main, ["extract", str(tuned), str(pipe), "--rank", "2", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 0, r.output
+    x = load_adapter(tmp_path / "x.safetensors")
+    assert x.format == "diffusers" and set(x.modules) == set(planted)
+    for name, d in planted.items():
+        assert torch.allclose(x.modules[name].delta(torch.float64).float(), d, atol=1e-5), name
+    back = sd_unet()
+    back.load_lora_adapter(str(tmp_path / "x.safetensors"), prefix="unet", use_safetensors=True)
+    _assert_merged(_fused(back), tuned_unet.state_dict(), unet.state_dict(), 4)
+    merge(pipe, [x], tmp_path / "m")
+    for c, model, f in (("unet", tuned_unet, "diffusion_pytorch_model"), ("text_encoder", tuned_te, "model")):
+        got, want = load_file(tmp_path / "m" / c / f"{f}.safetensors"), model.state_dict()
+        assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in got), c
+    r = CliRunner().invoke(main, ["extract", str(tuned), str(pipe / "unet"), "--rank", "2", "-o", str(tmp_path / "y")])
+    assert r.exit_code == 1 and "give two pipelines or two component folders" in r.output
