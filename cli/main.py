@@ -346,7 +346,8 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
 @click.option("--energy", type=float, help="Smallest rank (≤ --max-rank) keeping this fraction of each delta's energy.")
 @click.option("--budget", help="Total factor parameters, e.g. 20M (ranks ≤ --max-rank).")
 @click.option("--max-rank", type=int, default=128, show_default=True, help="Cap for --energy and --budget.")
-@click.option("--targets", help="Regex searched in tensor names (default: every 2-D .weight but embeddings).")
+@click.option("--targets", help="Regex searched in tensor names (default: every 2-D .weight but embeddings, and "
+                                "1×1 convs; a regex may name embeddings and conv kernels of any size).")
 @click.option("--format", "fmt", type=click.Choice(["peft", "peft-file", "kohya", "diffusers"]),
               help="Output format (default: peft-file for a .safetensors path, else a PEFT directory; two diffusers "
                    "pipelines give a diffusers pipeline LoRA file).")

@@ -76,6 +76,11 @@ def _pairs(finetuned, base) -> dict[str, tuple[TensorSpec, TensorSpec | None]]:
     return {f"{c}.{n}": (s, bs[c].tensors.get(n)) for c in ft if c in bs for n, s in ft[c].tensors.items()}
 
 
+def _extractable(shape, explicit: bool) -> bool:
+    """2-D weights and 1×1 convs (linear maps) by default; other conv kernels when `--targets` names them."""
+    return len(shape) == 2 or len(shape) == 4 and (explicit or tuple(shape[2:]) == (1, 1))
+
+
 def _svd(D: torch.Tensor, width: int, seed: int, name: str):
     return randomized_svd(lambda X: D @ X, lambda Y: D.T @ Y, tuple(D.shape), width, generator=seeded(seed, name),
                           dtype=D.dtype, device=D.device)
@@ -85,7 +90,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             max_rank: int = 128, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
             seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[Adapter, ExtractReport]:
     """A PEFT LoRA (scale 1: lora_alpha = r per module) approximating `finetuned − base` on the targeted 2-D
-    weights (`targets`: a regex searched in tensor names; default every 2-D `.weight` but embeddings). Two diffusers
+    weights and 1×1 convs (`targets`: a regex searched in tensor names, which may also name embeddings and any conv
+    kernel; default every 2-D `.weight` but embeddings). Two diffusers
     pipelines give a diffusers pipeline LoRA over the components both hold (names and targets `<component>.…`).
 
     rule: FixedRank(k), Energy(τ) (smallest k ≤ max_rank with ‖D_k‖² ≥ τ‖D‖²) or Budget(P) over ranks ≤ max_rank.
@@ -99,7 +105,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     chosen, mismatched, untargeted = [], [], []
     for name, (spec, other) in pairs.items():
         targeted = (pattern.search(name) if pattern else not EMBEDDING.search(name)) and name.endswith(".weight") \
-            and len(spec.shape) == 2 and spec.torch_dtype.is_floating_point
+            and _extractable(spec.shape, explicit=pattern is not None) and spec.torch_dtype.is_floating_point
         if other is None:
             if targeted:
                 mismatched.append(f"{name}: missing from the base")
@@ -114,15 +120,16 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         raise SurgeryError(f"{finetuned}: no tensor to extract (targets {targets or 'default'} matched nothing "
                            "of the same shape in both models)")
     for name in chosen:  # from the headers, before any delta is formed
-        if isinstance(rule, FixedRank) and rule.rank > min(pairs[name][0].shape):
-            raise SurgeryError(f"{name}: rank {rule.rank} exceeds the matrix size {list(pairs[name][0].shape)}")
+        shape = pairs[name][0].shape
+        if isinstance(rule, FixedRank) and rule.rank > min(shape[0], math.prod(shape[1:])):
+            raise SurgeryError(f"{name}: rank {rule.rank} exceeds the matrix size {list(shape)}")
 
     def delta(name: str) -> torch.Tensor:
         ft, bs = pairs[name]
         d = read_tensor(ft).to(dev, torch.float32) - read_tensor(bs).to(dev, torch.float32)
         if not torch.isfinite(d).all():
             raise SurgeryError(f"{name}: the delta contains NaN or Inf")
-        return d.T if EMBEDDING.search(name) else d  # PEFT embedding LoRA: B @ A = ΔWᵀ
+        return d.T if EMBEDDING.search(name) else d.flatten(1)  # PEFT embedding LoRA: B @ A = ΔWᵀ; a conv (out, in·k)
 
     ranks: dict[str, int] = {}
     if isinstance(rule, Budget):
@@ -164,7 +171,10 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         resid = float((d.double() - B.double() @ A.double()).square().sum())
         out = sdtype or pairs[name][0].torch_dtype
         key = (PREFIX if not pipeline else "") + name[: -len(".weight")]
-        kind = "embedding" if EMBEDDING.search(name) else "linear"
+        shape = pairs[name][0].shape
+        kind = "embedding" if EMBEDDING.search(name) else "conv" if len(shape) == 4 else "linear"
+        if kind == "conv":  # A (k, in, kh, kw), B (out, k, 1, 1): PEFT's and kohya's conv LoRA
+            A, B = A.reshape((k,) + tuple(shape[1:])), B.reshape(tuple(B.shape) + (1, 1))
         modules[key] = LoraModule(A=A.to("cpu", out).contiguous(), B=B.to("cpu", out).contiguous(), scale=1.0, kind=kind)
         reports.append(ExtractedModule(name, tuple(d.shape), k, float(svd.S[:k].double().square().sum()) / total,
                                        math.sqrt(resid / total), k * sum(d.shape)))

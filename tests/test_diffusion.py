@@ -4,6 +4,7 @@ kohya converters where the input is kohya) or, where diffusers cannot read a fil
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 
@@ -827,18 +828,26 @@ def test_extract_between_two_pipelines_is_a_diffusers_lora(sd, tmp_path):
     g = torch.Generator().manual_seed(21)
     planted = {}
     tuned_unet, tuned_te = sd_unet(), text_encoder()
-    for c, model, pattern in (("unet", tuned_unet, r"attn1\.to_[qv]$"), ("text_encoder", tuned_te, r"q_proj$")):
-        for path, (o, i) in linear_modules(model, pattern).items():
-            d = torch.randn(o, 2, generator=g) @ torch.randn(2, i, generator=g) * 0.1
-            model.get_submodule(path).weight.data += d
-            planted[f"{c}.{path}"] = d
+    for c, model, pattern in (("unet", tuned_unet, r"attn1\.to_[qv]$|proj_in$|resnets\.0\.conv1$"),
+                              ("text_encoder", tuned_te, r"q_proj$")):
+        for path, shape in linear_modules(model, pattern).items():  # proj_in: a 1×1 conv; conv1: 3×3
+            d = (torch.randn(shape[0], 2, generator=g) @ torch.randn(2, math.prod(shape[1:]), generator=g) * 0.1)
+            model.get_submodule(path).weight.data += d.reshape(shape)
+            planted[f"{c}.{path}"] = d.reshape(shape)
+    convs3 = {n for n, d in planted.items() if d.shape[2:] == (3, 3)}
+    assert convs3 and any(d.shape[2:] == (1, 1) for d in planted.values())
     tuned = save_pipeline(tmp_path / "tuned", {"unet": tuned_unet, "text_encoder": tuned_te})
     r = CliRunner().invoke(main, ["extract", str(tuned), str(pipe), "--rank", "2", "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 0, r.output
+    x = load_adapter(tmp_path / "x.safetensors")  # 3×3 kernels only when --targets names them
+    assert x.format == "diffusers" and set(x.modules) == set(planted) - convs3
+    r = CliRunner().invoke(main, ["extract", str(tuned), str(pipe), "--rank", "2", "--targets",
+                                  r"attn1\.to_|proj_in|conv1|q_proj", "-o", str(tmp_path / "x.safetensors"), "--force"])
+    assert r.exit_code == 0, r.output
     x = load_adapter(tmp_path / "x.safetensors")
-    assert x.format == "diffusers" and set(x.modules) == set(planted)
+    assert set(x.modules) == set(planted)
     for name, d in planted.items():
-        assert torch.allclose(x.modules[name].delta(torch.float64).float(), d, atol=1e-5), name
+        assert torch.allclose(x.modules[name].delta(torch.float64).float().reshape(d.shape), d, atol=1e-5), name
     back = sd_unet()
     back.load_lora_adapter(str(tmp_path / "x.safetensors"), prefix="unet", use_safetensors=True)
     _assert_merged(_fused(back), tuned_unet.state_dict(), unet.state_dict(), 4)
