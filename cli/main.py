@@ -363,6 +363,10 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
     with progress_bar(None, "extract") as bar:
         adapter, report = extract(finetuned, base, rule, targets=targets, max_rank=max_rank, device=device,
                                   dtype=dtype, seed=seed, progress=lambda _: bar.update(1))
+    if fmt == "kohya" and adapter.format == "diffusers":  # kohya's names for each component, from the base
+        from surgery.io.names import on_base
+
+        adapter = on_base(adapter, base, "kohya")
     path = save_adapter(adapter, out, format=fmt, force=force, inputs=(finetuned, base))
     emit(report.to_dict(), extract_table(report), path, report.warnings, as_json)
 

@@ -829,7 +829,8 @@ def test_extract_between_two_pipelines_is_a_diffusers_lora(sd, tmp_path):
     planted = {}
     tuned_unet, tuned_te = sd_unet(), text_encoder()
     for c, model, pattern in (("unet", tuned_unet, r"attn1\.to_[qv]$|proj_in$|resnets\.0\.conv1$"),
-                              ("text_encoder", tuned_te, r"q_proj$")):
+                              ("text_encoder", tuned_te, r"(q|out)_proj$")):  # diffusers infers the TE format
+                                                                              # of a kohya file from its out_proj
         for path, shape in linear_modules(model, pattern).items():  # proj_in: a 1×1 conv; conv1: 3×3
             d = (torch.randn(shape[0], 2, generator=g) @ torch.randn(2, math.prod(shape[1:]), generator=g) * 0.1)
             model.get_submodule(path).weight.data += d.reshape(shape)
@@ -842,7 +843,7 @@ def test_extract_between_two_pipelines_is_a_diffusers_lora(sd, tmp_path):
     x = load_adapter(tmp_path / "x.safetensors")  # 3×3 kernels only when --targets names them
     assert x.format == "diffusers" and set(x.modules) == set(planted) - convs3
     r = CliRunner().invoke(main, ["extract", str(tuned), str(pipe), "--rank", "2", "--targets",
-                                  r"attn1\.to_|proj_in|conv1|q_proj", "-o", str(tmp_path / "x.safetensors"), "--force"])
+                                  r"attn1\.to_|proj_in|conv1|_proj\.", "-o", str(tmp_path / "x.safetensors"), "--force"])
     assert r.exit_code == 0, r.output
     x = load_adapter(tmp_path / "x.safetensors")
     assert set(x.modules) == set(planted)
@@ -855,5 +856,13 @@ def test_extract_between_two_pipelines_is_a_diffusers_lora(sd, tmp_path):
     for c, model, f in (("unet", tuned_unet, "diffusion_pytorch_model"), ("text_encoder", tuned_te, "model")):
         got, want = load_file(tmp_path / "m" / c / f"{f}.safetensors"), model.state_dict()
         assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in got), c
+    r = CliRunner().invoke(main, ["extract", str(tuned), str(pipe), "--rank", "2", "--format", "kohya",
+                                  "-o", str(tmp_path / "k.safetensors")])  # kohya's names, read back by diffusers
+    assert r.exit_code == 0, r.output
+    k = load_file(tmp_path / "k.safetensors")
+    assert any(n.startswith("lora_te_text_model_") for n in k) and any(n.startswith("lora_unet_") for n in k)
+    back, back_te = sd_unet(), text_encoder()
+    _kohya_reference(k, back, back_te)
+    _assert_merged(_fused(back_te), tuned_te.state_dict(), te.state_dict(), 4)
     r = CliRunner().invoke(main, ["extract", str(tuned), str(pipe / "unet"), "--rank", "2", "-o", str(tmp_path / "y")])
     assert r.exit_code == 1 and "give two pipelines or two component folders" in r.output
