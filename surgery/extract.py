@@ -89,10 +89,10 @@ def _svd(D: torch.Tensor, width: int, seed: int, name: str):
 def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets: str | None = None,
             max_rank: int = 128, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
             seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[Adapter, ExtractReport]:
-    """A PEFT LoRA (scale 1: lora_alpha = r per module) approximating `finetuned − base` on the targeted 2-D
-    weights and 1×1 convs (`targets`: a regex searched in tensor names, which may also name embeddings and any conv
-    kernel; default every 2-D `.weight` but embeddings). Two diffusers
-    pipelines give a diffusers pipeline LoRA over the components both hold (names and targets `<component>.…`).
+    """A PEFT LoRA (scale 1: lora_alpha = r per module) approximating `finetuned − base` on the targeted weights:
+    by default every 2-D `.weight` but embeddings and every 1×1 conv; `targets`, a regex searched in tensor names,
+    may also name embeddings and conv kernels of any size. Two diffusers pipelines give a diffusers pipeline LoRA
+    over the components both hold (names, and what `targets` matches, are `<component>.…`).
 
     rule: FixedRank(k), Energy(τ) (smallest k ≤ max_rank with ‖D_k‖² ≥ τ‖D‖²) or Budget(P) over ranks ≤ max_rank.
     """
