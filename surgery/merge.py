@@ -394,10 +394,10 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
             if is_dir:
                 notes.extend(_finish_folder([c for c, _ in pairs], pairs[0][1], target,
                                             out if component is None else out / component, opts["sdtype"]))
-            variants = [c.variant or "plain" for c, _ in pairs]
             if component or len(pairs) > 1:
+                variants = ", ".join(c.variant or "plain" for c, _ in pairs)
                 notes.append(f"{component or out}: {result['merged']} tensor(s) merged, {result['copied']} copied"
-                             + (f", in each of its weight sets ({', '.join(variants)})" if len(pairs) > 1 else ""))
+                             + (f", in each of its weight sets ({variants})" if len(pairs) > 1 else ""))
         if pipeline is not None:
             done = {pipeline.root / c for c in plans}
             for p in sorted(pipeline.root.iterdir()):
@@ -443,7 +443,7 @@ def _plan_pipeline(pipeline: Pipeline, adapters: Sequence[Adapter], weights: Seq
     plans = {}
     for c, pairs in per.items():
         plans[c] = [(ck, plan_merge(ck, [a for a, _ in pairs], [w for _, w in pairs]))
-                    for ck in open_weight_sets(pipeline.root / c)]
+                    for ck in open_weight_sets(pipeline.root / c, pipeline.components[c])]
     return plans, notes
 
 

@@ -162,12 +162,15 @@ def open_checkpoint(path: str | os.PathLike, variant: str | None = "") -> Checkp
     return Checkpoint(root, tuple(shards), tensors, metadata, index, stem, variant)
 
 
-def open_weight_sets(path: str | os.PathLike) -> list[Checkpoint]:
-    """Every weight set of a model folder (the plain one and each variant), or the one file."""
+def open_weight_sets(path: str | os.PathLike, opened: Checkpoint | None = None) -> list[Checkpoint]:
+    """Every weight set of a model folder (the plain one and each variant), or the one file; `opened`, a set
+    already planned, is reused."""
     root = Path(path)
-    if root.is_dir() and not (root / PIPELINE_INDEX).exists():
-        return [open_checkpoint(root, v) for v in dict.fromkeys(v for _, v in weight_sets(root))] or [open_checkpoint(root)]
-    return [open_checkpoint(root)]
+    first = opened or open_checkpoint(root)
+    if not first.is_dir:
+        return [first]
+    return [first] + [open_checkpoint(root, v) for v in dict.fromkeys(v for _, v in weight_sets(root))
+                      if v != first.variant]
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def read(path: Path) -> Adapter:
     refs, metadata = tensor_refs(path)
     if is_xlabs(refs):
         return _read_xlabs(path, refs, metadata)
-    legacy = {k: legacy_key(k) for k in refs if legacy_key(k)}
+    legacy = {k: new for k in refs if (new := legacy_key(k))}
     if legacy:
         if clash := set(legacy.values()) & set(refs):
             raise SurgeryError(f"{path}: holds both legacy and PEFT keys for {sorted(clash)[0]}")

@@ -497,17 +497,17 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Ad
         raise SurgeryError(f"a PEFT adapter is for one model, and this one updates {', '.join(sorted(map(str, components)))}"
                            " of the pipeline; write --to diffusers, or give one component folder as --base")
     two = any(c == "text_encoder_2" for c, _ in targets) or "text_encoder_2" in components
+    t5 = {c for c, ck in targets if _is_t5(c, ck)}
+    clip = {c for c, ck in targets if c in TEXT_ENCODERS and _is_clip(ck)}
     modules = {}
     for key, m in p.modules.items():
         c, path = key[0], p.local[key]
         if fmt == "diffusers":
             name = f"{c}.{path}"
         elif fmt == "kohya":
-            ck = dict(targets).get(c)
-            prefix = "lora_te3_" if ck is not None and _is_t5(c, ck) else kohya_prefix(c, two)
-            if ck is not None and c in TEXT_ENCODERS and _is_clip(ck) and not path.startswith("text_model."):
+            if c in clip and not path.startswith("text_model."):
                 path = "text_model." + path  # kohya / ComfyUI name CLIP's modules as transformers 4 did
-            name = prefix + path.replace(".", "_")
+            name = ("lora_te3_" if c in t5 else kohya_prefix(c, two)) + path.replace(".", "_")
         else:
             name = PEFT_PREFIX + path
         modules[name] = m
