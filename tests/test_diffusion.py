@@ -91,6 +91,7 @@ def test_pipeline_merge_equals_diffusers_and_copies_the_rest(sd, tmp_path):
     # the arguments swapped (the adapter first): one line that says which is which
     r = CliRunner().invoke(main, ["merge", str(lora), str(pipe), "-o", str(tmp_path / "swapped.safetensors")])
     assert r.exit_code == 1 and "it is a model (a base for merge" in r.output, r.output
+    assert not (tmp_path / "swapped.safetensors").exists()
     merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out/unet")  # loads as diffusers' own
     assert torch.equal(merged.conv_in.weight, unet.conv_in.weight)
     # the same pipeline as the Hub cache holds it (every file a symlink to a blob): the same bytes out, no links
@@ -866,3 +867,39 @@ def test_extract_between_two_pipelines_is_a_diffusers_lora(sd, tmp_path):
     _assert_merged(_fused(back_te), tuned_te.state_dict(), te.state_dict(), 4)
     r = CliRunner().invoke(main, ["extract", str(tuned), str(pipe / "unet"), "--rank", "2", "-o", str(tmp_path / "y")])
     assert r.exit_code == 1 and "give two pipelines or two component folders" in r.output
+    assert not (tmp_path / "y").exists()
+
+
+def test_bad_diffusion_adapter_files_are_one_line(tmp_path):
+    """Each malformed layout read this session is refused with one line naming the problem, exit 1, nothing written."""
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    flux_up = torch.randn(7, 2, generator=g)  # 7 rows: no three equal projections
+    m = "transformer.transformer_blocks.0.attn.to_q"
+    cases = {
+        "alpha-and-config": ({f"{m}.lora_A.weight": A, f"{m}.lora_B.weight": B, f"{m}.alpha": torch.tensor(2.0)},
+                             {"lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 2})},
+                             "has both a config and per-module .alpha keys"),
+        "stray-alpha": ({f"{m}.lora_A.weight": A, f"{m}.lora_B.weight": B, f"{m}.alpha": torch.tensor(2.0),
+                         "transformer.proj_out.alpha": torch.tensor(2.0)}, None, ".alpha key for proj_out"),
+        "zero-alpha": ({f"{m}.lora_A.weight": A, f"{m}.lora_B.weight": B, f"{m}.alpha": torch.tensor(0.0)}, None,
+                       "alpha must be one positive number"),
+        "legacy-and-peft": ({"unet.x.attn1.processor.to_q_lora.down.weight": A,
+                             "unet.x.attn1.processor.to_q_lora.up.weight": B,
+                             "unet.x.attn1.to_q.lora_A.weight": A, "unet.x.attn1.to_q.lora_B.weight": B}, None,
+                            "holds both legacy and PEFT keys for unet.x.attn1.to_q.lora_A.weight"),
+        "xlabs-unknown": ({"double_blocks.0.processor.qkv_lora1.down.weight": A,
+                           "double_blocks.0.processor.qkv_lora1.up.weight": B,
+                           "double_blocks.0.processor.mystery.down.weight": A}, None,
+                          "double_blocks.0.processor.mystery.down.weight is not an XLabs Flux LoRA key"),
+        "xlabs-rows": ({"double_blocks.0.processor.qkv_lora1.down.weight": A,
+                        "double_blocks.0.processor.qkv_lora1.up.weight": flux_up}, None,
+                       "7 rows do not split into 3 equal projections"),
+    }
+    for name, (state, meta, why) in cases.items():
+        f = tmp_path / f"{name}.safetensors"
+        save_file({k: v.clone() for k, v in state.items()}, str(f), metadata=meta)
+        out = tmp_path / f"{name}-out.safetensors"
+        r = CliRunner().invoke(main, ["squeeze", str(f), "--rank", "1", "-o", str(out)])
+        assert r.exit_code == 1 and why in r.output and r.output.count("error:") == 1, (name, r.output)
+        assert not out.exists(), name

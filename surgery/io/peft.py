@@ -141,7 +141,7 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
         what = "<module>.lora_A.weight" if algo == "lora" else f"<module>.{'hada_w1_a' if algo == 'loha' else 'lokr_w1'}"
         raise SurgeryError(f"{weights}: no {ptype} tensors found (expected keys like {what})")
     if alphas:
-        _check_alpha_keys(alphas, parts, config, algo, where)
+        _check_alpha_keys(alphas, parts, config, where)
         modules = {}
         for n in sorted(parts):
             m = make_module(n, parts[n], kinds.get(n, "linear"), 1.0, weights)
@@ -167,12 +167,12 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
     return modules, passthrough, config, notes
 
 
-def _check_alpha_keys(alphas, parts, config, algo, where) -> None:
+def _check_alpha_keys(alphas, parts, config, where) -> None:
     """PEFT keys with kohya-style `<module>.alpha` scalars (diffusers' "network alphas"): every module needs one,
-    and nothing else may state the scale."""
-    if config is not None or algo != "lora":
-        raise SurgeryError(f"{where}: has both {'a config' if config is not None else algo + ' tensors'} and "
-                           f"per-module .alpha keys ({next(iter(alphas))}.alpha); which scale is meant is unclear")
+    and nothing else may state the scale (without a config the modules are LoRA's)."""
+    if config is not None:
+        raise SurgeryError(f"{where}: has both a config and per-module .alpha keys ({next(iter(alphas))}.alpha); "
+                           "which scale is meant is unclear")
     if stray := sorted(set(alphas) - set(parts)):
         raise SurgeryError(f"{where}: .alpha key for {stray[0]}, which has no lora_A/lora_B tensors")
     if without := sorted(set(parts) - set(alphas)):
