@@ -86,6 +86,17 @@ def output_for(adapter, tag: str, fmt: str | None, source=None) -> Path:
     return default_output(source or adapter.source, tag, layout)
 
 
+def folds(adapter, out, fmt) -> bool:
+    """Whether the output at `out` is a single file that stores scales in its factors (so computed factors take
+    them before their one rounding)."""
+    from surgery.io import output_format
+
+    try:
+        return output_format(adapter, out, fmt) in ("peft-file", "diffusers")
+    except SurgeryError:
+        return False  # save_adapter says why, after the work is planned
+
+
 def base_option(f):
     return click.option("--base", type=click.Path(path_type=str),
                         help="The base model (file, folder, diffusers component or pipeline): --to "
@@ -231,12 +242,12 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
     """Compress a LoRA to lower ranks (LoRA-Squeeze, post-hoc)."""
     rule = rank_rule(rank, energy, budget, rank_map)
     a = load(adapter, alpha)
+    out = out or output_for(a, rule_tag(rank, energy, budget, rank_map), fmt)
     with progress_bar(len(a.modules), "squeeze") as bar:
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1),
-                                shapes=base_shapes_of(a, base))
-    path = save_adapter(small, out or output_for(a, rule_tag(rank, energy, budget, rank_map), fmt), format=fmt,
-                        force=force, inputs=[base] if base else ())
+                                shapes=base_shapes_of(a, base), fold=folds(a, out, fmt))
+    path = save_adapter(small, out, format=fmt, force=force, inputs=[base] if base else ())
     emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
 
 
@@ -422,11 +433,11 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
             raise SurgeryError(f"{adapter}: is already a LoRA adapter (surgery squeeze changes its ranks)")
         tag = rule_tag(rank, energy, budget)
         rule = rank_rule(rank, energy, budget) if tag else Exact()
+        out = out or output_for(a, "-".join(filter(None, ("lora", tag))), fmt)
         with progress_bar(len(a.modules), "convert to lora") as bar:
             new, report = squeeze(a, rule, device=device, progress=lambda _: bar.update(1),
-                                  shapes=base_shapes_of(a, base))
-        path = save_adapter(new, out or output_for(a, "-".join(filter(None, ("lora", tag))), fmt), format=fmt,
-                            force=force, inputs=[base] if base else ())
+                                  shapes=base_shapes_of(a, base), fold=folds(a, out, fmt))
+        path = save_adapter(new, out, format=fmt, force=force, inputs=[base] if base else ())
         emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
         return
     if energy is not None or budget is not None or fmt is not None:

@@ -53,6 +53,9 @@ class LoraModule:
     conv:      A (r, in, *kernel), B (out, r, 1, …)   (ΔW = B.flatten(1) @ A.flatten(1), reshaped)
     embedding: A (r, num_embeddings), B (embedding_dim, r)  (the embedding table gets ΔWᵀ)
     `bias` is PEFT's `lora_B.bias` (out,) and `magnitude` a DoRA magnitude vector; both ride along unchanged.
+    `dora_axis`: which norms the magnitude replaces — "out" (one per output row: PEFT, LyCORIS's default) or "in"
+    (one per input column: LyCORIS's `wd_on_out=False`). The magnitude keeps the shape its file gave it; each
+    writer gives it its own format's layout.
     """
 
     A: TensorLike
@@ -61,6 +64,7 @@ class LoraModule:
     kind: str = "linear"
     bias: TensorLike | None = None
     magnitude: TensorLike | None = None
+    dora_axis: str = "out"
     algo = "lora"
 
     @property
@@ -155,6 +159,7 @@ class TeraModule:
     bias = None  # no lora_B.bias, no DoRA magnitude: merge code treats TeRA like a plain linear LoRA
     magnitude = None
     dora = False
+    dora_axis = "out"
     algo = "tera"
 
     @property
@@ -263,6 +268,7 @@ class LohaModule(_Structured):
     tensors: Mapping[str, TensorLike]
     scale: float
     magnitude: TensorLike | None = None
+    dora_axis: str = "out"
     algo = "loha"
 
     def __post_init__(self):
@@ -315,6 +321,7 @@ class LokrModule(_Structured):
     scale: float
     magnitude: TensorLike | None = None
     rank_hint: int | None = None
+    dora_axis: str = "out"
     algo = "lokr"
 
     def __post_init__(self):
@@ -373,6 +380,7 @@ class DiffModule(_Structured):
     tensors: Mapping[str, TensorLike]
     scale: float = 1.0
     magnitude = None
+    dora_axis = "out"
     algo = "diff"
 
     def __post_init__(self):
@@ -405,3 +413,31 @@ class DiffModule(_Structured):
     def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
         D = self.get("diff", dtype, device)
         return D.reshape(D.shape[0], -1) * self.scale
+
+
+# the tensor each kind's scale folds into: ΔW is linear in it (LoHa/LoKr: in their first half)
+_FOLD_ROLE = {"loha": ("w1_a",), "lokr": ("w1", "w1_a"), "diff": ("diff",)}
+
+
+def scaled(t: TensorLike, s: float) -> torch.Tensor:
+    """`s · t` computed in float32 (float64 for float64 tensors) and rounded once to t's dtype."""
+    t = materialize(t)
+    return (t.to(torch.promote_types(t.dtype, torch.float32)) * s).to(t.dtype)
+
+
+def fold_scale(m):
+    """The same update with its scale folded into the factors and scale 1 — for files whose loaders may read the
+    factors alone (alpha = r): B (and PEFT's lora_B.bias) of a LoRA, LoHa's w1_a, LoKr's W₁, a diff and its
+    bias. One rounding of the scaled tensor; exact when the scale is a power of two. A DoRA magnitude is
+    unchanged: it rescales W + ΔW, which is the same ΔW."""
+    if m.scale == 1.0 or m.algo == "tera":
+        return m
+    s = m.scale
+    if m.algo == "lora":
+        return replace(m, B=scaled(m.B, s), bias=None if m.bias is None else scaled(m.bias, s), scale=1.0)
+    tensors = dict(m.tensors)
+    role = next(r for r in _FOLD_ROLE[m.algo] if r in tensors)
+    tensors[role] = scaled(tensors[role], s)
+    if m.algo == "diff" and "diff_b" in tensors:
+        tensors["diff_b"] = scaled(tensors["diff_b"], s)
+    return replace(m, tensors=tensors, scale=1.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -79,6 +79,15 @@ def exact_pair(m, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torc
     return torch.nn.functional.pad(B, (0, k - B.shape[1])), torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0]))
 
 
+def bias_sum(present) -> torch.Tensor | None:
+    """Σ wᵢ sᵢ bᵢ (float32) of the modules' bias parts — PEFT's `lora_B.bias`, LyCORIS's `diff_b` — which add
+    to the base layer's bias linearly; None when no module has one."""
+    parts = [(m, w) for m, w in present if m.bias is not None]
+    if not parts:
+        return None
+    return sum(w * m.scale * materialize(m.bias).float() for m, w in parts)
+
+
 def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign):
     if len(adapters) < 2:
         raise SurgeryError("combine needs at least two adapters")
@@ -102,6 +111,9 @@ def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign)
         if dora := [n for n, m in a.modules.items() if m.dora]:
             raise SurgeryError(f"{a.source}: DoRA module {dora[0]}: its magnitude rescales W + ΔW, so DoRA adapters "
                                "cannot be combined linearly")
+        if method != "sum" and (biased := [n for n, m in a.modules.items() if m.bias is not None]):
+            raise SurgeryError(f"{a.source}: module {biased[0]} has a bias part (lora_B.bias / diff_b), which "
+                               f"{method} has no rule for; combine it with --method sum")
         if a.passthrough:
             raise SurgeryError(f"{a.source}: carries non-LoRA tensors ({next(iter(a.passthrough))}, e.g. "
                                "modules_to_save), which replace base tensors and cannot be weighted")
@@ -205,7 +217,7 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
             r = sum(width(m) for m, _ in present)
             modules[name] = LoraModule(A=_Lazy(lambda s=stacked: s("A"), (r, in_f), torch.float32),
                                        B=_Lazy(lambda s=stacked: s("B"), (out_f, r), torch.float32), scale=1.0,
-                                       kind=kind if kind == "embedding" else "linear")
+                                       kind=kind if kind == "embedding" else "linear", bias=bias_sum(present))
         else:  # one module's dense deltas at a time, when squeeze reads it; the result is a full update
             def merged(name=name, present=present):
                 D = torch.stack([m.delta(torch.float32, dev) for m, _ in present])
@@ -219,7 +231,7 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     exact = first.with_modules(modules, format="peft" if first.format == "tera" else first.format,
                                config=_config(adapters, modules), source=None, notes=())
     small, rep = squeeze(exact, rule or Exact(), device=dev, dtype=store)
-    small = small.with_modules({n: _shaped(m, shapes[n]) for n, m in small.modules.items()})
+    small = small.with_modules({n: _shaped(m, shapes[n], store) for n, m in small.modules.items()})
     reports = tuple(CombineModuleReport(
         name=r.name, input_ranks=tuple(a.modules[r.name].rank if r.name in a.modules else None for a in adapters),
         new_rank=r.new_rank, energy_kept=r.energy_kept, rel_error=r.rel_error, kept_fraction=kept.get(r.name))
@@ -228,9 +240,12 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     return small, CombineReport(reports, method, tuple(weights), tuple(notes + _warnings(rep)))
 
 
-def _shaped(m: LoraModule, seen: tuple) -> LoraModule:
-    """A combined module in its first input's layout: a conv LoRA where that input states the kernel."""
+def _shaped(m: LoraModule, seen: tuple, dtype: torch.dtype) -> LoraModule:
+    """A combined module in its first input's layout: a conv LoRA where that input states the kernel; its
+    summed bias stored in `dtype`."""
     kind, _, like = seen
+    if m.bias is not None:
+        m = replace(m, bias=materialize(m.bias).to(dtype))
     if kind == "embedding":
         return LoraModule(A=m.A, B=m.B, scale=m.scale, kind="embedding")
     if like.kind != "conv" or len(like.shape) < 3:
@@ -238,7 +253,7 @@ def _shaped(m: LoraModule, seen: tuple) -> LoraModule:
     k = m.rank
     return LoraModule(A=materialize(m.A).reshape((k,) + tuple(like.shape[1:])),
                       B=materialize(m.B).reshape((m.out_features, k) + (1,) * (len(like.shape) - 2)),
-                      scale=m.scale, kind="conv")
+                      scale=m.scale, kind="conv", bias=m.bias)
 
 
 def _config(adapters: Sequence[Adapter], modules: Mapping) -> dict:

@@ -28,9 +28,11 @@ def _rows_magnitude(m, rows: torch.Tensor):
     mag = m.magnitude
     if mag is None:
         return None
-    if mag.shape[0] != m.out_features or mag.numel() != m.out_features:
+    if m.dora_axis != "out":
         raise ValueError("a DoRA magnitude per input column cannot be split by output rows")
-    return materialize(mag)[rows].contiguous()
+    mag = materialize(mag)
+    flat = mag.reshape(-1)[rows]  # one entry per output row, in the file's layout (PEFT (1, out, 1, 1) too)
+    return flat.reshape([len(rows) if s == m.out_features else s for s in mag.shape]).contiguous()
 
 
 def take_rows(m, rows: Sequence[int] | torch.Tensor):
@@ -40,7 +42,8 @@ def take_rows(m, rows: Sequence[int] | torch.Tensor):
     if m.algo == "lora":
         B = materialize(m.B)[rows].contiguous()
         bias = None if m.bias is None else materialize(m.bias)[rows].contiguous()
-        return LoraModule(A=m.A, B=B, scale=m.scale, kind=m.kind, bias=bias, magnitude=_rows_magnitude(m, rows))
+        return LoraModule(A=m.A, B=B, scale=m.scale, kind=m.kind, bias=bias, magnitude=_rows_magnitude(m, rows),
+                          dora_axis=m.dora_axis)
     if m.algo == "loha" and "t1" not in m.tensors:
         tensors = dict(m.tensors)
         for role in ("w1_a", "w2_a"):

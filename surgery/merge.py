@@ -81,19 +81,18 @@ def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *,
 
     DoRA (one adapter, weight 1): `m / ‖W + ΔW‖_row · (W + ΔW)`, norms over every dim but the first, as PEFT's
     `DoraLinearVariant.merge` and its conv variant do; `dora="lycoris"`: LyCORIS's `weight_decompose`, the norm
-    + float32 eps per output row or, for a `dora_scale` of shape (1, in, …), per input column. With `scratch`,
+    + float32 eps — per output row, or per input column for a module whose `dora_axis` is "in". With `scratch`,
     the result lives in a reused buffer.
     """
     scratch = scratch or Scratch()
     acc = scratch.get("acc", W.shape, compute, device).copy_(W)
     for m, w in parts:
         add_delta_(acc, m, w, fan_in_fan_out)
-    mags = [m.magnitude for m, _ in parts if m.magnitude is not None]
-    if mags:
-        mag = materialize(mags[0]).to(device=device, dtype=compute)
-        on_input = dora == "lycoris" and mag.dim() > 1 and mag.shape[0] == 1 and mag.numel() == acc.shape[1] > 1
+    dora_modules = [m for m, _ in parts if m.magnitude is not None]
+    if dora_modules:
+        mag = materialize(dora_modules[0].magnitude).to(device=device, dtype=compute)
         eps = torch.finfo(torch.float32).eps if dora == "lycoris" else 0.0
-        if on_input:  # (1, in, …): one norm per input channel, over the output rows and the kernel
+        if dora_modules[0].dora_axis == "in":  # (1, in, …): one norm per input channel, over the output rows and the kernel
             norm = acc.transpose(0, 1).reshape(acc.shape[1], -1).norm(dim=1) + eps
             acc *= (mag.reshape(-1) / norm).reshape((1, -1) + (1,) * (acc.dim() - 2))
         else:
@@ -218,9 +217,9 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                                    f"has shape {list(spec.shape)}")
             if m.magnitude is not None and adapter.format == "kohya":
                 n = math.prod(m.magnitude.shape)
-                if n not in (spec.shape[0], spec.shape[1]) or max(m.magnitude.shape) != n:
-                    raise SurgeryError(f"{where}: module {name}: dora_scale of shape {list(m.magnitude.shape)} fits "
-                                       f"neither axis of base tensor {key} {list(spec.shape)}")
+                if n != spec.shape[0 if m.dora_axis == "out" else 1]:
+                    raise SurgeryError(f"{where}: module {name}: dora_scale of shape {list(m.magnitude.shape)} does "
+                                       f"not fit base tensor {key} {list(spec.shape)}")
                 dora_styles[key] = "lycoris"
             if m.magnitude is not None and (w != 1.0 or len(adapters) > 1 or fan or m.kind == "embedding"):
                 raise SurgeryError(f"{where}: DoRA module {name} can only be merged alone, with weight 1, into a "

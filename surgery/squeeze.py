@@ -96,9 +96,24 @@ def _factorize(name: str, m: LoraModule, B: torch.Tensor, A: torch.Tensor, width
                           generator=seeded(seed, name), dtype=dtype, device=device)
 
 
-def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out_dtype) -> LoraModule:
-    """Module at rank k, scale kept; zero directions pad a spectrum shorter than k."""
-    scale = m.scale if m.scale != 0 else 1.0
+def _out_scale(m, fold: bool) -> float:
+    """The scale a squeezed module keeps: its own (1 for a zero scale), or 1 with `fold` (the factors carry it)."""
+    return 1.0 if fold or m.scale == 0 else m.scale
+
+
+def _folded_bias(m, fold: bool):
+    """The module's lora_B.bias for its output scale: scaled by its old scale when that is folded away."""
+    if not fold or m.bias is None or m.scale in (0.0, 1.0):
+        return m.bias
+    from .adapter import scaled
+
+    return scaled(m.bias, m.scale)
+
+
+def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out_dtype, fold: bool) -> LoraModule:
+    """Module at rank k, its scale kept (or folded into the factors); zero directions pad a spectrum shorter
+    than k."""
+    scale = _out_scale(m, fold)
     if isinstance(fact, CoreSVD):
         B2, A2 = core_factors(B, A, fact, k, scale)  # (out, k'), (k', in)
     else:
@@ -107,12 +122,13 @@ def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out
     dtype = out_dtype or m.dtype
     B2 = B2.reshape((m.out_features, k) + tuple(m.B.shape[2:])).to("cpu", dtype).contiguous()
     A2 = A2.reshape((k,) + tuple(m.A.shape[1:])).to("cpu", dtype).contiguous()
-    return LoraModule(A=A2, B=B2, scale=m.scale, kind=m.kind, bias=m.bias, magnitude=m.magnitude)
+    return LoraModule(A=A2, B=B2, scale=scale, kind=m.kind, bias=_folded_bias(m, fold), magnitude=m.magnitude,
+                      dora_axis=m.dora_axis)
 
 
-def _as_lora(m, B: torch.Tensor, A: torch.Tensor, k: int, out_dtype, shape=None) -> LoraModule:
-    """Rank-k factors B (out, k), A (k, in_flat) of a LoHa/LoKr/diff module as a LoRA module (its scale kept),
-    shaped as a conv LoRA where the module (or the base weight's `shape`) gives the kernel."""
+def _as_lora(m, B: torch.Tensor, A: torch.Tensor, k: int, out_dtype, shape=None, fold: bool = False) -> LoraModule:
+    """Rank-k factors B (out, k), A (k, in_flat) of a LoHa/LoKr/diff module as a LoRA module (of scale
+    `_out_scale`), shaped as a conv LoRA where the module (or the base weight's `shape`) gives the kernel."""
     dtype = out_dtype or m.dtype
     full = tuple(m.shape)
     if shape is not None and len(shape) > 2 and (shape[0], math.prod(shape[1:])) == (m.out_features, m.in_features):
@@ -120,13 +136,14 @@ def _as_lora(m, B: torch.Tensor, A: torch.Tensor, k: int, out_dtype, shape=None)
     kernel = full[2:]
     B = B.reshape((m.out_features, k) + (1,) * len(kernel)).to("cpu", dtype).contiguous()
     A = A.reshape((k,) + full[1:]).to("cpu", dtype).contiguous()
-    return LoraModule(A=A, B=B, scale=m.scale if m.scale != 0 else 1.0, kind="conv" if kernel else "linear",
-                      bias=m.bias, magnitude=m.magnitude)
+    return LoraModule(A=A, B=B, scale=_out_scale(m, fold), kind="conv" if kernel else "linear",
+                      bias=_folded_bias(m, fold), magnitude=m.magnitude, dora_axis=m.dora_axis)
 
 
 def _as_pair(m, B: torch.Tensor, A: torch.Tensor) -> LoraModule:
     """The LoRA module itself, or a 2-D LoRA view of another kind's exact pair (its scale, bias and magnitude)."""
-    return m if m.algo == "lora" else LoraModule(A=A, B=B, scale=m.scale, bias=m.bias, magnitude=m.magnitude)
+    return m if m.algo == "lora" else LoraModule(A=A, B=B, scale=m.scale, bias=m.bias, magnitude=m.magnitude,
+                                                 dora_axis=m.dora_axis)
 
 
 def _pad(B: torch.Tensor, A: torch.Tensor, k: int):
@@ -210,6 +227,7 @@ def squeeze(
     min_rank: int = 1,
     progress: Callable[[str], None] | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    fold: bool = False,
 ) -> tuple[Adapter, SqueezeReport]:
     """Lower the rank of every LoRA module of `adapter` by `rule`; returns the new adapter and a report.
     LoHa, LoKr and full-diff modules become LoRA modules (their exact SVD, truncated).
@@ -217,6 +235,8 @@ def squeeze(
     dtype: storage dtype of the new factors (None = each module's own); compute_dtype: float32 or float64.
     shapes: base weight shapes by module (merge.base_shapes) for the conv kernels flattened LoHa/LoKr factors
     do not state; without them such modules become 2-D LoRA factors.
+    fold: give every new module scale 1, its scale in the factors (rounded once, as they are made) — what a
+    single-file output stores anyway (surgery.io.peft.folded).
     Budget rules take two passes (spectra first, then factors) so memory stays at one module at a time.
     """
     if method not in METHODS:
@@ -240,17 +260,17 @@ def squeeze(
         if pair is None:  # LoKr / diff: their exact SVD (hadamard_kron.kron_svd, dense for diff), then rank k
             fact = m.svd(cdtype, dev)
             k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
-            B2, A2 = _pad(*split_factors(SVD(fact.U[:, :k], fact.S[:k], fact.Vh[:k]), k, m.scale or 1.0), k)
-            small = _as_lora(m, B2, A2, k, sdtype, (shapes or {}).get(name))
+            B2, A2 = _pad(*split_factors(SVD(fact.U[:, :k], fact.S[:k], fact.Vh[:k]), k, _out_scale(m, fold)), k)
+            small = _as_lora(m, B2, A2, k, sdtype, (shapes or {}).get(name), fold)
             _check_finite(name, small.A, small.B)
             return small, _report(name, m, fact, k, None)
         B, A = pair  # LoRA, or LoHa's exact face-splitting LoRA (rank r₁r₂): the QR-core path
         lora = _as_pair(m, B, A)
         fact = _factorize(name, lora, B, A, targets.get(name, m.rank), method, dev, cdtype, seed)
         k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
-        small = _truncate(lora, B, A, fact, k, sdtype or m.dtype)
+        small = _truncate(lora, B, A, fact, k, sdtype or m.dtype, fold)
         if lora is not m:
-            small = _as_lora(m, small.B, small.A, k, sdtype, (shapes or {}).get(name))
+            small = _as_lora(m, small.B, small.A, k, sdtype, (shapes or {}).get(name), fold)
         _check_finite(name, small.A, small.B)
         return small, _report(name, m, fact, k, None if method == "exact" else (B, A))
 

@@ -78,7 +78,10 @@ def test_peft_file_with_and_without_config(tmp_path):
     small, _ = squeeze(a, FixedRank(2), device="cpu")
     save_adapter(small, tmp_path / "o.safetensors")
     back = load_adapter(tmp_path / "o.safetensors")
-    assert back.modules["m.q_proj"].rank == 2 and back.modules["m.q_proj"].scale == 0.5
+    # a single file holds its scale in the factors (alpha = r): read with or without its config, the same ΔW
+    assert back.modules["m.q_proj"].rank == 2 and back.modules["m.q_proj"].scale == 1.0
+    assert back.config["lora_alpha"] == back.config["r"] == 2
+    assert torch.allclose(back.modules["m.q_proj"].delta(), small.modules["m.q_proj"].delta(), atol=1e-6)
 
 
 def test_format_conversions(tmp_path):
@@ -86,9 +89,10 @@ def test_format_conversions(tmp_path):
     save_adapter(a, tmp_path / "f.safetensors", format="peft-file")
     b = load_adapter(tmp_path / "f.safetensors")
     assert b.format == "peft-file" and set(b.modules) == set(a.modules)
-    for n in a.modules:
-        assert b.modules[n].scale == a.modules[n].scale
-        assert torch.equal(b.modules[n].factors()[0], a.modules[n].factors()[0])
+    for n in a.modules:  # scale 2 (a power of two) folded into B: exact
+        assert b.modules[n].scale == 1.0 and a.modules[n].scale == 2.0
+        assert torch.equal(b.modules[n].factors()[0], 2 * a.modules[n].factors()[0])
+        assert torch.equal(b.modules[n].delta(), a.modules[n].delta())
     save_adapter(a, tmp_path / "k.safetensors", format="kohya")
     k = load_adapter(tmp_path / "k.safetensors")
     assert "lora_model_layers_0_self_attn_q_proj" in k.modules

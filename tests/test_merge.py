@@ -372,7 +372,7 @@ def test_merge_refuses_integer_targets_and_dora_weights(tmp_path):
               weights=[-1.0])
     save_file({"m_q.lora_down.weight": A, "m_q.lora_up.weight": B, "m_q.dora_scale": torch.ones(5, 1)},
               str(tmp_path / "k.safetensors"))
-    with pytest.raises(SurgeryError, match="dora_scale of shape \\[5, 1\\] fits neither axis"):
+    with pytest.raises(SurgeryError, match="DoRA magnitude of shape \\[5, 1\\] fits neither"):
         merge(tmp_path / "base2.safetensors", [load_adapter(tmp_path / "k.safetensors")], tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
 

@@ -70,7 +70,8 @@ def test_the_path_decides_the_layout(inputs):
     assert r.exit_code == 0, r.output
     a = load_adapter(inputs / "small.safetensors")
     assert a.format == "peft-file" and all(m.rank == 4 for m in a.modules.values())
-    assert a.config["lora_alpha"] == 8 and a.notes == ()  # its config travels in the file's metadata
+    # its config travels in the file's metadata; the scale is in the factors (alpha = r), as every loader reads it
+    assert a.config["lora_alpha"] == a.config["r"] == 4 and a.notes == ()
     r = run("squeeze", inputs / "small.safetensors", "--rank", "2", "-o", inputs / "dir-out")
     assert r.exit_code == 0 and load_adapter(inputs / "dir-out").format == "peft"
     r = run("squeeze", inputs / "in.safetensors", "--rank", "2", "-o", inputs / "k-dir")

@@ -159,7 +159,9 @@ def component_configs(adapter: Adapter) -> dict[str, dict]:
 
 def write(adapter: Adapter, out: Path) -> None:
     """Component-prefixed keys and `lora_adapter_metadata`, one config per component (surgery.io.peft
-    `updated_config`, so PEFT's resolution gives every module its own rank and alpha back)."""
+    `updated_config`, so PEFT's resolution gives every module its own rank and alpha back). Scales are folded
+    into the factors (alpha = r): diffusers' `load_lora_adapter` without `use_safetensors=True` and ComfyUI read
+    no metadata."""
     if adapter.passthrough:
         keys = ", ".join(sorted(adapter.passthrough)[:3])
         raise SurgeryError(f"cannot write diffusers: the adapter carries non-LoRA tensors ({keys}) that diffusers "
@@ -177,7 +179,8 @@ def write(adapter: Adapter, out: Path) -> None:
     starts = component_configs(adapter)
     tensors, config = {}, {}
     for c, modules in sorted(groups.items()):
-        sub = Adapter(modules=modules, format="peft", config=starts.get(c, {}))
+        modules, start = peft.folded(modules, starts.get(c, {}))  # diffusers may read the file without metadata
+        sub = Adapter(modules=modules, format="peft", config=start)
         config.update({f"{c}.{k}": v for k, v in peft.updated_config(sub).items()})
         for name, m in modules.items():
             tensors.update({f"{c}.{k}": t for k, t in peft.make_keys(name, m).items()})

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_bytes
 
-from ..adapter import Adapter, materialize
+from ..adapter import Adapter, fold_scale, materialize
 from ..errors import SurgeryError
 from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank, structured_algo
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
@@ -64,7 +64,7 @@ def read(path: Path) -> Adapter:
             tensors = {r.removeprefix(KEY_PREFIX[algo]): t for r, t in roles.items()}
             dim = stated_rank(algo, tensors)  # LyCORIS / ComfyUI divide alpha by it; None: scale 1
             scale = 1.0 if dim is None else _alpha(alpha, dim, name, path) / dim
-            modules[name] = make_structured(name, algo, tensors, scale, path, magnitude=magnitude)
+            modules[name] = make_structured(name, algo, tensors, scale, path, magnitude=magnitude, dora="lycoris")
     if not modules:
         raise SurgeryError(f"{path}: no LoRA tensors found (expected keys like <name>.lora_down.weight)")
     return Adapter(modules=modules, format="kohya", passthrough=passthrough, metadata=metadata, source=path)
@@ -79,7 +79,8 @@ def _lora(name, roles, alpha, magnitude, path):
         roles["A"] = _TuckerDown(mid, down)
     rank = roles["A"].shape[0] if "A" in roles and roles["A"].shape else 0
     scale = _alpha(alpha, rank, name, path) / rank if rank else 1.0
-    return make_module(name, roles | ({"magnitude": magnitude} if magnitude is not None else {}), "linear", scale, path)
+    return make_module(name, roles | ({"magnitude": magnitude} if magnitude is not None else {}), "linear", scale, path,
+                       dora="lycoris")
 
 
 class _TuckerDown:
@@ -125,14 +126,14 @@ def write(adapter: Adapter, out: Path) -> None:
         if m.kind == "embedding":
             raise SurgeryError(f"module {name}: embedding LoRAs have no kohya form; write --format peft")
         if m.algo == "lora" and m.bias is not None:
-            raise SurgeryError(f"module {name}: lora_B.bias has no kohya form; write --format peft")
+            m = as_diff(m)  # LoCon has no bias; a LyCORIS full module carries ΔW and the bias exactly
         own, dim = _module_tensors(name, m)
         tensors.update(own)
         if dim is not None or m.algo == "lokr":  # LyCORIS's loader wants an alpha even where it fixes scale 1
             tensors[f"{name}.alpha"] = _alpha_tensor(m.scale * dim if dim is not None else 1.0, m.dtype)
             alphas.add(float(tensors[f"{name}.alpha"]))
         if m.magnitude is not None:
-            tensors[f"{name}.dora_scale"] = materialize(m.magnitude)
+            tensors[f"{name}.dora_scale"] = dora_scale(m)
         ranks.add(dim if dim is not None else m.rank)
     metadata = dict(adapter.metadata)
     if any(k.startswith("ss_") for k in metadata) or adapter.format != "kohya":
@@ -144,6 +145,25 @@ def write(adapter: Adapter, out: Path) -> None:
         save_tensors(tensors, tmp, metadata)
 
 
+def as_diff(m):
+    """A LoRA with a bias part (PEFT's lora_B.bias, a combined diff_b) as the LyCORIS full module of the same update:
+    `diff` = ΔW (out, in[, kernel]) and `diff_b` = scale · bias, computed in float32 and rounded once."""
+    from ..adapter import DiffModule, scaled
+
+    if m.magnitude is not None:
+        raise SurgeryError("a DoRA LoRA with a lora_B.bias has no kohya/LyCORIS form; write --format peft")
+    diff = m.delta(torch.float32).reshape(m.shape).to(m.dtype).contiguous()
+    return DiffModule({"diff": diff, "diff_b": scaled(m.bias, m.scale).to(m.dtype)})
+
+
+def dora_scale(m) -> torch.Tensor:
+    """A DoRA magnitude in LyCORIS's layout (formats.md §3.4): (out, 1, …) per output row, (1, in, …) per input
+    column, with as many dims as the weight (PEFT's (out,) and (1, out, 1, 1) are reshaped, not reinterpreted)."""
+    mag = materialize(m.magnitude)
+    dims = max(2, len(m.shape), mag.dim())
+    return mag.reshape((-1,) + (1,) * (dims - 1) if m.dora_axis == "out" else (1, -1) + (1,) * (dims - 2)).contiguous()
+
+
 def _module_tensors(name: str, m) -> tuple[dict, int | None]:
     """A module's LyCORIS keys and the `dim` its alpha is divided by (None: the format fixes the scale at 1, and a
     scale ≠ 1 is folded into the first factor, computed in float32 and rounded once)."""
@@ -151,13 +171,10 @@ def _module_tensors(name: str, m) -> tuple[dict, int | None]:
         return {f"{name}.lora_down.weight": materialize(m.A), f"{name}.lora_up.weight": materialize(m.B)}, m.rank
     if m.algo not in ("loha", "lokr", "diff"):
         raise SurgeryError(f"module {name}: a {m.algo} module has no kohya/LyCORIS form")
+    dim = stated_rank(m.algo, m.tensors)
+    if dim is None:
+        m = fold_scale(m)
     tensors = {role: materialize(t) for role, t in m.tensors.items()}
-    dim = stated_rank(m.algo, tensors)
-    if dim is None and m.scale != 1:
-        first = "w1" if m.algo == "lokr" else "diff"
-        tensors[first] = (tensors[first].float() * m.scale).to(tensors[first].dtype)
-        if m.algo == "diff" and "diff_b" in tensors:
-            tensors["diff_b"] = (tensors["diff_b"].float() * m.scale).to(tensors["diff_b"].dtype)
     return {f"{name}.{KEY_PREFIX[m.algo]}{role}": t.contiguous() for role, t in tensors.items()}, dim
 
 

@@ -6,6 +6,7 @@ keys it does not claim pass through untouched.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -40,7 +41,8 @@ def group_keys(
     return parts, kinds, passthrough
 
 
-def make_module(name: str, roles: Mapping[str, TensorRef], kind: str, scale: float, path: Path) -> LoraModule:
+def make_module(name: str, roles: Mapping[str, TensorRef], kind: str, scale: float, path: Path,
+                dora: str = "peft") -> LoraModule:
     """A validated LoraModule from its tensors: both factors present, ranks and shapes consistent."""
     A, B = roles.get("A"), roles.get("B")
     if A is None or B is None:
@@ -66,7 +68,27 @@ def make_module(name: str, roles: Mapping[str, TensorRef], kind: str, scale: flo
         raise SurgeryError(f"{path}: module {name}: lora_B.bias has shape {list(bias.shape)}, expected [{B.shape[0]}]")
     if r == 0:
         raise SurgeryError(f"{path}: module {name} has rank 0")
-    return LoraModule(A=A, B=B, scale=float(scale), kind=kind, bias=bias, magnitude=roles.get("magnitude"))
+    module = LoraModule(A=A, B=B, scale=float(scale), kind=kind, bias=bias)
+    return with_magnitude(module, roles.get("magnitude"), dora, name, path)
+
+
+def with_magnitude(m, mag, layout: str, name: str, path: Path):
+    """`m` with its DoRA magnitude and the axis it is on, read from the file's layout (formats.md §1.2, §3.4):
+    PEFT's `lora_magnitude_vector` is per output row ((out,), or (1, out, 1, …) for convs); LyCORIS's
+    `dora_scale` (out, 1, …) per output row, (1, in, …) per input column (`wd_on_out=False`)."""
+    if mag is None:
+        return m
+    shape, n = tuple(mag.shape), math.prod(mag.shape)
+    axis = "in" if layout == "lycoris" and len(shape) >= 2 and shape[0] == 1 and n > 1 else "out"
+    size = m.out_features if axis == "out" else m.shape[1]
+    if axis == "in" and len(shape) > 2 and len(m.shape) == 2 and size % n == 0:
+        size = n  # a conv's input channels, of a module stored flattened (in · kernel columns)
+    if n != size or max(shape, default=1) != n:
+        raise SurgeryError(f"{path}: module {name}: DoRA magnitude of shape {list(shape)} fits neither the "
+                           f"{m.out_features} outputs nor the {m.shape[1]} inputs of its ΔW {list(m.shape)}")
+    if not mag.dtype.is_floating_point:
+        raise SurgeryError(f"{path}: module {name}: DoRA magnitude must be floating point, got {mag.dtype}")
+    return replace(m, magnitude=mag, dora_axis=axis)
 
 
 KEY_PREFIX = {"loha": "hada_", "lokr": "lokr_", "diff": ""}  # on-disk key prefix of each kind's tensor roles
@@ -112,7 +134,7 @@ def _check_pair(path, name, tensors, n: int, rows: int | None = None):
 
 
 def make_structured(name: str, algo: str, tensors: Mapping[str, TensorRef], scale: float, path: Path,
-                    magnitude=None, rank_hint: int | None = None):
+                    magnitude=None, rank_hint: int | None = None, dora: str = "peft"):
     """A validated LohaModule / LokrModule / DiffModule: factor shapes that compose, one ΔW shape."""
     from ..adapter import DiffModule, LohaModule, LokrModule
 
@@ -131,7 +153,7 @@ def make_structured(name: str, algo: str, tensors: Mapping[str, TensorRef], scal
         h1, h2 = _check_pair(path, name, tensors, 1), _check_pair(path, name, tensors, 2)
         if h1 != h2:
             raise _shape_error(path, name, "its two Hadamard halves have different shapes", tensors)
-        module = LohaModule(tensors, float(scale), magnitude)
+        module = LohaModule(tensors, float(scale))
     else:
         if ("w1" in tensors) == ("w1_a" in tensors or "w1_b" in tensors):
             raise _shape_error(path, name, "W1 must be lokr_w1 or a lokr_w1_a, lokr_w1_b pair", tensors)
@@ -145,7 +167,7 @@ def make_structured(name: str, algo: str, tensors: Mapping[str, TensorRef], scal
             _check_pair(path, name, tensors, 2)
         elif len(tensors["w2"].shape) < 2:
             raise _shape_error(path, name, "lokr_w2 must be at least 2-D", tensors)
-        module = LokrModule(tensors, float(scale), magnitude, rank_hint)
+        module = LokrModule(tensors, float(scale), rank_hint=rank_hint)
     if not all(t.dtype.is_floating_point for t in tensors.values()):
         raise _shape_error(path, name, "factors must be floating point", tensors)
-    return module
+    return with_magnitude(module, magnitude, dora, name, path)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..adapter import PEFT_PREFIX, Adapter, LoraModule, materialize
+from ..adapter import PEFT_PREFIX, Adapter, LoraModule, fold_scale, materialize
 from ..errors import SurgeryError
 from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
@@ -81,9 +81,20 @@ def make_keys(name: str, module: LoraModule) -> dict[str, torch.Tensor]:
         out = {f"{name}.lora_A.weight": module.A, f"{name}.lora_B.weight": module.B}
     if module.bias is not None:
         out[f"{name}.lora_B.bias"] = module.bias
+    out = {k: materialize(v) for k, v in out.items()}
     if module.magnitude is not None:
-        out[f"{name}.lora_magnitude_vector"] = module.magnitude
-    return {k: materialize(v) for k, v in out.items()}
+        out[f"{name}.lora_magnitude_vector"] = magnitude_tensor(name, module)
+    return out
+
+
+def magnitude_tensor(name: str, m) -> torch.Tensor:
+    """A DoRA magnitude in PEFT's layout (formats.md §1.2): (out,) for linear and embedding layers, (1, out, 1, …)
+    for convs. LyCORIS's per-input-column DoRA (`wd_on_out=False`) has no PEFT form."""
+    if m.dora_axis != "out":
+        raise SurgeryError(f"module {name}: its DoRA magnitude is per input column (LyCORIS wd_on_out=False), "
+                           "which PEFT and diffusers cannot express; keep a kohya/LyCORIS file")
+    mag = materialize(m.magnitude)
+    return mag.reshape((1, -1) + (1,) * (len(m.A.shape) - 2) if m.kind == "conv" else (-1,)).contiguous()
 
 
 def pattern_key(patterns, key: str):
@@ -164,7 +175,27 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
         rank = parts[name]["A"].shape[0] if "A" in parts[name] else 0
         scale = 1.0 if assumed else _scale_of(config, name, rank, where)
         modules[name] = make_module(name, parts[name], kinds.get(name, "linear"), scale, weights)
+    if not assumed:
+        _check_dora(modules, config, where)
+        if not config.get("lora_bias") and (biased := [n for n, m in modules.items() if m.bias is not None]):
+            notes.append(f"{weights.name}: {biased[0]} and others carry lora_B.bias but the config has no lora_bias "
+                         "(as mergekit writes them): PEFT would ignore them, surgery applies them")
     return modules, passthrough, config, notes
+
+
+def _check_dora(modules, config, where) -> None:
+    """PEFT gives every module of a `use_dora` adapter a magnitude (initialised from the base weight when the file
+    lacks it) and ignores magnitudes without `use_dora`: a file that disagrees with its config means different
+    updates to PEFT and to loaders that read its tensors."""
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise SurgeryError(f"{where}: use_dora must be true or false, got {use_dora!r}")
+    odd = sorted(n for n, m in modules.items() if (m.magnitude is None) == use_dora)
+    if odd:
+        what = "has no lora_magnitude_vector although use_dora is true" if use_dora else \
+            "has a lora_magnitude_vector although use_dora is false (PEFT would ignore it)"
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        raise SurgeryError(f"{where}: module {odd[0]}{more} {what}")
 
 
 def _check_alpha_keys(alphas, parts, config, where) -> None:
@@ -272,6 +303,12 @@ def updated_config(adapter: Adapter) -> dict[str, Any]:
         raise SurgeryError(f"a PEFT adapter holds one algorithm; this one has {', '.join(sorted(algos))} modules "
                            "(write a kohya/LyCORIS file, or convert --to lora)")
     algo = algos.pop()
+    dora = {m.magnitude is not None for m in adapter.modules.values()}
+    if True in dora and (len(dora) > 1 or algo != "lora"):
+        name = next(n for n, m in adapter.modules.items() if m.magnitude is not None)
+        raise SurgeryError(f"module {name}: PEFT's use_dora is one switch for every module of an adapter (and LoRA's "
+                           "only), so " + ("this mix of DoRA and plain modules" if algo == "lora" else
+                                           f"a DoRA {algo} module") + " has no PEFT form; keep a kohya/LyCORIS file")
     ptype = next(t for t, a in TYPES.items() if a == algo)
     config = dict(adapter.config)
     if config.get("peft_type", "LORA") != ptype:
@@ -287,6 +324,12 @@ def updated_config(adapter: Adapter) -> dict[str, Any]:
     entries = _pattern_entries(keyed, (r, alpha))
     config.update({"r": r, ALPHA_KEY[algo]: alpha, "rank_pattern": {p: keyed[k][0] for p, k in entries.items()},
                    "alpha_pattern": {p: keyed[k][1] for p, k in entries.items()}})
+    if algo == "lora":
+        config["use_dora"] = True in dora
+        config["lora_bias"] = any(m.bias is not None for m in adapter.modules.values())
+        if config["use_dora"] and config["lora_bias"]:
+            raise SurgeryError("a DoRA adapter with lora_B.bias tensors has no PEFT form (PEFT refuses lora_bias "
+                               "with use_dora); keep the input's format")
     if algo != "lora":
         config["use_effective_conv2d"] = any("t1" in m.tensors or "t2" in m.tensors for m in adapter.modules.values())
     if not config.get("target_modules") and not config.get("target_parameters"):
@@ -317,7 +360,11 @@ def _pattern_entries(keyed: Mapping[str, tuple], default: tuple) -> dict[str, st
 
 def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     tensors = {k: materialize(v) for k, v in adapter.passthrough.items()}
-    for name, module in adapter.modules.items():
+    modules = dict(adapter.modules)
+    if any(m.bias is not None for m in modules.values()):  # lora_bias = true gives every module a lora_B.bias
+        modules = {n: m if m.bias is not None or m.algo != "lora" else
+                   replace(m, bias=torch.zeros(m.out_features, dtype=m.dtype)) for n, m in modules.items()}
+    for name, module in modules.items():
         for k, t in make_keys(name, module).items():
             if k in tensors:
                 raise SurgeryError(f"module {name}: key {k} collides with a pass-through tensor")
@@ -339,8 +386,18 @@ def write_dir(adapter: Adapter, out: Path) -> None:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def folded(modules: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(modules, config) of a single file, which loaders may read without its config (ComfyUI, diffusers'
+    `load_lora_adapter` without `use_safetensors=True`) and so with alpha = r: every scale folded into the
+    factors, alpha = r written, no rsLoRA."""
+    return {n: fold_scale(m) for n, m in modules.items()}, {k: v for k, v in config.items() if k != "use_rslora"}
+
+
 def write_file(adapter: Adapter, out: Path) -> None:
-    """One PEFT-keyed file; the config goes into metadata `lora_adapter_metadata` as diffusers writes it."""
+    """One PEFT-keyed file; the scales folded into the factors (`folded`), the config (alpha = r) in metadata
+    `lora_adapter_metadata` as diffusers writes it."""
+    modules, config = folded(adapter.modules, adapter.config)
+    adapter = adapter.with_modules(modules, config=config)
     tensors = _tensors(adapter)
     config = updated_config(adapter)
     metadata = dict(adapter.metadata)
