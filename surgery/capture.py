@@ -188,16 +188,21 @@ def save_inputs(cap: ModuleInputs, out: str | os.PathLike) -> None:
 
 def load_inputs(path: str | os.PathLike) -> dict:
     """{module path: TensorRef (tokens, in_features)} of a module-inputs file, checked from the header."""
+    from .io.jsonfile import check, parse_object
     from .io.safetensors_file import tensor_refs
 
     refs, metadata = tensor_refs(path)
-    try:
-        meta = json.loads(metadata["surgery_module_inputs"])
-    except (KeyError, json.JSONDecodeError):
+    if "surgery_module_inputs" not in metadata:
         raise SurgeryError(f"{path}: not a module-inputs file (write one with surgery capture --module-inputs)")
+    where = f"{path}: metadata surgery_module_inputs"
+    meta = parse_object(metadata["surgery_module_inputs"], where)
+    names = check(meta.get("modules", []), "str list", where, "modules")
+    shared = meta.get("shared") or {}
+    if not isinstance(shared, dict) or not all(isinstance(v, str) for v in shared.values()):
+        raise SurgeryError(f"{where}: shared must map module names to tensor names")
     out = {}
-    for name in meta.get("modules", []):
-        key = meta.get("shared", {}).get(name, f"input.{name}")
+    for name in names:
+        key = shared.get(name, f"input.{name}")
         ref = refs.get(key)
         if ref is None or len(ref.shape) != 2 or not ref.dtype.is_floating_point:
             raise SurgeryError(f"{path}: no (tokens, in_features) input for module {name}")
@@ -243,8 +248,7 @@ def load_capture(path: str | os.PathLike) -> Capture:
     for i, ref in enumerate(layers):
         if len(ref.shape) != 2 or not ref.dtype.is_floating_point:
             raise SurgeryError(f"{path}: hidden.{i} is not a finite (tokens, hidden) matrix")
-    try:
-        meta = json.loads(metadata.get("surgery_capture", "{}"))
-    except json.JSONDecodeError:
-        meta = {}
+    from .io.jsonfile import parse_object
+
+    meta = parse_object(metadata.get("surgery_capture", "{}"), f"{path}: metadata surgery_capture")
     return Capture(_LazyLayers(path, layers), meta)

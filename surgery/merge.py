@@ -23,6 +23,7 @@ from .adapter import Adapter, LoraModule, materialize
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
 from .io import check_output
+from .io.jsonfile import field, read_object
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, index_name, is_pipeline,
                             open_pipeline, open_weight_sets, read_tensor, weights_name)
@@ -173,10 +174,15 @@ def _fits(m, shape: Sequence[int], fan_in_fan_out: bool) -> bool:
 
 def _tied_source(ck: Checkpoint, path: str) -> str | None:
     """For `…lm_head(.weight)` missing from a base that ties it to its input embedding: that embedding's name."""
-    if not ck.config().get("tie_word_embeddings", False) or path.removesuffix(".weight").split(".")[-1] != "lm_head":
+    if not tied(ck) or path.removesuffix(".weight").split(".")[-1] != "lm_head":
         return None
     emb = [k for k in ck.tensors if TIED_EMBEDDING.search(k)]
     return emb[0] if len(emb) == 1 else None
+
+
+def tied(ck: Checkpoint) -> bool:
+    """The base's config.json says its output head is its input embedding."""
+    return field(ck.config(), "tie_word_embeddings", "bool", ck.config_path, False)
 
 
 def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float],
@@ -230,7 +236,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                 if bias not in ck.tensors:
                     raise SurgeryError(f"{where}: module {name} has lora_B.bias but the base has no {bias}")
                 biases.setdefault(bias, []).append((m, w))
-    if ck.config().get("tie_word_embeddings", False) and not any(k.endswith("lm_head.weight") for k in ck.tensors):
+    if tied(ck) and not any(k.endswith("lm_head.weight") for k in ck.tensors):
         for key in changes:
             if TIED_EMBEDDING.search(key):
                 notes.append(f"{key} is tied to the output head in the base: the merged update changes the output "
@@ -534,7 +540,7 @@ def _finish_folder(sets: Sequence[Checkpoint], plan: MergePlan, folder: Path, sh
                                else set())
     notes = [f"not copied (other weight formats would hold unmerged weights): {', '.join(left_out)}"] if left_out else []
     if (plan.untie or sdtype is not None) and (folder / "config.json").exists():
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = read_object(folder / "config.json")
         if plan.untie:
             cfg["tie_word_embeddings"] = False
         if sdtype is not None:  # transformers loads at this dtype: it must be the stored one (diffusers has none)

@@ -19,6 +19,7 @@ from typing import Mapping
 import torch
 
 from ..errors import SurgeryError
+from . import jsonfile
 from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, pickle_error, read_header
 
 STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file stems
@@ -96,13 +97,13 @@ class Checkpoint:
     def shard_of(self, name: str) -> str:
         return self.tensors[name].path.name
 
+    @property
+    def config_path(self) -> Path:
+        return (self.root if self.is_dir else self.root.parent) / "config.json"
+
     def config(self) -> dict:
         """config.json beside the weights, or {}."""
-        p = (self.root if self.is_dir else self.root.parent) / "config.json"
-        try:
-            return json.loads(p.read_text()) if p.exists() else {}
-        except (OSError, json.JSONDecodeError) as e:
-            raise SurgeryError(f"{p}: unreadable config ({e})") from None
+        return jsonfile.read_object(self.config_path) if self.config_path.exists() else {}
 
 
 def open_checkpoint(path: str | os.PathLike, variant: str | None = "") -> Checkpoint:
@@ -132,12 +133,12 @@ def open_checkpoint(path: str | os.PathLike, variant: str | None = "") -> Checkp
         stem, variant = sets[0]
         index_path = root / index_name(stem, variant)
         if index_path.exists():
-            try:
-                index = json.loads(index_path.read_text())
-                weight_map = index["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise SurgeryError(f"{index_path}: not a valid safetensors index ({e})") from None
+            index = jsonfile.read_object(index_path)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise SurgeryError(f"{index_path}: not a valid safetensors index (weight_map must map tensor names "
+                                   "to shard file names)")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (root / s).is_file()]
             if missing:
                 raise SurgeryError(f"{root}: shard(s) listed in {index_path.name} are missing: {', '.join(missing)}")
@@ -190,11 +191,8 @@ def is_pipeline(path: str | os.PathLike) -> bool:
 def open_pipeline(path: str | os.PathLike) -> Pipeline:
     """Plan every component of a pipeline that holds safetensors weights (the others are copied as they are)."""
     root = Path(path)
-    try:
-        index = json.loads((root / PIPELINE_INDEX).read_text())
-        entries = {k: v for k, v in index.items() if not k.startswith("_")}
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise SurgeryError(f"{root / PIPELINE_INDEX}: not a valid diffusers model index ({e})") from None
+    index = jsonfile.read_object(root / PIPELINE_INDEX)
+    entries = {k: v for k, v in index.items() if not k.startswith("_")}
     components, classes = {}, {}
     for name, value in entries.items():
         folder = root / name

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from ..adapter import Adapter
 from ..errors import SurgeryError
 from .. import fuse
-from . import peft
+from . import jsonfile, peft
 from .modules import make_module
 from .names import DENOISERS, TEXT_ENCODERS
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
@@ -56,9 +56,9 @@ def is_diffusers(header: Mapping, metadata: Mapping[str, str]) -> bool:
     raw = metadata.get(peft.METADATA_CONFIG)
     if raw is not None:
         try:
-            config = json.loads(raw)
-        except json.JSONDecodeError:
-            return False
+            config = jsonfile.parse(raw, "")
+        except SurgeryError:
+            return False  # not diffusers' config: the PEFT-file reader says what is wrong with it
         return isinstance(config, dict) and bool(config) and all(component(k) for k in config)
     keys = [k for k in header if peft.parse_key(k) or peft.parse_structured(k) or legacy_key(k)]
     return bool(keys) and all(component(k) for k in keys)
@@ -119,10 +119,8 @@ def read(path: Path) -> Adapter:
         if clash := set(legacy.values()) & set(refs):
             raise SurgeryError(f"{path}: holds both legacy and PEFT keys for {sorted(clash)[0]}")
         refs = {legacy.get(k, k): ref for k, ref in refs.items()}
-    try:
-        configs = split_config(json.loads(metadata[peft.METADATA_CONFIG])) if peft.METADATA_CONFIG in metadata else {}
-    except (json.JSONDecodeError, AttributeError):
-        raise SurgeryError(f"{path}: metadata {peft.METADATA_CONFIG} is not a JSON object") from None
+    configs = split_config(jsonfile.parse_object(metadata[peft.METADATA_CONFIG], f"{path}: metadata "
+                                                 f"{peft.METADATA_CONFIG}")) if peft.METADATA_CONFIG in metadata else {}
     by_component: dict[str, dict] = {}
     passthrough = {}
     for k, ref in refs.items():

@@ -26,6 +26,7 @@ import torch
 from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import SurgeryError
 from .. import fuse
+from . import jsonfile
 from .checkpoint import Checkpoint, is_pipeline, open_checkpoint, open_pipeline
 
 DENOISER = "denoiser"  # the pipeline's unet or transformer
@@ -250,7 +251,8 @@ class _Names:
     def canonical(self, u: str) -> list[str]:
         """Paths whose SGM-or-diffusers name, in diffusers' spelling, is `u`'s."""
         if self._canonical is None:
-            lpb = int(self.ck.config().get("layers_per_block", 2) or 2) if self.ck.is_dir else 2
+            lpb = jsonfile.field(self.ck.config(), "layers_per_block", "positive int", self.ck.config_path, 2) \
+                if self.ck.is_dir else 2
             self._lpb = lpb
             self._canonical = defaultdict(list)
             for uu, ps in self.underscored.items():
@@ -279,7 +281,7 @@ def component_name(ck: Checkpoint) -> str | None:
     folder = (ck.root if ck.is_dir else ck.root.parent).name
     if folder in DENOISERS + TEXT_ENCODERS:
         return folder
-    cls = str(ck.config().get("_class_name", "")) if ck.is_dir else ""
+    cls = jsonfile.field(ck.config(), "_class_name", "str", ck.config_path, "") if ck.is_dir else ""
     return "unet" if "UNet" in cls else "transformer" if cls.endswith("Transformer2DModel") else None
 
 
@@ -304,12 +306,17 @@ def _targets_for(component: str | None, targets: Sequence[tuple[str | None, Chec
 
 def _is_t5(component: str | None, ck: Checkpoint) -> bool:
     """A T5 text encoder (kohya and ComfyUI call it `lora_te3_` whatever its folder: Flux's text_encoder_2)."""
-    return component in TEXT_ENCODERS and "T5EncoderModel" in (ck.config().get("architectures") or [])
+    return component in TEXT_ENCODERS and "T5EncoderModel" in architectures(ck)
 
 
 def _is_clip(ck: Checkpoint) -> bool:
     """A transformers CLIP text encoder (transformers 5 saves it without the `text_model.` of kohya's names)."""
-    return any(a.startswith("CLIPText") for a in ck.config().get("architectures") or [])
+    return any(a.startswith("CLIPText") for a in architectures(ck))
+
+
+def architectures(ck: Checkpoint) -> list[str]:
+    """transformers' `architectures` of a component's config.json ([] without one)."""
+    return jsonfile.field(ck.config(), "architectures", "str list", ck.config_path, [])
 
 
 def _original_parts(ck: Checkpoint) -> dict[str, str]:

@@ -20,6 +20,7 @@ import torch
 
 from ..adapter import PEFT_PREFIX, Adapter, LoraModule, fold_scale, materialize
 from ..errors import SurgeryError
+from . import jsonfile
 from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
@@ -48,6 +49,14 @@ def parse_structured(key: str):
     """`…q_proj.hada_w1_a` → ('…q_proj', 'w1_a', 'linear') for PEFT LoHa / LoKr keys."""
     m = _STRUCTURED.match(key)
     return (m["m"], m["role"].split("_", 1)[1], "linear") if m else None
+
+
+def key_algo(key: str) -> str | None:
+    """The algorithm a PEFT tensor key belongs to: lora, loha, lokr (None for others)."""
+    if parse_key(key):
+        return "lora"
+    m = _STRUCTURED.match(key)
+    return None if not m else "loha" if m["role"].startswith("hada_") else "lokr"
 
 
 def parse_key(key: str):
@@ -139,12 +148,34 @@ def _read(weights: Path, config: Mapping[str, Any] | None, fmt: str, where: str)
                    source=weights.parent if fmt == "peft" else weights, notes=tuple(notes))
 
 
+def check_config(config: Mapping[str, Any], where) -> None:
+    """Every config value surgery reads, of the type PEFT gives it (one line naming the file and key if not)."""
+    ptype = jsonfile.field(config, "peft_type", "str", where, "LORA")
+    alpha_key = ALPHA_KEY.get(TYPES.get(ptype), "lora_alpha")
+    jsonfile.field(config, "r", "positive int", where)
+    jsonfile.field(config, alpha_key, "number", where)
+    jsonfile.patterns(config, "rank_pattern", "positive int", where)
+    jsonfile.patterns(config, "alpha_pattern", "number", where)
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "use_effective_conv2d"):
+        jsonfile.field(config, key, "bool", where)
+    if not isinstance(config.get("target_modules"), str):
+        jsonfile.field(config, "target_modules", "str list", where)
+    jsonfile.field(config, "modules_to_save", "str list", where)
+
+
 def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: str):
     """(modules, passthrough, config, notes) of PEFT-keyed tensors under one config (None: scale 1, noted)."""
+    if config is not None:
+        check_config(config, where)
     ptype = (config or {}).get("peft_type", "LORA")
     if ptype not in TYPES:
         raise SurgeryError(f"{where}: peft_type {ptype!r} is not read by surgery (LORA, LOHA and LOKR are)")
     algo = TYPES[ptype]
+    for key in refs:  # a config naming one algorithm over another's tensors means two adapters to two readers
+        found = key_algo(key)
+        if found is not None and found != algo:
+            raise SurgeryError(f"{where}: peft_type {ptype} but tensor {key} is {found.upper()}'s; fix the config's "
+                               "peft_type or the tensors")
     alphas = {k.removesuffix(".alpha"): ref for k, ref in refs.items() if k.endswith(".alpha")}
     refs = {k: ref for k, ref in refs.items() if not k.endswith(".alpha")}
     parts, kinds, passthrough = group_keys(refs, parse_key if algo == "lora" else parse_structured, weights)
@@ -227,16 +258,6 @@ def _structured(name, algo, tensors, config, weights, where):
     return make_structured(name, algo, tensors, scale, weights, rank_hint=rank_alpha(config, name)[0])
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SurgeryError(f"{path}: not a readable JSON config ({e})") from None
-    if not isinstance(config, dict):
-        raise SurgeryError(f"{path}: expected a JSON object")
-    return config
-
-
 def read_dir(path: Path) -> Adapter:
     weights, cfg = path / WEIGHTS, path / CONFIG
     if not weights.exists():
@@ -251,7 +272,7 @@ def read_dir(path: Path) -> Adapter:
         raise SurgeryError(f"{path}: not a PEFT adapter directory (no {WEIGHTS}){hint}")
     if not cfg.exists():
         raise SurgeryError(f"{path}: {CONFIG} is missing (PEFT needs it for r and lora_alpha)")
-    return _read(weights, _load_json(cfg), "peft", str(cfg))
+    return _read(weights, jsonfile.read_object(cfg), "peft", str(cfg))
 
 
 def read_file(path: Path) -> Adapter:
@@ -260,12 +281,7 @@ def read_file(path: Path) -> Adapter:
     _, metadata = read_header(path)
     config = None
     if METADATA_CONFIG in metadata:
-        try:
-            config = json.loads(metadata[METADATA_CONFIG])
-        except json.JSONDecodeError:
-            raise SurgeryError(f"{path}: metadata {METADATA_CONFIG} is not valid JSON") from None
-        if not isinstance(config, dict):
-            raise SurgeryError(f"{path}: metadata {METADATA_CONFIG} is not a JSON object")
+        config = jsonfile.parse_object(metadata[METADATA_CONFIG], f"{path}: metadata {METADATA_CONFIG}")
     return _read(path, config, "peft-file", f"{path}")
 
 

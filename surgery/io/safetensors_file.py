@@ -72,6 +72,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SurgeryError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    except RecursionError:
+        raise SurgeryError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise SurgeryError(f"{path}: corrupt safetensors header (expected a JSON object)")
     metadata = header.pop("__metadata__", None) or {}

@@ -16,6 +16,7 @@ import torch
 from ..adapter import Adapter, TeraModule, materialize
 from ..errors import SurgeryError
 from ..tera import FORMAT_VERSION, TeraSpec, shared_core, shared_factor
+from . import jsonfile
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
 META = "surgery_tera"
@@ -30,16 +31,22 @@ def read(path: Path) -> Adapter:
     refs, metadata = tensor_refs(path)
     if META not in metadata:
         raise SurgeryError(f"{path}: TeRA tensors but no '{META}' config in the metadata; the file is incomplete")
-    try:
-        config = json.loads(metadata[META])
-        seed, scale, specs = int(config["seed"]), float(config.get("scale", 1.0)), config["modules"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise SurgeryError(f"{path}: unreadable TeRA config ({e})") from None
+    where = f"{path}: metadata {META}"
+    config = jsonfile.parse_object(metadata[META], where)
     if config.get("format_version") != FORMAT_VERSION:
         raise SurgeryError(f"{path}: TeRA format {config.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+    seed = jsonfile.check(config.get("seed"), "int", where, "seed")
+    scale = jsonfile.field(config, "scale", "number", where, 1.0)
+    specs = config.get("modules")
+    if not isinstance(specs, dict) or not all(isinstance(s, dict) for s in specs.values()):
+        raise SurgeryError(f"{where}: modules must map module names to their modes and ranks")
     modules, passthrough = {}, {}
     for name, s in specs.items():
-        spec = TeraSpec(tuple(s["out_modes"]), tuple(s["in_modes"]), tuple(s["ranks"]), seed)
+        dims = [jsonfile.check(s.get(k), "positive int list", where, f"modules[{name!r}].{k}")
+                for k in ("out_modes", "in_modes", "ranks")]
+        if len(dims[2]) != len(dims[0]) + len(dims[1]) or any(r > n for r, n in zip(dims[2], dims[0] + dims[1])):
+            raise SurgeryError(f"{where}: module {name}: ranks {dims[2]} do not fit its modes {dims[0] + dims[1]}")
+        spec = TeraSpec(tuple(dims[0]), tuple(dims[1]), tuple(dims[2]), seed)
         lams = []
         for n, size in enumerate(spec.modes):
             ref = refs.get(f"{name}.tera_lambda.{n}")
