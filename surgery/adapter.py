@@ -22,7 +22,9 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for module paths (formats
 
 @dataclass(frozen=True)
 class TensorRef:
-    """A tensor still on disk: `key` inside the safetensors file `path`, read on `load()`."""
+    """A tensor still on disk: `key` inside the safetensors file `path`, read on `load()`. A floating-point
+    tensor holding NaN or Inf is refused there, naming the file and the tensor: no command computes with one,
+    copies one into an output or prints one."""
 
     path: Path
     key: str
@@ -31,7 +33,12 @@ class TensorRef:
 
     def load(self) -> torch.Tensor:
         with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(self.key)
+            t = f.get_tensor(self.key)
+        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+            from .errors import SurgeryError
+
+            raise SurgeryError(f"{self.path}: tensor {self.key} holds NaN or Inf")
+        return t
 
     def numel(self) -> int:
         return math.prod(self.shape)

@@ -128,7 +128,10 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         ft, bs = pairs[name]
         d = read_tensor(ft).to(dev, torch.float32) - read_tensor(bs).to(dev, torch.float32)
         if not torch.isfinite(d).all():
-            raise SurgeryError(f"{name}: the delta contains NaN or Inf")
+            for spec in (ft, bs):  # which model is broken
+                if not torch.isfinite(read_tensor(spec).float()).all():
+                    raise SurgeryError(f"{spec.path}: tensor {spec.name} holds NaN or Inf")
+            raise SurgeryError(f"{name}: the delta overflows float32")
         return d.T if EMBEDDING.search(name) else d.flatten(1)  # PEFT embedding LoRA: B @ A = ΔWᵀ; a conv (out, in·k)
 
     ranks: dict[str, int] = {}

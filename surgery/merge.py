@@ -489,20 +489,24 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
             return tensor_entry(name, lambda: read_tensor(spec).to(odt), odt, spec.shape)
 
         def make() -> torch.Tensor:
+            base = None
             if change.kind == "replace":
                 t = materialize(change.replacement).to(odt)
             elif change.kind == "bias":
-                b = read_tensor(spec)
+                b = base = read_tensor(spec)
                 acc = b.to(dev, compute_dtype)
                 for m, w in change.parts:
                     acc += w * m.scale * materialize(m.bias).to(dev, compute_dtype)
                 t = acc.to(odt)
             else:
                 scratch = next(scratches)
-                W = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
+                W = base = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
                 t = merged_weight(W, change.parts, fan_in_fan_out=name in plan.transposed, out_dtype=odt,
                                   compute=compute_dtype, device=dev, scratch=scratch, dora=change.dora)
             if not all_finite(t):
+                if base is not None and not all_finite(base):
+                    raise SurgeryError(f"{spec.path}: base tensor {spec.name} already holds NaN or Inf; the base is "
+                                       "broken, not the merge")
                 raise SurgeryError(f"{name}: the merge produced NaN or Inf (overflow in {odt}?)")
             if progress:
                 progress(name)

@@ -79,7 +79,7 @@ class SqueezeReport:
 def _check_finite(name: str, *tensors: torch.Tensor) -> None:
     for t in tensors:
         if not torch.isfinite(t).all():
-            raise SurgeryError(f"module {name}: factor contains NaN or Inf")
+            raise SurgeryError(f"module {name}: its factors overflow to NaN or Inf in this dtype")
 
 
 def _factorize(name: str, m: LoraModule, B: torch.Tensor, A: torch.Tensor, width: int, method: str, device,
@@ -182,16 +182,18 @@ def per_module(fn: Callable[[str, LoraModule], T], modules: Mapping[str, LoraMod
                device: torch.device) -> Iterator[T]:
     """`fn(name, module)` for every module, results in order.
 
-    On the CPU, modules run in parallel, one per intra-op thread, each computed single-threaded: the tall-skinny
-    QRs here scale far better across modules than inside one (measured 1.7× on 2 cores), and a module's result
-    does not depend on the core count. Memory: one module per worker. On CUDA, one module at a time.
+    On the CPU, modules run in parallel, one per intra-op thread, each computed single-threaded (a lone module
+    too): the tall-skinny QRs here scale far better across modules than inside one (measured 1.7× on 2 cores),
+    and a module's result does not depend on the thread count (tests/test_determinism.py). Memory: one module per worker. On CUDA, one module at a time.
     """
-    if device.type != "cpu" or len(modules) < 2:
+    if device.type != "cpu":
         yield from (fn(n, m) for n, m in modules.items())
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(threads)
+    # OpenMP's thread count is per OS thread: a worker starts from OMP_NUM_THREADS, not from the line above, and an
+    # SVD's blocking (so its rounding) follows it — each worker sets its own
+    pool = ThreadPoolExecutor(max(1, min(threads, len(modules))), initializer=torch.set_num_threads, initargs=(1,))
     try:
         yield from pool.map(lambda item: fn(*item), modules.items())
     finally:  # on an error, modules not yet started are dropped
@@ -275,11 +277,16 @@ def squeeze(
         return small, _report(name, m, fact, k, None if method == "exact" else (B, A))
 
     out, reports = {}, []
-    for name, (small, report) in zip(modules, per_module(one, modules, dev)):
-        out[name] = small
-        reports.append(report)
-        if progress:
-            progress(name)
+    try:
+        for name, (small, report) in zip(modules, per_module(one, modules, dev)):
+            out[name] = small
+            reports.append(report)
+            if progress:
+                progress(name)
+    except SurgeryError as e:  # name the input the module came from
+        if adapter.source is None or str(e).startswith(str(adapter.source)):
+            raise
+        raise SurgeryError(f"{adapter.source}: {e}") from None
     warnings = list(adapter.notes)
     became = Counter(m.algo for m in modules.values() if m.algo != "lora")
     if became:
