@@ -527,8 +527,11 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
                       device=device)
         save_capture(cap, out)
         what = f"{len(cap.layers)} layers"
+    if cap.metadata["pad"] == "eos":
+        click.echo("note: the tokenizer has no pad token; batches were padded with EOS (padding is masked and never "
+                   "sampled)", err=True)
     click.echo(f"wrote {out}: {what} × {cap.metadata['tokens']} tokens (of {cap.metadata['tokens_available']} "
-               f"non-padding{'' if cap.metadata['special_tokens_kept'] else ', non-special'})")
+               f"non-padding{'' if cap.metadata['special_tokens_kept'] else ', non-special'}; {cap.metadata['model_class']})")
 
 
 @main.command(name="tune")

@@ -35,9 +35,33 @@ def _block_prefix(model) -> str | None:
     return best[0] if best else None
 
 
+def _model_class(model_dir):
+    """The class the model's config.json names (`LlamaForCausalLM`, …) — the one an adapter of it was made on, so
+    module paths agree (`model.layers.0.…`) — or AutoModel when it names none transformers has."""
+    import transformers
+
+    from .io.jsonfile import field, read_object
+
+    config = Path(model_dir) / "config.json"
+    names = field(read_object(config), "architectures", "str list", config, []) if config.is_file() else []
+    return next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
+
+
+def _padded(tok):
+    """The tokenizer, padding on the right (positions as in an unpadded run); one without a pad token (Llama,
+    Mistral) pads with EOS — padded positions are masked and never sampled, so its value does not matter."""
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise SurgeryError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+        tok.pad_token = tok.eos_token
+        tok.surgery_pad = "eos"
+    tok.padding_side = "right"
+    return tok
+
+
 def _load(model_dir, texts, device):
     try:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
     except ImportError:
         raise SurgeryError("surgery capture needs transformers: pip install 'surgery[capture]'") from None
     lines = [line.strip() for line in Path(texts).read_text().splitlines() if line.strip()] \
@@ -46,14 +70,16 @@ def _load(model_dir, texts, device):
         raise SurgeryError(f"{texts}: no texts (expected a file with one text per line)")
     from transformers.utils import logging as hf_logging
 
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # its "Loading weights" bar is not ours to print
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar and load report are not ours to print
+    hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        tok = _padded(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
+        model = _model_class(model_dir).from_pretrained(model_dir, local_files_only=True).eval()
     except (OSError, ValueError) as e:
         raise SurgeryError(f"{model_dir}: not a local transformers model ({str(e).splitlines()[0]})") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
     return tok, model.to(resolve_device(device)), lines
@@ -87,8 +113,9 @@ def _token_plan(tok, lines, *, batch_size, max_length, keep_special, max_tokens,
     return plan, n, int(chosen.sum())
 
 
-def _metadata(model, model_dir, texts, n, k, seed, keep_special) -> dict:
-    return {"model": str(model_dir), "texts": str(texts),
+def _metadata(model, model_dir, texts, n, k, seed, keep_special, tok) -> dict:
+    return {"model": str(model_dir), "model_class": type(model).__name__, "pad": getattr(tok, "surgery_pad", "pad"),
+            "texts": str(texts),
             "texts_sha256": hashlib.sha256(Path(texts).read_bytes()).hexdigest(),
             "tokens_available": n, "tokens": k, "seed": seed, "special_tokens_kept": keep_special,
             "block_prefix": _block_prefix(model)}
@@ -111,7 +138,7 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
                     per_layer.append([])
                 per_layer[j].append(h.cpu()[sel].float())
     layers = tuple(torch.cat(chunks).contiguous() for chunks in per_layer)
-    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special) | {"layers": len(layers)}
+    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special, tok) | {"layers": len(layers)}
     return Capture(layers, metadata)
 
 
@@ -165,7 +192,7 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     for name, chunks in rows.items():
         twin = next((o for o in inputs if all(a is b for a, b in zip(rows[o], chunks))), None)
         inputs[name] = inputs[twin] if twin else torch.cat(chunks).contiguous()
-    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special) | {"modules": names}
+    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special, tok) | {"modules": names}
     return ModuleInputs(inputs, metadata)
 
 

@@ -31,12 +31,17 @@ class TunedModule:
 
 
 def _match(name: str, inputs: Mapping[str, TensorLike]) -> str | None:
-    """The module path in a module-inputs file for an adapter module name (PEFT-prefixed, bare or kohya)."""
-    if name in inputs:
-        return name
-    if name.removeprefix(PREFIX) in inputs:
-        return name.removeprefix(PREFIX)
-    return next((p for p in inputs if kohya_name(p) == name), None)
+    """The module path in a module-inputs file for an adapter module name (PEFT-prefixed, bare or kohya); else the
+    one path that ends the name or that the name ends (`model.layers.0.…` of a *ForCausalLM adapter against
+    `layers.0.…` captured with AutoModel, or the other way)."""
+    path = name.removeprefix(PREFIX)
+    for p in (name, path):
+        if p in inputs:
+            return p
+    if found := [p for p in inputs if kohya_name(p) == name]:
+        return found[0]
+    found = [p for p in inputs if path.endswith("." + p) or p.endswith("." + path)]
+    return found[0] if len(found) == 1 else None
 
 
 def _unsupported(m) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -25,7 +26,8 @@ from .errors import SurgeryError
 from .io import check_output
 from .io.jsonfile import field, read_object
 from .io.peft import PREFIX
-from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, index_name, is_pipeline,
+from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, files_below, index_name,
+                            is_pipeline,
                             open_pipeline, open_weight_sets, read_tensor, weights_name)
 from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place, weight_key
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
@@ -406,9 +408,11 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
         if pipeline is not None:
             done = {pipeline.root / c for c in plans}
             for p in sorted(pipeline.root.iterdir()):
-                if p in done or p.name.startswith(".") or p.resolve() == out.resolve():
+                if p in done or p.name.startswith(".") or os.path.realpath(p) == os.path.realpath(out):
                     continue
-                (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+                for f in files_below(p) if p.is_dir() or p.is_symlink() else [p]:
+                    (tmp / f.relative_to(pipeline.root)).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, tmp / f.relative_to(pipeline.root))
                 if p.name in pipeline.components:
                     counts["copied"] += len(pipeline.components[p.name].tensors)
     return MergeReport(str(out), counts["merged"], counts["created"], counts["copied"], counts["shards"],

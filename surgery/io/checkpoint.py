@@ -245,14 +245,45 @@ def copy_entry(spec: TensorSpec) -> Entry:
     return Entry(spec.name, spec.dtype, spec.shape, spec.nbytes, write=write)
 
 
+def files_below(src: Path) -> list[Path]:
+    """Every file below `src` (links followed, hidden entries skipped), sorted; a symbolic link that loops or leads
+    back into a folder above it is the input's problem, said in one line."""
+    out, seen = [], set()
+
+    def walk(d: Path, ancestors: tuple) -> None:
+        try:
+            real = d.resolve(strict=True)
+            entries = sorted(d.iterdir())
+        except (OSError, RuntimeError) as e:
+            raise SurgeryError(f"{d}: cannot be read as a folder of the input ({getattr(e, 'strerror', None) or e})") \
+                from None
+        if real in ancestors:
+            raise SurgeryError(f"{d}: symbolic link loop in the input (it leads back to {real}); remove the link")
+        for p in entries:
+            if p.name.startswith("."):
+                continue
+            if p.is_symlink() and not p.exists():
+                raise SurgeryError(f"{p}: broken or looping symbolic link in the input ({os.readlink(p)})")
+            if p.is_dir():
+                walk(p, ancestors + (real,))
+            elif p not in seen:
+                seen.add(p)
+                out.append(p)
+
+    if src.is_symlink() and not src.is_dir():  # a link to a file, or a broken one, given as a folder
+        return [src] if src.exists() else walk(src, ()) or []
+    walk(src, ())
+    return out
+
+
 def copy_side_files(src: Path, dst: Path, skip: set[str], skip_dirs: set[Path] = frozenset()) -> list[str]:
     """Copy the non-weight files of a model directory (config, tokenizer, …), sub-folders included but
     `skip_dirs` (relative paths); returns the weight files in other formats that were left out (they would hold
     stale weights)."""
     left_out = []
-    for p in sorted(src.rglob("*")):
+    for p in files_below(src):
         rel = p.relative_to(src)
-        if any(part.startswith(".") for part in rel.parts) or p.is_dir() or str(rel) in skip:
+        if str(rel) in skip:
             continue
         if any(rel.is_relative_to(d) for d in skip_dirs):
             continue
