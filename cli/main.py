@@ -390,7 +390,7 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
                    "(exact without a rule); peft/peft-file/kohya/diffusers: lossless layout and naming conversion "
                    "(with --base, names follow the base's tensors).")
 @output_option
-@click.option("--rank", type=int, help="--to lora: the LoRA rank (needed from TeRA).")
+@click.option("--rank", type=int, help="--to lora: the largest LoRA rank (default: each ΔW's exact rank).")
 @click.option("--energy", type=float, help="--to lora from LoHa/LoKr: keep this fraction of each module's Σσ².")
 @click.option("--budget", help="--to lora from LoHa/LoKr: total factor parameters, e.g. 2M.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
@@ -442,8 +442,8 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
         return
     if energy is not None or budget is not None or fmt is not None:
         raise click.UsageError("--energy, --budget and --format go with --to lora from a LoHa/LoKr adapter")
-    if (to == "lora") != (rank is not None):
-        raise click.UsageError("--rank is needed with --to lora, and only there")
+    if to != "lora" and rank is not None:
+        raise click.UsageError("--rank goes with --to lora (without it, a TeRA adapter converts exactly)")
     with progress_bar(len(a.modules), f"convert to {to}") as bar:
         if to == "tera":
             if a.format == "tera":
@@ -454,7 +454,8 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
             if a.format != "tera":
                 raise SurgeryError(f"{adapter}: is not a TeRA adapter (use --to peft/kohya for LoRA formats)")
             new, report = to_lora(a, rank, progress=lambda _: bar.update(1))
-    path = save_adapter(new, out or output_for(new, "tera" if to == "tera" else f"lora-r{rank}", new.format,
+    path = save_adapter(new, out or output_for(new, "tera" if to == "tera" else "-".join(
+                            filter(None, ("lora", rank and f"r{rank}"))), new.format,
                                                source=a.source),
                         force=force, **({"save_factors": save_factors} if to == "tera" else {}))
     if as_json:

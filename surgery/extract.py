@@ -119,10 +119,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     if not chosen:
         raise SurgeryError(f"{finetuned}: no tensor to extract (targets {targets or 'default'} matched nothing "
                            "of the same shape in both models)")
-    for name in chosen:  # from the headers, before any delta is formed
-        shape = pairs[name][0].shape
-        if isinstance(rule, FixedRank) and rule.rank > min(shape[0], math.prod(shape[1:])):
-            raise SurgeryError(f"{name}: rank {rule.rank} exceeds the matrix size {list(shape)}")
+    small = [n for n in chosen if isinstance(rule, FixedRank)  # from the headers, before any delta is formed
+             and rule.rank > min(pairs[n][0].shape[0], math.prod(pairs[n][0].shape[1:]))]
 
     def delta(name: str) -> torch.Tensor:
         ft, bs = pairs[name]
@@ -145,6 +143,9 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         ranks = budget_ranks(nonzero, {n: cost[n] for n in nonzero}, rule.params)
 
     modules, reports, unchanged, warnings = {}, [], [], []
+    if small:
+        warnings.append(f"{len(small)} tensor(s) smaller than rank {rule.rank} extracted at their full rank: "
+                        + ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else ""))
     for name in chosen:
         d = delta(name)
         total = float(d.double().square().sum())
@@ -154,7 +155,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         cap = min(max_rank if not isinstance(rule, FixedRank) else rule.rank, *d.shape)
         svd = _svd(d, ranks.get(name, cap), seed, name)
         if isinstance(rule, FixedRank):
-            k = rule.rank
+            k = min(rule.rank, cap)
         elif isinstance(rule, Budget):
             k = ranks[name]
         elif rule.threshold >= 1:  # all the energy: the full numerical rank (rounding never reaches Σσ² = ‖D‖²)

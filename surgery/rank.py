@@ -77,8 +77,10 @@ def parse_count(text: str) -> int:
     return int(round(float(m.group(1)) * _SUFFIX[m.group(2).upper()]))
 
 
-def parse_rank_map(specs: Sequence[str]) -> RankMap:
+def parse_rank_map(specs: str | Sequence[str]) -> RankMap:
     """'mlp=8,attn=4' (and/or repeated specs) → RankMap((('mlp', 8), ('attn', 4)))."""
+    if isinstance(specs, str):
+        specs = [specs]
     rules = []
     for spec in specs:
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -136,11 +138,8 @@ def budget_ranks(
 
 
 def check_rank(name: str, rank: int, current: int) -> int:
+    """A target rank as an upper bound, as kohya's resize reads `--new_rank`: a module already at a rank ≤ it keeps
+    its rank (the caller keeps it unchanged and lists it)."""
     if rank <= 0:
         raise SurgeryError(f"module {name}: rank must be at least 1, got {rank}")
-    if rank > current:
-        raise SurgeryError(
-            f"module {name}: target rank {rank} is above its current rank {current} "
-            "(squeeze only lowers ranks; use --rank-map to give this module another rank)"
-        )
-    return rank
+    return min(rank, current)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, fold_scale, materialize
 from .device import compute_dtype as _compute_dtype
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
@@ -146,6 +146,19 @@ def _as_pair(m, B: torch.Tensor, A: torch.Tensor) -> LoraModule:
                                                  dora_axis=m.dora_axis)
 
 
+def _kept(name: str, m: LoraModule, sdtype, fold: bool) -> tuple[LoraModule, ModuleReport]:
+    """A LoRA module left as it is (its dtype or folded scale as asked), reported as lossless."""
+    A, B = materialize(m.A), materialize(m.B)  # read once (a combined module's factors are made on reading)
+    norm = math.sqrt(lowrank_frobenius_sq(B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1), m.scale))
+    out = replace(m, A=A, B=B)
+    out = fold_scale(out) if fold else out
+    if sdtype is not None and sdtype != m.dtype:
+        out = replace(out, A=out.A.to(sdtype), B=out.B.to(sdtype))
+    return out, ModuleReport(name=name, kind=m.kind, shape=(m.out_features, m.in_features), old_rank=m.rank,
+                             new_rank=m.rank, energy_kept=1.0, rel_error=0.0, norm=norm,
+                             params_before=m.num_params(), params_after=m.num_params(), dora=m.dora)
+
+
 def _pad(B: torch.Tensor, A: torch.Tensor, k: int):
     """Zero directions pad a spectrum shorter than k."""
     if B.shape[1] < k:
@@ -258,6 +271,8 @@ def squeeze(
         targets = {n: _target(n, m, rule, None, min_rank) for n, m in modules.items()}
 
     def one(name: str, m: LoraModule) -> tuple[LoraModule, ModuleReport]:
+        if m.algo == "lora" and targets.get(name) == m.rank and not isinstance(rule, Budget):
+            return _kept(name, m, sdtype, fold)  # already at or below the target rank: as it is
         pair = m.lowrank(cdtype, dev)
         if pair is None:  # LoKr / diff: their exact SVD (hadamard_kron.kron_svd, dense for diff), then rank k
             fact = m.svd(cdtype, dev)
@@ -288,6 +303,13 @@ def squeeze(
             raise
         raise SurgeryError(f"{adapter.source}: {e}") from None
     warnings = list(adapter.notes)
+    kept = [r.name for r in reports if r.algo == "lora" and r.old_rank == r.new_rank and (
+        isinstance(rule, FixedRank) or isinstance(rule, RankMap) and rule.rank_for(r.name) is not None)]
+    if kept:
+        warnings.append(f"{len(kept)} module(s) already at or below the target rank kept unchanged: {_few(kept)}")
+    if bigger := [r.name for r in reports if r.algo != "lora" and r.params_after > r.params_before]:
+        warnings.append(f"{len(bigger)} LoHa/LoKr/full module(s) became LoRA modules with more parameters than "
+                        f"before ({_few(bigger)}); a lower rank keeps them smaller")
     became = Counter(m.algo for m in modules.values() if m.algo != "lora")
     if became:
         warnings.append(", ".join(f"{c} {a}" for a, c in sorted(became.items())) + " module(s) became LoRA modules: "
@@ -299,6 +321,10 @@ def squeeze(
             "are, so the merged weights change by more than the LoRA truncation error reported here"
         )
     return adapter.with_modules(out, source=adapter.source), SqueezeReport(tuple(reports), method, tuple(warnings))
+
+
+def _few(names) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _report(name: str, m: LoraModule, svd, k: int, factors) -> ModuleReport:

@@ -268,20 +268,22 @@ def to_tera(adapter, *, order: int = 3, core_rank: int = 8, seed: int = 0, iters
     return out, report
 
 
-def to_lora(adapter, rank: int, progress=None):
-    """TeRA adapter → LoRA of rank `rank` per module by the exact SVD of `tera_svd` (dense randomized SVD when
-    the Kronecker middle matrix would be larger than 4096²). Returns (adapter, [ConvertedModule])."""
+def to_lora(adapter, rank: int | None = None, progress=None):
+    """TeRA adapter → LoRA per module by the exact SVD of `tera_svd` (dense randomized SVD when the Kronecker
+    middle matrix would be larger than 4096²): at rank `rank` (an upper bound: a module of lower rank keeps its
+    own), or without one exactly, at each ΔW's numerical rank (a dense SVD where the Kronecker route is too
+    large). Returns (adapter, [ConvertedModule])."""
     from .adapter import Adapter, LoraModule, TeraModule, materialize
-    from .linalg import randomized_svd, split_factors
+    from .linalg import SVD, randomized_svd, split_factors
+    from .rank import numerical_rank
 
-    if rank < 1:
+    if rank is not None and rank < 1:
         raise SurgeryError(f"rank must be at least 1, got {rank}")
     modules, report = {}, []
     for name, m in adapter.modules.items():
         if not isinstance(m, TeraModule):
             raise SurgeryError(f"module {name} is not a TeRA module")
-        if rank > min(m.out_features, m.in_features):
-            raise SurgeryError(f"module {name}: rank {rank} exceeds its shape {m.out_features}×{m.in_features}")
+        shape = (m.out_features, m.in_features)
         lams = [materialize(l) for l in m.lambdas]
         P = len(m.spec.out_modes)
         if max(math.prod(m.spec.ranks[:P]), math.prod(m.spec.ranks[P:])) <= 4096:
@@ -289,10 +291,13 @@ def to_lora(adapter, rank: int, progress=None):
             total = float(svd.S.square().sum())
         else:
             D = m.delta(torch.float32)
-            g = seeded(m.spec.seed, name)
-            svd = randomized_svd(lambda X: D @ X, lambda Y: D.T @ Y, tuple(D.shape), rank, generator=g)
+            if rank is None:
+                svd = SVD(*torch.linalg.svd(D, full_matrices=False))
+            else:
+                g = seeded(m.spec.seed, name)
+                svd = randomized_svd(lambda X: D @ X, lambda Y: D.T @ Y, shape, min(rank, *shape), generator=g)
             total = float(D.double().square().sum())
-        k = min(rank, len(svd.S))
+        k = max(numerical_rank(svd.S, shape), 1) if rank is None else min(rank, len(svd.S))
         B, A = split_factors(svd, k)
         kept = float(svd.S[:k].double().square().sum())
         modules[name] = LoraModule(A=A.float().contiguous(), B=B.float().contiguous(), scale=1.0)
@@ -303,7 +308,8 @@ def to_lora(adapter, rank: int, progress=None):
             progress(name)
     kohya = adapter.config.get("name_style") == "kohya"
     config = {} if kohya else {
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "use_rslora": False, "lora_dropout": 0.0,
+        "peft_type": "LORA", "r": rank or max(m.rank for m in modules.values()),
+        "lora_alpha": rank or max(m.rank for m in modules.values()), "use_rslora": False, "lora_dropout": 0.0,
         "target_modules": sorted({n.split(".")[-1] for n in modules}), "rank_pattern": {}, "alpha_pattern": {},
         "fan_in_fan_out": False, "bias": "none", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from surgery.adapter import materialize
 from surgery import Budget, Energy, FixedRank, SurgeryError, load_adapter, parse_rank_map, save_adapter, squeeze
 
 from .conftest import KOHYA_FIXTURE, dense_truncation, lora_pair, write_peft
@@ -95,14 +96,18 @@ def test_rank_map_heterogeneous(adapter_dir, tmp_path):
         assert r == m.rank and alpha / r == pytest.approx(2.0)
 
 
-def test_rank_above_current_and_nonpositive(adapter_dir):
+def test_rank_above_current_is_an_upper_bound_and_nonpositive_refused(adapter_dir):
+    """--rank K bounds the rank, as kohya's resize: modules already at rank ≤ K are kept as they are, and listed."""
     a = load_adapter(adapter_dir)
-    with pytest.raises(SurgeryError, match="above its current rank 8"):
-        squeeze(a, FixedRank(9), device="cpu")
+    small, report = squeeze(a, FixedRank(9), device="cpu")
+    for n, m in a.modules.items():
+        assert small.modules[n].rank == 8 and torch.equal(small.modules[n].B, materialize(m.B))
+    assert all(r.rel_error == 0.0 for r in report.modules) and any("4 module(s) already" in w for w in report.warnings)
     with pytest.raises(SurgeryError, match="at least 1"):
         squeeze(a, FixedRank(0), device="cpu")
-    with pytest.raises(SurgeryError, match=r"q_proj.*above"):
-        squeeze(a, parse_rank_map(["q_proj=12"]), device="cpu")
+    small, report = squeeze(a, parse_rank_map("q_proj=12,v_proj=3"), device="cpu")  # the docstring's string form
+    assert [small.modules[n].rank for n in sorted(a.modules)] == [8, 8, 8, 3]
+    assert any("1 module(s) already" in w and "q_proj" in w for w in report.warnings)
     with pytest.raises(SurgeryError, match="energy"):
         squeeze(a, Energy(1.5), device="cpu")
 
