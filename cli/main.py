@@ -98,10 +98,11 @@ def folds(adapter, out, fmt) -> bool:
 
 
 def base_option(f):
+    converts = f.__name__ == "convert_cmd"
     return click.option("--base", type=click.Path(path_type=str),
-                        help="The base model (file, folder, diffusers component or pipeline): --to "
-                             "diffusers/peft/kohya name modules after its tensors; LoHa/LoKr convs stored "
-                             "flattened get their kernel sizes from it.")(f)
+                        help="The base model (file, folder, diffusers component or pipeline): " + (
+                            "--to diffusers/peft/kohya name modules after its tensors; " if converts else "")
+                        + "LoHa/LoKr convs stored flattened get their kernel sizes from it.")(f)
 
 
 def base_shapes_of(adapter, base):
@@ -113,14 +114,23 @@ def base_shapes_of(adapter, base):
     return base_shapes(adapter, base)
 
 
+DEVICE_HELP = "Where the maths runs: auto (CUDA when present), cpu, cuda or cuda:N."
+
+
+def device_option(f):
+    return click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)(f)
+
+
 def compute_options(f):
-    """--device, --dtype, --seed: shared by every command that computes."""
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomized methods.")(f)
+    """--device, --dtype and (for the commands that draw random numbers) --seed."""
+    merging = f.__name__ == "merge_cmd"
+    if not merging:  # merge draws nothing
+        f = click.option("--seed", type=int, default=0, show_default=True,
+                         help="Seed of the random draws (randomized SVD, DARE masks).")(f)
     f = click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
-                     show_default=True, help="Storage dtype of the written factors.")(f)
-    f = click.option("--device", default="auto", show_default=True,
-                     help="auto (CUDA when present), cpu, cuda or cuda:N.")(f)
-    return f
+                     show_default=True, help="Storage dtype of the merged weights (keep: each tensor's own)."
+                     if merging else "Storage dtype of the written factors (keep: the input's).")(f)
+    return device_option(f)
 
 
 def progress_bar(length: int | None, label: str):
@@ -262,7 +272,9 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
 @click.option("--method", type=click.Choice(list(COMBINE_METHODS)), default="sum", show_default=True,
               help="sum: Σ wᵢΔWᵢ exactly; ties / dare-* / magnitude-prune: PEFT's merge_utils on the dense deltas.")
 @click.option("--density", type=float, help="Fraction of entries kept by the sparsifying methods, in (0, 1].")
-@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True)
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True,
+              help="ties / dare-ties: elect each entry's sign by the sum of the deltas (total) or by a count of signs "
+                   "(frequency), as PEFT's majority_sign_method.")
 @click.option("--weight-map", multiple=True, help="REGEX=W[,REGEX=W…]: scale matching modules' weights too.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output format (default: the output path's layout, in the first input's naming).")
@@ -327,7 +339,7 @@ def _weight_map(items) -> list[tuple[str, float]]:
 @compute_options
 @json_option
 def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing, skip_modules_to_save, force,
-              alphas, device, dtype, seed, as_json):
+              alphas, device, dtype, as_json):
     """Merge adapters into a base checkpoint, streaming one tensor at a time."""
     from surgery.device import compute_dtype
     from surgery.merge import merge
@@ -396,7 +408,7 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="--to lora: output format (default: the output path's layout, in the input's naming).")
 @base_option
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @click.option("--order", type=int, default=3, show_default=True, help="--to tera: modes per dimension.")
 @click.option("--core-rank", type=int, default=8, show_default=True, help="--to tera: rank of every mode.")
 @click.option("--iters", type=int, default=50, show_default=True, help="--to tera: alternating LS sweeps.")
@@ -473,9 +485,11 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
 @click.option("--order", type=int, default=3, show_default=True)
 @click.option("--core-rank", type=int, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--save-factors", is_flag=True)
+@click.option("--save-factors", is_flag=True,
+              help="Store the shared core and factors in the file too (they are regenerated from the seed otherwise).")
 @force_option
-def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, force):
+@json_option
+def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, force, as_json):
     """A fresh zero-update TeRA adapter for the linear weights of a base checkpoint."""
     import re
 
@@ -493,13 +507,17 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
         raise SurgeryError(f"{base}: no 2-D weight matches {targets!r}")
     a = fresh_adapter(shapes, order=order, core_rank=core_rank, seed=seed, base=str(base))
     path = save_adapter(a, out, force=force, inputs=(base,), save_factors=save_factors)
-    click.echo(f"wrote {path}: {len(shapes)} TeRA modules, {a.num_params():,} trainable λ entries")
+    if as_json:
+        click.echo(json.dumps({"output": str(path), "modules": len(shapes), "trainable": a.num_params()}, indent=2))
+    else:
+        click.echo(f"wrote {path}: {len(shapes)} TeRA modules, {a.num_params():,} trainable λ entries")
 
 
 @main.command(name="capture")
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("--texts", required=True, type=click.Path(path_type=str), help="A text file, one text per line.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="The .safetensors file to write (hidden states, or module inputs for surgery tune).")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Token positions sampled (seeded).")
 @click.option("--module-inputs", is_flag=True,
               help="Save the inputs of the linear modules (for surgery tune) instead of the hidden states.")
@@ -508,9 +526,11 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
 @click.option("--keep-special/--drop-special", default=None,
               help="Keep [CLS]/[SEP]/BOS/EOS tokens (default: dropped for hidden states, kept for module inputs).")
 @force_option
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_special, force, device, seed):
+@device_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the token sample.")
+@json_option
+def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_special, force, device, seed,
+                as_json):
     """Save the hidden states of every layer (or the inputs of the linear modules) of a local transformers model
     on a text file."""
     from surgery.capture import capture, capture_inputs, save_capture, save_inputs
@@ -531,6 +551,9 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
     if cap.metadata["pad"] == "eos":
         click.echo("note: the tokenizer has no pad token; batches were padded with EOS (padding is masked and never "
                    "sampled)", err=True)
+    if as_json:
+        click.echo(json.dumps(dict(cap.metadata, output=str(out)), indent=2))
+        return
     click.echo(f"wrote {out}: {what} × {cap.metadata['tokens']} tokens (of {cap.metadata['tokens_available']} "
                f"non-padding{'' if cap.metadata['special_tokens_kept'] else ', non-special'}; {cap.metadata['model_class']})")
 
@@ -545,7 +568,7 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
 @click.option("--lr", type=float, default=1e-2, show_default=True,
               help="Relative step size: each tensor moves by about lr × its starting RMS per step.")
 @force_option
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @json_option
 def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_json):
     """Distil TEACHER into STUDENT module by module on captured inputs: min ‖X(ΔW_s − ΔW_t)ᵀ‖², training only
@@ -581,8 +604,8 @@ def _ids(hidden, method, discard, device, seed, legacy_cdf=False):
 @click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
 @click.option("--discard", type=float, default=0.1, show_default=True, help="Fraction of the largest μ discarded.")
 @click.option("--legacy-cdf", is_flag=True, help="F_i = (i−1)/N as scikit-dimension 0.3 (default i/N, as 0.5).")
-@click.option("--plot", type=click.Path(path_type=str), help="Save the ID profile as a PNG (needs matplotlib).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--plot", type=click.Path(path_type=str), help="Save the ID profile as a PNG (needs surgery[plot]).")
+@device_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap spread.")
 @json_option
 def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
@@ -590,6 +613,9 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
     if not 0 <= discard < 1:
         raise SurgeryError(f"--discard must be in [0, 1), got {discard}")
     if plot:
+        from .plot import pyplot
+
+        pyplot()  # a missing matplotlib is said before the work, as inspect --plot does
         check_output(plot, [hidden], force=True)
     cap, results = _ids(hidden, method, discard, device, seed, legacy_cdf)
     doc = {"ids": [r.dimension for r in results], "layers": [r.__dict__ for r in results],
@@ -619,9 +645,11 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
 @click.option("--expand", is_flag=True, help="Pad modules whose GeLoRA rank is above their rank up to it (ΔW "
                                              "unchanged; new A rows random, new B columns zero, as PEFT inits).")
 @click.option("--config-out", type=click.Path(path_type=str), help="Write a PEFT LoraConfig JSON to train with.")
-@click.option("--targets", help="--config-out: comma-separated module leaves, e.g. query,key,value.")
+@click.option("--target-modules", "--targets", "targets",
+              help="--config-out: PEFT's target_modules, comma-separated module leaves, e.g. query,key,value (a list, "
+                   "not the regex --targets of extract/capture/init-tera).")
 @click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @force_option
 @json_option
@@ -642,16 +670,19 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
         cap, results = _ids(hidden, method, 0.1, device, seed)
         ids, block_prefix = [r.dimension for r in results], cap.metadata.get("block_prefix")
     else:
-        try:
-            doc = json.loads(Path(ids_file).read_text())
-            ids, block_prefix = [float(x) for x in doc["ids"]], doc.get("block_prefix")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SurgeryError(f"{ids_file}: expected the JSON of surgery id --json ({e})") from None
+        from surgery.io.jsonfile import check, read_object
+
+        doc = read_object(Path(ids_file))
+        ids = [float(x) for x in check(doc.get("ids"), "number list", ids_file, "ids")]
+        block_prefix = doc.get("block_prefix") if isinstance(doc.get("block_prefix"), str) else None
     doc = {"ids": ids, "block_ranks": gelora_ranks(ids, formula, min_rank)}
+    warnings = []
+    if len(ids) > 1 and all(r < min_rank for r in gelora_ranks(ids, formula, 0)):
+        warnings.append(f"--min-rank {min_rank} raised every block's GeLoRA rank (from "
+                        f"{', '.join(map(str, gelora_ranks(ids, formula, 0)))}): the IDs do not set the ranks here")
     if config_out:  # built (and checked) before anything is written
         cfg = gelora_config(doc["block_ranks"], block_prefix,
                             [t.strip() for t in (targets or "").split(",") if t.strip()])
-    warnings = []
     if adapter:
         small, rep = rerank(load(adapter), ids, formula=formula, min_rank=min_rank,
                             budget=parse_count(budget) if budget else None, expand_ranks=expand, device=device,
@@ -659,7 +690,7 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
         path = save_adapter(small, out, force=force, inputs=inputs + ([config_out] if config_out else []))
         doc.update(rep.squeeze.to_dict(), clipped={n: list(v) for n, v in rep.clipped.items()},
                    expanded=rep.expanded, output=str(path))
-        warnings = list(rep.squeeze.warnings) + [
+        warnings += list(rep.squeeze.warnings) + [
             f"{n}: GeLoRA rank {r} is above its rank {c}; " + (f"padded to {r}" if expand else f"kept at {c}")
             for n, (r, c) in rep.clipped.items()]
     if config_out:

@@ -50,7 +50,11 @@ def _counts(values) -> str:
 
 def _kind(m) -> str:
     """`conv`, `linear`, … for LoRA; the algorithm first for the others (`loha conv`, `lokr linear`, `diff linear`)."""
-    return m.kind if m.algo in ("lora", "tera") else f"{m.algo} {m.kind}"
+    if m.algo in ("lora", "tera"):
+        return m.kind
+    # LyCORIS stores a non-Tucker conv's LoHa/LoKr factors flattened: its kernel is the base's to say
+    kind = "2-D (linear, or conv stored flat)" if m.kind == "linear" and m.algo in ("loha", "lokr") else m.kind
+    return f"{m.algo} {kind}"
 
 
 def inspect_table(a: Adapter, spectra=None) -> str:
@@ -102,7 +106,9 @@ def extract_table(r) -> str:
     rows = [[m.name, f"{m.shape[0]}×{m.shape[1]}", str(m.rank), f"{m.energy_kept:.6f}", f"{m.rel_error:.3e}",
              f"{m.params:,}"] for m in r.modules]
     lines = [_table(["tensor", "out×in", "rank", "energy kept", "rel. error", "params"], rows, right={1, 2, 3, 4, 5}),
-             "", f"total: {len(r.modules)} modules, {r.params:,} factor parameters"]
+             "", f"total: {len(r.modules)} modules, {r.params:,} factor parameters",
+             f"ΔW = {r.finetuned} (fine-tuned) − {r.base} (base); the adapter records the base as its "
+             "base_model_name_or_path"]
     if r.unchanged:
         lines.append(f"unchanged (no module written): {len(r.unchanged)}")
     lines += [f"not extracted: {m}" for m in r.mismatched]

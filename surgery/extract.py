@@ -41,6 +41,8 @@ class ExtractReport:
     mismatched: tuple[str, ...]  # "name: shape a vs b" (e.g. a resized vocabulary): reported, not extracted
     untargeted_changed: tuple[str, ...]  # tensors that differ but are not in the adapter (norms, biases, …)
     warnings: tuple[str, ...] = ()
+    finetuned: str = ""  # ΔW = finetuned − base, as the user named them (swapped, the file holds −ΔW)
+    base: str = ""
 
     @property
     def params(self) -> int:
@@ -187,7 +189,9 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     if not modules:
         raise SurgeryError(f"{finetuned}: the targeted tensors are identical in both models; nothing to extract")
     if pipeline:  # a diffusers pipeline LoRA: its writer gives each component its config (alpha = r)
-        adapter = Adapter(modules=modules, format="diffusers", config={}, metadata={"format": "pt"})
+        components = sorted({n.split(".", 1)[0] for n in modules})
+        adapter = Adapter(modules=modules, format="diffusers", metadata={"format": "pt"},
+                          config={f"{c}.base_model_name_or_path": str(base) for c in components})
     else:
         targets = _target_modules(list(modules), [n for n, (_, b) in pairs.items() if b is not None])
         config = {"peft_type": "LORA", "base_model_name_or_path": str(base), "task_type": None, "r": 8,
@@ -196,4 +200,4 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                   "use_dora": False, "inference_mode": True, "modules_to_save": None}
         adapter = Adapter(modules=modules, format="peft", config=config, metadata={"format": "pt"})
     return adapter, ExtractReport(tuple(reports), tuple(unchanged), tuple(mismatched), tuple(untargeted),
-                                  tuple(warnings))
+                                  tuple(warnings), str(finetuned), str(base))

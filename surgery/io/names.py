@@ -529,5 +529,8 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Ad
         config = next((configs[c] for c in components if c in configs), next(iter(configs.values()), {}))
     notes = tuple(adapter.notes) + tuple(p.notes) + tuple(
         f"{n}: skipped ({why})" for n, why in p.missing.items())
-    return Adapter(modules=modules, format=fmt, passthrough={}, config=config,
-                   metadata={} if fmt != adapter.format else adapter.metadata, source=adapter.source, notes=notes)
+    metadata = adapter.metadata if fmt == adapter.format else {}
+    if fmt == "kohya" and (bases := {v for k, v in adapter.config.items() if k.endswith("base_model_name_or_path") and v}):
+        metadata = {**metadata, "ss_sd_model_name": str(sorted(bases)[0])}  # kohya's field for the model trained on
+    return Adapter(modules=modules, format=fmt, passthrough={}, config=config, metadata=metadata,
+                   source=adapter.source, notes=notes)
