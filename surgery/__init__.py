@@ -5,6 +5,8 @@
     small, report = squeeze(adapter, FixedRank(4))
     save_adapter(small, "my-lora-r4/")
 """
+__version__ = "0.1.0"  # before the imports: the writers record it
+
 from .adapter import Adapter, LoraModule, TensorRef
 from .errors import SurgeryError
 from .io import FORMATS, detect, load_adapter, save_adapter
@@ -16,4 +18,3 @@ __all__ = [
     "Budget", "Energy", "Exact", "FixedRank", "RankMap", "parse_count", "parse_rank_map",
     "ModuleReport", "SqueezeReport", "squeeze",
 ]
-__version__ = "0.1.0"

@@ -122,9 +122,9 @@ def written_models_load_in_the_real_libraries(request, tmp_path):
     pytest.importorskip("peft")
     from surgery.errors import SurgeryError
     from surgery.io.peft import METADATA_CONFIG
-    from surgery.io.safetensors_file import read_header
+    from surgery.io.safetensors_file import WRITTEN_BY, read_header
 
-    from .real_loaders import check_peft_loads, check_transformers_loads
+    from .real_loaders import check_blind, check_peft_loads, check_transformers_loads
 
     tmp = tmp_path
     for cfg in sorted(tmp.rglob("adapter_config.json")):
@@ -132,12 +132,14 @@ def written_models_load_in_the_real_libraries(request, tmp_path):
             check_peft_loads(cfg.parent)
     for f in sorted(tmp.rglob("*.safetensors")):
         try:
-            if METADATA_CONFIG not in read_header(f)[1]:
-                continue
+            metadata = read_header(f)[1]
         except (SurgeryError, OSError):
             continue
-        if readable(f):
-            check_peft_loads(f)
+        if (METADATA_CONFIG in metadata or WRITTEN_BY in metadata) and readable(f):
+            if METADATA_CONFIG in metadata:
+                check_peft_loads(f)
+            if WRITTEN_BY in metadata:  # ours: the same update to a reader of the tensors alone
+                check_blind(f)
     for cfg in sorted(tmp.rglob("config.json")):
         if any(cfg.parent.glob("model*.safetensors")):
             check_transformers_loads(cfg.parent)

@@ -146,3 +146,37 @@ def _check_components(path: Path, adapter) -> None:
             save_file({k[len(c) + 1:]: v for k, v in state.items() if k.startswith(c + ".")}, str(f),
                       metadata={"format": "pt", METADATA_CONFIG: json.dumps(configs[c])})
             check_peft_loads(f)
+
+
+_PAIR = (("lora_A.weight", "lora_B.weight"), ("lora_down.weight", "lora_up.weight"),
+         ("lora_embedding_A", "lora_embedding_B"))
+
+
+def check_blind(path: Path) -> None:
+    """A single file surgery wrote, read as loaders that read no metadata and no config do (ComfyUI; diffusers'
+    `load_lora_adapter` without `use_safetensors=True`): each LoRA pair's update is up.flatten(1) @ down.flatten(1)
+    times `{x}.alpha` / rank where the file has an `.alpha`, else times 1 (alpha = r). It must equal ours."""
+    from safetensors.torch import load_file
+
+    from surgery import load_adapter
+
+    adapter = load_adapter(path)
+    state = load_file(str(path))
+    checked = 0
+    for key, down in state.items():
+        for a, b in _PAIR:
+            if not key.endswith("." + a) or "lora_mid" in key:
+                continue
+            name = key[: -len(a) - 1]
+            if name not in adapter.modules or f"{name}.lora_mid.weight" in state:
+                continue
+            up = state[f"{name}.{b}"].double()
+            alpha = state.get(f"{name}.alpha")
+            scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+            theirs = up.flatten(1) @ down.double().flatten(1) * scale
+            mine = adapter.modules[name].delta(torch.float64)
+            tol = 1e-5 * max(1.0, float(mine.abs().max()))
+            assert torch.allclose(theirs, mine, atol=tol), f"{path}: module {name} means another update without " \
+                                                           "its metadata"
+            checked += 1
+    assert checked or not any(k.endswith(pair[0]) for k in state for pair in _PAIR), f"{path}: no module compared"

@@ -19,7 +19,8 @@ from .. import fuse
 from . import jsonfile, peft
 from .modules import make_module
 from .names import DENOISERS, TEXT_ENCODERS
-from .safetensors_file import atomic_output, save_tensors, tensor_refs
+from .. import __version__
+from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
 
 COMPONENTS = DENOISERS + TEXT_ENCODERS
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -183,6 +184,6 @@ def write(adapter: Adapter, out: Path) -> None:
         for name, m in modules.items():
             tensors.update({f"{c}.{k}": t for k, t in peft.make_keys(name, m).items()})
     metadata = {k: v for k, v in adapter.metadata.items() if not k.startswith("ss_") and k != peft.METADATA_CONFIG}
-    metadata.update({"format": "pt", peft.METADATA_CONFIG: json.dumps(config, sort_keys=True)})
+    metadata.update({"format": "pt", peft.METADATA_CONFIG: json.dumps(config, sort_keys=True), WRITTEN_BY: __version__})
     with atomic_output(out, is_dir=False) as tmp:
         save_tensors(tensors, tmp, metadata)

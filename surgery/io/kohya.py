@@ -17,7 +17,8 @@ from safetensors.torch import save as save_bytes
 from ..adapter import Adapter, fold_scale, materialize
 from ..errors import SurgeryError
 from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank, structured_algo
-from .safetensors_file import atomic_output, save_tensors, tensor_refs
+from .. import __version__
+from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
 
 # LoRA roles after any name; LoHa/LoKr ones only after kohya's dot-free names (dotted paths are PEFT's keys)
 _KEY = re.compile(r"^(?:(?P<m>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale|"
@@ -139,6 +140,7 @@ def write(adapter: Adapter, out: Path) -> None:
     if any(k.startswith("ss_") for k in metadata) or adapter.format != "kohya":
         metadata["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
         metadata["ss_network_alpha"] = _fmt(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+    metadata[WRITTEN_BY] = __version__
     if "sshs_model_hash" in metadata or "sshs_legacy_hash" in metadata:
         metadata.update(_addnet_hashes(tensors, metadata))
     with atomic_output(out, is_dir=False) as tmp:

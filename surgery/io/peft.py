@@ -22,7 +22,8 @@ from ..adapter import PEFT_PREFIX, Adapter, LoraModule, fold_scale, materialize
 from ..errors import SurgeryError
 from . import jsonfile
 from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank
-from .safetensors_file import atomic_output, save_tensors, tensor_refs
+from .. import __version__
+from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -417,7 +418,7 @@ def write_file(adapter: Adapter, out: Path) -> None:
     tensors = _tensors(adapter)
     config = updated_config(adapter)
     metadata = dict(adapter.metadata)
-    metadata["format"] = "pt"
+    metadata.update({"format": "pt", WRITTEN_BY: __version__})
     metadata[METADATA_CONFIG] = json.dumps(config, sort_keys=True)
     with atomic_output(out, is_dir=False) as tmp:
         save_tensors(tensors, tmp, metadata)

@@ -23,6 +23,8 @@ from ..adapter import TensorRef
 from ..errors import SurgeryError
 
 MAX_HEADER = 100_000_000
+WRITTEN_BY = "surgery_version"  # metadata key of the single-file adapters surgery writes (their scales are folded
+# where a loader may read no config: tests/real_loaders.py holds every such file to it)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 DTYPES = {
