@@ -47,7 +47,126 @@ def _tokens(tmp_path):
     return write_peft(tmp_path / "tok", {"model.layers.0.self_attn.q_proj": (B, A)}, r=4, alpha=4, extra=extra)
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON that Python's parser cannot descend
+
+
+def _peft(tmp_path, config=None, extra=None, keys=None, name="bad"):
+    """A small PEFT directory; `config` entries override its adapter_config.json (a str replaces the whole file)."""
+    B, A = lora_pair(8, 6, 2)
+    d = write_peft(tmp_path / name, {"m.q_proj": (B, A)}, r=2, alpha=4, extra=extra,
+                   config=config if isinstance(config, dict) else None)
+    if isinstance(config, str):
+        (d / "adapter_config.json").write_text(config)
+    if keys is not None:
+        save_file(keys, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def _raw_file(path, header: bytes) -> Path:
+    """A safetensors file with the given header bytes and no tensors."""
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    return path
+
+
+def _kohya(tmp_path, extra=None, bad=None, name="k.safetensors"):
+    B, A = lora_pair(8, 6, 2)
+    sd = {"lora_unet_q.lora_down.weight": A, "lora_unet_q.lora_up.weight": B, "lora_unet_q.alpha": torch.tensor(1.0)}
+    sd.update(extra or {})
+    if bad:
+        sd[bad] = sd[bad].clone()
+        sd[bad].view(-1)[0] = float("nan")
+    save_file(sd, str(tmp_path / name))
+    return tmp_path / name
+
+
+def _lokr_nan(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g)
+    w1[0, 0] = float("inf")
+    save_file({"lora_unet_q.lokr_w1": w1, "lora_unet_q.lokr_w2": w2}, str(tmp_path / "lokr.safetensors"))
+    return tmp_path / "lokr.safetensors"
+
+
+def _model(tmp_path, config):
+    """tiny-llama's weights under a config.json of our making."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((FIXTURES / "tiny-llama" / "model.safetensors").read_bytes())
+    (d / "config.json").write_text(config)
+    return d
+
+
+def _nan_base(tmp_path):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(FIXTURES / "tiny-llama" / "model.safetensors"))
+    key = next(k for k in sd if k.endswith("layers.0.self_attn.q_proj.weight"))
+    sd[key][0, 0] = float("nan")
+    d = tmp_path / "nanbase"
+    d.mkdir()
+    save_file(sd, str(d / "model.safetensors"))
+    (d / "config.json").write_text((FIXTURES / "tiny-llama" / "config.json").read_text())
+    return d
+
+
+def _pipeline(tmp_path, index):
+    d = tmp_path / "pipe"
+    (d / "unet").mkdir(parents=True)
+    (d / "model_index.json").write_text(index)
+    return d
+
+
 CASES = {
+    # wrong-shaped or hostile JSON: one line naming the file (and the key)
+    "config-list": (lambda p: ["inspect", _peft(p, "[1, 2]")], "adapter_config.json: expected a JSON object"),
+    "config-deep": (lambda p: ["inspect", _peft(p, DEEP)], "adapter_config.json: JSON nested too deeply"),
+    "header-deep": (lambda p: ["inspect", _raw_file(p / "deep.safetensors", ('{"__metadata__":' + DEEP + "}").encode())],
+                    "deep.safetensors: corrupt safetensors header (JSON nested too deeply)"),
+    "metadata-deep": (lambda p: ["inspect", _raw_file(p / "meta.safetensors", json.dumps(
+        {"__metadata__": {"lora_adapter_metadata": DEEP}, "m.lora_A.weight": {"dtype": "F32", "shape": [0, 2],
+         "data_offsets": [0, 0]}, "m.lora_B.weight": {"dtype": "F32", "shape": [2, 0], "data_offsets": [0, 0]}}).encode())],
+        "meta.safetensors: metadata lora_adapter_metadata: JSON nested too deeply"),
+    "model-index-deep": (lambda p: ["merge", _pipeline(p, DEEP), PEFT_FIXTURE, "-o", p / "out"],
+                         "model_index.json: JSON nested too deeply"),
+    "model-index-list": (lambda p: ["merge", _pipeline(p, "[]"), PEFT_FIXTURE, "-o", p / "out"],
+                         "model_index.json: expected a JSON object"),
+    "base-config-list": (lambda p: ["merge", _model(p, "[1]"), PEFT_FIXTURE, "-o", p / "out"],
+                         "config.json: expected a JSON object"),
+    "base-config-type": (lambda p: ["merge", _model(p, '{"tie_word_embeddings": "yes"}'), PEFT_FIXTURE, "-o",
+                                    p / "out"], "config.json: tie_word_embeddings must be true or false"),
+    "rank-pattern-regex": (lambda p: ["squeeze", _peft(p, {"rank_pattern": {"(": 2}}), "--rank", "1", "-o", p / "out"],
+                           "rank_pattern pattern '(' must be a valid regular expression"),
+    "alpha-string": (lambda p: ["squeeze", _peft(p, {"lora_alpha": "sixteen"}), "--rank", "1", "-o", p / "out"],
+                     "lora_alpha must be a finite number"),
+    "alpha-nan": (lambda p: ["convert", _peft(p, {"lora_alpha": float("nan")}), "--to", "peft-file", "-o",
+                             p / "out"], "lora_alpha must be a finite number"),
+    "r-float": (lambda p: ["inspect", _peft(p, {"r": 2.5})], "r must be a positive whole number"),
+    "peft-type-contradicts": (lambda p: ["convert", _peft(p, {"peft_type": "LOKR"}, keys={
+        "base_model.model.m.q_proj.hada_w1_a": torch.ones(8, 2), "base_model.model.m.q_proj.hada_w1_b": torch.ones(2, 6),
+        "base_model.model.m.q_proj.hada_w2_a": torch.ones(8, 2), "base_model.model.m.q_proj.hada_w2_b": torch.ones(2, 6)}),
+        "--to", "kohya", "-o", p / "out.safetensors"], "peft_type LOKR but tensor base_model.model.m.q_proj.hada_w1_a "
+                                                        "is LOHA's"),
+    # non-finite values: refused wherever they are read, naming the file and the tensor (so the module)
+    "convert-nan": (lambda p: ["convert", _peft(p, keys={"base_model.model.m.q_proj.lora_A.weight": torch.ones(2, 6),
+                                                          "base_model.model.m.q_proj.lora_B.weight": torch.full(
+                                                              (8, 2), float("nan"))}), "--to", "kohya", "-o",
+                               p / "out.safetensors"], "tensor base_model.model.m.q_proj.lora_B.weight holds NaN"),
+    "spectrum-nan": (lambda p: ["inspect", _kohya(p, bad="lora_unet_q.lora_down.weight"), "--spectrum"],
+                     "k.safetensors: tensor lora_unet_q.lora_down.weight holds NaN or Inf"),
+    "lokr-inf": (lambda p: ["squeeze", _lokr_nan(p), "--rank", "1", "-o", p / "out.safetensors"],
+                 "lokr.safetensors: tensor lora_unet_q.lokr_w1 holds NaN or Inf"),
+    "dora-inf": (lambda p: ["convert", _peft(p, {"use_dora": True}, extra={
+        "base_model.model.m.q_proj.lora_magnitude_vector": torch.tensor([float("inf")] * 8)}), "--to", "peft-file",
+        "-o", p / "out.safetensors"], "tensor base_model.model.m.q_proj.lora_magnitude_vector holds NaN or Inf"),
+    "combine-ties-nan": (lambda p: ["combine", _kohya(p, bad="lora_unet_q.lora_up.weight"),
+                                    _kohya(p, name="k2.safetensors"), "--method", "ties", "--density", "0.5", "-o",
+                                    p / "out.safetensors"], "k.safetensors: tensor lora_unet_q.lora_up.weight holds"),
+    "merge-base-nan": (lambda p: ["merge", _nan_base(p), PEFT_FIXTURE, "-o", p / "out"],
+                       "base tensor model.layers.0.self_attn.q_proj.weight already holds NaN or Inf"),
+    "combine-bias-ties": (lambda p: ["combine", _peft(p, {"lora_bias": True}, extra={"base_model.model.m.q_proj.lora_B.bias": torch.ones(8)}),
+                                     _peft(p, name="b2"), "--method", "ties", "--density", "0.5", "-o", p / "out"],
+                          "bias part (lora_B.bias / diff_b), which ties has no rule for"),
+
     "capture-no-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", p / "none.txt", "-o", p / "out"],
                          "no texts"),
     "capture-not-a-model": (lambda p: ["capture", p, "--texts", FIXTURES / "sentences.txt", "-o", p / "out"],
