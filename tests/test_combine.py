@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 from surgery import FixedRank, SurgeryError, load_adapter
 from surgery.combine import combine
@@ -175,3 +176,43 @@ def test_bad_weight_map_and_convert_options_are_one_line(two, tmp_path):
     r = run("convert", two / "a", "--to", "tera", "--energy", "0.9", "-o", tmp_path / "out.safetensors")
     assert r.exit_code == 2 and "--energy, --budget and --format go with --to lora" in r.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_sum_carries_bias_parts(tmp_path):
+    """PEFT's lora_B.bias and LyCORIS's diff_b add to the layer's bias linearly: combined, never dropped."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    random_lora(load(tmp_path / "base"), tmp_path / "a", targets=["q_proj", "v_proj"], seed=1, lora_bias=True)
+    random_lora(load(tmp_path / "base"), tmp_path / "b", targets=["q_proj"], seed=2, r=4, lora_alpha=4, lora_bias=True)
+    r = run("combine", tmp_path / "a", tmp_path / "b", "--weight", "0.7", "--weight", "0.3", "-o", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["lora_bias"] is True
+    ours = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "c").eval()
+    # PEFT running both adapters at once, each scaled by its weight (lora_B's bias included in the scaling)
+    ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "a", adapter_name="a")
+    ref.load_adapter(tmp_path / "b", adapter_name="b")
+    ref.base_model.set_adapter(["a", "b"])
+    for mod in ref.modules():
+        for name, w in (("a", 0.7), ("b", 0.3)):
+            if isinstance(getattr(mod, "scaling", None), dict) and name in mod.scaling:
+                mod.scaling[name] *= w
+    assert torch.allclose(logits(ours), logits(ref.eval()), atol=1e-4)
+    # LyCORIS full modules: diff and diff_b summed, written as a full module again in a kohya file
+    g = torch.Generator().manual_seed(3)
+    files = []
+    for i in range(2):
+        sd = {"lora_unet_q.diff": torch.randn(6, 5, generator=g), "lora_unet_q.diff_b": torch.randn(6, generator=g)}
+        save_file(sd, str(tmp_path / f"full{i}.safetensors"))
+        files.append(sd)
+    r = run("combine", tmp_path / "full0.safetensors", tmp_path / "full1.safetensors", "--weight", "2", "--weight",
+            "-1", "-o", tmp_path / "f.safetensors")
+    assert r.exit_code == 0, r.output
+    out = load_file(str(tmp_path / "f.safetensors"))
+    assert torch.allclose(out["lora_unet_q.diff_b"], 2 * files[0]["lora_unet_q.diff_b"] - files[1]["lora_unet_q.diff_b"],
+                          atol=1e-6)
+    assert torch.allclose(out["lora_unet_q.diff"], 2 * files[0]["lora_unet_q.diff"] - files[1]["lora_unet_q.diff"],
+                          atol=1e-5)

@@ -903,3 +903,46 @@ def test_bad_diffusion_adapter_files_are_one_line(tmp_path):
         r = CliRunner().invoke(main, ["squeeze", str(f), "--rank", "1", "-o", str(out)])
         assert r.exit_code == 1 and why in r.output and r.output.count("error:") == 1, (name, r.output)
         assert not out.exists(), name
+
+
+class _Pipe(StableDiffusionLoraLoaderMixin):
+    """The two models an SD pipeline loads LoRAs into, with the pipeline's own `load_lora_weights`."""
+
+    def __init__(self, unet, text_encoder):
+        self.unet, self.text_encoder, self.hf_device_map = unet, text_encoder, None
+
+    @property
+    def components(self):
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+
+def test_diffusers_files_mean_the_same_with_and_without_their_metadata(sd, tmp_path):
+    """A kohya LoRA with alpha ≠ r (scales 0.5 and 2) written as a diffusers file: diffusers' load_lora_adapter
+    without use_safetensors=True reads no metadata (alpha = r), with it the metadata, and pipe.load_lora_weights its
+    own way — all three must give diffusers' reading of the kohya original. So must squeeze's and combine's files."""
+    pipe, lora, state, unet, te = sd
+    ref_unet, ref_te = sd_unet(), text_encoder()
+    _kohya_reference(state, ref_unet, ref_te)
+    ref_u, ref_t = _fused(ref_unet), _fused(ref_te)
+    run = CliRunner().invoke
+    r = run(main, ["convert", str(lora), "--to", "diffusers", "--base", str(pipe), "-o", str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 0, r.output
+    f = str(tmp_path / "d.safetensors")
+    for kwargs in ({}, {"use_safetensors": True}):
+        got = sd_unet()
+        got.load_lora_adapter(f, prefix="unet", **kwargs)
+        _assert_merged(_fused(got), ref_u, unet.state_dict(), 40)
+    p = _Pipe(sd_unet(), text_encoder())
+    p.load_lora_weights(f)
+    _assert_merged(_fused(p.unet), ref_u, unet.state_dict(), 40)
+    _assert_merged(_fused(p.text_encoder), ref_t, te.state_dict(), 12)
+    # squeeze at full rank and a combine with weights 1 and 0 are the same update, in diffusers files of their own
+    r = run(main, ["squeeze", f, "--rank", "3", "-o", str(tmp_path / "s.safetensors")])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["combine", f, f, "--weight", "1", "--weight", "0", "-o", str(tmp_path / "c.safetensors")])
+    assert r.exit_code == 0, r.output
+    for out in ("s.safetensors", "c.safetensors"):
+        for kwargs in ({}, {"use_safetensors": True}):
+            got = sd_unet()
+            got.load_lora_adapter(str(tmp_path / out), prefix="unet", **kwargs)
+            _assert_merged(_fused(got), ref_u, unet.state_dict(), 40)
