@@ -423,6 +423,8 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
     """Convert LoHa/LoKr/TeRA to LoRA, LoRA to TeRA, or between file layouts and namings."""
     from surgery.tera import to_lora, to_tera
 
+    if to != "lora" and rank is not None:
+        raise click.UsageError("--rank goes with --to lora (without it, a TeRA adapter converts exactly)")
     a = load(adapter, alpha)
     if to in ("peft", "peft-file", "kohya", "diffusers"):
         notes = []
@@ -454,8 +456,6 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
         return
     if energy is not None or budget is not None or fmt is not None:
         raise click.UsageError("--energy, --budget and --format go with --to lora from a LoHa/LoKr adapter")
-    if to != "lora" and rank is not None:
-        raise click.UsageError("--rank goes with --to lora (without it, a TeRA adapter converts exactly)")
     with progress_bar(len(a.modules), f"convert to {to}") as bar:
         if to == "tera":
             if a.format == "tera":
