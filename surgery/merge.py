@@ -222,7 +222,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
             if not _fits(m, spec.shape, fan):
                 want = list(m.shape[::-1] if m.kind == "embedding" or fan else m.shape)
                 raise SurgeryError(f"{where}: module {name} ({m.algo}) has ΔW of shape {want} but base tensor {key} "
-                                   f"has shape {list(spec.shape)}")
+                                   f"of {ck.root} has shape {list(spec.shape)}")
             if m.magnitude is not None and adapter.format == "kohya":
                 n = math.prod(m.magnitude.shape)
                 if n != spec.shape[0 if m.dora_axis == "out" else 1]:

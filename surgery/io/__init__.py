@@ -210,5 +210,10 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = 
         raise SurgeryError(f"{out}: is a directory but format {fmt} writes one file; give another path")
     if spec.is_dir and out.exists() and not out.is_dir():
         raise SurgeryError(f"{out}: is a file but format {fmt} writes a directory; give another path")
-    spec.write(_convert_names(adapter, fmt), out, **options)
+    try:
+        spec.write(_convert_names(adapter, fmt), out, **options)
+    except SurgeryError as e:  # what the format cannot hold is about the input: name it
+        if adapter.source is None or str(e).startswith((str(out), str(adapter.source))):
+            raise
+        raise SurgeryError(f"{adapter.source}: {e}") from None
     return out
