@@ -311,8 +311,8 @@ def test_bad_lokr_merge_and_writes_are_one_line(tmp_path):
                "conv1.weight": torch.randn(16, 48, 1, 1)}, str(tmp_path / "base.safetensors"))
     r = CliRunner().invoke(main, ["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "x.safetensors"),
                                   "-o", str(tmp_path / "m.safetensors")])
-    assert r.exit_code == 1 and "module lycoris_fc (lokr) has ΔW of shape [96, 64] but base tensor fc.weight has " \
-                                "shape [96, 60]" in r.output and not (tmp_path / "m.safetensors").exists()
+    assert r.exit_code == 1 and "module lycoris_fc (lokr) has ΔW of shape [96, 64] but base tensor fc.weight of " \
+                                f"{tmp_path / 'base.safetensors'} has shape [96, 60]" in r.output and not (tmp_path / "m.safetensors").exists()
     a = load_adapter(tmp_path / "x.safetensors")
     with pytest.raises(SurgeryError, match="cannot convert kohya to peft without the base model"):
         save_adapter(a, tmp_path / "p", format="peft")
