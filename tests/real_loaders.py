@@ -135,7 +135,7 @@ def _check_components(path: Path, adapter) -> None:
     `load_lora_adapter(file, prefix=c)` hands PEFT) as one PEFT-keyed file, checked as above."""
     from safetensors.torch import load_file, save_file
 
-    from surgery.io.diffusers import split_config
+    from surgery.io.names import split_config
     from surgery.io.peft import METADATA_CONFIG
 
     state = load_file(str(path))

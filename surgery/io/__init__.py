@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 
 from ..adapter import Adapter
 from ..errors import SurgeryError
-from . import diffusers, kohya, peft, tera_file
+from . import diffusers, kohya, names, peft, tera_file
 from .safetensors_file import PICKLE_SUFFIXES, pickle_error, read_header
 
 
@@ -129,7 +129,7 @@ def _convert_names(adapter: Adapter, fmt: str) -> Adapter:
                                ", and a PEFT adapter is for one model; keep --format diffusers")
         (c,) = components
         return adapter.with_modules({n[len(c) + 1:]: m for n, m in adapter.modules.items()},
-                                    config=diffusers.split_config(adapter.config).get(c, {}),
+                                    config=names.split_config(adapter.config).get(c, {}),
                                     metadata={k: v for k, v in adapter.metadata.items() if k != peft.METADATA_CONFIG})
     raise SurgeryError(
         f"cannot convert {adapter.format} to {fmt} without the base model: give --base MODEL (a model, component "

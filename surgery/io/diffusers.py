@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from ..adapter import Adapter
 from ..errors import SurgeryError
 from .. import fuse
 from . import jsonfile, peft
 from .modules import make_module
-from .names import DENOISERS, TEXT_ENCODERS
+from .names import DENOISERS, TEXT_ENCODERS, component_configs, split_config
 from .. import __version__
 from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
 
@@ -63,15 +63,6 @@ def is_diffusers(header: Mapping, metadata: Mapping[str, str]) -> bool:
         return isinstance(config, dict) and bool(config) and all(component(k) for k in config)
     keys = [k for k in header if peft.parse_key(k) or peft.parse_structured(k) or legacy_key(k)]
     return bool(keys) and all(component(k) for k in keys)
-
-
-def split_config(config: Mapping[str, Any]) -> dict[str, dict]:
-    """{component: its config} from a prefixed config (`unet.r` → {'unet': {'r': …}})."""
-    out: dict[str, dict] = {}
-    for k, v in config.items():
-        c, _, key = k.partition(".")
-        out.setdefault(c, {})[key] = v
-    return out
 
 
 # XLabs' Flux LoRAs (x-flux): `double_blocks.N.processor.qkv_lora1.down.weight`, …; scale 1. Mapped as diffusers'
@@ -144,16 +135,6 @@ def read(path: Path) -> Adapter:
     flat = {f"{c}.{k}": v for c, cfg in configs.items() for k, v in cfg.items()}
     return Adapter(modules=modules, format="diffusers", passthrough=passthrough, config=flat, metadata=metadata,
                    source=path, notes=tuple(notes))
-
-
-def component_configs(adapter: Adapter) -> dict[str, dict]:
-    """Each component's starting config: a diffusers adapter's own; a PEFT one's placement-free settings for all."""
-    if adapter.format == "diffusers":
-        return split_config(adapter.config)
-    keep = {k: v for k, v in adapter.config.items()
-            if k not in ("target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
-                         "modules_to_save", "name_style", "base_model_name_or_path")}
-    return {c: dict(keep) for c in COMPONENTS}
 
 
 def write(adapter: Adapter, out: Path) -> None:

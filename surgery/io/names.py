@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -518,8 +518,6 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Ad
         else:
             name = PEFT_PREFIX + path
         modules[name] = m
-    from .diffusers import component_configs
-
     configs = component_configs(adapter)
     if fmt == "diffusers":
         config = {f"{c}.{k}": v for c in {n.split(".", 1)[0] for n in modules} for k, v in configs.get(c, {}).items()}
@@ -534,3 +532,22 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Ad
         metadata = {**metadata, "ss_sd_model_name": str(sorted(bases)[0])}  # kohya's field for the model trained on
     return Adapter(modules=modules, format=fmt, passthrough={}, config=config, metadata=metadata,
                    source=adapter.source, notes=notes)
+
+
+def split_config(config: Mapping[str, Any]) -> dict[str, dict]:
+    """{component: its config} from a prefixed config (`unet.r` → {'unet': {'r': …}})."""
+    out: dict[str, dict] = {}
+    for k, v in config.items():
+        c, _, key = k.partition(".")
+        out.setdefault(c, {})[key] = v
+    return out
+
+
+def component_configs(adapter: Adapter) -> dict[str, dict]:
+    """Each component's starting config: a diffusers adapter's own; a PEFT one's placement-free settings for all."""
+    if adapter.format == "diffusers":
+        return split_config(adapter.config)
+    keep = {k: v for k, v in adapter.config.items()
+            if k not in ("target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+                         "modules_to_save", "name_style", "base_model_name_or_path")}
+    return {c: dict(keep) for c in DENOISERS + TEXT_ENCODERS}
