@@ -97,12 +97,12 @@ def folds(adapter, out, fmt) -> bool:
         return False  # save_adapter says why, after the work is planned
 
 
-def base_option(f):
-    converts = f.__name__ == "convert_cmd"
+def base_option(names: bool = False):
+    """--base; `names`: the command also names modules after the base's tensors (convert --to …)."""
     return click.option("--base", type=click.Path(path_type=str),
                         help="The base model (file, folder, diffusers component or pipeline): " + (
-                            "--to diffusers/peft/kohya name modules after its tensors; " if converts else "")
-                        + "LoHa/LoKr convs stored flattened get their kernel sizes from it.")(f)
+                            "--to diffusers/peft/kohya name modules after its tensors; " if names else "")
+                        + "LoHa/LoKr convs stored flattened get their kernel sizes from it.")
 
 
 def base_shapes_of(adapter, base):
@@ -121,16 +121,16 @@ def device_option(f):
     return click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)(f)
 
 
-def compute_options(f):
-    """--device, --dtype and (for the commands that draw random numbers) --seed."""
-    merging = f.__name__ == "merge_cmd"
-    if not merging:  # merge draws nothing
-        f = click.option("--seed", type=int, default=0, show_default=True,
-                         help="Seed of the random draws (randomized SVD, DARE masks).")(f)
-    f = click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
-                     show_default=True, help="Storage dtype of the merged weights (keep: each tensor's own)."
-                     if merging else "Storage dtype of the written factors (keep: the input's).")(f)
-    return device_option(f)
+def compute_options(stored: str = "the written factors (keep: the input's)", seed: bool = True):
+    """--device, --dtype (the storage dtype of `stored`) and, for commands that draw random numbers, --seed."""
+    def decorate(f):
+        if seed:
+            f = click.option("--seed", type=int, default=0, show_default=True,
+                             help="Seed of the random draws (randomized SVD, DARE masks).")(f)
+        f = click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
+                         show_default=True, help=f"Storage dtype of {stored}.")(f)
+        return device_option(f)
+    return decorate
 
 
 def progress_bar(length: int | None, label: str):
@@ -242,10 +242,10 @@ def inspect(adapter, spectrum, plot, as_json):
               help="Arithmetic precision of the factorisation.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output format (default: the output path's layout, in the input's naming).")
-@base_option
+@base_option()
 @force_option
 @alpha_option
-@compute_options
+@compute_options()
 @json_option
 def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, fmt, base, force, alpha,
                 device, dtype, seed, as_json):
@@ -282,7 +282,7 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
               help="Resolve module names against this model's tensors (a pipeline or component folder: diffusers "
                    "naming; else PEFT's), so kohya, PEFT and diffusers inputs mix.")
 @force_option
-@compute_options
+@compute_options()
 @json_option
 def combine_cmd(adapters, out, weights, rank, energy, budget, rank_map, method, density, majority_sign, weight_map,
                 fmt, base, force, device, dtype, seed, as_json):
@@ -336,7 +336,7 @@ def _weight_map(items) -> list[tuple[str, float]]:
 @force_option
 @click.option("--alpha", "alphas", type=float, multiple=True,
               help="lora_alpha per adapter, in order, for PEFT-keyed files without a config (0 = not given).")
-@compute_options
+@compute_options("the merged weights (keep: each tensor's own)", seed=False)
 @json_option
 def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing, skip_modules_to_save, force,
               alphas, device, dtype, as_json):
@@ -375,7 +375,7 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
               help="Output format (default: peft-file for a .safetensors path, else a PEFT directory; two diffusers "
                    "pipelines give a diffusers pipeline LoRA file).")
 @force_option
-@compute_options
+@compute_options()
 @json_option
 def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, fmt, force, device, dtype, seed,
                 as_json):
@@ -407,7 +407,7 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @click.option("--budget", help="--to lora from LoHa/LoKr: total factor parameters, e.g. 2M.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="--to lora: output format (default: the output path's layout, in the input's naming).")
-@base_option
+@base_option(names=True)
 @device_option
 @click.option("--order", type=int, default=3, show_default=True, help="--to tera: modes per dimension.")
 @click.option("--core-rank", type=int, default=8, show_default=True, help="--to tera: rank of every mode.")
@@ -549,8 +549,8 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
         save_capture(cap, out)
         what = f"{len(cap.layers)} layers"
     if cap.metadata["pad"] == "eos":
-        click.echo("note: the tokenizer has no pad token; batches were padded with EOS (padding is masked and never "
-                   "sampled)", err=True)
+        click.echo("note: batches were padded with EOS, the tokenizer having no pad token of its own (padding is "
+                   "masked and never sampled)", err=True)
     if as_json:
         click.echo(json.dumps(dict(cap.metadata, output=str(out)), indent=2))
         return
@@ -676,10 +676,10 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
         ids = [float(x) for x in check(doc.get("ids"), "number list", ids_file, "ids")]
         block_prefix = doc.get("block_prefix") if isinstance(doc.get("block_prefix"), str) else None
     doc = {"ids": ids, "block_ranks": gelora_ranks(ids, formula, min_rank)}
-    warnings = []
-    if len(ids) > 1 and all(r < min_rank for r in gelora_ranks(ids, formula, 0)):
-        warnings.append(f"--min-rank {min_rank} raised every block's GeLoRA rank (from "
-                        f"{', '.join(map(str, gelora_ranks(ids, formula, 0)))}): the IDs do not set the ranks here")
+    warnings, raw = [], gelora_ranks(ids, formula, 0)
+    if raw and all(r < min_rank for r in raw):
+        warnings.append(f"--min-rank {min_rank} raised every block's GeLoRA rank (from {', '.join(map(str, raw))}): "
+                        "the IDs do not set the ranks here")
     if config_out:  # built (and checked) before anything is written
         cfg = gelora_config(doc["block_ranks"], block_prefix,
                             [t.strip() for t in (targets or "").split(",") if t.strip()])

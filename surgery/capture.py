@@ -54,7 +54,6 @@ def _padded(tok):
         if tok.eos_token is None:
             raise SurgeryError("the tokenizer has neither a pad nor an EOS token to pad batches with")
         tok.pad_token = tok.eos_token
-        tok.surgery_pad = "eos"
     tok.padding_side = "right"
     return tok
 
@@ -114,7 +113,7 @@ def _token_plan(tok, lines, *, batch_size, max_length, keep_special, max_tokens,
 
 
 def _metadata(model, model_dir, texts, n, k, seed, keep_special, tok) -> dict:
-    return {"model": str(model_dir), "model_class": type(model).__name__, "pad": getattr(tok, "surgery_pad", "pad"),
+    return {"model": str(model_dir), "model_class": type(model).__name__, "pad": "eos" if tok.pad_token == tok.eos_token else "pad",
             "texts": str(texts),
             "texts_sha256": hashlib.sha256(Path(texts).read_bytes()).hexdigest(),
             "tokens_available": n, "tokens": k, "seed": seed, "special_tokens_kept": keep_special,

@@ -15,7 +15,7 @@ import torch
 
 from .adapter import Adapter, LoraModule
 from .device import resolve_device, seeded, storage_dtype
-from .errors import SurgeryError
+from .errors import SurgeryError, listed
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
 from .io.peft import PREFIX
 from .linalg import randomized_svd, split_factors
@@ -147,7 +147,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     modules, reports, unchanged, warnings = {}, [], [], []
     if small:
         warnings.append(f"{len(small)} tensor(s) smaller than rank {rule.rank} extracted at their full rank: "
-                        + ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else ""))
+                        f"{listed(small)}")
     for name in chosen:
         d = delta(name)
         total = float(d.double().square().sum())

@@ -27,8 +27,7 @@ from .io import check_output
 from .io.jsonfile import field, read_object
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, files_below, index_name,
-                            is_pipeline,
-                            open_pipeline, open_weight_sets, read_tensor, weights_name)
+                            is_pipeline, open_pipeline, open_weight_sets, read_tensor, weights_name)
 from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place, weight_key
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 
@@ -95,7 +94,7 @@ def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *,
     if dora_modules:
         mag = materialize(dora_modules[0].magnitude).to(device=device, dtype=compute)
         eps = torch.finfo(torch.float32).eps if dora == "lycoris" else 0.0
-        if dora_modules[0].dora_axis == "in":  # (1, in, …): one norm per input channel, over the output rows and the kernel
+        if dora_modules[0].dora_axis == "in":  # one norm per input channel, over the output rows and the kernel
             norm = acc.transpose(0, 1).reshape(acc.shape[1], -1).norm(dim=1) + eps
             acc *= (mag.reshape(-1) / norm).reshape((1, -1) + (1,) * (acc.dim() - 2))
         else:
@@ -410,7 +409,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
             for p in sorted(pipeline.root.iterdir()):
                 if p in done or p.name.startswith(".") or os.path.realpath(p) == os.path.realpath(out):
                     continue
-                for f in files_below(p) if p.is_dir() or p.is_symlink() else [p]:
+                for f in files_below(p):
                     (tmp / f.relative_to(pipeline.root)).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(f, tmp / f.relative_to(pipeline.root))
                 if p.name in pipeline.components:

@@ -16,10 +16,10 @@ from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 
-from .adapter import Adapter, LoraModule, fold_scale, materialize
+from .adapter import Adapter, LoraModule, fold_scale, materialize, scaled
 from .device import compute_dtype as _compute_dtype
 from .device import resolve_device, seeded, storage_dtype
-from .errors import SurgeryError
+from .errors import SurgeryError, listed
 from .linalg import (SVD, CoreSVD, core_factors, core_svd, lora_operator, lowrank_frobenius_sq, randomized_svd,
                      split_factors)
 from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
@@ -105,8 +105,6 @@ def _folded_bias(m, fold: bool):
     """The module's lora_B.bias for its output scale: scaled by its old scale when that is folded away."""
     if not fold or m.bias is None or m.scale in (0.0, 1.0):
         return m.bias
-    from .adapter import scaled
-
     return scaled(m.bias, m.scale)
 
 
@@ -197,7 +195,8 @@ def per_module(fn: Callable[[str, LoraModule], T], modules: Mapping[str, LoraMod
 
     On the CPU, modules run in parallel, one per intra-op thread, each computed single-threaded (a lone module
     too): the tall-skinny QRs here scale far better across modules than inside one (measured 1.7× on 2 cores),
-    and a module's result does not depend on the thread count (tests/test_determinism.py). Memory: one module per worker. On CUDA, one module at a time.
+    and a module's result does not depend on the thread count (tests/test_determinism.py). Memory: one module
+    per worker. On CUDA, one module at a time.
     """
     if device.type != "cpu":
         yield from (fn(n, m) for n, m in modules.items())
@@ -306,10 +305,10 @@ def squeeze(
     kept = [r.name for r in reports if r.algo == "lora" and r.old_rank == r.new_rank and (
         isinstance(rule, FixedRank) or isinstance(rule, RankMap) and rule.rank_for(r.name) is not None)]
     if kept:
-        warnings.append(f"{len(kept)} module(s) already at or below the target rank kept unchanged: {_few(kept)}")
+        warnings.append(f"{len(kept)} module(s) already at or below the target rank kept unchanged: {listed(kept)}")
     if bigger := [r.name for r in reports if r.algo != "lora" and r.params_after > r.params_before]:
         warnings.append(f"{len(bigger)} LoHa/LoKr/full module(s) became LoRA modules with more parameters than "
-                        f"before ({_few(bigger)}); a lower rank keeps them smaller")
+                        f"before ({listed(bigger)}); a lower rank keeps them smaller")
     became = Counter(m.algo for m in modules.values() if m.algo != "lora")
     if became:
         warnings.append(", ".join(f"{c} {a}" for a, c in sorted(became.items())) + " module(s) became LoRA modules: "
@@ -321,10 +320,6 @@ def squeeze(
             "are, so the merged weights change by more than the LoRA truncation error reported here"
         )
     return adapter.with_modules(out, source=adapter.source), SqueezeReport(tuple(reports), method, tuple(warnings))
-
-
-def _few(names) -> str:
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _report(name: str, m: LoraModule, svd, k: int, factors) -> ModuleReport:

@@ -307,9 +307,9 @@ def to_lora(adapter, rank: int | None = None, progress=None):
         if progress:
             progress(name)
     kohya = adapter.config.get("name_style") == "kohya"
+    r = rank or max(m.rank for m in modules.values())
     config = {} if kohya else {
-        "peft_type": "LORA", "r": rank or max(m.rank for m in modules.values()),
-        "lora_alpha": rank or max(m.rank for m in modules.values()), "use_rslora": False, "lora_dropout": 0.0,
+        "peft_type": "LORA", "r": r, "lora_alpha": r, "use_rslora": False, "lora_dropout": 0.0,
         "target_modules": sorted({n.split(".")[-1] for n in modules}), "rank_pattern": {}, "alpha_pattern": {},
         "fan_in_fan_out": False, "bias": "none", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from surgery_cli.main import main
 
 from .conftest import tree_digest
+from .test_hadamard_kron import close
 
 peft = pytest.importorskip("peft")
 lycoris = pytest.importorskip("lycoris")
@@ -40,10 +41,6 @@ def net(seed=0):
 def outputs(model):
     with torch.no_grad():
         return [o.double() for o in model(X, Y)]
-
-
-def close(a, b, tol=2e-5):
-    return all(torch.allclose(x, y, atol=tol * max(1.0, float(y.abs().max()))) for x, y in zip(a, b))
 
 
 def run(*args):

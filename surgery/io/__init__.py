@@ -120,8 +120,7 @@ def _convert_names(adapter: Adapter, fmt: str) -> Adapter:
         modules = {kohya_name(n): m for n, m in adapter.modules.items()}
         if len(modules) != len(adapter.modules):
             raise SurgeryError("cannot write kohya: two module paths map to the same kohya name")
-        base = adapter.config.get("base_model_name_or_path")  # kohya's field for the model trained on
-        return adapter.with_modules(modules, config={}, metadata={"ss_sd_model_name": str(base)} if base else {})
+        return adapter.with_modules(modules, config={}, metadata=kohya.provenance(adapter.config))
     if adapter.format == "diffusers":  # → one PEFT model: only a one-component adapter, its prefix dropped
         components = {n.split(".", 1)[0] for n in adapter.modules}
         if len(components) > 1:

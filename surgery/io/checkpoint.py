@@ -270,8 +270,10 @@ def files_below(src: Path) -> list[Path]:
                 seen.add(p)
                 out.append(p)
 
-    if src.is_symlink() and not src.is_dir():  # a link to a file, or a broken one, given as a folder
-        return [src] if src.exists() else walk(src, ()) or []
+    if not src.is_dir():  # a link to a file, or a broken one
+        if not src.exists():
+            raise SurgeryError(f"{src}: broken or looping symbolic link in the input ({os.readlink(src)})")
+        return [src]
     walk(src, ())
     return out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_bytes
 
-from ..adapter import Adapter, fold_scale, materialize
+from ..adapter import Adapter, DiffModule, fold_scale, materialize, scaled
 from ..errors import SurgeryError
 from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank, structured_algo
 from .. import __version__
@@ -147,11 +147,16 @@ def write(adapter: Adapter, out: Path) -> None:
         save_tensors(tensors, tmp, metadata)
 
 
+def provenance(config) -> dict[str, str]:
+    """kohya's metadata for the model an adapter was made on (`ss_sd_model_name`), from a PEFT config's
+    `base_model_name_or_path` (or a diffusers one's `<component>.base_model_name_or_path`)."""
+    bases = sorted(str(v) for k, v in config.items() if k.endswith("base_model_name_or_path") and v)
+    return {"ss_sd_model_name": bases[0]} if bases else {}
+
+
 def as_diff(m):
     """A LoRA with a bias part (PEFT's lora_B.bias, a combined diff_b) as the LyCORIS full module of the same update:
     `diff` = ΔW (out, in[, kernel]) and `diff_b` = scale · bias, computed in float32 and rounded once."""
-    from ..adapter import DiffModule, scaled
-
     if m.magnitude is not None:
         raise SurgeryError("a DoRA LoRA with a lora_B.bias has no kohya/LyCORIS form; write --format peft")
     diff = m.delta(torch.float32).reshape(m.shape).to(m.dtype).contiguous()

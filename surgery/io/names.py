@@ -24,10 +24,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..adapter import PEFT_PREFIX, Adapter
-from ..errors import SurgeryError
+from ..errors import SurgeryError, listed
 from .. import fuse
 from . import jsonfile
 from .checkpoint import Checkpoint, is_pipeline, open_checkpoint, open_pipeline
+from .kohya import provenance
 
 DENOISER = "denoiser"  # the pipeline's unet or transformer
 DENOISERS = ("unet", "transformer", "prior")
@@ -463,10 +464,7 @@ def missing_error(where, missing: Mapping[str, str]) -> SurgeryError:
     by_reason: dict[str, list[str]] = {}
     for name, why in missing.items():
         by_reason.setdefault(why, []).append(name)
-    parts = []
-    for why, names in by_reason.items():
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        parts.append(f"{shown} ({why})")
+    parts = [f"{listed(names)} ({why})" for why, names in by_reason.items()]
     return SurgeryError(f"{where}: adapter module(s) without a base tensor: {'; '.join(parts)} "
                         "(pass --allow-missing to skip them)")
 
@@ -528,8 +526,8 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Ad
     notes = tuple(adapter.notes) + tuple(p.notes) + tuple(
         f"{n}: skipped ({why})" for n, why in p.missing.items())
     metadata = adapter.metadata if fmt == adapter.format else {}
-    if fmt == "kohya" and (bases := {v for k, v in adapter.config.items() if k.endswith("base_model_name_or_path") and v}):
-        metadata = {**metadata, "ss_sd_model_name": str(sorted(bases)[0])}  # kohya's field for the model trained on
+    if fmt == "kohya":
+        metadata = {**metadata, **provenance(adapter.config)}
     return Adapter(modules=modules, format=fmt, passthrough={}, config=config, metadata=metadata,
                    source=adapter.source, notes=notes)
 

@@ -219,9 +219,7 @@ def _check_dora(modules, config, where) -> None:
     """PEFT gives every module of a `use_dora` adapter a magnitude (initialised from the base weight when the file
     lacks it) and ignores magnitudes without `use_dora`: a file that disagrees with its config means different
     updates to PEFT and to loaders that read its tensors."""
-    use_dora = config.get("use_dora", False)
-    if not isinstance(use_dora, bool):
-        raise SurgeryError(f"{where}: use_dora must be true or false, got {use_dora!r}")
+    use_dora = bool(config.get("use_dora"))  # its type checked by check_config
     odd = sorted(n for n, m in modules.items() if (m.magnitude is None) == use_dora)
     if odd:
         what = "has no lora_magnitude_vector although use_dora is true" if use_dora else \
