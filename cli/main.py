@@ -13,6 +13,7 @@ import click
 from surgery import (Budget, Energy, Exact, FixedRank, SurgeryError, load_adapter, parse_count, parse_rank_map,
                      save_adapter, squeeze)
 from surgery.io import FORMATS, check_output, default_output
+from surgery.io.gguf_file import TYPES as GGUF_TYPES
 from surgery.io.safetensors_file import atomic_output
 from surgery.combine import METHODS as COMBINE_METHODS
 from surgery.squeeze import METHODS
@@ -82,8 +83,7 @@ def force_option(f):
 
 def output_for(adapter, tag: str, fmt: str | None, source=None) -> Path:
     """The default output of `adapter` (read from `source`): beside it, in `fmt`'s layout (default: the input's)."""
-    layout = FORMATS[fmt or adapter.format].is_dir
-    return default_output(source or adapter.source, tag, layout)
+    return default_output(source or adapter.source, tag, fmt or adapter.format)
 
 
 def folds(adapter, out, fmt) -> bool:
@@ -396,11 +396,12 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 
 @main.command(name="convert")
 @click.argument("adapter", type=click.Path(path_type=str))
-@click.option("--to", "to", required=True,
-              type=click.Choice(["tera", "lora", "peft", "peft-file", "kohya", "diffusers"]),
+@click.option("--to", "to",
+              type=click.Choice(["tera", "lora", "peft", "peft-file", "kohya", "diffusers", "gguf"]),
               help="tera: fit a TeRA adapter to a LoRA; lora: a LoRA from a TeRA, LoHa, LoKr or full-diff adapter "
-                   "(exact without a rule); peft/peft-file/kohya/diffusers: lossless layout and naming conversion "
-                   "(with --base, names follow the base's tensors).")
+                   "(exact without a rule); peft/peft-file/kohya/diffusers/gguf: lossless layout and naming "
+                   "conversion (with --base, names follow the base's tensors; gguf: llama.cpp's, from the base's "
+                   "config.json or GGUF model). Default: from -o's suffix (.gguf).")
 @output_option
 @click.option("--rank", type=int, help="--to lora: the largest LoRA rank (default: each ΔW's exact rank).")
 @click.option("--energy", type=float, help="--to lora from LoHa/LoKr: keep this fraction of each module's Σσ².")
@@ -417,24 +418,36 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @alpha_option
 @click.option("--seed", type=int, default=0, show_default=True, help="--to tera: seed of the shared factors.")
 @click.option("--allow-missing", is_flag=True, help="--base: skip (and report) modules that match no base tensor.")
+@click.option("--dtype", type=click.Choice(GGUF_TYPES),
+              help="--to gguf: tensor type of the factors (default: the adapter's; q8_0 rows that are not whole "
+                   "blocks of 32 are stored f16, as llama.cpp's converter does).")
 @json_option
 def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order, core_rank, iters, save_factors, force,
-                alpha, seed, allow_missing, as_json):
-    """Convert LoHa/LoKr/TeRA to LoRA, LoRA to TeRA, or between file layouts and namings."""
+                alpha, seed, allow_missing, dtype, as_json):
+    """Convert LoHa/LoKr/TeRA to LoRA, LoRA to TeRA, or between file layouts and namings (GGUF included)."""
     from surgery.tera import to_lora, to_tera
 
+    if to is None:
+        if out is None or not out.lower().endswith(".gguf"):
+            raise click.UsageError("give --to (or an -o path ending in .gguf)")
+        to = "gguf"
     if to != "lora" and rank is not None:
         raise click.UsageError("--rank goes with --to lora (without it, a TeRA adapter converts exactly)")
+    if dtype is not None and to != "gguf":
+        raise click.UsageError("--dtype goes with --to gguf")
     a = load(adapter, alpha)
-    if to in ("peft", "peft-file", "kohya", "diffusers"):
+    if to in ("peft", "peft-file", "kohya", "diffusers", "gguf"):
         notes = []
         if base is not None:
             from surgery.io.names import on_base
 
             a = on_base(a, base, to, allow_missing=allow_missing)
             notes = [n for n in a.notes if ": split " in n or ": fused " in n or ": skipped " in n]
+        elif to == "gguf" and a.format != "gguf":
+            raise SurgeryError(f"{adapter}: --to gguf needs --base MODEL (its folder, a folder holding its "
+                               "config.json, or a GGUF model): llama.cpp's tensor names follow the architecture")
         path = save_adapter(a, out or output_for(a, to.removesuffix("-file"), to, source=adapter), format=to,
-                            force=force, inputs=[base] if base else ())
+                            force=force, inputs=[base] if base else (), **({"dtype": dtype} if dtype else {}))
         if as_json:
             click.echo(json.dumps({"output": str(path), "notes": notes}))
         else:

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 
 from ..adapter import Adapter
 from ..errors import SurgeryError
-from . import diffusers, kohya, names, peft, tera_file
+from . import diffusers, gguf_file, kohya, names, peft, tera_file
 from .safetensors_file import PICKLE_SUFFIXES, pickle_error, read_header
 
 
@@ -43,6 +43,8 @@ register(Format("kohya", kohya.read, kohya.write, False,
                 "kohya-ss / LyCORIS LoCon .safetensors: lora_down / lora_up / alpha"))
 register(Format("tera", tera_file.read, tera_file.write, False,
                 "surgery's TeRA tensor-network adapter (.safetensors, docs/tera.md)"))
+register(Format("gguf", gguf_file.read, gguf_file.write, False,
+                "llama.cpp / Ollama LoRA adapter (.gguf): llama.cpp's tensor names, one alpha"))
 
 
 def detect(path: str | os.PathLike) -> str:
@@ -52,6 +54,8 @@ def detect(path: str | os.PathLike) -> str:
         return "peft"
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise pickle_error(path)
+    if path.suffix.lower() == gguf_file.SUFFIX or gguf_file.is_gguf(path):
+        return "gguf"
     if path.name == peft.WEIGHTS and (path.parent / peft.CONFIG).exists():
         return "peft"
     header, metadata = read_header(path)
@@ -152,34 +156,46 @@ def kohya_name(name: str) -> str:
 SUFFIX = ".safetensors"
 
 
+def _suffix(fmt: str) -> str:
+    return gguf_file.SUFFIX if fmt == "gguf" else SUFFIX
+
+
 def output_format(adapter: Adapter, out: str | os.PathLike, format: str | None = None) -> str:
     """The format `adapter` is written in at `out`: `format` if given (it must agree with the path), else the
-    path decides — a `.safetensors` path is one file (a PEFT adapter becomes `peft-file`), any other path a PEFT
-    directory."""
+    path decides — a `.gguf` path is a llama.cpp adapter, a `.safetensors` path one file (a PEFT adapter becomes
+    `peft-file`, a GGUF one needs a format), any other path a PEFT directory."""
     out = Path(out)
-    is_file = out.name.lower().endswith(SUFFIX)
+    suffix = next((s for s in (SUFFIX, gguf_file.SUFFIX) if out.name.lower().endswith(s)), None)
     if format is not None:
         if format not in FORMATS:
             raise SurgeryError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-        if FORMATS[format].is_dir == is_file:
-            want = "a directory path (no .safetensors suffix)" if FORMATS[format].is_dir else "a .safetensors path"
-            raise SurgeryError(f"{out}: --format {format} writes {'a directory' if FORMATS[format].is_dir else 'one file'}"
-                               f"; give {want}, or leave --format out and the path decides")
+        want = None if FORMATS[format].is_dir else _suffix(format)
+        if suffix != want:
+            say = f"a {want} path" if want else "a directory path (no file suffix)"
+            raise SurgeryError(f"{out}: --format {format} writes {'a directory' if want is None else 'one file'}"
+                               f"; give {say}, or leave --format out and the path decides")
         return format
-    if is_file:
+    if suffix == gguf_file.SUFFIX:
+        return "gguf"
+    if suffix == SUFFIX:
+        if adapter.format == "gguf":
+            raise SurgeryError(f"{out}: a GGUF adapter written as .safetensors needs --format (peft-file, kohya, …) "
+                               "and --base to name its modules")
         return "peft-file" if adapter.format == "peft" else adapter.format
-    if adapter.format in ("kohya", "tera"):
+    if adapter.format in ("kohya", "tera", "gguf"):
         raise SurgeryError(f"{out}: a path without {SUFFIX} is written as a PEFT directory, which a {adapter.format} "
-                           f"adapter cannot become here; give a {SUFFIX} path")
+                           f"adapter cannot become here; give a {_suffix(adapter.format)} path" + (
+                               " (or --base MODEL to name its modules for PEFT)" if adapter.format == "gguf" else ""))
     return "peft"
 
 
-def default_output(source: str | os.PathLike, tag: str, is_dir: bool) -> Path:
-    """Where a result goes without -o: beside its input, named after what was done
-    (`in.safetensors` + `r4` → `in-r4.safetensors`, `my-lora/` + `e0.95` → `my-lora-e0.95/`)."""
+def default_output(source: str | os.PathLike, tag: str, fmt: str) -> Path:
+    """Where a result in format `fmt` goes without -o: beside its input, named after what was done
+    (`in.safetensors` + `r4` → `in-r4.safetensors`, `my-lora/` + `e0.95` → `my-lora-e0.95/`, `x.gguf` → `x-r8.gguf`)."""
     source = Path(source)
-    stem = source.name[: -len(SUFFIX)] if source.name.lower().endswith(SUFFIX) else source.name
-    return source.with_name(f"{stem}-{tag}" + ("" if is_dir else SUFFIX))
+    suffix = next((s for s in (SUFFIX, gguf_file.SUFFIX) if source.name.lower().endswith(s)), "")
+    stem = source.name[: len(source.name) - len(suffix)]
+    return source.with_name(f"{stem}-{tag}" + ("" if FORMATS[fmt].is_dir else _suffix(fmt)))
 
 
 def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path:
@@ -197,14 +213,18 @@ def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path
 
 
 def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = None, force: bool = False,
-                 inputs=(), **options) -> Path:
+                 inputs=(), base: str | os.PathLike | None = None, **options) -> Path:
     """Write `adapter` atomically at `out`, in `format` or the one the path implies (`output_format`).
 
-    Never over the adapter's own source or any of `inputs`; over an existing path only if `force`.
-    `options` go to the format's writer (tera: save_factors)."""
+    Never over the adapter's own source or any of `inputs`; over an existing path only if `force`. `base`: the
+    model whose tensors name the modules when the output's naming differs from the adapter's (a GGUF output
+    from PEFT, PEFT from GGUF, …). `options` go to the format's writer (tera: save_factors; gguf: dtype)."""
     fmt = output_format(adapter, out, format)
     spec = FORMATS[fmt]
-    out = check_output(out, [*inputs, *([adapter.source] if adapter.source is not None else [])], force)
+    out = check_output(out, [*inputs, *([adapter.source] if adapter.source is not None else []),
+                             *([base] if base is not None else [])], force)
+    if base is not None and adapter.format != fmt and {adapter.format, fmt} != {"peft", "peft-file"}:
+        adapter = names.on_base(adapter, base, fmt)
     if not spec.is_dir and out.is_dir():
         raise SurgeryError(f"{out}: is a directory but format {fmt} writes one file; give another path")
     if spec.is_dir and out.exists() and not out.is_dir():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import SurgeryError, listed
 from .. import fuse
-from . import jsonfile
+from . import gguf_file, jsonfile
 from .checkpoint import Checkpoint, is_pipeline, open_checkpoint, open_pipeline
 from .kohya import provenance
 
@@ -485,7 +485,15 @@ def kohya_prefix(component: str | None, two_text_encoders: bool) -> str:
 
 def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Adapter:
     """The adapter with every module named after the base tensor it updates, in `fmt`'s naming: diffusers
-    `<component>.<path>`, PEFT `base_model.model.<path>` (one component), kohya `lora_unet_<path with _>`, …"""
+    `<component>.<path>`, PEFT `base_model.model.<path>` (one component), kohya `lora_unet_<path with _>`,
+    llama.cpp's GGUF tensor names (the base a model folder, its config.json's folder or a GGUF model), …"""
+    if fmt == gguf_file.FORMAT:
+        if adapter.format not in ("peft", "peft-file", fmt):
+            adapter = on_base(adapter, base, "peft", allow_missing)
+        return gguf_file.to_gguf(adapter, base)
+    if adapter.format == gguf_file.FORMAT:
+        adapter = gguf_file.from_gguf(adapter, base)
+        return replace(adapter, format=fmt) if fmt in ("peft", "peft-file") else on_base(adapter, base, fmt)
     targets = base_targets(base)
     if fmt == "diffusers" and any(c is None for c, _ in targets):
         raise SurgeryError(f"{base}: is not a diffusers model folder, and diffusers names are a diffusers model's "

@@ -1,0 +1,496 @@
+"""llama.cpp / Ollama GGUF LoRA adapters and GGUF models (formats.md §10), through the `gguf` package.
+
+A GGUF adapter is read in its own naming: each module is named after the GGUF tensor it updates (`blk.0.attn_q`)
+and keeps llama.cpp's layout (Llama's q/k rows permuted), so squeeze and combine work on it as it is.
+`to_gguf` / `from_gguf` move an adapter between PEFT's naming and llama.cpp's through the base model's
+architecture, as llama.cpp's `convert_lora_to_gguf.py` does: the `gguf` package's `TensorNameMap` for the names,
+`LlamaModel.permute` on B's rows for Llama's q and k. GGUF has one alpha per file, so modules whose scale differs
+from the file's get it folded into B. Tensors stay on disk (`GgufRef`) until an operation reads them.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from ..adapter import PEFT_PREFIX, Adapter, LoraModule, materialize
+from ..errors import SurgeryError, listed
+from . import jsonfile
+from .safetensors_file import WRITTEN_BY, atomic_output
+
+SUFFIX = ".gguf"
+MAGIC = b"GGUF"
+FORMAT = "gguf"
+ARCH_KEY = "general.architecture"
+TYPE_KEY = "gguf.tensor_type"  # Adapter.metadata: the tensor type the factors were read in (written back so)
+TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's adapter loader takes (llama-adapter.cpp)
+DTYPE_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise SurgeryError("GGUF files need the gguf package: pip install 'surgery[gguf]'") from None
+    return gguf
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """A file that starts with GGUF's magic (whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A transformers architecture as llama.cpp converts it: its GGUF name, whether Llama's q/k row permutation
+    applies (`LlamaModel.undo_permute`), and the module paths inside each block that a LoRA adapts."""
+
+    name: str
+    permute: bool
+    projections: tuple[str, ...]
+
+
+ATTN_MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
+    "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
+    "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
+    "Qwen2ForCausalLM": Arch("qwen2", False, ATTN_MLP),
+    "Qwen3ForCausalLM": Arch("qwen3", False, ATTN_MLP),
+    "GemmaForCausalLM": Arch("gemma", False, ATTN_MLP),
+    "Gemma2ForCausalLM": Arch("gemma2", False, ATTN_MLP),
+    "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP),
+    "Phi3ForCausalLM": Arch("phi3", False, ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                            "mlp.down_proj")),
+}
+BY_NAME = {a.name: a for a in ARCHS.values()}
+
+
+@dataclass(frozen=True)
+class Base:
+    """What naming an adapter for llama.cpp needs of its base model: the architecture, the block and head counts
+    (for the permutation), the GGUF shapes of its weights when they are known (a config-only folder has none),
+    and whether it has an output head of its own (`output.weight`) — a tied one takes no LoRA in llama.cpp."""
+
+    where: str
+    arch: Arch
+    blocks: int
+    heads: int
+    kv_heads: int
+    shapes: Mapping[str, tuple[int, ...]] | None
+    has_output: bool | None
+
+    def tensor_map(self):
+        gguf = _gguf()
+        enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch.name)
+        return gguf.get_tensor_name_map(enum, self.blocks)
+
+    def names(self) -> dict[str, str]:
+        """{HF module path: GGUF module name} of every module a LoRA can adapt here."""
+        tmap = self.tensor_map()
+        paths = [f"model.layers.{i}.{p}" for i in range(self.blocks) for p in self.arch.projections]
+        if self.has_output is not False:
+            paths.append("lm_head")
+        return {p: tmap.get_name(p) for p in paths if tmap.get_name(p)}
+
+
+def _field(reader, key: str, where, kind=int):
+    f = reader.get_field(key)
+    if f is None:
+        raise SurgeryError(f"{where}: GGUF metadata {key} is missing")
+    return kind(f.contents())
+
+
+def open_reader(path: str | os.PathLike):
+    """`gguf.GGUFReader` of `path`; a truncated or corrupt file is one line naming it."""
+    gguf = _gguf()
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
+        raise SurgeryError(f"{path}: not a readable GGUF file ({e or type(e).__name__})") from None
+
+
+def base_info(base: str | os.PathLike) -> Base:
+    """The `Base` of a GGUF model file or a Hugging Face model folder (only its config.json is needed; its
+    weights' shapes are checked where they are present)."""
+    path = Path(base)
+    if not path.exists():
+        raise SurgeryError(f"{path}: no such file or directory")
+    if path.is_file() and is_gguf(path):
+        reader = open_reader(path)
+        if (t := reader.get_field("general.type")) is not None and t.contents() == "adapter":
+            raise SurgeryError(f"{path}: is a GGUF adapter, not a model; give the base model as --base")
+        name = _field(reader, ARCH_KEY, path, str)
+        if name not in BY_NAME:
+            raise SurgeryError(f"{path}: architecture {name!r} is not one surgery converts LoRA for (supported: "
+                               f"{', '.join(sorted(BY_NAME))})")
+        heads = _field(reader, f"{name}.attention.head_count", path)
+        kv = reader.get_field(f"{name}.attention.head_count_kv")
+        shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+        return Base(str(path), BY_NAME[name], _field(reader, f"{name}.block_count", path), heads,
+                    int(kv.contents()) if kv is not None else heads, shapes, "output.weight" in shapes)
+    config_path = (path if path.is_dir() else path.parent) / "config.json"
+    if not config_path.is_file():
+        raise SurgeryError(f"{path}: no config.json (the base model's config names its architecture for GGUF)")
+    config = jsonfile.read_object(config_path)
+    archs = jsonfile.field(config, "architectures", "str list", config_path, default=[])
+    arch = next((ARCHS[a] for a in archs if a in ARCHS), None)
+    if arch is None:
+        raise SurgeryError(f"{config_path}: architecture {', '.join(archs) or '(none)'} is not one surgery converts "
+                           f"LoRA to GGUF for (supported: {', '.join(ARCHS)})")
+    blocks, heads = (jsonfile.field(config, k, "positive int", config_path)
+                     for k in ("num_hidden_layers", "num_attention_heads"))
+    if blocks is None or heads is None:
+        raise SurgeryError(f"{config_path}: num_hidden_layers and num_attention_heads are needed for GGUF names")
+    kv = jsonfile.field(config, "num_key_value_heads", "positive int", config_path, default=heads)
+    shapes, has_output = None, None
+    if path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        from .checkpoint import open_checkpoint
+
+        ck = open_checkpoint(path)
+        b = Base(str(path), arch, blocks, heads, kv, None, "lm_head.weight" in ck.tensors)
+        hf = b.names()
+        shapes = {hf[k[:-len(".weight")]] + ".weight": s.shape for k, s in ck.tensors.items()
+                  if k.endswith(".weight") and k[:-len(".weight")] in hf}
+        has_output = b.has_output
+    else:
+        tied = jsonfile.field(config, "tie_word_embeddings", "bool", config_path)
+        has_output = None if tied is None else not tied
+    return Base(str(path), arch, blocks, heads, kv, shapes, has_output)
+
+
+def permute_rows(t: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
+    """llama.cpp's `LlamaModel.permute` of a q/k weight's rows (HF's rotary halves → interleaved pairs), applied
+    to B (out, r); `inverse` undoes it."""
+    out = t.shape[0]
+    if out % (2 * heads):
+        raise SurgeryError(f"cannot permute {out} rows over {heads} heads")
+    shape = (heads, out // heads // 2, 2) if inverse else (heads, 2, out // heads // 2)
+    return t.reshape(*shape, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def _permute_heads(base: Base, path: str) -> int | None:
+    if not base.arch.permute:
+        return None
+    if path.endswith("self_attn.q_proj"):
+        return base.heads
+    if path.endswith("self_attn.k_proj"):
+        return base.kv_heads
+    return None
+
+
+class _Permuted:
+    """B with its rows permuted, computed when read (a lazy tensor in the data model's sense)."""
+
+    def __init__(self, src, heads: int, inverse: bool):
+        self.src, self.heads, self.inverse = src, heads, inverse
+        self.shape, self.dtype = tuple(src.shape), src.dtype
+
+    def load(self) -> torch.Tensor:
+        return permute_rows(materialize(self.src), self.heads, self.inverse)
+
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+# ---------------------------------------------------------------- naming: PEFT ⇄ llama.cpp
+
+
+def _check_lora(name: str, m, what: str) -> None:
+    if m.algo != "lora":
+        raise SurgeryError(f"module {name}: a {m.algo} module has no llama.cpp form (llama.cpp applies LoRA only); "
+                           "surgery convert --to lora first")
+    if m.magnitude is not None:
+        raise SurgeryError(f"module {name}: DoRA has no llama.cpp form (llama.cpp applies plain LoRA only)")
+    if m.bias is not None:
+        raise SurgeryError(f"module {name}: lora_B.bias has no llama.cpp form")
+    if m.kind != "linear":
+        raise SurgeryError(f"module {name}: {'embedding' if m.kind == 'embedding' else m.kind} LoRA {what}")
+
+
+def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
+    """The adapter in llama.cpp's naming and layout for `base` (a model folder, its config.json's folder, or a
+    GGUF model): modules renamed through the architecture's `TensorNameMap`, Llama's q/k B rows permuted."""
+    if adapter.format == FORMAT:
+        return adapter
+    base = base if isinstance(base, Base) else base_info(base)
+    if adapter.format not in ("peft", "peft-file"):
+        raise SurgeryError(f"cannot name a {adapter.format} adapter for llama.cpp directly; name it after the base's "
+                           "tensors first (names.on_base)")
+    if adapter.passthrough:
+        raise SurgeryError(f"cannot write GGUF: the adapter carries non-LoRA tensors "
+                           f"({listed(sorted(adapter.passthrough))}), which llama.cpp adapters have no place for")
+    if adapter.config.get("fan_in_fan_out"):
+        raise SurgeryError("cannot write GGUF: fan_in_fan_out = true (GPT-2 Conv1D bases) is not an architecture "
+                           "llama.cpp's adapters cover")
+    tmap = base.tensor_map()
+    modules = {}
+    for name, m in adapter.modules.items():
+        path = name.removeprefix(PEFT_PREFIX)
+        _check_lora(name, m, "is not written to GGUF (llama.cpp's token_embd LoRA is not supported here)")
+        target = tmap.get_name(path)
+        if target is None:
+            raise SurgeryError(f"module {name}: no {base.arch.name} GGUF tensor for {path} in llama.cpp's tensor map")
+        if "norm" in target.rsplit(".", 1)[-1]:
+            raise SurgeryError(f"module {name}: {target} is a norm vector, which llama.cpp does not adapt")
+        if target == "output" and base.has_output is False:
+            raise SurgeryError(f"module {name}: the base ties its output head to the embeddings, and llama.cpp "
+                               "applies no LoRA to a tied head (llama.cpp issue 9065)")
+        shape = None if base.shapes is None else base.shapes.get(target + ".weight")
+        if base.shapes is not None and shape is None:
+            raise SurgeryError(f"module {name}: {base.where} has no tensor {target}.weight")
+        if shape is not None and tuple(shape) != tuple(m.shape):
+            raise SurgeryError(f"module {name}: ΔW is {tuple(m.shape)} but {base.where} has {target}.weight "
+                               f"{tuple(shape)} (an adapter for another model?)")
+        if (heads := _permute_heads(base, path)) is not None:
+            m = replace(m, B=_Permuted(m.B, heads, inverse=False))
+        if target in modules:
+            raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
+        modules[target] = m
+    return Adapter(modules=modules, format=FORMAT, config={}, source=adapter.source, notes=adapter.notes,
+                   metadata={ARCH_KEY: base.arch.name})
+
+
+def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
+    """A GGUF adapter in PEFT's naming for `base`: names mapped back through the architecture, the permutation
+    undone. The config says alpha per module (rank_pattern/alpha_pattern where they differ)."""
+    base = base if isinstance(base, Base) else base_info(base)
+    arch = adapter.metadata.get(ARCH_KEY)
+    if arch is not None and arch != base.arch.name:
+        raise SurgeryError(f"{adapter.source}: is an adapter for architecture {arch}, but {base.where} is "
+                           f"{base.arch.name}")
+    paths = {g: p for p, g in base.names().items()}
+    modules, unknown = {}, []
+    for name, m in adapter.modules.items():
+        path = paths.get(name)
+        if path is None:
+            unknown.append(name)
+            continue
+        shape = None if base.shapes is None else base.shapes.get(name + ".weight")
+        if shape is not None and tuple(shape) != tuple(m.shape):
+            raise SurgeryError(f"{adapter.source}: {name} updates a {tuple(m.shape)} weight, but {base.where} has "
+                               f"{tuple(shape)} (an adapter for another model?)")
+        if (heads := _permute_heads(base, path)) is not None:
+            m = replace(m, B=_Permuted(m.B, heads, inverse=True))
+        modules[PEFT_PREFIX + path] = m
+    if unknown:
+        raise SurgeryError(f"{adapter.source}: no {base.arch.name} module of {base.where} for GGUF tensor(s) "
+                           f"{listed(unknown)}")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.where)}
+    return Adapter(modules=modules, format="peft", config=config, source=adapter.source, notes=adapter.notes)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class GgufRef:
+    """A tensor still in a GGUF file: `nbytes` at byte `offset`, of GGML type `qtype`, dequantized to float32 on
+    `load()` (numpy order: `shape` is ggml's ne reversed). NaN and Inf are refused, naming the file and tensor."""
+
+    path: Path
+    key: str
+    shape: tuple[int, ...]
+    qtype: int
+    offset: int
+    nbytes: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        gguf = _gguf()
+        return {gguf.GGMLQuantizationType.F16: torch.float16,
+                gguf.GGMLQuantizationType.BF16: torch.bfloat16}.get(self.qtype, torch.float32)
+
+    def raw(self) -> np.ndarray:
+        return np.fromfile(self.path, dtype=np.uint8, count=self.nbytes, offset=self.offset)
+
+    def load(self) -> torch.Tensor:
+        gguf = _gguf()
+        data = self.raw()
+        if self.qtype == gguf.GGMLQuantizationType.BF16:
+            t = torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16)
+        elif self.qtype == gguf.GGMLQuantizationType.F16:
+            t = torch.from_numpy(data.view(np.float16).copy())
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, self.qtype), dtype=np.float32))
+        t = t.reshape(self.shape)
+        if not torch.isfinite(t).all():
+            raise SurgeryError(f"{self.path}: tensor {self.key} holds NaN or Inf")
+        return t
+
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def tensor_refs(reader, path: Path) -> dict[str, GgufRef]:
+    return {t.name: GgufRef(path, t.name, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.tensor_type),
+                            int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
+
+
+def type_name(qtype: int) -> str:
+    return _gguf().GGMLQuantizationType(qtype).name.lower()
+
+
+def read(path: Path) -> Adapter:
+    """A llama.cpp LoRA adapter: `<tensor>.weight.lora_a` (r, in) and `.lora_b` (out, r) pairs, scale
+    alpha / r per module (alpha 0: scale 1, as llama.cpp's loader does)."""
+    gguf = _gguf()
+    reader = open_reader(path)
+    kind = reader.get_field("general.type")
+    if kind is None or kind.contents() != "adapter":
+        raise SurgeryError(f"{path}: is a GGUF model, not an adapter (general.type = "
+                           f"{kind.contents() if kind is not None else 'missing'}); merge adapters into it with "
+                           "surgery merge")
+    if (t := reader.get_field(gguf.Keys.Adapter.TYPE)) is None or t.contents() != "lora":
+        raise SurgeryError(f"{path}: GGUF adapter type {t.contents() if t is not None else '(missing)'}; surgery "
+                           "reads LoRA adapters")
+    if reader.get_field(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS) is not None:
+        raise SurgeryError(f"{path}: is an activated LoRA (adapter.alora.invocation_tokens), which applies only "
+                           "after its invocation tokens; surgery does not convert aLoRA")
+    arch = _field(reader, ARCH_KEY, path, str)
+    alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA, path, float)
+    if not np.isfinite(alpha) or alpha < 0:
+        raise SurgeryError(f"{path}: adapter.lora.alpha = {alpha} is not a valid alpha")
+    refs = tensor_refs(reader, path)
+    pairs: dict[str, dict[str, GgufRef]] = {}
+    for key, ref in refs.items():
+        stem, _, part = key.rpartition(".")
+        if part not in ("lora_a", "lora_b") or not stem.endswith(".weight"):
+            raise SurgeryError(f"{path}: tensor {key} is not a LoRA factor (.weight.lora_a / .weight.lora_b)")
+        if type_name(ref.qtype) not in TYPES:
+            raise SurgeryError(f"{path}: tensor {key} has type {type_name(ref.qtype)}; llama.cpp adapters hold "
+                               f"{', '.join(TYPES)}")
+        pairs.setdefault(stem[:-len(".weight")], {})[part] = ref
+    modules = {}
+    for name, p in pairs.items():
+        if set(p) != {"lora_a", "lora_b"}:
+            raise SurgeryError(f"{path}: {name} has {next(iter(p))} without its pair")
+        a, b = p["lora_a"], p["lora_b"]
+        if name == "token_embd":
+            raise SurgeryError(f"{path}: a token_embd LoRA is not supported by surgery")
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+            raise SurgeryError(f"{path}: {name} has lora_a {a.shape} and lora_b {b.shape}, which do not pair "
+                               "(expected (r, in) and (out, r))")
+        r = a.shape[0]
+        modules[name] = LoraModule(A=a, B=b, scale=alpha / r if alpha else 1.0)
+    if not modules:
+        raise SurgeryError(f"{path}: a GGUF adapter without LoRA tensors")
+    types = Counter(type_name(r.qtype) for r in refs.values())
+    return Adapter(modules=modules, format=FORMAT, source=path,
+                   metadata={ARCH_KEY: arch, TYPE_KEY: types.most_common(1)[0][0]})
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One tensor of a GGUF file to be written: name, numpy shape, GGML type, and how to make its bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        block, size = _gguf().GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape)) * size // block
+
+
+def encode(t: torch.Tensor, qtype) -> np.ndarray:
+    """A float tensor as the bytes of GGML type `qtype`, rounded once (bf16 as torch rounds, the rest through
+    the `gguf` package's reference quantizers, which match llama.cpp's)."""
+    gguf = _gguf()
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)
+    return gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
+
+
+def write_file(out: Path, arch: str, fields: Iterable[tuple[str, Any, Any, Any]], tensors: list[Planned]) -> None:
+    """A GGUF file streamed tensor by tensor: header, `fields` (key, value, type, sub_type), tensor infos, then
+    each tensor's bytes as `make()` gives them (only one in memory at a time)."""
+    gguf = _gguf()
+    writer = gguf.GGUFWriter(out, arch)
+    for key, value, vtype, sub in fields:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    writer.write_header_to_file(out)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        data = t.make()
+        if data.nbytes != t.nbytes:
+            raise AssertionError(f"{t.name}: {data.nbytes} bytes made, {t.nbytes} planned")
+        writer.write_tensor_data(data)
+    writer.close()
+
+
+def _alpha(modules: Mapping[str, LoraModule]) -> float:
+    """The file's one alpha: the most common scale · r (ties: the first module's), so most modules keep their
+    factors as they are."""
+    counts = Counter(m.scale * m.rank for m in modules.values())
+    top = max(counts.values())
+    return next(a for a in (m.scale * m.rank for m in modules.values()) if counts[a] == top)
+
+
+def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
+    """A llama.cpp LoRA adapter file. `dtype`: f32 | f16 | bf16 | q8_0 (default: the type the factors were read
+    in, else their dtype's); Q8_0 rows that are not whole blocks of 32 fall back to F16, as llama.cpp's converter
+    does. Per-module scales that the one alpha cannot express are folded into B (float32, rounded once)."""
+    gguf = _gguf()
+    arch = adapter.metadata.get(ARCH_KEY)
+    if adapter.format != FORMAT or arch is None:
+        raise SurgeryError("writing GGUF needs the base model's architecture: give --base MODEL (its folder, "
+                           "config.json's folder or a GGUF model)")
+    if dtype is not None and dtype not in TYPES:
+        raise SurgeryError(f"GGUF adapter tensor type {dtype!r}: choose one of {', '.join(TYPES)}")
+    for name, m in adapter.modules.items():
+        _check_lora(name, m, "is not written to GGUF here")
+    alpha = _alpha(adapter.modules)
+    tensors = []
+    for name, m in adapter.modules.items():
+        fold = m.scale * m.rank / alpha if alpha else m.scale
+        kind = dtype or adapter.metadata.get(TYPE_KEY) or DTYPE_TYPES.get(m.dtype, "f32")
+        for part, t, scale in (("lora_a", m.A, 1.0), ("lora_b", m.B, fold)):
+            shape = tuple(int(s) for s in t.shape)
+            qtype = gguf.GGMLQuantizationType[kind.upper()]
+            if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+                qtype = gguf.GGMLQuantizationType.F16
+            tensors.append(Planned(f"{name}.weight.{part}", shape, qtype, _maker(t, scale, qtype)))
+    fields = [(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER, gguf.GGUFValueType.STRING, None),
+              (gguf.Keys.Adapter.TYPE, "lora", gguf.GGUFValueType.STRING, None),
+              (gguf.Keys.Adapter.LORA_ALPHA, float(alpha), gguf.GGUFValueType.FLOAT32, None),
+              (WRITTEN_BY, _version(), gguf.GGUFValueType.STRING, None)]
+    with atomic_output(out, is_dir=False) as tmp:
+        write_file(tmp, arch, fields, tensors)
+
+
+def _maker(t, scale: float, qtype) -> Callable[[], np.ndarray]:
+    def make() -> np.ndarray:
+        if isinstance(t, GgufRef) and scale == 1.0 and t.qtype == qtype:
+            return t.raw()  # the file's own bytes: nothing to round
+        x = materialize(t)
+        if scale != 1.0:
+            x = x.to(torch.float32) * scale
+        return encode(x, qtype)
+    return make
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -1,0 +1,146 @@
+"""llama.cpp as the reference for GGUF: tiny transformers models with a real SentencePiece tokenizer, converted by
+llama.cpp's own `convert_hf_to_gguf.py`, adapters converted by its `convert_lora_to_gguf.py`, and logits from
+llama.cpp itself (`llama-cpp-python`).
+
+llama.cpp's Python converters ship in the `llama-cpp-python` source distribution (they are not on PyPI as a
+package): `sources()` takes them from $LLAMA_CPP_DIR, else downloads that sdist once into ~/.cache/surgery.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import FIXTURES
+
+VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp the tests run and convert with
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "surgery"
+
+
+def sources() -> Path:
+    """The llama.cpp source tree (convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/)."""
+    if os.environ.get("LLAMA_CPP_DIR"):
+        return Path(os.environ["LLAMA_CPP_DIR"])
+    root = CACHE / f"llama-cpp-python-{VERSION}"
+    tree = root / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+    if not (tree / "convert_lora_to_gguf.py").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
+                        f"llama-cpp-python=={VERSION}", "-d", str(root)], check=True)
+        with tarfile.open(root / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
+            members = [m for m in tar.getmembers()
+                       if m.name.startswith(f"llama_cpp_python-{VERSION}/vendor/llama.cpp/")
+                       and m.name.endswith((".py", ".txt", ".json", ".toml"))]
+            tar.extractall(root, members=members, filter="data")
+    return tree
+
+
+def tokenizer(folder: Path) -> int:
+    """A SentencePiece model trained on fixtures/sentences.txt, with byte fallback (llama.cpp needs a newline
+    byte token), written as `tokenizer.model`; returns its vocabulary size."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(input=str(FIXTURES / "sentences.txt"), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=320, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, hard_vocab_limit=False,
+                                   num_threads=1, minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    return spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).vocab_size()
+
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, rms_norm_eps=1e-6)
+
+
+def model(arch: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny random `arch` (LlamaForCausalLM, Qwen2ForCausalLM, …) with the SentencePiece tokenizer, saved as
+    transformers saves it (float32 safetensors)."""
+    import transformers
+
+    vocab = tokenizer(folder)
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    extra = dict(head_dim=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    if arch.startswith("Gemma"):
+        extra.update(tie_word_embeddings=True, query_pre_attn_scalar=16, sliding_window=32)
+        if arch == "Gemma3ForCausalLM":
+            extra.update(rope_scaling=None)
+    if arch == "Phi3ForCausalLM":
+        extra.pop("head_dim")
+        extra.update(num_key_value_heads=4, original_max_position_embeddings=64)
+    config = config_cls(vocab_size=vocab, **{**SMALL, **extra})
+    torch.manual_seed(seed)
+    m = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # weights large enough that every layer matters to the logits
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    m.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False}))
+    return folder
+
+
+def run_script(script: str, *args) -> None:
+    r = subprocess.run([sys.executable, str(sources() / script), *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if r.returncode:
+        raise AssertionError(f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
+def convert_model(folder: Path, out: Path, outtype: str = "f32") -> Path:
+    run_script("convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype)
+    return out
+
+
+def convert_lora(lora: Path, base: Path, out: Path, outtype: str = "f32") -> Path:
+    run_script("convert_lora_to_gguf.py", lora, "--base", base, "--outfile", out, "--outtype", outtype)
+    return out
+
+
+TOKENS = [1, 40, 71, 120, 5, 250, 33, 17, 90, 210, 64, 3]
+
+
+def logits(model_path: Path, lora: Path | None = None, tokens=TOKENS, scale: float = 1.0) -> np.ndarray:
+    """llama.cpp's logits for every position of `tokens` (float32 KV cache: the default f16 cache alone moves the
+    logits by ~1e-3 of an adapter's effect; weight repacking off: it crashes on tiny models on these CPUs)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def no_repack():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = no_repack
+    try:
+        llm = llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, lora_scale=scale,
+                              logits_all=True, n_ctx=64, n_batch=64, n_threads=1, verbose=False,
+                              type_k=low.GGML_TYPE_F32, type_v=low.GGML_TYPE_F32, seed=0)
+    finally:
+        low.llama_model_default_params = default
+    llm.eval(list(tokens))
+    out = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    llm.close()
+    return out
+
+
+def hf_logits(model_dir: Path, lora: Path | None = None, tokens=TOKENS) -> np.ndarray:
+    """transformers' (and PEFT's) float32 logits for the same tokens."""
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    if lora is not None:
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, lora).eval()
+    with torch.no_grad():
+        return m(torch.tensor([list(tokens)])).logits[0].double().numpy()
