@@ -23,7 +23,7 @@ import torch
 from .adapter import Adapter, LoraModule, materialize
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
-from .io import check_output
+from .io import check_output, gguf_file
 from .io.jsonfile import field, read_object
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, files_below, index_name,
@@ -359,6 +359,10 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     Memory: one tensor at a time (plus the adapters' factors). The output appears only when complete.
     """
     t0 = time.perf_counter()
+    if gguf_file.is_gguf(base):
+        return merge_gguf(base, adapters, out, weights=weights, dtype=dtype, device=device,
+                          compute_dtype=compute_dtype, shard_size=shard_size, allow_missing=allow_missing, force=force,
+                          progress=progress)
     pipeline = open_pipeline(base) if is_pipeline(base) else None
     sets = None if pipeline else open_weight_sets(base)
     ck = None if pipeline else sets[0]
@@ -557,3 +561,88 @@ def _finish_folder(sets: Sequence[Checkpoint], plan: MergePlan, folder: Path, sh
                     cfg[key] = name
         (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return notes
+
+
+# ---------------------------------------------------------------- GGUF models (llama-export-lora)
+
+
+def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *,
+               weights: Sequence[float] | None = None, dtype=None, device: str | torch.device = "auto",
+               compute_dtype: torch.dtype = torch.float32, shard_size=None, allow_missing: bool = False,
+               force: bool = False, progress: Callable[[str], None] | None = None) -> MergeReport:
+    """What `llama-export-lora` does: a GGUF model with the adapters merged, streamed one tensor at a time.
+
+    Adapters are taken to llama.cpp's naming and layout for this base (`gguf_file.to_gguf`; a GGUF adapter as it
+    is). F32 / F16 / BF16 tensors: `W + Σ wᵢ ΔWᵢ` in float32, rounded once; Q8_0: dequantized, merged and
+    re-quantized (the error that adds is reported); other types are refused. Metadata and untouched tensors are
+    copied byte for byte.
+    """
+    t0 = time.perf_counter()
+    base, out = Path(base), Path(out)
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise SurgeryError(f"{len(weights)} --weight values for {len(adapters)} adapters")
+    if storage_dtype(dtype) is not None or shard_size is not None:
+        raise SurgeryError(f"{base}: a GGUF model keeps each tensor's type and stays one file; merge without "
+                           "--dtype and --shard-size")
+    if out.suffix.lower() != gguf_file.SUFFIX:
+        raise SurgeryError(f"{out}: the base is a GGUF model; give a .gguf output")
+    check_output(out, [base] + [a.source for a in adapters if a.source is not None], force=force)
+    info = gguf_file.base_info(base)
+    reader = gguf_file.open_reader(base)
+    refs = gguf_file.tensor_refs(reader, base)
+    parts: dict[str, list[tuple[LoraModule, float]]] = {}
+    notes = []
+    for a, w in zip(adapters, weights):
+        g = gguf_file.to_gguf(a, info)
+        if (arch := g.metadata.get(gguf_file.ARCH_KEY)) != info.arch.name:
+            raise SurgeryError(f"{a.source}: is an adapter for architecture {arch}, but {base} is {info.arch.name}")
+        for name, m in g.modules.items():
+            key = name + ".weight"
+            if key not in refs:
+                if not allow_missing:
+                    raise SurgeryError(f"{a.source}: module {name} has no tensor {key} in {base} (--allow-missing "
+                                       "skips it)")
+                notes.append(f"{a.source}: {name} skipped (no tensor {key} in the base)")
+                continue
+            if tuple(refs[key].shape) != tuple(m.shape):
+                raise SurgeryError(f"{a.source}: {name} updates a {tuple(m.shape)} weight, but {base} has {key} "
+                                   f"{tuple(refs[key].shape)} (an adapter for another model?)")
+            parts.setdefault(key, []).append((m, w))
+    for key in parts:
+        if gguf_file.type_name(refs[key].qtype) not in gguf_file.MERGE_TYPES:
+            raise SurgeryError(f"{base}: tensor {key} is {gguf_file.type_name(refs[key].qtype)}, which surgery does "
+                               f"not re-quantize as llama.cpp does; merge into an {', '.join(gguf_file.MERGE_TYPES)}"
+                               " model")
+    dev = resolve_device(device)
+    scratch, error = Scratch(), {"q": 0.0, "delta": 0.0, "n": 0}
+
+    def merged(key: str) -> Callable:
+        def make():
+            ref = refs[key]
+            W = ref.load().to(torch.float32)
+            new = merged_weight(W, parts[key], out_dtype=torch.float32, compute=compute_dtype, device=dev,
+                                scratch=scratch).cpu()
+            if not all_finite(new):
+                raise SurgeryError(f"{base}: merging into {key} gives NaN or Inf")
+            data = gguf_file.encode(new, ref.qtype)
+            if gguf_file.type_name(ref.qtype) == "q8_0":
+                back = torch.from_numpy(gguf_file.decode(data, ref.qtype)).reshape(new.shape)
+                error["q"] += float((back.double() - new.double()).square().sum())
+                error["delta"] += float((new.double() - W.double()).square().sum())
+                error["n"] += 1
+            if progress:
+                progress(key)
+            return data
+        return make
+
+    tensors = [gguf_file.Planned(t.name, refs[t.name].shape, t.tensor_type,
+                                 merged(t.name) if t.name in parts else refs[t.name].raw) for t in reader.tensors]
+    with atomic_output(out, is_dir=False) as tmp:
+        gguf_file.write_file(tmp, reader, gguf_file.copied_fields(reader), tensors)
+    if error["n"]:
+        notes.append(f"{error['n']} Q8_0 tensor(s) re-quantized: the rounding error is "
+                     f"{math.sqrt(error['q'] / error['delta']) if error['delta'] else 0.0:.2%} of the merged "
+                     "update's norm (‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖)")
+    return MergeReport(str(out), len(parts), 0, len(reader.tensors) - len(parts), 1, out.stat().st_size,
+                       round(time.perf_counter() - t0, 3), tuple(notes))

@@ -29,6 +29,7 @@ FORMAT = "gguf"
 ARCH_KEY = "general.architecture"
 TYPE_KEY = "gguf.tensor_type"  # Adapter.metadata: the tensor type the factors were read in (written back so)
 TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's adapter loader takes (llama-adapter.cpp)
+MERGE_TYPES = TYPES  # base tensor types merged exactly (floats) or re-quantized as llama.cpp quantizes (Q8_0)
 DTYPE_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -317,14 +318,15 @@ class GgufRef:
         return np.fromfile(self.path, dtype=np.uint8, count=self.nbytes, offset=self.offset)
 
     def load(self) -> torch.Tensor:
+        """The tensor in its own float dtype (F16, BF16, F32), or dequantized to float32."""
         gguf = _gguf()
         data = self.raw()
         if self.qtype == gguf.GGMLQuantizationType.BF16:
-            t = torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16)
+            t = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
         elif self.qtype == gguf.GGMLQuantizationType.F16:
-            t = torch.from_numpy(data.view(np.float16).copy())
+            t = torch.from_numpy(data.view(np.float16))
         else:
-            t = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, self.qtype), dtype=np.float32))
+            t = torch.from_numpy(np.ascontiguousarray(decode(data, self.qtype)))
         t = t.reshape(self.shape)
         if not torch.isfinite(t).all():
             raise SurgeryError(f"{self.path}: tensor {self.key} holds NaN or Inf")
@@ -419,11 +421,36 @@ def encode(t: torch.Tensor, qtype) -> np.ndarray:
     return gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
 
 
-def write_file(out: Path, arch: str, fields: Iterable[tuple[str, Any, Any, Any]], tensors: list[Planned]) -> None:
-    """A GGUF file streamed tensor by tensor: header, `fields` (key, value, type, sub_type), tensor infos, then
-    each tensor's bytes as `make()` gives them (only one in memory at a time)."""
+def decode(data: np.ndarray, qtype) -> np.ndarray:
+    """GGML type `qtype`'s bytes as float32 (numpy order)."""
     gguf = _gguf()
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+
+
+def copied_fields(reader) -> list[tuple[str, Any, Any, Any]]:
+    """Every metadata field of a GGUF file as `write_file` takes them (the writer adds the architecture and the
+    GGUF.* header fields itself), as gguf-py's gguf_new_metadata.py copies them."""
+    gguf = _gguf()
+    fields = []
+    for f in reader.fields.values():
+        if f.name == ARCH_KEY or f.name.startswith("GGUF."):
+            continue
+        vtype = f.types[0]
+        fields.append((f.name, f.contents(), vtype, f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None))
+    return fields
+
+
+def write_file(out: Path, like, fields: Iterable[tuple[str, Any, Any, Any]], tensors: list[Planned]) -> None:
+    """A GGUF file streamed tensor by tensor: header, `fields` (key, value, type, sub_type), tensor infos, then
+    each tensor's bytes as `make()` gives them (only one in memory at a time). `like`: the architecture name, or
+    a `GGUFReader` whose architecture and data alignment the file keeps."""
+    gguf = _gguf()
+    arch = like if isinstance(like, str) else _field(like, ARCH_KEY, out, str)
     writer = gguf.GGUFWriter(out, arch)
+    if not isinstance(like, str):
+        writer.data_alignment = like.alignment
     for key, value, vtype, sub in fields:
         writer.add_key_value(key, value, vtype, sub_type=sub)
     for t in tensors:
