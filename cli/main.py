@@ -301,7 +301,7 @@ def combine_cmd(adapters, out, weights, rank, energy, budget, rank_map, method, 
                               majority_sign=majority_sign, weight_map=_weight_map(weight_map), seed=seed,
                               device=device, dtype=dtype, base=base, progress=lambda _: bar.update(1))
     path = save_adapter(new, out or output_for(inputs[0], "-".join(filter(None, ("combined", tag))), fmt),
-                        format=fmt, force=force, inputs=[*adapters, *([base] if base else [])])
+                        format=fmt, force=force, inputs=adapters, base=base)
     emit(report.to_dict(), combine_table(report), path, report.warnings, as_json)
 
 

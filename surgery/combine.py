@@ -138,9 +138,13 @@ def _shapes(adapters: Sequence[Adapter]) -> dict[str, tuple]:
 def on_base_names(adapters: Sequence[Adapter], base) -> list[Adapter]:
     """Each adapter with its modules renamed to the base weights they update, as `merge` resolves them —
     diffusers names (`unet.<path>`) for a pipeline or component folder, PEFT's (`base_model.model.<path>`)
-    otherwise — so kohya, PEFT and diffusers adapters of one model share one naming."""
+    otherwise — so kohya, PEFT and diffusers adapters of one model share one naming. With a GGUF input or base,
+    llama.cpp's naming (`gguf_file.to_gguf`)."""
+    from .io.gguf_file import is_gguf
     from .io.names import base_targets, on_base
 
+    if is_gguf(base) or any(a.format == "gguf" for a in adapters):
+        return [on_base(a, base, "gguf") for a in adapters]
     fmt = "diffusers" if all(c is not None for c, _ in base_targets(base)) else "peft"
     return [on_base(a, base, fmt) for a in adapters]
 

@@ -66,7 +66,8 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
     import transformers
 
     vocab = tokenizer(folder)
-    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config_cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(
+        arch, arch.replace("ForCausalLM", "Config")))
     extra = dict(head_dim=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     if arch.startswith("Gemma"):
         extra.update(tie_word_embeddings=True, query_pre_attn_scalar=16, sliding_window=32)
@@ -83,7 +84,8 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     m.save_pretrained(folder, safe_serialization=True)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False,
+                                                                     "tokenizer_class": "LlamaTokenizer"}))
     return folder
 
 

@@ -57,6 +57,7 @@ def _skeleton(adapter):
                 parent.add_module(part, torch.nn.Module())
             parent = getattr(parent, part)
         parent.add_module(leaf, layer)
+    root.prepare_inputs_for_generation = None  # what PeftModelForCausalLM (task_type CAUSAL_LM) takes from a model
     return root
 
 

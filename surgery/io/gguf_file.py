@@ -230,9 +230,6 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     if adapter.format not in ("peft", "peft-file"):
         raise SurgeryError(f"cannot name a {adapter.format} adapter for llama.cpp directly; name it after the base's "
                            "tensors first (names.on_base)")
-    if adapter.passthrough:
-        raise SurgeryError(f"cannot write GGUF: the adapter carries non-LoRA tensors "
-                           f"({listed(sorted(adapter.passthrough))}), which llama.cpp adapters have no place for")
     if adapter.config.get("fan_in_fan_out"):
         raise SurgeryError("cannot write GGUF: fan_in_fan_out = true (GPT-2 Conv1D bases) is not an architecture "
                            "llama.cpp's adapters cover")
@@ -242,13 +239,13 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         path = name.removeprefix(PEFT_PREFIX)
         _check_lora(name, m, "is not written to GGUF (llama.cpp's token_embd LoRA is not supported here)")
         target = tmap.get_name(path)
+        if path == "lm_head" and (target is None or base.has_output is False):
+            raise SurgeryError(f"module {name}: the base ties its output head to the embeddings, and llama.cpp "
+                               "applies no LoRA to a tied head (llama.cpp issue 9065)")
         if target is None:
             raise SurgeryError(f"module {name}: no {base.arch.name} GGUF tensor for {path} in llama.cpp's tensor map")
         if "norm" in target.rsplit(".", 1)[-1]:
             raise SurgeryError(f"module {name}: {target} is a norm vector, which llama.cpp does not adapt")
-        if target == "output" and base.has_output is False:
-            raise SurgeryError(f"module {name}: the base ties its output head to the embeddings, and llama.cpp "
-                               "applies no LoRA to a tied head (llama.cpp issue 9065)")
         shape = None if base.shapes is None else base.shapes.get(target + ".weight")
         if base.shapes is not None and shape is None:
             raise SurgeryError(f"module {name}: {base.where} has no tensor {target}.weight")
@@ -260,6 +257,9 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         if target in modules:
             raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
         modules[target] = m
+    if adapter.passthrough:
+        raise SurgeryError(f"cannot write GGUF: the adapter carries non-LoRA tensors "
+                           f"({listed(sorted(adapter.passthrough))}), which llama.cpp adapters have no place for")
     return Adapter(modules=modules, format=FORMAT, config={}, source=adapter.source, notes=adapter.notes,
                    metadata={ARCH_KEY: base.arch.name})
 

@@ -1,0 +1,348 @@
+"""GGUF (llama.cpp / Ollama) adapters and models, with llama.cpp itself as the reference: its converters make the
+base models and the adapters we compare with, and its runtime computes the logits (tests/llama_cpp.py)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+from surgery import load_adapter, save_adapter  # noqa: E402
+from surgery.errors import SurgeryError  # noqa: E402
+
+from . import llama_cpp as L  # noqa: E402
+
+ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+         "Gemma3ForCausalLM", "Phi3ForCausalLM"]
+PHI3 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def surgery(*args, ok: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "surgery_cli.main", *map(str, args)], capture_output=True, text=True)
+    if ok and r.returncode:
+        raise AssertionError(f"surgery {' '.join(map(str, args))} failed:\n{r.stderr}")
+    return r
+
+
+def peft_lora(model_dir: Path, out: Path, targets, seed: int = 1, **config) -> Path:
+    """A PEFT LoRA with random (non-zero) A and B on `targets`, saved by PEFT."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    pm = get_peft_model(m, LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": targets,
+                                         "init_lora_weights": False, **config}))
+    pm.save_pretrained(out)
+    return out
+
+
+class Case:
+    def __init__(self, root: Path, arch: str):
+        self.root, self.arch = root, arch
+        self.hf = L.model(arch, root / "hf")
+        self.base = L.convert_model(self.hf, root / "base-f32.gguf")
+        self.targets = PHI3 if arch == "Phi3ForCausalLM" else ALL7
+        self.lora = peft_lora(self.hf, root / "lora", self.targets)
+        self.ref = L.hf_logits(self.hf, self.lora)
+        self.hf_base = L.hf_logits(self.hf)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    made = {}
+
+    def get(arch: str) -> Case:
+        if arch not in made:
+            made[arch] = Case(tmp_path_factory.mktemp(arch), arch)
+        return made[arch]
+    return get
+
+
+def close(a, b) -> float:
+    return float(np.abs(a - b).max())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_runs_our_gguf_as_it_runs_its_own_converters(cases, arch, tmp_path):
+    """PEFT LoRA → `surgery convert --base` → llama.cpp: its logits equal PEFT's on the HF model as closely as
+    llama.cpp's own convert_lora_to_gguf.py's file does (same run); and the two files are the same adapter."""
+    c = cases(arch)
+    theirs = L.convert_lora(c.lora, c.hf, tmp_path / "theirs.gguf")
+    ours = tmp_path / "ours.gguf"
+    surgery("convert", c.lora, "--base", c.hf, "-o", ours)  # the suffix picks the layout
+    l_ours, l_theirs = L.logits(c.base, ours), L.logits(c.base, theirs)
+    effect = close(c.ref, c.hf_base)
+    assert effect > 1.0  # the adapter changes the logits a lot
+    assert close(l_ours, c.ref) <= close(l_theirs, c.ref) + 1e-5
+    assert close(l_ours, l_theirs) <= 1e-5 * effect
+    assert close(l_ours, c.ref) < 2e-3 * effect  # llama.cpp (f32) and transformers agree (Gemma's softcaps: 1e-3)
+    r, t = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    assert {x.name for x in r.tensors} == {x.name for x in t.tensors}
+    for key in ("general.type", "adapter.type", "general.architecture"):
+        assert r.get_field(key).contents() == t.get_field(key).contents()
+
+
+def test_per_module_scales_are_folded_where_one_alpha_cannot_say_them(cases, tmp_path):
+    """rank_pattern / alpha_pattern / rsLoRA: GGUF has one alpha, so each module's scale goes into its factors;
+    llama.cpp's own converter takes the global alpha for every module (so its file is wrong here)."""
+    c = cases("LlamaForCausalLM")
+    lora = peft_lora(c.hf, tmp_path / "mixed", ALL7, r=8, lora_alpha=8, use_rslora=True,
+                     rank_pattern={"q_proj": 4, "down_proj": 12}, alpha_pattern={"v_proj": 3, "down_proj": 40})
+    ref = L.hf_logits(c.hf, lora)
+    ours = tmp_path / "mixed.gguf"
+    surgery("convert", lora, "--to", "gguf", "--base", c.hf, "-o", ours)
+    theirs = L.convert_lora(lora, c.hf, tmp_path / "theirs.gguf")
+    effect = close(ref, c.hf_base)
+    assert close(L.logits(c.base, ours), ref) < 1e-5 * effect
+    assert close(L.logits(c.base, theirs), ref) > 100 * close(L.logits(c.base, ours), ref)
+
+
+def test_config_only_base_and_gguf_base_name_the_same(cases, tmp_path):
+    """--base may be a folder holding only config.json, or the GGUF model: the same file either way."""
+    c = cases("LlamaForCausalLM")
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    shutil.copy(c.hf / "config.json", cfg)
+    files = []
+    for i, base in enumerate((c.hf, cfg, c.base)):
+        files.append(tmp_path / f"{i}.gguf")
+        surgery("convert", c.lora, "--base", base, "-o", files[-1])
+    tensors = [{t.name: np.array(t.data) for t in gguf.GGUFReader(f).tensors} for f in files]
+    for other in tensors[1:]:
+        assert other.keys() == tensors[0].keys()
+        assert all(np.array_equal(other[k], tensors[0][k]) for k in other)
+
+
+def test_gguf_to_peft_round_trip(cases, tmp_path):
+    """PEFT → GGUF → PEFT: every ΔW equal to float rounding (permutation undone, names mapped back), and PeftModel
+    loads the result with the original's logits."""
+    c = cases("LlamaForCausalLM")
+    g = tmp_path / "a.gguf"
+    surgery("convert", c.lora, "--base", c.hf, "-o", g)
+    back = tmp_path / "back"
+    surgery("convert", g, "--to", "peft", "--base", c.hf, "-o", back)
+    a, b = load_adapter(c.lora), load_adapter(back)
+    assert a.modules.keys() == b.modules.keys()
+    for n, m in a.modules.items():
+        torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+    assert close(L.hf_logits(c.hf, back), c.ref) < 1e-4
+    # the Python API does the same
+    api = save_adapter(load_adapter(g), tmp_path / "api.safetensors", format="peft-file", base=c.hf)
+    for n, m in load_adapter(api).modules.items():
+        torch.testing.assert_close(m.delta(), a.modules[n].delta(), rtol=0, atol=1e-6)
+
+
+def _truncated_peft(lora: Path, out: Path, rank: int) -> Path:
+    """The optimal rank-`rank` truncation of every ΔW (float64 SVD of the dense product), as a PEFT adapter."""
+    a = load_adapter(lora)
+    tensors = {}
+    for n, m in a.modules.items():
+        U, S, Vh = torch.linalg.svd(m.delta(torch.float64), full_matrices=False)
+        tensors[f"{n}.lora_B.weight"] = (U[:, :rank] * S[:rank]).float().contiguous()
+        tensors[f"{n}.lora_A.weight"] = Vh[:rank].float().contiguous()
+    out.mkdir()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_llama_cpp_written_adapter_squeezed_loads_with_the_optimal_truncation(cases, tmp_path):
+    """llama.cpp's converter's file → surgery squeeze --rank 4 → still GGUF, and llama.cpp gives the logits of the
+    optimal rank-4 truncation (PEFT on HF with the float64 SVD truncation)."""
+    c = cases("LlamaForCausalLM")
+    theirs = L.convert_lora(c.lora, c.hf, tmp_path / "theirs.gguf")
+    r = surgery("inspect", theirs)
+    assert "gguf adapter" in r.stdout and "blk.0.attn_q" in r.stdout  # GGUF names without --base
+    surgery("squeeze", theirs, "--rank", "4")
+    small = tmp_path / "theirs-r4.gguf"
+    assert [t.shape.tolist() for t in gguf.GGUFReader(small).tensors if t.name == "blk.0.attn_q.weight.lora_a"] \
+        == [[64, 4]]
+    ref = L.hf_logits(c.hf, _truncated_peft(c.lora, tmp_path / "trunc", 4))
+    assert close(ref, c.ref) > 0.1  # the truncation matters
+    assert close(L.logits(c.base, small), ref) < 1e-4 * close(ref, c.hf_base)
+
+
+def test_q8_0_adapter_matches_llama_cpp_converter(cases, tmp_path):
+    """--dtype q8_0: the same tensor types and bytes as convert_lora_to_gguf.py --outtype q8_0 (Q8_0 where rows
+    are whole blocks of 32, F16 for B's rank-8 rows); read back, it keeps q8_0 when squeezed."""
+    c = cases("LlamaForCausalLM")
+    ours = tmp_path / "q8.gguf"
+    surgery("convert", c.lora, "--to", "gguf", "--base", c.hf, "--dtype", "q8_0", "-o", ours)
+    theirs = L.convert_lora(c.lora, c.hf, tmp_path / "theirs.gguf", "q8_0")
+    o = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    t = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert {n: x.tensor_type.name for n, x in o.items()} == {n: x.tensor_type.name for n, x in t.items()}
+    assert {x.tensor_type.name for x in o.values()} == {"Q8_0", "F16"}
+    assert all(np.array_equal(np.array(o[n].data), np.array(t[n].data)) for n in o)
+    assert close(L.logits(c.base, ours), L.logits(c.base, theirs)) < 1e-6
+    surgery("squeeze", ours, "--rank", "6", "-o", tmp_path / "q8-r6.gguf")
+    types = {x.tensor_type.name for x in gguf.GGUFReader(tmp_path / "q8-r6.gguf").tensors}
+    assert types == {"Q8_0", "F16"}
+
+
+def test_combine_gguf_and_peft_into_gguf(cases, tmp_path):
+    """combine a.gguf b/ --base → both.gguf = the sum of both updates in llama.cpp (reference: PEFT with the two
+    adapters' factors stacked, built by hand)."""
+    c = cases("Qwen2ForCausalLM")
+    a = tmp_path / "a.gguf"
+    surgery("convert", c.lora, "--base", c.hf, "-o", a)
+    b = peft_lora(c.hf, tmp_path / "b", ["q_proj", "v_proj", "down_proj"], seed=7, r=4, lora_alpha=4)
+    both = tmp_path / "both.gguf"
+    surgery("combine", a, b, "--base", c.hf, "-o", both)
+    A, B = load_adapter(c.lora), load_adapter(b)
+    tensors = {}
+    for n, m in A.modules.items():
+        Bs, As = [m.scale * m.factors()[0]], [m.factors()[1]]
+        if n in B.modules:
+            Bs.append(B.modules[n].scale * B.modules[n].factors()[0])
+            As.append(B.modules[n].factors()[1])
+        tensors[f"{n}.lora_B.weight"] = torch.cat(Bs, 1).contiguous()
+        tensors[f"{n}.lora_A.weight"] = torch.cat(As, 0).contiguous()
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    save_file(tensors, str(ref_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((c.lora / "adapter_config.json").read_text())
+    ranks = {n.removeprefix("base_model.model."): t.shape[0] for n, t in
+             ((k[: -len(".lora_A.weight")], v) for k, v in tensors.items() if k.endswith("lora_A.weight"))}
+    cfg.update(r=8, lora_alpha=8, rank_pattern=ranks, alpha_pattern=ranks)
+    (ref_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    ref = L.hf_logits(c.hf, ref_dir)
+    assert close(ref, c.ref) > 0.1
+    assert close(L.logits(c.base, both), ref) < 1e-5 * close(ref, c.hf_base)
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_merge_into_gguf_model_equals_the_adapter_applied_at_run_time(cases, tmp_path, outtype):
+    """surgery merge model.gguf lora/ → llama.cpp's logits of the merged model equal llama.cpp's with the adapter
+    applied at run time (f32 exactly up to float sums; f16 to one rounding of W + ΔW; Q8_0 re-quantized, its error
+    reported); metadata and untouched tensors are copied byte for byte."""
+    c = cases("LlamaForCausalLM")
+    base = c.base if outtype == "f32" else L.convert_model(c.hf, tmp_path / f"base-{outtype}.gguf", outtype)
+    adapter = tmp_path / "a.gguf"
+    surgery("convert", c.lora, "--base", c.hf, "-o", adapter)
+    merged = tmp_path / "merged.gguf"
+    r = surgery("merge", base, c.lora, "-o", merged)
+    assert ("re-quantized" in r.stderr) == (outtype == "q8_0")
+    runtime, effect = L.logits(base, adapter), close(c.ref, c.hf_base)
+    if outtype == "q8_0":  # one more Q8_0 rounding of W + ΔW: about what quantizing the base once costs
+        assert close(L.logits(merged), runtime) < 1.5 * close(runtime, L.logits(c.base, adapter))
+    else:
+        assert close(L.logits(merged), runtime) < {"f32": 1e-5, "f16": 2e-3}[outtype] * effect
+    src, dst = gguf.GGUFReader(base), gguf.GGUFReader(merged)
+    assert [f.name for f in src.fields.values()] == [f.name for f in dst.fields.values()]
+    for f in src.fields.values():
+        if not f.name.startswith("GGUF."):
+            assert f.contents() == dst.get_field(f.name).contents(), f.name
+    changed = 0
+    for s, d in zip(src.tensors, dst.tensors):
+        assert (s.name, s.tensor_type, s.shape.tolist()) == (d.name, d.tensor_type, d.shape.tolist())
+        same = np.array_equal(np.array(s.data), np.array(d.data))
+        changed += not same
+        assert same == (not s.name.startswith("blk.") or "norm" in s.name), s.name
+    assert changed == 14
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 1, nothing written
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(cases, tmp_path, tmp_path_factory):
+    c = cases("LlamaForCausalLM")
+    out = tmp_path / "out.gguf"
+    good = tmp_path / "good.gguf"
+    surgery("convert", c.lora, "--base", c.hf, "-o", good)
+    # no --base where one is needed
+    _one_line_error(surgery("convert", c.lora, "-o", out, ok=False), "--base")
+    _one_line_error(surgery("convert", good, "--to", "peft", "-o", tmp_path / "p", ok=False), "--base")
+    # an adapter for another model's shapes
+    other = L.model("LlamaForCausalLM", tmp_path / "other", seed=3)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(hidden_size=32, intermediate_size=48, head_dim=8)
+    (other / "config.json").write_text(json.dumps(cfg))
+    import transformers
+
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+                                  ).save_pretrained(other)
+    _one_line_error(surgery("convert", c.lora, "--base", other, "-o", out, ok=False), "another model")
+    _one_line_error(surgery("convert", good, "--to", "peft", "--base", other, "-o", tmp_path / "p", ok=False),
+                    "another model")
+    # truncated and corrupt GGUF files
+    data = good.read_bytes()
+    (tmp_path / "trunc.gguf").write_bytes(data[: len(data) // 3])
+    (tmp_path / "corrupt.gguf").write_bytes(b"GGUF" + b"\xff" * 60)
+    for bad in ("trunc.gguf", "corrupt.gguf"):
+        _one_line_error(surgery("inspect", tmp_path / bad, ok=False), bad)
+        _one_line_error(surgery("squeeze", tmp_path / bad, "--rank", "2", "-o", out, ok=False), bad)
+    _one_line_error(surgery("merge", c.base, tmp_path / "trunc.gguf", "-o", out, ok=False), "trunc.gguf")
+    _one_line_error(surgery("merge", tmp_path / "trunc.gguf", c.lora, "-o", out, ok=False), "trunc.gguf")
+    # an unsupported architecture
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_layer": 2}))
+    _one_line_error(surgery("convert", c.lora, "--base", gpt2, "-o", out, ok=False), "GPT2LMHeadModel")
+    # a base tensor type surgery does not re-quantize (Q4_0), named
+    q4 = tmp_path / "q4.gguf"
+    reader = gguf.GGUFReader(c.base)
+    from surgery.io import gguf_file
+
+    def q4_0(t):
+        if t.name == "blk.0.attn_q.weight":
+            data = gguf.quants.quantize(np.array(t.data, dtype=np.float32), gguf.GGMLQuantizationType.Q4_0)
+            return gguf_file.Planned(t.name, tuple(reversed(t.shape.tolist())), gguf.GGMLQuantizationType.Q4_0,
+                                     lambda d=data: d)
+        return gguf_file.Planned(t.name, tuple(reversed(t.shape.tolist())), t.tensor_type,
+                                 lambda d=np.array(t.data): d)
+    gguf_file.write_file(q4, reader, gguf_file.copied_fields(reader), [q4_0(t) for t in reader.tensors])
+    _one_line_error(surgery("merge", q4, c.lora, "-o", out, ok=False), "q4_0", "blk.0.attn_q.weight")
+    # targets llama.cpp cannot apply: DoRA, a norm vector, a tied output head (Gemma)
+    dora = peft_lora(c.hf, tmp_path / "dora", ["q_proj"], use_dora=True)
+    _one_line_error(surgery("convert", dora, "--base", c.hf, "-o", out, ok=False), "DoRA")
+    g = cases("Gemma2ForCausalLM")
+    head = peft_lora(g.hf, tmp_path / "head", ["q_proj", "lm_head"])
+    _one_line_error(surgery("convert", head, "--base", g.hf, "-o", out, ok=False), "lm_head", "tied")
+    norm = tmp_path_factory.mktemp("bad") / "norm"  # outside tmp_path: PEFT itself cannot load it
+    shutil.copytree(c.lora, norm)
+    t = load_file(str(norm / "adapter_model.safetensors"))
+    t["base_model.model.model.layers.0.input_layernorm.lora_A.weight"] = torch.randn(8, 64)
+    t["base_model.model.model.layers.0.input_layernorm.lora_B.weight"] = torch.randn(64, 8)
+    save_file(t, str(norm / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _one_line_error(surgery("convert", norm, "--base", c.hf, "-o", out, ok=False), "norm")
+    assert not out.exists() and not (tmp_path / "p").exists()
+    assert not any(p.name.startswith(".out.gguf") for p in tmp_path.iterdir())
+
+
+def test_python_api(cases, tmp_path):
+    """load_adapter / save_adapter(base=…): the same file as the CLI's, and a GGUF adapter read back as it was."""
+    c = cases("LlamaForCausalLM")
+    out = save_adapter(load_adapter(c.lora), tmp_path / "api.gguf", base=c.hf)
+    cli = tmp_path / "cli.gguf"
+    surgery("convert", c.lora, "--base", c.hf, "-o", cli)
+    assert [np.array(t.data).tobytes() for t in gguf.GGUFReader(out).tensors] == \
+        [np.array(t.data).tobytes() for t in gguf.GGUFReader(cli).tensors]
+    a = load_adapter(out)
+    assert a.format == "gguf" and len(a.modules) == 14
+    m = a.modules["blk.0.attn_v"]
+    assert m.rank == 8 and m.scale == 2.0 and m.shape == (32, 64)
+    with pytest.raises(SurgeryError, match="--base"):
+        save_adapter(load_adapter(c.lora), tmp_path / "nobase.gguf")
