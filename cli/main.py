@@ -51,7 +51,7 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="surgery")
 def main():
-    """Model surgery on safetensors adapter checkpoints (PEFT, kohya/diffusers)."""
+    """Model surgery on adapter checkpoints (PEFT, kohya/LyCORIS, diffusers, llama.cpp GGUF)."""
 
 
 def json_option(f):
@@ -324,7 +324,7 @@ def _weight_map(items) -> list[tuple[str, float]]:
 @click.argument("base", type=click.Path(path_type=str))
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
-              help="Output directory (sharded base) or .safetensors file (single-file base).")
+              help="Output directory (sharded base), .safetensors file (single-file base) or .gguf (GGUF model).")
 @click.option("--weight", "weights", type=float, multiple=True,
               help="Weight per adapter, in order (default 1; -1 un-merges).")
 @click.option("--shard-size", help="Re-split the output into shards of at most this size (e.g. 5GB).")

@@ -61,6 +61,7 @@ class Arch:
     name: str
     permute: bool
     projections: tuple[str, ...]
+    tied: bool = False  # transformers' default tie_word_embeddings for the architecture
 
 
 ATTN_MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -70,9 +71,9 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
     "Qwen2ForCausalLM": Arch("qwen2", False, ATTN_MLP),
     "Qwen3ForCausalLM": Arch("qwen3", False, ATTN_MLP),
-    "GemmaForCausalLM": Arch("gemma", False, ATTN_MLP),
-    "Gemma2ForCausalLM": Arch("gemma2", False, ATTN_MLP),
-    "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP),
+    "GemmaForCausalLM": Arch("gemma", False, ATTN_MLP, tied=True),
+    "Gemma2ForCausalLM": Arch("gemma2", False, ATTN_MLP, tied=True),
+    "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP, tied=True),
     "Phi3ForCausalLM": Arch("phi3", False, ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                             "mlp.down_proj")),
 }
@@ -91,7 +92,7 @@ class Base:
     heads: int
     kv_heads: int
     shapes: Mapping[str, tuple[int, ...]] | None
-    has_output: bool | None
+    has_output: bool
 
     def tensor_map(self):
         gguf = _gguf()
@@ -102,7 +103,7 @@ class Base:
         """{HF module path: GGUF module name} of every module a LoRA can adapt here."""
         tmap = self.tensor_map()
         paths = [f"model.layers.{i}.{p}" for i in range(self.blocks) for p in self.arch.projections]
-        if self.has_output is not False:
+        if self.has_output:
             paths.append("lm_head")
         return {p: tmap.get_name(p) for p in paths if tmap.get_name(p)}
 
@@ -156,7 +157,7 @@ def base_info(base: str | os.PathLike) -> Base:
     if blocks is None or heads is None:
         raise SurgeryError(f"{config_path}: num_hidden_layers and num_attention_heads are needed for GGUF names")
     kv = jsonfile.field(config, "num_key_value_heads", "positive int", config_path, default=heads)
-    shapes, has_output = None, None
+    shapes = None
     if path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
         from .checkpoint import open_checkpoint
 
@@ -167,8 +168,7 @@ def base_info(base: str | os.PathLike) -> Base:
                   if k.endswith(".weight") and k[:-len(".weight")] in hf}
         has_output = b.has_output
     else:
-        tied = jsonfile.field(config, "tie_word_embeddings", "bool", config_path)
-        has_output = None if tied is None else not tied
+        has_output = not jsonfile.field(config, "tie_word_embeddings", "bool", config_path, default=arch.tied)
     return Base(str(path), arch, blocks, heads, kv, shapes, has_output)
 
 
@@ -239,7 +239,7 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         path = name.removeprefix(PEFT_PREFIX)
         _check_lora(name, m, "is not written to GGUF (llama.cpp's token_embd LoRA is not supported here)")
         target = tmap.get_name(path)
-        if path == "lm_head" and (target is None or base.has_output is False):
+        if path == "lm_head" and (target is None or not base.has_output):
             raise SurgeryError(f"module {name}: the base ties its output head to the embeddings, and llama.cpp "
                                "applies no LoRA to a tied head (llama.cpp issue 9065)")
         if target is None:
