@@ -12,7 +12,8 @@ GGUF. Then times, each as a whole process, alternating:
   merge:   (c) the load+save floor of the F16 model (gguf-py: GGUFReader, then GGUFWriter writing every tensor, as
            its gguf_new_metadata.py copies a file) against
            (d) `surgery merge MODEL.gguf LORA.gguf -o OUT.gguf --device cpu`.
-Medians, ratios and peak RSS (ru_maxrss).
+Outputs removed and dirty pages flushed (`sync`) before each run, outside the timing. Medians, ratios and peak
+RSS (ru_maxrss).
 """
 from __future__ import annotations
 
@@ -125,26 +126,24 @@ def main() -> None:
         import subprocess
 
         subprocess.run(surgery + ["convert", str(lora), "--base", str(cfg), "-o", str(adapter)], check=True)
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    os.environ.update(env)
+    os.environ["HF_HUB_OFFLINE"] = "1"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"model {model.stat().st_size / 1e9:.2f} GB F16, adapter rank {R} on {7 * L} modules "
           f"({(lora / 'adapter_model.safetensors').stat().st_size / 1e6:.0f} MB f32)")
     outs = [work / n for n in ("theirs.gguf", "ours.gguf", "floor.gguf", "merged.gguf")]
-    rm = ["rm", "-f", *map(str, outs)]  # a removed output before each run: the same work every time
     conv = alternate({
-        "llama.cpp": ["sh", "-c", " ".join(rm) + f" && {sys.executable} {script} {lora} --base {cfg} "
-                      f"--outfile {outs[0]} --outtype f32"],
-        "surgery": ["sh", "-c", " ".join(rm) + f" && {' '.join(surgery)} convert {lora} --base {cfg} "
-                    f"-o {outs[1]}"]}, args.repeats)
+        "llama.cpp": [sys.executable, str(script), str(lora), "--base", str(cfg), "--outfile", str(outs[0]),
+                      "--outtype", "f32"],
+        "surgery": surgery + ["convert", str(lora), "--base", str(cfg), "-o", str(outs[1])]},
+        args.repeats, clean=outs, sync=True)
     print("convert a rank-64 LoRA to GGUF (whole processes):")
     for k, (w, rss, walls) in conv.items():
         print(f"  {k:10s} median {w:6.2f} s   peak RSS {rss:6.0f} MB   runs: " + ", ".join(f"{x:.2f}" for x in walls))
     print(f"  ratio llama.cpp / surgery: {conv['llama.cpp'][0] / conv['surgery'][0]:.2f}×")
     merge = alternate({
-        "floor": ["sh", "-c", " ".join(rm) + f" && {sys.executable} -c '{FLOOR}' {model} {outs[2]}"],
-        "surgery": ["sh", "-c", " ".join(rm) + f" && {' '.join(surgery)} merge {model} {adapter} -o {outs[3]} "
-                    "--device cpu"]}, args.repeats)
+        "floor": [sys.executable, "-c", FLOOR, str(model), str(outs[2])],
+        "surgery": surgery + ["merge", str(model), str(adapter), "-o", str(outs[3]), "--device", "cpu"]},
+        args.repeats, clean=outs, sync=True)
     print("merge into an F16 GGUF model (whole processes):")
     for k, (w, rss, walls) in merge.items():
         print(f"  {k:10s} median {w:6.2f} s   peak RSS {rss:6.0f} MB   runs: " + ", ".join(f"{x:.2f}" for x in walls))

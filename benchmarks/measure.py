@@ -33,16 +33,27 @@ def timed(cmd: list[str], clean: list[Path] = ()) -> tuple[float, float]:
     return wall, res["maxrss_kb"] / 1024
 
 
-def alternate(cmds: dict[str, list[str]], repeats: int) -> dict[str, tuple[float, float, list[float]]]:
+def alternate(cmds: dict[str, list[str]], repeats: int, clean: list[Path] = (),
+              sync: bool = False) -> dict[str, tuple[float, float, list[float]]]:
     """Run each command `repeats` times, alternating so that all see the same page cache (the first once more
-    beforehand, to warm it): name → (median wall s, peak RSS MiB, every wall)."""
+    beforehand, to warm it): name → (median wall s, peak RSS MiB, every wall). `clean` paths are removed before
+    each run, and with `sync` the dirty pages flushed, both outside the timing (so that a multi-GB write does not
+    pay for the one before it)."""
+    import os
     import statistics
 
-    timed(next(iter(cmds.values())))
+    def run(cmd):
+        for p in clean:
+            shutil.rmtree(p, ignore_errors=True) if Path(p).is_dir() else Path(p).unlink(missing_ok=True)
+        if sync:
+            os.sync()
+        return timed(cmd)
+
+    run(next(iter(cmds.values())))
     runs: dict[str, list] = {k: [] for k in cmds}
     for _ in range(repeats):
         for k, cmd in cmds.items():
-            runs[k].append(timed(cmd))
+            runs[k].append(run(cmd))
     return {k: (statistics.median(w for w, _ in v), max(r for _, r in v), [w for w, _ in v]) for k, v in runs.items()}
 
 

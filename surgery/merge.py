@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .adapter import Adapter, LoraModule, materialize
@@ -615,20 +616,25 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
                                f"not re-quantize as llama.cpp does; merge into an {', '.join(gguf_file.MERGE_TYPES)}"
                                " model")
     dev = resolve_device(device)
-    scratch, error = Scratch(), {"q": 0.0, "delta": 0.0, "n": 0}
+    error = {"q": 0.0, "delta": 0.0, "n": 0}
+    largest = max(r.nbytes for r in refs.values())
+    # reused read buffers and scratch, two sets: write_file makes the next tensor while it writes this one
+    sets = [(np.empty(largest, np.uint8), Scratch()) for _ in range(2)]
+    floats = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
-    def merged(key: str) -> Callable:
+    def merged(key: str, buffer: np.ndarray, scratch: Scratch) -> Callable:
         def make():
             ref = refs[key]
-            W = ref.load().to(torch.float32)
-            new = merged_weight(W, parts[key], out_dtype=torch.float32, compute=compute_dtype, device=dev,
-                                scratch=scratch).cpu()
+            W = ref.tensor(buffer)
+            kind = gguf_file.type_name(ref.qtype)
+            new = merged_weight(W, parts[key], out_dtype=floats.get(kind, torch.float32), compute=compute_dtype,
+                                device=dev, scratch=scratch).cpu()
             if not all_finite(new):
                 raise SurgeryError(f"{base}: merging into {key} gives NaN or Inf")
             data = gguf_file.encode(new, ref.qtype)
-            if gguf_file.type_name(ref.qtype) == "q8_0":
-                back = torch.from_numpy(gguf_file.decode(data, ref.qtype)).reshape(new.shape)
-                error["q"] += float((back.double() - new.double()).square().sum())
+            if kind == "q8_0":
+                back = torch.from_numpy(gguf_file.decode(data, ref.qtype)).reshape(new.shape).double()
+                error["q"] += float((back - new.double()).square().sum())
                 error["delta"] += float((new.double() - W.double()).square().sum())
                 error["n"] += 1
             if progress:
@@ -637,7 +643,9 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
         return make
 
     tensors = [gguf_file.Planned(t.name, refs[t.name].shape, t.tensor_type,
-                                 merged(t.name) if t.name in parts else refs[t.name].raw) for t in reader.tensors]
+                                 merged(t.name, *sets[i % 2]) if t.name in parts else
+                                 (lambda t=t: t.data.view(np.uint8).reshape(-1)))  # the mapped bytes, as they are
+               for i, t in enumerate(reader.tensors)]
     with atomic_output(out, is_dir=False) as tmp:
         gguf_file.write_file(tmp, reader, gguf_file.copied_fields(reader), tensors)
     if error["n"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -314,20 +315,30 @@ class GgufRef:
         return {gguf.GGMLQuantizationType.F16: torch.float16,
                 gguf.GGMLQuantizationType.BF16: torch.bfloat16}.get(self.qtype, torch.float32)
 
-    def raw(self) -> np.ndarray:
-        return np.fromfile(self.path, dtype=np.uint8, count=self.nbytes, offset=self.offset)
+    def raw(self, buffer: np.ndarray | None = None) -> np.ndarray:
+        """The tensor's bytes, read into `buffer` (a reused uint8 array: fresh pages cost more than the copy)."""
+        data = np.empty(self.nbytes, np.uint8) if buffer is None or buffer.size < self.nbytes else \
+            buffer[: self.nbytes]
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            if f.readinto(memoryview(data)) != self.nbytes:
+                raise SurgeryError(f"{self.path}: tensor {self.key} is cut short (a truncated file)")
+        return data
 
-    def load(self) -> torch.Tensor:
-        """The tensor in its own float dtype (F16, BF16, F32), or dequantized to float32."""
+    def tensor(self, buffer: np.ndarray | None = None) -> torch.Tensor:
+        """The tensor in its own float dtype (F16, BF16, F32), or dequantized to float32; unchecked."""
         gguf = _gguf()
-        data = self.raw()
+        data = self.raw(buffer)
         if self.qtype == gguf.GGMLQuantizationType.BF16:
             t = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
-        elif self.qtype == gguf.GGMLQuantizationType.F16:
-            t = torch.from_numpy(data.view(np.float16))
+        elif self.qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+            t = torch.from_numpy(data.view(np.float16 if self.qtype == gguf.GGMLQuantizationType.F16 else np.float32))
         else:
             t = torch.from_numpy(np.ascontiguousarray(decode(data, self.qtype)))
-        t = t.reshape(self.shape)
+        return t.reshape(self.shape)
+
+    def load(self) -> torch.Tensor:
+        t = self.tensor()
         if not torch.isfinite(t).all():
             raise SurgeryError(f"{self.path}: tensor {self.key} holds NaN or Inf")
         return t
@@ -413,11 +424,13 @@ class Planned:
 
 
 def encode(t: torch.Tensor, qtype) -> np.ndarray:
-    """A float tensor as the bytes of GGML type `qtype`, rounded once (bf16 as torch rounds, the rest through
-    the `gguf` package's reference quantizers, which match llama.cpp's)."""
+    """A float tensor as the bytes of GGML type `qtype`, rounded once: floats as torch rounds them (what llama.cpp's
+    converter stores), Q8_0 through the `gguf` package's reference quantizer, which matches llama.cpp's."""
     gguf = _gguf()
-    if qtype == gguf.GGMLQuantizationType.BF16:
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)
+    floats = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16,
+              gguf.GGMLQuantizationType.BF16: torch.bfloat16}
+    if qtype in floats:
+        return t.to(floats[qtype]).contiguous().view(torch.uint8).numpy()
     return gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
 
 
@@ -444,7 +457,8 @@ def copied_fields(reader) -> list[tuple[str, Any, Any, Any]]:
 
 def write_file(out: Path, like, fields: Iterable[tuple[str, Any, Any, Any]], tensors: list[Planned]) -> None:
     """A GGUF file streamed tensor by tensor: header, `fields` (key, value, type, sub_type), tensor infos, then
-    each tensor's bytes as `make()` gives them (only one in memory at a time). `like`: the architecture name, or
+    each tensor's bytes as `make()` gives them, the next one made while this one is written (so a `make` may not
+    reuse the buffer of the one before it; two tensors in memory at a time). `like`: the architecture name, or
     a `GGUFReader` whose architecture and data alignment the file keeps."""
     gguf = _gguf()
     arch = like if isinstance(like, str) else _field(like, ARCH_KEY, out, str)
@@ -458,11 +472,15 @@ def write_file(out: Path, like, fields: Iterable[tuple[str, Any, Any, Any]], ten
     writer.write_header_to_file(out)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for t in tensors:
-        data = t.make()
-        if data.nbytes != t.nbytes:
-            raise AssertionError(f"{t.name}: {data.nbytes} bytes made, {t.nbytes} planned")
-        writer.write_tensor_data(data)
+    with ThreadPoolExecutor(1) as pool:  # the next tensor is made while this one is written
+        ahead = pool.submit(tensors[0].make) if tensors else None
+        for i, t in enumerate(tensors):
+            data = ahead.result()
+            if i + 1 < len(tensors):
+                ahead = pool.submit(tensors[i + 1].make)
+            if data.nbytes != t.nbytes:
+                raise AssertionError(f"{t.name}: {data.nbytes} bytes made, {t.nbytes} planned")
+            writer.write_tensor_data(data)
     writer.close()
 
 
