@@ -257,8 +257,13 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1),
                                 shapes=base_shapes_of(a, base), fold=folds(a, out, fmt))
-    path = save_adapter(small, out, format=fmt, force=force, inputs=[base] if base else ())
+    path = save_adapter(small, out, format=fmt, force=force, inputs=[base] if base else (), base=naming_base(out, base))
     emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
+
+
+def naming_base(out, base):
+    """The base that names a GGUF output's modules (llama.cpp's names follow the architecture), else None."""
+    return base if out is not None and str(out).lower().endswith(".gguf") else None
 
 
 @main.command(name="combine")
@@ -390,7 +395,7 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
         from surgery.io.names import on_base
 
         adapter = on_base(adapter, base, "kohya")
-    path = save_adapter(adapter, out, format=fmt, force=force, inputs=(finetuned, base))
+    path = save_adapter(adapter, out, format=fmt, force=force, inputs=(finetuned, base), base=naming_base(out, base))
     emit(report.to_dict(), extract_table(report), path, report.warnings, as_json)
 
 

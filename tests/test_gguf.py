@@ -346,3 +346,22 @@ def test_python_api(cases, tmp_path):
     assert m.rank == 8 and m.scale == 2.0 and m.shape == (32, 64)
     with pytest.raises(SurgeryError, match="--base"):
         save_adapter(load_adapter(c.lora), tmp_path / "nobase.gguf")
+
+
+def test_squeeze_and_extract_write_gguf_with_a_base(cases, tmp_path):
+    """squeeze LORA --base MODEL -o x.gguf and extract FT BASE -o x.gguf name their output for llama.cpp: its
+    logits equal the adapter's applied at run time from the converted file."""
+    import transformers
+    from peft import PeftModel
+
+    c = cases("LlamaForCausalLM")
+    ft = tmp_path / "ft"
+    m = transformers.AutoModelForCausalLM.from_pretrained(c.hf, dtype=torch.float32)
+    PeftModel.from_pretrained(m, c.lora).merge_and_unload().save_pretrained(ft)
+    converted = tmp_path / "a.gguf"
+    surgery("convert", c.lora, "--base", c.hf, "-o", converted)
+    runtime, effect = L.logits(c.base, converted), close(c.ref, c.hf_base)
+    surgery("squeeze", c.lora, "--rank", "8", "--base", c.hf, "-o", tmp_path / "sq.gguf")
+    surgery("extract", ft, c.hf, "--rank", "8", "-o", tmp_path / "ex.gguf")
+    assert close(L.logits(c.base, tmp_path / "sq.gguf"), runtime) < 1e-6 * effect
+    assert close(L.logits(c.base, tmp_path / "ex.gguf"), runtime) < 1e-5 * effect

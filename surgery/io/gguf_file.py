@@ -299,8 +299,9 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
 
 @dataclass(frozen=True)
 class GgufRef:
-    """A tensor still in a GGUF file: `nbytes` at byte `offset`, of GGML type `qtype`, dequantized to float32 on
-    `load()` (numpy order: `shape` is ggml's ne reversed). NaN and Inf are refused, naming the file and tensor."""
+    """A tensor still in a GGUF file: `nbytes` at byte `offset`, of GGML type `qtype`, read on `load()` in its own
+    float dtype or dequantized to float32 (numpy order: `shape` is ggml's ne reversed). NaN and Inf are refused
+    there, naming the file and tensor."""
 
     path: Path
     key: str
