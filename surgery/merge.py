@@ -606,8 +606,8 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
                                        "skips it)")
                 notes.append(f"{a.source}: {name} skipped (no tensor {key} in the base)")
                 continue
-            if tuple(refs[key].shape) != tuple(m.shape):
-                raise SurgeryError(f"{a.source}: {name} updates a {tuple(m.shape)} weight, but {base} has {key} "
+            if tuple(refs[key].shape) != (shape := gguf_file.weight_shape(m)):
+                raise SurgeryError(f"{a.source}: {name} updates a {shape} weight, but {base} has {key} "
                                    f"{tuple(refs[key].shape)} (an adapter for another model?)")
             parts.setdefault(key, []).append((m, w))
     for key in parts:

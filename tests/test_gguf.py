@@ -365,3 +365,33 @@ def test_squeeze_and_extract_write_gguf_with_a_base(cases, tmp_path):
     surgery("extract", ft, c.hf, "--rank", "8", "-o", tmp_path / "ex.gguf")
     assert close(L.logits(c.base, tmp_path / "sq.gguf"), runtime) < 1e-6 * effect
     assert close(L.logits(c.base, tmp_path / "ex.gguf"), runtime) < 1e-5 * effect
+
+
+def test_token_embedding_lora(cases, tmp_path):
+    """A LoRA on embed_tokens (PEFT also saves the base table beside it): llama.cpp's token_embd layout (lora_a
+    transposed), as its converter writes it; back to PEFT and merged into the GGUF model, the same logits."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    c = cases("LlamaForCausalLM")
+    m = transformers.AutoModelForCausalLM.from_pretrained(c.hf, dtype=torch.float32)
+    torch.manual_seed(2)
+    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"],
+                                      init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_embedding_B" in n:  # PEFT starts it at zero even so
+                p.normal_(0, 0.5)
+    lora = tmp_path / "elora"
+    pm.save_pretrained(lora)
+    ref = L.hf_logits(c.hf, lora)
+    ours, theirs = tmp_path / "e.gguf", L.convert_lora(lora, c.hf, tmp_path / "theirs.gguf")
+    surgery("convert", lora, "--base", c.hf, "-o", ours)
+    runtime, effect = L.logits(c.base, ours), close(ref, c.hf_base)
+    assert effect > 1.0
+    assert close(runtime, L.logits(c.base, theirs)) <= 1e-6 * effect
+    assert close(runtime, ref) < 1e-5 * effect
+    surgery("convert", ours, "--to", "peft", "--base", c.hf, "-o", tmp_path / "back")
+    assert close(L.hf_logits(c.hf, tmp_path / "back"), ref) < 1e-5 * effect
+    surgery("merge", c.base, ours, "-o", tmp_path / "merged.gguf")
+    assert close(L.logits(tmp_path / "merged.gguf"), runtime) < 1e-5 * effect

@@ -103,7 +103,8 @@ class Base:
     def names(self) -> dict[str, str]:
         """{HF module path: GGUF module name} of every module a LoRA can adapt here."""
         tmap = self.tensor_map()
-        paths = [f"model.layers.{i}.{p}" for i in range(self.blocks) for p in self.arch.projections]
+        paths = ["model.embed_tokens"] + [f"model.layers.{i}.{p}" for i in range(self.blocks)
+                                          for p in self.arch.projections]
         if self.has_output:
             paths.append("lm_head")
         return {p: tmap.get_name(p) for p in paths if tmap.get_name(p)}
@@ -193,24 +194,38 @@ def _permute_heads(base: Base, path: str) -> int | None:
     return None
 
 
-class _Permuted:
-    """B with its rows permuted, computed when read (a lazy tensor in the data model's sense)."""
+class _Derived:
+    """`fn` of a tensor, computed when read (a lazy tensor in the data model's sense): B's rows permuted, an
+    embedding's A transposed."""
 
-    def __init__(self, src, heads: int, inverse: bool):
-        self.src, self.heads, self.inverse = src, heads, inverse
-        self.shape, self.dtype = tuple(src.shape), src.dtype
+    def __init__(self, src, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]):
+        self.src, self.fn, self.shape, self.dtype = src, fn, tuple(shape), src.dtype
 
     def load(self) -> torch.Tensor:
-        return permute_rows(materialize(self.src), self.heads, self.inverse)
+        return self.fn(materialize(self.src))
 
     def numel(self) -> int:
         return int(np.prod(self.shape))
 
 
+def _permuted(t, heads: int, inverse: bool) -> _Derived:
+    return _Derived(t, lambda x: permute_rows(x, heads, inverse), t.shape)
+
+
+def _transposed(t) -> _Derived:
+    return _Derived(t, lambda x: x.T.contiguous(), tuple(reversed(t.shape)))
+
+
+def weight_shape(m) -> tuple[int, ...]:
+    """The shape of the base weight a module updates, in numpy order: (out, in), an embedding table (vocab, dim)."""
+    return tuple(reversed(m.shape)) if m.kind == "embedding" else tuple(m.shape)
+
+
 # ---------------------------------------------------------------- naming: PEFT ⇄ llama.cpp
 
 
-def _check_lora(name: str, m, what: str) -> None:
+def _check_lora(name: str, m, what: str, token_embd: bool) -> None:
+    """What llama.cpp applies: plain LoRA on linear weights and on the token embeddings."""
     if m.algo != "lora":
         raise SurgeryError(f"module {name}: a {m.algo} module has no llama.cpp form (llama.cpp applies LoRA only); "
                            "surgery convert --to lora first")
@@ -218,8 +233,10 @@ def _check_lora(name: str, m, what: str) -> None:
         raise SurgeryError(f"module {name}: DoRA has no llama.cpp form (llama.cpp applies plain LoRA only)")
     if m.bias is not None:
         raise SurgeryError(f"module {name}: lora_B.bias has no llama.cpp form")
-    if m.kind != "linear":
-        raise SurgeryError(f"module {name}: {'embedding' if m.kind == 'embedding' else m.kind} LoRA {what}")
+    if m.kind == "conv":
+        raise SurgeryError(f"module {name}: a conv LoRA {what}")
+    if m.kind == "embedding" and not token_embd:
+        raise SurgeryError(f"module {name}: an embedding LoRA on a table other than the token embeddings {what}")
 
 
 def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
@@ -238,8 +255,8 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     modules = {}
     for name, m in adapter.modules.items():
         path = name.removeprefix(PEFT_PREFIX)
-        _check_lora(name, m, "is not written to GGUF (llama.cpp's token_embd LoRA is not supported here)")
         target = tmap.get_name(path)
+        _check_lora(name, m, "has no llama.cpp form", target == "token_embd")
         if path == "lm_head" and (target is None or not base.has_output):
             raise SurgeryError(f"module {name}: the base ties its output head to the embeddings, and llama.cpp "
                                "applies no LoRA to a tied head (llama.cpp issue 9065)")
@@ -250,18 +267,33 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         shape = None if base.shapes is None else base.shapes.get(target + ".weight")
         if base.shapes is not None and shape is None:
             raise SurgeryError(f"module {name}: {base.where} has no tensor {target}.weight")
-        if shape is not None and tuple(shape) != tuple(m.shape):
-            raise SurgeryError(f"module {name}: ΔW is {tuple(m.shape)} but {base.where} has {target}.weight "
+        if shape is not None and tuple(shape) != weight_shape(m):
+            raise SurgeryError(f"module {name}: ΔW is {weight_shape(m)} but {base.where} has {target}.weight "
                                f"{tuple(shape)} (an adapter for another model?)")
         if (heads := _permute_heads(base, path)) is not None:
-            m = replace(m, B=_Permuted(m.B, heads, inverse=False))
+            m = replace(m, B=_permuted(m.B, heads, inverse=False))
         if target in modules:
             raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
         modules[target] = m
-    if adapter.passthrough:
-        raise SurgeryError(f"cannot write GGUF: the adapter carries non-LoRA tensors "
-                           f"({listed(sorted(adapter.passthrough))}), which llama.cpp adapters have no place for")
-    return Adapter(modules=modules, format=FORMAT, config={}, source=adapter.source, notes=adapter.notes,
+    notes = list(adapter.notes)
+    rest = dict(adapter.passthrough)
+    for key in [k for k in rest if k.endswith(".base_layer.weight")]:
+        # PEFT's save_embedding_layers copy of the base's own table: the base has it (llama.cpp's converter skips
+        # it too), unless it was resized
+        path = key.removeprefix(PEFT_PREFIX)[: -len(".base_layer.weight")]
+        target = tmap.get_name(path)
+        if PEFT_PREFIX + path not in adapter.modules or target is None:
+            continue
+        shape = None if base.shapes is None else base.shapes.get(target + ".weight")
+        if shape is not None and tuple(shape) != tuple(rest[key].shape):
+            raise SurgeryError(f"{key}: {tuple(rest[key].shape)}, but {base.where} has {target}.weight "
+                               f"{tuple(shape)} (resized embeddings have no llama.cpp adapter form)")
+        del rest[key]
+        notes.append(f"{key}: the base's own weight, saved beside the LoRA by PEFT; not written (the base has it)")
+    if rest:
+        raise SurgeryError(f"cannot write GGUF: the adapter carries non-LoRA tensors ({listed(sorted(rest))}), which "
+                           "llama.cpp adapters have no place for")
+    return Adapter(modules=modules, format=FORMAT, config={}, source=adapter.source, notes=tuple(notes),
                    metadata={ARCH_KEY: base.arch.name})
 
 
@@ -281,11 +313,11 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
             unknown.append(name)
             continue
         shape = None if base.shapes is None else base.shapes.get(name + ".weight")
-        if shape is not None and tuple(shape) != tuple(m.shape):
-            raise SurgeryError(f"{adapter.source}: {name} updates a {tuple(m.shape)} weight, but {base.where} has "
+        if shape is not None and tuple(shape) != weight_shape(m):
+            raise SurgeryError(f"{adapter.source}: {name} updates a {weight_shape(m)} weight, but {base.where} has "
                                f"{tuple(shape)} (an adapter for another model?)")
         if (heads := _permute_heads(base, path)) is not None:
-            m = replace(m, B=_Permuted(m.B, heads, inverse=True))
+            m = replace(m, B=_permuted(m.B, heads, inverse=True))
         modules[PEFT_PREFIX + path] = m
     if unknown:
         raise SurgeryError(f"{adapter.source}: no {base.arch.name} module of {base.where} for GGUF tensor(s) "
@@ -392,13 +424,13 @@ def read(path: Path) -> Adapter:
         if set(p) != {"lora_a", "lora_b"}:
             raise SurgeryError(f"{path}: {name} has {next(iter(p))} without its pair")
         a, b = p["lora_a"], p["lora_b"]
-        if name == "token_embd":
-            raise SurgeryError(f"{path}: a token_embd LoRA is not supported by surgery")
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+        embd = name == "token_embd"  # lora_a stored transposed, (vocab, r): llama.cpp gathers its rows
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1 if embd else 0] != b.shape[1]:
             raise SurgeryError(f"{path}: {name} has lora_a {a.shape} and lora_b {b.shape}, which do not pair "
-                               "(expected (r, in) and (out, r))")
-        r = a.shape[0]
-        modules[name] = LoraModule(A=a, B=b, scale=alpha / r if alpha else 1.0)
+                               f"(expected {'(vocab, r)' if embd else '(r, in)'} and (out, r))")
+        r = b.shape[1]
+        modules[name] = LoraModule(A=_transposed(a) if embd else a, B=b, scale=alpha / r if alpha else 1.0,
+                                   kind="embedding" if embd else "linear")
     if not modules:
         raise SurgeryError(f"{path}: a GGUF adapter without LoRA tensors")
     types = Counter(type_name(r.qtype) for r in refs.values())
@@ -505,13 +537,14 @@ def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
     if dtype is not None and dtype not in TYPES:
         raise SurgeryError(f"GGUF adapter tensor type {dtype!r}: choose one of {', '.join(TYPES)}")
     for name, m in adapter.modules.items():
-        _check_lora(name, m, "is not written to GGUF here")
+        _check_lora(name, m, "has no llama.cpp form", name == "token_embd")
     alpha = _alpha(adapter.modules)
     tensors = []
     for name, m in adapter.modules.items():
         fold = m.scale * m.rank / alpha if alpha else m.scale
         kind = dtype or adapter.metadata.get(TYPE_KEY) or DTYPE_TYPES.get(m.dtype, "f32")
-        for part, t, scale in (("lora_a", m.A, 1.0), ("lora_b", m.B, fold)):
+        A = _transposed(m.A) if m.kind == "embedding" else m.A  # llama.cpp's token_embd layout
+        for part, t, scale in (("lora_a", A, 1.0), ("lora_b", m.B, fold)):
             shape = tuple(int(s) for s in t.shape)
             qtype = gguf.GGMLQuantizationType[kind.upper()]
             if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
