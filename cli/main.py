@@ -257,13 +257,16 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1),
                                 shapes=base_shapes_of(a, base), fold=folds(a, out, fmt))
-    path = save_adapter(small, out, format=fmt, force=force, inputs=[base] if base else (), base=naming_base(out, base))
+    path = save_adapter(small, out, format=fmt, force=force, inputs=[base] if base else (),
+                        base=naming_base(out, base, small))
     emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
 
 
-def naming_base(out, base):
-    """The base that names a GGUF output's modules (llama.cpp's names follow the architecture), else None."""
-    return base if out is not None and str(out).lower().endswith(".gguf") else None
+def naming_base(out, base, adapter=None):
+    """The base that names the output's modules where GGUF is on one side (llama.cpp's names follow the
+    architecture), else None."""
+    gguf = str(out).lower().endswith(".gguf") or (adapter is not None and adapter.format == "gguf")
+    return base if gguf else None
 
 
 @main.command(name="combine")

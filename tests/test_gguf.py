@@ -3,7 +3,6 @@ base models and the adapters we compare with, and its runtime computes the logit
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
