@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +25,16 @@ PHI3 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def surgery(*args, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "surgery_cli.main", *map(str, args)], capture_output=True, text=True)
+def surgery(*args, ok: bool = True):
+    """The CLI in process (a subprocess per call would double this file's run time): exit code, stdout, stderr."""
+    from click.testing import CliRunner
+
+    from surgery_cli.main import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    r.returncode = r.exit_code
     if ok and r.returncode:
         raise AssertionError(f"surgery {' '.join(map(str, args))} failed:\n{r.stderr}")
     return r
