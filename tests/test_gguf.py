@@ -19,8 +19,8 @@ from surgery.errors import SurgeryError  # noqa: E402
 
 from . import llama_cpp as L  # noqa: E402
 
-ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
-         "Gemma3ForCausalLM", "Phi3ForCausalLM"]
+ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM",
+         "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"]
 PHI3 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

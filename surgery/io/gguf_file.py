@@ -70,6 +70,8 @@ ATTN_MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
     "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
     "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
+    "GraniteForCausalLM": Arch("granite", True, ATTN_MLP),
+    "SmolLM3ForCausalLM": Arch("smollm3", True, ATTN_MLP),
     "Qwen2ForCausalLM": Arch("qwen2", False, ATTN_MLP),
     "Qwen3ForCausalLM": Arch("qwen3", False, ATTN_MLP),
     "GemmaForCausalLM": Arch("gemma", False, ATTN_MLP, tied=True),
