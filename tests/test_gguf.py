@@ -197,6 +197,10 @@ def test_q8_0_adapter_matches_llama_cpp_converter(cases, tmp_path):
     surgery("squeeze", ours, "--rank", "6", "-o", tmp_path / "q8-r6.gguf")
     types = {x.tensor_type.name for x in gguf.GGUFReader(tmp_path / "q8-r6.gguf").tensors}
     assert types == {"Q8_0", "F16"}
+    f32 = tmp_path / "f32.gguf"  # an f32 adapter squeezed with --dtype float16 is stored F16
+    surgery("convert", c.lora, "--base", c.hf, "-o", f32)
+    surgery("squeeze", f32, "--rank", "6", "--dtype", "float16", "-o", tmp_path / "h.gguf")
+    assert {x.tensor_type.name for x in gguf.GGUFReader(tmp_path / "h.gguf").tensors} == {"F16"}
 
 
 def test_combine_gguf_and_peft_into_gguf(cases, tmp_path):

@@ -191,7 +191,8 @@ def output_format(adapter: Adapter, out: str | os.PathLike, format: str | None =
 
 def default_output(source: str | os.PathLike, tag: str, fmt: str) -> Path:
     """Where a result in format `fmt` goes without -o: beside its input, named after what was done
-    (`in.safetensors` + `r4` → `in-r4.safetensors`, `my-lora/` + `e0.95` → `my-lora-e0.95/`, `x.gguf` → `x-r8.gguf`)."""
+    (`in.safetensors` + `r4` → `in-r4.safetensors`, `my-lora/` + `e0.95` → `my-lora-e0.95/`,
+    `x.gguf` + `r8` → `x-r8.gguf`)."""
     source = Path(source)
     suffix = next((s for s in (SUFFIX, gguf_file.SUFFIX) if source.name.lower().endswith(s)), "")
     stem = source.name[: len(source.name) - len(suffix)]

@@ -528,9 +528,10 @@ def _alpha(modules: Mapping[str, LoraModule]) -> float:
 
 
 def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
-    """A llama.cpp LoRA adapter file. `dtype`: f32 | f16 | bf16 | q8_0 (default: the type the factors were read
-    in, else their dtype's); Q8_0 rows that are not whole blocks of 32 fall back to F16, as llama.cpp's converter
-    does. Per-module scales that the one alpha cannot express are folded into B (float32, rounded once)."""
+    """A llama.cpp LoRA adapter file. `dtype`: f32 | f16 | bf16 | q8_0 (default: the factors' dtype's, Q8_0 for
+    float32 factors of an adapter read as Q8_0); Q8_0 rows that are not whole blocks of 32 fall back to F16, as
+    llama.cpp's converter does. Per-module scales that the one alpha cannot express are folded into B (float32,
+    rounded once)."""
     gguf = _gguf()
     arch = adapter.metadata.get(ARCH_KEY)
     if adapter.format != FORMAT or arch is None:
@@ -541,10 +542,11 @@ def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
     for name, m in adapter.modules.items():
         _check_lora(name, m, "has no llama.cpp form", name == "token_embd")
     alpha = _alpha(adapter.modules)
+    stored = adapter.metadata.get(TYPE_KEY)  # Q8_0 factors read as float32 are written back as Q8_0
     tensors = []
     for name, m in adapter.modules.items():
         fold = m.scale * m.rank / alpha if alpha else m.scale
-        kind = dtype or adapter.metadata.get(TYPE_KEY) or DTYPE_TYPES.get(m.dtype, "f32")
+        kind = dtype or ("q8_0" if stored == "q8_0" and m.dtype == torch.float32 else DTYPE_TYPES.get(m.dtype, "f32"))
         A = _transposed(m.A) if m.kind == "embedding" else m.A  # llama.cpp's token_embd layout
         for part, t, scale in (("lora_a", A, 1.0), ("lora_b", m.B, fold)):
             shape = tuple(int(s) for s in t.shape)
