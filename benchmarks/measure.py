@@ -6,6 +6,7 @@ command is started from a small launcher process and its own `ru_maxrss` is read
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,10 +21,13 @@ print(json.dumps({"status": status, "maxrss_kb": usage.ru_maxrss, "stderr": p.st
 """
 
 
-def timed(cmd: list[str], clean: list[Path] = ()) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of `cmd`; `clean` paths are removed first, outside the timing."""
+def timed(cmd: list[str], clean: list[Path] = (), sync: bool = False) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of `cmd`; `clean` paths are removed first and, with `sync`, dirty pages
+    flushed, outside the timing (so that a multi-GB write does not pay for the one before it)."""
     for p in clean:
         shutil.rmtree(p, ignore_errors=True) if Path(p).is_dir() else Path(p).unlink(missing_ok=True)
+    if sync:
+        os.sync()
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
@@ -36,18 +40,12 @@ def timed(cmd: list[str], clean: list[Path] = ()) -> tuple[float, float]:
 def alternate(cmds: dict[str, list[str]], repeats: int, clean: list[Path] = (),
               sync: bool = False) -> dict[str, tuple[float, float, list[float]]]:
     """Run each command `repeats` times, alternating so that all see the same page cache (the first once more
-    beforehand, to warm it): name → (median wall s, peak RSS MiB, every wall). `clean` paths are removed before
-    each run, and with `sync` the dirty pages flushed, both outside the timing (so that a multi-GB write does not
-    pay for the one before it)."""
-    import os
+    beforehand, to warm it): name → (median wall s, peak RSS MiB, every wall). `clean`, `sync`: as `timed`, before
+    each run."""
     import statistics
 
     def run(cmd):
-        for p in clean:
-            shutil.rmtree(p, ignore_errors=True) if Path(p).is_dir() else Path(p).unlink(missing_ok=True)
-        if sync:
-            os.sync()
-        return timed(cmd)
+        return timed(cmd, clean, sync)
 
     run(next(iter(cmds.values())))
     runs: dict[str, list] = {k: [] for k in cmds}

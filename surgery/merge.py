@@ -589,16 +589,13 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
     if out.suffix.lower() != gguf_file.SUFFIX:
         raise SurgeryError(f"{out}: the base is a GGUF model; give a .gguf output")
     check_output(out, [base] + [a.source for a in adapters if a.source is not None], force=force)
-    info = gguf_file.base_info(base)
     reader = gguf_file.open_reader(base)
+    info = gguf_file.base_info(base, reader)
     refs = gguf_file.tensor_refs(reader, base)
     parts: dict[str, list[tuple[LoraModule, float]]] = {}
     notes = []
     for a, w in zip(adapters, weights):
-        g = gguf_file.to_gguf(a, info)
-        if (arch := g.metadata.get(gguf_file.ARCH_KEY)) != info.arch.name:
-            raise SurgeryError(f"{a.source}: is an adapter for architecture {arch}, but {base} is {info.arch.name}")
-        for name, m in g.modules.items():
+        for name, m in gguf_file.to_gguf(a, info).modules.items():
             key = name + ".weight"
             if key not in refs:
                 if not allow_missing:
@@ -611,23 +608,21 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
                                    f"{tuple(refs[key].shape)} (an adapter for another model?)")
             parts.setdefault(key, []).append((m, w))
     for key in parts:
-        if gguf_file.type_name(refs[key].qtype) not in gguf_file.MERGE_TYPES:
+        if gguf_file.type_name(refs[key].qtype) not in gguf_file.TYPES:
             raise SurgeryError(f"{base}: tensor {key} is {gguf_file.type_name(refs[key].qtype)}, which surgery does "
-                               f"not re-quantize as llama.cpp does; merge into an {', '.join(gguf_file.MERGE_TYPES)}"
-                               " model")
+                               f"not re-quantize as llama.cpp does; merge into an {', '.join(gguf_file.TYPES)} model")
     dev = resolve_device(device)
     error = {"q": 0.0, "delta": 0.0, "n": 0}
     largest = max(r.nbytes for r in refs.values())
     # reused read buffers and scratch, two sets: write_file makes the next tensor while it writes this one
     sets = [(np.empty(largest, np.uint8), Scratch()) for _ in range(2)]
-    floats = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
     def merged(key: str, buffer: np.ndarray, scratch: Scratch) -> Callable:
         def make():
             ref = refs[key]
             W = ref.tensor(buffer)
             kind = gguf_file.type_name(ref.qtype)
-            new = merged_weight(W, parts[key], out_dtype=floats.get(kind, torch.float32), compute=compute_dtype,
+            new = merged_weight(W, parts[key], out_dtype=gguf_file.FLOATS.get(kind, torch.float32), compute=compute_dtype,
                                 device=dev, scratch=scratch).cpu()
             if not all_finite(new):
                 raise SurgeryError(f"{base}: merging into {key} gives NaN or Inf")

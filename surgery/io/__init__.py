@@ -157,7 +157,13 @@ SUFFIX = ".safetensors"
 
 
 def _suffix(fmt: str) -> str:
+    """The file suffix of a one-file format."""
     return gguf_file.SUFFIX if fmt == "gguf" else SUFFIX
+
+
+def _file_suffix(path: Path) -> str | None:
+    """The suffix that makes `path` a file output (.safetensors or .gguf), or None."""
+    return next((s for s in (SUFFIX, gguf_file.SUFFIX) if path.name.lower().endswith(s)), None)
 
 
 def output_format(adapter: Adapter, out: str | os.PathLike, format: str | None = None) -> str:
@@ -165,7 +171,7 @@ def output_format(adapter: Adapter, out: str | os.PathLike, format: str | None =
     path decides — a `.gguf` path is a llama.cpp adapter, a `.safetensors` path one file (a PEFT adapter becomes
     `peft-file`, a GGUF one needs a format), any other path a PEFT directory."""
     out = Path(out)
-    suffix = next((s for s in (SUFFIX, gguf_file.SUFFIX) if out.name.lower().endswith(s)), None)
+    suffix = _file_suffix(out)
     if format is not None:
         if format not in FORMATS:
             raise SurgeryError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -194,8 +200,7 @@ def default_output(source: str | os.PathLike, tag: str, fmt: str) -> Path:
     (`in.safetensors` + `r4` → `in-r4.safetensors`, `my-lora/` + `e0.95` → `my-lora-e0.95/`,
     `x.gguf` + `r8` → `x-r8.gguf`)."""
     source = Path(source)
-    suffix = next((s for s in (SUFFIX, gguf_file.SUFFIX) if source.name.lower().endswith(s)), "")
-    stem = source.name[: len(source.name) - len(suffix)]
+    stem = source.name[: len(source.name) - len(_file_suffix(source) or "")]
     return source.with_name(f"{stem}-{tag}" + ("" if FORMATS[fmt].is_dir else _suffix(fmt)))
 
 

@@ -29,9 +29,10 @@ MAGIC = b"GGUF"
 FORMAT = "gguf"
 ARCH_KEY = "general.architecture"
 TYPE_KEY = "gguf.tensor_type"  # Adapter.metadata: the tensor type the factors were read in (written back so)
-TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's adapter loader takes (llama-adapter.cpp)
-MERGE_TYPES = TYPES  # base tensor types merged exactly (floats) or re-quantized as llama.cpp quantizes (Q8_0)
-DTYPE_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# what llama.cpp's adapter loader takes (llama-adapter.cpp), and what a merge writes back exactly (floats) or
+# re-quantizes as llama.cpp quantizes (Q8_0)
+TYPES = ("f32", "f16", "bf16", "q8_0")
+FLOATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}  # GGML float types as torch dtypes
 
 
 def _gguf():
@@ -109,7 +110,7 @@ class Base:
                                           for p in self.arch.projections]
         if self.has_output:
             paths.append("lm_head")
-        return {p: tmap.get_name(p) for p in paths if tmap.get_name(p)}
+        return {p: g for p in paths if (g := tmap.get_name(p))}
 
 
 def _field(reader, key: str, where, kind=int):
@@ -128,14 +129,14 @@ def open_reader(path: str | os.PathLike):
         raise SurgeryError(f"{path}: not a readable GGUF file ({e or type(e).__name__})") from None
 
 
-def base_info(base: str | os.PathLike) -> Base:
-    """The `Base` of a GGUF model file or a Hugging Face model folder (only its config.json is needed; its
-    weights' shapes are checked where they are present)."""
+def base_info(base: str | os.PathLike, reader=None) -> Base:
+    """The `Base` of a GGUF model file (`reader`: its `GGUFReader`, if open already) or a Hugging Face model
+    folder (only its config.json is needed; its weights' shapes are checked where they are present)."""
     path = Path(base)
     if not path.exists():
         raise SurgeryError(f"{path}: no such file or directory")
     if path.is_file() and is_gguf(path):
-        reader = open_reader(path)
+        reader = reader or open_reader(path)
         if (t := reader.get_field("general.type")) is not None and t.contents() == "adapter":
             raise SurgeryError(f"{path}: is a GGUF adapter, not a model; give the base model as --base")
         name = _field(reader, ARCH_KEY, path, str)
@@ -241,12 +242,20 @@ def _check_lora(name: str, m, what: str, token_embd: bool) -> None:
         raise SurgeryError(f"module {name}: an embedding LoRA on a table other than the token embeddings {what}")
 
 
+def _check_arch(adapter: Adapter, base: Base) -> None:
+    """llama.cpp refuses an adapter of another architecture ("model arch and LoRA arch mismatch"); so do we."""
+    if (arch := adapter.metadata.get(ARCH_KEY)) != base.arch.name:
+        raise SurgeryError(f"{adapter.source}: is an adapter for architecture {arch}, but {base.where} is "
+                           f"{base.arch.name}")
+
+
 def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     """The adapter in llama.cpp's naming and layout for `base` (a model folder, its config.json's folder, or a
     GGUF model): modules renamed through the architecture's `TensorNameMap`, Llama's q/k B rows permuted."""
-    if adapter.format == FORMAT:
-        return adapter
     base = base if isinstance(base, Base) else base_info(base)
+    if adapter.format == FORMAT:
+        _check_arch(adapter, base)
+        return adapter
     if adapter.format not in ("peft", "peft-file"):
         raise SurgeryError(f"cannot name a {adapter.format} adapter for llama.cpp directly; name it after the base's "
                            "tensors first (names.on_base)")
@@ -303,10 +312,7 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     """A GGUF adapter in PEFT's naming for `base`: names mapped back through the architecture, the permutation
     undone. The config says alpha per module (rank_pattern/alpha_pattern where they differ)."""
     base = base if isinstance(base, Base) else base_info(base)
-    arch = adapter.metadata.get(ARCH_KEY)
-    if arch is not None and arch != base.arch.name:
-        raise SurgeryError(f"{adapter.source}: is an adapter for architecture {arch}, but {base.where} is "
-                           f"{base.arch.name}")
+    _check_arch(adapter, base)
     paths = {g: p for p, g in base.names().items()}
     modules, unknown = {}, []
     for name, m in adapter.modules.items():
@@ -346,9 +352,7 @@ class GgufRef:
 
     @property
     def dtype(self) -> torch.dtype:
-        gguf = _gguf()
-        return {gguf.GGMLQuantizationType.F16: torch.float16,
-                gguf.GGMLQuantizationType.BF16: torch.bfloat16}.get(self.qtype, torch.float32)
+        return FLOATS.get(type_name(self.qtype), torch.float32)
 
     def raw(self, buffer: np.ndarray | None = None) -> np.ndarray:
         """The tensor's bytes, read into `buffer` (a reused uint8 array: fresh pages cost more than the copy)."""
@@ -362,15 +366,10 @@ class GgufRef:
 
     def tensor(self, buffer: np.ndarray | None = None) -> torch.Tensor:
         """The tensor in its own float dtype (F16, BF16, F32), or dequantized to float32; unchecked."""
-        gguf = _gguf()
         data = self.raw(buffer)
-        if self.qtype == gguf.GGMLQuantizationType.BF16:
-            t = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
-        elif self.qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
-            t = torch.from_numpy(data.view(np.float16 if self.qtype == gguf.GGMLQuantizationType.F16 else np.float32))
-        else:
-            t = torch.from_numpy(np.ascontiguousarray(decode(data, self.qtype)))
-        return t.reshape(self.shape)
+        if type_name(self.qtype) in FLOATS:  # the bytes as they are
+            return torch.from_numpy(data).view(self.dtype).reshape(self.shape)
+        return torch.from_numpy(np.ascontiguousarray(decode(data, self.qtype))).reshape(self.shape)
 
     def load(self) -> torch.Tensor:
         t = self.tensor()
@@ -461,20 +460,14 @@ class Planned:
 def encode(t: torch.Tensor, qtype) -> np.ndarray:
     """A float tensor as the bytes of GGML type `qtype`, rounded once: floats as torch rounds them (what llama.cpp's
     converter stores), Q8_0 through the `gguf` package's reference quantizer, which matches llama.cpp's."""
-    gguf = _gguf()
-    floats = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16,
-              gguf.GGMLQuantizationType.BF16: torch.bfloat16}
-    if qtype in floats:
-        return t.to(floats[qtype]).contiguous().view(torch.uint8).numpy()
-    return gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
+    if (kind := type_name(qtype)) in FLOATS:
+        return t.to(FLOATS[kind]).contiguous().view(torch.uint8).numpy()
+    return _gguf().quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
 
 
 def decode(data: np.ndarray, qtype) -> np.ndarray:
-    """GGML type `qtype`'s bytes as float32 (numpy order)."""
-    gguf = _gguf()
-    if qtype == gguf.GGMLQuantizationType.BF16:
-        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+    """A quantized GGML type's bytes as float32 (numpy order), by the `gguf` package's dequantizer."""
+    return _gguf().quants.dequantize(data, qtype).astype(np.float32, copy=False)
 
 
 def copied_fields(reader) -> list[tuple[str, Any, Any, Any]]:
@@ -546,7 +539,8 @@ def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
     tensors = []
     for name, m in adapter.modules.items():
         fold = m.scale * m.rank / alpha if alpha else m.scale
-        kind = dtype or ("q8_0" if stored == "q8_0" and m.dtype == torch.float32 else DTYPE_TYPES.get(m.dtype, "f32"))
+        kind = dtype or ("q8_0" if stored == "q8_0" and m.dtype == torch.float32 else
+                         next((k for k, d in FLOATS.items() if d == m.dtype), "f32"))
         A = _transposed(m.A) if m.kind == "embedding" else m.A  # llama.cpp's token_embd layout
         for part, t, scale in (("lora_a", A, 1.0), ("lora_b", m.B, fold)):
             shape = tuple(int(s) for s in t.shape)
