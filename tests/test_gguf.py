@@ -404,3 +404,88 @@ def test_token_embedding_lora(cases, tmp_path):
     assert close(L.hf_logits(c.hf, tmp_path / "back"), ref) < 1e-5 * effect
     surgery("merge", c.base, ours, "-o", tmp_path / "merged.gguf")
     assert close(L.logits(tmp_path / "merged.gguf"), runtime) < 1e-5 * effect
+
+
+def _gguf_adapter(path: Path, fields=None, tensors=None, arch: str = "llama") -> Path:
+    """A hand-made GGUF adapter: llama.cpp's adapter fields (overridable; None drops one) and {name: array}."""
+    from surgery.io import gguf_file
+
+    T = gguf.GGUFValueType
+    base = {"general.type": ("adapter", T.STRING), "adapter.type": ("lora", T.STRING),
+            "adapter.lora.alpha": (16.0, T.FLOAT32)}
+    base.update(fields or {})
+    rng = np.random.default_rng(0)
+    if tensors is None:
+        tensors = {"blk.0.attn_v.weight.lora_a": rng.standard_normal((8, 64), dtype=np.float32),
+                   "blk.0.attn_v.weight.lora_b": rng.standard_normal((32, 8), dtype=np.float32)}
+    planned = [gguf_file.Planned(n, a.shape, gguf.GGMLQuantizationType.F32, lambda a=a: a) for n, a in tensors.items()]
+    gguf_file.write_file(path, arch, [(k, v, t, T.UINT32 if t == T.ARRAY else None)
+                                      for k, (v, t) in base.items() if v is not None], planned)
+    return path
+
+
+def test_every_gguf_refusal_is_one_line_and_writes_nothing(cases, tmp_path):
+    """Each GGUF error path fed its bad input: one `error:` line naming the problem, exit 1 (2 for usage errors),
+    no output left behind."""
+    c = cases("LlamaForCausalLM")
+    T = gguf.GGUFValueType
+    good = _gguf_adapter(tmp_path / "good.gguf")
+    rng = np.random.default_rng(1)
+    bad = {
+        "not-an-adapter": (_gguf_adapter(tmp_path / "m.gguf", {"general.type": ("model", T.STRING)}), "not an adapter"),
+        "not-lora": (_gguf_adapter(tmp_path / "t.gguf", {"adapter.type": ("control_vector", T.STRING)}),
+                     "control_vector"),
+        "alora": (_gguf_adapter(tmp_path / "al.gguf", {"adapter.alora.invocation_tokens": ([1, 2], T.ARRAY)}),
+                  "activated LoRA"),
+        "alpha": (_gguf_adapter(tmp_path / "al2.gguf", {"adapter.lora.alpha": (-1.0, T.FLOAT32)}), "alpha"),
+        "no-alpha": (_gguf_adapter(tmp_path / "al3.gguf", {"adapter.lora.alpha": (None, None)}), "adapter.lora.alpha"),
+        "other-tensor": (_gguf_adapter(tmp_path / "o.gguf", tensors={"blk.0.attn_v.weight": np.ones((32, 64),
+                                                                                                  np.float32)}),
+                         "not a LoRA factor"),
+        "unpaired": (_gguf_adapter(tmp_path / "u.gguf", tensors={
+            "blk.0.attn_v.weight.lora_a": rng.standard_normal((8, 64), dtype=np.float32)}), "without its pair"),
+        "mispaired": (_gguf_adapter(tmp_path / "mp.gguf", tensors={
+            "blk.0.attn_v.weight.lora_a": rng.standard_normal((8, 64), dtype=np.float32),
+            "blk.0.attn_v.weight.lora_b": rng.standard_normal((32, 4), dtype=np.float32)}), "do not pair"),
+        "empty": (_gguf_adapter(tmp_path / "e.gguf", tensors={}), "without LoRA tensors"),
+        "model-as-adapter": (c.base, "not an adapter"),
+    }
+    out = tmp_path / "out.gguf"
+    for name, (path, needle) in bad.items():
+        r = surgery("squeeze", path, "--rank", "2", "-o", out, ok=False)
+        _one_line_error(r, needle)
+    # a GGUF adapter of another architecture, by name and by merge
+    qwen = _gguf_adapter(tmp_path / "qwen.gguf", arch="qwen2")
+    _one_line_error(surgery("merge", c.base, qwen, "-o", out, ok=False), "architecture qwen2")
+    _one_line_error(surgery("convert", qwen, "--to", "peft", "--base", c.hf, "-o", tmp_path / "p", ok=False),
+                    "architecture qwen2")
+    # bases that cannot name modules
+    _one_line_error(surgery("convert", c.lora, "--base", good, "-o", out, ok=False), "GGUF adapter, not a model")
+    gpt2 = _gguf_adapter(tmp_path / "gpt2.gguf", {"general.type": ("model", T.STRING)}, arch="gpt2")
+    _one_line_error(surgery("convert", c.lora, "--base", gpt2, "-o", out, ok=False), "'gpt2'")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(surgery("convert", c.lora, "--base", empty, "-o", out, ok=False), "no config.json")
+    (tmp_path / "nolayers").mkdir()
+    (tmp_path / "nolayers" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    _one_line_error(surgery("convert", c.lora, "--base", tmp_path / "nolayers", "-o", out, ok=False),
+                    "num_hidden_layers")
+    # merge options a GGUF model cannot take; a module the base lacks
+    _one_line_error(surgery("merge", c.base, good, "-o", out, "--dtype", "float16", ok=False), "--dtype")
+    _one_line_error(surgery("merge", c.base, good, "-o", tmp_path / "m.safetensors", ok=False), ".gguf output")
+    far = _gguf_adapter(tmp_path / "far.gguf", tensors={
+        "blk.9.attn_v.weight.lora_a": rng.standard_normal((8, 64), dtype=np.float32),
+        "blk.9.attn_v.weight.lora_b": rng.standard_normal((32, 8), dtype=np.float32)})
+    _one_line_error(surgery("merge", c.base, far, "-o", out, ok=False), "blk.9.attn_v", "--allow-missing")
+    # outputs a GGUF adapter cannot become without --format / --base
+    _one_line_error(surgery("squeeze", good, "--rank", "2", "-o", tmp_path / "s.safetensors", ok=False), "--format")
+    _one_line_error(surgery("squeeze", good, "--rank", "2", "-o", tmp_path / "d", ok=False), ".gguf path")
+    # usage errors
+    r = surgery("convert", c.lora, "--base", c.hf, "-o", tmp_path / "x.safetensors", ok=False)
+    assert r.returncode == 2 and "--to" in r.stderr
+    r = surgery("convert", c.lora, "--to", "peft", "--dtype", "q8_0", "-o", tmp_path / "p", ok=False)
+    assert r.returncode == 2 and "--dtype goes with --to gguf" in r.stderr
+    assert not out.exists() and not (tmp_path / "p").exists() and not (tmp_path / "d").exists()
+    assert not any(p.name.startswith((".out.gguf", ".p.", ".d.", ".s.safetensors", ".x.safetensors"))
+                   for p in tmp_path.iterdir())
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "s.safetensors").exists()
