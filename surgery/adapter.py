@@ -16,7 +16,7 @@ from typing import Any, Mapping, Union
 import torch
 from safetensors import safe_open
 
-KINDS = ("linear", "conv", "embedding")
+KINDS = ("linear", "conv", "embedding")  # LoraModule's; ExpertsModule's kind is "experts"
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for module paths (formats.md §1.2)
 
 
@@ -122,11 +122,104 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class ExpertsModule:
+    """LoRA on a 3-D expert parameter (PEFT `target_parameters`, formats.md §1.2): for each of E experts
+    `ΔW_e = scale · B_e @ A_e`, (out, in) — one LoRA per expert, stored stacked in PEFT's own layout:
+
+    A (r·E, in):  rows grouped by expert, A_e = A[e·r:(e+1)·r]             (PEFT: reshape(E, r, in))
+    B (out, r·E): columns grouped by rank, B_e = B[:, e::E]                (PEFT: reshape(out, r, E))
+    The base parameter holds ΔW as (E, out, in), or (E, in, out) for a module marked `is_transposed` (gpt-oss);
+    that is the base's business (surgery.io.experts), not the adapter's. `nesting`: the owning module's targeted
+    parameters in registration order — PEFT nests one wrapper per parameter, the first registered innermost, and
+    the file's keys say where (`experts.base_layer.lora_A.weight` is the inner one).
+    """
+
+    A: TensorLike
+    B: TensorLike
+    scale: float
+    experts: int
+    nesting: tuple[str, ...] = ()
+    kind = "experts"
+    algo = "lora"
+    bias = None  # PEFT's ParamWrapper refuses lora_bias and DoRA
+    magnitude = None
+    dora = False
+    dora_axis = "out"
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0]) // self.experts
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, out, in): ΔW per expert, before any transpose the base applies."""
+        return self.experts, self.out_features, self.in_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    def num_params(self, rank: int | None = None) -> int:
+        r = self.rank if rank is None else rank
+        return self.experts * r * (self.in_features + self.out_features)
+
+    def lowrank(self, dtype=torch.float32, device="cpu"):
+        return None  # E pairs, not one: see stacked()
+
+    def stacked(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """(B (E, out, r), A (E, r, in)) in `dtype` on `device`."""
+        return unpack_experts(materialize(self.B).to(device, dtype), materialize(self.A).to(device, dtype),
+                              self.experts)
+
+    def per_expert(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> list[LoraModule]:
+        """The E LoRA modules (B_e, A_e, scale) — what every LoRA operation runs on, one expert at a time."""
+        B, A = self.stacked(dtype, device)
+        return [LoraModule(A=A[e], B=B[e], scale=self.scale) for e in range(self.experts)]
+
+    def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Dense ΔW (E, out, in) = scale · B_e @ A_e, PEFT's einsum `o r e, e r i -> e o i`."""
+        B, A = self.stacked(dtype, device)
+        return torch.bmm(B, A) * self.scale
+
+
+def unpack_experts(B: torch.Tensor, A: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's stacked factors B (out, r·E), A (r·E, in) → (B (E, out, r), A (E, r, in))."""
+    if A.shape[0] % experts or B.shape[1] != A.shape[0]:
+        raise ValueError(f"factors {list(B.shape)}, {list(A.shape)} do not hold {experts} experts")
+    return B.reshape(B.shape[0], -1, experts).permute(2, 0, 1), A.reshape(experts, -1, A.shape[1])
+
+
+def pack_experts(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B (E, out, r), A (E, r, in)) → PEFT's stacked (B (out, r·E), A (r·E, in)), contiguous."""
+    E, out, r = B.shape
+    return B.permute(1, 2, 0).reshape(out, r * E).contiguous(), A.reshape(E * r, A.shape[2]).contiguous()
+
+
+def experts_module(like: ExpertsModule, Bs, As, scale: float, dtype: torch.dtype) -> ExpertsModule:
+    """An ExpertsModule of `like`'s nesting from per-expert factors B_e (out, r_e), A_e (r_e, in); ranks that
+    differ are padded with zero directions to the largest (PEFT has one r per parameter)."""
+    k = max(int(a.shape[0]) for a in As)
+    B = torch.stack([torch.nn.functional.pad(b, (0, k - b.shape[1])) for b in Bs])
+    A = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, k - a.shape[0])) for a in As])
+    B, A = pack_experts(B.to(dtype), A.to(dtype))
+    return ExpertsModule(A=A, B=B, scale=scale, experts=len(As), nesting=like.nesting)
+
+
+@dataclass(frozen=True)
 class Adapter:
     """An adapter checkpoint as a value.
 
     modules:     module name (as the format writes it, e.g. `base_model.model.model.layers.0.mlp.up_proj`
-                 or kohya's `lora_unet_..._to_q`) → LoraModule
+                 or kohya's `lora_unet_..._to_q`) → LoraModule (or LoHa/LoKr/diff/TeRA); an expert
+                 parameter's LoRA by the parameter's path (`…mlp.experts.gate_up_proj`) → ExpertsModule
     passthrough: on-disk key → tensor that no operation changes (modules_to_save, trainable tokens, …)
     format:      "peft" (directory), "peft-file" (one .safetensors) or "kohya"
     config:      PEFT's adapter_config.json (or diffusers' embedded copy); {} for kohya
@@ -440,6 +533,8 @@ def fold_scale(m):
     if m.scale == 1.0 or m.algo == "tera":
         return m
     s = m.scale
+    if m.kind == "experts":
+        return replace(m, B=scaled(m.B, s), scale=1.0)
     if m.algo == "lora":
         return replace(m, B=scaled(m.B, s), bias=None if m.bias is None else scaled(m.bias, s), scale=1.0)
     tensors = dict(m.tensors)

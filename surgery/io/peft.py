@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..adapter import PEFT_PREFIX, Adapter, LoraModule, fold_scale, materialize
+from ..adapter import PEFT_PREFIX, Adapter, ExpertsModule, LoraModule, fold_scale, materialize
 from ..errors import SurgeryError
 from . import jsonfile
 from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank
@@ -85,6 +85,9 @@ def make_keys(name: str, module: LoraModule) -> dict[str, torch.Tensor]:
     if module.algo != "lora":
         raise SurgeryError(f"module {name}: PEFT has no form for a {module.algo} module; write a kohya/LyCORIS file "
                            "or convert it with surgery convert --to lora")
+    if module.kind == "experts":
+        a, b = expert_keys(name, module)
+        return {a: materialize(module.A), b: materialize(module.B)}
     if module.kind == "embedding":
         out = {f"{name}.lora_embedding_A": module.A, f"{name}.lora_embedding_B": module.B}
     else:
@@ -197,9 +200,16 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
     if assumed:
         notes.append(f"{weights.name}: no adapter config found; assuming lora_alpha = r (scale 1) for every module")
         config = {}
-    if config.get("target_parameters"):
-        raise SurgeryError(f"{where}: LoRA on target_parameters (MoE expert tensors) is not supported yet")
     modules = {}
+    if config.get("target_parameters"):
+        if algo != "lora":
+            raise SurgeryError(f"{where}: target_parameters with peft_type {ptype}: PEFT has them for LoRA only")
+        modules, consumed = _expert_modules(parts, config, weights, where)
+        parts = {n: roles for n, roles in parts.items() if n not in consumed}
+    elif any(n.endswith(".base_layer") for n in parts):
+        n = next(n for n in parts if n.endswith(".base_layer"))
+        raise SurgeryError(f"{where}: module {n} is a nested LoRA (PEFT's target_parameters) but the config has no "
+                           "target_parameters")
     for name in sorted(parts):
         if algo != "lora":
             modules[name] = _structured(name, algo, parts[name], config, weights, where)
@@ -207,12 +217,91 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
         rank = parts[name]["A"].shape[0] if "A" in parts[name] else 0
         scale = 1.0 if assumed else _scale_of(config, name, rank, where)
         modules[name] = make_module(name, parts[name], kinds.get(name, "linear"), scale, weights)
+    modules = dict(sorted(modules.items()))
     if not assumed:
         _check_dora(modules, config, where)
         if not config.get("lora_bias") and (biased := [n for n, m in modules.items() if m.bias is not None]):
             notes.append(f"{weights.name}: {biased[0]} and others carry lora_B.bias but the config has no lora_bias "
                          "(as mergekit writes them): PEFT would ignore them, surgery applies them")
     return modules, passthrough, config, notes
+
+
+# parameter names of transformers' MoE experts modules in their registration order (gate_up_proj before down_proj
+# in every `@use_experts_implementation` class of transformers 5; gpt-oss adds the biases after each), which is
+# the order PEFT nests ParamWrappers in: the first registered is innermost
+REGISTRATION = ("gate_proj", "up_proj", "gate_up_proj", "gate_up_proj_bias", "w1", "w3", "down_proj",
+                "down_proj_bias", "w2")
+
+
+def targets_parameter(path: str, targets) -> bool:
+    """PEFT's match of a parameter path (`model.layers.0.mlp.experts.down_proj`) against `target_parameters`."""
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _owner(name: str) -> tuple[str, int]:
+    """`…experts.base_layer.base_layer` → ('…experts', 2): the module and how deep its wrapper is nested."""
+    depth = 0
+    while name.endswith(".base_layer"):
+        name, depth = name[: -len(".base_layer")], depth + 1
+    return name, depth
+
+
+def nesting_order(owner: str, names, where) -> tuple[str, ...]:
+    """The targeted parameters of one module in registration order (PEFT's nesting order)."""
+    names = list(dict.fromkeys(names))
+    if len(names) > 1 and any(n not in REGISTRATION for n in names):
+        raise SurgeryError(f"{where}: module {owner} has several targeted parameters ({', '.join(names)}) whose "
+                           "nesting order PEFT takes from the model's code, unknown to surgery for these names")
+    return tuple(sorted(names, key=lambda n: REGISTRATION.index(n) if n in REGISTRATION else 0))
+
+
+def _expert_modules(parts, config, weights: Path, where) -> tuple[dict[str, ExpertsModule | LoraModule], set]:
+    """{parameter path: ExpertsModule} of PEFT's `target_parameters` keys: a module targeted for n parameters
+    holds n nested wrappers (`…experts.lora_A.weight` the outermost, `…experts.base_layer.lora_A.weight` the
+    next); E = A's rows / the parameter's resolved r. A 2-D `weight` target is an ordinary linear LoRA.
+    Also returns the file's module names read here."""
+    targets = list(config["target_parameters"])
+    out, consumed = {}, set()
+    for name in sorted(parts):
+        owner, depth = _owner(name)
+        key = config_key(owner)
+        names = [t.rsplit(".", 1)[-1] for t in targets if targets_parameter(f"{key}.{t.rsplit('.', 1)[-1]}", [t])]
+        if not names:
+            if depth:
+                raise SurgeryError(f"{where}: module {name} is a nested LoRA but no target_parameters entry matches "
+                                   f"{key}")
+            continue  # a target_modules module
+        order = nesting_order(owner, names, where)
+        if depth >= len(order):
+            raise SurgeryError(f"{where}: module {name} is nested {depth} deep but target_parameters gives {key} only "
+                               f"{len(order)} parameter(s) ({', '.join(order)})")
+        param = order[len(order) - 1 - depth]
+        roles = parts[name]
+        consumed.add(name)
+        if param == "weight" and len(order) == 1:
+            out[owner] = make_module(owner, roles, "linear", _scale_of(config, owner, roles["A"].shape[0], where),
+                                     weights)
+            continue
+        path = f"{owner}.{param}"
+        A, B = roles.get("A"), roles.get("B")
+        if A is None or B is None or set(roles) - {"A", "B"}:
+            raise SurgeryError(f"{where}: expert parameter {path} needs exactly lora_A.weight and lora_B.weight "
+                               f"(has {', '.join(sorted(roles))}; PEFT's ParamWrapper takes no bias or DoRA)")
+        r, alpha = rank_alpha(config, path)
+        if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[0] % r or B.shape[1] != A.shape[0]:
+            raise SurgeryError(f"{where}: expert parameter {path}: lora_A {list(A.shape)} and lora_B {list(B.shape)} "
+                               f"are not PEFT's (r·E, in) and (out, r·E) for its r={r}")
+        scale = float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+        out[path] = ExpertsModule(A=A, B=B, scale=scale, experts=A.shape[0] // r, nesting=order)
+    return out, consumed
+
+
+def expert_keys(name: str, m: ExpertsModule) -> tuple[str, str]:
+    """The lora_A / lora_B keys of an expert parameter: its module, one `.base_layer` per wrapper outside it."""
+    owner, param = name.rsplit(".", 1)
+    depth = len(m.nesting) - 1 - m.nesting.index(param)
+    stem = owner + ".base_layer" * depth
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
 
 
 def _check_dora(modules, config, where) -> None:
@@ -347,9 +436,26 @@ def updated_config(adapter: Adapter) -> dict[str, Any]:
                                "with use_dora); keep the input's format")
     if algo != "lora":
         config["use_effective_conv2d"] = any("t1" in m.tensors or "t2" in m.tensors for m in adapter.modules.values())
-    if not config.get("target_modules") and not config.get("target_parameters"):
-        config["target_modules"] = sorted(keyed)  # PEFT refuses a config without targets; these are exact
+    experts = {n: m for n, m in adapter.modules.items() if m.kind == "experts"}
+    if experts:
+        if config.get("use_dora") or config.get("lora_bias"):
+            raise SurgeryError("PEFT's target_parameters take neither DoRA nor lora_B.bias, so this adapter's mix of "
+                               "expert parameters and DoRA/biased modules has no PEFT form")
+        config["target_parameters"] = _target_parameters(experts, config.get("target_parameters"))
+        config["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses dropout
+    if not config.get("target_modules"):  # PEFT refuses a config without targets; these are exact
+        config["target_modules"] = sorted(config_key(n) for n in adapter.modules if n not in experts)
     return config
+
+
+def _target_parameters(experts: Mapping[str, ExpertsModule], given) -> list[str]:
+    """The input's `target_parameters` where they target exactly each module's nesting (so PEFT nests the wrappers
+    as the keys say), else every parameter path."""
+    owners = {n.rsplit(".", 1)[0]: m.nesting for n, m in experts.items()}
+    if given and all(tuple(p for p in nest if targets_parameter(f"{config_key(o)}.{p}", given)) == nest
+                     for o, nest in owners.items()):
+        return list(given)
+    return sorted(f"{config_key(o)}.{p}" for o, nest in owners.items() for p in nest)
 
 
 def _pattern_entries(keyed: Mapping[str, tuple], default: tuple) -> dict[str, str]:
