@@ -14,11 +14,11 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .adapter import PEFT_PREFIX, Adapter, DiffModule, LoraModule, materialize
+from .adapter import PEFT_PREFIX, Adapter, DiffModule, ExpertsModule, LoraModule, materialize, pack_experts
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
 from .rank import Exact, RankRule
-from .squeeze import SqueezeReport, squeeze
+from .squeeze import SqueezeReport, parent, squeeze
 
 METHODS = ("sum", "ties", "dare-linear", "dare-ties", "magnitude-prune")
 SIGNS = ("total", "frequency")
@@ -127,7 +127,8 @@ def _shapes(adapters: Sequence[Adapter]) -> dict[str, tuple]:
     seen: dict[str, tuple] = {}
     for a in adapters:
         for name, m in a.modules.items():
-            key = ("embedding" if m.kind == "embedding" else "weight", (m.out_features, m.in_features))
+            key = (m.kind, tuple(m.shape)) if m.kind == "experts" else \
+                ("embedding" if m.kind == "embedding" else "weight", (m.out_features, m.in_features))
             if name in seen and seen[name][:2] != key:
                 raise SurgeryError(f"{a.source}: module {name} has ΔW {list(key[1])} ({key[0]}) but an earlier "
                                    f"adapter's is {list(seen[name][1])} ({seen[name][0]}): made for another model?")
@@ -205,10 +206,13 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     shapes, dev = _shapes(adapters), resolve_device(device)
     store = storage_dtype(dtype) or next(iter(adapters[0].modules.values())).dtype
     modules, kept = {}, {}
-    for name, (kind, (out_f, in_f), _) in shapes.items():
+    for name, (kind, shape, _) in shapes.items():
+        out_f, in_f = shape[-2:]
         present = [(a.modules[name], w) for a, w in zip(adapters, module_weights(name, weights, weight_map))
                    if name in a.modules]
-        if method == "sum":  # [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …], made once when squeeze reads the module
+        if kind == "experts":
+            modules[name] = _stacked_experts(name, present, method, dev)
+        elif method == "sum":  # [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …], made once when squeeze reads the module
             held: dict = {}
 
             def stacked(part, present=present, held=held):
@@ -237,11 +241,37 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     small, rep = squeeze(exact, rule or Exact(), device=dev, dtype=store)
     small = small.with_modules({n: _shaped(m, shapes[n], store) for n, m in small.modules.items()})
     reports = tuple(CombineModuleReport(
-        name=r.name, input_ranks=tuple(a.modules[r.name].rank if r.name in a.modules else None for a in adapters),
+        name=r.name, input_ranks=tuple(a.modules[parent(r.name)].rank if parent(r.name) in a.modules else None
+                                       for a in adapters),
         new_rank=r.new_rank, energy_kept=r.energy_kept, rel_error=r.rel_error, kept_fraction=kept.get(r.name))
         for r in rep.modules)
     notes = [n for a in adapters for n in a.notes]
     return small, CombineReport(reports, method, tuple(weights), tuple(notes + _warnings(rep)))
+
+
+def _stacked_experts(name: str, present, method: str, dev) -> ExpertsModule:
+    """Per expert `[w₁s₁B₁ₑ | w₂s₂B₂ₑ | …] · [A₁ₑ; A₂ₑ; …]` (rank Σrᵢ, exact), stacked in PEFT's layout when
+    squeeze reads it."""
+    if method != "sum":
+        raise SurgeryError(f"expert parameter {name}: {method} has no per-expert form in surgery; combine expert "
+                           "adapters with --method sum")
+    like = present[0][0]
+    if other := next((m for m, _ in present if m.nesting != like.nesting), None):
+        raise SurgeryError(f"expert parameter {name}: the adapters target different parameters on its module "
+                           f"({', '.join(like.nesting)} vs {', '.join(other.nesting)}), which PEFT nests differently")
+    r, E = sum(m.rank for m, _ in present), like.experts
+    held: dict = {}
+
+    def stacked(part):
+        if part not in held:
+            pairs = [m.stacked(torch.float32, dev) for m, _ in present]
+            held["B"], held["A"] = pack_experts(torch.cat([w * m.scale * B for (B, _), (m, w) in zip(pairs, present)], 2),
+                                                torch.cat([A for _, A in pairs], 1))
+        return held.pop(part)
+
+    return ExpertsModule(A=_Lazy(lambda: stacked("A"), (r * E, like.in_features), torch.float32),
+                         B=_Lazy(lambda: stacked("B"), (like.out_features, r * E), torch.float32), scale=1.0,
+                         experts=E, nesting=like.nesting)
 
 
 def _shaped(m: LoraModule, seen: tuple, dtype: torch.dtype) -> LoraModule:
@@ -269,7 +299,8 @@ def _config(adapters: Sequence[Adapter], modules: Mapping) -> dict:
     for key in placement:
         config.pop(key, None)
     if adapters[0].format != "kohya":
-        config["target_modules"] = sorted(n.removeprefix(PEFT_PREFIX) for n in modules)
+        config["target_modules"] = sorted(n.removeprefix(PEFT_PREFIX) for n, m in modules.items()
+                                          if m.kind != "experts")
     return config
 
 

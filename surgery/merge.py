@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .adapter import Adapter, LoraModule, materialize
+from .adapter import Adapter, ExpertsModule, LoraModule, materialize
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
 from .io import check_output, gguf_file
+from .io import experts as expert_layout
+from .io.experts import Piece
 from .io.jsonfile import field, read_object
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, files_below, index_name,
@@ -48,9 +51,52 @@ def weight_delta(m: LoraModule, shape: Sequence[int], fan_in_fan_out: bool, dtyp
     return d.reshape(tuple(shape))
 
 
+class SharedFactors:
+    """An expert parameter's stacked factors, read once for all the on-disk tensors they change (one per expert,
+    or per expert and gate/up half) and dropped after the last of them: one parameter's factors in memory."""
+
+    def __init__(self, m: ExpertsModule, uses: int):
+        self.m, self.uses, self.held, self.lock = m, uses, None, threading.Lock()
+
+    def take(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.lock:
+            if self.held is None or self.held[0].dtype != dtype or self.held[0].device != torch.device(device):
+                self.held = self.m.stacked(dtype, device)
+            held, self.uses = self.held, self.uses - 1
+            if self.uses <= 0:
+                self.held = None
+            return held
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One on-disk tensor's share of an expert parameter's ΔW (surgery.io.experts.Piece)."""
+
+    factors: SharedFactors
+    piece: Piece
+    bias = None
+    magnitude = None
+
+
+def add_expert_delta_(acc: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float, piece: Piece) -> None:
+    """acc += alpha · ΔW's share `piece`, B (E, out, r), A (E, r, in): the fused parameter (E, out, in) — or
+    (E, in, out) transposed — by one batched GEMM; one expert's slice of it by one GEMM."""
+    t = piece.param.transposed
+    if piece.expert is None:
+        acc.baddbmm_(A.transpose(1, 2), B.transpose(1, 2), alpha=alpha) if t else acc.baddbmm_(B, A, alpha=alpha)
+        return
+    lhs, rhs = (A[piece.expert].T, B[piece.expert].T) if t else (B[piece.expert], A[piece.expert])  # (d1, r), (r, d2)
+    cut = slice(piece.start, piece.stop)
+    lhs, rhs = (lhs[cut], rhs) if piece.dim == 0 else (lhs, rhs[:, cut])
+    acc.addmm_(lhs, rhs, alpha=alpha)
+
+
 def add_delta_(acc: torch.Tensor, m: LoraModule, w: float, fan_in_fan_out: bool = False) -> None:
     """acc += w · ΔW in place, laid out like the base tensor; for LoRA one fused GEMM
     (`addmm_`, alpha = w · scale), so ΔW is never materialised as a separate tensor."""
+    if isinstance(m, ExpertPart):
+        add_expert_delta_(acc, *m.factors.take(acc.dtype, acc.device), w * m.factors.m.scale, m.piece)
+        return
     if not isinstance(m, LoraModule):
         acc += w * weight_delta(m, acc.shape, fan_in_fan_out, acc.dtype, acc.device)
         return
@@ -198,6 +244,11 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     for adapter, w in zip(adapters, weights):
         fan = bool(adapter.config.get("fan_in_fan_out", False))
         where = str(adapter.source)
+        experts = {n: m for n, m in adapter.modules.items() if m.kind == "experts"}
+        if experts:
+            for key, part in _expert_parts(ck, experts, where, allow_missing, notes):
+                changes.setdefault(key, []).append((part, w, False))
+            adapter = adapter.with_modules({n: m for n, m in adapter.modules.items() if n not in experts})
         p = placed(adapter, ck)
         found = {weight_key(ck.tensors, k[1]): (p.origin[k][0], m) for k, m in p.modules.items()}  # tensor → (name, ΔW)
         missing = list(p.missing)
@@ -258,6 +309,38 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     plan.update({k: Change((), "replace", source=created.get(k), replacement=t) for k, t in replaced.items()})
     fans = frozenset(k for k, p in changes.items() if p[0][2])
     return MergePlan(plan, tuple(notes), untie=bool(created), transposed=fans)
+
+
+def _expert_parts(ck: Checkpoint, experts: Mapping[str, ExpertsModule], where: str, allow_missing: bool,
+                  notes: list) -> list[tuple[str, ExpertPart]]:
+    """(on-disk tensor, its share of an expert parameter's ΔW) for every expert module, placed by the base's
+    model type (surgery.io.experts) and checked against the parameter's shape (experts, out, in)."""
+    lay = expert_layout.layout(ck)
+    out, missing = [], {}
+    for name, m in experts.items():
+        path = name.removeprefix(PREFIX)
+        param = lay.params.get(path)
+        if param is None or path not in lay.pieces:
+            missing[name] = f"the {lay.model_type} model has no such expert parameter" if param is None else \
+                "no tensor of the base holds it"
+            continue
+        if param.delta_shape != m.shape:
+            raise SurgeryError(f"{where}: expert parameter {name} has ΔW of {m.experts} experts × {m.out_features} × "
+                               f"{m.in_features} but the base's {path} is {' × '.join(map(str, param.delta_shape))} "
+                               "(experts × out × in): made for another model?")
+        pieces = lay.pieces[path]
+        shared = SharedFactors(m, len(pieces))
+        for key, piece in pieces:
+            if ck.tensors[key].torch_dtype not in FLOATS:
+                raise SurgeryError(f"{ck.root}: base tensor {key} has dtype {ck.tensors[key].dtype}; only float16/"
+                                   "bfloat16/float32/float64 bases can be merged into")
+            out.append((key, ExpertPart(shared, piece)))
+    if missing and not allow_missing:
+        raise missing_error(ck.root, missing)
+    if missing:
+        notes.append(f"{where}: {len(missing)} expert parameter(s) without a base tensor were skipped: "
+                     f"{', '.join(list(missing)[:5])}")
+    return out
 
 
 def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], created: dict,

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 
-from .adapter import Adapter, LoraModule, fold_scale, materialize, scaled
+from .adapter import Adapter, LoraModule, experts_module, fold_scale, materialize, scaled
 from .device import compute_dtype as _compute_dtype
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
@@ -217,16 +217,19 @@ def spectra(
     adapter: Adapter, *, method: str = "exact", device: str | torch.device = "auto",
     compute_dtype: str | torch.dtype = torch.float32, seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """{module: singular values of its ΔW (float64, CPU, descending)}, streaming over modules."""
+    """{module: singular values of its ΔW (float64, CPU, descending)}, streaming over modules; an expert
+    parameter's experts as `name[e]`."""
     dev, cdtype = resolve_device(device), _compute_dtype(compute_dtype)
 
-    def one(name: str, m: LoraModule) -> torch.Tensor:
+    def one(name: str, m) -> dict[str, torch.Tensor]:
+        if m.kind == "experts":  # each expert's, as `name[e]`
+            return {f"{name}[{e}]": one(name, sub)[name] for e, sub in enumerate(m.per_expert(cdtype, dev))}
         pair = m.lowrank(cdtype, dev)
         if pair is None:
-            return m.svd(cdtype, dev).S.double().cpu()
-        return _factorize(name, _as_pair(m, *pair), *pair, m.rank, method, dev, cdtype, seed).S.double().cpu()
+            return {name: m.svd(cdtype, dev).S.double().cpu()}
+        return {name: _factorize(name, _as_pair(m, *pair), *pair, m.rank, method, dev, cdtype, seed).S.double().cpu()}
 
-    return dict(zip(adapter.modules, per_module(one, adapter.modules, dev)))
+    return {k: S for found in per_module(one, adapter.modules, dev) for k, S in found.items()}
 
 
 def squeeze(
@@ -264,26 +267,37 @@ def squeeze(
     targets: dict[str, int] = {}
     if isinstance(rule, Budget):
         S = spectra(adapter, method=method, device=dev, compute_dtype=cdtype, seed=seed)
-        cost = {n: m.in_features + m.out_features for n, m in modules.items()}
+        cost = {n: modules[parent(n)].in_features + modules[parent(n)].out_features for n in S}
         targets = budget_ranks(S, cost, rule.params, min_rank)
     elif isinstance(rule, (FixedRank, RankMap, PerModule)):
         targets = {n: _target(n, m, rule, None, min_rank) for n, m in modules.items()}
 
-    def one(name: str, m: LoraModule) -> tuple[LoraModule, ModuleReport]:
-        if m.algo == "lora" and targets.get(name) == m.rank and not isinstance(rule, Budget):
+    def one(name: str, m) -> tuple[LoraModule, ModuleReport | list[ModuleReport]]:
+        if m.kind != "experts":
+            return one_lora(name, m, targets.get(name))
+        # every expert on the LoRA path, then one r for the parameter (PEFT's): the largest, zero-padded
+        outs = [one_lora(f"{name}[{e}]", sub, targets.get(f"{name}[{e}]", targets.get(name)))
+                for e, sub in enumerate(m.per_expert(m.dtype))]
+        k = max(o.rank for o, _ in outs)
+        small = experts_module(m, [o.B for o, _ in outs], [o.A for o, _ in outs], outs[0][0].scale,
+                               sdtype or m.dtype)
+        return small, [replace(r, params_after=o.num_params(k)) for o, r in outs]
+
+    def one_lora(name: str, m: LoraModule, target: int | None) -> tuple[LoraModule, ModuleReport]:
+        if m.algo == "lora" and target == m.rank and not isinstance(rule, Budget):
             return _kept(name, m, sdtype, fold)  # already at or below the target rank: as it is
         pair = m.lowrank(cdtype, dev)
         if pair is None:  # LoKr / diff: their exact SVD (hadamard_kron.kron_svd, dense for diff), then rank k
             fact = m.svd(cdtype, dev)
-            k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
+            k = target if target is not None else _target(name, m, rule, fact.S, min_rank)
             B2, A2 = _pad(*split_factors(SVD(fact.U[:, :k], fact.S[:k], fact.Vh[:k]), k, _out_scale(m, fold)), k)
             small = _as_lora(m, B2, A2, k, sdtype, (shapes or {}).get(name), fold)
             _check_finite(name, small.A, small.B)
             return small, _report(name, m, fact, k, None)
         B, A = pair  # LoRA, or LoHa's exact face-splitting LoRA (rank r₁r₂): the QR-core path
         lora = _as_pair(m, B, A)
-        fact = _factorize(name, lora, B, A, targets.get(name, m.rank), method, dev, cdtype, seed)
-        k = targets[name] if name in targets else _target(name, m, rule, fact.S, min_rank)
+        fact = _factorize(name, lora, B, A, m.rank if target is None else target, method, dev, cdtype, seed)
+        k = target if target is not None else _target(name, m, rule, fact.S, min_rank)
         small = _truncate(lora, B, A, fact, k, sdtype or m.dtype, fold)
         if lora is not m:
             small = _as_lora(m, small.B, small.A, k, sdtype, (shapes or {}).get(name), fold)
@@ -294,7 +308,7 @@ def squeeze(
     try:
         for name, (small, report) in zip(modules, per_module(one, modules, dev)):
             out[name] = small
-            reports.append(report)
+            reports.extend(report if isinstance(report, list) else [report])
             if progress:
                 progress(name)
     except SurgeryError as e:  # name the input the module came from
@@ -303,7 +317,12 @@ def squeeze(
         raise SurgeryError(f"{adapter.source}: {e}") from None
     warnings = list(adapter.notes)
     kept = [r.name for r in reports if r.algo == "lora" and r.old_rank == r.new_rank and (
-        isinstance(rule, FixedRank) or isinstance(rule, RankMap) and rule.rank_for(r.name) is not None)]
+        isinstance(rule, FixedRank) or isinstance(rule, RankMap) and rule.rank_for(parent(r.name)) is not None)]
+    padded = sorted({parent(r.name) for r in reports if parent(r.name) != r.name
+                     and r.new_rank < out[parent(r.name)].rank})
+    if padded:
+        warnings.append(f"{len(padded)} expert parameter(s) written at their largest expert's rank, zero directions "
+                        f"padding the others (PEFT has one r per parameter): {listed(padded)}")
     if kept:
         warnings.append(f"{len(kept)} module(s) already at or below the target rank kept unchanged: {listed(kept)}")
     if bigger := [r.name for r in reports if r.algo != "lora" and r.params_after > r.params_before]:
@@ -320,6 +339,11 @@ def squeeze(
             "are, so the merged weights change by more than the LoRA truncation error reported here"
         )
     return adapter.with_modules(out, source=adapter.source), SqueezeReport(tuple(reports), method, tuple(warnings))
+
+
+def parent(name: str) -> str:
+    """The module a report's name belongs to: `…experts.down_proj[3]` (expert 3) → `…experts.down_proj`."""
+    return name.rsplit("[", 1)[0] if name.endswith("]") else name
 
 
 def _report(name: str, m: LoraModule, svd, k: int, factors) -> ModuleReport:
