@@ -203,14 +203,14 @@ def pack_experts(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.
     return B.permute(1, 2, 0).reshape(out, r * E).contiguous(), A.reshape(E * r, A.shape[2]).contiguous()
 
 
-def experts_module(like: ExpertsModule, Bs, As, scale: float, dtype: torch.dtype) -> ExpertsModule:
-    """An ExpertsModule of `like`'s nesting from per-expert factors B_e (out, r_e), A_e (r_e, in); ranks that
-    differ are padded with zero directions to the largest (PEFT has one r per parameter)."""
+def experts_module(nesting: tuple[str, ...], Bs, As, scale: float, dtype: torch.dtype) -> ExpertsModule:
+    """An ExpertsModule from per-expert factors B_e (out, r_e), A_e (r_e, in); ranks that differ are padded with
+    zero directions to the largest (PEFT has one r per parameter)."""
     k = max(int(a.shape[0]) for a in As)
     B = torch.stack([torch.nn.functional.pad(b, (0, k - b.shape[1])) for b in Bs])
     A = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, k - a.shape[0])) for a in As])
     B, A = pack_experts(B.to(dtype), A.to(dtype))
-    return ExpertsModule(A=A, B=B, scale=scale, experts=len(As), nesting=like.nesting)
+    return ExpertsModule(A=A, B=B, scale=scale, experts=len(As), nesting=nesting)
 
 
 @dataclass(frozen=True)

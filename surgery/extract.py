@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, ExpertsModule, LoraModule, experts_module
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
@@ -88,6 +88,48 @@ def _svd(D: torch.Tensor, width: int, seed: int, name: str):
                           dtype=D.dtype, device=D.device)
 
 
+def _expert_tensors(base, pairs, pattern) -> dict:
+    """{`<parameter>[e]`: (Param, e, its on-disk (key, Piece) …)} of the base's expert parameters that both
+    models hold (surgery.io.experts; only looked for where a tensor name says `experts`)."""
+    if not any(".experts." in n for n in pairs):
+        return {}
+    from .io import experts as layout_of
+
+    lay = layout_of.layout(open_checkpoint(base))
+    out = {}
+    for path, pieces in lay.pieces.items():
+        if any(pairs.get(k, (None, None))[1] is None or tuple(pairs[k][0].shape) != tuple(pairs[k][1].shape)
+               for k, _ in pieces):
+            continue  # reported as mismatched by the caller's per-tensor checks
+        if pattern is not None and not any(pattern.search(n) for n in [path] + [k for k, _ in pieces]):
+            continue
+        param = lay.params[path]
+        for e in range(param.shape[0]):
+            out[f"{path}[{e}]"] = (param, e, tuple((k, p) for k, p in pieces if p.expert in (None, e)))
+    return out
+
+
+def _expert_modules(experts: dict, found: dict, dtype: torch.dtype | None, pairs) -> dict[str, ExpertsModule]:
+    """Each expert parameter's extracted experts as one ExpertsModule (scale 1; an unchanged expert is a zero
+    update; ranks padded to the parameter's largest)."""
+    params: dict[str, list] = {}
+    for name, (param, e, pieces) in experts.items():
+        params.setdefault(param.path, []).append((name, param, e, pieces))
+    out = {}
+    for path, items in params.items():
+        if not any(n in found for n, *_ in items):
+            continue
+        param = items[0][1]
+        out_f, in_f = param.delta_shape[1:]
+        store = dtype if dtype is not None else pairs[items[0][3][0][0]][0].torch_dtype
+        Bs = [found[n][0] if n in found else torch.zeros(out_f, 1) for n, *_ in items]
+        As = [found[n][1] if n in found else torch.zeros(1, in_f) for n, *_ in items]
+        owner = path.rsplit(".", 1)[0]
+        nesting = tuple(p for p in param.nesting if f"{owner}.{p}" in params)
+        out[PREFIX + path] = experts_module(nesting, Bs, As, 1.0, store)
+    return out
+
+
 def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets: str | None = None,
             max_rank: int = 128, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
             seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[Adapter, ExtractReport]:
@@ -104,8 +146,12 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     pattern = re.compile(targets) if targets else None
     pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
     pipeline = is_pipeline(finetuned)
+    experts = {} if pipeline else _expert_tensors(base, pairs, pattern)  # `param[e]` → (Param, e, (key, Piece) …)
     chosen, mismatched, untargeted = [], [], []
+    in_experts = {key for _, _, pieces in experts.values() for key, _ in pieces}
     for name, (spec, other) in pairs.items():
+        if name in in_experts:
+            continue
         targeted = (pattern.search(name) if pattern else not EMBEDDING.search(name)) and name.endswith(".weight") \
             and _extractable(spec.shape, explicit=pattern is not None) and spec.torch_dtype.is_floating_point
         if other is None:
@@ -118,13 +164,21 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             chosen.append(name)
         elif spec.torch_dtype.is_floating_point and not torch.equal(read_tensor(spec), read_tensor(other)):
             untargeted.append(name)
+    chosen += list(experts)
     if not chosen:
         raise SurgeryError(f"{finetuned}: no tensor to extract (targets {targets or 'default'} matched nothing "
                            "of the same shape in both models)")
-    small = [n for n in chosen if isinstance(rule, FixedRank)  # from the headers, before any delta is formed
+    small = [n for n in chosen if n not in experts and isinstance(rule, FixedRank)  # from the headers
              and rule.rank > min(pairs[n][0].shape[0], math.prod(pairs[n][0].shape[1:]))]
 
     def delta(name: str) -> torch.Tensor:
+        if name in experts:  # one expert's ΔW (out, in), assembled from its on-disk tensors
+            param, e, pieces = experts[name]
+            d = torch.zeros(param.shape[1:], dtype=torch.float32, device=dev)
+            for key, piece in pieces:
+                part = delta(key) if piece.expert is not None else delta(key)[e]
+                d.narrow(piece.dim, piece.start, part.shape[piece.dim]).copy_(part)
+            return d.T if param.transposed else d
         ft, bs = pairs[name]
         d = read_tensor(ft).to(dev, torch.float32) - read_tensor(bs).to(dev, torch.float32)
         if not torch.isfinite(d).all():
@@ -132,6 +186,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                 if not torch.isfinite(read_tensor(spec).float()).all():
                     raise SurgeryError(f"{spec.path}: tensor {spec.name} holds NaN or Inf")
             raise SurgeryError(f"{name}: the delta overflows float32")
+        if d.dim() == 3:  # a fused expert tensor, cut by the caller
+            return d
         return d.T if EMBEDDING.search(name) else d.flatten(1)  # PEFT embedding LoRA: B @ A = ΔWᵀ; a conv (out, in·k)
 
     ranks: dict[str, int] = {}
@@ -144,7 +200,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         nonzero = {n: S for n, S in spectra.items() if float(S[0]) > 0}
         ranks = budget_ranks(nonzero, {n: cost[n] for n in nonzero}, rule.params)
 
-    modules, reports, unchanged, warnings = {}, [], [], []
+    modules, reports, unchanged, warnings, found = {}, [], [], [], {}
     if small:
         warnings.append(f"{len(small)} tensor(s) smaller than rank {rule.rank} extracted at their full rank: "
                         f"{listed(small)}")
@@ -175,6 +231,13 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                                 f"(kept {float(cum[-1]) / total:.4f})")
         B, A = split_factors(svd, k)
         resid = float((d.double() - B.double() @ A.double()).square().sum())
+        reports.append(ExtractedModule(name, tuple(d.shape), k, float(svd.S[:k].double().square().sum()) / total,
+                                       math.sqrt(resid / total), k * sum(d.shape)))
+        if progress:
+            progress(name)
+        if name in experts:
+            found[name] = B.cpu(), A.cpu()
+            continue
         out = sdtype or pairs[name][0].torch_dtype
         key = (PREFIX if not pipeline else "") + name[: -len(".weight")]
         shape = pairs[name][0].shape
@@ -182,10 +245,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         if kind == "conv":  # A (k, in, kh, kw), B (out, k, 1, 1): PEFT's and kohya's conv LoRA
             A, B = A.reshape((k,) + tuple(shape[1:])), B.reshape(tuple(B.shape) + (1, 1))
         modules[key] = LoraModule(A=A.to("cpu", out).contiguous(), B=B.to("cpu", out).contiguous(), scale=1.0, kind=kind)
-        reports.append(ExtractedModule(name, tuple(d.shape), k, float(svd.S[:k].double().square().sum()) / total,
-                                       math.sqrt(resid / total), k * sum(d.shape)))
-        if progress:
-            progress(name)
+    modules.update(_expert_modules(experts, found, sdtype, pairs))
     if not modules:
         raise SurgeryError(f"{finetuned}: the targeted tensors are identical in both models; nothing to extract")
     if pipeline:  # a diffusers pipeline LoRA: its writer gives each component its config (alpha = r)

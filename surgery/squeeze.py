@@ -279,7 +279,7 @@ def squeeze(
         outs = [one_lora(f"{name}[{e}]", sub, targets.get(f"{name}[{e}]", targets.get(name)))
                 for e, sub in enumerate(m.per_expert(m.dtype))]
         k = max(o.rank for o, _ in outs)
-        small = experts_module(m, [o.B for o, _ in outs], [o.A for o, _ in outs], outs[0][0].scale,
+        small = experts_module(m.nesting, [o.B for o, _ in outs], [o.A for o, _ in outs], outs[0][0].scale,
                                sdtype or m.dtype)
         return small, [replace(r, params_after=o.num_params(k)) for o, r in outs]
 
