@@ -429,9 +429,12 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @click.option("--dtype", type=click.Choice(GGUF_TYPES),
               help="--to gguf: tensor type of the factors (default: the adapter's; q8_0 rows that are not whole "
                    "blocks of 32 are stored f16, as llama.cpp's converter does).")
+@click.option("--expert-modules", is_flag=True,
+              help="--to peft --base: MoE experts as per-expert modules named like the base's expert tensors "
+                   "(experts.N.gate_proj, for vLLM / transformers-4 loaders) instead of target_parameters.")
 @json_option
 def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order, core_rank, iters, save_factors, force,
-                alpha, seed, allow_missing, dtype, as_json):
+                alpha, seed, allow_missing, dtype, expert_modules, as_json):
     """Convert LoHa/LoKr/TeRA to LoRA, LoRA to TeRA, or between file layouts and namings (GGUF included)."""
     from surgery.tera import to_lora, to_tera
 
@@ -443,13 +446,15 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
         raise click.UsageError("--rank goes with --to lora (without it, a TeRA adapter converts exactly)")
     if dtype is not None and to != "gguf":
         raise click.UsageError("--dtype goes with --to gguf")
+    if expert_modules and (base is None or to not in ("peft", "peft-file")):
+        raise click.UsageError("--expert-modules goes with --to peft/peft-file and --base MODEL")
     a = load(adapter, alpha)
     if to in ("peft", "peft-file", "kohya", "diffusers", "gguf"):
         notes = []
         if base is not None:
             from surgery.io.names import on_base
 
-            a = on_base(a, base, to, allow_missing=allow_missing)
+            a = on_base(a, base, to, allow_missing=allow_missing, expert_modules=expert_modules)
             notes = [n for n in a.notes if ": split " in n or ": fused " in n or ": skipped " in n]
         elif to == "gguf" and a.format != "gguf":
             raise SurgeryError(f"{adapter}: --to gguf needs --base MODEL (its folder, a folder holding its "

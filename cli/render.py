@@ -25,7 +25,13 @@ def inspect_json(a: Adapter, spectra=None) -> dict:
             d["factors"] = {role: list(t.shape) for role, t in m.tensors.items()}
         if hasattr(m, "spec"):
             d["tera"] = m.spec.to_json()
-        if spectra is not None:
+        if m.kind == "experts":
+            d["experts"] = m.experts
+        if spectra is not None and m.kind == "experts":
+            per = [spectra[f"{name}[{e}]"] for e in range(m.experts)]
+            d["experts_singular_values"] = [[float(x) for x in S] for S in per]
+            d["experts_numerical_rank"] = [numerical_rank(S, (m.out_features, m.in_features)) for S in per]
+        elif spectra is not None:
             S = spectra[name]
             d["singular_values"] = [float(x) for x in S]
             d["numerical_rank"] = numerical_rank(S, (m.out_features, m.in_features))  # of ΔW itself ("rank" is its factors' bound)
@@ -73,13 +79,30 @@ def inspect_table(a: Adapter, spectra=None) -> str:
         header += ["σ1"] + [f"r@{e:g}" for e in ENERGIES]
     rows = []
     for name, m in a.modules.items():
-        row = [name + (" [DoRA]" if m.dora else ""), _kind(m), f"{m.out_features}×{m.in_features}", str(m.rank),
-               f"{m.scale:.6g}", f"{m.num_params():,}"]
-        if spectra is not None:
+        shape = f"{m.experts}×{m.out_features}×{m.in_features}" if m.kind == "experts" else \
+            f"{m.out_features}×{m.in_features}"
+        row = [name + (" [DoRA]" if m.dora else ""), _kind(m), shape, str(m.rank), f"{m.scale:.6g}",
+               f"{m.num_params():,}"]
+        if spectra is not None and m.kind == "experts":  # the largest σ₁ and rank over the experts
+            per = [spectra[f"{name}[{e}]"] for e in range(m.experts)]
+            row += [f"{max((float(S[0]) for S in per if len(S)), default=0):.4g}"] + [
+                "max " + str(max(energy_rank(S, e) for S in per)) for e in ENERGIES]
+        elif spectra is not None:
             S = spectra[name]
             row += [f"{float(S[0]):.4g}" if len(S) else "0"] + [str(energy_rank(S, e)) for e in ENERGIES]
         rows.append(row)
     lines += ["", _table(header, rows, right=set(range(2, len(header))))]
+    experts = [(n, m) for n, m in a.modules.items() if m.kind == "experts"]
+    if experts:
+        lines += ["", "expert parameters (MoE, PEFT target_parameters): ΔW per expert = scale · B_e @ A_e; "
+                  "'out×in' is experts × out × in, 'params' all experts'"]
+        for name, m in experts:
+            if spectra is not None:
+                per = [spectra[f"{name}[{e}]"] for e in range(m.experts)]
+                ranks = [numerical_rank(S, (m.out_features, m.in_features)) for S in per]
+                lines.append(f"  {name}: numerical rank per expert {_counts(ranks)}")
+                lines += [f"    expert {e}: σ = " + " ".join(f"{float(x):.4g}" for x in S[:m.rank])
+                          for e, S in enumerate(per)]
     if a.format == "tera":
         lines += ["", "TeRA modules (modes out × in, ranks; 'rank' is rank(ΔW) = min(ΠR_out, ΠR_in), 'params' "
                   "the trainable λ entries):"]

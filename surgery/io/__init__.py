@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 
 from ..adapter import Adapter
 from ..errors import SurgeryError
-from . import diffusers, gguf_file, kohya, names, peft, tera_file
+from . import diffusers, experts, gguf_file, kohya, names, peft, tera_file
 from .safetensors_file import PICKLE_SUFFIXES, pickle_error, read_header
 
 
@@ -227,6 +227,7 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = 
     from PEFT, PEFT from GGUF, …). `options` go to the format's writer (tera: save_factors; gguf: dtype)."""
     fmt = output_format(adapter, out, format)
     spec = FORMATS[fmt]
+    experts.check_format(adapter, fmt)
     out = check_output(out, [*inputs, *([adapter.source] if adapter.source is not None else []),
                              *([base] if base is not None else [])], force)
     if base is not None and adapter.format != fmt and {adapter.format, fmt} != {"peft", "peft-file"}:

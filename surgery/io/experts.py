@@ -18,6 +18,7 @@ from typing import Mapping
 
 import torch
 
+from ..adapter import PEFT_PREFIX, LoraModule, experts_module
 from ..errors import SurgeryError
 from .checkpoint import Checkpoint
 
@@ -170,3 +171,79 @@ def _tiled(ck: Checkpoint, param: Param, found: list) -> tuple[tuple[str, Piece]
         if offset != (d1, d2)[groups[next(iter(groups))][1].dim]:
             raise SurgeryError(f"{ck.root}: expert {e}'s tensors of {param.path} do not add up to its shape")
     return tuple(out)
+
+
+def check_format(adapter, fmt: str) -> None:
+    """Expert parameters have a form in PEFT files only (`target_parameters`); other formats refuse them."""
+    name = next((n for n, m in adapter.modules.items() if m.kind == "experts"), None)
+    if name is not None and fmt not in ("peft", "peft-file"):
+        raise SurgeryError(f"module {name} is a LoRA on MoE expert tensors, which {fmt} files have no place for; "
+                           "write PEFT (--to peft), or per-expert modules with --to peft --base MODEL --expert-modules")
+
+
+def on_layout(adapter, ck: Checkpoint, split: bool = False):
+    """(the adapter's other modules, its expert modules placed on `ck`'s model): expert parameters kept as
+    ExpertsModules (PEFT's `target_parameters`, what PEFT loads on transformers 5), per-expert LoRA modules on
+    the checkpoint's own expert tensors (`experts.N.gate_proj`, as vLLM and transformers-4 PEFT name them)
+    joined into them exactly — gate and up blocks side by side, rank Σ — or, with `split`, every expert
+    parameter cut into those per-expert modules (for a base that stores experts one tensor each)."""
+    lay = layout(ck)
+    on_disk = {key: (path, piece) for path, pieces in lay.pieces.items() for key, piece in pieces
+               if piece.expert is not None}
+    experts, joined, rest = {}, {}, {}
+    for name, m in adapter.modules.items():
+        path = name.removeprefix(PEFT_PREFIX)
+        if m.kind == "experts":
+            param = lay.params.get(path)
+            if param is None or param.delta_shape != m.shape:
+                have = "no such parameter" if param is None else f"{' × '.join(map(str, param.delta_shape))}"
+                raise SurgeryError(f"{adapter.source}: expert parameter {name} ({' × '.join(map(str, m.shape))}, "
+                                   f"experts × out × in) does not fit the {lay.model_type} model of {ck.root} ({have})")
+            experts[path] = m
+        elif m.algo == "lora" and m.kind == "linear" and f"{path}.weight" in on_disk:
+            ppath, piece = on_disk[f"{path}.weight"]
+            joined.setdefault(ppath, {}).setdefault(piece.expert, []).append((piece, m))
+        else:
+            rest[name] = m
+    out = {}
+    for path, by_expert in joined.items():  # per-expert modules → one ExpertsModule per parameter
+        param = lay.params[path]
+        _, d_out, d_in = param.delta_shape
+        Bs, As = [], []
+        for e in range(param.shape[0]):
+            parts = by_expert.get(e, [])
+            r = sum(m.rank for _, m in parts) or 1
+            B, A, at = torch.zeros(d_out, r), torch.zeros(r, d_in), 0
+            for piece, m in parts:
+                b, a = m.factors(torch.float32)
+                cols = slice(at, at + m.rank)
+                if piece.dim == 0:
+                    B[piece.start:piece.stop, cols], A[cols] = b * m.scale, a
+                else:
+                    B[:, cols], A[cols, piece.start:piece.stop] = b * m.scale, a
+                at += m.rank
+            Bs.append(B)
+            As.append(A)
+        dtype = next(iter(by_expert.values()))[0][1].dtype
+        experts[path] = experts_module((), Bs, As, 1.0, dtype)
+    owners: dict[str, set] = {}
+    for path in experts:
+        owners.setdefault(path.rsplit(".", 1)[0], set()).add(path.rsplit(".", 1)[1])
+    for path, m in experts.items():
+        owner = path.rsplit(".", 1)[0]
+        nesting = tuple(p for p in lay.params[path].nesting if p in owners[owner])
+        m = type(m)(A=m.A, B=m.B, scale=m.scale, experts=m.experts, nesting=nesting)
+        if not split:
+            out[PEFT_PREFIX + path] = m
+            continue
+        pieces = lay.pieces[path]
+        if any(p.expert is None for _, p in pieces):
+            raise SurgeryError(f"{ck.root}: the {lay.model_type} model stores {path} as one fused tensor, so its "
+                               "only PEFT form is target_parameters (no per-expert modules exist)")
+        B, A = m.stacked(torch.float32)
+        for key, p in pieces:
+            b, a = B[p.expert], A[p.expert]
+            b, a = (b[p.start:p.stop], a) if p.dim == 0 else (b, a[:, p.start:p.stop])
+            out[PEFT_PREFIX + key.removesuffix(".weight")] = LoraModule(
+                A=a.to(m.dtype).contiguous(), B=b.to(m.dtype).contiguous(), scale=m.scale)
+    return adapter.with_modules(rest), out

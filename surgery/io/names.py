@@ -26,7 +26,7 @@ import torch
 from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import SurgeryError, listed
 from .. import fuse
-from . import gguf_file, jsonfile
+from . import experts, gguf_file, jsonfile
 from .checkpoint import Checkpoint, is_pipeline, open_checkpoint, open_pipeline
 from .kohya import provenance
 
@@ -483,10 +483,21 @@ def kohya_prefix(component: str | None, two_text_encoders: bool) -> str:
         component, f"lora_{component}_")
 
 
-def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False) -> Adapter:
+def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False, expert_modules: bool = False) -> Adapter:
     """The adapter with every module named after the base tensor it updates, in `fmt`'s naming: diffusers
     `<component>.<path>`, PEFT `base_model.model.<path>` (one component), kohya `lora_unet_<path with _>`,
-    llama.cpp's GGUF tensor names (the base a model folder, its config.json's folder or a GGUF model), …"""
+    llama.cpp's GGUF tensor names (the base a model folder, its config.json's folder or a GGUF model), …
+    MoE experts (PEFT only): expert parameters and per-expert modules in the form PEFT loads on the model with
+    transformers 5 (`target_parameters`), or with `expert_modules` per-expert modules (surgery.io.experts)."""
+    experts.check_format(adapter, fmt)
+    if fmt in ("peft", "peft-file") and not gguf_file.is_gguf(base) and (
+            expert_modules or any(".experts." in n for n in adapter.modules)):
+        targets = base_targets(base)
+        if len(targets) == 1 and targets[0][0] is None:
+            adapter, placed = experts.on_layout(adapter, targets[0][1], split=expert_modules)
+            out = on_base(adapter, base, fmt, allow_missing) if adapter.modules else replace(adapter, format=fmt)
+            config = {k: v for k, v in out.config.items() if k not in ("target_modules", "target_parameters")}
+            return out.with_modules({**out.modules, **placed}, config=config)  # the writer targets them exactly
     if fmt == gguf_file.FORMAT:
         if adapter.format not in ("peft", "peft-file", fmt):
             adapter = on_base(adapter, base, "peft", allow_missing)
