@@ -253,7 +253,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         adapter = Adapter(modules=modules, format="diffusers", metadata={"format": "pt"},
                           config={f"{c}.base_model_name_or_path": str(base) for c in components})
     else:
-        targets = _target_modules(list(modules), [n for n, (_, b) in pairs.items() if b is not None])
+        plain = [n for n, m in modules.items() if m.kind != "experts"]  # experts: target_parameters (the writer's)
+        targets = _target_modules(plain, [n for n, (_, b) in pairs.items() if b is not None]) if plain else []
         config = {"peft_type": "LORA", "base_model_name_or_path": str(base), "task_type": None, "r": 8,
                   "lora_alpha": 8, "target_modules": targets, "rank_pattern": {}, "alpha_pattern": {},
                   "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,

@@ -24,8 +24,20 @@ def _skeleton(adapter):
     root = torch.nn.Module()
     fan = bool(adapter.config.get("fan_in_fan_out"))
     layers = {}
+    experts = {}  # owner path → {parameter: (E, out, in)}: PEFT's target_parameters wrap 3-D parameters
+    for name, m in adapter.modules.items():
+        if m.kind == "experts":
+            owner, param = name.removeprefix(PREFIX).rsplit(".", 1)
+            experts.setdefault(owner, {p: (m.experts, 1, 1) for p in m.nesting})[param] = m.shape
+    for owner, params in experts.items():
+        layer = torch.nn.Module()
+        for p, shape in params.items():  # registration order = the nesting order
+            layer.register_parameter(p, torch.nn.Parameter(torch.zeros(shape)))
+        layers[owner] = layer
     for name, m in adapter.modules.items():
         shape = tuple(getattr(m, "shape", ()) or ())
+        if m.kind == "experts":
+            continue
         if isinstance(m, LoraModule) and m.kind == "embedding":
             layer = torch.nn.Embedding(m.in_features, m.out_features)
         elif isinstance(m, LoraModule) and m.kind == "conv" or len(shape) == 4:
@@ -94,6 +106,12 @@ def check_peft_loads(path: Path) -> None:
     ours = {n.removeprefix("base_model.model."): m for n, m in adapter.modules.items()}
     seen = set()
     for name, mod in model.base_model.model.named_modules():
+        if hasattr(mod, "parameter_name"):  # a ParamWrapper: `…experts(.base_layer)*` wraps one parameter
+            while name.endswith(".base_layer"):
+                name = name.removesuffix(".base_layer")
+            name = f"{name}.{mod.parameter_name}"
+            if name not in ours or not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
+                continue
         if hasattr(mod, "get_delta_weight") and name in ours:
             seen.add(name)
             theirs = mod.get_delta_weight("default").detach().double()
