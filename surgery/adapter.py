@@ -247,64 +247,6 @@ class Adapter:
         return sum(m.num_params() for m in self.modules.values())
 
 
-@dataclass(frozen=True)
-class TeraModule:
-    """One TeRA update `ΔW = scale · reshape(𝒢 ×_n (Λ_n U_n))` (surgery.tera): trainable λ's, one per mode
-    (out modes, then in modes), and the frozen structure `spec` whose core and factors come from its seed."""
-
-    lambdas: tuple[TensorLike, ...]
-    spec: "TeraSpec"  # noqa: F821 — surgery.tera.TeraSpec (kept out of the import graph of the data model)
-    scale: float = 1.0
-    kind: str = "linear"
-    bias = None  # no lora_B.bias, no DoRA magnitude: merge code treats TeRA like a plain linear LoRA
-    magnitude = None
-    dora = False
-    dora_axis = "out"
-    algo = "tera"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.spec.out_features
-
-    @property
-    def in_features(self) -> int:
-        return self.spec.in_features
-
-    @property
-    def rank(self) -> int:
-        """rank(ΔW) for non-zero λ's: min(Π R_out, Π R_in)."""
-        return self.spec.max_rank
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lambdas[0].dtype
-
-    def num_params(self, rank: int | None = None) -> int:
-        return sum(self.spec.modes)
-
-    def lowrank(self, dtype=torch.float32, device="cpu"):
-        return None  # its exact SVD (below) is cheaper than any pair
-
-    def svd(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):
-        """Exact thin SVD of ΔW from the Kronecker structure (tera.tera_svd), never forming ΔW."""
-        from .linalg import SVD
-        from .tera import tera_svd
-
-        return SVD(*(t.to(device) for t in tera_svd([materialize(l) for l in self.lambdas], self.spec, self.scale,
-                                                    dtype)))
-
-    def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
-        from .tera import shared, tera_delta
-
-        core, factors = shared(self.spec, dtype, device)
-        lams = [materialize(l).to(device, dtype) for l in self.lambdas]
-        return tera_delta(lams, core, factors, self.spec, self.scale)
-
-
 class _Structured:
     """What LoHa, LoKr and full-diff modules share: their tensors by role (the LyCORIS/PEFT names without the
     `hada_` / `lokr_` prefix), one `scale`, the ΔW shape, and an exact SVD without a dense ΔW where the

@@ -14,7 +14,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from .adapter import Adapter, TeraModule, TensorLike, materialize
+from .adapter import Adapter, TensorLike, materialize
+from .tera import TeraModule
 from .device import resolve_device
 from .errors import SurgeryError
 from .io import kohya_name

@@ -61,7 +61,7 @@ class SharedFactors:
     def take(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         with self.lock:
             if self.held is None or self.held[0].dtype != dtype or self.held[0].device != torch.device(device):
-                self.held = self.m.stacked(dtype, device)
+                self.held = tuple(t.contiguous() for t in self.m.stacked(dtype, device))  # B_e: one block each
             held, self.uses = self.held, self.uses - 1
             if self.uses <= 0:
                 self.held = None

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from .adapter import Adapter, LoraModule, TensorLike, materialize
 from .device import seeded
 from .errors import SurgeryError
 from .linalg import SVD
@@ -223,6 +224,59 @@ def tera_svd(lambdas: Sequence[torch.Tensor], spec: TeraSpec, scale: float = 1.0
 
 
 @dataclass(frozen=True)
+class TeraModule:
+    """One TeRA update `ΔW = scale · reshape(𝒢 ×_n (Λ_n U_n))` (this module): trainable λ's, one per mode
+    (out modes, then in modes), and the frozen structure `spec` whose core and factors come from its seed."""
+
+    lambdas: tuple[TensorLike, ...]
+    spec: TeraSpec
+    scale: float = 1.0
+    kind: str = "linear"
+    bias = None  # no lora_B.bias, no DoRA magnitude: merge code treats TeRA like a plain linear LoRA
+    magnitude = None
+    dora = False
+    dora_axis = "out"
+    algo = "tera"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def rank(self) -> int:
+        """rank(ΔW) for non-zero λ's: min(Π R_out, Π R_in)."""
+        return self.spec.max_rank
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lambdas[0].dtype
+
+    def num_params(self, rank: int | None = None) -> int:
+        return sum(self.spec.modes)
+
+    def lowrank(self, dtype=torch.float32, device="cpu"):
+        return None  # its exact SVD (below) is cheaper than any pair
+
+    def svd(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):
+        """Exact thin SVD of ΔW from the Kronecker structure (tera_svd), never forming ΔW."""
+        return SVD(*(t.to(device) for t in tera_svd([materialize(l) for l in self.lambdas], self.spec, self.scale,
+                                                    dtype)))
+
+    def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        core, factors = shared(self.spec, dtype, device)
+        lams = [materialize(l).to(device, dtype) for l in self.lambdas]
+        return tera_delta(lams, core, factors, self.spec, self.scale)
+
+
+@dataclass(frozen=True)
 class ConvertedModule:
     name: str
     shape: tuple[int, int]
@@ -241,7 +295,6 @@ def to_tera(adapter, *, order: int = 3, core_rank: int = 8, seed: int = 0, iters
             progress=None):
     """LoRA adapter → TeRA adapter by a least-squares fit of each module's λ's (a lossy projection: a TeRA
     module has Σ n_n numbers). Returns (adapter, [ConvertedModule]) with the energy honestly reported."""
-    from .adapter import Adapter, LoraModule, TeraModule
 
     for name, m in adapter.modules.items():
         if not isinstance(m, LoraModule) or m.kind != "linear" or m.dora:
@@ -273,7 +326,6 @@ def to_lora(adapter, rank: int | None = None, progress=None):
     middle matrix would be larger than 4096²): at rank `rank` (an upper bound: a module of lower rank keeps its
     own), or without one exactly, at each ΔW's numerical rank (a dense SVD where the Kronecker route is too
     large). Returns (adapter, [ConvertedModule])."""
-    from .adapter import Adapter, LoraModule, TeraModule, materialize
     from .linalg import SVD, randomized_svd, split_factors
     from .rank import numerical_rank
 
@@ -325,7 +377,6 @@ def _describe(spec: TeraSpec) -> str:
 
 def fresh_adapter(shapes: dict, *, order: int = 3, core_rank: int = 8, seed: int = 0, base: str | None = None):
     """A zero-update TeRA adapter ({module name: (out, in)}): λ_N = 0, every other λ = 1."""
-    from .adapter import Adapter, TeraModule
 
     modules = {}
     for name, (o, i) in shapes.items():
@@ -391,7 +442,6 @@ def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: in
 
 def adapter_from_model(model: torch.nn.Module, base: str | None = None):
     """The TeRA Adapter of a model's TeRALinear modules (to save with `save_adapter`)."""
-    from .adapter import Adapter, TeraModule
     from .adapter import PEFT_PREFIX as PREFIX
 
     modules = {PREFIX + n: TeraModule(tuple(l.detach().cpu().clone() for l in m.lambdas), m.spec, m.scale)

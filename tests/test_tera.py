@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from surgery import SurgeryError, load_adapter, save_adapter
-from surgery.adapter import TeraModule
+from surgery.tera import TeraModule
 from surgery.tera import (TeRALinear, TeraSpec, adapter_from_model, attach_tera, factorize, fit_lambdas,
                           init_lambdas, shared, tera_delta, tera_forward, to_lora, to_tera)
 from surgery_cli.main import main

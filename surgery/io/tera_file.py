@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, TeraModule, materialize
+from ..adapter import Adapter, materialize
+from ..tera import TeraModule
 from ..errors import SurgeryError
 from ..tera import FORMAT_VERSION, TeraSpec, shared_core, shared_factor
 from . import jsonfile
