@@ -1,5 +1,5 @@
-"""MoE expert adapters (PEFT `target_parameters`) against the real libraries: tiny Qwen3-MoE, gpt-oss and Mixtral
-models built by transformers from configs, adapters made and loaded by PEFT, merged models loaded by transformers.
+"""MoE expert adapters (PEFT `target_parameters`) against the real libraries: tiny Qwen3-MoE, gpt-oss, Mixtral and
+DeepSeek-V3 models built by transformers from configs, adapters made and loaded by PEFT, merged models loaded by transformers.
 References: PeftModel's logits and `get_delta_weight`, float64 per-expert SVDs."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from surgery.io.peft import PREFIX  # noqa: E402
 from .test_gguf import surgery  # noqa: E402
 
 BOTH = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+KINDS = ["qwen3_moe", "gpt_oss", "mixtral", "deepseek_v3"]
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
@@ -30,6 +31,13 @@ def _config(kind: str, **over):
     elif kind == "gpt_oss":
         cfg = transformers.GptOssConfig(**common, intermediate_size=12, num_local_experts=3,
                                         layer_types=["sliding_attention", "full_attention"])
+    elif kind == "deepseek_v3":  # a dense first layer, then routed + shared experts; MLA attention
+        common = {k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads")}
+        cfg = transformers.DeepseekV3Config(**common, num_key_value_heads=2, intermediate_size=32,
+                                            moe_intermediate_size=12, n_routed_experts=4, n_shared_experts=1,
+                                            first_k_dense_replace=1, q_lora_rank=8, kv_lora_rank=8,
+                                            qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, n_group=1,
+                                            topk_group=1)
     else:
         cfg = transformers.MixtralConfig(**common, intermediate_size=12, num_local_experts=4)
     for k, v in over.items():
@@ -73,7 +81,7 @@ def _logits(model_dir: Path) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    return {k: _model(k, root / k) for k in ("qwen3_moe", "gpt_oss", "mixtral")}
+    return {k: _model(k, root / k) for k in KINDS}
 
 
 def _peft_deltas(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
@@ -92,7 +100,7 @@ def _peft_deltas(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_read_is_peft_delta(models, tmp_path, kind):
     """Every expert's ΔW as PEFT forms it (its asymmetric grouping, nesting and swap), with rsLoRA and patterns."""
     lora = _lora(models[kind], tmp_path / "a", r=3, lora_alpha=5, use_rslora=kind == "mixtral",
@@ -107,11 +115,13 @@ def test_read_is_peft_delta(models, tmp_path, kind):
     assert a.modules[PREFIX + "model.layers.1.mlp.experts.down_proj"].rank == 2
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_merge_equals_peftmodel(models, tmp_path, kind):
     """merge writes each expert's ΔW into the base's own layout (per-expert files, gate/up halves, fused and
-    transposed); transformers loads it with no missing/unexpected keys and gives PeftModel's logits."""
-    lora = _lora(models[kind], tmp_path / "a", r=2, lora_alpha=4)
+    transposed); transformers loads it with no missing/unexpected keys and gives PeftModel's logits. DeepSeek-V3:
+    beside ordinary modules (its dense layer's and shared experts' gate_proj and up_proj)."""
+    lora = _lora(models[kind], tmp_path / "a", r=2, lora_alpha=4,
+                 target_modules=["gate_proj", "up_proj"] if kind == "deepseek_v3" else [])
     out = tmp_path / "merged"
     surgery("merge", models[kind], lora, "-o", out)
     ref, base = _peft_logits(models[kind], lora), _logits(models[kind])
@@ -182,7 +192,7 @@ def test_combine_per_expert(models, tmp_path):
     assert r.returncode == 1 and "--method sum" in r.stderr and not (tmp_path / "t").exists()
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_extract_expert_parameters(models, tmp_path, kind):
     """extract FT BASE: per-expert differences written as target_parameters, which PEFT loads on the model
     (per-expert module names would load as nothing on transformers 5) and which give the fine-tuned logits."""
