@@ -218,11 +218,14 @@ def inspect(adapter, spectrum, plot, as_json):
         spectra = {n: m.svd().S for n, m in a.modules.items()}
     elif spectrum:
         spectra = compute_spectra(a)
+    elif experts := {n: m for n, m in a.modules.items() if m.kind == "experts"}:  # their per-expert ranks
+        spectra = compute_spectra(a.with_modules(experts))
     if plot:
         from .plot import plot_spectrum
 
         plot_spectrum(spectra, plot, f"{Path(adapter).name}: {a.format} adapter, {len(a.modules)} modules")
-    click.echo(json.dumps(inspect_json(a, spectra), indent=2) if as_json else inspect_table(a, spectra))
+    click.echo(json.dumps(inspect_json(a, spectra, spectrum), indent=2) if as_json
+               else inspect_table(a, spectra, spectrum))
     if plot:
         click.echo(f"wrote {plot}", err=as_json)
 

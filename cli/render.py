@@ -15,7 +15,9 @@ def _dtype(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def inspect_json(a: Adapter, spectra=None) -> dict:
+def inspect_json(a: Adapter, spectra=None, sigmas: bool = True) -> dict:
+    """`spectra` {module (an expert parameter's experts as `name[e]`): σ's}; with `sigmas` False only the expert
+    parameters' numerical ranks are shown from them."""
     mods = []
     for name, m in a.modules.items():
         d = {"name": name, "type": m.algo, "kind": m.kind, "shape": [m.out_features, m.in_features],
@@ -29,9 +31,10 @@ def inspect_json(a: Adapter, spectra=None) -> dict:
             d["experts"] = m.experts
         if spectra is not None and m.kind == "experts":
             per = [spectra[f"{name}[{e}]"] for e in range(m.experts)]
-            d["experts_singular_values"] = [[float(x) for x in S] for S in per]
+            if sigmas:
+                d["experts_singular_values"] = [[float(x) for x in S] for S in per]
             d["experts_numerical_rank"] = [numerical_rank(S, (m.out_features, m.in_features)) for S in per]
-        elif spectra is not None:
+        elif spectra is not None and sigmas:
             S = spectra[name]
             d["singular_values"] = [float(x) for x in S]
             d["numerical_rank"] = numerical_rank(S, (m.out_features, m.in_features))  # of ΔW itself ("rank" is its factors' bound)
@@ -63,7 +66,7 @@ def _kind(m) -> str:
     return f"{m.algo} {kind}"
 
 
-def inspect_table(a: Adapter, spectra=None) -> str:
+def inspect_table(a: Adapter, spectra=None, sigmas: bool = True) -> str:
     mods = a.modules.values()
     lines = [
         f"{a.source}: {a.format} adapter, {len(a.modules)} modules, {a.num_params():,} "
@@ -75,7 +78,7 @@ def inspect_table(a: Adapter, spectra=None) -> str:
         lines.append(f"pass-through tensors: {len(a.passthrough)} ({', '.join(list(a.passthrough)[:4])}"
                      f"{', …' if len(a.passthrough) > 4 else ''})")
     header = ["module", "kind", "out×in", "rank", "scale", "params"]
-    if spectra is not None:
+    if spectra is not None and sigmas:
         header += ["σ1"] + [f"r@{e:g}" for e in ENERGIES]
     rows = []
     for name, m in a.modules.items():
@@ -83,11 +86,13 @@ def inspect_table(a: Adapter, spectra=None) -> str:
             f"{m.out_features}×{m.in_features}"
         row = [name + (" [DoRA]" if m.dora else ""), _kind(m), shape, str(m.rank), f"{m.scale:.6g}",
                f"{m.num_params():,}"]
-        if spectra is not None and m.kind == "experts":  # the largest σ₁ and rank over the experts
+        if spectra is None or not sigmas:
+            pass
+        elif m.kind == "experts":  # the largest σ₁ and rank over the experts
             per = [spectra[f"{name}[{e}]"] for e in range(m.experts)]
             row += [f"{max((float(S[0]) for S in per if len(S)), default=0):.4g}"] + [
                 "max " + str(max(energy_rank(S, e) for S in per)) for e in ENERGIES]
-        elif spectra is not None:
+        else:
             S = spectra[name]
             row += [f"{float(S[0]):.4g}" if len(S) else "0"] + [str(energy_rank(S, e)) for e in ENERGIES]
         rows.append(row)
@@ -101,8 +106,9 @@ def inspect_table(a: Adapter, spectra=None) -> str:
                 per = [spectra[f"{name}[{e}]"] for e in range(m.experts)]
                 ranks = [numerical_rank(S, (m.out_features, m.in_features)) for S in per]
                 lines.append(f"  {name}: numerical rank per expert {_counts(ranks)}")
-                lines += [f"    expert {e}: σ = " + " ".join(f"{float(x):.4g}" for x in S[:m.rank])
-                          for e, S in enumerate(per)]
+                if sigmas:
+                    lines += [f"    expert {e}: σ = " + " ".join(f"{float(x):.4g}" for x in S[:m.rank])
+                              for e, S in enumerate(per)]
     if a.format == "tera":
         lines += ["", "TeRA modules (modes out × in, ranks; 'rank' is rank(ΔW) = min(ΠR_out, ΠR_in), 'params' "
                   "the trainable λ entries):"]

@@ -90,12 +90,14 @@ def _svd(D: torch.Tensor, width: int, seed: int, name: str):
 
 def _expert_tensors(base, pairs, pattern) -> dict:
     """{`<parameter>[e]`: (Param, e, its on-disk (key, Piece) …)} of the base's expert parameters that both
-    models hold (surgery.io.experts; only looked for where a tensor name says `experts`)."""
-    if not any(".experts." in n for n in pairs):
+    models hold (surgery.io.experts; looked for where a tensor name says `experts` and the base has the
+    config.json that says its model type)."""
+    ck = open_checkpoint(base)
+    if not any(".experts." in n for n in pairs) or not ck.config_path.exists():
         return {}
     from .io import experts as layout_of
 
-    lay = layout_of.layout(open_checkpoint(base))
+    lay = layout_of.layout(ck)
     out = {}
     for path, pieces in lay.pieces.items():
         if any(pairs.get(k, (None, None))[1] is None or tuple(pairs[k][0].shape) != tuple(pairs[k][1].shape)

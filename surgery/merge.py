@@ -562,6 +562,9 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
     raw bytes."""
     dev = device
     scratches = itertools.cycle([Scratch(), Scratch()])  # tensor i is written while i + 1 is made
+    # the worker making tensors leaves one core to the writer (OpenMP's team size is per OS thread): on 2 cores,
+    # 2 threads of conversions beside the writer's page-cache copies ran 1.4× slower end to end (MoE experts)
+    threads = max(1, torch.get_num_threads() - 1)
 
     def source(name: str) -> TensorSpec:
         """The base tensor an output tensor starts from (a created lm_head starts from its tied embedding)."""
@@ -580,6 +583,7 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
             return tensor_entry(name, lambda: read_tensor(spec).to(odt), odt, spec.shape)
 
         def make() -> torch.Tensor:
+            torch.set_num_threads(threads)
             base = None
             if change.kind == "replace":
                 t = materialize(change.replacement).to(odt)

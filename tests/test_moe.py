@@ -237,7 +237,9 @@ def test_inspect_per_expert(models, tmp_path):
         assert torch.allclose(torch.tensor(mod["experts_singular_values"], dtype=torch.float64), ref[:, :3], atol=1e-6)
         assert mod["experts_numerical_rank"] == [3] * 4
     text = surgery("inspect", lora, "--spectrum").stdout
-    assert "4×24×16" in text and "numerical rank per expert 3 ×4" in text
+    assert "4×24×16" in text and "numerical rank per expert 3 ×4" in text and "expert 3: σ = " in text
+    text = surgery("inspect", lora).stdout  # per-expert ranks without --spectrum, no σ's
+    assert "numerical rank per expert 3 ×4" in text and "σ = " not in text
 
 
 @pytest.mark.no_real_load  # its bases are made wrong on purpose; nothing is written

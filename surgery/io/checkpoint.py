@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -211,6 +213,36 @@ def _header_len(path: Path) -> int:
         return int.from_bytes(f.read(8), "little")
 
 
+class _OpenFiles:
+    """A few shard files kept open between reads, keyed by path and the file's identity (inode, mtime, size: a file
+    replaced at the same path is opened anew). One descriptor per shard lets the kernel's readahead follow the
+    sequential reads of a streamed merge: reopening per tensor reads each small tensor cold (measured: 3 MB expert
+    tensors, 5.5–7 ms each reopened vs 2.1 ms through one descriptor)."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.files, self.lock = size, OrderedDict(), threading.Lock()
+
+    def read_into(self, path: Path, offset: int, view: memoryview) -> int:
+        st = os.stat(path)
+        key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+        with self.lock:
+            f = self.files.pop(key, None) or open(path, "rb", buffering=0)
+            self.files[key] = f
+            while len(self.files) > self.size:
+                self.files.popitem(last=False)[1].close()
+            f.seek(offset)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    break
+                done += got
+            return done
+
+
+_FILES = _OpenFiles()
+
+
 def read_tensor(spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor, read with `readinto` calls until complete (one call moves at most ~2 GiB on Linux; no mmap
     kept) — into `buffer` (a flat uint8 CPU tensor of at least `spec.nbytes`) when given, so that repeated reads
@@ -218,14 +250,8 @@ def read_tensor(spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.T
     if spec.nbytes == 0:
         return torch.empty(spec.shape, dtype=spec.torch_dtype)
     raw = buffer[: spec.nbytes] if buffer is not None else torch.empty(spec.nbytes, dtype=torch.uint8)
-    view, done = memoryview(raw.numpy()), 0
-    with open(spec.path, "rb", buffering=0) as f:
-        f.seek(spec.begin)
-        while done < spec.nbytes:
-            got = f.readinto(view[done:])
-            if not got:
-                raise SurgeryError(f"{spec.path}: truncated while reading {spec.name}")
-            done += got
+    if _FILES.read_into(spec.path, spec.begin, memoryview(raw.numpy())) < spec.nbytes:
+        raise SurgeryError(f"{spec.path}: truncated while reading {spec.name}")
     return raw.view(spec.torch_dtype).reshape(spec.shape)
 
 

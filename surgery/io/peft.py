@@ -279,8 +279,8 @@ def _expert_modules(parts, config, weights: Path, where) -> tuple[dict[str, Expe
         roles = parts[name]
         consumed.add(name)
         if param == "weight" and len(order) == 1:
-            out[owner] = make_module(owner, roles, "linear", _scale_of(config, owner, roles["A"].shape[0], where),
-                                     weights)
+            rank = roles["A"].shape[0] if "A" in roles else None
+            out[owner] = make_module(owner, roles, "linear", _scale_of(config, owner, rank, where), weights)
             continue
         path = f"{owner}.{param}"
         A, B = roles.get("A"), roles.get("B")
