@@ -16,6 +16,8 @@ from typing import Any, Mapping, Union
 import torch
 from safetensors import safe_open
 
+from .linalg import SVD, all_finite, lowrank_svd
+
 KINDS = ("linear", "conv", "embedding")  # LoraModule's; ExpertsModule's kind is "experts"
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for module paths (formats.md §1.2)
 
@@ -34,7 +36,7 @@ class TensorRef:
     def load(self) -> torch.Tensor:
         with safe_open(str(self.path), framework="pt") as f:
             t = f.get_tensor(self.key)
-        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             from .errors import SurgeryError
 
             raise SurgeryError(f"{self.path}: tensor {self.key} holds NaN or Inf")
@@ -182,6 +184,7 @@ class ExpertsModule:
     def per_expert(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> list[LoraModule]:
         """The E LoRA modules (B_e, A_e, scale) — what every LoRA operation runs on, one expert at a time."""
         B, A = self.stacked(dtype, device)
+        B = B.contiguous()  # one copy of the parameter's B: B_e is otherwise a column every r·E floats
         return [LoraModule(A=A[e], B=B[e], scale=self.scale) for e in range(self.experts)]
 
     def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -341,7 +344,6 @@ class LohaModule(_Structured):
 
     def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         """Exact thin SVD of ΔW via its face-splitting LoRA: O((out + in)(r₁r₂)²)."""
-        from .linalg import lowrank_svd
 
         return lowrank_svd(*self.lowrank(dtype, device), self.scale)
 
@@ -402,7 +404,6 @@ class LokrModule(_Structured):
         """Exact SVD of ΔW from the SVDs of its two halves (hadamard_kron.kron_svd); the scale's sign goes
         into U."""
         from .hadamard_kron import factor_svd, kron_svd
-        from .linalg import SVD
 
         U, S, Vh = kron_svd(factor_svd(*_half(self, 1, dtype, device)), factor_svd(*_half(self, 2, dtype, device)))
         return SVD(U * (1.0 if self.scale >= 0 else -1.0), S * abs(self.scale), Vh)
@@ -446,7 +447,6 @@ class DiffModule(_Structured):
 
     def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         """Dense SVD: a full update has no structure to use."""
-        from .linalg import SVD
 
         D = self.get("diff", dtype, device)
         U, S, Vh = torch.linalg.svd(D.reshape(D.shape[0], -1) * self.scale, full_matrices=False)

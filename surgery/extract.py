@@ -18,7 +18,7 @@ from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
 from .io.peft import PREFIX
-from .linalg import randomized_svd, split_factors
+from .linalg import all_finite, randomized_svd, split_factors
 from .rank import Budget, FixedRank, RankRule, budget_ranks, numerical_rank
 
 EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")
@@ -183,9 +183,9 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             return d.T if param.transposed else d
         ft, bs = pairs[name]
         d = read_tensor(ft).to(dev, torch.float32) - read_tensor(bs).to(dev, torch.float32)
-        if not torch.isfinite(d).all():
+        if not all_finite(d):
             for spec in (ft, bs):  # which model is broken
-                if not torch.isfinite(read_tensor(spec).float()).all():
+                if not all_finite(read_tensor(spec)):
                     raise SurgeryError(f"{spec.path}: tensor {spec.name} holds NaN or Inf")
             raise SurgeryError(f"{name}: the delta overflows float32")
         if d.dim() == 3:  # a fused expert tensor, cut by the caller

@@ -25,6 +25,7 @@ import torch
 from .adapter import Adapter, ExpertsModule, LoraModule, materialize
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
+from .linalg import all_finite
 from .io import check_output, gguf_file
 from .io import experts as expert_layout
 from .io.experts import Piece
@@ -151,14 +152,6 @@ def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *,
     if out_dtype == compute and acc.device.type == "cpu":
         return acc
     return scratch.get("out", W.shape, out_dtype).copy_(acc)
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """One reduction pass: NaN and ±Inf propagate into the min/max."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 # ---------------------------------------------------------------- planning
