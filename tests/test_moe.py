@@ -188,6 +188,15 @@ def test_combine_per_expert(models, tmp_path):
         ref = A.modules[name].delta() - 0.5 * B.modules[name].delta()
         assert C.modules[name].rank == 5
         assert torch.allclose(theirs[name.removeprefix(PREFIX)], ref, atol=1e-5)
+    # with a rank rule: each expert's best rank-2 approximation of the exact sum (float64), as PEFT loads it
+    surgery("combine", a, b, "--weight", 1, "--weight", -0.5, "--rank", 2, "-o", tmp_path / "c2")
+    theirs = _peft_deltas(models["gpt_oss"], tmp_path / "c2")
+    for name in A.modules:
+        ref = (A.modules[name].delta() - 0.5 * B.modules[name].delta()).double()
+        U, S, Vh = torch.linalg.svd(ref, full_matrices=False)
+        best = U[..., :2] @ torch.diag_embed(S[..., :2]) @ Vh[..., :2, :]
+        assert load_adapter(tmp_path / "c2").modules[name].rank == 2
+        assert torch.allclose(theirs[name.removeprefix(PREFIX)].double(), best, atol=1e-5)
     r = surgery("combine", a, b, "--method", "ties", "--density", 0.5, "-o", tmp_path / "t", ok=False)
     assert r.returncode == 1 and "--method sum" in r.stderr and not (tmp_path / "t").exists()
 
