@@ -86,13 +86,11 @@ def inspect_table(a: Adapter, spectra=None, sigmas: bool = True) -> str:
             f"{m.out_features}×{m.in_features}"
         row = [name + (" [DoRA]" if m.dora else ""), _kind(m), shape, str(m.rank), f"{m.scale:.6g}",
                f"{m.num_params():,}"]
-        if spectra is None or not sigmas:
-            pass
-        elif m.kind == "experts":  # the largest σ₁ and rank over the experts
+        if spectra is not None and sigmas and m.kind == "experts":  # the largest σ₁ and rank over the experts
             per = [spectra[f"{name}[{e}]"] for e in range(m.experts)]
             row += [f"{max((float(S[0]) for S in per if len(S)), default=0):.4g}"] + [
                 "max " + str(max(energy_rank(S, e) for S in per)) for e in ENERGIES]
-        else:
+        elif spectra is not None and sigmas:
             S = spectra[name]
             row += [f"{float(S[0]):.4g}" if len(S) else "0"] + [str(energy_rank(S, e)) for e in ENERGIES]
         rows.append(row)

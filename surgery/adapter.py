@@ -344,7 +344,6 @@ class LohaModule(_Structured):
 
     def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         """Exact thin SVD of ΔW via its face-splitting LoRA: O((out + in)(r₁r₂)²)."""
-
         return lowrank_svd(*self.lowrank(dtype, device), self.scale)
 
     def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -447,7 +446,6 @@ class DiffModule(_Structured):
 
     def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         """Dense SVD: a full update has no structure to use."""
-
         D = self.get("diff", dtype, device)
         U, S, Vh = torch.linalg.svd(D.reshape(D.shape[0], -1) * self.scale, full_matrices=False)
         return SVD(U, S, Vh)

@@ -92,8 +92,10 @@ def _expert_tensors(base, pairs, pattern) -> dict:
     """{`<parameter>[e]`: (Param, e, its on-disk (key, Piece) …)} of the base's expert parameters that both
     models hold (surgery.io.experts; looked for where a tensor name says `experts` and the base has the
     config.json that says its model type)."""
+    if not any(".experts." in n for n in pairs):
+        return {}
     ck = open_checkpoint(base)
-    if not any(".experts." in n for n in pairs) or not ck.config_path.exists():
+    if not ck.config_path.exists():
         return {}
     from .io import experts as layout_of
 

@@ -25,7 +25,6 @@ import torch
 from .adapter import Adapter, ExpertsModule, LoraModule, materialize
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
-from .linalg import all_finite
 from .io import check_output, gguf_file
 from .io import experts as expert_layout
 from .io.experts import Piece
@@ -35,6 +34,7 @@ from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_s
                             is_pipeline, open_pipeline, open_weight_sets, read_tensor, weights_name)
 from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place, weight_key
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
+from .linalg import all_finite
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TIED_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")

@@ -20,8 +20,8 @@ from .adapter import Adapter, LoraModule, experts_module, fold_scale, materializ
 from .device import compute_dtype as _compute_dtype
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
-from .linalg import (SVD, CoreSVD, all_finite, core_factors, core_svd, lora_operator, lowrank_frobenius_sq, randomized_svd,
-                     split_factors)
+from .linalg import (SVD, CoreSVD, all_finite, core_factors, core_svd, lora_operator, lowrank_frobenius_sq,
+                     randomized_svd, split_factors)
 from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
                    energy_rank, numerical_rank)
 

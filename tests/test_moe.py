@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -274,6 +275,14 @@ def test_bad_inputs(models, tmp_path):
     (dense / "config.json").write_text(json.dumps(json.loads((dense / "config.json").read_text())
                                                   | {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
     cases["lacks"] = (["merge", dense, lora, "-o", tmp_path / "o5"], "no such expert parameter")
+    half = tmp_path / "half"  # a 2-D `weight` in target_parameters with its lora_A missing
+    half.mkdir()
+    save_file({f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 2)},
+              str(half / "adapter_model.safetensors"))
+    (half / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                          "target_modules": [],
+                                                          "target_parameters": ["self_attn.q_proj.weight"]}))
+    cases["half"] = (["squeeze", half, "--rank", 1, "-o", tmp_path / "o6"], "missing its A (down) factor")
     for what, (args, says) in cases.items():
         r = surgery(*args, ok=False)
         lines = r.stderr.strip().splitlines()
