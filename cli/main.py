@@ -19,7 +19,7 @@ from surgery.combine import METHODS as COMBINE_METHODS
 from surgery.squeeze import METHODS
 from surgery.squeeze import spectra as compute_spectra
 
-from .render import (_table, combine_table, convert_table, extract_table, inspect_json, inspect_table,
+from .render import (_table, combine_table, convert_table, extract_table, survival_table, inspect_json, inspect_table,
                      squeeze_table)
 
 
@@ -344,13 +344,16 @@ def _weight_map(items) -> list[tuple[str, float]]:
 @click.option("--allow-missing", is_flag=True, help="Skip adapter modules that have no tensor in the base.")
 @click.option("--skip-modules-to-save", is_flag=True,
               help="Keep the base's tensors where an adapter carries modules_to_save (needed with --weight ≠ 1).")
+@click.option("--requantize", is_flag=True,
+              help="FP8/MXFP4 base: keep its quantized layout (changed weights quantized again, fresh scales) and "
+                   "report how much of the adapter survived; by default it is written dequantized.")
 @force_option
 @click.option("--alpha", "alphas", type=float, multiple=True,
               help="lora_alpha per adapter, in order, for PEFT-keyed files without a config (0 = not given).")
 @compute_options("the merged weights (keep: each tensor's own)", seed=False)
 @json_option
-def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing, skip_modules_to_save, force,
-              alphas, device, dtype, as_json):
+def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing, skip_modules_to_save, requantize,
+              force, alphas, device, dtype, as_json):
     """Merge adapters into a base checkpoint, streaming one tensor at a time."""
     from surgery.device import compute_dtype
     from surgery.merge import merge
@@ -361,10 +364,13 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
     with progress_bar(sum(len(a.modules) for a in loaded), "merge") as bar:
         report = merge(base, loaded, out, weights=weights or None, dtype=dtype, device=device,
                        compute_dtype=compute_dtype(precision), shard_size=shard_size, allow_missing=allow_missing,
-                       skip_modules_to_save=skip_modules_to_save, force=force, progress=lambda _: bar.update(1))
+                       skip_modules_to_save=skip_modules_to_save, force=force, requantize=requantize,
+                       progress=lambda _: bar.update(1))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
+        if report.quantized and "modules" in report.quantized:
+            click.echo(survival_table(report.quantized))
         click.echo(f"merged {report.tensors_merged} tensors ({report.tensors_created} created, "
                    f"{report.tensors_copied} copied unchanged) into {report.shards} shard(s), "
                    f"{report.bytes_written / 1e6:,.1f} MB in {report.seconds:.1f} s → {report.output}")

@@ -129,6 +129,14 @@ def squeeze_table(r: SqueezeReport) -> str:
             f"relative Frobenius error over all modules {r.rel_error:.3e} ({r.method} SVD)")
 
 
+def survival_table(q: dict) -> str:
+    """How much of the adapter each re-quantized weight kept (merge --requantize)."""
+    rows = [[m["name"], f"{m['delta_norm']:.4g}", f"{m['adapter_survived']:.4f}"] for m in q["modules"]]
+    return "\n".join([_table(["weight", "‖ΔW‖", "adapter survived"], rows, right={1, 2}), "",
+                      f"adapter survived, all {len(rows)} re-quantized weights: {q['adapter_survived']:.4f} "
+                      f"(1 − ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖; 1: arrived exactly, 0: no closer than the unmerged base)", ""])
+
+
 def extract_table(r) -> str:
     rows = [[m.name, f"{m.shape[0]}×{m.shape[1]}", str(m.rank), f"{m.energy_kept:.6f}", f"{m.rel_error:.3e}",
              f"{m.params:,}"] for m in r.modules]

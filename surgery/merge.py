@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -387,9 +387,10 @@ class MergeReport:
     bytes_written: int
     seconds: float
     notes: tuple[str, ...] = ()
+    quantized: Mapping | None = None  # a quantized base: method, how it was written, adapter_survived (--requantize)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__, notes=list(self.notes))
+        return dict(self.__dict__, notes=list(self.notes), quantized=self.quantized)
 
 
 def _parse_size(text: str | int | None) -> int | None:
@@ -402,15 +403,14 @@ def _parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2) or "_"))
 
 
-def _shards(ck: Checkpoint, sizes: Mapping[str, int], shard_size: int | None) -> list[tuple[str, list[str]]]:
-    """Output shard names and their tensors: the base's split, or a greedy re-split in the base's order."""
+def _shards(ck: Checkpoint, sizes: Mapping[str, int], shard_size: int | None,
+            place: Mapping[str, TensorSpec]) -> list[tuple[str, list[str]]]:
+    """Output shard names and their tensors (in `sizes`' order): the base's split — each tensor in the shard of
+    the base tensor `place` gives it —, or a greedy re-split."""
     if shard_size is None:
         groups = {s: [] for s in ck.shards}
-        for name, spec in ck.tensors.items():
-            groups[spec.path.name].append(name)
-        extra = [n for n in sizes if n not in ck.tensors]
-        if extra:
-            groups[next(iter(groups))].extend(extra)
+        for name in sizes:  # a created tensor (an untied lm_head) goes to the first shard
+            groups[place[name].path.name if name in place else ck.shards[0]].append(name)
         return list(groups.items())
     out, cur, used = [], [], 0
     for name in sizes:
@@ -429,9 +429,14 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
           dtype: str | torch.dtype | None = None, device: str | torch.device = "auto",
           compute_dtype: torch.dtype = torch.float32, shard_size: str | int | None = None,
           allow_missing: bool = False, skip_modules_to_save: bool = False, force: bool = False,
-          progress: Callable[[str], None] | None = None) -> MergeReport:
+          requantize: bool = False, progress: Callable[[str], None] | None = None) -> MergeReport:
     """Write `base` with every adapter merged (`W + Σ wᵢ ΔWᵢ`) to `out`, in the base's layout: one file, a model
     or component folder, or a diffusers pipeline (each module merged into its component, the rest copied).
+
+    A quantized base (FP8 block-scaled, MXFP4; surgery.io.quant) whose quantized weights change is written
+    dequantized in its model dtype, the whole model (one quantization_config cannot cover a half-quantized
+    checkpoint); `requantize` keeps its layout instead — changed weights quantized again with fresh scales,
+    the rest byte for byte — and the report says how much of the adapter survived that.
 
     Memory: one tensor at a time (plus the adapters' factors). The output appears only when complete.
     """
@@ -460,14 +465,18 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     if shard_size is not None and not is_dir:
         raise SurgeryError("--shard-size needs a model directory as the base (a single file stays one file)")
     opts = dict(device=resolve_device(device), sdtype=storage_dtype(dtype), compute_dtype=compute_dtype,
-                shard_size=_parse_size(shard_size), progress=progress)
+                shard_size=_parse_size(shard_size), progress=progress, requantize=requantize, survival=[])
+    if requantize and (ck is None or ck.quant is None):
+        raise SurgeryError(f"--requantize: {root} is not a quantized checkpoint (FP8 block-scaled or MXFP4)")
+    if requantize and opts["sdtype"] is not None:
+        raise SurgeryError("--requantize keeps the base's quantized layout and dtypes; drop --dtype")
     notes: list[str] = []
     if pipeline is not None:
         plans, notes = _plan_pipeline(pipeline, adapters, weights, allow_missing)
     else:
         plans = {None: [(c, plan_merge(c, adapters, weights, allow_missing, skip_modules_to_save)) for c in sets]}
     _check_variant_dtypes([c for pairs in plans.values() for c, _ in pairs], opts["sdtype"])
-    counts = dict(merged=0, created=0, copied=0, shards=0, total=0)
+    counts = dict(merged=0, created=0, copied=0, shards=0, total=0, dequantized=0)
     with atomic_output(out, is_dir=is_dir, replace=True) as tmp:
         for component, pairs in plans.items():
             target = tmp / component if component else tmp
@@ -480,7 +489,8 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                 notes.extend(plan.notes)
             if is_dir:
                 notes.extend(_finish_folder([c for c, _ in pairs], pairs[0][1], target,
-                                            out if component is None else out / component, opts["sdtype"]))
+                                            out if component is None else out / component, opts["sdtype"],
+                                            dequantized=bool(result["dequantized"])))
             if component or len(pairs) > 1:
                 variants = ", ".join(c.variant or "plain" for c, _ in pairs)
                 notes.append(f"{component or out}: {result['merged']} tensor(s) merged, {result['copied']} copied"
@@ -495,8 +505,35 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                     shutil.copy2(f, tmp / f.relative_to(pipeline.root))
                 if p.name in pipeline.components:
                     counts["copied"] += len(pipeline.components[p.name].tensors)
+    quantized = _quantized_report(ck, counts["dequantized"], opts, notes) if ck is not None and ck.quant else None
     return MergeReport(str(out), counts["merged"], counts["created"], counts["copied"], counts["shards"],
-                       counts["total"], round(time.perf_counter() - t0, 3), tuple(dict.fromkeys(notes)))
+                       counts["total"], round(time.perf_counter() - t0, 3), tuple(dict.fromkeys(notes)), quantized)
+
+
+def _quantized_report(ck: Checkpoint, dequantized: int, opts: dict, notes: list) -> dict:
+    """What a quantized base became, with a note saying why; with --requantize, how much of the adapter survived:
+    1 − ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖ per weight and over all of them (1: arrived exactly; 0: as far from the
+    intended weights as the unmerged base)."""
+    method = ck.quant.method.upper()
+    if dequantized:
+        dt = str(opts["sdtype"] or ck.quant.dtype).removeprefix("torch.")
+        notes.append(f"the {method} base is written dequantized, in {dt} (quantization_config removed): a LoRA-sized "
+                     f"ΔW is mostly below {method}'s rounding step, so re-quantizing would erase most of it; "
+                     "--requantize keeps the quantized layout and reports how much of the adapter survives")
+        return {"method": ck.quant.method, "written": dt}
+    survival = opts["survival"]
+    if not survival:
+        notes.append(f"the adapters change no {method} weight: they are copied as they are (quantization_config kept)")
+        return {"method": ck.quant.method, "written": ck.quant.method}
+    modules = [{"name": n, "adapter_survived": _survived(e, d), "delta_norm": math.sqrt(d)} for n, e, d in survival]
+    overall = _survived(sum(e for _, e, _ in survival), sum(d for _, _, d in survival))
+    notes.append(f"{len(modules)} weight(s) re-quantized to {method}: adapter_survived {overall:.3f} (1: the merged "
+                 "weights arrived exactly; 0: as far from them as the unmerged base)")
+    return {"method": ck.quant.method, "written": ck.quant.method, "adapter_survived": overall, "modules": modules}
+
+
+def _survived(err2: float, delta2: float) -> float:
+    return 1.0 - math.sqrt(err2 / delta2) if delta2 > 0 else 1.0
 
 
 def _plan_pipeline(pipeline: Pipeline, adapters: Sequence[Adapter], weights: Sequence[float],
@@ -549,92 +586,173 @@ def _check_variant_dtypes(checkpoints: Sequence[Checkpoint], sdtype: torch.dtype
 
 
 def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, sdtype, compute_dtype,
-                      shard_size: int | None, progress) -> dict[str, int]:
+                      shard_size: int | None, progress, requantize: bool = False,
+                      survival: list | None = None) -> dict[str, int]:
     """Stream `ck` with `plan` applied into `target` (a folder for a directory base, else the file), shard by
     shard, one tensor at a time, with its index where the shard names need one; untouched tensors are copied as
-    raw bytes."""
+    raw bytes.
+
+    A quantized base (surgery.io.quant) whose quantized weights the plan changes is written dequantized: every
+    quantized weight in the model's dtype (`ck.quant.dtype`, or `sdtype`), its scales dropped. With `requantize`
+    the changed weights are quantized again in the base's own layout (fresh scales) and everything else is copied
+    as it is; `survival` receives (name, ‖Q(W+ΔW) − (W+ΔW)‖², ‖ΔW‖²) per changed quantized weight."""
     dev = device
     scratches = itertools.cycle([Scratch(), Scratch()])  # tensor i is written while i + 1 is made
     # the worker making tensors leaves one core to the writer (OpenMP's team size is per OS thread): on 2 cores,
     # 2 threads of conversions beside the writer's page-cache copies ran 1.4× slower end to end (MoE experts)
     threads = max(1, torch.get_num_threads() - 1)
-
-    def source(name: str) -> TensorSpec:
-        """The base tensor an output tensor starts from (a created lm_head starts from its tied embedding)."""
-        change = plan.changes.get(name)
-        return ck.tensors[change.source] if change and change.source else ck.tensors[name]
+    dequantize = ck.quant is not None and not requantize and any(
+        source(ck, plan, n).codec is not None for n in plan.changes)
 
     def out_dtype(spec: TensorSpec) -> torch.dtype:
+        if spec.codec is not None:
+            return sdtype or ck.quant.dtype
         return sdtype if sdtype is not None and spec.torch_dtype in FLOATS else spec.torch_dtype
 
-    def entry(name: str) -> Entry:
-        change, spec = plan.changes.get(name), source(name)
-        odt = out_dtype(spec)
+    def computed(name: str, change: Change, spec: TensorSpec, odt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output tensor in `odt`, and the base tensor it was made from."""
+        torch.set_num_threads(threads)
+        base = None
         if change is None:
-            if odt == spec.torch_dtype:
-                return copy_entry(spec)
-            return tensor_entry(name, lambda: read_tensor(spec).to(odt), odt, spec.shape)
+            t = read_tensor(spec).to(odt)
+        elif change.kind == "replace":
+            t = materialize(change.replacement).to(odt)
+        elif change.kind == "bias":
+            b = base = read_tensor(spec)
+            acc = b.to(dev, compute_dtype)
+            for m, w in change.parts:
+                acc += w * m.scale * materialize(m.bias).to(dev, compute_dtype)
+            t = acc.to(odt)
+        else:
+            scratch = next(scratches)
+            W = base = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
+            t = merged_weight(W, change.parts, fan_in_fan_out=name in plan.transposed, out_dtype=odt,
+                              compute=compute_dtype, device=dev, scratch=scratch, dora=change.dora)
+        if not all_finite(t):
+            if base is not None and not all_finite(base):
+                raise SurgeryError(f"{spec.path}: base tensor {spec.name} already holds NaN or Inf; the base is "
+                                   "broken, not the merge")
+            raise SurgeryError(f"{name}: the merge produced NaN or Inf (overflow in {odt}?)")
+        if progress and change is not None:
+            progress(name)
+        return t.cpu(), base
 
-        def make() -> torch.Tensor:
-            torch.set_num_threads(threads)
-            base = None
-            if change.kind == "replace":
-                t = materialize(change.replacement).to(odt)
-            elif change.kind == "bias":
-                b = base = read_tensor(spec)
-                acc = b.to(dev, compute_dtype)
-                for m, w in change.parts:
-                    acc += w * m.scale * materialize(m.bias).to(dev, compute_dtype)
-                t = acc.to(odt)
+    def entry(name: str) -> Entry:
+        change, spec = plan.changes.get(name), source(ck, plan, name)
+        odt = out_dtype(spec)
+        if change is None and odt == spec.torch_dtype and spec.codec is None:
+            return copy_entry(spec)
+        return tensor_entry(name, lambda: computed(name, change, spec, odt)[0], odt, spec.shape)
+
+    def requantized(name: str) -> list[Entry]:
+        """A changed quantized weight's values and scale, made once (W + ΔW in `compute_dtype`, quantized once)."""
+        spec = ck.tensors[name]
+        change = plan.changes[name]
+        if change.kind != "weight":
+            raise SurgeryError(f"{name}: replaced by a modules_to_save tensor; it cannot be re-quantized "
+                               "(merge without --requantize)")
+        values, scale = spec.parts[:2]
+        pair = Once(lambda: _requantize(spec, *computed(name, change, spec, compute_dtype), survival), 2)
+        return [tensor_entry(values.name, lambda: pair.take(0), values.torch_dtype, values.shape),
+                replace(tensor_entry(scale.name, lambda: pair.take(1), scale.torch_dtype, scale.shape),
+                        after=values.name)]
+
+    if dequantize or ck.quant is None:
+        names = list(ck.tensors) + [n for n, c in plan.changes.items() if c.source]
+        made = {n: [entry(n)] for n in names}
+        place = dict(ck.tensors)
+    else:  # the stored tensors: quantized ones copied as they are, or re-quantized where the plan changes them
+        owned = {p.name: q for q, spec in ck.tensors.items() for p in spec.parts}
+        changed = {q for q in plan.changes if ck.tensors.get(q) is not None and ck.tensors[q].codec is not None}
+        names = list(ck.stored) + [n for n, c in plan.changes.items() if c.source]
+        made = {}
+        for n in names:
+            q = owned.get(n)
+            if q in changed and n == ck.tensors[q].parts[0].name:
+                for e in requantized(q):
+                    made[e.name] = [e]
+            elif q is not None:
+                made.setdefault(n, [copy_entry(ck.stored[n])])
             else:
-                scratch = next(scratches)
-                W = base = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
-                t = merged_weight(W, change.parts, fan_in_fan_out=name in plan.transposed, out_dtype=odt,
-                                  compute=compute_dtype, device=dev, scratch=scratch, dora=change.dora)
-            if not all_finite(t):
-                if base is not None and not all_finite(base):
-                    raise SurgeryError(f"{spec.path}: base tensor {spec.name} already holds NaN or Inf; the base is "
-                                       "broken, not the merge")
-                raise SurgeryError(f"{name}: the merge produced NaN or Inf (overflow in {odt}?)")
-            if progress:
-                progress(name)
-            return t.cpu()
-
-        return tensor_entry(name, make, odt, spec.shape)
-
-    names = list(ck.tensors) + [n for n, c in plan.changes.items() if c.source]
-    sizes = {n: math.prod(source(n).shape) * torch.empty(0, dtype=out_dtype(source(n))).element_size() for n in names}
-    groups = _shards(ck, sizes, shard_size)
+                made[n] = [entry(n)]
+        place = dict(ck.stored)
+    sizes = {n: made[n][0].nbytes for n in names}
+    groups = _shards(ck, sizes, shard_size, place)
     total = 0
     folder = target if ck.is_dir else target.parent
     weight_map = {}
-    for shard, names in groups:
+    for shard, group in groups:
         meta = ck.metadata.get(shard) or next(iter(ck.metadata.values()), None)
-        total += write_shard(folder / shard if ck.is_dir else target, [entry(n) for n in names], meta)
-        weight_map.update({n: shard for n in names})
+        total += write_shard(folder / shard if ck.is_dir else target, [e for n in group for e in made[n]], meta)
+        weight_map.update({n: shard for n in group})
     if ck.is_dir and (len(groups) > 1 or ck.index is not None or groups[0][0] != weights_name(ck.stem, ck.variant)):
         content = {"metadata": {**(ck.index or {}).get("metadata", {}), "total_size": total},
                    "weight_map": dict(sorted(weight_map.items()))}
         (folder / index_name(ck.stem, ck.variant)).write_text(json.dumps(content, indent=2) + "\n")
     merged = sum(1 for c in plan.changes.values() if not c.source)
     return dict(merged=merged, created=sum(1 for c in plan.changes.values() if c.source),
-                copied=len(ck.tensors) - merged, shards=len(groups), total=total)
+                copied=len(ck.tensors) - merged, shards=len(groups), total=total, dequantized=int(dequantize))
+
+
+def source(ck: Checkpoint, plan: MergePlan, name: str) -> TensorSpec:
+    """The base tensor an output tensor starts from (a created lm_head starts from its tied embedding)."""
+    change = plan.changes.get(name)
+    return ck.tensors[change.source] if change and change.source else ck.tensors[name]
+
+
+class Once:
+    """A value made on the first of `uses` takes and dropped after the last."""
+
+    def __init__(self, make: Callable, uses: int):
+        self.make, self.uses, self.held, self.lock = make, uses, None, threading.Lock()
+
+    def take(self, i: int):
+        with self.lock:
+            if self.held is None:
+                self.held = self.make()
+            held, self.uses = self.held, self.uses - 1
+            if self.uses <= 0:
+                self.held = None
+            return held[i]
+
+
+def _requantize(spec: TensorSpec, merged: torch.Tensor, W: torch.Tensor,
+                survival: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, scale) of the merged weight in the base's codec, scales in the base's scale dtype; and the
+    survival terms: ‖Q(W+ΔW) − (W+ΔW)‖² and ‖ΔW‖² in float64, W the dequantized base."""
+    values, scale = spec.parts[:2]
+    q, s = spec.codec.encode(merged, scale.torch_dtype)
+    s = s.reshape(scale.shape)
+    if survival is not None:
+        survival.append((spec.name, _sq_dist(spec.codec.decode(q, s), merged), _sq_dist(merged, W)))
+    return q.reshape(values.shape), s
+
+
+def _sq_dist(a: torch.Tensor, b: torch.Tensor, rows: int = 1 << 22) -> float:
+    """‖a − b‖² summed in float64, a few million elements at a time."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum(float((a[i:i + rows].double() - b[i:i + rows].double()).square().sum()) for i in range(0, len(a), rows))
 
 
 def _finish_folder(sets: Sequence[Checkpoint], plan: MergePlan, folder: Path, shown: Path,
-                   sdtype: torch.dtype | None) -> list[str]:
+                   sdtype: torch.dtype | None, dequantized: bool = False) -> list[str]:
     """The rest of a merged model folder: its other files copied (not the weight sets just written, nor weights in
-    other formats, which would be stale), config.json updated for an untied head or a new dtype."""
+    other formats, which would be stale), config.json updated for an untied head, a new dtype, or a quantized
+    base written dequantized (its quantization_config removed, its dtype the one written)."""
     ck = sets[0]
     skip = {n for c in sets for n in c.shards + (index_name(c.stem, c.variant),)}
     root, o = ck.root.resolve(), shown.resolve()  # an output inside the base (base/merged): not copied into itself
     left_out = copy_side_files(ck.root, folder, skip=skip, skip_dirs={o.relative_to(root)} if o.is_relative_to(root)
                                else set())
     notes = [f"not copied (other weight formats would hold unmerged weights): {', '.join(left_out)}"] if left_out else []
-    if (plan.untie or sdtype is not None) and (folder / "config.json").exists():
+    if dequantized and sdtype is None:
+        sdtype = ck.quant.dtype
+    if (plan.untie or sdtype is not None or dequantized) and (folder / "config.json").exists():
         cfg = read_object(folder / "config.json")
         if plan.untie:
             cfg["tie_word_embeddings"] = False
+        if dequantized:
+            cfg.pop("quantization_config", None)
         if sdtype is not None:  # transformers loads at this dtype: it must be the stored one (diffusers has none)
             name = str(sdtype).removeprefix("torch.")
             for key in ("torch_dtype", "dtype"):

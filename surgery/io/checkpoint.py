@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 
 from ..errors import SurgeryError
-from . import jsonfile
+from . import jsonfile, quant
 from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, pickle_error, read_header
 
 STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file stems
@@ -58,7 +58,9 @@ def weight_sets(folder: Path) -> list[tuple[str, str | None]]:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Where one tensor lives: `path`, absolute byte range [begin, end), safetensors dtype code, shape."""
+    """Where one tensor lives: `path`, absolute byte range [begin, end), safetensors dtype code, shape. A quantized
+    weight (surgery.io.quant) is read through `codec` from its stored `parts` (values, scale, …), as float32 of
+    its logical shape; its path and byte range are those of its values."""
 
     name: str
     path: Path
@@ -66,6 +68,8 @@ class TensorSpec:
     shape: tuple[int, ...]
     begin: int
     end: int
+    codec: quant.Codec | None = None
+    parts: tuple["TensorSpec", ...] = ()
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -81,7 +85,9 @@ class Checkpoint:
     """A checkpoint planned from its headers.
 
     root: the file or directory; shards: shard file names in order; tensors: name → spec, in shard order then
-    file order; metadata: shard → its `__metadata__`; index: the index JSON (None for one file).
+    file order, a quantized weight once under its logical name (its scales not listed); metadata: shard → its
+    `__metadata__`; index: the index JSON (None for one file); stored: name → spec of every tensor as stored;
+    quant: how its quantized weights are stored (None: not quantized).
     """
 
     root: Path
@@ -91,6 +97,8 @@ class Checkpoint:
     index: Mapping | None
     stem: str = "model"  # weight file stem of a directory: "model" or diffusers' "diffusion_pytorch_model"
     variant: str | None = None  # the weight variant of a directory (`fp16` for `model.fp16.safetensors`)
+    stored: Mapping[str, TensorSpec] | None = None
+    quant: quant.Scheme | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -162,7 +170,27 @@ def open_checkpoint(path: str | os.PathLike, variant: str | None = "") -> Checkp
             if name not in tensors or tensors[name].path.name != shard:
                 raise SurgeryError(f"{root}: {index_name(stem, variant)} maps {name} to {shard}, which does not "
                                    "contain it")
-    return Checkpoint(root, tuple(shards), tensors, metadata, index, stem, variant)
+    config_path = folder / "config.json"
+    config = jsonfile.read_object(config_path) if config_path.exists() else {}
+    scheme = quant.scheme(config, {n: (s.dtype, s.shape) for n, s in tensors.items()}, root)
+    return Checkpoint(root, tuple(shards), _logical(tensors, scheme), metadata, index, stem, variant, tensors, scheme)
+
+
+def _logical(stored: dict[str, TensorSpec], scheme: quant.Scheme | None) -> dict[str, TensorSpec]:
+    """The tensors as the model holds them: each quantized weight once, under its logical name, at its values'
+    place in the order; its scales not listed."""
+    if scheme is None:
+        return stored
+    owned = {p: q for q in scheme.weights.values() for p in q.parts}
+    out = {}
+    for name, spec in stored.items():
+        q = owned.get(name)
+        if q is None:
+            out[name] = spec
+        elif name == q.parts[0]:
+            out[q.name] = TensorSpec(q.name, spec.path, "F32", q.shape, spec.begin, spec.end, q.codec,
+                                     tuple(stored[p] for p in q.parts))
+    return out
 
 
 def open_weight_sets(path: str | os.PathLike, opened: Checkpoint | None = None) -> list[Checkpoint]:
@@ -246,7 +274,12 @@ _FILES = _OpenFiles()
 def read_tensor(spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor, read with `readinto` calls until complete (one call moves at most ~2 GiB on Linux; no mmap
     kept) — into `buffer` (a flat uint8 CPU tensor of at least `spec.nbytes`) when given, so that repeated reads
-    reuse memory instead of page-faulting new memory."""
+    reuse memory instead of page-faulting new memory. A quantized weight: its values in float32, decoded."""
+    if spec.codec is not None:
+        values, scale = read_tensor(spec.parts[0], buffer), read_tensor(spec.parts[1])
+        if not bool(torch.isfinite(quant.scale_values(scale)).all()):
+            raise SurgeryError(f"{spec.parts[1].path}: scale {spec.parts[1].name} of {spec.name} holds NaN or Inf")
+        return spec.codec.decode(values, scale)
     if spec.nbytes == 0:
         return torch.empty(spec.shape, dtype=spec.torch_dtype)
     raw = buffer[: spec.nbytes] if buffer is not None else torch.empty(spec.nbytes, dtype=torch.uint8)

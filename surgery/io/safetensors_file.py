@@ -31,9 +31,9 @@ DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
     "F64": torch.float64, "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E8M0": torch.float8_e8m0fnu, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
-BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
         "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
 
 
@@ -143,6 +143,7 @@ class Entry:
     nbytes: int
     write: Producer | None = None
     make: Callable[[], torch.Tensor] | None = None
+    after: str | None = None  # produced right after this entry of the same file (its file place is unchanged)
 
 
 def tensor_entry(name: str, make: Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> Entry:
@@ -188,20 +189,40 @@ def write_shard(path: Path, entries: Iterable[Entry], metadata: Mapping[str, str
         offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    data = 8 + len(blob)
+    order = _production_order(entries)
     with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1) as pool:  # unbuffered: see copy_entry
         write_all(f, len(blob).to_bytes(8, "little"))
         write_all(f, blob)
         made = {}
-        submit = lambda i: made.setdefault(i, pool.submit(entries[i].make)) \
-            if i < len(entries) and entries[i].make else None  # noqa: E731
+        submit = lambda i: made.setdefault(i, pool.submit(order[i].make)) \
+            if i < len(order) and order[i].make else None  # noqa: E731
         submit(0)
-        for i, e in enumerate(entries):
+        for i, e in enumerate(order):
             submit(i + 1)
-            start = f.tell()
+            start = data + header[e.name]["data_offsets"][0]
+            if f.tell() != start:
+                f.seek(start)
             _write_tensor(f, made.pop(i).result()) if e.make else e.write(f)
             if f.tell() - start != e.nbytes:
                 raise AssertionError(f"{e.name}: wrote {f.tell() - start} bytes, planned {e.nbytes}")
     return offset
+
+
+def _production_order(entries: list[Entry]) -> list[Entry]:
+    """File order, but an entry with `after` right behind that entry (a re-quantized weight's scale is made
+    with its values, and the file's alignment order would put the float32 scale long before them)."""
+    names = {e.name for e in entries}
+    behind: dict[str, list[Entry]] = {}
+    for e in entries:
+        if e.after in names:
+            behind.setdefault(e.after, []).append(e)
+    order = []
+    for e in entries:
+        if e.after not in names:
+            order.append(e)
+            order.extend(behind.get(e.name, ()))
+    return order
 
 
 @contextlib.contextmanager
