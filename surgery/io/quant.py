@@ -9,8 +9,8 @@ them and the weight's values.
   (low nibble first), and `p_scales` uint8 (E, R, G), one E8M0 exponent 2^(s−127) per 32 values (OCP MX v1.0).
   The weight transformers loads is the dequantized (E, R, 32·G) transposed to (E, 32·G, R).
 
-Decoding is exact in float32 (every product is a float32 number) and matches transformers' dequantizers bit for
-bit; encoding is transformers' FP8 quantizer (amax/448 per block, or its power of two) extended to partial edge
+Decoding is one correctly rounded float32 product per value (exact for power-of-two scales) and matches
+transformers' dequantizers bit for bit; encoding is transformers' FP8 quantizer (amax/448 per block, or its power of two) extended to partial edge
 blocks, and the OCP MX conversion for MXFP4 (shared exponent ⌊log2 amax⌋ − 2, elements rounded to nearest even,
 saturated at ±6). The functions are pure; `scheme` plans from names, dtypes and shapes only.
 """
