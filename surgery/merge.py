@@ -31,7 +31,7 @@ from .io.experts import Piece
 from .io.jsonfile import field, read_object
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, files_below, index_name,
-                            is_pipeline, open_pipeline, open_weight_sets, read_tensor, weights_name)
+                            is_pipeline, open_pipeline, open_weight_sets, read_stored, read_tensor, weights_name)
 from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place, weight_key
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 from .linalg import all_finite
@@ -623,6 +623,11 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
             for m, w in change.parts:
                 acc += w * m.scale * materialize(m.bias).to(dev, compute_dtype)
             t = acc.to(odt)
+        elif (products := streamable(name, change, spec)) is not None:  # checked block by block
+            t = _streamed(spec, products, compute_dtype, next(scratches), odt)
+            if progress:
+                progress(name)
+            return t, None
         else:
             scratch = next(scratches)
             W = base = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
@@ -636,6 +641,13 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
         if progress and change is not None:
             progress(name)
         return t.cpu(), base
+
+    def streamable(name: str, change: Change, spec: TensorSpec) -> list | None:
+        """The change as row-sliceable products when it can be formed a block of rows at a time (plain LoRA parts,
+        CPU, a base stored plain or with per-block-row scales), else None."""
+        if torch.device(dev).type != "cpu" or spec.codec is not None and spec.codec.rows is None:
+            return None
+        return _row_products(change.parts, name in plan.transposed, compute_dtype, dev)
 
     def entry(name: str) -> Entry:
         change, spec = plan.changes.get(name), source(ck, plan, name)
@@ -652,7 +664,18 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
             raise SurgeryError(f"{name}: replaced by a modules_to_save tensor; it cannot be re-quantized "
                                "(merge without --requantize)")
         values, scale = spec.parts[:2]
-        pair = Once(lambda: _requantize(spec, *computed(name, change, spec, compute_dtype), survival), 2)
+
+        def make():
+            products = streamable(name, change, spec)
+            if products is not None:
+                torch.set_num_threads(threads)
+                out = _streamed_requantized(spec, products, compute_dtype, next(scratches), survival)
+                if progress:
+                    progress(name)
+                return out
+            return _requantize(spec, *computed(name, change, spec, compute_dtype), survival)
+
+        pair = Once(make, 2)
         return [tensor_entry(values.name, lambda: pair.take(0), values.torch_dtype, values.shape),
                 replace(tensor_entry(scale.name, lambda: pair.take(1), scale.torch_dtype, scale.shape),
                         after=values.name)]
@@ -692,6 +715,99 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
     merged = sum(1 for c in plan.changes.values() if not c.source)
     return dict(merged=merged, created=sum(1 for c in plan.changes.values() if c.source),
                 copied=len(ck.tensors) - merged, shards=len(groups), total=total, dequantized=int(dequantize))
+
+
+ROW_BLOCK = 1 << 19  # float32 elements per block of rows of a streamed merge (2 MiB: its passes stay in cache)
+
+
+def _row_products(parts, transposed: bool, dtype: torch.dtype, device) -> list | None:
+    """Each part as (lhs (rows, r), rhs (r, cols), alpha) with lhs @ rhs laid out like the base tensor's rows
+    (flattened to 2-D), when every part is a plain LoRA; else None (DoRA, LoHa, LoKr, experts: whole tensors)."""
+    out = []
+    for m, w in parts:
+        if not isinstance(m, LoraModule) or m.magnitude is not None:
+            return None
+        B, A = m.factors(dtype, device)  # (out, r), (r, in_flat)
+        out.append((A.T, B.T, w * m.scale) if m.kind == "embedding" or transposed else (B, A, w * m.scale))
+    return out
+
+
+def _rows(spec: TensorSpec, products: list, compute: torch.dtype, scratch: Scratch, emit: Callable,
+          keep_base: bool = False) -> None:
+    """W + Σ αᵢ lhsᵢ @ rhsᵢ formed one block of rows at a time (about ROW_BLOCK values: each pass over it —
+    decoding, the GEMM, rounding, quantizing — runs in cache rather than over the whole tensor in memory); each
+    block goes to `emit(r0, r1, acc, w)`, w the base's rows in float32 when `keep_base` (else acc's buffer)."""
+    rows, cols = spec.shape[0], math.prod(spec.shape[1:])
+    codec = spec.codec
+    unit = codec.rows if codec is not None else 1
+    step = max(unit, ROW_BLOCK // max(cols, 1) // unit * unit)
+    raw = scratch.get("read", ((spec.parts[0] if codec else spec).nbytes,), torch.uint8)
+    if codec is not None:
+        values, scale = read_stored(spec, raw)
+
+        def load(r0, r1, out):
+            return codec.decode(values[r0:r1], scale[codec.scale_rows(r0, r1)], out)
+    else:
+        W = read_tensor(spec, raw).reshape(rows, cols)
+
+        def load(r0, r1, out):
+            return out.copy_(W[r0:r1])
+    accs = scratch.get("rows", (step, cols), compute)
+    bases = scratch.get("base rows", (step, cols), compute) if keep_base else accs
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        acc, w = accs[: r1 - r0], bases[: r1 - r0]
+        load(r0, r1, w)
+        if keep_base:
+            acc.copy_(w)
+        for lhs, rhs, alpha in products:
+            acc.addmm_(lhs[r0:r1], rhs, alpha=alpha)
+        if not all_finite(acc):
+            if not all_finite(load(r0, r1, torch.empty_like(acc))):
+                raise SurgeryError(f"{spec.path}: base tensor {spec.name} already holds NaN or Inf; the base is "
+                                   "broken, not the merge")
+            raise SurgeryError(f"{spec.name}: the merge produced NaN or Inf")
+        emit(r0, r1, acc, w)
+
+
+def _streamed(spec: TensorSpec, products: list, compute: torch.dtype, scratch: Scratch,
+              odt: torch.dtype) -> torch.Tensor:
+    """The merged tensor in `odt` (a reused buffer), made a block of rows at a time."""
+    out = scratch.get("out", (spec.shape[0], math.prod(spec.shape[1:])), odt)
+
+    def emit(r0, r1, acc, w):
+        if not all_finite(out[r0:r1].copy_(acc)):  # float16's range
+            raise SurgeryError(f"{spec.name}: the merge produced NaN or Inf (overflow in {odt})")
+
+    _rows(spec, products, compute, scratch, emit)
+    return out.view(spec.shape)
+
+
+def _streamed_requantized(spec: TensorSpec, products: list, compute: torch.dtype, scratch: Scratch,
+                          survival: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged weight quantized again in its codec, a block of rows at a time (each block's scales are its
+    own), with the survival terms summed over the blocks."""
+    values, scale = spec.parts[:2]
+    codec, sums = spec.codec, [0.0, 0.0]
+    q_out = torch.empty(values.shape, dtype=values.torch_dtype)
+    s_out = torch.empty(scale.shape, dtype=scale.torch_dtype)
+
+    def emit(r0, r1, acc, w):
+        q, s = codec.encode(acc, scale.torch_dtype)
+        q_out[r0:r1], s_out[codec.scale_rows(r0, r1)] = q, s
+        if survival is not None:
+            sums[1] += _rows_sq(w.sub_(acc))  # ΔW's rows
+            sums[0] += _rows_sq(codec.decode(q, s, w).sub_(acc))  # Q(W + ΔW) − (W + ΔW)
+
+    _rows(spec, products, compute, scratch, emit, keep_base=survival is not None)
+    if survival is not None:
+        survival.append((spec.name, *sums))
+    return q_out, s_out
+
+
+def _rows_sq(x: torch.Tensor) -> float:
+    """‖x‖² of a block of rows: float32 row norms, summed in float64."""
+    return float(torch.linalg.vector_norm(x, dim=1).double().square().sum())
 
 
 def source(ck: Checkpoint, plan: MergePlan, name: str) -> TensorSpec:

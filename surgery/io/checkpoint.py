@@ -276,16 +276,21 @@ def read_tensor(spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.T
     kept) — into `buffer` (a flat uint8 CPU tensor of at least `spec.nbytes`) when given, so that repeated reads
     reuse memory instead of page-faulting new memory. A quantized weight: its values in float32, decoded."""
     if spec.codec is not None:
-        values, scale = read_tensor(spec.parts[0], buffer), read_tensor(spec.parts[1])
-        if not bool(torch.isfinite(quant.scale_values(scale)).all()):
-            raise SurgeryError(f"{spec.parts[1].path}: scale {spec.parts[1].name} of {spec.name} holds NaN or Inf")
-        return spec.codec.decode(values, scale)
+        return spec.codec.decode(*read_stored(spec, buffer))
     if spec.nbytes == 0:
         return torch.empty(spec.shape, dtype=spec.torch_dtype)
     raw = buffer[: spec.nbytes] if buffer is not None else torch.empty(spec.nbytes, dtype=torch.uint8)
     if _FILES.read_into(spec.path, spec.begin, memoryview(raw.numpy())) < spec.nbytes:
         raise SurgeryError(f"{spec.path}: truncated while reading {spec.name}")
     return raw.view(spec.torch_dtype).reshape(spec.shape)
+
+
+def read_stored(spec: TensorSpec, buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized weight's stored values (into `buffer`, as read_tensor) and its scale, which must be finite."""
+    values, scale = read_tensor(spec.parts[0], buffer), read_tensor(spec.parts[1])
+    if not bool(torch.isfinite(quant.scale_values(scale)).all()):
+        raise SurgeryError(f"{spec.parts[1].path}: scale {spec.parts[1].name} of {spec.name} holds NaN or Inf")
+    return values, scale
 
 
 def copy_entry(spec: TensorSpec) -> Entry:

@@ -48,9 +48,10 @@ def scale_values(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """(…, R, C) zero-padded to whole blocks and viewed as (…, R', b0, C', b1)."""
+    """(…, R, C) viewed as (…, R', b0, C', b1), zero-padded to whole blocks where the block does not divide it."""
     b0, b1 = block
-    x = F.pad(x, (0, -x.shape[-1] % b1, 0, -x.shape[-2] % b0))
+    if x.shape[-1] % b1 or x.shape[-2] % b0:
+        x = F.pad(x, (0, -x.shape[-1] % b1, 0, -x.shape[-2] % b0))
     return x.unflatten(-1, (-1, b1)).unflatten(-3, (-1, b0))
 
 
@@ -60,15 +61,42 @@ def _unblock(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return x[..., : shape[-2], : shape[-1]]
 
 
-def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
-    """W = q · scale per block, float32 (…, R, C). `block` None: one scale for the whole tensor."""
+def _e4m3_over_256(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes as float16 values q / 2⁸, exactly (subnormals included): the sign bit moved to bit 15,
+    exponent and mantissa to bits 13…7 — three integer passes instead of torch's slow float8 → float32 cast.
+    NaN codes (0x7F, 0xFF) come out finite: the caller checks for them."""
+    h = q.view(torch.int8).to(torch.int16)  # sign-extended: bit 15 = the sign, and bit 14 too, cleared below
+    h <<= 7
+    h &= -16385  # ~0x4000
+    return h.view(torch.float16)
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """W = q · scale per block, float32 (…, R, C), one rounding per value; into `out` when given. `block` None:
+    one scale for the whole tensor. A row slice of q decodes with the matching rows of its scales when it starts
+    on a block boundary."""
+    s = scale_values(scale)
+    if int((q.view(torch.uint8) & 0x7F).amax()) == 0x7F:  # NaN codes: let the exact cast make them NaN
+        w = fp8_dequantize_exact(q, s, block)
+        return out.copy_(w) if out is not None else w
+    h, s = _e4m3_over_256(q), s * 256.0  # (q / 2⁸) · (s · 2⁸): the same single rounding as q · s
+    if out is None:
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    if block is None:
+        return torch.mul(h, s.reshape(()), out=out)
+    if q.shape[-2] % block[0] or q.shape[-1] % block[1]:  # partial edge blocks
+        return out.copy_(_unblock(_blocks(h.float(), block) * s.unsqueeze(-1).unsqueeze(-3), q.shape))
+    torch.mul(_blocks(h, block), s.unsqueeze(-1).unsqueeze(-3), out=_blocks(out, block))
+    return out
+
+
+def fp8_dequantize_exact(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """fp8_dequantize by torch's own float8 → float32 cast (the reference; NaN codes stay NaN)."""
     s = scale_values(scale)
     if block is None:
         return q.to(torch.float32) * s.reshape(())
-    w = _blocks(q.to(torch.float32), block)
-    w *= s.unsqueeze(-1).unsqueeze(-3)
-    w = _unblock(w, q.shape)
-    return w if w.is_contiguous() else w.contiguous()
+    return _unblock(_blocks(q.to(torch.float32), block) * s.unsqueeze(-1).unsqueeze(-3), q.shape).contiguous()
 
 
 def fp8_quantize(w: torch.Tensor, block: tuple[int, int] | None, pow2: bool = False,
@@ -79,18 +107,17 @@ def fp8_quantize(w: torch.Tensor, block: tuple[int, int] | None, pow2: bool = Fa
     scaled by their own amax. `block` None: one scale for the tensor (a 0-D or 1-element scale)."""
     wf = w.to(torch.float32)
     v = _blocks(wf, block) if block is not None else wf
-    amax = v.abs().amax(dim=(-3, -1)) if block is not None else v.abs().amax()
+    dims = (-3, -1) if block is not None else tuple(range(v.dim()))
+    amax = torch.maximum(v.amax(dim=dims), v.amin(dim=dims).neg())  # = |v|.amax, without a |v| copy
     nonzero = amax > 0
     scales = torch.where(nonzero, FP8_MAX / torch.where(nonzero, amax, torch.ones_like(amax)), torch.ones_like(amax))
     inv = 1.0 / scales
     if pow2:
         inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
         scales = 1.0 / inv
-    if block is not None:
-        q = _unblock(torch.clamp(v * scales.unsqueeze(-1).unsqueeze(-3), -FP8_MAX, FP8_MAX), w.shape)
-    else:
-        q = torch.clamp(v * scales, -FP8_MAX, FP8_MAX)
-    q = q.to(torch.float8_e4m3fn).contiguous()
+    x = v * (scales.unsqueeze(-1).unsqueeze(-3) if block is not None else scales)
+    x.clamp_(-FP8_MAX, FP8_MAX)
+    q = (_unblock(x, w.shape) if block is not None else x).to(torch.float8_e4m3fn).contiguous()
     if scale_dtype == torch.uint8:  # E8M0 bytes
         return q, (torch.frexp(inv)[1] - 1 + 127).to(torch.uint8)
     return q, inv.to(scale_dtype)
@@ -144,11 +171,21 @@ class Codec:
     block: tuple[int, int] | None = None
     pow2: bool = False
 
-    def decode(self, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The weight's values in float32, in its logical layout."""
+    def decode(self, values: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight's values in float32, in its logical layout (into `out` when given)."""
         if self.method == "fp8":
-            return fp8_dequantize(values, scale, self.block)
-        return mxfp4_dequantize(values, scale).transpose(-1, -2).contiguous()
+            return fp8_dequantize(values, scale, self.block, out)
+        w = mxfp4_dequantize(values, scale).transpose(-1, -2)
+        return out.copy_(w) if out is not None else w.contiguous()
+
+    @property
+    def rows(self) -> int | None:
+        """What a block of a 2-D weight's rows must be a multiple of to be decoded and encoded alone (its scales
+        `scale_rows(r0, r1)`); None: only whole (one scale for the tensor, or MXFP4's transposed layout)."""
+        return self.block[0] if self.method == "fp8" and self.block is not None else None
+
+    def scale_rows(self, r0: int, r1: int) -> slice:
+        return slice(r0 // self.block[0], -(-r1 // self.block[0]))
 
     def encode(self, w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, scale) for the weight `w` (logical layout), scales stored in `scale_dtype`."""
