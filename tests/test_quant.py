@@ -55,6 +55,12 @@ def test_fp8_codec_is_transformers(fmt):
     assert torch.equal(q.view(torch.uint8), ref["x.weight"].view(torch.uint8))
     assert s.dtype == ref["x.weight_scale_inv"].dtype and torch.equal(s.float(), ref["x.weight_scale_inv"].float())
     assert torch.equal(quant.fp8_dequantize(q, s, (128, 128)), Fp8Dequantize(None)._dequantize_one(q, s, torch.float32))
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)  # NaN codes included
+    finite = every.flatten()[every.flatten().view(torch.uint8) & 0x7F != 0x7F].reshape(2, 127)
+    for codes in (every, every[:, :15], finite):
+        scale = torch.rand(math.ceil(codes.shape[0] / 8), math.ceil(codes.shape[1] / 8)) + 0.5
+        fast, ref = quant.fp8_dequantize(codes, scale, (8, 8)), quant.fp8_dequantize_exact(codes, scale, (8, 8))
+        assert torch.equal(fast.isnan(), ref.isnan()) and torch.equal(fast.nan_to_num(), ref.nan_to_num())
 
 
 @settings(max_examples=25, deadline=None)
@@ -279,6 +285,18 @@ def test_fp8_ragged_merge_and_scale_names(tmp_path):
         ref = _dequant64(q, s, BLOCK) + B.double() @ A.double()
         assert out[f"{name}.weight"].dtype == torch.float32
         assert torch.allclose(out[f"{name}.weight"].double(), ref, rtol=1e-6, atol=1e-6)
+    r = surgery("merge", base, lora, "-o", tmp_path / "rq", "--requantize", "--json")
+    out, report = _stored(tmp_path / "rq"), json.loads(r.stdout)["quantized"]
+    assert set(out) == {"m.a.weight", "m.a.scale", "m.b.weight", "m.b.qscale_weight", "m.norm.weight"}
+    for (name, q, s), scale in zip((("m.a", q1, s1), ("m.b", q2, s2)), ("scale", "qscale_weight")):
+        B, A = pairs[name]
+        d = B.double() @ A.double()
+        target = _dequant64(q, s, BLOCK) + d
+        ref_q, ref_s = quant.fp8_quantize(target.float(), BLOCK)  # each partial block by its own amax
+        assert torch.allclose(out[f"{name}.{scale}"], ref_s, rtol=1e-6, atol=0)  # amax of float32 vs float64 sums
+        Q = _dequant64(out[f"{name}.weight"], out[f"{name}.{scale}"], BLOCK)
+        module = next(m for m in report["modules"] if m["name"] == f"{name}.weight")
+        assert module["adapter_survived"] == pytest.approx(1 - float((Q - target).norm() / d.norm()), abs=1e-5)
 
 
 # ---------------------------------------------------------------- MXFP4 (gpt-oss)
@@ -423,6 +441,10 @@ BAD = {
     "bitsandbytes": (dict(config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
                      "quantized with bitsandbytes 4-bit"),
     "gptq": (dict(config={"quant_method": "gptq", "bits": 4}), "quantized with gptq"),
+    "compressed-tensors": (dict(config={"quant_method": "compressed-tensors", "format": "pack-quantized"}),
+                           "quantized with compressed-tensors"),
+    "nan-code": (dict(edit=lambda t: t[f"{Q}.weight"].view(torch.uint8)[0, 0].fill_(0x7F)),
+                 f"{Q}.weight", "holds NaN or Inf"),
     "no-config": (dict(config=None), "no config.json with their quantization_config"),
 }
 
@@ -430,7 +452,7 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_quantized_bases(tmp_path, case):
     """One line naming the tensor (or method), exit 1, nothing written, inputs untouched."""
-    kw, message = BAD[case]
+    kw, *messages = BAD[case]
     base = _edited(tmp_path, kw.get("edit"), kw.get("config"))
     if case == "no-config":
         cfg = json.loads((base / "config.json").read_text())
@@ -444,7 +466,7 @@ def test_bad_quantized_bases(tmp_path, case):
                                                                   "-o", tmp_path / "out"]):
         r = surgery(*args, ok=False)
         lines = [x for x in r.output.splitlines() if x.strip()]
-        assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.output
+        assert r.returncode == 1 and len(lines) == 1 and all(m in lines[0] for m in messages), r.output
         assert not (tmp_path / "out").exists()
     assert tree_digest(base) == digest
 
@@ -456,3 +478,33 @@ def test_requantize_needs_a_quantized_base(tmp_path):
     lora = write_peft(tmp_path / "lora", {Q: lora_pair(16, 16, 2)}, r=2, alpha=2)
     r = surgery("merge", base, lora, "-o", tmp_path / "out", "--requantize", ok=False)
     assert r.returncode == 1 and "is not a quantized checkpoint" in r.output and not (tmp_path / "out").exists()
+
+
+def test_fp8_moe_experts(tmp_path):
+    """Qwen3-MoE with every expert's projections in FP8 (as Qwen3-30B-A3B-FP8 ships them) and an adapter on the fused
+    expert parameters (target_parameters): the merged model, dequantized or re-quantized, loads in transformers
+    with PeftModel's logits (within bf16 / FP8 rounding)."""
+    from .test_moe import _model
+
+    src = _model("qwen3_moe", tmp_path / "bf16", dtype=torch.bfloat16)
+    base = tmp_path / "fp8"
+    base.mkdir()
+    tq = _tf_quantizer((4, 4))
+    tensors = {}
+    for k, v in load_file(src / "model.safetensors").items():
+        tensors.update(tq._quantize_one(k, v) if k.endswith("proj.weight") else {k: v})
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [4, 4]}
+    (base / "config.json").write_text(json.dumps(cfg))
+    lora, model = _lora(base, tmp_path / "lora", targets=["q_proj"], scale=0.05,
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    with torch.no_grad():
+        ref = model(IDS).logits
+    surgery("merge", base, lora, "-o", tmp_path / "out")
+    assert torch.allclose(_logits(tmp_path / "out"), ref, atol=2e-2)
+    r = surgery("merge", base, lora, "-o", tmp_path / "rq", "--requantize", "--json")
+    q = json.loads(r.stdout)["quantized"]
+    assert len(q["modules"]) == 2 + 2 * 4 * 3 and 0 < q["adapter_survived"] < 1  # q_proj ×2, 4 experts × 3 per layer
+    assert torch.allclose(_logits(tmp_path / "rq"), ref, atol=0.1)
