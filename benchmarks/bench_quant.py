@@ -7,9 +7,11 @@ Makes a Llama-7B-shaped FP8 checkpoint as DeepSeek-V3 and Qwen3-*-FP8 store them
 block, embeddings and norms bf16; ~7.0 GB in 5 shards) and a rank-64 PEFT LoRA on all 224 linear modules, then
 times, each as a whole process, alternating, with dirty pages flushed before each run:
   (a) the I/O floor: safetensors `load_file` + `save_file` of every shard of the same files;
-  (b) `surgery merge BASE LORA -o OUT` — the default: the whole model written dequantized, bf16 (2× the bytes);
-  (c) `surgery merge BASE LORA -o OUT --requantize` — FP8 kept, fresh scales, the survival report.
-Medians, ratios to the floor, peak RSS (ru_maxrss), and (c)'s adapter_survived figure.
+  (b) the I/O floor of the default's output: `load_file`, each FP8 tensor cast to bf16 (a plain cast, scales
+      dropped: the same bytes as (c) writes, 1.9× the base), `save_file`;
+  (c) `surgery merge BASE LORA -o OUT` — the default: the whole model written dequantized, bf16;
+  (d) `surgery merge BASE LORA -o OUT --requantize` — FP8 kept, fresh scales, the survival report.
+Medians, ratios to the floors, peak RSS (ru_maxrss), and (d)'s adapter_survived figure.
 """
 from __future__ import annotations
 
@@ -99,6 +101,17 @@ dst.mkdir(exist_ok=True)
 for shard in sorted(src.glob("*.safetensors")):
     save_file(load_file(str(shard)), str(dst / shard.name), metadata={"format": "pt"})
 """
+FLOOR_BF16 = """
+import sys, pathlib, torch
+from safetensors.torch import load_file, save_file
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+dst.mkdir(exist_ok=True)
+for shard in sorted(src.glob("*.safetensors")):
+    t = load_file(str(shard))
+    t = {k: v.to(torch.bfloat16) if v.dtype == torch.float8_e4m3fn else v for k, v in t.items()
+         if not k.endswith("_scale_inv")}
+    save_file(t, str(dst / shard.name), metadata={"format": "pt"})
+"""
 
 
 def main():
@@ -111,6 +124,7 @@ def main():
     base, lora = make(work, args.layers)
     merge = [sys.executable, "-m", "surgery_cli.main", "merge", str(base), str(lora), "--device", "cpu"]
     cmds = {"floor": [sys.executable, "-c", FLOOR, str(base), str(work / "out")],
+            "floor (bf16 bytes)": [sys.executable, "-c", FLOOR_BF16, str(base), str(work / "out")],
             "merge (bf16 out)": merge + ["-o", str(work / "out")],
             "merge --requantize": merge + ["-o", str(work / "out"), "--requantize"]}
     res = alternate(cmds, args.repeats, clean=[work / "out"], sync=True)
@@ -122,6 +136,7 @@ def main():
     for k, (med, rss, walls) in res.items():
         print(f"  {k:20s} median {med:6.2f} s  {med / floor:5.2f}× floor  peak RSS {rss:6.0f} MiB  runs "
               + ", ".join(f"{w:.2f}" for w in walls))
+    print(f"  merge (bf16 out) / floor (bf16 bytes): {res['merge (bf16 out)'][0] / res['floor (bf16 bytes)'][0]:.2f}×")
     r = subprocess.run(merge + ["-o", str(work / "out"), "--requantize", "--json", "--force"], capture_output=True,
                        text=True, check=True)
     q = json.loads(r.stdout)["quantized"]

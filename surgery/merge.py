@@ -468,6 +468,9 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                 shard_size=_parse_size(shard_size), progress=progress, requantize=requantize, survival=[])
     if requantize and (ck is None or ck.quant is None):
         raise SurgeryError(f"--requantize: {root} is not a quantized checkpoint (FP8 block-scaled or MXFP4)")
+    if requantize and ck.quant.method == "compressed-tensors":
+        raise SurgeryError(f"--requantize: {root} is a compressed-tensors checkpoint, whose scales come from an "
+                           "observer surgery does not reproduce; merge without --requantize (written dequantized)")
     if requantize and opts["sdtype"] is not None:
         raise SurgeryError("--requantize keeps the base's quantized layout and dtypes; drop --dtype")
     notes: list[str] = []
@@ -514,7 +517,7 @@ def _quantized_report(ck: Checkpoint, dequantized: int, opts: dict, notes: list)
     """What a quantized base became, with a note saying why; with --requantize, how much of the adapter survived:
     1 − ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖ per weight and over all of them (1: arrived exactly; 0: as far from the
     intended weights as the unmerged base)."""
-    method = ck.quant.method.upper()
+    method = {"compressed-tensors": "compressed-tensors FP8"}.get(ck.quant.method, ck.quant.method.upper())
     if dequantized:
         dt = str(opts["sdtype"] or ck.quant.dtype).removeprefix("torch.")
         notes.append(f"the {method} base is written dequantized, in {dt} (quantization_config removed): a LoRA-sized "
@@ -600,7 +603,8 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
     scratches = itertools.cycle([Scratch(), Scratch()])  # tensor i is written while i + 1 is made
     # the worker making tensors leaves one core to the writer (OpenMP's team size is per OS thread): on 2 cores,
     # 2 threads of conversions beside the writer's page-cache copies ran 1.4× slower end to end (MoE experts)
-    threads = max(1, torch.get_num_threads() - 1)
+    cores = torch.get_num_threads()
+    threads = max(1, cores - 1)
     dequantize = ck.quant is not None and not requantize and any(
         source(ck, plan, n).codec is not None for n in plan.changes)
 
@@ -624,6 +628,7 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
                 acc += w * m.scale * materialize(m.bias).to(dev, compute_dtype)
             t = acc.to(odt)
         elif (products := streamable(name, change, spec)) is not None:  # checked block by block
+            torch.set_num_threads(cores)  # in cache, compute-bound: every core (measured: 1.12× end to end)
             t = _streamed(spec, products, compute_dtype, next(scratches), odt)
             if progress:
                 progress(name)
@@ -667,8 +672,8 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
 
         def make():
             products = streamable(name, change, spec)
-            if products is not None:
-                torch.set_num_threads(threads)
+            if products is not None:  # compute-bound: every core (the writer mostly waits on the disk)
+                torch.set_num_threads(cores)
                 out = _streamed_requantized(spec, products, compute_dtype, next(scratches), survival)
                 if progress:
                     progress(name)
@@ -717,7 +722,7 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
                 copied=len(ck.tensors) - merged, shards=len(groups), total=total, dequantized=int(dequantize))
 
 
-ROW_BLOCK = 1 << 19  # float32 elements per block of rows of a streamed merge (2 MiB: its passes stay in cache)
+ROW_BLOCK = 1 << 20  # float32 elements per block of rows of a streamed merge (4 MiB: its passes stay in cache)
 
 
 def _row_products(parts, transposed: bool, dtype: torch.dtype, device) -> list | None:
@@ -732,11 +737,10 @@ def _row_products(parts, transposed: bool, dtype: torch.dtype, device) -> list |
     return out
 
 
-def _rows(spec: TensorSpec, products: list, compute: torch.dtype, scratch: Scratch, emit: Callable,
-          keep_base: bool = False) -> None:
+def _rows(spec: TensorSpec, products: list, compute: torch.dtype, scratch: Scratch, emit: Callable) -> None:
     """W + Σ αᵢ lhsᵢ @ rhsᵢ formed one block of rows at a time (about ROW_BLOCK values: each pass over it —
     decoding, the GEMM, rounding, quantizing — runs in cache rather than over the whole tensor in memory); each
-    block goes to `emit(r0, r1, acc, w)`, w the base's rows in float32 when `keep_base` (else acc's buffer)."""
+    block goes to `emit(r0, r1, acc)`, which says whether what it made of the block is finite."""
     rows, cols = spec.shape[0], math.prod(spec.shape[1:])
     codec = spec.codec
     unit = codec.rows if codec is not None else 1
@@ -746,63 +750,66 @@ def _rows(spec: TensorSpec, products: list, compute: torch.dtype, scratch: Scrat
         values, scale = read_stored(spec, raw)
 
         def load(r0, r1, out):
-            return codec.decode(values[r0:r1], scale[codec.scale_rows(r0, r1)], out)
+            return codec.decode(values[r0:r1], scale[codec.scale_rows(r0, r1)], out, scratch.get)
     else:
         W = read_tensor(spec, raw).reshape(rows, cols)
 
         def load(r0, r1, out):
             return out.copy_(W[r0:r1])
     accs = scratch.get("rows", (step, cols), compute)
-    bases = scratch.get("base rows", (step, cols), compute) if keep_base else accs
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        acc, w = accs[: r1 - r0], bases[: r1 - r0]
-        load(r0, r1, w)
-        if keep_base:
-            acc.copy_(w)
+        acc = load(r0, r1, accs[: r1 - r0])
         for lhs, rhs, alpha in products:
             acc.addmm_(lhs[r0:r1], rhs, alpha=alpha)
-        if not all_finite(acc):
+        if not emit(r0, r1, acc):  # a block not finite: the base's fault, or the merge's
             if not all_finite(load(r0, r1, torch.empty_like(acc))):
                 raise SurgeryError(f"{spec.path}: base tensor {spec.name} already holds NaN or Inf; the base is "
                                    "broken, not the merge")
-            raise SurgeryError(f"{spec.name}: the merge produced NaN or Inf")
-        emit(r0, r1, acc, w)
+            raise SurgeryError(f"{spec.name}: the merge produced NaN or Inf (overflow in the stored dtype?)")
 
 
 def _streamed(spec: TensorSpec, products: list, compute: torch.dtype, scratch: Scratch,
               odt: torch.dtype) -> torch.Tensor:
     """The merged tensor in `odt` (a reused buffer), made a block of rows at a time."""
     out = scratch.get("out", (spec.shape[0], math.prod(spec.shape[1:])), odt)
-
-    def emit(r0, r1, acc, w):
-        if not all_finite(out[r0:r1].copy_(acc)):  # float16's range
-            raise SurgeryError(f"{spec.name}: the merge produced NaN or Inf (overflow in {odt})")
-
-    _rows(spec, products, compute, scratch, emit)
+    _rows(spec, products, compute, scratch, lambda r0, r1, acc: all_finite(out[r0:r1].copy_(acc)))
     return out.view(spec.shape)
 
 
 def _streamed_requantized(spec: TensorSpec, products: list, compute: torch.dtype, scratch: Scratch,
                           survival: list | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged weight quantized again in its codec, a block of rows at a time (each block's scales are its
-    own), with the survival terms summed over the blocks."""
+    own); the survival terms: ‖Q(W+ΔW) − (W+ΔW)‖² summed over the blocks, ‖ΔW‖² from the factors."""
     values, scale = spec.parts[:2]
-    codec, sums = spec.codec, [0.0, 0.0]
+    codec, err = spec.codec, [0.0]
     q_out = torch.empty(values.shape, dtype=values.torch_dtype)
     s_out = torch.empty(scale.shape, dtype=scale.torch_dtype)
 
-    def emit(r0, r1, acc, w):
-        q, s = codec.encode(acc, scale.torch_dtype)
-        q_out[r0:r1], s_out[codec.scale_rows(r0, r1)] = q, s
-        if survival is not None:
-            sums[1] += _rows_sq(w.sub_(acc))  # ΔW's rows
-            sums[0] += _rows_sq(codec.decode(q, s, w).sub_(acc))  # Q(W + ΔW) − (W + ΔW)
+    def emit(r0, r1, acc):
+        try:
+            _, s = codec.encode(acc, scale.torch_dtype, q_out[r0:r1], scratch.get)
+        except ValueError:
+            return False
+        s_out[codec.scale_rows(r0, r1)] = s
+        if survival is not None:  # Q(W + ΔW) − (W + ΔW), row by row
+            Q = codec.decode(q_out[r0:r1], s, scratch.get("requantized", tuple(acc.shape), torch.float32), scratch.get)
+            err[0] += _rows_sq(Q.sub_(acc))
+        return True
 
-    _rows(spec, products, compute, scratch, emit, keep_base=survival is not None)
+    _rows(spec, products, compute, scratch, emit)
     if survival is not None:
-        survival.append((spec.name, *sums))
+        survival.append((spec.name, err[0], _products_sq(products)))
     return q_out, s_out
+
+
+def _products_sq(products: list) -> float:
+    """‖Σ αᵢ Lᵢ Rᵢ‖²_F in float64 from the factors: Σᵢⱼ αᵢαⱼ tr((LᵢᵀLⱼ)(RⱼRᵢᵀ)), r × r products only."""
+    total = 0.0
+    for a, b in itertools.product(products, repeat=2):
+        (La, Ra, alpha), (Lb, Rb, beta) = a, b
+        total += alpha * beta * float(((La.double().T @ Lb.double()) * (Ra.double() @ Rb.double().T)).sum())
+    return total
 
 
 def _rows_sq(x: torch.Tensor) -> float:

@@ -508,3 +508,77 @@ def test_fp8_moe_experts(tmp_path):
     q = json.loads(r.stdout)["quantized"]
     assert len(q["modules"]) == 2 + 2 * 4 * 3 and 0 < q["adapter_survived"] < 1  # q_proj ×2, 4 experts × 3 per layer
     assert torch.allclose(_logits(tmp_path / "rq"), ref, atol=0.1)
+
+
+# ---------------------------------------------------------------- compressed-tensors FP8
+
+
+CT_STRATEGIES = {"channel": {}, "tensor": {}, "group": {"group_size": 8}, "block": {"block_structure": [8, 8]}}
+
+
+def _ct_fp8(src: Path, out: Path, strategy: str) -> Path:
+    """`src`'s linear weights quantized by compressed-tensors itself (minmax scales from its `calculate_qparams`,
+    its `quantize`), saved in its float-quantized format with the config llm-compressor writes."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=False,
+                            **CT_STRATEGIES[strategy])
+    out.mkdir()
+    tensors = {}
+    for k, v in load_file(src / "model.safetensors").items():
+        if not k.endswith("proj.weight"):
+            tensors[k] = v
+            continue
+        if strategy == "channel":
+            view, dims = v, (1,)
+        elif strategy == "tensor":
+            view, dims = v.reshape(1, -1), (1,)
+        elif strategy == "group":
+            view, dims = v.unflatten(1, (-1, 8)), (2,)
+        else:
+            view, dims = v.unflatten(1, (-1, 8)).unflatten(0, (-1, 8)), (1, 3)
+        scale, _ = calculate_qparams(view.amin(dim=dims), view.amax(dim=dims), args)
+        scale = scale.reshape(v.shape[0], 1) if strategy == "channel" else scale.reshape(-1) if strategy == "tensor" \
+            else scale
+        tensors[k] = quantize(v, scale, None, args, dtype=torch.float8_e4m3fn)
+        tensors[k.replace(".weight", ".weight_scale")] = scale
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(),
+                                                             "input_activations": None}}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("strategy", list(CT_STRATEGIES))
+def test_compressed_tensors_fp8(tmp_path, strategy):
+    """compressed-tensors FP8 (per channel, tensor, group, block): decoded as its own `dequantize` (in the scale's
+    dtype), merged into the whole model in bf16 with PeftModel's logits on the model transformers decompresses
+    (run_compressed=False); --requantize refused in one line."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    from surgery.io.checkpoint import open_checkpoint, read_tensor
+
+    base = _ct_fp8(_llama(tmp_path / "bf16"), tmp_path / "ct", strategy)
+    stored, ck = _stored(base), open_checkpoint(base)
+    assert ck.quant.method == "compressed-tensors"
+    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, **CT_STRATEGIES[strategy])
+    for name, spec in ck.tensors.items():
+        if spec.codec is not None:
+            ref = dequantize(stored[name], stored[name.replace(".weight", ".weight_scale")], args=args)
+            assert torch.equal(read_tensor(spec), ref.float()), name
+    dq = transformers.CompressedTensorsConfig(run_compressed=False)
+    lora, model = _lora(base, tmp_path / "lora", scale=0.05, quantized=dq)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    surgery("merge", base, lora, "-o", tmp_path / "out")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert torch.allclose(_logits(tmp_path / "out"), ref, atol=2e-2)
+    r = surgery("merge", base, lora, "-o", tmp_path / "rq", "--requantize", ok=False)
+    assert r.returncode == 1 and "compressed-tensors" in r.output and not (tmp_path / "rq").exists()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 magnitudes by code; bit 3 is the sign
 FP8_SCALES = ("weight_scale_inv", "scale", "qscale_weight")  # the names transformers accepts for `x.weight`'s scale
 ACTIVATION_SCALES = ("activation_scale", "input_scale")  # static activation scales: belong to the quantized module
-SUPPORTED = ("fp8", "mxfp4")
+SUPPORTED = ("fp8", "mxfp4", "compressed-tensors")
+CT_FORMATS = ("float-quantized", "naive-quantized")  # compressed-tensors formats that store FP8 weights as they are
 _UNSUPPORTED_NAMES = (  # signs of a quantization method in tensor names, for checkpoints without a config
     (("qweight", "qzeros", "g_idx"), "GPTQ/AWQ"),
     (("absmax", "quant_map", "quant_state", "SCB", "nested_absmax"), "bitsandbytes"),
@@ -61,30 +62,37 @@ def _unblock(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return x[..., : shape[-2], : shape[-1]]
 
 
-def _e4m3_over_256(q: torch.Tensor) -> torch.Tensor:
+Buffers = Callable[[str, tuple, torch.dtype], torch.Tensor]  # (tag, shape, dtype) → a buffer reused between calls
+
+
+def _new(tag: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _e4m3_over_256(q: torch.Tensor, buffers: Buffers = _new) -> torch.Tensor:
     """float8_e4m3fn codes as float16 values q / 2⁸, exactly (subnormals included): the sign bit moved to bit 15,
     exponent and mantissa to bits 13…7 — three integer passes instead of torch's slow float8 → float32 cast.
     NaN codes (0x7F, 0xFF) come out finite: the caller checks for them."""
-    h = q.view(torch.int8).to(torch.int16)  # sign-extended: bit 15 = the sign, and bit 14 too, cleared below
+    h = buffers("e4m3", tuple(q.shape), torch.int16).copy_(q.view(torch.int8))  # sign-extended: bits 15 and 14
     h <<= 7
     h &= -16385  # ~0x4000
     return h.view(torch.float16)
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """W = q · scale per block, float32 (…, R, C), one rounding per value; into `out` when given. `block` None:
-    one scale for the whole tensor. A row slice of q decodes with the matching rows of its scales when it starts
-    on a block boundary."""
+                   out: torch.Tensor | None = None, buffers: Buffers = _new) -> torch.Tensor:
+    """W = q · scale per block, float32 (…, R, C), one rounding per value; into `out` when given (`buffers` for
+    the temporaries). `block` None: one scale for the whole tensor. A row slice of q decodes with the matching
+    rows of its scales when it starts on a block boundary."""
     s = scale_values(scale)
     if int((q.view(torch.uint8) & 0x7F).amax()) == 0x7F:  # NaN codes: let the exact cast make them NaN
         w = fp8_dequantize_exact(q, s, block)
         return out.copy_(w) if out is not None else w
-    h, s = _e4m3_over_256(q), s * 256.0  # (q / 2⁸) · (s · 2⁸): the same single rounding as q · s
+    h, s = _e4m3_over_256(q, buffers), s * 256.0  # (q / 2⁸) · (s · 2⁸): the same single rounding as q · s
     if out is None:
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    if block is None:
-        return torch.mul(h, s.reshape(()), out=out)
+    if block is None:  # the scale as a dimensioned tensor: a 0-dim float32 one would leave the product in float16
+        return torch.mul(h, s.reshape((1,) * h.dim()), out=out)
     if q.shape[-2] % block[0] or q.shape[-1] % block[1]:  # partial edge blocks
         return out.copy_(_unblock(_blocks(h.float(), block) * s.unsqueeze(-1).unsqueeze(-3), q.shape))
     torch.mul(_blocks(h, block), s.unsqueeze(-1).unsqueeze(-3), out=_blocks(out, block))
@@ -100,24 +108,32 @@ def fp8_dequantize_exact(q: torch.Tensor, scale: torch.Tensor, block: tuple[int,
 
 
 def fp8_quantize(w: torch.Tensor, block: tuple[int, int] | None, pow2: bool = False,
-                 scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+                 buffers: Buffers = _new) -> tuple[torch.Tensor, torch.Tensor]:
     """(q float8_e4m3fn (…, R, C), scale_inv) as transformers' `Fp8Quantize` makes them: per block
     scale = 448 / amax (1 for an all-zero block), scale_inv = 1 / scale — a power of two ⌈·⌉ for UE8M0, the
     forward scale then its exact reciprocal —, q = clamp(w · scale, ±448) rounded to e4m3; partial edge blocks
-    scaled by their own amax. `block` None: one scale for the tensor (a 0-D or 1-element scale)."""
+    scaled by their own amax. `block` None: one scale for the tensor (a 0-D or 1-element scale). q into `out`
+    when given. NaN or Inf in w: ValueError."""
     wf = w.to(torch.float32)
     v = _blocks(wf, block) if block is not None else wf
-    dims = (-3, -1) if block is not None else tuple(range(v.dim()))
-    amax = torch.maximum(v.amax(dim=dims), v.amin(dim=dims).neg())  # = |v|.amax, without a |v| copy
+    if block is not None:  # = |v|.amax over each block, without a |v| copy; the contiguous axis first
+        amax = torch.maximum(v.amax(dim=-1).amax(dim=-2), v.amin(dim=-1).amin(dim=-2).neg())
+    else:
+        amax = torch.maximum(v.amax(), v.amin().neg())
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("NaN or Inf among the values to quantize")
     nonzero = amax > 0
     scales = torch.where(nonzero, FP8_MAX / torch.where(nonzero, amax, torch.ones_like(amax)), torch.ones_like(amax))
     inv = 1.0 / scales
     if pow2:
         inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
         scales = 1.0 / inv
-    x = v * (scales.unsqueeze(-1).unsqueeze(-3) if block is not None else scales)
+    x = torch.mul(v, scales.unsqueeze(-1).unsqueeze(-3) if block is not None else scales,
+                  out=buffers("scaled", tuple(v.shape), torch.float32))
     x.clamp_(-FP8_MAX, FP8_MAX)
-    q = (_unblock(x, w.shape) if block is not None else x).to(torch.float8_e4m3fn).contiguous()
+    x = _unblock(x, w.shape) if block is not None else x
+    q = out.copy_(x) if out is not None else x.to(torch.float8_e4m3fn).contiguous()
     if scale_dtype == torch.uint8:  # E8M0 bytes
         return q, (torch.frexp(inv)[1] - 1 + 127).to(torch.uint8)
     return q, inv.to(scale_dtype)
@@ -165,16 +181,20 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass(frozen=True)
 class Codec:
     """How one quantized weight is stored. method "fp8": `block` (b0, b1), or None for one scale; `pow2` for
-    UE8M0 scales. method "mxfp4": the weight is the transpose of the decoded (…, R, 32·G)."""
+    UE8M0 scales; `rounding`: the products rounded to this dtype (compressed-tensors multiplies in its scales'
+    dtype). method "mxfp4": the weight is the transpose of the decoded (…, R, 32·G)."""
 
     method: str
     block: tuple[int, int] | None = None
     pow2: bool = False
+    rounding: torch.dtype | None = None
 
-    def decode(self, values: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, values: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
+               buffers: Buffers = _new) -> torch.Tensor:
         """The weight's values in float32, in its logical layout (into `out` when given)."""
         if self.method == "fp8":
-            return fp8_dequantize(values, scale, self.block, out)
+            w = fp8_dequantize(values, scale, self.block, out, buffers)
+            return w.copy_(w.to(self.rounding)) if self.rounding is not None else w
         w = mxfp4_dequantize(values, scale).transpose(-1, -2)
         return out.copy_(w) if out is not None else w.contiguous()
 
@@ -187,10 +207,14 @@ class Codec:
     def scale_rows(self, r0: int, r1: int) -> slice:
         return slice(r0 // self.block[0], -(-r1 // self.block[0]))
 
-    def encode(self, w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, scale) for the weight `w` (logical layout), scales stored in `scale_dtype`."""
+    def encode(self, w: torch.Tensor, scale_dtype: torch.dtype, out: torch.Tensor | None = None,
+               buffers: Buffers = _new) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, scale) for the weight `w` (logical layout), scales stored in `scale_dtype`; FP8 values into
+        `out` when given. NaN or Inf in w: ValueError."""
         if self.method == "fp8":
-            return fp8_quantize(w, self.block, self.pow2, scale_dtype)
+            return fp8_quantize(w, self.block, self.pow2, scale_dtype, out, buffers)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("NaN or Inf among the values to quantize")
         return mxfp4_quantize(w.transpose(-1, -2))
 
 
@@ -207,7 +231,7 @@ class Quantized:
 
 @dataclass(frozen=True)
 class Scheme:
-    method: str  # "fp8" | "mxfp4"
+    method: str  # "fp8" | "mxfp4" | "compressed-tensors" (its FP8 weights)
     dtype: torch.dtype  # the model's own dtype (config's torch_dtype), which dequantized weights are written in
     weights: Mapping[str, Quantized]  # logical name → how it is stored
     config: Mapping  # quantization_config as config.json gives it
@@ -221,8 +245,9 @@ def _method_name(qc: Mapping) -> str:
 
 
 def _refuse(where, method: str) -> SurgeryError:
-    return SurgeryError(f"{where}: quantized with {method.strip()}, which surgery cannot read yet (it reads FP8 "
-                        "block-scaled and MXFP4 checkpoints); dequantize it to bf16/fp16 first")
+    return SurgeryError(f"{where}: quantized with {method.strip()}, which surgery cannot read yet (it reads FP8 — "
+                        "block-scaled, or compressed-tensors float-quantized — and MXFP4 checkpoints); dequantize it "
+                        "to bf16/fp16 first")
 
 
 def scheme(config: Mapping, tensors: Mapping[str, tuple[str, tuple[int, ...]]], where) -> Scheme | None:
@@ -244,7 +269,12 @@ def scheme(config: Mapping, tensors: Mapping[str, tuple[str, tuple[int, ...]]], 
     if method not in SUPPORTED:
         raise _refuse(where, method)
     dtype = _model_dtype(config)
-    weights = _fp8_weights(qc, tensors, where) if method == "fp8" else _mxfp4_weights(tensors, where)
+    if method == "fp8":
+        weights = _fp8_weights(qc, tensors, where)
+    elif method == "mxfp4":
+        weights = _mxfp4_weights(tensors, where)
+    else:
+        weights = _compressed_tensors_weights(qc, tensors, where)
     return Scheme(method, dtype, weights, dict(qc))
 
 
@@ -308,4 +338,49 @@ def _mxfp4_weights(tensors: Mapping, where) -> dict[str, Quantized]:
                                "MXFP4 blocks (E, R, G, 16) uint8 with scales (E, R, G) uint8")
         E, R, G, _ = shape
         out[base] = Quantized(base, (E, 32 * G, R), Codec("mxfp4"), (name, scale))
+    return out
+
+
+def _compressed_tensors_weights(qc: Mapping, tensors: Mapping, where) -> dict[str, Quantized]:
+    """compressed-tensors' FP8 checkpoints (`float-quantized`): `x.weight` float8_e4m3fn and `x.weight_scale` per
+    tensor, per output channel (R, 1), per group (R, C/g) or per block (⌈R/b0⌉, ⌈C/b1⌉), symmetric; W = q · scale
+    computed in the scale's dtype, as its `dequantize` does. Other formats (packed ints, NVFP4, …) and zero points
+    are refused."""
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, Mapping)]
+    if qc.get("format") not in CT_FORMATS + ("mixed-precision",) or not groups:
+        raise _refuse(where, f"compressed-tensors {qc.get('format')}")
+    for g in groups:
+        w = g.get("weights") or {}
+        fmt = g.get("format") or qc.get("format")
+        if fmt not in CT_FORMATS or w.get("type") != "float" or w.get("num_bits") != 8:
+            raise _refuse(where, f"compressed-tensors {fmt} ({w.get('num_bits')}-bit {w.get('type')} weights)")
+    blocks = [tuple(w["block_structure"]) for w in (g.get("weights") or {} for g in groups) if w.get("block_structure")]
+    blocks += [(1, w["group_size"]) for w in (g.get("weights") or {} for g in groups) if w.get("group_size")]
+    out = {}
+    for name, (dtype, shape) in tensors.items():
+        if dtype != "F8_E4M3":
+            continue
+        stem = name.removesuffix(".weight")
+        scale, zero = f"{stem}.weight_scale", f"{stem}.weight_zero_point"
+        if scale not in tensors:
+            raise SurgeryError(f"{where}: FP8 weight {name} has no scale ({scale}) for module {stem}; the checkpoint "
+                               "is incomplete")
+        if zero in tensors:
+            raise _refuse(where, f"compressed-tensors asymmetric FP8 ({zero})")
+        sdtype, sshape = tensors[scale]
+        R, C = shape[-2], shape[-1]
+        grid = {tuple(shape[:-2]) + (math.ceil(R / b0), math.ceil(C / b1)): (b0, b1) for b0, b1 in
+                [(1, C)] + blocks}
+        if math.prod(sshape) == 1:
+            block = None
+        elif tuple(sshape) in grid and len(shape) >= 2:
+            block = grid[tuple(sshape)]
+        else:
+            raise SurgeryError(f"{where}: scale {scale} has shape {list(sshape)}, which is no per-tensor, per-channel, "
+                               f"group or block scale of FP8 weight {name} {list(shape)}")
+        rounding = None if sdtype == "F32" else {"BF16": torch.bfloat16, "F16": torch.float16}.get(sdtype)
+        if sdtype not in ("F32", "BF16", "F16"):
+            raise SurgeryError(f"{where}: scale {scale} is {sdtype}; expected float32, bfloat16 or float16")
+        extra = tuple(f"{stem}.{a}" for a in ACTIVATION_SCALES if f"{stem}.{a}" in tensors)
+        out[name] = Quantized(name, tuple(shape), Codec("fp8", block, False, rounding), (name, scale) + extra)
     return out
