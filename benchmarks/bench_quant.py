@@ -7,8 +7,9 @@ Makes a Llama-7B-shaped FP8 checkpoint as DeepSeek-V3 and Qwen3-*-FP8 store them
 block, embeddings and norms bf16; ~7.0 GB in 5 shards) and a rank-64 PEFT LoRA on all 224 linear modules, then
 times, each as a whole process, alternating, with dirty pages flushed before each run:
   (a) the I/O floor: safetensors `load_file` + `save_file` of every shard of the same files;
-  (b) the I/O floor of the default's output: `load_file`, each FP8 tensor cast to bf16 (a plain cast, scales
-      dropped: the same bytes as (c) writes, 1.9× the base), `save_file`;
+  (b) the I/O floor of the default's output: `load_file`, each FP8 tensor's bytes written twice over as a bf16
+      tensor of its shape (no arithmetic; scales dropped: the same bytes as (c) writes, 1.9× the base),
+      `save_file`;
   (c) `surgery merge BASE LORA -o OUT` — the default: the whole model written dequantized, bf16;
   (d) `surgery merge BASE LORA -o OUT --requantize` — FP8 kept, fresh scales, the survival report.
 Medians, ratios to the floors, peak RSS (ru_maxrss), and (d)'s adapter_survived figure.
@@ -108,8 +109,8 @@ src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 dst.mkdir(exist_ok=True)
 for shard in sorted(src.glob("*.safetensors")):
     t = load_file(str(shard))
-    t = {k: v.to(torch.bfloat16) if v.dtype == torch.float8_e4m3fn else v for k, v in t.items()
-         if not k.endswith("_scale_inv")}
+    t = {k: torch.cat((v.view(torch.uint8), v.view(torch.uint8)), -1).view(torch.bfloat16)
+         if v.dtype == torch.float8_e4m3fn else v for k, v in t.items() if not k.endswith("_scale_inv")}
     save_file(t, str(dst / shard.name), metadata={"format": "pt"})
 """
 

@@ -31,7 +31,8 @@ from .io.experts import Piece
 from .io.jsonfile import field, read_object
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, files_below, index_name,
-                            is_pipeline, open_pipeline, open_weight_sets, read_stored, read_tensor, weights_name)
+                            is_pipeline, open_pipeline, open_weight_sets, prefetch, read_stored, read_tensor,
+                            weights_name)
 from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place, weight_key
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 from .linalg import all_finite
@@ -710,6 +711,7 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
     folder = target if ck.is_dir else target.parent
     weight_map = {}
     for shard, group in groups:
+        prefetch([place[n] for n in group if n in place])
         meta = ck.metadata.get(shard) or next(iter(ck.metadata.values()), None)
         total += write_shard(folder / shard if ck.is_dir else target, [e for n in group for e in made[n]], meta)
         weight_map.update({n: shard for n in group})

@@ -271,6 +271,21 @@ class _OpenFiles:
 _FILES = _OpenFiles()
 
 
+def prefetch(specs) -> None:
+    """Ask the kernel to start reading these tensors' bytes now (posix_fadvise WILLNEED, per file over the range
+    they span), so that a streamed merge computes one tensor while the disk brings the next ones: reading then
+    overlaps the maths instead of preceding it. Only a hint; the page cache, not this process, holds the bytes."""
+    spans: dict[Path, list[int]] = {}
+    for spec in specs:
+        for part in spec.parts or (spec,):
+            lo_hi = spans.setdefault(part.path, [part.begin, part.end])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], part.begin), max(lo_hi[1], part.end)
+    for path, (lo, hi) in spans.items():
+        if hi > lo and hasattr(os, "posix_fadvise"):
+            with open(path, "rb") as f:
+                os.posix_fadvise(f.fileno(), lo, hi - lo, os.POSIX_FADV_WILLNEED)
+
+
 def read_tensor(spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor, read with `readinto` calls until complete (one call moves at most ~2 GiB on Linux; no mmap
     kept) — into `buffer` (a flat uint8 CPU tensor of at least `spec.nbytes`) when given, so that repeated reads

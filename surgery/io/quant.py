@@ -85,18 +85,19 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
     the temporaries). `block` None: one scale for the whole tensor. A row slice of q decodes with the matching
     rows of its scales when it starts on a block boundary."""
     s = scale_values(scale)
-    if int((q.view(torch.uint8) & 0x7F).amax()) == 0x7F:  # NaN codes: let the exact cast make them NaN
-        w = fp8_dequantize_exact(q, s, block)
+    if q.numel() and (int(q.view(torch.uint8).amax()) == 0xFF or int(q.view(torch.int8).amax()) == 0x7F):
+        w = fp8_dequantize_exact(q, s, block)  # NaN codes (0xFF, 0x7F): the exact cast makes them NaN
         return out.copy_(w) if out is not None else w
-    h, s = _e4m3_over_256(q, buffers), s * 256.0  # (q / 2⁸) · (s · 2⁸): the same single rounding as q · s
     if out is None:
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    if block is None:  # the scale as a dimensioned tensor: a 0-dim float32 one would leave the product in float16
-        return torch.mul(h, s.reshape((1,) * h.dim()), out=out)
+    w, s = out.copy_(_e4m3_over_256(q, buffers)), s * 256.0  # (q / 2⁸) · (s · 2⁸): q · s, rounded once
+    if block is None:
+        return w.mul_(s.reshape(()))
     if q.shape[-2] % block[0] or q.shape[-1] % block[1]:  # partial edge blocks
-        return out.copy_(_unblock(_blocks(h.float(), block) * s.unsqueeze(-1).unsqueeze(-3), q.shape))
-    torch.mul(_blocks(h, block), s.unsqueeze(-1).unsqueeze(-3), out=_blocks(out, block))
-    return out
+        return w.copy_(_unblock(_blocks(w, block) * s.unsqueeze(-1).unsqueeze(-3), q.shape))
+    # each row times its blocks' scales: (…, R, C/b1, b1) · (…, R, C/b1, 1)
+    w.unflatten(-1, (-1, block[1])).mul_(s.repeat_interleave(block[0], dim=-2).unsqueeze(-1))
+    return w
 
 
 def fp8_dequantize_exact(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
@@ -129,9 +130,10 @@ def fp8_quantize(w: torch.Tensor, block: tuple[int, int] | None, pow2: bool = Fa
     if pow2:
         inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
         scales = 1.0 / inv
+    # |w · scale| ≤ 448·(1 + 2⁻²³) by construction, which e4m3 rounds to 448: transformers' clamp to ±448 changes
+    # nothing, so it is left out
     x = torch.mul(v, scales.unsqueeze(-1).unsqueeze(-3) if block is not None else scales,
                   out=buffers("scaled", tuple(v.shape), torch.float32))
-    x.clamp_(-FP8_MAX, FP8_MAX)
     x = _unblock(x, w.shape) if block is not None else x
     q = out.copy_(x) if out is not None else x.to(torch.float8_e4m3fn).contiguous()
     if scale_dtype == torch.uint8:  # E8M0 bytes
