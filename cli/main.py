@@ -19,8 +19,8 @@ from surgery.combine import METHODS as COMBINE_METHODS
 from surgery.squeeze import METHODS
 from surgery.squeeze import spectra as compute_spectra
 
-from .render import (_table, combine_table, convert_table, extract_table, survival_table, inspect_json, inspect_table,
-                     squeeze_table)
+from .render import (_table, combine_table, convert_table, extract_table, inspect_json, inspect_table, squeeze_table,
+                     survival_table)
 
 
 class Group(click.Group):

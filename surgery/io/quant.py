@@ -10,9 +10,10 @@ them and the weight's values.
   The weight transformers loads is the dequantized (E, R, 32·G) transposed to (E, 32·G, R).
 
 Decoding is one correctly rounded float32 product per value (exact for power-of-two scales) and matches
-transformers' dequantizers bit for bit; encoding is transformers' FP8 quantizer (amax/448 per block, or its power of two) extended to partial edge
-blocks, and the OCP MX conversion for MXFP4 (shared exponent ⌊log2 amax⌋ − 2, elements rounded to nearest even,
-saturated at ±6). The functions are pure; `scheme` plans from names, dtypes and shapes only.
+transformers' dequantizers bit for bit; encoding is transformers' FP8 quantizer (amax/448 per block, or its power
+of two) extended to partial edge blocks, and the OCP MX conversion for MXFP4 (shared exponent ⌊log2 amax⌋ − 2,
+elements rounded to nearest even, saturated at ±6). The functions are pure; `scheme` plans from names, dtypes and
+shapes only. compressed-tensors' FP8 checkpoints are read too (`_compressed_tensors_weights`).
 """
 from __future__ import annotations
 
@@ -295,7 +296,8 @@ def _fp8_scale(name: str, tensors: Mapping) -> str | None:
 def _fp8_weights(qc: Mapping, tensors: Mapping, where) -> dict[str, Quantized]:
     block = qc.get("weight_block_size") or (128, 128)
     if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise SurgeryError(f"{where}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+        raise SurgeryError(f"{where}: quantization_config.weight_block_size must be two positive integers, "
+                           f"got {block!r}")
     pow2 = str(qc.get("scale_fmt", "")).lower() == "ue8m0"
     out = {}
     for name, (dtype, shape) in tensors.items():
@@ -333,7 +335,8 @@ def _mxfp4_weights(tensors: Mapping, where) -> dict[str, Quantized]:
             continue
         base, scale = name[: -len("_blocks")], name[: -len("_blocks")] + "_scales"
         if scale not in tensors:
-            raise SurgeryError(f"{where}: MXFP4 weight {name} has no scale tensor {scale}; the checkpoint is incomplete")
+            raise SurgeryError(f"{where}: MXFP4 weight {name} has no scale tensor {scale}; the checkpoint is "
+                               "incomplete")
         sdtype, sshape = tensors[scale]
         if dtype != "U8" or sdtype != "U8" or len(shape) != 4 or shape[-1] != 16 or tuple(sshape) != tuple(shape[:-1]):
             raise SurgeryError(f"{where}: {name} ({dtype} {list(shape)}) and {scale} ({sdtype} {list(sshape)}) are not "
