@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import FLOOR  # noqa: E402  (load_file + save_file of every shard)
 from measure import alternate  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -94,14 +95,6 @@ def make(work: Path, layers: int) -> tuple[Path, Path]:
     return base, lora
 
 
-FLOOR = """
-import sys, pathlib
-from safetensors.torch import load_file, save_file
-src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-dst.mkdir(exist_ok=True)
-for shard in sorted(src.glob("*.safetensors")):
-    save_file(load_file(str(shard)), str(dst / shard.name), metadata={"format": "pt"})
-"""
 FLOOR_BF16 = """
 import sys, pathlib, torch
 from safetensors.torch import load_file, save_file
@@ -141,6 +134,12 @@ def main():
     r = subprocess.run(merge + ["-o", str(work / "out"), "--requantize", "--json", "--force"], capture_output=True,
                        text=True, check=True)
     q = json.loads(r.stdout)["quantized"]
+    from surgery import load_adapter
+    from surgery.io.checkpoint import open_checkpoint, read_tensor
+
+    W = read_tensor(open_checkpoint(base).tensors["model.layers.0.self_attn.q_proj.weight"])
+    d = load_adapter(lora).modules["base_model.model.model.layers.0.self_attn.q_proj"].delta()
+    print(f"  ‖ΔW‖ / ‖W‖ of layer 0's q_proj: {float(d.norm() / W.norm()):.4f}")
     print(f"  --requantize: adapter_survived {q['adapter_survived']:.4f} over {len(q['modules'])} weights "
           f"(min {min(m['adapter_survived'] for m in q['modules']):.4f}, "
           f"max {max(m['adapter_survived'] for m in q['modules']):.4f})")
