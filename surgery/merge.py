@@ -629,7 +629,7 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
                 acc += w * m.scale * materialize(m.bias).to(dev, compute_dtype)
             t = acc.to(odt)
         elif (products := streamable(name, change, spec)) is not None:  # checked block by block
-            torch.set_num_threads(cores)  # in cache, compute-bound: every core (measured: 1.12× end to end)
+            torch.set_num_threads(cores)  # in cache, compute-bound: every core (1.12× on an 8-layer FP8 merge)
             t = _streamed(spec, products, compute_dtype, next(scratches), odt)
             if progress:
                 progress(name)
