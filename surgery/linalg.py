@@ -140,3 +140,39 @@ def split_factors(svd: SVD, k: int, scale: float = 1.0) -> tuple[torch.Tensor, t
     B = sign * svd.U[..., :, :k] * root.unsqueeze(-2)
     A = root.unsqueeze(-1) * svd.Vh[..., :k, :]
     return B, A
+
+
+class OutputSVD(NamedTuple):
+    """The SVD of a LoRA's outputs on given inputs, M = scale · B @ A @ Xᵀ (m, n), in factored form: M's left
+    singular vectors are Qb @ Uc (Qb (m, p) the thin Q of B, Uc (p, min(p, q))), its singular values S."""
+
+    Qb: torch.Tensor  # (m, p)
+    Rb: torch.Tensor  # (p, r)
+    Uc: torch.Tensor  # (p, p)
+    S: torch.Tensor  # (p,)
+    scale: float
+
+
+def input_factor(X: torch.Tensor) -> torch.Tensor:
+    """R of X's QR (min(n, in), in), float64: RᵀR = XᵀX, so it stands for captured inputs X (n, in) in
+    `output_svd` at a size independent of n."""
+    return torch.linalg.qr(X.double(), mode="r").R
+
+
+def output_svd(B: torch.Tensor, A: torch.Tensor, F: torch.Tensor, scale: float = 1.0) -> OutputSVD:
+    """Singular values and left vectors of M = scale · B A Xᵀ (m, n) given F with FᵀF = XᵀX (X itself, or
+    `input_factor(X)`): with B = Qb Rb and (A Fᵀ)ᵀ = Qc Rc, M = Qb (s Rb Rcᵀ) Qcᵀ up to an orthogonal factor on the
+    right, so one small SVD of s·Rb Rcᵀ (p × r) gives them — by QRs, never squaring X (its small singular values
+    keep their digits; n < in and rank-deficient X included). O((m + n) r²); neither ΔW nor M is formed."""
+    Qb, Rb = torch.linalg.qr(B.double())  # (m, p), (p, r)
+    Rc = torch.linalg.qr((A.double() @ F.double().T).T, mode="r").R  # (q, r): (A Fᵀ)ᵀ = Qc Rc
+    Uc, S, _ = torch.linalg.svd(scale * (Rb @ Rc.T), full_matrices=False)
+    return OutputSVD(Qb, Rb, Uc, S, scale)
+
+
+def output_factors(B: torch.Tensor, A: torch.Tensor, out: OutputSVD, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-k ΔW_k minimising ‖X (ΔW_k − ΔW)ᵀ‖_F: ΔW_k = U_k U_kᵀ ΔW, U_k M's top-k left singular vectors
+    (Eckart–Young in output space; the error is √Σ_{i>k} σᵢ² of `out.S`). As factors with scale 1:
+    B' = U_k = Qb Uc_k (m, k), A' = U_kᵀ · s B A = s (Uc_kᵀ Rb) A (k, in) — since Qbᵀ B = Rb."""
+    Uk = out.Uc[:, :k]
+    return (out.Qb @ Uk).to(B.dtype), (out.scale * (Uk.T @ out.Rb)).to(A.dtype) @ A

@@ -104,3 +104,42 @@ def test_split_factors_negative_scale():
     svd = lowrank_svd(B, A, -3.0)
     Bk, Ak = split_factors(svd, 4, -3.0)
     assert torch.allclose(-3.0 * Bk @ Ak, -3.0 * B @ A, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(2, 24), n_in=st.integers(2, 24), r=st.integers(1, 8), n=st.integers(1, 40),
+       seed=st.integers(0, 2**16), deficient=st.booleans())
+def test_output_truncation_is_the_float64_optimum(m, n_in, r, n, seed, deficient):
+    """ΔW_k = U_k U_kᵀ ΔW reaches the float64 optimum of ‖X(ΔW_k − ΔW)ᵀ‖ (the tail singular values of X ΔWᵀ),
+    with fewer samples than inputs and rank-deficient X too, and is never worse than plain truncation there."""
+    from surgery.linalg import input_factor, output_factors, output_svd
+
+    g = torch.Generator().manual_seed(seed)
+    B, A = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(r, n_in, generator=g, dtype=torch.float64)
+    X = torch.randn(n, n_in, generator=g, dtype=torch.float64) * torch.rand(n_in, generator=g, dtype=torch.float64) * 3
+    if deficient:
+        X[:, : n_in // 2] = 0.0
+    s, dW = 0.7, 0.7 * B @ A
+    M = X @ dW.T  # (n, m): outputs
+    S_ref = torch.linalg.svdvals(M)
+    out = output_svd(B, A, X if seed % 2 else input_factor(X), s)  # X itself, or R of its QR
+    assert torch.allclose(out.S[: len(S_ref)], S_ref[: len(out.S)], atol=1e-10 * (1 + float(S_ref[0])))
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    for k in range(1, len(out.S) + 1):
+        Bk, Ak = output_factors(B, A, out, k)
+        err = float((X @ (Bk @ Ak - dW).T).norm())
+        best = float(S_ref[k:].square().sum().sqrt())
+        assert err == pytest.approx(best, abs=1e-7 * (1 + float(S_ref[0])))
+        plain = float((X @ (U[:, :k] * S[:k] @ Vh[:k] - dW).T).norm())
+        assert err <= plain + 1e-9 * (1 + float(S_ref[0]))
+
+
+def test_output_truncation_with_white_inputs_is_plain_truncation():
+    from surgery.linalg import input_factor, output_factors, output_svd
+
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randn(4, 10, generator=g, dtype=torch.float64)
+    X = torch.linalg.qr(torch.randn(30, 10, generator=g, dtype=torch.float64)).Q * 2.0  # XᵀX = 4 I
+    Bk, Ak = output_factors(B, A, output_svd(B, A, X, 1.5), 2)
+    U, S, Vh = torch.linalg.svd(1.5 * B @ A)
+    assert torch.allclose(Bk @ Ak, U[:, :2] * S[:2] @ Vh[:2], atol=1e-10)
