@@ -70,17 +70,23 @@ def make(work: Path) -> tuple[Path, Path]:
         "num_hidden_layers": L, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": V,
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16", "hidden_act": "silu"}))
+    write_lora(lora, L, SHAPES, R, 2 * R, rnd)
+    return base, lora
+
+
+def write_lora(lora: Path, layers: int, shapes: dict, rank: int, alpha: float, rnd, b_scale: float = 1.0) -> None:
+    """A PEFT LoRA directory over `shapes` ({"self_attn.q_proj": (out, in), …}) of every layer, factors from
+    `rnd(*shape)`, B times `b_scale`."""
     t = {}
-    for layer in range(L):
-        for m, (o, i) in SHAPES.items():
+    for layer in range(layers):
+        for m, (o, i) in shapes.items():
             p = f"base_model.model.model.layers.{layer}.{m}"
-            t[p + ".lora_A.weight"] = rnd(R, i)
-            t[p + ".lora_B.weight"] = rnd(o, R)
+            t[p + ".lora_A.weight"] = rnd(rank, i)
+            t[p + ".lora_B.weight"] = rnd(o, rank) * b_scale
     save_file(t, str(lora / "adapter_model.safetensors"), metadata={"format": "pt"})
     (lora / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": R, "lora_alpha": 2 * R, "task_type": "CAUSAL_LM", "bias": "none",
-        "target_modules": sorted(m.split(".")[1] for m in SHAPES), "lora_dropout": 0.0, "fan_in_fan_out": False}))
-    return base, lora
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "task_type": "CAUSAL_LM", "bias": "none",
+        "target_modules": sorted(m.split(".")[1] for m in shapes), "lora_dropout": 0.0, "fan_in_fan_out": False}))
 
 
 FLOOR = """

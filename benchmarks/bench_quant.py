@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import FLOOR  # noqa: E402  (load_file + save_file of every shard)
+from bench_merge import FLOOR, write_lora  # noqa: E402  (FLOOR: load_file + save_file of every shard)
 from measure import alternate  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -82,16 +82,7 @@ def make(work: Path, layers: int) -> tuple[Path, Path]:
         "torch_dtype": "bfloat16", "hidden_act": "silu",
         "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                 "weight_block_size": [BLOCK, BLOCK]}}))
-    t = {}
-    for layer in range(layers):
-        for m, (o, i) in SHAPES.items():
-            p = f"base_model.model.model.layers.{layer}.{m}"
-            t[p + ".lora_A.weight"] = bf16(R, i)
-            t[p + ".lora_B.weight"] = bf16(o, R) * 0.05
-    save_file(t, str(lora / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (lora / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": R, "lora_alpha": R, "task_type": "CAUSAL_LM", "bias": "none",
-        "target_modules": sorted(m.split(".")[1] for m in SHAPES), "lora_dropout": 0.0, "fan_in_fan_out": False}))
+    write_lora(lora, layers, SHAPES, R, R, bf16, b_scale=0.05)
     return base, lora
 
 

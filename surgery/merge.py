@@ -617,7 +617,7 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
     def computed(name: str, change: Change, spec: TensorSpec, odt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The output tensor in `odt`, and the base tensor it was made from."""
         torch.set_num_threads(threads)
-        base = None
+        base = products = None
         if change is None:
             t = read_tensor(spec).to(odt)
         elif change.kind == "replace":
@@ -628,18 +628,15 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
             for m, w in change.parts:
                 acc += w * m.scale * materialize(m.bias).to(dev, compute_dtype)
             t = acc.to(odt)
-        elif (products := streamable(name, change, spec)) is not None:  # checked block by block
+        elif (products := streamable(name, change, spec)) is not None:
             torch.set_num_threads(cores)  # in cache, compute-bound: every core (1.12× on an 8-layer FP8 merge)
-            t = _streamed(spec, products, compute_dtype, next(scratches), odt)
-            if progress:
-                progress(name)
-            return t, None
+            t = _streamed(spec, products, compute_dtype, next(scratches), odt)  # finiteness checked block by block
         else:
             scratch = next(scratches)
             W = base = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
             t = merged_weight(W, change.parts, fan_in_fan_out=name in plan.transposed, out_dtype=odt,
                               compute=compute_dtype, device=dev, scratch=scratch, dora=change.dora)
-        if not all_finite(t):
+        if products is None and not all_finite(t):
             if base is not None and not all_finite(base):
                 raise SurgeryError(f"{spec.path}: base tensor {spec.name} already holds NaN or Inf; the base is "
                                    "broken, not the merge")
@@ -747,7 +744,7 @@ def _rows(spec: TensorSpec, products: list, compute: torch.dtype, scratch: Scrat
     codec = spec.codec
     unit = codec.rows if codec is not None else 1
     step = max(unit, ROW_BLOCK // max(cols, 1) // unit * unit)
-    raw = scratch.get("read", ((spec.parts[0] if codec else spec).nbytes,), torch.uint8)
+    raw = scratch.get("read", (spec.nbytes,), torch.uint8)  # a quantized weight's spans its stored values
     if codec is not None:
         values, scale = read_stored(spec, raw)
 

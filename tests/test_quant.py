@@ -446,6 +446,10 @@ BAD = {
     "nan-code": (dict(edit=lambda t: t[f"{Q}.weight"].view(torch.uint8)[0, 0].fill_(0x7F)),
                  f"{Q}.weight", "holds NaN or Inf"),
     "no-config": (dict(config=None), "no config.json with their quantization_config"),
+    "e5m2": (dict(edit=lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"].float().to(torch.float8_e5m2)})),
+             f"{Q}.weight is float8_e5m2"),
+    "block-size": (dict(config={"quant_method": "fp8", "weight_block_size": [0, 8]}),
+                   "weight_block_size must be two positive integers"),
 }
 
 
@@ -582,3 +586,35 @@ def test_compressed_tensors_fp8(tmp_path, strategy):
     assert torch.allclose(_logits(tmp_path / "out"), ref, atol=2e-2)
     r = surgery("merge", base, lora, "-o", tmp_path / "rq", "--requantize", ok=False)
     assert r.returncode == 1 and "compressed-tensors" in r.output and not (tmp_path / "rq").exists()
+
+
+def test_requantize_refuses_dtype(fp8, tmp_path):
+    from .conftest import lora_pair, write_peft
+
+    lora = write_peft(tmp_path / "lora", {Q: lora_pair(16, 16, 2)}, r=2, alpha=2)
+    r = surgery("merge", fp8, lora, "-o", tmp_path / "out", "--requantize", "--dtype", "float16", ok=False)
+    assert r.returncode == 1 and "drop --dtype" in r.output and not (tmp_path / "out").exists()
+
+
+def test_bad_mxfp4_and_compressed_tensors_bases(mxfp4, tmp_path):
+    """An MXFP4 weight without its scales, a compressed-tensors FP8 weight with a zero point: one line, exit 1,
+    nothing written."""
+    from .conftest import lora_pair, write_peft
+
+    lora = write_peft(tmp_path / "lora", {Q: lora_pair(32, 32, 2)}, r=2, alpha=2)
+    bad = tmp_path / "mx"
+    bad.mkdir()
+    tensors = _stored(mxfp4)
+    del tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((mxfp4 / "config.json").read_text())
+    ct = _ct_fp8(_llama(tmp_path / "bf16"), tmp_path / "ct", "channel")
+    tensors = _stored(ct)
+    tensors[f"{Q}.weight_zero_point"] = torch.zeros(16, 1)
+    save_file(tensors, str(ct / "model.safetensors"))
+    for base, message in ((bad, "has no scale tensor model.layers.0.mlp.experts.down_proj_scales"),
+                          (ct, f"asymmetric FP8 ({Q}.weight_zero_point)")):
+        r = surgery("merge", base, lora, "-o", tmp_path / "out", ok=False)
+        lines = [x for x in r.output.splitlines() if x.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.output
+        assert not (tmp_path / "out").exists()

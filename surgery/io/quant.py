@@ -237,7 +237,6 @@ class Scheme:
     method: str  # "fp8" | "mxfp4" | "compressed-tensors" (its FP8 weights)
     dtype: torch.dtype  # the model's own dtype (config's torch_dtype), which dequantized weights are written in
     weights: Mapping[str, Quantized]  # logical name → how it is stored
-    config: Mapping  # quantization_config as config.json gives it
 
 
 def _method_name(qc: Mapping) -> str:
@@ -278,13 +277,18 @@ def scheme(config: Mapping, tensors: Mapping[str, tuple[str, tuple[int, ...]]], 
         weights = _mxfp4_weights(tensors, where)
     else:
         weights = _compressed_tensors_weights(qc, tensors, where)
-    return Scheme(method, dtype, weights, dict(qc))
+    return Scheme(method, dtype, weights)
 
 
 def _model_dtype(config: Mapping) -> torch.dtype:
     name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     dt = getattr(torch, str(name).removeprefix("torch."), None)
     return dt if dt in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+def _activation_scales(stem: str, tensors: Mapping) -> tuple[str, ...]:
+    """A quantized module's static activation scales: stored with its weight, dropped with it when dequantized."""
+    return tuple(f"{stem}.{a}" for a in ACTIVATION_SCALES if f"{stem}.{a}" in tensors)
 
 
 def _fp8_scale(name: str, tensors: Mapping) -> str | None:
@@ -315,16 +319,12 @@ def _fp8_weights(qc: Mapping, tensors: Mapping, where) -> dict[str, Quantized]:
             raise SurgeryError(f"{where}: {scale} ({sdtype} {list(sshape)}) is not a block scale of the FP8 weight "
                                f"{name} {list(shape)}")
         grid = tuple(shape[:-2]) + (math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
-        if tuple(sshape) == grid:
-            codec = Codec("fp8", tuple(block), pow2 or sdtype in ("F8_E8M0", "U8"))
-        elif math.prod(sshape) == 1:
-            codec = Codec("fp8", None, pow2 or sdtype in ("F8_E8M0", "U8"))
-        else:
+        if tuple(sshape) != grid and math.prod(sshape) != 1:
             raise SurgeryError(f"{where}: scale {scale} has shape {list(sshape)}, but FP8 weight {name} "
                                f"{list(shape)} in blocks of {list(block)} needs {list(grid)}")
-        stem = name[: -len(".weight")] if name.endswith(".weight") else name
-        extra = tuple(f"{stem}.{a}" for a in ACTIVATION_SCALES if f"{stem}.{a}" in tensors)
-        out[name] = Quantized(name, tuple(shape), codec, (name, scale) + extra)
+        codec = Codec("fp8", tuple(block) if tuple(sshape) == grid else None, pow2 or sdtype in ("F8_E8M0", "U8"))
+        parts = (name, scale) + _activation_scales(name.removesuffix(".weight"), tensors)
+        out[name] = Quantized(name, tuple(shape), codec, parts)
     return out
 
 
@@ -359,8 +359,9 @@ def _compressed_tensors_weights(qc: Mapping, tensors: Mapping, where) -> dict[st
         fmt = g.get("format") or qc.get("format")
         if fmt not in CT_FORMATS or w.get("type") != "float" or w.get("num_bits") != 8:
             raise _refuse(where, f"compressed-tensors {fmt} ({w.get('num_bits')}-bit {w.get('type')} weights)")
-    blocks = [tuple(w["block_structure"]) for w in (g.get("weights") or {} for g in groups) if w.get("block_structure")]
-    blocks += [(1, w["group_size"]) for w in (g.get("weights") or {} for g in groups) if w.get("group_size")]
+    args = [g.get("weights") or {} for g in groups]
+    blocks = [tuple(w["block_structure"]) for w in args if w.get("block_structure")]
+    blocks += [(1, w["group_size"]) for w in args if w.get("group_size")]
     out = {}
     for name, (dtype, shape) in tensors.items():
         if dtype != "F8_E4M3":
@@ -383,9 +384,9 @@ def _compressed_tensors_weights(qc: Mapping, tensors: Mapping, where) -> dict[st
         else:
             raise SurgeryError(f"{where}: scale {scale} has shape {list(sshape)}, which is no per-tensor, per-channel, "
                                f"group or block scale of FP8 weight {name} {list(shape)}")
-        rounding = None if sdtype == "F32" else {"BF16": torch.bfloat16, "F16": torch.float16}.get(sdtype)
         if sdtype not in ("F32", "BF16", "F16"):
             raise SurgeryError(f"{where}: scale {scale} is {sdtype}; expected float32, bfloat16 or float16")
-        extra = tuple(f"{stem}.{a}" for a in ACTIVATION_SCALES if f"{stem}.{a}" in tensors)
-        out[name] = Quantized(name, tuple(shape), Codec("fp8", block, False, rounding), (name, scale) + extra)
+        rounding = {"BF16": torch.bfloat16, "F16": torch.float16}.get(sdtype)  # float32: no extra rounding
+        parts = (name, scale) + _activation_scales(stem, tensors)
+        out[name] = Quantized(name, tuple(shape), Codec("fp8", block, False, rounding), parts)
     return out
