@@ -245,22 +245,40 @@ def inspect(adapter, spectrum, plot, as_json):
               help="Arithmetic precision of the factorisation.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output format (default: the output path's layout, in the input's naming).")
+@click.option("--activations", type=click.Path(path_type=str),
+              help="Module inputs from surgery capture --module-inputs: truncate each captured module optimally for "
+                   "its inputs (ranks from σ(ΔW Xᵀ)); the report gives output errors beside plain truncation's.")
 @base_option()
 @force_option
 @alpha_option
 @compute_options()
 @json_option
-def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, fmt, base, force, alpha,
-                device, dtype, seed, as_json):
+def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, precision, activations, fmt, base,
+                force, alpha, device, dtype, seed, as_json):
     """Compress a LoRA to lower ranks (LoRA-Squeeze, post-hoc)."""
     rule = rank_rule(rank, energy, budget, rank_map)
+    if activations and method != "exact":
+        raise click.UsageError("--activations gives the exact output-space truncation; drop --method rsvd")
     a = load(adapter, alpha)
-    out = out or output_for(a, rule_tag(rank, energy, budget, rank_map), fmt)
+    inputs = None
+    if activations:
+        from surgery.capture import load_inputs, match_inputs
+
+        inputs = match_inputs(a, load_inputs(activations))
+        if not inputs:
+            raise SurgeryError(f"{activations}: holds the inputs of none of {adapter}'s linear modules")
+    if a.format == "tera":  # through its exact LoRA form
+        from surgery.tera import to_lora
+
+        click.echo("note: a TeRA adapter is squeezed through its exact LoRA form and written as a LoRA", err=True)
+        a = to_lora(a)[0]
+        fmt = fmt or ("kohya" if a.format == "kohya" else "peft")
+    out = out or output_for(a, rule_tag(rank, energy, budget, rank_map), fmt, source=adapter)
     with progress_bar(len(a.modules), "squeeze") as bar:
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1),
-                                shapes=base_shapes_of(a, base), fold=folds(a, out, fmt))
-    path = save_adapter(small, out, format=fmt, force=force, inputs=[base] if base else (),
+                                shapes=base_shapes_of(a, base), fold=folds(a, out, fmt), inputs=inputs)
+    path = save_adapter(small, out, format=fmt, force=force, inputs=[p for p in (base, activations) if p],
                         base=naming_base(out, base, small))
     emit(report.to_dict(), squeeze_table(report), path, report.warnings, as_json)
 
@@ -616,8 +634,8 @@ def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_js
         new, report = tune(s, t, inputs, steps=steps, lr=lr, device=device,
                            progress=lambda _: bar.update(1))
     path = save_adapter(new, out, force=force, inputs=(teacher, activations))
-    rows = [[r.name, str(r.tokens), f"{r.before:.4g}", f"{r.after:.4g}", str(r.best_step)] for r in report]
-    table = _table(["module", "tokens", "error before", "error after", "best step"], rows, {1, 2, 3, 4})
+    rows = [[r.name, str(r.tokens), f"{r.before:.4g}", f"{r.after:.4g}", r.start, str(r.best_step)] for r in report]
+    table = _table(["module", "tokens", "error before", "error after", "start", "best step"], rows, {1, 2, 3, 5})
     emit({"modules": [r.__dict__ for r in report]}, table, path, [], as_json)
 
 

@@ -121,12 +121,20 @@ def inspect_table(a: Adapter, spectra=None, sigmas: bool = True) -> str:
 
 
 def squeeze_table(r: SqueezeReport) -> str:
+    outputs = r.output_rel_error() is not None
+    out = lambda e: "–" if e is None else f"{e:.3e}"  # noqa: E731
     rows = [[m.name + (" [DoRA]" if m.dora else ""), f"{m.old_rank}→{m.new_rank}", f"{m.energy_kept:.6f}",
-             f"{m.rel_error:.3e}", f"{m.params_before:,}→{m.params_after:,}"] for m in r.modules]
-    table = _table(["module", "rank", "energy kept", "rel. error", "params"], rows, right={1, 2, 3, 4})
+             f"{m.rel_error:.3e}"] + ([out(m.output_rel_error), out(m.plain_output_rel_error)] if outputs else [])
+            + [f"{m.params_before:,}→{m.params_after:,}"] for m in r.modules]
+    head = ["module", "rank", "energy kept", "rel. error"] + (["output error", "plain's"] if outputs else [])
+    table = _table(head + ["params"], rows, right=set(range(1, len(head) + 1)))
     ratio = r.params_after / r.params_before if r.params_before else 1.0
-    return (f"{table}\n\ntotal: {r.params_before:,} → {r.params_after:,} parameters ({ratio:.1%}), "
+    text = (f"{table}\n\ntotal: {r.params_before:,} → {r.params_after:,} parameters ({ratio:.1%}), "
             f"relative Frobenius error over all modules {r.rel_error:.3e} ({r.method} SVD)")
+    if outputs:
+        text += (f"\noutput error ‖X(ΔW_k − ΔW)ᵀ‖/‖XΔWᵀ‖ on the captured inputs: {r.output_rel_error():.3e} "
+                 f"(plain truncation: {r.output_rel_error(plain=True):.3e})")
+    return text
 
 
 def survival_table(q: dict) -> str:

@@ -236,6 +236,30 @@ def load_inputs(path: str | os.PathLike) -> dict:
     return out
 
 
+def input_key(name: str, inputs: Mapping) -> str | None:
+    """The module path in a module-inputs file for an adapter module name (PEFT-prefixed, bare or kohya); else the
+    one path that ends the name or that the name ends (`model.layers.0.…` of a *ForCausalLM adapter against
+    `layers.0.…` captured with AutoModel, or the other way)."""
+    from .io import kohya_name
+    from .io.peft import PREFIX
+
+    path = name.removeprefix(PREFIX)
+    for p in (name, path):
+        if p in inputs:
+            return p
+    if found := [p for p in inputs if kohya_name(p) == name]:
+        return found[0]
+    found = [p for p in inputs if path.endswith("." + p) or p.endswith("." + path)]
+    return found[0] if len(found) == 1 else None
+
+
+def match_inputs(adapter, inputs: Mapping) -> dict:
+    """{adapter module name: its captured inputs} for the adapter's linear modules found in `inputs`
+    (module path → (tokens, in), from `load_inputs`)."""
+    keys = {name: input_key(name, inputs) for name, m in adapter.modules.items() if m.kind == "linear"}
+    return {name: inputs[key] for name, key in keys.items() if key is not None}
+
+
 def save_capture(cap: Capture, out: str | os.PathLike) -> None:
     from .io.safetensors_file import atomic_output, save_tensors
 

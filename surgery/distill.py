@@ -15,11 +15,11 @@ from typing import Callable, Mapping
 import torch
 
 from .adapter import Adapter, TensorLike, materialize
+from .capture import input_key
 from .tera import TeraModule
 from .device import resolve_device
 from .errors import SurgeryError
-from .io import kohya_name
-from .io.peft import PREFIX
+from .squeeze import output_truncation
 
 
 @dataclass(frozen=True)
@@ -29,20 +29,7 @@ class TunedModule:
     before: float  # relative output error of the student as given
     after: float  # … of what is written (never above `before`)
     best_step: int  # 0: the starting point was kept
-
-
-def _match(name: str, inputs: Mapping[str, TensorLike]) -> str | None:
-    """The module path in a module-inputs file for an adapter module name (PEFT-prefixed, bare or kohya); else the
-    one path that ends the name or that the name ends (`model.layers.0.…` of a *ForCausalLM adapter against
-    `layers.0.…` captured with AutoModel, or the other way)."""
-    path = name.removeprefix(PREFIX)
-    for p in (name, path):
-        if p in inputs:
-            return p
-    if found := [p for p in inputs if kohya_name(p) == name]:
-        return found[0]
-    found = [p for p in inputs if path.endswith("." + p) or p.endswith("." + path)]
-    return found[0] if len(found) == 1 else None
+    start: str = "given"  # where Adam started: the student as given, or (LoRA) the output-optimal truncation
 
 
 def _unsupported(m) -> str | None:
@@ -75,7 +62,9 @@ def _written(m, params: list[torch.Tensor]):
 
 
 def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: float = 1e-2, device="cpu"):
-    """(tuned student module, before, after, best step) for one module; X (n, in).
+    """(tuned student module, before, after, best step, start) for one module; X (n, in). A LoRA student starts
+    from the output-optimal rank-r truncation of the teacher (squeeze --activations) when that is better than
+    the student as given; Adam goes on from there (it can only help through rounding).
 
     `lr` is relative: each tensor's Adam step is lr × its starting RMS (1 for an all-zero tensor), so one value
     suits LoRA factors and TeRA λ's of any scale. Nothing is random: same inputs, same result.
@@ -89,13 +78,7 @@ def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: floa
     if not math.isfinite(norm):
         raise SurgeryError("the teacher's outputs are not finite (NaN/Inf in its tensors)")
     if norm == 0:
-        return student, 0.0, 0.0, 0
-    params, run = _forward(student, dev)
-    groups = [{"params": [p], "lr": lr * (float(p.detach().square().mean().sqrt()) or 1.0)} for p in params]
-    opt = torch.optim.Adam(groups)
-
-    def loss_fn() -> torch.Tensor:
-        return (run(X) - Yt).square().sum() / norm
+        return student, 0.0, 0.0, 0, "given"
 
     def rel(m) -> float:
         with torch.no_grad():
@@ -104,9 +87,17 @@ def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: floa
     before = rel(student)
     if not math.isfinite(before):
         raise SurgeryError("the student's tensors contain NaN or Inf")
+    start, origin = student, "given"
+    if not isinstance(student, TeraModule):  # a LoRA student starts from the closed-form optimum at its rank
+        closed = _written(student, output_truncation(teacher, X.double(), student.rank, student.scale, dev))
+        if rel(closed) < before:
+            start, origin = closed, "closed form"
+    params, run = _forward(start, dev)
+    groups = [{"params": [p], "lr": lr * (float(p.detach().square().mean().sqrt()) or 1.0)} for p in params]
+    opt = torch.optim.Adam(groups)
     best_loss, best, best_step = math.inf, None, 0
     for step in range(steps + 1):
-        loss = loss_fn()
+        loss = (run(X) - Yt).square().sum() / norm
         value = float(loss.detach())
         if not math.isfinite(value):
             break
@@ -117,11 +108,9 @@ def tune_module(student, teacher, X: torch.Tensor, *, steps: int = 200, lr: floa
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if best_step == 0:
-        return student, before, before, 0
-    out = _written(student, best)
+    out = start if best_step == 0 else _written(student, best)
     after = rel(out)
-    return (out, before, after, best_step) if after < before else (student, before, before, 0)
+    return (out, before, after, best_step, origin) if after < before else (student, before, before, 0, "given")
 
 
 def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *, steps: int = 200,
@@ -136,7 +125,7 @@ def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *
         t = teacher.modules.get(name)
         if t is None:
             raise SurgeryError(f"module {name}: not in the teacher adapter")
-        key = _match(name, inputs)
+        key = input_key(name, inputs)
         if key is None:
             raise SurgeryError(f"module {name}: no captured inputs for it (capture them with --module-inputs)")
         if (t.out_features, t.in_features) != (m.out_features, m.in_features):
@@ -156,11 +145,11 @@ def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *
         if not torch.isfinite(X).all():
             raise SurgeryError(f"{key}: captured inputs contain NaN or Inf")
         try:
-            new, before, after, best = tune_module(m, t, X, steps=steps, lr=lr, device=device)
+            new, before, after, best, origin = tune_module(m, t, X, steps=steps, lr=lr, device=device)
         except SurgeryError as e:
             raise SurgeryError(f"module {name}: {e}") from None
         modules[name] = new
-        report.append(TunedModule(name, X.shape[0], before, after, best))
+        report.append(TunedModule(name, X.shape[0], before, after, best, origin))
         if progress:
             progress(name)
     return student.with_modules(modules), report

@@ -5,6 +5,10 @@
 re-split with √Σ on both sides while keeping the module's scale; factors are cast once to the storage dtype.
 The reported error is exact without a dense ΔW: the dropped σ² (exact method) or the norm of the low-rank
 residual from Gram matrices (rsvd). On the CPU, modules are processed in parallel (`per_module`).
+
+With captured inputs X (n, in) of a module (`inputs`), the truncation is output-aware: the rank-k ΔW_k minimising
+‖X (ΔW_k − ΔW)ᵀ‖_F, U_k U_kᵀ ΔW for U_k the top-k left singular vectors of ΔW Xᵀ (linalg.output_svd), and every rank
+rule reads σ(ΔW Xᵀ) instead of σ(ΔW).
 """
 from __future__ import annotations
 
@@ -16,12 +20,12 @@ from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 
-from .adapter import Adapter, LoraModule, experts_module, fold_scale, materialize, scaled
+from .adapter import Adapter, LoraModule, TensorLike, experts_module, fold_scale, materialize, scaled
 from .device import compute_dtype as _compute_dtype
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
 from .linalg import (SVD, CoreSVD, all_finite, core_factors, core_svd, lora_operator, lowrank_frobenius_sq,
-                     randomized_svd, split_factors)
+                     output_factors, output_svd, randomized_svd, split_factors)
 from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
                    energy_rank, numerical_rank)
 
@@ -43,6 +47,11 @@ class ModuleReport:
     params_after: int
     dora: bool
     algo: str = "lora"  # what the module was: lora, loha, lokr or diff (all are LoRA afterwards)
+    # with captured inputs X: ‖X(ΔW_k − ΔW)ᵀ‖ / ‖XΔWᵀ‖ of what was written, of plain truncation at the same rank,
+    # and ‖XΔWᵀ‖ (None without inputs)
+    output_rel_error: float | None = None
+    plain_output_rel_error: float | None = None
+    output_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,13 @@ class SqueezeReport:
     @property
     def rel_error(self) -> float:
         """‖ΔW − ΔW_k‖_F / ‖ΔW‖_F over the whole adapter (all modules stacked)."""
-        total = sum(m.norm**2 for m in self.modules)
-        return math.sqrt(sum((m.rel_error * m.norm) ** 2 for m in self.modules) / total) if total else 0.0
+        return _stacked((m.rel_error, m.norm) for m in self.modules)
+
+    def output_rel_error(self, plain: bool = False) -> float | None:
+        """‖X(ΔW_k − ΔW)ᵀ‖ / ‖XΔWᵀ‖ over the modules with captured inputs (stacked); `plain`: plain truncation's."""
+        rows = [((m.plain_output_rel_error if plain else m.output_rel_error), m.output_norm) for m in self.modules
+                if m.output_norm is not None]
+        return _stacked(rows) if rows else None
 
     def to_dict(self) -> dict:
         return {
@@ -72,8 +86,17 @@ class SqueezeReport:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "rel_error": self.rel_error,
+            "output_rel_error": self.output_rel_error(),
+            "plain_output_rel_error": self.output_rel_error(plain=True),
             "warnings": list(self.warnings),
         }
+
+
+def _stacked(rows) -> float:
+    """The relative error of modules stacked into one, from (relative error, norm) pairs."""
+    rows = list(rows)
+    total = sum(n * n for _, n in rows)
+    return math.sqrt(sum((e * n) ** 2 for e, n in rows) / total) if total else 0.0
 
 
 def _check_finite(name: str, *tensors: torch.Tensor) -> None:
@@ -213,17 +236,80 @@ def per_module(fn: Callable[[str, LoraModule], T], modules: Mapping[str, LoraMod
         torch.set_num_threads(threads)
 
 
+def _exact_pair(name: str, m, cdtype, dev) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """An exact LoRA form (B (out, r), A (r, in), scale) of a module's ΔW: its own pair (LoRA, LoHa's
+    face-splitting pair), or its SVD (LoKr, full) at the numerical rank, scale 1."""
+    pair = m.lowrank(cdtype, dev)
+    if pair is not None:
+        _check_finite(name, *pair)
+        return pair[0], pair[1], m.scale
+    fact = m.svd(cdtype, dev)
+    r = max(numerical_rank(fact.S, (m.out_features, m.in_features)), 1)
+    return fact.U[:, :r] * fact.S[:r], fact.Vh[:r], 1.0
+
+
+def output_truncation(m, X: torch.Tensor, k: int, scale: float, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B (out, k), A (k, in)), float64, of the rank-k update minimising ‖X(ΔW_k − ΔW)ᵀ‖ for module m's
+    ΔW and inputs X (n, in), with `scale · B A = ΔW_k` and √Σ on both sides; zero directions pad a shorter one."""
+    pair = _exact_pair("", m, torch.float32, device)
+    B1, A1 = output_factors(pair[0].double(), pair[1].double(), output_svd(*pair[:2], X, pair[2]), k)
+    return _pad(*core_factors(B1, A1, core_svd(B1, A1), k, scale), k)
+
+
+def _input_rows(name: str, m, X: TensorLike, dev) -> torch.Tensor:
+    """A linear module's captured inputs as float64 (n, in) on `dev`, checked."""
+    if m.kind != "linear":
+        raise SurgeryError(f"module {name}: captured inputs apply to linear modules, this one is {m.kind}")
+    X = materialize(X)
+    if X.ndim != 2 or X.shape[1] != m.in_features:
+        raise SurgeryError(f"module {name}: captured inputs have shape {tuple(X.shape)}, the module takes "
+                           f"{m.in_features} features")
+    X = X.to(dev, torch.float64)
+    if not all_finite(X):
+        raise SurgeryError(f"module {name}: captured inputs contain NaN or Inf")
+    return X
+
+
+def _residual(B, A, s, B2, A2, s2) -> tuple[float, float]:
+    """(‖s·B A‖², ‖s·B A − s2·B2 A2‖²) in float64 through Gram matrices (A (r, ·) may be A Xᵀ: output space)."""
+    B, A, B2, A2 = (t.double() for t in (B, A, B2, A2))
+    diff = lowrank_frobenius_sq(torch.cat([s * B, -s2 * B2], 1), torch.cat([A, A2], 0))
+    return lowrank_frobenius_sq(B, A, s), max(diff, 0.0)  # a Gram sum of a tiny residual can round below 0
+
+
+def _output_report(name: str, m, X, pair, small: LoraModule, k: int) -> ModuleReport:
+    """Weight- and output-space errors of the written module `small` against ΔW = s·B A (pair), and plain
+    truncation's output error at the same rank k, for inputs X (n, in)."""
+    B, A, s = (pair[0].double(), pair[1].double(), pair[2])
+    B2, A2 = small.factors(torch.float64, B.device)
+    total, err = _residual(B, A, s, B2, A2, small.scale)
+    XA, XA2 = A @ X.T, A2 @ X.T  # (r, n), (k, n)
+    out_total, out_err = _residual(B, XA, s, B2, XA2, small.scale)
+    Bp, Ap = core_factors(B, A, core_svd(B, A, s), k)  # plain truncation, scale 1
+    _, plain_err = _residual(B, XA, s, Bp, Ap @ X.T, 1.0)
+    rel = (lambda e: math.sqrt(e / out_total)) if out_total > 0 else (lambda e: 0.0)
+    return ModuleReport(
+        name=name, kind=m.kind, shape=(m.out_features, m.in_features), old_rank=m.rank, new_rank=k,
+        energy_kept=lowrank_frobenius_sq(B2, A2, small.scale) / total if total > 0 else 1.0,
+        rel_error=math.sqrt(err / total) if total > 0 else 0.0, norm=math.sqrt(total),
+        params_before=m.num_params(), params_after=m.num_params(k), dora=m.dora, algo=m.algo,
+        output_rel_error=rel(out_err), plain_output_rel_error=rel(plain_err), output_norm=math.sqrt(out_total))
+
+
 def spectra(
     adapter: Adapter, *, method: str = "exact", device: str | torch.device = "auto",
-    compute_dtype: str | torch.dtype = torch.float32, seed: int = 0,
+    compute_dtype: str | torch.dtype = torch.float32, seed: int = 0, inputs: Mapping[str, TensorLike] | None = None,
 ) -> dict[str, torch.Tensor]:
     """{module: singular values of its ΔW (float64, CPU, descending)}, streaming over modules; an expert
-    parameter's experts as `name[e]`."""
+    parameter's experts as `name[e]`. A module with captured inputs X in `inputs`: those of ΔW Xᵀ."""
     dev, cdtype = resolve_device(device), _compute_dtype(compute_dtype)
 
     def one(name: str, m) -> dict[str, torch.Tensor]:
         if m.kind == "experts":  # each expert's, as `name[e]`
             return {f"{name}[{e}]": one(name, sub)[name] for e, sub in enumerate(m.per_expert(cdtype, dev))}
+        if inputs and name in inputs:
+            B, A, scale = _exact_pair(name, m, cdtype, dev)
+            return {name: output_svd(B, A, _input_rows(name, m, inputs[name], dev), scale).S.cpu()}
         pair = m.lowrank(cdtype, dev)
         if pair is None:
             return {name: m.svd(cdtype, dev).S.double().cpu()}
@@ -245,6 +331,7 @@ def squeeze(
     progress: Callable[[str], None] | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     fold: bool = False,
+    inputs: Mapping[str, TensorLike] | None = None,
 ) -> tuple[Adapter, SqueezeReport]:
     """Lower the rank of every LoRA module of `adapter` by `rule`; returns the new adapter and a report.
     LoHa, LoKr and full-diff modules become LoRA modules (their exact SVD, truncated).
@@ -254,10 +341,15 @@ def squeeze(
     do not state; without them such modules become 2-D LoRA factors.
     fold: give every new module scale 1, its scale in the factors (rounded once, as they are made) — what a
     single-file output stores anyway (surgery.io.peft.folded).
+    inputs: {module: captured inputs X (n, in)} (capture.match_inputs): those modules are truncated in output
+    space, optimal for X (the rule reads σ(ΔW Xᵀ)); the others plainly, and listed in a warning.
     Budget rules take two passes (spectra first, then factors) so memory stays at one module at a time.
     """
     if method not in METHODS:
         raise SurgeryError(f"unknown method {method!r}; use exact or rsvd")
+    inputs = {n: x for n, x in (inputs or {}).items() if n in adapter.modules}
+    if inputs and method != "exact":
+        raise SurgeryError("captured inputs give the exact output-space truncation; --method rsvd does not apply")
     for name, m in adapter.modules.items():
         if m.algo == "tera":
             raise SurgeryError(f"module {name} is a TeRA module; squeeze works on LoRA (surgery convert --to lora)")
@@ -265,8 +357,16 @@ def squeeze(
     dev, cdtype, sdtype = resolve_device(device), _compute_dtype(compute_dtype), storage_dtype(dtype)
     modules = adapter.modules
     targets: dict[str, int] = {}
+    notes = []
     if isinstance(rule, Budget):
-        S = spectra(adapter, method=method, device=dev, compute_dtype=cdtype, seed=seed)
+        S = spectra(adapter, method=method, device=dev, compute_dtype=cdtype, seed=seed, inputs=inputs)
+        if inputs and (plain := [n for n in S if n not in inputs]):  # σ(ΔW) on the scale of σ(ΔW Xᵀ)
+            W = spectra(adapter.with_modules({n: modules[n] for n in inputs}), device=dev, compute_dtype=cdtype)
+            gain = math.sqrt(sum(float(S[n].square().sum()) for n in inputs) /
+                             max(sum(float(W[n].square().sum()) for n in inputs), 1e-300))
+            S |= {n: S[n] * gain for n in plain}
+            notes.append(f"budget: modules without captured inputs enter the budget as if their inputs were white "
+                         f"with the mean gain ‖XΔWᵀ‖/‖ΔW‖ = {gain:.4g} of the others")
         cost = {n: modules[parent(n)].in_features + modules[parent(n)].out_features for n in S}
         targets = budget_ranks(S, cost, rule.params, min_rank)
     elif isinstance(rule, (FixedRank, RankMap, PerModule)):
@@ -285,7 +385,15 @@ def squeeze(
 
     def one_lora(name: str, m: LoraModule, target: int | None) -> tuple[LoraModule, ModuleReport]:
         if m.algo == "lora" and target == m.rank and not isinstance(rule, Budget):
-            return _kept(name, m, sdtype, fold)  # already at or below the target rank: as it is
+            small, report = _kept(name, m, sdtype, fold)  # already at or below the target rank: as it is
+            if name not in inputs:
+                return small, report
+            B, A = m.factors(torch.float64, dev)
+            X = _input_rows(name, m, inputs[name], dev)
+            out_norm = math.sqrt(lowrank_frobenius_sq(B, A @ X.T, m.scale))
+            return small, replace(report, output_rel_error=0.0, plain_output_rel_error=0.0, output_norm=out_norm)
+        if name in inputs:
+            return output_aware(name, m, target)
         pair = m.lowrank(cdtype, dev)
         if pair is None:  # LoKr / diff: their exact SVD (hadamard_kron.kron_svd, dense for diff), then rank k
             fact = m.svd(cdtype, dev)
@@ -304,6 +412,20 @@ def squeeze(
         _check_finite(name, small.A, small.B)
         return small, _report(name, m, fact, k, None if method == "exact" else (B, A))
 
+    def output_aware(name: str, m, target: int | None) -> tuple[LoraModule, ModuleReport]:
+        """ΔW_k = U_k U_kᵀ ΔW for the module's inputs X, U_k from σ(ΔW Xᵀ), re-split as `_truncate` does."""
+        X = _input_rows(name, m, inputs[name], dev)
+        pair = _exact_pair(name, m, cdtype, dev)
+        out = output_svd(pair[0], pair[1], X, pair[2])
+        k = target if target is not None else _target(name, m, rule, out.S, min_rank)
+        B1, A1 = output_factors(pair[0].double(), pair[1].double(), out, k)  # ΔW_k = B1 @ A1 (out, k) (k, in)
+        view = LoraModule(A=A1, B=B1, scale=m.scale, bias=m.bias, magnitude=m.magnitude, dora_axis=m.dora_axis)
+        small = _truncate(view, B1, A1, core_svd(B1, A1), k, sdtype or m.dtype, fold)
+        if m.algo != "lora":
+            small = _as_lora(m, small.B, small.A, k, sdtype, (shapes or {}).get(name), fold)
+        _check_finite(name, small.A, small.B)
+        return small, _output_report(name, m, X, pair, small, k)
+
     out, reports = {}, []
     try:
         for name, (small, report) in zip(modules, per_module(one, modules, dev)):
@@ -315,7 +437,10 @@ def squeeze(
         if adapter.source is None or str(e).startswith(str(adapter.source)):
             raise
         raise SurgeryError(f"{adapter.source}: {e}") from None
-    warnings = list(adapter.notes)
+    warnings = list(adapter.notes) + notes
+    if inputs and (plain := [n for n, m in modules.items() if n not in inputs]):
+        warnings.append(f"{len(plain)} module(s) without captured inputs truncated plainly (optimal for white "
+                        f"inputs): {listed(plain)}")
     kept = [r.name for r in reports if r.algo == "lora" and r.old_rank == r.new_rank and (
         isinstance(rule, FixedRank) or isinstance(rule, RankMap) and rule.rank_for(parent(r.name)) is not None)]
     padded = sorted({parent(r.name) for r in reports if parent(r.name) != r.name

@@ -68,7 +68,7 @@ def test_cont_squeeze_flow_on_a_causal_lm_without_pad_token(causal_lm, tmp_path)
 
 
 def test_tune_matches_module_paths_by_suffix():
-    from surgery.distill import _match
+    from surgery.capture import input_key as _match
 
     inputs = {"layers.0.self_attn.q_proj": 0, "layers.1.self_attn.q_proj": 1}
     assert _match("base_model.model.model.layers.0.self_attn.q_proj", inputs) == "layers.0.self_attn.q_proj"
