@@ -639,6 +639,50 @@ def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_js
     emit({"modules": [r.__dict__ for r in report]}, table, path, [], as_json)
 
 
+@main.command(name="compare")
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("a", type=click.Path(path_type=str))
+@click.argument("b", required=False, type=click.Path(path_type=str))
+@click.option("--texts", required=True, type=click.Path(path_type=str), help="A text file, one text per line.")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens kept of each text.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), default="float32",
+              show_default=True, help="The model's weights and activations (merged weights rounded once to it).")
+@click.option("--plot", type=click.Path(path_type=str), help="Draw the mean KL by token position to this PNG.")
+@device_option
+@json_option
+def compare_cmd(model, a, b, texts, max_tokens, dtype, plot, device, as_json):
+    """What changing adapter A for B (or for nothing: the base alone) does to a causal LM's next-token
+    predictions on the texts: mean KL(p_A ‖ p_B) in nats, top-1 agreement, each side's perplexity."""
+    from surgery.compare import compare
+
+    if plot:
+        from .plot import pyplot
+
+        pyplot()
+        check_output(plot, [model, a, texts] + ([b] if b else []), force=True)
+    first, second = load(a), load(b) if b else None
+    result = compare(model, first, second, texts, device=device, dtype=dtype, max_tokens=max_tokens)
+    doc = result.to_dict() | {"model": str(model), "a": str(a), "b": str(b) if b else None}
+    if plot:
+        from .plot import plot_kl
+
+        plot_kl(result.texts, plot)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        rows = [[str(t.text + 1), str(t.tokens), f"{t.kl:.4g}", f"{t.top1_agreement:.4f}", f"{t.perplexity_a:.4g}",
+                 f"{t.perplexity_b:.4g}"] for t in result.texts]
+        click.echo(_table(["text", "tokens", "KL (nats)", "top-1 agree", "ppl A", "ppl B"], rows,
+                          right={0, 1, 2, 3, 4, 5}))
+        click.echo(f"\nall {doc['tokens']} predicted tokens: KL(p_A ‖ p_B) {doc['kl']:.4g} nats, top-1 agreement "
+                   f"{doc['top1_agreement']:.4f}, perplexity A {doc['perplexity_a']:.4g}, B {doc['perplexity_b']:.4g}"
+                   f" (B = {b or 'the base alone'})")
+    if plot:
+        click.echo(f"wrote {plot}", err=as_json)
+    for n in result.notes:
+        click.echo(f"note: {n}", err=True)
+
+
 def _ids(hidden, method, discard, device, seed, legacy_cdf=False):
     import warnings
 

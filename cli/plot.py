@@ -89,3 +89,19 @@ def plot_ids(results, path) -> None:
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("TwoNN intrinsic dimension")
     _save(plt, fig, path)
+
+
+def plot_kl(texts, path) -> None:
+    """KL(p_A ‖ p_B) by token position, averaged over the texts long enough to reach it (surgery compare)."""
+    plt = pyplot()
+    depth = max(len(t.kl_by_position) for t in texts)
+    sums, counts = [0.0] * depth, [0] * depth
+    for t in texts:
+        for i, v in enumerate(t.kl_by_position):
+            sums[i] += v
+            counts[i] += 1
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(1, depth + 1), [s / c for s, c in zip(sums, counts)])
+    ax.set_xlabel("predicted token position")
+    ax.set_ylabel("mean KL(p_A ‖ p_B), nats")
+    _save(plt, fig, path)

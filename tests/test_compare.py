@@ -1,0 +1,116 @@
+"""`surgery compare`: KL, top-1 agreement and perplexities of the bundled tiny Llama with two adapters (or one and
+the base), equal to the same quantities computed from PeftModel's float64 logits."""
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from surgery_cli.main import main
+
+from .conftest import FIXTURES, PEFT_FIXTURE, lora_pair, write_peft
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+MODEL = FIXTURES / "tiny-llama"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def peft_logprobs(adapter, texts):
+    """[(targets, log p (T, V))] per text from PeftModel in float64 (None: the base model alone)."""
+    tok = transformers.AutoTokenizer.from_pretrained(MODEL)
+    model = transformers.LlamaForCausalLM.from_pretrained(MODEL, dtype=torch.float64).eval()
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter).double().eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, return_tensors="pt")["input_ids"][:, :40]
+            out.append((ids[0, 1:], torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)))
+    return out
+
+
+def reference(a, b, texts) -> dict:
+    per = []
+    for (t, la), (_, lb) in zip(peft_logprobs(a, texts), peft_logprobs(b, texts)):
+        per.append({"tokens": t.numel(), "kl": float((la.exp() * (la - lb)).sum(-1).mean()),
+                    "top1_agreement": float((la.argmax(-1) == lb.argmax(-1)).double().mean()),
+                    "perplexity_a": math.exp(float(-la.gather(-1, t[:, None]).mean())),
+                    "perplexity_b": math.exp(float(-lb.gather(-1, t[:, None]).mean()))})
+    n = sum(p["tokens"] for p in per)
+    mean = lambda k: sum(p[k] * p["tokens"] for p in per) / n  # noqa: E731
+    return {"per": per, "tokens": n, "kl": mean("kl"), "top1_agreement": mean("top1_agreement"),
+            "perplexity_a": math.exp(sum(math.log(p["perplexity_a"]) * p["tokens"] for p in per) / n),
+            "perplexity_b": math.exp(sum(math.log(p["perplexity_b"]) * p["tokens"] for p in per) / n)}
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    lines = [line for line in (FIXTURES / "sentences.txt").read_text().splitlines() if line.strip()][:6]
+    path = tmp_path_factory.mktemp("texts") / "t.txt"
+    path.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")  # an empty line is skipped
+    return path, lines
+
+
+def check(doc, ref):
+    for key in ("kl", "top1_agreement", "perplexity_a", "perplexity_b"):
+        assert doc[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), key
+    assert doc["tokens"] == ref["tokens"]
+    for mine, theirs in zip(doc["texts"], ref["per"]):
+        for key in theirs:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-9, abs=1e-12), key
+
+
+def test_two_adapters_and_the_base_equal_peft_in_float64(texts, tmp_path):
+    path, lines = texts
+    squeezed = tmp_path / "r2"
+    assert run("squeeze", PEFT_FIXTURE, "--rank", 2, "-o", squeezed).exit_code == 0
+    r = run("compare", MODEL, PEFT_FIXTURE, squeezed, "--texts", path, "--dtype", "float64", "--max-tokens", 40,
+            "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    check(doc, reference(PEFT_FIXTURE, squeezed, lines))
+    assert doc["kl"] > 1e-4 and len(doc["texts"]) == 6 and [t["text"] for t in doc["texts"]] == list(range(6))
+    assert all(len(t["kl_by_position"]) == t["tokens"] for t in doc["texts"])
+    # B omitted: against the base model alone
+    r = run("compare", MODEL, PEFT_FIXTURE, "--texts", path, "--dtype", "float64", "--max-tokens", 40,
+            "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    check(json.loads(r.stdout), reference(PEFT_FIXTURE, None, lines))
+
+
+def test_an_adapter_against_itself_and_the_table(texts, tmp_path):
+    path, _ = texts
+    r = run("compare", MODEL, PEFT_FIXTURE, PEFT_FIXTURE, "--texts", path, "--device", "cpu", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["kl"] == pytest.approx(0, abs=1e-12) and doc["top1_agreement"] == 1.0
+    assert doc["perplexity_a"] == doc["perplexity_b"]
+    r = run("compare", MODEL, PEFT_FIXTURE, "--texts", path, "--device", "cpu", "--dtype", "bfloat16")
+    assert r.exit_code == 0 and "top-1 agreement" in r.output and "the base alone" in r.output
+
+
+def test_plot(texts, tmp_path):
+    pytest.importorskip("matplotlib")
+    path, _ = texts
+    r = run("compare", MODEL, PEFT_FIXTURE, "--texts", path, "--device", "cpu", "--plot", tmp_path / "kl.png")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "kl.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_inputs_one_line(texts, tmp_path):
+    path, _ = texts
+    (tmp_path / "empty.txt").write_text("\n\n")
+    wrong = write_peft(tmp_path / "wrong", {"model.layers.0.self_attn.q_proj": lora_pair(32, 64, 4)}, r=4, alpha=4)
+    for args, msg in [
+        ((MODEL, PEFT_FIXTURE, "--texts", tmp_path / "empty.txt"), "no texts"),
+        ((MODEL, wrong, "--texts", path), "shape"),
+        ((MODEL, PEFT_FIXTURE, "--texts", path, "--max-tokens", 1), "at least 2"),
+        ((FIXTURES / "peft-lora-tiny-llama", PEFT_FIXTURE, "--texts", path), "peft-lora-tiny-llama"),
+    ]:
+        r = run("compare", *args, "--device", "cpu")
+        assert r.exit_code == 1 and r.output.startswith("error:") and msg in r.output, r.output
+        assert r.output.count("\n") == 1, r.output
