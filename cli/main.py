@@ -54,6 +54,31 @@ def main():
     """Model surgery on adapter checkpoints (PEFT, kohya/LyCORIS, diffusers, llama.cpp GGUF)."""
 
 
+class Source(click.ParamType):
+    """A local path, or a Hugging Face repo id (`org/name`, `org/name@revision`) taken to its local snapshot
+    (surgery.io.hub): from the cache, or downloaded unless HF_HUB_OFFLINE is set; a local path always wins."""
+
+    name = "path"
+
+    def __init__(self, role: str):
+        self.role = role
+
+    def convert(self, value, param, ctx):
+        from surgery.io.hub import resolve
+
+        return None if value is None else resolve(value, (ctx.meta if ctx else {}).get(REVISION), self.role)
+
+
+ADAPTER, MODEL, REVISION = Source("adapter"), Source("model"), "surgery.revision"
+
+
+def revision_option(f):
+    return click.option("--revision", is_eager=True, expose_value=False,
+                        callback=lambda ctx, _, value: ctx.meta.__setitem__(REVISION, value),
+                        help="Branch, tag or commit of the inputs named by Hugging Face repo ids (or write "
+                             "org/name@revision).")(f)
+
+
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")(f)
 
@@ -99,7 +124,7 @@ def folds(adapter, out, fmt) -> bool:
 
 def base_option(names: bool = False):
     """--base; `names`: the command also names modules after the base's tensors (convert --to …)."""
-    return click.option("--base", type=click.Path(path_type=str),
+    return click.option("--base", type=MODEL,
                         help="The base model (file, folder, diffusers component or pipeline): " + (
                             "--to diffusers/peft/kohya name modules after its tensors; " if names else "")
                         + "LoHa/LoKr convs stored flattened get their kernel sizes from it.")
@@ -198,7 +223,8 @@ class _Silent:
 
 
 @main.command()
-@click.argument("adapter", type=click.Path(path_type=str))
+@revision_option
+@click.argument("adapter", type=ADAPTER)
 @click.option("--spectrum", is_flag=True, help="Also compute each module's singular values (exact, no dense ΔW).")
 @click.option("--plot", type=click.Path(path_type=str),
               help="With --spectrum: draw σᵢ/σ₁ of every module to this PNG (needs surgery[plot]).")
@@ -231,7 +257,8 @@ def inspect(adapter, spectrum, plot, as_json):
 
 
 @main.command(name="squeeze")
-@click.argument("adapter", type=click.Path(path_type=str))
+@revision_option
+@click.argument("adapter", type=ADAPTER)
 @output_option
 @click.option("--rank", type=int, help="One target rank for every module.")
 @click.option("--energy", type=float, help="Keep this fraction of each module's energy Σσ² (e.g. 0.95).")
@@ -291,7 +318,8 @@ def naming_base(out, base, adapter=None):
 
 
 @main.command(name="combine")
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
+@revision_option
+@click.argument("adapters", nargs=-1, required=True, type=ADAPTER)
 @output_option
 @click.option("--weight", "weights", type=float, multiple=True, help="One per adapter (default 1); negative subtracts.")
 @click.option("--rank", type=int, help="Rank of every combined module (default: the exact combination).")
@@ -307,7 +335,7 @@ def naming_base(out, base, adapter=None):
 @click.option("--weight-map", multiple=True, help="REGEX=W[,REGEX=W…]: scale matching modules' weights too.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output format (default: the output path's layout, in the first input's naming).")
-@click.option("--base", type=click.Path(path_type=str),
+@click.option("--base", type=MODEL,
               help="Resolve module names against this model's tensors (a pipeline or component folder: diffusers "
                    "naming; else PEFT's), so kohya, PEFT and diffusers inputs mix.")
 @force_option
@@ -350,8 +378,9 @@ def _weight_map(items) -> list[tuple[str, float]]:
 
 
 @main.command(name="merge")
-@click.argument("base", type=click.Path(path_type=str))
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
+@revision_option
+@click.argument("base", type=MODEL)
+@click.argument("adapters", nargs=-1, required=True, type=ADAPTER)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Output directory (sharded base), .safetensors file (single-file base) or .gguf (GGUF model).")
 @click.option("--weight", "weights", type=float, multiple=True,
@@ -397,8 +426,9 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
 
 
 @main.command(name="extract")
-@click.argument("finetuned", type=click.Path(path_type=str))
-@click.argument("base", type=click.Path(path_type=str))
+@revision_option
+@click.argument("finetuned", type=MODEL)
+@click.argument("base", type=MODEL)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Adapter to write.")
 @click.option("--rank", type=int, help="One rank for every module.")
 @click.option("--energy", type=float, help="Smallest rank (≤ --max-rank) keeping this fraction of each delta's energy.")
@@ -430,7 +460,8 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 
 
 @main.command(name="convert")
-@click.argument("adapter", type=click.Path(path_type=str))
+@revision_option
+@click.argument("adapter", type=ADAPTER)
 @click.option("--to", "to",
               type=click.Choice(["tera", "lora", "peft", "peft-file", "kohya", "diffusers", "gguf"]),
               help="tera: fit a TeRA adapter to a LoRA; lora: a LoRA from a TeRA, LoHa, LoKr or full-diff adapter "
@@ -532,7 +563,8 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
 
 
 @main.command(name="init-tera")
-@click.argument("base", type=click.Path(path_type=str))
+@revision_option
+@click.argument("base", type=MODEL)
 @click.option("--targets", required=True, help="Regex searched in the base's 2-D weight names.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="A .safetensors file.")
 @click.option("--order", type=int, default=3, show_default=True)
@@ -567,7 +599,8 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
 
 
 @main.command(name="capture")
-@click.argument("model_dir", type=click.Path(path_type=str))
+@revision_option
+@click.argument("model_dir", type=MODEL)
 @click.option("--texts", required=True, type=click.Path(path_type=str), help="A text file, one text per line.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="The .safetensors file to write (hidden states, or module inputs for surgery tune).")
@@ -612,8 +645,9 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
 
 
 @main.command(name="tune")
-@click.argument("student", type=click.Path(path_type=str))
-@click.option("--teacher", required=True, type=click.Path(path_type=str), help="The adapter to match.")
+@revision_option
+@click.argument("student", type=ADAPTER)
+@click.option("--teacher", required=True, type=ADAPTER, help="The adapter to match.")
 @click.option("--activations", required=True, type=click.Path(path_type=str),
               help="Module inputs from surgery capture --module-inputs.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
@@ -640,9 +674,10 @@ def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_js
 
 
 @main.command(name="compare")
-@click.argument("model", type=click.Path(path_type=str))
-@click.argument("a", type=click.Path(path_type=str))
-@click.argument("b", required=False, type=click.Path(path_type=str))
+@revision_option
+@click.argument("model", type=MODEL)
+@click.argument("a", type=ADAPTER)
+@click.argument("b", required=False, type=ADAPTER)
 @click.option("--texts", required=True, type=click.Path(path_type=str), help="A text file, one text per line.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens kept of each text.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), default="float32",
@@ -731,7 +766,8 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
 
 
 @main.command(name="rerank")
-@click.argument("adapter", required=False, type=click.Path(path_type=str))
+@revision_option
+@click.argument("adapter", required=False, type=ADAPTER)
 @click.option("--hidden", type=click.Path(path_type=str), help="Hidden-state file from surgery capture.")
 @click.option("--ids", "ids_file", type=click.Path(path_type=str), help="IDs from surgery id --json.")
 @click.option("-o", "--output", "out", type=click.Path(path_type=str), help="Re-ranked adapter.")

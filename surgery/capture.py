@@ -59,6 +59,9 @@ def _padded(tok):
 
 
 def _load(model_dir, texts, device):
+    from .io.hub import resolve
+
+    model_dir = resolve(model_dir)
     try:
         from transformers import AutoTokenizer
     except ImportError:

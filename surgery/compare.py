@@ -178,7 +178,9 @@ def compare(model_dir: str | os.PathLike, a: Adapter, b: Adapter | None, texts: 
     vocabulary, in the model's dtype).
     """
     from .io.checkpoint import open_checkpoint
+    from .io.hub import resolve
 
+    model_dir = resolve(model_dir)
     if dtype not in DTYPES:
         raise SurgeryError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     if max_tokens < 2:

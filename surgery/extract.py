@@ -16,6 +16,7 @@ import torch
 from .adapter import Adapter, ExpertsModule, LoraModule, experts_module
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
+from .io import hub
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
 from .io.peft import PREFIX
 from .linalg import all_finite, randomized_svd, split_factors
@@ -147,6 +148,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     if isinstance(rule, FixedRank) and rule.rank <= 0 or max_rank <= 0:
         raise SurgeryError("rank must be at least 1")
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
+    finetuned, base = hub.resolve(finetuned), hub.resolve(base)
     pattern = re.compile(targets) if targets else None
     pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
     pipeline = is_pipeline(finetuned)

@@ -25,7 +25,7 @@ import torch
 from .adapter import Adapter, ExpertsModule, LoraModule, materialize
 from .device import resolve_device, storage_dtype
 from .errors import SurgeryError
-from .io import check_output, gguf_file
+from .io import check_output, gguf_file, hub
 from .io import experts as expert_layout
 from .io.experts import Piece
 from .io.jsonfile import field, read_object
@@ -459,6 +459,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     Memory: one tensor at a time (plus the adapters' factors). The output appears only when complete.
     """
     t0 = time.perf_counter()
+    base = hub.resolve(base)
     if gguf_file.is_gguf(base):
         return merge_gguf(base, adapters, out, weights=weights, dtype=dtype, device=device,
                           compute_dtype=compute_dtype, shard_size=shard_size, allow_missing=allow_missing, force=force,

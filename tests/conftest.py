@@ -54,11 +54,15 @@ def tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def hub_snapshot(src: Path, root: Path) -> Path:
+def hub_snapshot(src: Path, root: Path, rev: str = "0123abc", ref: str | None = None) -> Path:
     """`src` laid out as the Hugging Face cache holds a download: every file of `snapshots/<rev>/` a relative
-    symlink to `blobs/<sha256>`, so the names a checkpoint lists are not the names of the files they point to."""
-    snap, blobs = root / "snapshots" / "0123abc", root / "blobs"
-    blobs.mkdir(parents=True)
+    symlink to `blobs/<sha256>`, so the names a checkpoint lists are not the names of the files they point to;
+    `ref` (e.g. main) names the revision in `refs/`."""
+    if ref:
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / ref).write_text(rev)
+    snap, blobs = root / "snapshots" / rev, root / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
     for p in sorted(src.rglob("*")):
         if p.is_file():
             blob = blobs / hashlib.sha256(p.read_bytes()).hexdigest()

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 
 from ..adapter import Adapter
 from ..errors import SurgeryError
-from . import diffusers, experts, gguf_file, kohya, names, peft, tera_file
+from . import diffusers, experts, gguf_file, hub, kohya, names, peft, tera_file
 from .safetensors_file import PICKLE_SUFFIXES, pickle_error, read_header
 
 
@@ -81,7 +81,7 @@ def load_adapter(path: str | os.PathLike, alpha: float | None = None) -> Adapter
 
     `alpha`: the lora_alpha of a PEFT-keyed file that carries no config (scale alpha / r per module); refused
     for an adapter whose file states its own scales."""
-    path = Path(path)
+    path = Path(hub.resolve(path, role="adapter"))
     if not path.exists():
         raise SurgeryError(f"{path}: no such file or directory")
     if path.is_dir() and not (path / peft.WEIGHTS).exists() and (path / diffusers.WEIGHTS).is_file():
@@ -199,7 +199,7 @@ def default_output(source: str | os.PathLike, tag: str, fmt: str) -> Path:
     """Where a result in format `fmt` goes without -o: beside its input, named after what was done
     (`in.safetensors` + `r4` → `in-r4.safetensors`, `my-lora/` + `e0.95` → `my-lora-e0.95/`,
     `x.gguf` + `r8` → `x-r8.gguf`)."""
-    source = Path(source)
+    source = hub.output_home(source)
     stem = source.name[: len(source.name) - len(_file_suffix(source) or "")]
     return source.with_name(f"{stem}-{tag}" + ("" if FORMATS[fmt].is_dir else _suffix(fmt)))
 
@@ -209,6 +209,8 @@ def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path
     existing output unless `force`."""
     out = Path(out)
     o = out.resolve()
+    if hub.in_cache(out):
+        raise SurgeryError(f"{out}: is inside the Hugging Face cache; outputs never go there, choose another path")
     for i in inputs:
         i = Path(i).resolve()
         if o == i or i.is_relative_to(o) or (i.is_dir() and o.is_relative_to(i) and o.name in (peft.WEIGHTS, peft.CONFIG)):

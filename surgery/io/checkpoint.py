@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 
 from ..errors import SurgeryError
-from . import jsonfile, quant
+from . import hub, jsonfile, quant
 from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, pickle_error, read_header
 
 STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file stems
@@ -119,7 +119,7 @@ class Checkpoint:
 def open_checkpoint(path: str | os.PathLike, variant: str | None = "") -> Checkpoint:
     """Plan a single-file or sharded checkpoint; a missing shard or a tensor missing from its shard is an error.
     In a folder, `variant` picks the weight set (None: the plain one); by default the plain one, else the first."""
-    root = Path(path)
+    root = Path(hub.resolve(path))
     if not root.exists():
         raise SurgeryError(f"{root}: no such file or directory")
     stem = "model"

@@ -26,7 +26,7 @@ import torch
 from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import SurgeryError, listed
 from .. import fuse
-from . import experts, gguf_file, jsonfile
+from . import experts, gguf_file, hub, jsonfile
 from .checkpoint import Checkpoint, is_pipeline, open_checkpoint, open_pipeline
 from .kohya import provenance
 
@@ -453,6 +453,7 @@ def _fuse(out: Placement, c, n: _Names, path: str, sizes, blocks, parts: Mapping
 
 def base_targets(base: str | Path) -> list[tuple[str | None, Checkpoint]]:
     """(component, checkpoint) pairs of a base: one per component of a pipeline, else the one checkpoint."""
+    base = hub.resolve(base)
     if is_pipeline(base):
         return list(open_pipeline(base).components.items())
     ck = open_checkpoint(base)

@@ -1,0 +1,98 @@
+"""Hugging Face Hub repo ids where a path goes: `org/name` (or `org/name@revision`) → a local snapshot folder.
+
+A local path always wins. Otherwise the id is looked up in the local cache first (huggingface_hub's layout:
+blobs, symlinked snapshots, refs), then — unless HF_HUB_OFFLINE is set — downloaded with huggingface_hub's own
+progress bars, only the files the command reads (`ROLES`). Results never go into the cache: a default output
+of a cached input is named after the repo in the current directory (`output_home`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import SurgeryError
+
+# what each kind of input reads: configs, safetensors (every component of a pipeline), tokenizers, GGUF adapters
+ROLES = {
+    "adapter": ["*.json", "*.safetensors", "*.gguf", "*.md"],
+    "model": ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*"],
+}
+_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def is_repo_id(text: str) -> bool:
+    """`name` or `org/name`, optionally `@revision`: what from_pretrained takes as a repo id."""
+    repo = str(text).split("@", 1)[0]
+    return bool(_ID.match(repo)) and not repo.endswith((".safetensors", ".gguf", ".json")) and ".." not in repo
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def cache_dir() -> Path:
+    """The hub cache as huggingface_hub finds it now (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/…)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def resolve(path: str | os.PathLike, revision: str | None = None, role: str = "model") -> str:
+    """`path` itself when it exists (or is not a repo id); else the local snapshot folder of the repo id it
+    names, from the cache or (online) downloaded — the files of `role` only."""
+    text = str(path)
+    if os.path.lexists(text) or not is_repo_id(text):
+        return text
+    repo, _, pinned = text.partition("@")
+    revision = pinned or revision
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                            RevisionNotFoundError)
+    except ImportError:
+        raise SurgeryError(f"{text}: no such local path (install huggingface_hub to name Hub repos)") from None
+    where = f"{text}" + (f" (revision {revision})" if revision and not pinned else "")
+    kwargs = dict(revision=revision, allow_patterns=ROLES[role], cache_dir=cache_dir())
+    try:
+        return snapshot_download(repo, local_files_only=True, **kwargs)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        if offline():
+            raise SurgeryError(f"{where}: no such local path, and not in the Hugging Face cache "
+                               f"{cache_dir()} (HF_HUB_OFFLINE is set)") from None
+    try:
+        return snapshot_download(repo, **kwargs)
+    except GatedRepoError:
+        raise SurgeryError(f"{where}: a gated Hugging Face repo; accept its terms and log in (hf auth login)") \
+            from None
+    except RepositoryNotFoundError:
+        raise SurgeryError(f"{where}: no such local path or Hugging Face repo") from None
+    except RevisionNotFoundError:
+        raise SurgeryError(f"{where}: the Hugging Face repo has no such revision") from None
+    except (LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise SurgeryError(f"{where}: no such local path, and the Hugging Face Hub could not be reached "
+                           f"({str(e).splitlines()[0]})") from None
+
+
+def cached_repo(path: str | os.PathLike) -> str | None:
+    """The repo name (`name` of `org/name`) when `path` lies in a hub cache snapshot, else None."""
+    parts = Path(os.path.abspath(path)).parts
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith(("models--", "datasets--", "spaces--")) and parts[i + 1] == "snapshots":
+            return part.split("--")[-1]
+    return None
+
+
+def output_home(source: str | os.PathLike) -> Path:
+    """Where a default output of `source` is named from: the input itself, or for an input in the hub cache, a
+    path named after its repo in the current directory (outputs never go into the cache)."""
+    repo = cached_repo(source)
+    return Path(source) if repo is None else Path.cwd() / repo
+
+
+def in_cache(path: str | os.PathLike) -> bool:
+    """Whether `path` is inside the hub cache (or any hub cache snapshot)."""
+    p = Path(os.path.abspath(path))
+    return cached_repo(p) is not None or p.is_relative_to(Path(os.path.abspath(cache_dir())))
