@@ -634,9 +634,9 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
                       device=device)
         save_capture(cap, out)
         what = f"{len(cap.layers)} layers"
-    if cap.metadata["pad"] == "eos":
-        click.echo("note: batches were padded with EOS, the tokenizer having no pad token of its own (padding is "
-                   "masked and never sampled)", err=True)
+    if cap.metadata["pad"] != "pad":
+        click.echo(f"note: batches were padded with {'EOS' if cap.metadata['pad'] == 'eos' else 'token id 0'}, the "
+                   "tokenizer having no pad token of its own (padding is masked and never sampled)", err=True)
     if as_json:
         click.echo(json.dumps(dict(cap.metadata, output=str(out)), indent=2))
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +50,13 @@ def _model_class(model_dir):
 
 def _padded(tok):
     """The tokenizer, padding on the right (positions as in an unpadded run); one without a pad token (Llama,
-    Mistral) pads with EOS — padded positions are masked and never sampled, so its value does not matter."""
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise SurgeryError("the tokenizer has neither a pad nor an EOS token to pad batches with")
-        tok.pad_token = tok.eos_token
+    Mistral) pads with EOS, one without either with the token of id 0 — padded positions are masked and never
+    sampled, so its value does not matter."""
+    how = "pad" if tok.pad_token is not None else "eos" if tok.eos_token is not None else "id 0"
+    if how != "pad":
+        tok.pad_token = tok.eos_token if how == "eos" else tok.convert_ids_to_tokens(0)
     tok.padding_side = "right"
-    return tok
+    return tok, how
 
 
 def _load(model_dir, texts, device):
@@ -76,7 +77,7 @@ def _load(model_dir, texts, device):
     hf_logging.disable_progress_bar()  # its "Loading weights" bar and load report are not ours to print
     hf_logging.set_verbosity_error()
     try:
-        tok = _padded(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
+        tok, pad = _padded(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
         model = _model_class(model_dir).from_pretrained(model_dir, local_files_only=True).eval()
     except (OSError, ValueError) as e:
         raise SurgeryError(f"{model_dir}: not a local transformers model ({str(e).splitlines()[0]})") from None
@@ -84,7 +85,7 @@ def _load(model_dir, texts, device):
         hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
-    return tok, model.to(resolve_device(device)), lines
+    return tok, model.to(resolve_device(device)), lines, pad
 
 
 def _token_plan(tok, lines, *, batch_size, max_length, keep_special, max_tokens, seed):
@@ -115,8 +116,8 @@ def _token_plan(tok, lines, *, batch_size, max_length, keep_special, max_tokens,
     return plan, n, int(chosen.sum())
 
 
-def _metadata(model, model_dir, texts, n, k, seed, keep_special, tok) -> dict:
-    return {"model": str(model_dir), "model_class": type(model).__name__, "pad": "eos" if tok.pad_token == tok.eos_token else "pad",
+def _metadata(model, model_dir, texts, n, k, seed, keep_special, pad) -> dict:
+    return {"model": str(model_dir), "model_class": type(model).__name__, "pad": pad,
             "texts": str(texts),
             "texts_sha256": hashlib.sha256(Path(texts).read_bytes()).hexdigest(),
             "tokens_available": n, "tokens": k, "seed": seed, "special_tokens_kept": keep_special,
@@ -127,7 +128,7 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
             keep_special: bool = False, batch_size: int = 16, max_length: int = 256,
             device: str = "auto") -> Capture:
     """Hidden states (embedding output, then each block's output) at a seeded sample of token positions."""
-    tok, model, lines = _load(model_dir, texts, device)
+    tok, model, lines, pad = _load(model_dir, texts, device)
     plan, n, k = _token_plan(tok, lines, batch_size=batch_size, max_length=max_length, keep_special=keep_special,
                              max_tokens=max_tokens, seed=seed)
     dev = next(model.parameters()).device
@@ -140,7 +141,7 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
                     per_layer.append([])
                 per_layer[j].append(h.cpu()[sel].float())
     layers = tuple(torch.cat(chunks).contiguous() for chunks in per_layer)
-    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special, tok) | {"layers": len(layers)}
+    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special, pad) | {"layers": len(layers)}
     return Capture(layers, metadata)
 
 
@@ -162,7 +163,7 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
         pattern = re.compile(targets) if targets else None
     except re.error as e:
         raise SurgeryError(f"--targets {targets!r}: bad regex: {e}") from None
-    tok, model, lines = _load(model_dir, texts, device)
+    tok, model, lines, pad = _load(model_dir, texts, device)
     plan, n, k = _token_plan(tok, lines, batch_size=batch_size, max_length=max_length, keep_special=keep_special,
                              max_tokens=max_tokens, seed=seed)
     prefix = _block_prefix(model)
@@ -176,7 +177,11 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     def hook(name):
         def pre(_mod, args):  # modules fed the very same tensor (q/k/v, gate/up) share one copy of its rows
             x = args[0]
-            first = state["fed"].setdefault((x.data_ptr(), tuple(x.shape)), name)
+            key = (x.data_ptr(), tuple(x.shape))
+            first, ref = state["fed"].get(key, (None, None))
+            if ref is None or ref() is not x:  # a new tensor (a freed one's address reused is not the same tensor)
+                first = name
+                state["fed"][key] = (name, weakref.ref(x))
             rows[name].append(rows[first][-1] if first != name else x[state["sel"]].detach().float().cpu())
         return pre
 
@@ -194,7 +199,7 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     for name, chunks in rows.items():
         twin = next((o for o in inputs if all(a is b for a, b in zip(rows[o], chunks))), None)
         inputs[name] = inputs[twin] if twin else torch.cat(chunks).contiguous()
-    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special, tok) | {"modules": names}
+    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special, pad) | {"modules": names}
     return ModuleInputs(inputs, metadata)
 
 
