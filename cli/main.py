@@ -300,7 +300,7 @@ def squeeze_cmd(adapter, out, rank, energy, budget, rank_map, min_rank, method, 
         click.echo("note: a TeRA adapter is squeezed through its exact LoRA form and written as a LoRA", err=True)
         a = to_lora(a)[0]
         fmt = fmt or ("kohya" if a.format == "kohya" else "peft")
-    out = out or output_for(a, rule_tag(rank, energy, budget, rank_map), fmt, source=adapter)
+    out = out or output_for(a, rule_tag(rank, energy, budget, rank_map), fmt)
     with progress_bar(len(a.modules), "squeeze") as bar:
         small, report = squeeze(a, rule, method=method, device=device, dtype=dtype, compute_dtype=precision,
                                 seed=seed, min_rank=min_rank, progress=lambda _: bar.update(1),

@@ -16,7 +16,7 @@ from surgery.tera import (TeRALinear, TeraSpec, adapter_from_model, attach_tera,
                           init_lambdas, shared, tera_delta, tera_forward, to_lora, to_tera)
 from surgery_cli.main import main
 
-from .conftest import PEFT_FIXTURE, FIXTURES, lora_pair, write_peft
+from .conftest import FIXTURES, PEFT_FIXTURE, dense_truncation, lora_pair, write_peft
 
 
 def rand_lams(spec, seed=0):
@@ -211,8 +211,13 @@ def test_cli_convert_init_inspect(tmp_path):
     fresh = load_adapter(tmp_path / "i.safetensors")
     assert all(float(m.delta().abs().max()) == 0 for m in fresh.modules.values())
     for args, message in ((["convert", PEFT_FIXTURE, "--to", "lora", "--rank", "2", "-o", tmp_path / "x"], "already a LoRA adapter"),
-                          (["init-tera", FIXTURES / "tiny-llama", "--targets", "nothing", "-o", tmp_path / "x"], "no 2-D weight"),
-                          (["squeeze", tmp_path / "t.safetensors", "--rank", "2", "-o", tmp_path / "x"], "TeRA module")):
+                          (["init-tera", FIXTURES / "tiny-llama", "--targets", "nothing", "-o", tmp_path / "x"], "no 2-D weight")):
         r = run(*args)
         assert r.exit_code == 1 and message in r.output, (args, r.output)
         assert not (tmp_path / "x").exists()
+    # squeeze takes a TeRA adapter through its exact LoRA form: the rank-2 truncation of each ΔW
+    r = run("squeeze", tmp_path / "t.safetensors", "--rank", "2", "-o", tmp_path / "s")
+    assert r.exit_code == 0 and "exact LoRA form" in r.output, r.output
+    tera, small = load_adapter(tmp_path / "t.safetensors"), load_adapter(tmp_path / "s")
+    for name, m in tera.modules.items():
+        torch.testing.assert_close(small.modules[name].delta(), dense_truncation(m.delta(), 2), rtol=1e-4, atol=1e-6)
