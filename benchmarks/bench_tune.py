@@ -48,7 +48,7 @@ def main():
             for steps in (0, args.steps):
                 sync()
                 t0 = time.perf_counter()
-                _, before, after, _ = tune_module(student, teacher, X, steps=steps, device=args.device)
+                _, before, after, *_ = tune_module(student, teacher, X, steps=steps, device=args.device)
                 sync()
                 t.append(time.perf_counter() - t0)
             per_step.append((t[1] - t[0]) / args.steps)

@@ -146,6 +146,7 @@ def test_projected_search_is_exact(kind, monkeypatch):
     assert (pruned[0][:30] == 0).all()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("kind", ["subspace", "clusters-interleaved", "grid-ties"])
 def test_cuda_search_equals_cpu(kind):

@@ -199,6 +199,7 @@ def test_zero_update_squeezes_to_zero(tmp_path):
     assert report.modules[0].rel_error == 0.0
 
 
+@pytest.mark.cuda
 def test_cuda_agrees_with_cpu(adapter_dir):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

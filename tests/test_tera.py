@@ -177,6 +177,7 @@ def test_merge_equals_model_with_tera_attached(tmp_path):
         assert torch.allclose(fresh(input_ids=ids).logits, want, atol=1e-5)
 
 
+@pytest.mark.cuda
 def test_cuda_agrees_with_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
