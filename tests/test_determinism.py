@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from .conftest import FIXTURES, KOHYA_FIXTURE, PEFT_FIXTURE
 from .test_merge import tiny_llama
 
-pytestmark = pytest.mark.no_real_load  # byte comparisons; the files are checked by the loaders elsewhere
+pytestmark = [pytest.mark.no_real_load,  # byte comparisons; the files are checked by the loaders elsewhere
+              pytest.mark.slow]  # two whole processes per command
 
 
 def _conv_kohya(path, seed):

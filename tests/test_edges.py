@@ -50,6 +50,7 @@ def test_write_all_loops_over_short_writes():
     assert bytes(f.data) == bytes(range(100))
 
 
+@pytest.mark.slow  # writes a tensor over 2 GiB
 def test_merge_of_a_tensor_over_the_write_cap(tmp_path):
     """A real > 2 GiB tensor through `surgery merge` (one write() would stop at CAP bytes)."""
     rows = CAP // (4 * 1024) + 1  # float32 (rows, 1024): just over the cap

@@ -225,6 +225,7 @@ def _run(cmd) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow  # a whole process per mutated input
 def test_mutated_inputs_keep_the_contract(tmp_path):
     clean = _inputs(tmp_path)
     cases = _cases(tmp_path, clean)

@@ -8,6 +8,7 @@ import pytest
 from .conftest import ROOT
 
 
+@pytest.mark.slow  # a whole process and a pytest collection
 def test_gpu_suite_without_a_gpu_checks_its_pieces_and_exits_0(tmp_path):
     if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
         pytest.skip("a GPU is here: gpu.sh would run the whole suite")

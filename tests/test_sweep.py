@@ -135,6 +135,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))  # Python ignores SIGXFSZ: writes past it fail (EFBIG)
 
 
+@pytest.mark.slow  # a whole process per command
 @pytest.mark.parametrize("name", COMMANDS)
 def test_full_output_disk(inputs, tmp_path, name):
     """A file-size limit makes every write past 200 bytes fail as a full disk does, in a real process."""
