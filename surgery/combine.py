@@ -79,6 +79,14 @@ def exact_pair(m, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torc
     return torch.nn.functional.pad(B, (0, k - B.shape[1])), torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0]))
 
 
+def _stored_pair(m, device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B, A, scale) with ΔW = scale · B @ A: a LoRA's factors in their stored dtype (not converted yet), else
+    `exact_pair` in float32 with scale 1."""
+    if m.algo == "lora":
+        return (*m.factors(m.dtype, device), m.scale)
+    return (*exact_pair(m, torch.float32, device), 1.0)
+
+
 def bias_sum(present) -> torch.Tensor | None:
     """Σ wᵢ sᵢ bᵢ (float32) of the modules' bias parts — PEFT's `lora_B.bias`, LyCORIS's `diff_b` — which add
     to the base layer's bias linearly; None when no module has one."""
@@ -217,9 +225,12 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
 
             def stacked(part, present=present, held=held):
                 if part not in held:  # the first of the two reads makes both; each is handed out once
-                    pairs = [exact_pair(m, torch.float32, dev) for m, _ in present]
-                    held["B"] = torch.cat([w * B for (B, _), (_, w) in zip(pairs, present)], 1)
-                    held["A"] = torch.cat([A for _, A in pairs], 0)
+                    pairs = [_stored_pair(m, dev) for m, _ in present]
+                    # concatenated as stored, converted once, each input's w·s on its columns: one pass each
+                    cols = torch.cat([torch.full((B.shape[1],), w * s, dtype=torch.float32, device=dev)
+                                      for (B, _, s), (_, w) in zip(pairs, present)])
+                    held["B"] = torch.cat([B for B, _, _ in pairs], 1).to(torch.float32).mul_(cols)
+                    held["A"] = torch.cat([A for _, A, _ in pairs], 0).to(torch.float32)
                 return held.pop(part)
 
             r = sum(width(m) for m, _ in present)

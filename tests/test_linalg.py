@@ -143,3 +143,25 @@ def test_output_truncation_with_white_inputs_is_plain_truncation():
     Bk, Ak = output_factors(B, A, output_svd(B, A, X, 1.5), 2)
     U, S, Vh = torch.linalg.svd(1.5 * B @ A)
     assert torch.allclose(Bk @ Ak, U[:, :2] * S[:2] @ Vh[:2], atol=1e-10)
+
+
+def test_r_factor_gram_path_is_as_accurate_as_a_float32_qr():
+    """The float64-Gram Cholesky R of a tall float32 M: RᵀR = MᵀM to float32's resolution of M, singular values
+    as a float32 Householder QR gives them (down to ε₃₂·σ₁), and the QR fallback for a rank-deficient M."""
+    from surgery.linalg import r_factor
+
+    g = torch.Generator().manual_seed(0)
+    for decay in (0.5, 0.9, 1.0):
+        U = torch.linalg.qr(torch.randn(3000, 40, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64)).Q
+        M = ((U * decay ** torch.arange(40, dtype=torch.float64)) @ V.T).float()
+        R = r_factor(M)
+        S_true = torch.linalg.svdvals(M.double())
+        S_gram, S_qr = torch.linalg.svdvals(R), torch.linalg.svdvals(torch.linalg.qr(M, mode="r").R.double())
+        tol = 4 * torch.finfo(torch.float32).eps * float(S_true[0])
+        assert float((S_gram - S_true).abs().max()) <= tol
+        assert float((S_qr - S_true).abs().max()) <= tol
+    M = torch.randn(500, 8, generator=g)
+    M[:, 3] = 0  # rank-deficient: Cholesky fails, QR answers
+    R = r_factor(M)
+    torch.testing.assert_close(R.T @ R, (M.T @ M).double(), rtol=1e-5, atol=1e-4)
