@@ -111,9 +111,12 @@ def _above(f: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Ten
     if f.device.type != "cpu":
         thr = rows[:, None] if cols is None else torch.minimum(rows[:, None], cols[None])
         return torch.gt(f, thr).flatten().nonzero().squeeze(1)
-    f, rows = f.numpy(), rows.numpy()[:, None]
-    thr = rows if cols is None else np.minimum(rows, cols.numpy()[None])
-    return torch.from_numpy(np.flatnonzero(f > thr))
+    f, rows = f.numpy(), rows.numpy()
+    if cols is None:
+        return torch.from_numpy(np.flatnonzero(f > rows[:, None]))
+    m = f > rows[:, None]  # above min(rows_i, cols_j): above either, without an (m, n) threshold array
+    m |= f > cols.numpy()[None]
+    return torch.from_numpy(np.flatnonzero(m))
 
 
 def _merge(best_v: torch.Tensor, best_i: torch.Tensor, r: torch.Tensor, c: torch.Tensor, v: torch.Tensor):
