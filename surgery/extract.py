@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 
 from .adapter import Adapter, ExpertsModule, LoraModule, experts_module
-from .device import resolve_device, seeded, storage_dtype
+from .device import Scratch, resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
 from .io import hub
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
 from .io.peft import PREFIX
-from .linalg import all_finite, randomized_svd, split_factors
+from .linalg import all_finite, randomized_svd, split_factors, sum_squares
 from .rank import Budget, FixedRank, RankRule, budget_ranks, numerical_rank
 
 EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")
@@ -177,6 +177,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     small = [n for n in chosen if n not in experts and isinstance(rule, FixedRank)  # from the headers
              and rule.rank > min(pairs[n][0].shape[0], math.prod(pairs[n][0].shape[1:]))]
 
+    scratch = Scratch()
+
     def delta(name: str) -> torch.Tensor:
         if name in experts:  # one expert's ΔW (out, in), assembled from its on-disk tensors
             param, e, pieces = experts[name]
@@ -185,8 +187,11 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                 part = delta(key) if piece.expert is not None else delta(key)[e]
                 d.narrow(piece.dim, piece.start, part.shape[piece.dim]).copy_(part)
             return d.T if param.transposed else d
-        ft, bs = pairs[name]
-        d = read_tensor(ft).to(dev, torch.float32) - read_tensor(bs).to(dev, torch.float32)
+        ft, bs = pairs[name]  # read into reused buffers (fresh weight-sized tensors cost page faults): d lives
+        d = scratch.get("d", ft.shape, torch.float32, dev)  # until the next call
+        d.copy_(read_tensor(ft, scratch.get("read", (ft.nbytes,), torch.uint8)))
+        d.sub_(scratch.get("b", bs.shape, torch.float32, dev).copy_(
+            read_tensor(bs, scratch.get("read", (bs.nbytes,), torch.uint8))))
         if not all_finite(d):
             for spec in (ft, bs):  # which model is broken
                 if not all_finite(read_tensor(spec)):
@@ -212,7 +217,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                         f"{listed(small)}")
     for name in chosen:
         d = delta(name)
-        total = float(d.double().square().sum())
+        total = sum_squares(d)
         if total == 0.0:
             unchanged.append(name)
             continue
@@ -236,7 +241,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                 warnings.append(f"{name}: energy {rule.threshold} not reached within --max-rank {max_rank} "
                                 f"(kept {float(cum[-1]) / total:.4f})")
         B, A = split_factors(svd, k)
-        resid = float((d.double() - B.double() @ A.double()).square().sum())
+        # the residual of these factors, formed in place (d is not needed afterwards): float32 entries, float64 sum
+        resid = sum_squares(d.addmm_(B, A, alpha=-1))
         reports.append(ExtractedModule(name, tuple(d.shape), k, float(svd.S[:k].double().square().sum()) / total,
                                        math.sqrt(resid / total), k * sum(d.shape)))
         if progress:
