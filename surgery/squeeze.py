@@ -30,6 +30,7 @@ from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRul
                    energy_rank, numerical_rank)
 
 METHODS = ("exact", "rsvd")
+CUDA_WORKERS = 4  # streams kept busy at once on a GPU (per_module)
 T = TypeVar("T")
 
 
@@ -218,19 +219,35 @@ def per_module(fn: Callable[[str, LoraModule], T], modules: Mapping[str, LoraMod
 
     On the CPU, modules run in parallel, one per intra-op thread, each computed single-threaded (a lone module
     too): the tall-skinny QRs here scale far better across modules than inside one (measured 1.7× on 2 cores),
-    and a module's result does not depend on the thread count (tests/test_determinism.py). Memory: one module
-    per worker. On CUDA, one module at a time.
+    and a module's result does not depend on the thread count (tests/test_determinism.py). On CUDA, a few
+    workers, each on its own stream: one module's reading, pinned upload and download overlap the others'
+    kernels, and a worker waiting for its own results (a rank, a report figure) stalls no other stream — the
+    device is not left idle between modules. Memory: one module per worker.
     """
-    if device.type != "cpu":
+    if device.type not in ("cpu", "cuda"):
         yield from (fn(n, m) for n, m in modules.items())
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    # OpenMP's thread count is per OS thread: a worker starts from OMP_NUM_THREADS, not from the line above, and an
-    # SVD's blocking (so its rounding) follows it — each worker sets its own
-    pool = ThreadPoolExecutor(max(1, min(threads, len(modules))), initializer=torch.set_num_threads, initargs=(1,))
+    threads, cuda = torch.get_num_threads(), device.type == "cuda"
+
+    def start():
+        if cuda:
+            torch.cuda.set_stream(torch.cuda.Stream(device))  # the current stream is per thread
+        else:
+            # OpenMP's thread count is per OS thread: a worker starts from OMP_NUM_THREADS, not from the caller's,
+            # and an SVD's blocking (so its rounding) follows it — each worker sets its own
+            torch.set_num_threads(1)
+
+    def run(item):
+        out = fn(*item)
+        if cuda:  # handed over complete: no kernel of this worker's stream still writing into it
+            torch.cuda.current_stream().synchronize()
+        return out
+
+    if not cuda:
+        torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max(1, min(CUDA_WORKERS if cuda else threads, len(modules))), initializer=start)
     try:
-        yield from pool.map(lambda item: fn(*item), modules.items())
+        yield from pool.map(run, modules.items())
     finally:  # on an error, modules not yet started are dropped
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)

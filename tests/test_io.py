@@ -245,6 +245,22 @@ def test_lazy_read_holds_references(adapter_dir):
     assert all(isinstance(m.A, TensorRef) and isinstance(m.B, TensorRef) for m in a.modules.values())
 
 
+def test_reference_reads_the_file_as_it_is_now(tmp_path):
+    """References share one open handle per file version: a file rewritten at the same path (in place or
+    replaced) is read anew, its values and its header."""
+    from surgery.adapter import TensorRef
+
+    path = tmp_path / "t.safetensors"
+    save_file({"x": torch.ones(3, 4)}, str(path))
+    ref = TensorRef(path, "x", (3, 4), torch.float32)
+    assert torch.equal(ref.load(), torch.ones(3, 4))
+    save_file({"a": torch.zeros(2), "x": torch.full((3, 4), 2.0)}, str(path))  # in place, other offsets
+    assert torch.equal(ref.load(), torch.full((3, 4), 2.0))
+    save_file({"x": torch.full((3, 4), 3.0)}, str(tmp_path / "new.safetensors"))
+    (tmp_path / "new.safetensors").replace(path)
+    assert torch.equal(ref.load(), torch.full((3, 4), 3.0))
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch, adapter_dir):
     import surgery.io.peft as p
 
