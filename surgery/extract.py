@@ -6,7 +6,9 @@ The error figures are exact: ‖D‖ and the residual ‖D − U_kΣ_kV_kᵀ‖ 
 from __future__ import annotations
 
 import math
+import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,7 +16,7 @@ from typing import Callable
 import torch
 
 from .adapter import Adapter, ExpertsModule, LoraModule, experts_module
-from .device import Scratch, resolve_device, seeded, storage_dtype
+from .device import Scratch, per_module, resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
 from .io import hub
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
@@ -177,7 +179,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     small = [n for n in chosen if n not in experts and isinstance(rule, FixedRank)  # from the headers
              and rule.rank > min(pairs[n][0].shape[0], math.prod(pairs[n][0].shape[1:]))]
 
-    scratch = Scratch()
+    local = threading.local()  # each worker's reused buffers
 
     def delta(name: str) -> torch.Tensor:
         if name in experts:  # one expert's ΔW (out, in), assembled from its on-disk tensors
@@ -188,7 +190,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                 d.narrow(piece.dim, piece.start, part.shape[piece.dim]).copy_(part)
             return d.T if param.transposed else d
         ft, bs = pairs[name]  # read into reused buffers (fresh weight-sized tensors cost page faults): d lives
-        d = scratch.get("d", ft.shape, torch.float32, dev)  # until the next call
+        scratch = local.__dict__.setdefault("scratch", Scratch())  # until the worker's next call
+        d = scratch.get("d", ft.shape, torch.float32, dev)
         d.copy_(read_tensor(ft, scratch.get("read", (ft.nbytes,), torch.uint8)))
         d.sub_(scratch.get("b", bs.shape, torch.float32, dev).copy_(
             read_tensor(bs, scratch.get("read", (bs.nbytes,), torch.uint8))))
@@ -201,26 +204,30 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             return d
         return d.T if EMBEDDING.search(name) else d.flatten(1)  # PEFT embedding LoRA: B @ A = ΔWᵀ; a conv (out, in·k)
 
+    # tensors run in parallel, each single-threaded (same bytes whatever the thread count), as many at once as a
+    # quarter of the memory holds their buffers (≤ 12 bytes per element of the largest: two float32 copies + read)
+    largest = max(math.prod(pairs[k][0].shape)
+                  for n in chosen for k in ([p for p, _ in experts[n][2]] if n in experts else [n]))
+    workers = max(1, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // (12 * max(largest, 1)))
+    names = dict.fromkeys(chosen)
+
     ranks: dict[str, int] = {}
     if isinstance(rule, Budget):
-        spectra, cost = {}, {}
-        for name in chosen:
+        def spectrum(name, _):
             d = delta(name)
-            spectra[name] = _svd(d, min(max_rank, *d.shape), seed, name).S.double().cpu()
-            cost[name] = sum(d.shape)
+            return _svd(d, min(max_rank, *d.shape), seed, name).S.double().cpu(), sum(d.shape)
+
+        found = dict(zip(chosen, per_module(spectrum, names, dev, workers)))
+        spectra, cost = {n: S for n, (S, _) in found.items()}, {n: c for n, (_, c) in found.items()}
         nonzero = {n: S for n, S in spectra.items() if float(S[0]) > 0}
         ranks = budget_ranks(nonzero, {n: cost[n] for n in nonzero}, rule.params)
 
-    modules, reports, unchanged, warnings, found = {}, [], [], [], {}
-    if small:
-        warnings.append(f"{len(small)} tensor(s) smaller than rank {rule.rank} extracted at their full rank: "
-                        f"{listed(small)}")
-    for name in chosen:
-        d = delta(name)
+    def one(name: str, _) -> tuple[ExtractedModule, torch.Tensor, torch.Tensor, list[str]] | None:
+        """The tensor's report, factors B (out, k), A (k, in) on the CPU and warnings; None if unchanged."""
+        d, notes = delta(name), []
         total = sum_squares(d)
         if total == 0.0:
-            unchanged.append(name)
-            continue
+            return None
         cap = min(max_rank if not isinstance(rule, FixedRank) else rule.rank, *d.shape)
         svd = _svd(d, ranks.get(name, cap), seed, name)
         if isinstance(rule, FixedRank):
@@ -231,32 +238,45 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             S = svd.S.double().cpu()
             k, captured = max(1, numerical_rank(S, d.shape)), float(S.square().sum())
             if k == len(S) and len(S) < min(d.shape) and captured < total * (1 - 1e-5):
-                warnings.append(f"{name}: its numerical rank exceeds --max-rank {max_rank} "
-                                f"(kept {captured / total:.4f} of the energy)")
+                notes.append(f"{name}: its numerical rank exceeds --max-rank {max_rank} "
+                             f"(kept {captured / total:.4f} of the energy)")
         else:  # energy against the true ‖D‖², not the captured part
             cum = torch.cumsum(svd.S.double().square().cpu(), 0)
             k = int((cum < rule.threshold * total * (1 - 1e-12)).sum()) + 1
             if k > len(cum):
                 k = len(cum)
-                warnings.append(f"{name}: energy {rule.threshold} not reached within --max-rank {max_rank} "
-                                f"(kept {float(cum[-1]) / total:.4f})")
+                notes.append(f"{name}: energy {rule.threshold} not reached within --max-rank {max_rank} "
+                             f"(kept {float(cum[-1]) / total:.4f})")
         B, A = split_factors(svd, k)
         # the residual of these factors, formed in place (d is not needed afterwards): float32 entries, float64 sum
         resid = sum_squares(d.addmm_(B, A, alpha=-1))
-        reports.append(ExtractedModule(name, tuple(d.shape), k, float(svd.S[:k].double().square().sum()) / total,
-                                       math.sqrt(resid / total), k * sum(d.shape)))
+        report = ExtractedModule(name, tuple(d.shape), k, float(svd.S[:k].double().square().sum()) / total,
+                                 math.sqrt(resid / total), k * sum(d.shape))
+        return report, B.cpu(), A.cpu(), notes
+
+    modules, reports, unchanged, warnings, found = {}, [], [], [], {}
+    if small:
+        warnings.append(f"{len(small)} tensor(s) smaller than rank {rule.rank} extracted at their full rank: "
+                        f"{listed(small)}")
+    for name, done in zip(chosen, per_module(one, names, dev, workers)):
+        if done is None:
+            unchanged.append(name)
+            continue
+        report, B, A, notes = done
+        reports.append(report)
+        warnings.extend(notes)
         if progress:
             progress(name)
         if name in experts:
-            found[name] = B.cpu(), A.cpu()
+            found[name] = B, A
             continue
-        out = sdtype or pairs[name][0].torch_dtype
+        k, out = report.rank, sdtype or pairs[name][0].torch_dtype
         key = (PREFIX if not pipeline else "") + name[: -len(".weight")]
         shape = pairs[name][0].shape
         kind = "embedding" if EMBEDDING.search(name) else "conv" if len(shape) == 4 else "linear"
         if kind == "conv":  # A (k, in, kh, kw), B (out, k, 1, 1): PEFT's and kohya's conv LoRA
             A, B = A.reshape((k,) + tuple(shape[1:])), B.reshape(tuple(B.shape) + (1, 1))
-        modules[key] = LoraModule(A=A.to("cpu", out).contiguous(), B=B.to("cpu", out).contiguous(), scale=1.0, kind=kind)
+        modules[key] = LoraModule(A=A.to(out).contiguous(), B=B.to(out).contiguous(), scale=1.0, kind=kind)
     modules.update(_expert_modules(experts, found, sdtype, pairs))
     if not modules:
         raise SurgeryError(f"{finetuned}: the targeted tensors are identical in both models; nothing to extract")

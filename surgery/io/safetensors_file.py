@@ -109,11 +109,19 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
 
 
 def tensor_refs(path: str | os.PathLike) -> tuple[dict[str, TensorRef], dict[str, str]]:
-    """Lazy references to every tensor of a validated file, plus its metadata; nothing is read yet."""
+    """Lazy references to every tensor of a validated file, plus its metadata; nothing is read yet. Each knows
+    where its bytes lie in this version of the file (`TensorRef.offset`, `stamp`)."""
     path = Path(path).resolve()
+    before = os.stat(path)
     header, metadata = read_header(path)
+    with open(path, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+        after = os.fstat(f.fileno())
+    stamp = (after.st_mtime_ns, after.st_size)
+    same = stamp == (before.st_mtime_ns, before.st_size)
     refs = {
-        name: TensorRef(path, name, tuple(int(s) for s in info["shape"]), DTYPES[info["dtype"]])
+        name: TensorRef(path, name, tuple(int(s) for s in info["shape"]), DTYPES[info["dtype"]],
+                        offset=start + info["data_offsets"][0] if same else None, stamp=stamp)
         for name, info in sorted(header.items())
     }
     return refs, metadata
