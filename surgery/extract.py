@@ -190,7 +190,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                 d.narrow(piece.dim, piece.start, part.shape[piece.dim]).copy_(part)
             return d.T if param.transposed else d
         ft, bs = pairs[name]  # read into reused buffers (fresh weight-sized tensors cost page faults): d lives
-        scratch = local.__dict__.setdefault("scratch", Scratch())  # until the worker's next call
+        scratch = local.__dict__.setdefault("scratch", Scratch(dev))  # until the worker's next call
         d = scratch.get("d", ft.shape, torch.float32, dev)
         d.copy_(read_tensor(ft, scratch.get("read", (ft.nbytes,), torch.uint8)))
         d.sub_(scratch.get("b", bs.shape, torch.float32, dev).copy_(

@@ -120,7 +120,7 @@ def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *,
     + float32 eps — per output row, or per input column for a module whose `dora_axis` is "in". With `scratch`,
     the result lives in a reused buffer.
     """
-    scratch = scratch or Scratch()
+    scratch = scratch or Scratch(device)
     acc = scratch.get("acc", W.shape, compute, device).copy_(W)
     for m, w in parts:
         add_delta_(acc, m, w, fan_in_fan_out)
@@ -146,7 +146,7 @@ def changed_tensor(spec: TensorSpec, change: Change, transposed: bool, out_dtype
     a weight plus its adapters' ΔW), and the base tensor it was made from (None for a replacement)."""
     if change.kind == "replace":
         return materialize(change.replacement).to(out_dtype), None
-    scratch = scratch or Scratch()
+    scratch = scratch or Scratch(device)
     base = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
     if change.kind == "bias":
         acc = base.to(device, compute)
@@ -604,7 +604,7 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
     the changed weights are quantized again in the base's own layout (fresh scales) and everything else is copied
     as it is; `survival` receives (name, ‖Q(W+ΔW) − (W+ΔW)‖², ‖ΔW‖²) per changed quantized weight."""
     dev = device
-    scratches = itertools.cycle([Scratch(), Scratch()])  # tensor i is written while i + 1 is made
+    scratches = itertools.cycle([Scratch(dev), Scratch(dev)])  # tensor i is written while i + 1 is made
     # the worker making tensors leaves one core to the writer (OpenMP's team size is per OS thread): on 2 cores,
     # 2 threads of conversions beside the writer's page-cache copies ran 1.4× slower end to end (MoE experts)
     cores = torch.get_num_threads()
@@ -927,7 +927,7 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
     error = {"q": 0.0, "delta": 0.0, "n": 0}
     largest = max(r.nbytes for r in refs.values())
     # reused read buffers and scratch, two sets: write_file makes the next tensor while it writes this one
-    sets = [(np.empty(largest, np.uint8), Scratch()) for _ in range(2)]
+    sets = [(np.empty(largest, np.uint8), Scratch(dev)) for _ in range(2)]
 
     def merged(key: str, buffer: np.ndarray, scratch: Scratch) -> Callable:
         def make():
