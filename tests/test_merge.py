@@ -267,6 +267,22 @@ def minilm():
     return Path(pkg.__file__).parent / "model"
 
 
+def test_extract_workers_do_not_change_the_result(minilm, tmp_path, monkeypatch):
+    """Weights run in parallel, each single-threaded, as many at once as a quarter of the memory holds: one worker
+    (a memory that holds one weight's buffers) gives the same factors and report as several."""
+    g = torch.Generator().manual_seed(3)
+    tuned = {k: t + 1e-3 * torch.randn(t.shape, generator=g) if k.endswith("dense.weight") else t
+             for k, t in load_file(str(minilm / "model.safetensors")).items()}
+    save_file(tuned, str(tmp_path / "ft.safetensors"))
+    args = (tmp_path / "ft.safetensors", minilm / "model.safetensors", Energy(0.5))
+    several, r1 = extract(*args, device="cpu", seed=2)
+    monkeypatch.setattr("surgery.extract.os.sysconf", lambda name: 1)  # a quarter of 1 byte: one worker
+    one, r2 = extract(*args, device="cpu", seed=2)
+    assert len(r1.modules) == 19 and r1 == r2  # 18 encoder dense layers and the pooler and several.modules.keys() == one.modules.keys()
+    for name, m in several.modules.items():
+        assert torch.equal(m.A, one.modules[name].A) and torch.equal(m.B, one.modules[name].B)
+
+
 def test_real_minilm_merge_and_extract(minilm, tmp_path):
     """The real all-MiniLM-L6-v2 weights (BERT), a LoRA on the attention projections."""
     bert = lambda: transformers.AutoModel.from_pretrained(minilm).eval()  # noqa: E731
