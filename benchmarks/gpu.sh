@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine must show, in one call of under 5 minutes (run from the repository root):
 #   bash benchmarks/gpu.sh
-# 1. installs what it needs into .gpu-venv (a CUDA build of torch from the package registry, this package,
-#    pytest), 2. runs every CUDA test (pytest -m cuda: CPU/GPU agreement of squeeze, extract, combine, merge,
-#    LoHa/LoKr conversion, TwoNN search, TeRA forward and tune), 3. times each GPU workload against the same
-#    command on the CPU and the I/O floor (benchmarks/gpu_suite.py) and writes gpu_suite.md / gpu_suite.json
-#    and pytest.txt to $OUT if set, else to benchmarks/out/. Prints its own total.
+# 1. uses the machine's own CUDA torch (the lent machines have one and fetch nothing: this package runs from the
+#    checkout, wheels carried in .whl/ — tensorly, which their image lacks — go to .gpu-site); where python3 has
+#    no CUDA torch it installs one into .gpu-venv from the package registry instead; 2. runs every CUDA test
+#    (pytest -m cuda: CPU/GPU agreement of squeeze, extract, combine, merge, LoHa/LoKr conversion, TwoNN search,
+#    TeRA forward and tune); 3. times each GPU workload against the same command on the CPU and the I/O floor
+#    (benchmarks/gpu_suite.py) and writes gpu_suite.md / gpu_suite.json and pytest.txt to $OUT if set, else to
+#    benchmarks/out/. Prints its own total.
 # Without a CUDA device it says so in one line and exits 0 after checking that every piece it calls exists.
+# On the device tool (docs/benchmarks.md): python3 -m pip download --no-deps -d .whl tensorly==0.10.0, then
+#   run(command="bash benchmarks/gpu.sh", carry=[".whl"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/benchmarks/out}"
 mkdir -p "$OUT"
 export OUT
 start=$(date +%s)
+# this package from the checkout, no install (cli/ is the package surgery_cli)
+mkdir -p .gpu-path
+ln -sfn ../cli .gpu-path/surgery_cli
+export PYTHONPATH="$PWD:$PWD/.gpu-path:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"
 if ! nvidia-smi -L >/dev/null 2>&1; then
     exec "${PYTHON:-python3}" benchmarks/gpu_suite.py --check
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-if [ ! -x .gpu-venv/bin/python ]; then
-    python3 -m venv .gpu-venv
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .gpu-site .whl/*.whl
 fi
-. .gpu-venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q torch            # the registry's default Linux wheel: a CUDA build
-python -m pip install -q -e . pytest hypothesis
-python -c "import torch; assert torch.cuda.is_available(), 'torch has no CUDA'; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
-echo "install: $(( $(date +%s) - start )) s"
+PY=python3
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    [ -x .gpu-venv/bin/python ] || python3 -m venv .gpu-venv
+    PY=.gpu-venv/bin/python
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q torch  # the registry's default Linux wheel: a CUDA build
+    "$PY" -m pip install -q numpy safetensors tensorly scipy click huggingface_hub pytest hypothesis peft transformers
+fi
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'torch has no CUDA'; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
+"$PY" -c "import tensorly" 2>/dev/null || echo "tensorly is missing (carry its wheel in .whl/): the TeRA test will fail"
+echo "set-up: $(( $(date +%s) - start )) s"
 status=0
-python -m pytest -q -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" || status=$?
-python benchmarks/gpu_suite.py --out "$OUT"
+"$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" || status=$?
+"$PY" benchmarks/gpu_suite.py --out "$OUT"
 echo "gpu.sh total: $(( $(date +%s) - start )) s (tests exit status $status)"
 exit $status
