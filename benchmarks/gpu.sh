@@ -2,14 +2,15 @@
 # Everything a lent GPU machine must show, in one call of under 5 minutes (run from the repository root):
 #   bash benchmarks/gpu.sh
 # 1. uses the machine's own CUDA torch (the lent machines have one and fetch nothing: this package runs from the
-#    checkout, wheels carried in .whl/ — tensorly, which their image lacks — go to .gpu-site); where python3 has
-#    no CUDA torch it installs one into .gpu-venv from the package registry instead; 2. runs every CUDA test
-#    (pytest -m cuda: CPU/GPU agreement of squeeze, extract, combine, merge, LoHa/LoKr conversion, TwoNN search,
-#    TeRA forward and tune); 3. times each GPU workload against the same command on the CPU and the I/O floor
-#    (benchmarks/gpu_suite.py) and writes gpu_suite.md / gpu_suite.json and pytest.txt to $OUT if set, else to
-#    benchmarks/out/. Prints its own total.
+#    checkout, wheels carried in .whl/ — tensorly and threadpoolctl, which their image may lack — go to
+#    .gpu-site); where python3 has no CUDA torch it installs one into .gpu-venv from the package registry
+#    instead; 2. runs every CUDA test (pytest -m cuda: CPU/GPU agreement of squeeze, extract, combine, merge,
+#    LoHa/LoKr conversion, TwoNN search, TeRA forward and tune); 3. times each GPU workload against the same
+#    command on the CPU and the I/O floor (benchmarks/gpu_suite.py) and writes gpu_suite.md / gpu_suite.json and
+#    pytest.txt to $OUT if set, else to benchmarks/out/. Prints its own total.
 # Without a CUDA device it says so in one line and exits 0 after checking that every piece it calls exists.
-# On the device tool (docs/benchmarks.md): python3 -m pip download --no-deps -d .whl tensorly==0.10.0, then
+# On the device tool (docs/benchmarks.md):
+#   python3 -m pip download --no-deps -d .whl tensorly==0.10.0 threadpoolctl==3.8.0, then
 #   run(command="bash benchmarks/gpu.sh", carry=[".whl"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +35,13 @@ if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/de
     PY=.gpu-venv/bin/python
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q torch  # the registry's default Linux wheel: a CUDA build
-    "$PY" -m pip install -q numpy safetensors tensorly scipy click huggingface_hub pytest hypothesis peft transformers
+    "$PY" -m pip install -q numpy safetensors tensorly threadpoolctl scipy click huggingface_hub pytest hypothesis \
+        peft transformers
 fi
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch has no CUDA'; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
-"$PY" -c "import tensorly" 2>/dev/null || echo "tensorly is missing (carry its wheel in .whl/): the TeRA test will fail"
+for lib in tensorly threadpoolctl; do
+    "$PY" -c "import $lib" 2>/dev/null || echo "$lib is missing: carry its wheel in .whl/ (docs/benchmarks.md)"
+done
 echo "set-up: $(( $(date +%s) - start )) s"
 status=0
 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" || status=$?

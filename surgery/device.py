@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from .errors import SurgeryError
 
@@ -116,7 +117,9 @@ def per_module(fn: Callable[[str, M], T], modules: Mapping[str, M], device: torc
             torch.cuda.current_stream().synchronize()
         return out
 
-    if not cuda:
+    blas = None
+    if not cuda:  # numpy's BLAS too (linalg.gram64): its own threads would fight the workers for the cores
+        blas = threadpool_limits(1, user_api="blas")
         torch.set_num_threads(1)
     n = min(CUDA_WORKERS if cuda else threads, len(modules), workers or len(modules))
     pool = ThreadPoolExecutor(max(1, n), initializer=start)
@@ -124,4 +127,6 @@ def per_module(fn: Callable[[str, M], T], modules: Mapping[str, M], device: torc
         yield from pool.map(run, modules.items())
     finally:  # on an error, modules not yet started are dropped
         pool.shutdown(wait=True, cancel_futures=True)
+        if blas is not None:  # restores every pool threadpoolctl saw, OpenMP's too: before torch's own count
+            blas.restore_original_limits()
         torch.set_num_threads(threads)

@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surgery.linalg import (lora_operator, lowrank_frobenius_sq, lowrank_svd, randomized_svd, split_factors)
+from surgery.linalg import (gram64, lora_operator, lowrank_frobenius_sq, lowrank_svd, randomized_svd,
+                            split_factors)
 
 from .conftest import dense_truncation, lora_pair
 
@@ -168,3 +169,30 @@ def test_r_factor_gram_path_is_as_accurate_as_a_float32_qr():
     M[:, 3] = 0  # rank-deficient: Cholesky fails, QR answers
     R = r_factor(M)
     torch.testing.assert_close(R.T @ R, (M.T @ M).double(), rtol=1e-5, atol=1e-4)
+
+
+def test_per_module_runs_workers_on_one_blas_thread_and_restores_the_thread_counts():
+    """Each CPU worker computes single-threaded (torch's pool and numpy's BLAS, which `gram64` uses); afterwards
+    both counts are as the caller left them — restoring the BLAS limit must not reset torch's OpenMP count."""
+    from threadpoolctl import threadpool_info
+
+    from surgery.device import per_module
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before_torch, before_blas = torch.get_num_threads(), blas_threads()
+    seen = list(per_module(lambda n, m: (torch.get_num_threads(), blas_threads()), {"a": 0, "b": 1},
+                           torch.device("cpu")))
+    assert all(t == 1 and all(b == 1 for b in bl) for t, bl in seen)
+    assert torch.get_num_threads() == before_torch and blas_threads() == before_blas
+
+
+def test_gram64_matches_a_float64_gram_in_both_layouts():
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(2000, 48, generator=g)
+    ref = M.double().T @ M.double()
+    for stored in (M, M.T.contiguous().T):
+        G = gram64(stored)
+        assert G.dtype == torch.float64 and torch.equal(G, G.T)
+        torch.testing.assert_close(G, ref, rtol=1e-13, atol=1e-10)
