@@ -136,7 +136,7 @@ def test_output_truncation_is_the_float64_optimum(m, n_in, r, n, seed, deficient
 
 
 def test_output_truncation_with_white_inputs_is_plain_truncation():
-    from surgery.linalg import input_factor, output_factors, output_svd
+    from surgery.linalg import output_factors, output_svd
 
     g = torch.Generator().manual_seed(0)
     B, A = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randn(4, 10, generator=g, dtype=torch.float64)

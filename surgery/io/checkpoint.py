@@ -8,7 +8,6 @@ tensor, and copies untouched tensors as raw bytes (bit-identical, no conversion)
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
