@@ -226,11 +226,10 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
             def stacked(part, present=present, held=held):
                 if part not in held:  # the first of the two reads makes both; each is handed out once
                     pairs = [_stored_pair(m, dev) for m, _ in present]
-                    # concatenated as stored, converted once, each input's w·s on its columns: one pass each;
-                    # B kept as its transpose (r, out) row-major, the layout whose Gram is cheapest (linalg.gram64)
-                    cols = torch.cat([torch.full((B.shape[1], 1), w * s, dtype=torch.float32, device=dev)
+                    # concatenated as stored, converted once, each input's w·s on its columns: one pass each
+                    cols = torch.cat([torch.full((B.shape[1],), w * s, dtype=torch.float32, device=dev)
                                       for (B, _, s), (_, w) in zip(pairs, present)])
-                    held["B"] = torch.cat([B.T for B, _, _ in pairs], 0).to(torch.float32).mul_(cols).T
+                    held["B"] = torch.cat([B for B, _, _ in pairs], 1).to(torch.float32).mul_(cols)
                     held["A"] = torch.cat([A for _, A, _ in pairs], 0).to(torch.float32)
                 return held.pop(part)
 
