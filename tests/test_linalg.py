@@ -160,7 +160,7 @@ def test_r_factor_gram_path_is_as_accurate_as_a_float32_qr():
         S_qr = torch.linalg.svdvals(torch.linalg.qr(M, mode="r").R.double())
         tol = 4 * torch.finfo(torch.float32).eps * float(S_true[0])
         assert float((S_qr - S_true).abs().max()) <= tol
-        for stored in (M, M.T.contiguous().T):  # row-major M (one GEMM), or Mᵀ row-major (block rows of the Gram)
+        for stored in (M, M.T.contiguous().T):  # M row-major, or Mᵀ row-major (a LoRA A seen as Aᵀ)
             R = r_factor(stored)
             assert float((torch.linalg.svdvals(R) - S_true).abs().max()) <= tol
             if decay > 0.5:  # the Gram path (0.5 is numerically rank-deficient: QR), exact to float64 rounding
