@@ -59,8 +59,8 @@ def r_factor(M: torch.Tensor) -> torch.Tensor:
 
     A tall float32 M on the CPU: the Cholesky factor of its Gram matrix formed in float64 (`gram64`) — as accurate
     as a float32 Householder QR (the Gram's rounding, ε₆₄·σ₁², sits below float32's resolution of M, ε₃₂·σ₁) and
-    faster on the CPU (a symmetric rank-k update instead of Householder panels). Falls back to QR when the Gram is not numerically
-    positive definite (a rank-deficient M) or M is float64 / on another device."""
+    faster on the CPU (a symmetric rank-k update instead of Householder panels). Falls back to QR when the Gram is
+    not numerically positive definite (a rank-deficient M) or M is float64 / on another device."""
     if M.dtype == torch.float32 and M.device.type == "cpu" and M.shape[0] >= 2 * M.shape[1]:
         L, info = torch.linalg.cholesky_ex(gram64(M))
         if int(info) == 0:
@@ -70,8 +70,8 @@ def r_factor(M: torch.Tensor) -> torch.Tensor:
 
 def gram64(M: torch.Tensor) -> torch.Tensor:
     """MᵀM (r, r) in float64 for M (m, r) on the CPU: numpy's `X @ X.T` on X = Mᵀ, which its BLAS runs as a
-    symmetric rank-k update (half a GEMM's flops; 11008 × 128 with numpy's OpenBLAS on the benchmark machine:
-    4.4 ms, against 5.0 ms for torch's MKL doing 3/4 of a GEMM in block rows). Either layout of M."""
+    symmetric rank-k update (half a GEMM's flops; numpy's OpenBLAS was also the faster BLAS on the benchmark
+    machine, docs/benchmarks.md). Either layout of M; callers in `per_module` workers get one BLAS thread each."""
     X = M.T.double().numpy()  # (r, m)
     return torch.from_numpy(X @ X.T)
 
