@@ -130,3 +130,20 @@ def test_real_subprocess(tmp_path):
     if shutil.which("surgery"):
         p = subprocess.run(["surgery", "inspect", str(PEFT_FIXTURE)], capture_output=True, text=True, timeout=300)
         assert p.returncode == 0 and "peft adapter" in p.stdout
+
+
+def test_console_script_freezes_the_imports_out_of_the_collector():
+    """`run` (the `surgery` script and `python -m`) leaves torch's objects to the permanent generation, so
+    neither full collections nor the teardown at exit walk them; `main` (CliRunner) leaves the collector alone."""
+    probe = ("import atexit, gc, sys\n"
+             "from surgery_cli.main import main, run\n"
+             "atexit.register(lambda: print('frozen', gc.get_freeze_count(), flush=True))\n"
+             "sys.argv = ['surgery', '--version']\n"
+             "(run if {use_run} else main)()\n")
+    counts = {}
+    for use_run in (True, False):
+        p = subprocess.run([sys.executable, "-c", probe.format(use_run=use_run)], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        assert p.returncode == 0 and "surgery, version" in p.stdout, p.stderr
+        counts[use_run] = int(p.stdout.split("frozen")[1])
+    assert counts[True] > 50_000 and counts[False] == 0
