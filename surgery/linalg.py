@@ -55,13 +55,13 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def r_factor(M: torch.Tensor) -> torch.Tensor:
-    """R (min(m, r), r), float64, with RᵀR = MᵀM, for M (m, r).
+    """R (…, min(m, r), r), float64, with RᵀR = MᵀM, for M (…, m, r).
 
     A tall float32 M on the CPU: the Cholesky factor of its Gram matrix formed in float64 (`gram64`) — as accurate
     as a float32 Householder QR (the Gram's rounding, ε₆₄·σ₁², sits below float32's resolution of M, ε₃₂·σ₁) and
     faster on the CPU (a symmetric rank-k update instead of Householder panels). Falls back to QR when the Gram is
-    not numerically positive definite (a rank-deficient M) or M is float64 / on another device."""
-    if M.dtype == torch.float32 and M.device.type == "cpu" and M.shape[0] >= 2 * M.shape[1]:
+    not numerically positive definite (a rank-deficient M) or M is float64 / batched / on another device."""
+    if M.dim() == 2 and M.dtype == torch.float32 and M.device.type == "cpu" and M.shape[0] >= 2 * M.shape[1]:
         L, info = torch.linalg.cholesky_ex(gram64(M))
         if int(info) == 0:
             return L.T
@@ -77,34 +77,35 @@ def gram64(M: torch.Tensor) -> torch.Tensor:
 
 
 def core_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> CoreSVD:
-    """Singular values of `scale · B @ A` (B (m, r), A (r, n)) from R factors (`r_factor`): O((m + n) r²), no Q
-    formed.
+    """Singular values of `scale · B @ A` (B (…, m, r), A (…, r, n); leading dimensions: a batch of modules) from
+    R factors (`r_factor`): O((m + n) r²), no Q formed.
 
     Raises FloatingPointError if a factor holds NaN/Inf (which always reaches its R).
     """
-    Rb = r_factor(B)  # (p, r), p = min(m, r)
-    Ra = r_factor(A.transpose(0, 1))  # (q, r), q = min(n, r)
+    Rb = r_factor(B)  # (…, p, r), p = min(m, r)
+    Ra = r_factor(A.mT)  # (…, q, r), q = min(n, r)
     if not (all_finite(Rb) and all_finite(Ra)):
         raise FloatingPointError("factor contains NaN or Inf")
-    Uc, S, Vch = torch.linalg.svd(scale * (Rb @ Ra.T), full_matrices=False)
+    Uc, S, Vch = torch.linalg.svd(scale * (Rb @ Ra.mT), full_matrices=False)
     return CoreSVD(Rb, Ra, Uc, S, Vch, scale)
 
 
 def core_factors(B: torch.Tensor, A: torch.Tensor, core: CoreSVD, k: int, scale: float = 1.0):
-    """Rank-k factors (B' (m, k), A' (k, n)) with `scale · B' @ A'` = the best rank-k approximation of ΔW.
+    """Rank-k factors (B' (…, m, k), A' (…, k, n)) with `scale · B' @ A'` = the best rank-k approximation of ΔW.
 
     U_k = ΔW V_k Σ_k⁻¹ = s·B Raᵀ Vc_k Σ_k⁻¹ and V_kᵀ = s·Σ_k⁻¹ Uc_kᵀ Rb A, so with √Σ on each side
     B' = s·B (Raᵀ Vc_k Σ_k^-½) / √|scale|, A' = s·(Σ_k^-½ Uc_kᵀ Rb) A / √|scale| · sign(scale): two thin
-    products with r×k matrices, no inverse of R. Directions with σ at round-off level are set to zero.
+    products with r×k matrices, no inverse of R. Directions with σ at round-off level are set to zero — decided
+    on the device, so nothing here waits for it (a batch of modules: one launch per product).
     """
     if scale == 0:
         raise ValueError("scale must be non-zero")
-    S = core.S[:k]
-    tol = float(core.S[0]) * max(B.shape[0], A.shape[1], B.shape[1]) * torch.finfo(B.dtype).eps if len(core.S) else 0.0
-    inv_root = torch.where(S > tol, S.clamp_min(1e-300).rsqrt(), torch.zeros_like(S))  # (k,)
+    S = core.S[..., :k]
+    tol = core.S[..., :1] * max(B.shape[-2], A.shape[-1], B.shape[-1]) * torch.finfo(B.dtype).eps  # (…, 1)
+    inv_root = torch.where(S > tol, S.clamp_min(1e-300).rsqrt(), torch.zeros_like(S))  # (…, k)
     c = core.scale / abs(scale) ** 0.5
-    Xb = c * (core.Ra.T @ core.Vch[:k].T) * inv_root  # (r, k)
-    Ya = (c * (1.0 if scale > 0 else -1.0)) * inv_root[:, None] * (core.Uc[:, :k].T @ core.Rb)  # (k, r)
+    Xb = c * (core.Ra.mT @ core.Vch[..., :k, :].mT) * inv_root.unsqueeze(-2)  # (…, r, k)
+    Ya = (c * (1.0 if scale > 0 else -1.0)) * inv_root.unsqueeze(-1) * (core.Uc[..., :k].mT @ core.Rb)  # (…, k, r)
     return B @ Xb.to(B.dtype), Ya.to(A.dtype) @ A
 
 

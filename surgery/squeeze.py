@@ -4,7 +4,8 @@
 (exact QR-core SVD by default, seeded randomized SVD on request), truncated to the rank its rule picks, and
 re-split with √Σ on both sides while keeping the module's scale; factors are cast once to the storage dtype.
 The reported error is exact without a dense ΔW: the dropped σ² (exact method) or the norm of the low-rank
-residual from Gram matrices (rsvd). On the CPU, modules are processed in parallel (`per_module`).
+residual from Gram matrices (rsvd). On the CPU, modules are processed in parallel (`per_module`); on a GPU,
+same-shaped LoRA modules go in batches, a few batches at once, each waited for once (`_batches`).
 
 With captured inputs X (n, in) of a module (`inputs`), the truncation is output-aware: the rank-k ΔW_k minimising
 ‖X (ΔW_k − ΔW)ᵀ‖_F, U_k U_kᵀ ΔW for U_k the top-k left singular vectors of ΔW Xᵀ (linalg.output_svd), and every rank
@@ -29,6 +30,7 @@ from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRul
                    energy_rank, numerical_rank)
 
 METHODS = ("exact", "rsvd")
+BATCH_BYTES = 1 << 28  # float32 factors of one module batch on a GPU (per_module runs CUDA_WORKERS batches at once)
 
 
 @dataclass(frozen=True)
@@ -137,12 +139,17 @@ def _truncate(m: LoraModule, B: torch.Tensor, A: torch.Tensor, fact, k: int, out
         B2, A2 = core_factors(B, A, fact, k, scale)  # (out, k'), (k', in)
     else:
         B2, A2 = split_factors(fact, k, scale)
-    B2, A2 = _pad(B2, A2, k)
+    return _shaped(m, *_pad(B2, A2, k), k, out_dtype, fold)
+
+
+def _shaped(m: LoraModule, B2: torch.Tensor, A2: torch.Tensor, k: int, out_dtype, fold: bool) -> LoraModule:
+    """Rank-k factors B2 (out, k), A2 (k, in_flat) of LoRA module `m` as its new module: its layout (a conv's
+    kernel), on the CPU in `out_dtype` (or its own), its bias, magnitude and output scale."""
     dtype = out_dtype or m.dtype
     B2 = B2.reshape((m.out_features, k) + tuple(m.B.shape[2:])).to("cpu", dtype).contiguous()
     A2 = A2.reshape((k,) + tuple(m.A.shape[1:])).to("cpu", dtype).contiguous()
-    return LoraModule(A=A2, B=B2, scale=scale, kind=m.kind, bias=_folded_bias(m, fold), magnitude=m.magnitude,
-                      dora_axis=m.dora_axis)
+    return LoraModule(A=A2, B=B2, scale=_out_scale(m, fold), kind=m.kind, bias=_folded_bias(m, fold),
+                      magnitude=m.magnitude, dora_axis=m.dora_axis)
 
 
 def _as_lora(m, B: torch.Tensor, A: torch.Tensor, k: int, out_dtype, shape=None, fold: bool = False) -> LoraModule:
@@ -179,10 +186,10 @@ def _kept(name: str, m: LoraModule, sdtype, fold: bool) -> tuple[LoraModule, Mod
 
 
 def _pad(B: torch.Tensor, A: torch.Tensor, k: int):
-    """Zero directions pad a spectrum shorter than k."""
-    if B.shape[1] < k:
-        B = torch.nn.functional.pad(B, (0, k - B.shape[1]))
-        A = torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0]))
+    """Zero directions pad a spectrum shorter than k (B (…, out, k'), A (…, k', in))."""
+    if B.shape[-1] < k:
+        B = torch.nn.functional.pad(B, (0, k - B.shape[-1]))
+        A = torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[-2]))
     return B, A
 
 
@@ -375,7 +382,7 @@ def squeeze(
             B2, A2 = _pad(*split_factors(SVD(fact.U[:, :k], fact.S[:k], fact.Vh[:k]), k, _out_scale(m, fold)), k)
             small = _as_lora(m, B2, A2, k, sdtype, (shapes or {}).get(name), fold)
             _check_finite(name, small.A, small.B)
-            return small, _report(name, m, fact, k, None)
+            return small, _report(name, m, fact.S, k)
         B, A = pair  # LoRA, or LoHa's exact face-splitting LoRA (rank r₁r₂): the QR-core path
         lora = _as_pair(m, B, A)
         fact = _factorize(name, lora, B, A, m.rank if target is None else target, method, dev, cdtype, seed)
@@ -384,7 +391,7 @@ def squeeze(
         if lora is not m:
             small = _as_lora(m, small.B, small.A, k, sdtype, (shapes or {}).get(name), fold)
         _check_finite(name, small.A, small.B)
-        return small, _report(name, m, fact, k, None if method == "exact" else (B, A))
+        return small, _report(name, m, fact.S, k, None if method == "exact" else (B, A, fact))
 
     def output_aware(name: str, m, target: int | None) -> tuple[LoraModule, ModuleReport]:
         """ΔW_k = U_k U_kᵀ ΔW for the module's inputs X, U_k from σ(ΔW Xᵀ), re-split as `_truncate` does."""
@@ -400,13 +407,54 @@ def squeeze(
         _check_finite(name, small.A, small.B)
         return small, _output_report(name, m, X, pair, small, k)
 
+    def batch(names: list[str]) -> list[tuple[LoraModule, ModuleReport]]:
+        """Same-shaped LoRA modules at once (`_batches`): stacked factors, one batched QR per side and one batched
+        core SVD, then the factors of each rank k, each brought back in one copy — the device is waited for once
+        per batch, not per module. A factor holding NaN/Inf sends the batch down the one-module path, which names
+        its module."""
+        ms = [modules[n] for n in names]
+        pairs = [m.lowrank(cdtype, dev) for m in ms]
+        B, A = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])  # (n, out, r), (n, r, in)
+        del pairs
+        try:
+            core = core_svd(B, A, ms[0].scale)
+        except FloatingPointError:
+            return [one(n, m) for n, m in zip(names, ms)]
+        S = core.S.cpu()  # (n, t): the batch's one wait before its factors
+        ks = [_target(n, m, rule, S[i], min_rank) if targets.get(n) is None else targets[n]
+              for i, (n, m) in enumerate(zip(names, ms))]
+        done: list = [None] * len(names)
+        for k in sorted(set(ks)):
+            at = [i for i, x in enumerate(ks) if x == k]
+            sub = core if len(at) == len(names) else CoreSVD(*(t[at] for t in core[:5]), core.scale)
+            B2, A2 = _pad(*core_factors(B[at], A[at], sub, k, _out_scale(ms[0], fold)), k)
+            dtype = sdtype or ms[0].dtype
+            B2, A2 = B2.to(dtype).cpu(), A2.to(dtype).cpu()
+            for j, i in enumerate(at):
+                small = _shaped(ms[i], B2[j].clone(), A2[j].clone(), k, dtype, fold)
+                _check_finite(names[i], small.A, small.B)
+                done[i] = (small, _report(names[i], ms[i], S[i], k))
+        return done
+
+    def unit(first: str, names: list[str]) -> list:
+        return batch(names) if len(names) > 1 else [one(first, modules[first])]
+
+    def batchable(name: str, m) -> tuple | None:
+        """The batch key of a module `batch` can take (LoRA, exact, not kept as it is, no captured inputs)."""
+        if method != "exact" or name in inputs or m.kind == "experts" or m.algo != "lora" or (
+                targets.get(name) == m.rank and not isinstance(rule, Budget)):
+            return None
+        return m.out_features, m.rank, m.in_features, m.scale, m.dtype
+
+    units = _batches(modules, batchable) if _batches_on(dev) else {n: [n] for n in modules}
     out, reports = {}, []
     try:
-        for name, (small, report) in zip(modules, per_module(one, modules, dev)):
-            out[name] = small
-            reports.extend(report if isinstance(report, list) else [report])
-            if progress:
-                progress(name)
+        for names, results in zip(units.values(), per_module(unit, units, dev)):
+            for name, (small, report) in zip(names, results):
+                out[name] = small
+                reports.extend(report if isinstance(report, list) else [report])
+                if progress:
+                    progress(name)
     except SurgeryError as e:  # name the input the module came from
         if adapter.source is None or str(e).startswith(str(adapter.source)):
             raise
@@ -437,7 +485,36 @@ def squeeze(
             f"{len(dora)} DoRA module(s): the magnitude vectors were trained against W + ΔW and are kept as they "
             "are, so the merged weights change by more than the LoRA truncation error reported here"
         )
+    out = {n: out[n] for n in modules}  # the input's order (batches finish in theirs)
+    reports.sort(key=lambda r, at={n: i for i, n in enumerate(modules)}: at[parent(r.name)])
     return adapter.with_modules(out, source=adapter.source), SqueezeReport(tuple(reports), method, tuple(warnings))
+
+
+def _batches_on(device: torch.device) -> bool:
+    """Whether `squeeze` takes same-shaped modules in batches: on a GPU, where one module's kernels (a QR of
+    out × r, an r × r SVD) are too small to fill the device and each wait for a result stalls it; on the CPU one
+    module per thread already runs at BLAS speed."""
+    return device.type == "cuda"
+
+
+def _batches(modules: Mapping, key: Callable) -> dict[str, list[str]]:
+    """{first module: the modules computed with it}: modules with equal `key(name, m)` (not None) together, at most
+    `BATCH_BYTES` of float32 factors a batch; the others alone."""
+    units: dict[str, list[str]] = {}
+    open_: dict = {}  # key → (first module, bytes so far)
+    for name, m in modules.items():
+        k = key(name, m)
+        if k is None:
+            units[name] = [name]
+            continue
+        size = 4 * m.rank * (m.out_features + m.in_features)
+        first, used = open_.get(k, (None, 0))
+        if first is None or used + size > BATCH_BYTES:
+            first, used = name, 0
+            units[first] = []
+        units[first].append(name)
+        open_[k] = (first, used + size)
+    return units
 
 
 def parent(name: str) -> str:
@@ -445,15 +522,16 @@ def parent(name: str) -> str:
     return name.rsplit("[", 1)[0] if name.endswith("]") else name
 
 
-def _report(name: str, m: LoraModule, svd, k: int, factors) -> ModuleReport:
-    """Errors from the spectrum (exact: it is complete) or, for rsvd, from the rank-(r+k) residual
-    `[sB | −U_kΣ_k] [A; Vh_k]` through Gram matrices in float64, which avoids ‖ΔW‖² − ‖ΔW_k‖² cancellation."""
-    s2 = svd.S.double().square().cpu()
+def _report(name: str, m: LoraModule, S: torch.Tensor, k: int, rsvd=None) -> ModuleReport:
+    """Errors from the spectrum S (exact: it is complete) or, for rsvd = (B, A, its SVD), from the rank-(r+k)
+    residual `[sB | −U_kΣ_k] [A; Vh_k]` through Gram matrices in float64, which avoids ‖ΔW‖² − ‖ΔW_k‖²
+    cancellation."""
+    s2 = S.double().square().cpu()
     kept = float(s2[:k].sum())
-    if factors is None:
+    if rsvd is None:
         dropped, total = float(s2[k:].sum()), float(s2.sum())
     else:
-        B, A = factors
+        B, A, svd = rsvd
         total = lowrank_frobenius_sq(B, A, m.scale)
         k_ = min(k, svd.S.numel())
         U, S, Vh = (t.double() for t in svd)

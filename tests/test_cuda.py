@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgery import Energy, FixedRank, load_adapter, squeeze
+from surgery import Energy, FixedRank, load_adapter, parse_rank_map, squeeze
 from surgery.adapter import Adapter, LohaModule, LokrModule, LoraModule
 
 from .conftest import lora_pair, write_peft
@@ -33,8 +33,8 @@ def pairs():
             for i in range(2) for j, m in enumerate(("self_attn.q_proj", "mlp.up_proj"))}
 
 
-@pytest.mark.parametrize("rule", [FixedRank(4), Energy(0.9)])
-def test_squeeze(pairs, tmp_path, rule):
+@pytest.mark.parametrize("rule", [FixedRank(4), Energy(0.9), parse_rank_map("q_proj=6,up_proj=3")])
+def test_squeeze(pairs, tmp_path, rule):  # on CUDA the four same-shaped modules go as one batch (by rank)
     a = load_adapter(write_peft(tmp_path / "a", pairs, r=12, alpha=24))
     cpu, rc = squeeze(a, rule, device="cpu")
     gpu, rg = squeeze(a, rule, device="cuda")

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from surgery.adapter import materialize
-from surgery import Budget, Energy, FixedRank, SurgeryError, load_adapter, parse_rank_map, save_adapter, squeeze
+from surgery.adapter import Adapter, LoraModule, materialize
+from surgery import Budget, Energy, Exact, FixedRank, SurgeryError, load_adapter, parse_rank_map, save_adapter, squeeze
 
 from .conftest import KOHYA_FIXTURE, dense_truncation, lora_pair, write_peft
 
@@ -209,3 +209,105 @@ def test_cuda_agrees_with_cpu(adapter_dir):
     for n in a.modules:
         d = cpu.modules[n].delta()
         assert float((gpu.modules[n].delta() - d).norm() / d.norm()) < 1e-5
+
+
+@pytest.fixture
+def batched(monkeypatch):
+    """squeeze with its GPU module batches (`_batches_on`) taken on the CPU: the path a CUDA device runs. Returns
+    the batch sizes core_svd was called with (1 for a lone module)."""
+    import sys
+
+    sq = sys.modules["surgery.squeeze"]
+    sizes, real = [], sq.core_svd
+    monkeypatch.setattr(sq, "_batches_on", lambda dev: True)
+    monkeypatch.setattr(sq, "core_svd", lambda B, A, s=1.0: sizes.append(len(B) if B.dim() == 3 else 1)
+                        or real(B, A, s))
+    return sizes
+
+
+def many_modules():
+    """Three layers of four shapes (two share one), a conv pair, DoRA magnitudes and a bias on some, a second
+    scale on one module (alpha_pattern), bf16 factors: batches by shape and scale, and lone modules."""
+    g = torch.Generator().manual_seed(5)
+    mods = {}
+    for i in range(3):
+        for j, (o, n) in enumerate(((24, 16), (24, 16), (40, 16), (16, 40))):
+            B, A = lora_pair(o, n, 8, decay=0.5 + 0.1 * j, seed=10 * i + j)
+            mods[f"layers.{i}.m{j}"] = LoraModule(
+                A=A.bfloat16(), B=B.bfloat16(), scale=0.5 if (i, j) == (1, 2) else 2.0,
+                magnitude=torch.rand(o, generator=g) + 0.5 if j == 1 else None,
+                bias=torch.randn(o, generator=g) if (i, j) == (0, 3) else None)
+    for i in range(2):
+        B, A = lora_pair(12, 8 * 9, 6, seed=50 + i)
+        mods[f"conv.{i}"] = LoraModule(A=A.reshape(6, 8, 3, 3).bfloat16(), B=B.reshape(12, 6, 1, 1).bfloat16(),
+                                       scale=1.0, kind="conv")
+    return Adapter(modules=mods, format="peft", config={"r": 8, "lora_alpha": 16})
+
+
+@pytest.mark.parametrize("rule", [FixedRank(3), Energy(0.9), Exact(), parse_rank_map("layers.1=5,conv=2,m3=4"),
+                                  Budget(2000)], ids=["fixed", "energy", "exact", "rank-map", "budget"])
+def test_module_batches_equal_one_module_at_a_time(batched, rule):
+    """The GPU path's batches (stacked QR/SVD, factors by rank, one copy back per rank) give every module what the
+    one-module path gives it: same ranks, reports, order, layouts, dtypes and biases; ΔW to float32 rounding."""
+    import sys
+
+    a = many_modules()
+    sq = sys.modules["surgery.squeeze"]
+    batched_on = sq._batches_on
+    sq._batches_on = lambda dev: False
+    try:
+        one, r1 = squeeze(a, rule, device="cpu", dtype="float32")
+    finally:
+        sq._batches_on = batched_on
+    batched.clear()
+    many, rn = squeeze(a, rule, device="cpu", dtype="float32")
+    assert max(batched) >= 3  # the layers' same-shaped modules went as batches
+    assert list(many.modules) == list(one.modules) == list(a.modules)
+    assert [r.name for r in rn.modules] == [r.name for r in r1.modules]
+    for x, y in zip(r1.modules, rn.modules):
+        assert (x.new_rank, x.params_after, x.dora) == (y.new_rank, y.params_after, y.dora)
+        assert y.rel_error == pytest.approx(x.rel_error, abs=1e-6) and y.norm == pytest.approx(x.norm, rel=1e-6)
+    for n, m in one.modules.items():
+        b = many.modules[n]
+        assert (b.A.shape, b.B.shape, b.A.dtype, b.kind, b.scale) == (m.A.shape, m.B.shape, m.A.dtype, m.kind, m.scale)
+        assert b.A.untyped_storage().nbytes() == b.A.numel() * 4  # its own storage, not a view of the batch
+        for t in ("bias", "magnitude"):
+            assert (getattr(b, t) is None) == (getattr(m, t) is None)
+            assert getattr(b, t) is None or torch.equal(getattr(b, t), getattr(m, t))
+        ref = a.modules[n].delta().reshape(m.out_features, -1)  # float64, from the same bf16 factors
+        got = b.delta().reshape(ref.shape)
+        assert float((got - m.delta().reshape(ref.shape)).norm() / ref.norm()) < 1e-5
+        assert float((got - dense_truncation(ref, b.rank)).norm() / ref.norm()) < 1e-5  # Eckart–Young
+
+
+def test_module_batches_split_at_their_byte_bound_and_name_a_bad_module(batched, monkeypatch):
+    import sys
+
+    a = many_modules()
+    whole, _ = squeeze(a, FixedRank(3), device="cpu")
+    monkeypatch.setattr(sys.modules["surgery.squeeze"], "BATCH_BYTES", 4 * 8 * (24 + 16) * 2)  # two per batch
+    batched.clear()
+    split, _ = squeeze(a, FixedRank(3), device="cpu")
+    assert max(batched) == 2
+    for n, m in whole.modules.items():  # a batch's modules do not depend on which others share it
+        assert torch.equal(split.modules[n].A, m.A) and torch.equal(split.modules[n].B, m.B)
+    bad = dict(a.modules)
+    m = bad["layers.2.m0"]
+    bad["layers.2.m0"] = LoraModule(A=m.A.clone().index_fill_(1, torch.tensor([3]), float("nan")), B=m.B,
+                                    scale=m.scale)
+    with pytest.raises(SurgeryError, match=r"module layers\.2\.m0: factor contains NaN"):
+        squeeze(Adapter(modules=bad, format="peft", config={}), FixedRank(3), device="cpu")
+
+
+def test_combine_in_module_batches(batched, tmp_path):
+    from surgery.combine import combine
+
+    pairs = {f"model.layers.{i}.self_attn.q_proj": lora_pair(32, 24, 6, seed=i) for i in range(4)}
+    a = load_adapter(write_peft(tmp_path / "a", pairs, r=6, alpha=12))
+    b = load_adapter(write_peft(tmp_path / "b", {k: (B.flip(0), A) for k, (B, A) in pairs.items()}, r=6, alpha=6))
+    batched.clear()
+    c, rep = combine([a, b], [0.7, -0.3], FixedRank(5), device="cpu")
+    assert batched == [4]
+    for n, m in c.modules.items():
+        ref = 0.7 * a.modules[n].delta() - 0.3 * b.modules[n].delta()
+        assert float((m.delta() - dense_truncation(ref, 5)).norm() / ref.norm()) < 1e-5
