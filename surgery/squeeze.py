@@ -408,10 +408,10 @@ def squeeze(
         return small, _output_report(name, m, X, pair, small, k)
 
     def batch(names: list[str]) -> list[tuple[LoraModule, ModuleReport]]:
-        """Same-shaped LoRA modules at once (`_batches`): stacked factors, one batched QR per side and one batched
-        core SVD, then the factors of each rank k, each brought back in one copy — the device is waited for once
-        per batch, not per module. A factor holding NaN/Inf sends the batch down the one-module path, which names
-        its module."""
+        """Same-shaped LoRA (or LoHa) modules at once (`_batches`): their stacked exact pairs, one batched QR per
+        side and one batched core SVD, then the factors of each rank k, each brought back in one copy — the device
+        is waited for once per batch, not per module. A factor holding NaN/Inf sends the batch down the one-module
+        path, which names its module."""
         ms = [modules[n] for n in names]
         pairs = [m.lowrank(cdtype, dev) for m in ms]
         B, A = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])  # (n, out, r), (n, r, in)
@@ -431,7 +431,9 @@ def squeeze(
             dtype = sdtype or ms[0].dtype
             B2, A2 = B2.to(dtype).cpu(), A2.to(dtype).cpu()
             for j, i in enumerate(at):
-                small = _shaped(ms[i], B2[j].clone(), A2[j].clone(), k, dtype, fold)
+                B1, A1 = B2[j].clone(), A2[j].clone()  # each module its own storage, not a view of the batch
+                small = _shaped(ms[i], B1, A1, k, dtype, fold) if ms[i].algo == "lora" else \
+                    _as_lora(ms[i], B1, A1, k, dtype, (shapes or {}).get(names[i]), fold)
                 _check_finite(names[i], small.A, small.B)
                 done[i] = (small, _report(names[i], ms[i], S[i], k))
         return done
@@ -440,11 +442,15 @@ def squeeze(
         return batch(names) if len(names) > 1 else [one(first, modules[first])]
 
     def batchable(name: str, m) -> tuple | None:
-        """The batch key of a module `batch` can take (LoRA, exact, not kept as it is, no captured inputs)."""
-        if method != "exact" or name in inputs or m.kind == "experts" or m.algo != "lora" or (
-                targets.get(name) == m.rank and not isinstance(rule, Budget)):
+        """(batch key, float32 bytes of its pair) of a module `batch` can take: a LoRA (not kept as it is) or LoHa,
+        exact method, no captured inputs; else None."""
+        if method != "exact" or name in inputs or m.algo not in ("lora", "loha") or m.kind == "experts" or (
+                m.algo == "lora" and targets.get(name) == m.rank and not isinstance(rule, Budget)):
             return None
-        return m.out_features, m.rank, m.in_features, m.scale, m.dtype
+        parts = {"A": m.A, "B": m.B} if m.algo == "lora" else m.tensors
+        width = m.rank if m.algo == "lora" else parts["w1_b"].shape[0] * parts["w2_b"].shape[0]
+        key = (m.algo, m.scale, m.dtype, tuple((k, tuple(t.shape)) for k, t in sorted(parts.items())))
+        return key, 4 * width * (m.out_features + m.in_features)
 
     units = _batches(modules, batchable) if _batches_on(dev) else {n: [n] for n in modules}
     out, reports = {}, []
@@ -497,17 +503,17 @@ def _batches_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _batches(modules: Mapping, key: Callable) -> dict[str, list[str]]:
-    """{first module: the modules computed with it}: modules with equal `key(name, m)` (not None) together, at most
-    `BATCH_BYTES` of float32 factors a batch; the others alone."""
+def _batches(modules: Mapping, batchable: Callable) -> dict[str, list[str]]:
+    """{first module: the modules computed with it}: modules with equal keys from `batchable(name, m)` → (key,
+    bytes) or None together, at most `BATCH_BYTES` a batch; the others alone."""
     units: dict[str, list[str]] = {}
     open_: dict = {}  # key → (first module, bytes so far)
     for name, m in modules.items():
-        k = key(name, m)
-        if k is None:
+        kb = batchable(name, m)
+        if kb is None:
             units[name] = [name]
             continue
-        size = 4 * m.rank * (m.out_features + m.in_features)
+        k, size = kb
         first, used = open_.get(k, (None, 0))
         if first is None or used + size > BATCH_BYTES:
             first, used = name, 0

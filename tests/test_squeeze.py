@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from surgery.adapter import Adapter, LoraModule, materialize
+from surgery.adapter import Adapter, LohaModule, LoraModule, materialize
 from surgery import Budget, Energy, Exact, FixedRank, SurgeryError, load_adapter, parse_rank_map, save_adapter, squeeze
 
 from .conftest import KOHYA_FIXTURE, dense_truncation, lora_pair, write_peft
@@ -227,7 +227,8 @@ def batched(monkeypatch):
 
 def many_modules():
     """Three layers of four shapes (two share one), a conv pair, DoRA magnitudes and a bias on some, a second
-    scale on one module (alpha_pattern), bf16 factors: batches by shape and scale, and lone modules."""
+    scale on one module (alpha_pattern), bf16 factors, two LoHa (rank 6 pairs): batches by shape and scale, and
+    lone modules."""
     g = torch.Generator().manual_seed(5)
     mods = {}
     for i in range(3):
@@ -241,6 +242,9 @@ def many_modules():
         B, A = lora_pair(12, 8 * 9, 6, seed=50 + i)
         mods[f"conv.{i}"] = LoraModule(A=A.reshape(6, 8, 3, 3).bfloat16(), B=B.reshape(12, 6, 1, 1).bfloat16(),
                                        scale=1.0, kind="conv")
+        mods[f"loha.{i}"] = LohaModule(tensors={"w1_a": torch.randn(30, 3, generator=g), "w2_a": torch.randn(30, 2, generator=g),
+                                                "w1_b": torch.randn(3, 20, generator=g), "w2_b": torch.randn(2, 20, generator=g)},
+                                       scale=0.7)
     return Adapter(modules=mods, format="peft", config={"r": 8, "lora_alpha": 16})
 
 
