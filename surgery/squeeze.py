@@ -296,7 +296,23 @@ def spectra(
             return {name: m.svd(cdtype, dev).S.double().cpu()}
         return {name: _factorize(name, _as_pair(m, *pair), *pair, m.rank, method, dev, cdtype, seed).S.double().cpu()}
 
-    return {k: S for found in per_module(one, adapter.modules, dev) for k, S in found.items()}
+    def unit(first: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """A module alone, or a batch of same-shaped ones (`_batches`): one batched core SVD, one copy back."""
+        ms = [adapter.modules[n] for n in names]
+        if len(ms) == 1:
+            return one(first, ms[0])
+        pairs = [m.lowrank(cdtype, dev) for m in ms]
+        try:
+            S = core_svd(torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs]), ms[0].scale).S
+        except FloatingPointError:  # the one-module path names the module
+            return {k: v for n, m in zip(names, ms) for k, v in one(n, m).items()}
+        return dict(zip(names, S.double().cpu()))
+
+    batchable = lambda n, m: None if method != "exact" or n in (inputs or {}) else _pair_key(m)  # noqa: E731
+    units = _batches(adapter.modules, batchable) if _batches_on(dev) else {n: [n] for n in adapter.modules}
+    found = {k: S for got in per_module(unit, units, dev) for k, S in got.items()}
+    at = {n: i for i, n in enumerate(adapter.modules)}
+    return dict(sorted(found.items(), key=lambda kv: at[parent(kv[0])]))  # the adapter's order
 
 
 def squeeze(
@@ -442,15 +458,11 @@ def squeeze(
         return batch(names) if len(names) > 1 else [one(first, modules[first])]
 
     def batchable(name: str, m) -> tuple | None:
-        """(batch key, float32 bytes of its pair) of a module `batch` can take: a LoRA (not kept as it is) or LoHa,
-        exact method, no captured inputs; else None."""
-        if method != "exact" or name in inputs or m.algo not in ("lora", "loha") or m.kind == "experts" or (
+        """`_pair_key` of a module `batch` can take: exact method, no captured inputs, not kept as it is."""
+        if method != "exact" or name in inputs or (
                 m.algo == "lora" and targets.get(name) == m.rank and not isinstance(rule, Budget)):
             return None
-        parts = {"A": m.A, "B": m.B} if m.algo == "lora" else m.tensors
-        width = m.rank if m.algo == "lora" else parts["w1_b"].shape[0] * parts["w2_b"].shape[0]
-        key = (m.algo, m.scale, m.dtype, tuple((k, tuple(t.shape)) for k, t in sorted(parts.items())))
-        return key, 4 * width * (m.out_features + m.in_features)
+        return _pair_key(m)
 
     units = _batches(modules, batchable) if _batches_on(dev) else {n: [n] for n in modules}
     out, reports = {}, []
@@ -501,6 +513,17 @@ def _batches_on(device: torch.device) -> bool:
     out × r, an r × r SVD) are too small to fill the device and each wait for a result stalls it; on the CPU one
     module per thread already runs at BLAS speed."""
     return device.type == "cuda"
+
+
+def _pair_key(m) -> tuple | None:
+    """(batch key, float32 bytes of its exact pair) of a LoRA or LoHa module — equal keys: equal pair shapes, scale
+    and dtype, so they stack into one batch — else None."""
+    if m.algo not in ("lora", "loha") or m.kind == "experts":
+        return None
+    parts = {"A": m.A, "B": m.B} if m.algo == "lora" else m.tensors
+    width = m.rank if m.algo == "lora" else parts["w1_b"].shape[0] * parts["w2_b"].shape[0]
+    key = (m.algo, m.scale, m.dtype, tuple((k, tuple(t.shape)) for k, t in sorted(parts.items())))
+    return key, 4 * width * (m.out_features + m.in_features)
 
 
 def _batches(modules: Mapping, batchable: Callable) -> dict[str, list[str]]:

@@ -315,3 +315,22 @@ def test_combine_in_module_batches(batched, tmp_path):
     for n, m in c.modules.items():
         ref = 0.7 * a.modules[n].delta() - 0.3 * b.modules[n].delta()
         assert float((m.delta() - dense_truncation(ref, 5)).norm() / ref.norm()) < 1e-5
+
+
+def test_spectra_in_module_batches(batched):
+    """Budget rules' first pass in batches: every module's singular values (float64, CPU), in the adapter's order."""
+    import sys
+
+    from surgery.squeeze import spectra
+
+    a = many_modules()
+    got = spectra(a, device="cpu")
+    assert max(batched) >= 3 and list(got) == list(a.modules)
+    for n, m in a.modules.items():
+        want = torch.linalg.svdvals(m.delta().reshape(m.out_features, -1))[: len(got[n])]
+        assert got[n].dtype == torch.float64 and got[n].device.type == "cpu"
+        assert float((got[n] - want).abs().max() / want[0]) < 1e-6, n
+    sq = sys.modules["surgery.squeeze"]
+    sq._batches_on = lambda dev: False
+    one = spectra(a, device="cpu")
+    assert list(one) == list(got) and all(torch.allclose(one[n], got[n], rtol=1e-6, atol=1e-9 * float(got[n][0])) for n in got)
