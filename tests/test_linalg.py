@@ -189,10 +189,15 @@ def test_per_module_runs_workers_on_one_blas_thread_and_restores_the_thread_coun
 
 
 def test_gram64_matches_a_float64_gram_in_both_layouts():
+    """Both layouts, sizes up and down (the thread's reused buffer): each Gram is its own, none a view of it."""
     g = torch.Generator().manual_seed(3)
-    M = torch.randn(2000, 48, generator=g)
-    ref = M.double().T @ M.double()
-    for stored in (M, M.T.contiguous().T):
-        G = gram64(stored)
-        assert G.dtype == torch.float64 and torch.equal(G, G.T)
-        torch.testing.assert_close(G, ref, rtol=1e-13, atol=1e-10)
+    grams = []
+    for m, r in ((2000, 48), (300, 20), (4000, 64)):
+        M = torch.randn(m, r, generator=g)
+        ref = M.double().T @ M.double()
+        for stored in (M, M.T.contiguous().T):
+            G = gram64(stored)
+            assert G.dtype == torch.float64 and torch.equal(G, G.T)
+            torch.testing.assert_close(G, ref, rtol=1e-13, atol=1e-10)
+            grams.append((G, G.clone()))
+    assert all(torch.equal(G, kept) for G, kept in grams)
