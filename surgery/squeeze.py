@@ -5,7 +5,7 @@
 re-split with √Σ on both sides while keeping the module's scale; factors are cast once to the storage dtype.
 The reported error is exact without a dense ΔW: the dropped σ² (exact method) or the norm of the low-rank
 residual from Gram matrices (rsvd). On the CPU, modules are processed in parallel (`per_module`); on a GPU,
-same-shaped LoRA modules go in batches, a few batches at once, each waited for once (`_batches`).
+same-shaped LoRA and LoHa modules go in batches, a few batches at once (`_batches`).
 
 With captured inputs X (n, in) of a module (`inputs`), the truncation is output-aware: the rank-k ΔW_k minimising
 ‖X (ΔW_k − ΔW)ᵀ‖_F, U_k U_kᵀ ΔW for U_k the top-k left singular vectors of ΔW Xᵀ (linalg.output_svd), and every rank
@@ -425,9 +425,9 @@ def squeeze(
 
     def batch(names: list[str]) -> list[tuple[LoraModule, ModuleReport]]:
         """Same-shaped LoRA (or LoHa) modules at once (`_batches`): their stacked exact pairs, one batched QR per
-        side and one batched core SVD, then the factors of each rank k, each brought back in one copy — the device
-        is waited for once per batch, not per module. A factor holding NaN/Inf sends the batch down the one-module
-        path, which names its module."""
+        side and one batched core SVD, then the factors of each rank k, each brought back in one copy — the host
+        waits a few times per batch (finiteness, spectra, each rank's factors), not per module. A factor holding
+        NaN/Inf sends the batch down the one-module path, which names its module."""
         ms = [modules[n] for n in names]
         pairs = [m.lowrank(cdtype, dev) for m in ms]
         B, A = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])  # (n, out, r), (n, r, in)
