@@ -95,7 +95,8 @@ def per_module(fn: Callable[[str, M], T], modules: Mapping[str, M], device: torc
     and a module's result does not depend on the thread count (tests/test_determinism.py). On CUDA, a few
     workers, each on its own stream: one module's reading, pinned upload and download overlap the others'
     kernels, and a worker waiting for its own results (a rank, a report figure) stalls no other stream — the
-    device is not left idle between modules. Memory: one module per worker.
+    device is not left idle between modules. Memory: one module per worker. An item may be a batch of modules
+    (squeeze and spectra on a GPU: `squeeze._batches`).
     Used by squeeze, combine, spectra and extract.
     """
     if device.type not in ("cpu", "cuda"):
