@@ -848,7 +848,7 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
 def run() -> None:
     """The `surgery` console script: `main`, with every object the imports made (torch's, ~170,000) frozen out of
     the cyclic garbage collector first — a full collection walks them all, and Python's teardown at exit did so
-    for ~0.25 s of every command (docs/benchmarks.md). They stay alive as imported modules do anyway."""
+    for 0.3–0.5 s of every command (docs/benchmarks.md). They stay alive as imported modules do anyway."""
     gc.freeze()
     main()
 

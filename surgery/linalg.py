@@ -35,7 +35,8 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> SVD:
 class CoreSVD(NamedTuple):
     """SVD of `scale · B @ A` kept in its small core: B = Qb Rb, Aᵀ = Qa Ra, scale · Rb Raᵀ = Uc diag(S) Vch.
 
-    Rb (p, r), Ra (q, r), Uc (p, t), S (t,), Vch (t, q), all float64; the Q factors are never formed.
+    Rb (…, p, r), Ra (…, q, r), Uc (…, p, t), S (…, t), Vch (…, t, q), all float64 (leading dimensions: a batch of
+    modules); the Q factors are never formed.
     """
 
     Rb: torch.Tensor
