@@ -286,8 +286,11 @@ def spectra(
     dev, cdtype = resolve_device(device), _compute_dtype(compute_dtype)
 
     def one(name: str, m) -> dict[str, torch.Tensor]:
-        if m.kind == "experts":  # each expert's, as `name[e]`
-            return {f"{name}[{e}]": one(name, sub)[name] for e, sub in enumerate(m.per_expert(cdtype, dev))}
+        if m.kind == "experts":  # each expert's, as `name[e]` (in batches on a GPU)
+            subs = dict(zip((f"{name}[{e}]" for e in range(m.experts)), m.per_expert(cdtype, dev)))
+            if not _batches_on(dev) or inputs and name in inputs:
+                return {e: one(name, sub)[name] for e, sub in subs.items()}
+            return {k: v for names in _batches(subs, batchable).values() for k, v in unit(names, subs).items()}
         if inputs and name in inputs:
             B, A, scale = _exact_pair(name, m, cdtype, dev)
             return {name: output_svd(B, A, _input_rows(name, m, inputs[name], dev), scale).S.cpu()}
@@ -296,11 +299,12 @@ def spectra(
             return {name: m.svd(cdtype, dev).S.double().cpu()}
         return {name: _factorize(name, _as_pair(m, *pair), *pair, m.rank, method, dev, cdtype, seed).S.double().cpu()}
 
-    def unit(first: str, names: list[str]) -> dict[str, torch.Tensor]:
-        """A module alone, or a batch of same-shaped ones (`_batches`): one batched core SVD, one copy back."""
-        ms = [adapter.modules[n] for n in names]
+    def unit(names: list[str], pool: Mapping) -> dict[str, torch.Tensor]:
+        """A module of `pool` alone, or a batch of same-shaped ones (`_batches`): one batched core SVD, one copy
+        back."""
+        ms = [pool[n] for n in names]
         if len(ms) == 1:
-            return one(first, ms[0])
+            return one(names[0], ms[0])
         pairs = [m.lowrank(cdtype, dev) for m in ms]
         try:
             S = core_svd(torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs]), ms[0].scale).S
@@ -310,7 +314,8 @@ def spectra(
 
     batchable = lambda n, m: None if method != "exact" or n in (inputs or {}) else _pair_key(m)  # noqa: E731
     units = _batches(adapter.modules, batchable) if _batches_on(dev) else {n: [n] for n in adapter.modules}
-    found = {k: S for got in per_module(unit, units, dev) for k, S in got.items()}
+    found = {k: S for got in per_module(lambda _, names: unit(names, adapter.modules), units, dev)
+             for k, S in got.items()}
     at = {n: i for i, n in enumerate(adapter.modules)}
     return dict(sorted(found.items(), key=lambda kv: at[parent(kv[0])]))  # the adapter's order
 
@@ -369,12 +374,21 @@ def squeeze(
     elif isinstance(rule, (FixedRank, RankMap, PerModule)):
         targets = {n: _target(n, m, rule, None, min_rank) for n, m in modules.items()}
 
+    def target_of(name: str) -> int | None:
+        """The rank the rule set in advance (None: from the spectrum); an expert `p[e]` falls back to its
+        parameter p's."""
+        return targets.get(name, targets.get(parent(name)))
+
     def one(name: str, m) -> tuple[LoraModule, ModuleReport | list[ModuleReport]]:
         if m.kind != "experts":
-            return one_lora(name, m, targets.get(name))
-        # every expert on the LoRA path, then one r for the parameter (PEFT's): the largest, zero-padded
-        outs = [one_lora(f"{name}[{e}]", sub, targets.get(f"{name}[{e}]", targets.get(name)))
-                for e, sub in enumerate(m.per_expert(m.dtype))]
+            return one_lora(name, m, target_of(name))
+        # every expert on the LoRA path (in batches on a GPU), then one r for the parameter (PEFT's): the largest,
+        # zero-padded
+        subs = dict(zip((f"{name}[{e}]" for e in range(m.experts)), m.per_expert(m.dtype)))
+        done = {}
+        for names in (_batches(subs, batchable) if _batches_on(dev) else {n: [n] for n in subs}).values():
+            done.update(zip(names, unit(names, subs, lambda n, sub: one_lora(n, sub, target_of(n)))))
+        outs = [done[n] for n in subs]
         k = max(o.rank for o, _ in outs)
         small = experts_module(m.nesting, [o.B for o, _ in outs], [o.A for o, _ in outs], outs[0][0].scale,
                                sdtype or m.dtype)
@@ -423,21 +437,20 @@ def squeeze(
         _check_finite(name, small.A, small.B)
         return small, _output_report(name, m, X, pair, small, k)
 
-    def batch(names: list[str]) -> list[tuple[LoraModule, ModuleReport]]:
+    def batch(names: list[str], ms: list) -> list[tuple[LoraModule, ModuleReport]]:
         """Same-shaped LoRA (or LoHa) modules at once (`_batches`): their stacked exact pairs, one batched QR per
         side and one batched core SVD, then the factors of each rank k, each brought back in one copy — the host
         waits a few times per batch (finiteness, spectra, each rank's factors), not per module. A factor holding
         NaN/Inf sends the batch down the one-module path, which names its module."""
-        ms = [modules[n] for n in names]
         pairs = [m.lowrank(cdtype, dev) for m in ms]
         B, A = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])  # (n, out, r), (n, r, in)
         del pairs
         try:
             core = core_svd(B, A, ms[0].scale)
         except FloatingPointError:
-            return [one(n, m) for n, m in zip(names, ms)]
+            return [one_lora(n, m, target_of(n)) for n, m in zip(names, ms)]
         S = core.S.cpu()  # (n, t): the batch's one wait before its factors
-        ks = [_target(n, m, rule, S[i], min_rank) if targets.get(n) is None else targets[n]
+        ks = [_target(n, m, rule, S[i], min_rank) if target_of(n) is None else target_of(n)
               for i, (n, m) in enumerate(zip(names, ms))]
         done: list = [None] * len(names)
         for k in sorted(set(ks)):
@@ -454,20 +467,22 @@ def squeeze(
                 done[i] = (small, _report(names[i], ms[i], S[i], k))
         return done
 
-    def unit(first: str, names: list[str]) -> list:
-        return batch(names) if len(names) > 1 else [one(first, modules[first])]
+    def unit(names: list[str], pool: Mapping, alone: Callable) -> list:
+        """`batch` of these modules of `pool`, or `alone(name, m)` for a lone one."""
+        return batch(names, [pool[n] for n in names]) if len(names) > 1 else [alone(names[0], pool[names[0]])]
 
     def batchable(name: str, m) -> tuple | None:
         """`_pair_key` of a module `batch` can take: exact method, no captured inputs, not kept as it is."""
         if method != "exact" or name in inputs or (
-                m.algo == "lora" and targets.get(name) == m.rank and not isinstance(rule, Budget)):
+                m.algo == "lora" and target_of(name) == m.rank and not isinstance(rule, Budget)):
             return None
         return _pair_key(m)
 
     units = _batches(modules, batchable) if _batches_on(dev) else {n: [n] for n in modules}
     out, reports = {}, []
     try:
-        for names, results in zip(units.values(), per_module(unit, units, dev)):
+        done = per_module(lambda _, names: unit(names, modules, one), units, dev)
+        for names, results in zip(units.values(), done):
             for name, (small, report) in zip(names, results):
                 out[name] = small
                 reports.extend(report if isinstance(report, list) else [report])

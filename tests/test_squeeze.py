@@ -334,3 +334,37 @@ def test_spectra_in_module_batches(batched):
     sq._batches_on = lambda dev: False
     one = spectra(a, device="cpu")
     assert list(one) == list(got) and all(torch.allclose(one[n], got[n], rtol=1e-6, atol=1e-9 * float(got[n][0])) for n in got)
+
+
+@pytest.mark.parametrize("rule", [FixedRank(3), Energy(0.8), Budget(3000)], ids=["fixed", "energy", "budget"])
+def test_expert_parameters_in_module_batches(batched, monkeypatch, rule):
+    """An expert parameter's experts go through `batch` on a GPU (split at the byte bound here); each expert's
+    truncation, the parameter's one r (the largest, zero-padded) and the per-expert reports equal the
+    one-at-a-time path's; spectra of the experts too."""
+    import sys
+
+    from surgery.adapter import experts_module
+    from surgery.squeeze import spectra
+
+    sq = sys.modules["surgery.squeeze"]
+    pairs = [lora_pair(24, 16, 6, decay=0.4 + 0.1 * e, seed=70 + e) for e in range(5)]
+    mods = dict(many_modules().modules)
+    mods["mlp.experts.gate_up_proj"] = experts_module(("gate_up_proj",), [B for B, _ in pairs], [A for _, A in pairs],
+                                                      1.5, torch.float32)
+    a = Adapter(modules=mods, format="peft", config={"r": 8, "lora_alpha": 16})
+    monkeypatch.setattr(sq, "BATCH_BYTES", 4 * 6 * (24 + 16) * 2)  # experts two by two
+    batched.clear()
+    many, rn = squeeze(a, rule, device="cpu", dtype="float32")
+    S_many = spectra(a, device="cpu")
+    assert batched.count(2) >= 2
+    monkeypatch.setattr(sq, "_batches_on", lambda dev: False)
+    one, r1 = squeeze(a, rule, device="cpu", dtype="float32")
+    assert list(spectra(a, device="cpu")) == list(S_many)
+    assert [(r.name, r.new_rank, r.params_after) for r in rn.modules] == \
+        [(r.name, r.new_rank, r.params_after) for r in r1.modules]
+    x, y = many.modules["mlp.experts.gate_up_proj"], one.modules["mlp.experts.gate_up_proj"]
+    assert x.A.shape == y.A.shape and x.B.shape == y.B.shape and x.scale == y.scale
+    torch.testing.assert_close(x.delta(), y.delta(), rtol=0, atol=1e-5)
+    ref = a.modules["mlp.experts.gate_up_proj"].delta()
+    for e, r in enumerate(r for r in rn.modules if r.name.startswith("mlp.experts.gate_up_proj[")):
+        torch.testing.assert_close(x.delta()[e], dense_truncation(ref[e], r.new_rank), rtol=0, atol=1e-5)
