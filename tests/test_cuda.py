@@ -139,3 +139,17 @@ def test_tera_forward_and_tune():
     c = tune_module(tera, teacher, X, steps=30, device="cpu")
     g = tune_module(tera, teacher, X, steps=30, device="cuda")
     assert g[2] == pytest.approx(c[2], rel=1e-3)
+
+
+def test_squeeze_expert_parameter():
+    """An expert parameter's experts in one GPU batch agree with the CPU's one-at-a-time path."""
+    from surgery.adapter import experts_module
+
+    pairs = [lora_pair(96, 64, 12, decay=0.7 + 0.02 * e, seed=80 + e) for e in range(8)]
+    m = experts_module(("gate_up_proj",), [B for B, _ in pairs], [A for _, A in pairs], 2.0, torch.float32)
+    a = Adapter(modules={"mlp.experts.gate_up_proj": m}, format="peft", config={"r": 12, "lora_alpha": 24})
+    for rule in (FixedRank(4), Energy(0.9)):
+        cpu, rc = squeeze(a, rule, device="cpu")
+        gpu, rg = squeeze(a, rule, device="cuda")
+        same_deltas(gpu, cpu)
+        assert [r.new_rank for r in rc.modules] == [r.new_rank for r in rg.modules]
