@@ -288,9 +288,9 @@ def spectra(
     def one(name: str, m) -> dict[str, torch.Tensor]:
         if m.kind == "experts":  # each expert's, as `name[e]` (in batches on a GPU)
             subs = dict(zip((f"{name}[{e}]" for e in range(m.experts)), m.per_expert(cdtype, dev)))
-            if not _batches_on(dev) or inputs and name in inputs:
+            if inputs and name in inputs:
                 return {e: one(name, sub)[name] for e, sub in subs.items()}
-            return {k: v for names in _batches(subs, batchable).values() for k, v in unit(names, subs).items()}
+            return {k: v for names in _batches(subs, batchable, dev).values() for k, v in unit(names, subs).items()}
         if inputs and name in inputs:
             B, A, scale = _exact_pair(name, m, cdtype, dev)
             return {name: output_svd(B, A, _input_rows(name, m, inputs[name], dev), scale).S.cpu()}
@@ -313,7 +313,7 @@ def spectra(
         return dict(zip(names, S.double().cpu()))
 
     batchable = lambda n, m: None if method != "exact" or n in (inputs or {}) else _pair_key(m)  # noqa: E731
-    units = _batches(adapter.modules, batchable) if _batches_on(dev) else {n: [n] for n in adapter.modules}
+    units = _batches(adapter.modules, batchable, dev)
     found = {k: S for got in per_module(lambda _, names: unit(names, adapter.modules), units, dev)
              for k, S in got.items()}
     at = {n: i for i, n in enumerate(adapter.modules)}
@@ -386,7 +386,7 @@ def squeeze(
         # zero-padded
         subs = dict(zip((f"{name}[{e}]" for e in range(m.experts)), m.per_expert(m.dtype)))
         done = {}
-        for names in (_batches(subs, batchable) if _batches_on(dev) else {n: [n] for n in subs}).values():
+        for names in _batches(subs, batchable, dev).values():
             done.update(zip(names, unit(names, subs, lambda n, sub: one_lora(n, sub, target_of(n)))))
         outs = [done[n] for n in subs]
         k = max(o.rank for o, _ in outs)
@@ -478,7 +478,7 @@ def squeeze(
             return None
         return _pair_key(m)
 
-    units = _batches(modules, batchable) if _batches_on(dev) else {n: [n] for n in modules}
+    units = _batches(modules, batchable, dev)
     out, reports = {}, []
     try:
         done = per_module(lambda _, names: unit(names, modules, one), units, dev)
@@ -541,9 +541,11 @@ def _pair_key(m) -> tuple | None:
     return key, 4 * width * (m.out_features + m.in_features)
 
 
-def _batches(modules: Mapping, batchable: Callable) -> dict[str, list[str]]:
-    """{first module: the modules computed with it}: modules with equal keys from `batchable(name, m)` → (key,
-    bytes) or None together, at most `BATCH_BYTES` a batch; the others alone."""
+def _batches(modules: Mapping, batchable: Callable, device: torch.device) -> dict[str, list[str]]:
+    """{first module: the modules computed with it}: on a GPU (`_batches_on`), modules with equal keys from
+    `batchable(name, m)` → (key, bytes) or None together, at most `BATCH_BYTES` a batch; the others alone."""
+    if not _batches_on(device):
+        return {n: [n] for n in modules}
     units: dict[str, list[str]] = {}
     open_: dict = {}  # key → (first module, bytes so far)
     for name, m in modules.items():
