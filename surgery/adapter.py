@@ -426,16 +426,20 @@ class LokrModule(_Structured):
         r2 = int(t["w2_b"].shape[0]) if "w2_b" in t else min(k, n * math.prod(kernel))
         return r1 * r2
 
+    def halves(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """((B₁, A₁), (B₂, A₂)): W₁ = B₁ @ A₁ and W₂ = B₂ @ A₂ as 2-D pairs, A None where the half is full."""
+        return _half(self, 1, dtype, device), _half(self, 2, dtype, device)
+
     def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         """Exact SVD of ΔW from the SVDs of its two halves (hadamard_kron.kron_svd); the scale's sign goes
         into U."""
         from .hadamard_kron import factor_svd, kron_svd
 
-        U, S, Vh = kron_svd(factor_svd(*_half(self, 1, dtype, device)), factor_svd(*_half(self, 2, dtype, device)))
+        U, S, Vh = kron_svd(*(factor_svd(*h) for h in self.halves(dtype, device)))
         return SVD(U * (1.0 if self.scale >= 0 else -1.0), S * abs(self.scale), Vh)
 
     def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
-        (B1, A1), (B2, A2) = _half(self, 1, dtype, device), _half(self, 2, dtype, device)
+        (B1, A1), (B2, A2) = self.halves(dtype, device)
         W1 = B1 if A1 is None else B1 @ A1
         W2 = B2 if A2 is None else B2 @ A2
         return torch.kron(W1, W2) * self.scale

@@ -5,7 +5,7 @@
 - LoKr `kron(W₁, W₂) = (U₁⊗U₂)(Σ₁⊗Σ₂)(V₁⊗V₂)ᵀ`: its SVD from the two factors' SVDs, the k largest σ products.
 
 Every function takes and returns 2-D torch tensors (conv kernels flattened into the columns as
-`W.flatten(1)` does: in·kh·kw); nothing here forms the dense ΔW.
+`W.flatten(1)` does: in·kh·kw), `kron_svd` and `factor_svd` also batches of them; nothing here forms the dense ΔW.
 """
 from __future__ import annotations
 
@@ -35,22 +35,27 @@ def hadamard_lora(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torc
 
 
 def kron_svd(f1: SVD, f2: SVD, k: int | None = None) -> SVD:
-    """SVD of `kron(W₁, W₂)` from thin SVDs of W₁ (l, m) and W₂ (k₂, n).
+    """SVD of `kron(W₁, W₂)` from thin SVDs of W₁ (…, l, m) and W₂ (…, k₂, n) (leading dimensions: a batch).
 
-    S holds every product σᵢ(W₁)·σⱼ(W₂), descending (exactly the spectrum); U (l·k₂, k) and Vh (k, m·n) only the
-    k leading directions (default: all), each the Kronecker product of the factors' vectors.
+    S holds every product σᵢ(W₁)·σⱼ(W₂), descending (exactly the spectrum); U (…, l·k₂, k) and Vh (…, k, m·n)
+    only the k leading directions (default: all), each the Kronecker product of the factors' vectors.
     """
-    S = (f1.S[:, None] * f2.S[None, :]).reshape(-1)  # (r₁·r₂,), index i·r₂ + j
-    S, order = torch.sort(S, descending=True, stable=True)
-    top = order[: S.numel() if k is None else min(k, S.numel())]
-    i, j = top // f2.S.numel(), top % f2.S.numel()
-    U = (f1.U[:, None, i] * f2.U[None, :, j]).reshape(-1, top.numel())  # (l·k₂, k): [(a, b), t] = U₁[a,i]·U₂[b,j]
-    Vh = (f1.Vh[i, :, None] * f2.Vh[j, None, :]).reshape(top.numel(), -1)  # (k, m·n)
-    return SVD(U, S, Vh)
+    r2 = f2.S.shape[-1]
+    S = (f1.S.unsqueeze(-1) * f2.S.unsqueeze(-2)).flatten(-2)  # (…, r₁·r₂), index i·r₂ + j
+    S, order = torch.sort(S, dim=-1, descending=True, stable=True)
+    top = order[..., : S.shape[-1] if k is None else min(k, S.shape[-1])]  # (…, k)
+    i, j = top // r2, top % r2
+    U1 = f1.U.gather(-1, i.unsqueeze(-2).expand(*f1.U.shape[:-1], -1))  # (…, l, k): U₁[a, i_t]
+    U2 = f2.U.gather(-1, j.unsqueeze(-2).expand(*f2.U.shape[:-1], -1))  # (…, k₂, k)
+    U = (U1.unsqueeze(-2) * U2.unsqueeze(-3)).flatten(-3, -2)  # (…, l·k₂, k): [(a, b), t] = U₁[a,i]·U₂[b,j]
+    V1 = f1.Vh.gather(-2, i.unsqueeze(-1).expand(*i.shape, f1.Vh.shape[-1]))  # (…, k, m)
+    V2 = f2.Vh.gather(-2, j.unsqueeze(-1).expand(*j.shape, f2.Vh.shape[-1]))  # (…, k, n)
+    return SVD(U, S, (V1.unsqueeze(-1) * V2.unsqueeze(-2)).flatten(-2))  # Vh (…, k, m·n)
 
 
 def factor_svd(B: torch.Tensor, A: torch.Tensor | None = None) -> SVD:
-    """Thin SVD of a LoKr half: `B @ A` (a decomposed factor, O((m + n) r²)) or a full matrix B."""
+    """Thin SVD of a LoKr half (or a batch of them): `B @ A` (a decomposed factor, O((m + n) r²)) or a full
+    matrix B."""
     if A is None:
         return SVD(*torch.linalg.svd(B, full_matrices=False))
     return lowrank_svd(B, A)

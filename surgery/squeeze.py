@@ -24,6 +24,7 @@ from .adapter import Adapter, LoraModule, TensorLike, experts_module, fold_scale
 from .device import compute_dtype as _compute_dtype
 from .device import per_module, resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
+from .hadamard_kron import factor_svd, kron_svd
 from .linalg import (SVD, CoreSVD, all_finite, core_factors, core_svd, lora_operator, lowrank_frobenius_sq,
                      output_factors, output_svd, randomized_svd, split_factors)
 from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
@@ -305,6 +306,8 @@ def spectra(
         ms = [pool[n] for n in names]
         if len(ms) == 1:
             return one(names[0], ms[0])
+        if ms[0].algo == "lokr":
+            return dict(zip(names, _lokr_svds(ms, cdtype, dev).S.double().cpu()))
         pairs = [m.lowrank(cdtype, dev) for m in ms]
         try:
             S = core_svd(torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs]), ms[0].scale).S
@@ -312,7 +315,7 @@ def spectra(
             return {k: v for n, m in zip(names, ms) for k, v in one(n, m).items()}
         return dict(zip(names, S.double().cpu()))
 
-    batchable = lambda n, m: None if method != "exact" or n in (inputs or {}) else _pair_key(m)  # noqa: E731
+    batchable = lambda n, m: None if method != "exact" or n in (inputs or {}) else _batch_key(m)  # noqa: E731
     units = _batches(adapter.modules, batchable, dev)
     found = {k: S for got in per_module(lambda _, names: unit(names, adapter.modules), units, dev)
              for k, S in got.items()}
@@ -438,25 +441,33 @@ def squeeze(
         return small, _output_report(name, m, X, pair, small, k)
 
     def batch(names: list[str], ms: list) -> list[tuple[LoraModule, ModuleReport]]:
-        """Same-shaped LoRA (or LoHa) modules at once (`_batches`): their stacked exact pairs, one batched QR per
-        side and one batched core SVD, then the factors of each rank k, each brought back in one copy — the host
-        waits a few times per batch (finiteness, spectra, each rank's factors), not per module. A factor holding
-        NaN/Inf sends the batch down the one-module path, which names its module."""
-        pairs = [m.lowrank(cdtype, dev) for m in ms]
-        B, A = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])  # (n, out, r), (n, r, in)
-        del pairs
-        try:
-            core = core_svd(B, A, ms[0].scale)
-        except FloatingPointError:
-            return [one_lora(n, m, target_of(n)) for n, m in zip(names, ms)]
-        S = core.S.cpu()  # (n, t): the batch's one wait before its factors
+        """Same-shaped LoRA, LoHa or LoKr modules at once (`_batches`): their stacked exact pairs through one batched
+        QR per side and one batched core SVD (a LoKr: its halves' batched SVDs, `_lokr_svds`), then the factors of
+        each rank k, each brought back in one copy — the host waits a few times per batch (finiteness, spectra,
+        each rank's factors), not per module. A factor holding NaN/Inf sends the batch down the one-module path,
+        which names its module."""
+        if ms[0].algo == "lokr":
+            fact = _lokr_svds(ms, cdtype, dev)  # (n, out, K), (n, K), (n, K, in)
+            spectrum = fact.S
+            factors = lambda at, k, s: split_factors(SVD(*(t[at] for t in fact)), k, s)  # noqa: E731
+        else:
+            pairs = [m.lowrank(cdtype, dev) for m in ms]
+            B, A = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])  # (n, out, r), (n, r, in)
+            del pairs
+            try:
+                core = core_svd(B, A, ms[0].scale)
+            except FloatingPointError:
+                return [one_lora(n, m, target_of(n)) for n, m in zip(names, ms)]
+            spectrum = core.S
+            factors = lambda at, k, s: core_factors(  # noqa: E731
+                B[at], A[at], core if len(at) == len(names) else CoreSVD(*(t[at] for t in core[:5]), core.scale), k, s)
+        S = spectrum.cpu()  # (n, t): the batch's one wait before its factors
         ks = [_target(n, m, rule, S[i], min_rank) if target_of(n) is None else target_of(n)
               for i, (n, m) in enumerate(zip(names, ms))]
         done: list = [None] * len(names)
         for k in sorted(set(ks)):
             at = [i for i, x in enumerate(ks) if x == k]
-            sub = core if len(at) == len(names) else CoreSVD(*(t[at] for t in core[:5]), core.scale)
-            B2, A2 = _pad(*core_factors(B[at], A[at], sub, k, _out_scale(ms[0], fold)), k)
+            B2, A2 = _pad(*factors(at, k, _out_scale(ms[0], fold)), k)
             dtype = sdtype or ms[0].dtype
             B2, A2 = B2.to(dtype).cpu(), A2.to(dtype).cpu()
             for j, i in enumerate(at):
@@ -472,11 +483,11 @@ def squeeze(
         return batch(names, [pool[n] for n in names]) if len(names) > 1 else [alone(names[0], pool[names[0]])]
 
     def batchable(name: str, m) -> tuple | None:
-        """`_pair_key` of a module `batch` can take: exact method, no captured inputs, not kept as it is."""
+        """`_batch_key` of a module `batch` can take: exact method, no captured inputs, not kept as it is."""
         if method != "exact" or name in inputs or (
                 m.algo == "lora" and target_of(name) == m.rank and not isinstance(rule, Budget)):
             return None
-        return _pair_key(m)
+        return _batch_key(m)
 
     units = _batches(modules, batchable, dev)
     out, reports = {}, []
@@ -530,15 +541,25 @@ def _batches_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _pair_key(m) -> tuple | None:
-    """(batch key, float32 bytes of its exact pair) of a LoRA or LoHa module — equal keys: equal pair shapes, scale
-    and dtype, so they stack into one batch — else None."""
-    if m.algo not in ("lora", "loha") or m.kind == "experts":
+def _batch_key(m) -> tuple | None:
+    """(batch key, float32 bytes of its exact pair or SVD) of a LoRA, LoHa or LoKr module — equal keys: equal
+    kinds, tensor shapes, scale and dtype, so they stack into one batch — else None."""
+    if m.algo not in ("lora", "loha", "lokr") or m.kind == "experts":
         return None
     parts = {"A": m.A, "B": m.B} if m.algo == "lora" else m.tensors
-    width = m.rank if m.algo == "lora" else parts["w1_b"].shape[0] * parts["w2_b"].shape[0]
+    width = parts["w1_b"].shape[0] * parts["w2_b"].shape[0] if m.algo == "loha" else m.rank  # LoKr: r₁·r₂
     key = (m.algo, m.scale, m.dtype, tuple((k, tuple(t.shape)) for k, t in sorted(parts.items())))
     return key, 4 * width * (m.out_features + m.in_features)
+
+
+def _lokr_svds(ms: list, dtype: torch.dtype, device) -> SVD:
+    """The exact SVDs of same-shaped LoKr modules' ΔW (`LokrModule.svd`, batched): U (n, out, K), S (n, K),
+    Vh (n, K, in)."""
+    halves = [m.halves(dtype, device) for m in ms]
+    f1, f2 = (factor_svd(torch.stack([h[i][0] for h in halves]),
+                         None if halves[0][i][1] is None else torch.stack([h[i][1] for h in halves])) for i in (0, 1))
+    U, S, Vh = kron_svd(f1, f2)
+    return SVD(U * (1.0 if ms[0].scale >= 0 else -1.0), S * abs(ms[0].scale), Vh)
 
 
 def _batches(modules: Mapping, batchable: Callable, device: torch.device) -> dict[str, list[str]]:

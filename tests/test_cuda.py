@@ -54,7 +54,10 @@ def test_loha_lokr_to_lora():
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     mods = {"loha": LohaModule(tensors={"w1_a": rnd(40, 4), "w1_b": rnd(4, 30), "w2_a": rnd(40, 4),
                                         "w2_b": rnd(4, 30)}, scale=0.5),
-            "lokr": LokrModule(tensors={"w1": rnd(4, 5), "w2_a": rnd(10, 3), "w2_b": rnd(3, 6)}, scale=1.5)}
+            "lokr": LokrModule(tensors={"w1": rnd(4, 5), "w2_a": rnd(10, 3), "w2_b": rnd(3, 6)}, scale=1.5),
+            "loha2": LohaModule(tensors={"w1_a": rnd(40, 4), "w1_b": rnd(4, 30), "w2_a": rnd(40, 4),
+                                         "w2_b": rnd(4, 30)}, scale=0.5),  # with the first: one batch on the device
+            "lokr2": LokrModule(tensors={"w1": rnd(4, 5), "w2_a": rnd(10, 3), "w2_b": rnd(3, 6)}, scale=1.5)}
     a = Adapter(modules=mods, format="peft", config={"r": 4, "lora_alpha": 4})
     cpu, _ = squeeze(a, FixedRank(6), device="cpu")
     gpu, _ = squeeze(a, FixedRank(6), device="cuda")

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from surgery.adapter import Adapter, LohaModule, LoraModule, materialize
+from surgery.adapter import Adapter, LohaModule, LokrModule, LoraModule, materialize
 from surgery import Budget, Energy, Exact, FixedRank, SurgeryError, load_adapter, parse_rank_map, save_adapter, squeeze
 
 from .conftest import KOHYA_FIXTURE, dense_truncation, lora_pair, write_peft
@@ -214,21 +214,26 @@ def test_cuda_agrees_with_cpu(adapter_dir):
 @pytest.fixture
 def batched(monkeypatch):
     """squeeze with its GPU module batches (`_batches_on`) taken on the CPU: the path a CUDA device runs. Returns
-    the batch sizes core_svd was called with (1 for a lone module)."""
+    the batch sizes core_svd was called with (1 for a lone module); `.lokr`: those of LoKr batches."""
     import sys
 
+    class Sizes(list):
+        lokr: list
+
     sq = sys.modules["surgery.squeeze"]
-    sizes, real = [], sq.core_svd
+    sizes, real, real_lokr = Sizes(), sq.core_svd, sq._lokr_svds
+    sizes.lokr = []
     monkeypatch.setattr(sq, "_batches_on", lambda dev: True)
     monkeypatch.setattr(sq, "core_svd", lambda B, A, s=1.0: sizes.append(len(B) if B.dim() == 3 else 1)
                         or real(B, A, s))
+    monkeypatch.setattr(sq, "_lokr_svds", lambda ms, *a: sizes.lokr.append(len(ms)) or real_lokr(ms, *a))
     return sizes
 
 
 def many_modules():
     """Three layers of four shapes (two share one), a conv pair, DoRA magnitudes and a bias on some, a second
-    scale on one module (alpha_pattern), bf16 factors, two LoHa (rank 6 pairs): batches by shape and scale, and
-    lone modules."""
+    scale on one module (alpha_pattern), bf16 factors, two LoHa (rank 6 pairs), two pairs of LoKr (a full or a
+    decomposed half each, one scale negative): batches by kind, shape and scale, and lone modules."""
     g = torch.Generator().manual_seed(5)
     mods = {}
     for i in range(3):
@@ -245,6 +250,11 @@ def many_modules():
         mods[f"loha.{i}"] = LohaModule(tensors={"w1_a": torch.randn(30, 3, generator=g), "w2_a": torch.randn(30, 2, generator=g),
                                                 "w1_b": torch.randn(3, 20, generator=g), "w2_b": torch.randn(2, 20, generator=g)},
                                        scale=0.7)
+        mods[f"lokr.{i}"] = LokrModule(tensors={"w1": torch.randn(4, 3, generator=g), "w2_a": torch.randn(6, 2, generator=g),
+                                                "w2_b": torch.randn(2, 5, generator=g)}, scale=-1.2)
+        mods[f"lokr.ab{i}"] = LokrModule(tensors={"w1_a": torch.randn(5, 2, generator=g),
+                                                  "w1_b": torch.randn(2, 4, generator=g), "w2": torch.randn(3, 7, generator=g)},
+                                         scale=0.9)
     return Adapter(modules=mods, format="peft", config={"r": 8, "lora_alpha": 16})
 
 
@@ -265,7 +275,7 @@ def test_module_batches_equal_one_module_at_a_time(batched, rule):
         sq._batches_on = batched_on
     batched.clear()
     many, rn = squeeze(a, rule, device="cpu", dtype="float32")
-    assert max(batched) >= 3  # the layers' same-shaped modules went as batches
+    assert max(batched) >= 3 and batched.lokr.count(2) >= 2  # the same-shaped modules went as batches
     assert list(many.modules) == list(one.modules) == list(a.modules)
     assert [r.name for r in rn.modules] == [r.name for r in r1.modules]
     for x, y in zip(r1.modules, rn.modules):
@@ -325,7 +335,7 @@ def test_spectra_in_module_batches(batched):
 
     a = many_modules()
     got = spectra(a, device="cpu")
-    assert max(batched) >= 3 and list(got) == list(a.modules)
+    assert max(batched) >= 3 and batched.lokr == [2, 2] and list(got) == list(a.modules)
     for n, m in a.modules.items():
         want = torch.linalg.svdvals(m.delta().reshape(m.out_features, -1))[: len(got[n])]
         assert got[n].dtype == torch.float64 and got[n].device.type == "cpu"
