@@ -308,9 +308,8 @@ def spectra(
             return one(names[0], ms[0])
         if ms[0].algo == "lokr":
             return dict(zip(names, _lokr_svds(ms, cdtype, dev).S.double().cpu()))
-        pairs = [m.lowrank(cdtype, dev) for m in ms]
         try:
-            S = core_svd(torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs]), ms[0].scale).S
+            S = core_svd(*_stacked_pairs(ms, cdtype, dev), ms[0].scale).S
         except FloatingPointError:  # the one-module path names the module
             return {k: v for n, m in zip(names, ms) for k, v in one(n, m).items()}
         return dict(zip(names, S.double().cpu()))
@@ -451,9 +450,7 @@ def squeeze(
             spectrum = fact.S
             factors = lambda at, k, s: split_factors(SVD(*(t[at] for t in fact)), k, s)  # noqa: E731
         else:
-            pairs = [m.lowrank(cdtype, dev) for m in ms]
-            B, A = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])  # (n, out, r), (n, r, in)
-            del pairs
+            B, A = _stacked_pairs(ms, cdtype, dev)
             try:
                 core = core_svd(B, A, ms[0].scale)
             except FloatingPointError:
@@ -550,6 +547,12 @@ def _batch_key(m) -> tuple | None:
     width = parts["w1_b"].shape[0] * parts["w2_b"].shape[0] if m.algo == "loha" else m.rank  # LoKr: r₁·r₂
     key = (m.algo, m.scale, m.dtype, tuple((k, tuple(t.shape)) for k, t in sorted(parts.items())))
     return key, 4 * width * (m.out_features + m.in_features)
+
+
+def _stacked_pairs(ms: list, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same-shaped modules' exact LoRA pairs (`lowrank`), stacked: B (n, out, r), A (n, r, in)."""
+    pairs = [m.lowrank(dtype, device) for m in ms]
+    return torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])
 
 
 def _lokr_svds(ms: list, dtype: torch.dtype, device) -> SVD:
