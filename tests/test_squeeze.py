@@ -235,6 +235,7 @@ def many_modules():
     scale on one module (alpha_pattern), bf16 factors, two LoHa (rank 6 pairs), two pairs of LoKr (a full or a
     decomposed half each, one scale negative): batches by kind, shape and scale, and lone modules."""
     g = torch.Generator().manual_seed(5)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     mods = {}
     for i in range(3):
         for j, (o, n) in enumerate(((24, 16), (24, 16), (40, 16), (16, 40))):
@@ -247,14 +248,10 @@ def many_modules():
         B, A = lora_pair(12, 8 * 9, 6, seed=50 + i)
         mods[f"conv.{i}"] = LoraModule(A=A.reshape(6, 8, 3, 3).bfloat16(), B=B.reshape(12, 6, 1, 1).bfloat16(),
                                        scale=1.0, kind="conv")
-        mods[f"loha.{i}"] = LohaModule(tensors={"w1_a": torch.randn(30, 3, generator=g), "w2_a": torch.randn(30, 2, generator=g),
-                                                "w1_b": torch.randn(3, 20, generator=g), "w2_b": torch.randn(2, 20, generator=g)},
-                                       scale=0.7)
-        mods[f"lokr.{i}"] = LokrModule(tensors={"w1": torch.randn(4, 3, generator=g), "w2_a": torch.randn(6, 2, generator=g),
-                                                "w2_b": torch.randn(2, 5, generator=g)}, scale=-1.2)
-        mods[f"lokr.ab{i}"] = LokrModule(tensors={"w1_a": torch.randn(5, 2, generator=g),
-                                                  "w1_b": torch.randn(2, 4, generator=g), "w2": torch.randn(3, 7, generator=g)},
-                                         scale=0.9)
+        mods[f"loha.{i}"] = LohaModule(tensors={"w1_a": rnd(30, 3), "w2_a": rnd(30, 2), "w1_b": rnd(3, 20),
+                                                "w2_b": rnd(2, 20)}, scale=0.7)
+        mods[f"lokr.{i}"] = LokrModule(tensors={"w1": rnd(4, 3), "w2_a": rnd(6, 2), "w2_b": rnd(2, 5)}, scale=-1.2)
+        mods[f"lokr.ab{i}"] = LokrModule(tensors={"w1_a": rnd(5, 2), "w1_b": rnd(2, 4), "w2": rnd(3, 7)}, scale=0.9)
     return Adapter(modules=mods, format="peft", config={"r": 8, "lora_alpha": 16})
 
 
@@ -343,7 +340,8 @@ def test_spectra_in_module_batches(batched):
     sq = sys.modules["surgery.squeeze"]
     sq._batches_on = lambda dev: False
     one = spectra(a, device="cpu")
-    assert list(one) == list(got) and all(torch.allclose(one[n], got[n], rtol=1e-6, atol=1e-9 * float(got[n][0])) for n in got)
+    assert list(one) == list(got)
+    assert all(torch.allclose(one[n], got[n], rtol=1e-6, atol=1e-9 * float(got[n][0])) for n in got)
 
 
 @pytest.mark.parametrize("rule", [FixedRank(3), Energy(0.8), Budget(3000)], ids=["fixed", "energy", "budget"])
