@@ -431,12 +431,10 @@ class LokrModule(_Structured):
         return _half(self, 1, dtype, device), _half(self, 2, dtype, device)
 
     def svd(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        """Exact SVD of ΔW from the SVDs of its two halves (hadamard_kron.kron_svd); the scale's sign goes
-        into U."""
-        from .hadamard_kron import factor_svd, kron_svd
+        """Exact SVD of ΔW from the SVDs of its two halves (hadamard_kron.lokr_svd)."""
+        from .hadamard_kron import lokr_svd
 
-        U, S, Vh = kron_svd(*(factor_svd(*h) for h in self.halves(dtype, device)))
-        return SVD(U * (1.0 if self.scale >= 0 else -1.0), S * abs(self.scale), Vh)
+        return lokr_svd(*self.halves(dtype, device), self.scale)
 
     def delta(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
         (B1, A1), (B2, A2) = self.halves(dtype, device)

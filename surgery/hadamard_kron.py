@@ -5,7 +5,7 @@
 - LoKr `kron(W₁, W₂) = (U₁⊗U₂)(Σ₁⊗Σ₂)(V₁⊗V₂)ᵀ`: its SVD from the two factors' SVDs, the k largest σ products.
 
 Every function takes and returns 2-D torch tensors (conv kernels flattened into the columns as
-`W.flatten(1)` does: in·kh·kw), `kron_svd` and `factor_svd` also batches of them; nothing here forms the dense ΔW.
+`W.flatten(1)` does: in·kh·kw), the LoKr SVDs also batches of them; nothing here forms the dense ΔW.
 """
 from __future__ import annotations
 
@@ -51,6 +51,13 @@ def kron_svd(f1: SVD, f2: SVD, k: int | None = None) -> SVD:
     V1 = f1.Vh.gather(-2, i.unsqueeze(-1).expand(*i.shape, f1.Vh.shape[-1]))  # (…, k, m)
     V2 = f2.Vh.gather(-2, j.unsqueeze(-1).expand(*j.shape, f2.Vh.shape[-1]))  # (…, k, n)
     return SVD(U, S, (V1.unsqueeze(-1) * V2.unsqueeze(-2)).flatten(-2))  # Vh (…, k, m·n)
+
+
+def lokr_svd(half1: tuple, half2: tuple, scale: float) -> SVD:
+    """Exact SVD of `scale · kron(W₁, W₂)` from its halves (B, A) with W = B @ A, A None for a full half (or
+    batches of them, stacked): `kron_svd` of the halves' SVDs, the scale's sign in U."""
+    U, S, Vh = kron_svd(factor_svd(*half1), factor_svd(*half2))
+    return SVD(U * (1.0 if scale >= 0 else -1.0), S * abs(scale), Vh)
 
 
 def factor_svd(B: torch.Tensor, A: torch.Tensor | None = None) -> SVD:

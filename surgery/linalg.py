@@ -90,8 +90,8 @@ _local = threading.local()
 def _buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
     """A flat CPU buffer of n elements reused by this thread from call to call (the largest asked for is kept, as
     long as the thread lives — `per_module`'s workers, one operation): writing into a fresh multi-MB tensor costs
-    the kernel's zeroing of every page first, more than a float32 → float64 conversion itself (combine: 200k →
-    90k page faults, half its system time)."""
+    the kernel's zeroing of every page first, more than a float32 → float64 conversion itself (combine: ~200k →
+    ~100k page faults, about half its system time)."""
     buf = getattr(_local, "buffer", None)
     if buf is None or buf.numel() < n or buf.dtype != dtype:
         buf = _local.buffer = torch.empty(n, dtype=dtype)

@@ -5,7 +5,7 @@
 re-split with √Σ on both sides while keeping the module's scale; factors are cast once to the storage dtype.
 The reported error is exact without a dense ΔW: the dropped σ² (exact method) or the norm of the low-rank
 residual from Gram matrices (rsvd). On the CPU, modules are processed in parallel (`per_module`); on a GPU,
-same-shaped LoRA and LoHa modules go in batches, a few batches at once (`_batches`).
+same-shaped LoRA, LoHa and LoKr modules (and an expert parameter's experts) go in batches (`_batches`).
 
 With captured inputs X (n, in) of a module (`inputs`), the truncation is output-aware: the rank-k ΔW_k minimising
 ‖X (ΔW_k − ΔW)ᵀ‖_F, U_k U_kᵀ ΔW for U_k the top-k left singular vectors of ΔW Xᵀ (linalg.output_svd), and every rank
@@ -24,7 +24,7 @@ from .adapter import Adapter, LoraModule, TensorLike, experts_module, fold_scale
 from .device import compute_dtype as _compute_dtype
 from .device import per_module, resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
-from .hadamard_kron import factor_svd, kron_svd
+from .hadamard_kron import lokr_svd
 from .linalg import (SVD, CoreSVD, all_finite, core_factors, core_svd, lora_operator, lowrank_frobenius_sq,
                      output_factors, output_svd, randomized_svd, split_factors)
 from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
@@ -462,10 +462,10 @@ def squeeze(
         ks = [_target(n, m, rule, S[i], min_rank) if target_of(n) is None else target_of(n)
               for i, (n, m) in enumerate(zip(names, ms))]
         done: list = [None] * len(names)
+        dtype = sdtype or ms[0].dtype
         for k in sorted(set(ks)):
             at = [i for i, x in enumerate(ks) if x == k]
             B2, A2 = _pad(*factors(at, k, _out_scale(ms[0], fold)), k)
-            dtype = sdtype or ms[0].dtype
             B2, A2 = B2.to(dtype).cpu(), A2.to(dtype).cpu()
             for j, i in enumerate(at):
                 B1, A1 = B2[j].clone(), A2[j].clone()  # each module its own storage, not a view of the batch
@@ -558,11 +558,13 @@ def _stacked_pairs(ms: list, dtype: torch.dtype, device) -> tuple[torch.Tensor, 
 def _lokr_svds(ms: list, dtype: torch.dtype, device) -> SVD:
     """The exact SVDs of same-shaped LoKr modules' ΔW (`LokrModule.svd`, batched): U (n, out, K), S (n, K),
     Vh (n, K, in)."""
-    halves = [m.halves(dtype, device) for m in ms]
-    f1, f2 = (factor_svd(torch.stack([h[i][0] for h in halves]),
-                         None if halves[0][i][1] is None else torch.stack([h[i][1] for h in halves])) for i in (0, 1))
-    U, S, Vh = kron_svd(f1, f2)
-    return SVD(U * (1.0 if ms[0].scale >= 0 else -1.0), S * abs(ms[0].scale), Vh)
+    halves = [m.halves(dtype, device) for m in ms]  # [((B₁, A₁), (B₂, A₂)), …]
+
+    def stacked(i: int, j: int) -> torch.Tensor | None:
+        parts = [h[i][j] for h in halves]
+        return None if parts[0] is None else torch.stack(parts)
+
+    return lokr_svd((stacked(0, 0), stacked(0, 1)), (stacked(1, 0), stacked(1, 1)), ms[0].scale)
 
 
 def _batches(modules: Mapping, batchable: Callable, device: torch.device) -> dict[str, list[str]]:
