@@ -8,7 +8,8 @@
 #    LoHa/LoKr conversion, TwoNN search, TeRA forward and tune); 3. times each GPU workload against the same
 #    command on the CPU and the I/O floor (benchmarks/gpu_suite.py) and writes gpu_suite.md / gpu_suite.json and
 #    pytest.txt to $OUT if set, else to benchmarks/out/. Prints its own total.
-# Without a CUDA device it says so in one line and exits 0 after checking that every piece it calls exists.
+# Without a CUDA device it says so in one line and exits 0 after checking that every piece it calls exists ($PYTHON,
+# default python3, must have torch for that check; without it, one line and exit 1).
 # On the device tool (docs/benchmarks.md):
 #   python3 -m pip download --no-deps -d .whl tensorly==0.10.0 threadpoolctl==3.8.0, then
 #   run(command="bash benchmarks/gpu.sh", carry=[".whl"])
@@ -23,6 +24,10 @@ mkdir -p .gpu-path
 ln -sfn ../cli .gpu-path/surgery_cli
 export PYTHONPATH="$PWD:$PWD/.gpu-path:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"
 if ! nvidia-smi -L >/dev/null 2>&1; then
+    if ! "${PYTHON:-python3}" -c "import torch" 2>/dev/null; then
+        echo "no CUDA device, and ${PYTHON:-python3} has no torch to check the suite's pieces with: set PYTHON to the project environment's python"
+        exit 1
+    fi
     exec "${PYTHON:-python3}" benchmarks/gpu_suite.py --check
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
