@@ -306,13 +306,10 @@ def spectra(
         ms = [pool[n] for n in names]
         if len(ms) == 1:
             return one(names[0], ms[0])
-        if ms[0].algo == "lokr":
-            return dict(zip(names, _lokr_svds(ms, cdtype, dev).S.double().cpu()))
-        try:
-            S = core_svd(*_stacked_pairs(ms, cdtype, dev), ms[0].scale).S
-        except FloatingPointError:  # the one-module path names the module
+        got = _batch_svd(ms, cdtype, dev)
+        if got is None:  # a NaN/Inf factor: the one-module path names the module
             return {k: v for n, m in zip(names, ms) for k, v in one(n, m).items()}
-        return dict(zip(names, S.double().cpu()))
+        return dict(zip(names, got[0].double().cpu()))
 
     batchable = lambda n, m: None if method != "exact" or n in (inputs or {}) else _batch_key(m)  # noqa: E731
     units = _batches(adapter.modules, batchable, dev)
@@ -440,24 +437,14 @@ def squeeze(
         return small, _output_report(name, m, X, pair, small, k)
 
     def batch(names: list[str], ms: list) -> list[tuple[LoraModule, ModuleReport]]:
-        """Same-shaped LoRA, LoHa or LoKr modules at once (`_batches`): their stacked exact pairs through one batched
-        QR per side and one batched core SVD (a LoKr: its halves' batched SVDs, `_lokr_svds`), then the factors of
-        each rank k, each brought back in one copy — the host waits a few times per batch (finiteness, spectra,
+        """Same-shaped LoRA, LoHa or LoKr modules at once (`_batches`): one batched exact factorization
+        (`_batch_svd`), then the factors of each rank k, each brought back in one copy — the host waits a few times per batch (finiteness, spectra,
         each rank's factors), not per module. A factor holding NaN/Inf sends the batch down the one-module path,
         which names its module."""
-        if ms[0].algo == "lokr":
-            fact = _lokr_svds(ms, cdtype, dev)  # (n, out, K), (n, K), (n, K, in)
-            spectrum = fact.S
-            factors = lambda at, k, s: split_factors(SVD(*(t[at] for t in fact)), k, s)  # noqa: E731
-        else:
-            B, A = _stacked_pairs(ms, cdtype, dev)
-            try:
-                core = core_svd(B, A, ms[0].scale)
-            except FloatingPointError:
-                return [one_lora(n, m, target_of(n)) for n, m in zip(names, ms)]
-            spectrum = core.S
-            factors = lambda at, k, s: core_factors(  # noqa: E731
-                B[at], A[at], core if len(at) == len(names) else CoreSVD(*(t[at] for t in core[:5]), core.scale), k, s)
+        got = _batch_svd(ms, cdtype, dev)
+        if got is None:
+            return [one_lora(n, m, target_of(n)) for n, m in zip(names, ms)]
+        spectrum, factors = got
         S = spectrum.cpu()  # (n, t): the batch's one wait before its factors
         ks = [_target(n, m, rule, S[i], min_rank) if target_of(n) is None else target_of(n)
               for i, (n, m) in enumerate(zip(names, ms))]
@@ -553,6 +540,27 @@ def _stacked_pairs(ms: list, dtype: torch.dtype, device) -> tuple[torch.Tensor, 
     """Same-shaped modules' exact LoRA pairs (`lowrank`), stacked: B (n, out, r), A (n, r, in)."""
     pairs = [m.lowrank(dtype, device) for m in ms]
     return torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])
+
+
+def _batch_svd(ms: list, dtype: torch.dtype, device) -> tuple[torch.Tensor, Callable] | None:
+    """The exact factorization of same-shaped modules' ΔW (`_batches`): (their spectra S (n, t), factors(at, k,
+    scale) → the rank-k pairs B' (len(at), out, k'), A' (len(at), k', in) of the modules at indices `at`) — LoKr from
+    its halves' batched SVDs (`_lokr_svds`), LoRA/LoHa from one batched core SVD of their stacked exact pairs. None
+    where a factor holds NaN/Inf (the one-module path names the module)."""
+    if ms[0].algo == "lokr":
+        fact = _lokr_svds(ms, dtype, device)  # (n, out, K), (n, K), (n, K, in)
+        return fact.S, lambda at, k, s: split_factors(SVD(*(t[at] for t in fact)), k, s)
+    B, A = _stacked_pairs(ms, dtype, device)
+    try:
+        core = core_svd(B, A, ms[0].scale)
+    except FloatingPointError:
+        return None
+
+    def factors(at: list[int], k: int, s: float):
+        sub = core if len(at) == len(ms) else CoreSVD(*(t[at] for t in core[:5]), core.scale)
+        return core_factors(B[at], A[at], sub, k, s)
+
+    return core.S, factors
 
 
 def _lokr_svds(ms: list, dtype: torch.dtype, device) -> SVD:
