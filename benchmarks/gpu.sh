@@ -24,11 +24,12 @@ mkdir -p .gpu-path
 ln -sfn ../cli .gpu-path/surgery_cli
 export PYTHONPATH="$PWD:$PWD/.gpu-path:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"
 if ! nvidia-smi -L >/dev/null 2>&1; then
-    if ! "${PYTHON:-python3}" -c "import torch" 2>/dev/null; then
-        echo "no CUDA device, and ${PYTHON:-python3} has no torch to check the suite's pieces with: set PYTHON to the project environment's python"
+    PY="${PYTHON:-python3}"
+    if ! "$PY" -c "import torch" 2>/dev/null; then
+        echo "no CUDA device, and $PY has no torch to check the suite's pieces with: set PYTHON to the project environment's python"
         exit 1
     fi
-    exec "${PYTHON:-python3}" benchmarks/gpu_suite.py --check
+    exec "$PY" benchmarks/gpu_suite.py --check
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 if compgen -G ".whl/*.whl" >/dev/null; then
