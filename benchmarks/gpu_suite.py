@@ -185,42 +185,54 @@ def main() -> int:
     t_start = time.perf_counter()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-suite-"))
     args.out.mkdir(parents=True, exist_ok=True)
+    head = (f"{device_name() if args.device.startswith('cuda') else 'dry run on the CPU'}; {platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; whole processes, "
+            f"median of {args.repeats} after a warm-up run")
     rows = []
     for w in workloads(work):
         if args.only and args.only not in w["name"]:
             continue
-        t0 = time.perf_counter()
-        w["make"]()
-        made = time.perf_counter() - t0
-        res = {"name": w["name"], "make_s": made}
-        clean = [work / "f", work / "f.safetensors", work / "out"]
-        for label, cmd in (("floor", w["floor"]), ("cpu", w["run"]("cpu", work / "out")),
-                           ("cuda", w["run"](args.device, work / "out"))):
-            if cmd is None:
-                continue
-            measure(cmd, clean, w.get("inproc", False))  # warm-up: page cache, CUDA context and kernels
-            res[label] = statistics.median(measure(cmd, clean, w.get("inproc", False)) for _ in range(args.repeats))
+        res = {"name": w["name"]}
+        try:  # one failing workload costs its row, not the table (a device window may be the only one)
+            t0 = time.perf_counter()
+            w["make"]()
+            res["make_s"] = time.perf_counter() - t0
+            clean = [work / "f", work / "f.safetensors", work / "out"]
+            for label, cmd in (("floor", w["floor"]), ("cpu", w["run"]("cpu", work / "out")),
+                               ("cuda", w["run"](args.device, work / "out"))):
+                if cmd is None:
+                    continue
+                measure(cmd, clean, w.get("inproc", False))  # warm-up: page cache, CUDA context and kernels
+                res[label] = statistics.median(measure(cmd, clean, w.get("inproc", False))
+                                               for _ in range(args.repeats))
+        except (Exception, SystemExit) as e:
+            err = e.stderr if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)
+            res["error"] = " ".join(str(err).split())[-300:].replace("|", "/")  # one table cell
         rows.append(res)
         print(json.dumps(res), flush=True)
-    total = time.perf_counter() - t_start
-    head = (f"{device_name() if args.device.startswith('cuda') else 'dry run on the CPU'}; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{time.strftime('%Y-%m-%d')}; whole processes, median of {args.repeats} after a warm-up run")
+        write(args.out, head, rows, time.perf_counter() - t_start)  # after every row: a killed run leaves its rows
+    print((args.out / "gpu_suite.md").read_text(), end="")
+    return int(any("error" in r for r in rows))
+
+
+def write(out: Path, head: str, rows: list[dict], total: float) -> None:
+    """gpu_suite.md (the table for docs/benchmarks.md) and gpu_suite.json (the raw rows) under `out`."""
     lines = [f"GPU suite: {head}", "", "| work | I/O floor | CPU | CUDA | CUDA / floor | CPU / CUDA |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        floor = f"{r['floor']:.2f} s" if "floor" in r else "–"
-        ratio = f"{r['cuda'] / r['floor']:.2f}×" if "floor" in r else "–"
         unit = (lambda s: f"{s * 1e3:.1f} ms") if "tune" in r["name"] else (lambda s: f"{s:.2f} s")
-        lines.append(f"| {r['name']} | {floor} | {unit(r['cpu'])} | {unit(r['cuda'])} | {ratio} | "
-                     f"{r['cpu'] / r['cuda']:.1f}× |")
+        cells = [f"{r['floor']:.2f} s" if "floor" in r else "–"]
+        cells += [unit(r[k]) if k in r else "–" for k in ("cpu", "cuda")]
+        cells.append(f"{r['cuda'] / r['floor']:.2f}×" if {"cuda", "floor"} <= r.keys() else "–")
+        cells.append(f"{r['cpu'] / r['cuda']:.1f}×" if {"cpu", "cuda"} <= r.keys() else "–")
+        if "error" in r:
+            cells[-1] += f" failed: {r['error']}"
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     lines += ["", f"total wall time of the suite (inputs made included): {total:.0f} s"]
-    table = "\n".join(lines)
-    (args.out / "gpu_suite.md").write_text(table + "\n")
-    (args.out / "gpu_suite.json").write_text(json.dumps({"device": head.split(";")[0], "torch": torch.__version__,
-                                                         "cores": os.cpu_count(), "total_s": total, "rows": rows},
-                                                        indent=2))
-    print(table)
-    return 0
+    (out / "gpu_suite.md").write_text("\n".join(lines) + "\n")
+    (out / "gpu_suite.json").write_text(json.dumps({"head": head, "device": head.split(";")[0],
+                                                    "cores": os.cpu_count(), "total_s": total, "rows": rows},
+                                                   indent=2))
 
 
 if __name__ == "__main__":
