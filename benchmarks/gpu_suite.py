@@ -141,13 +141,17 @@ def check() -> int:
                 assert {"device", "out"} <= params, f"surgery {cmd[3]}: no --device / -o"
             else:
                 compile(cmd[2], w["name"], "exec")
-        tests = subprocess.run([PY, "-m", "pytest", "-q", "-m", "cuda", "--collect-only", str(HERE.parent / "tests" /
-                                "test_cuda.py")], capture_output=True, text=True, cwd=HERE.parent)
-        n = sum(1 for line in tests.stdout.splitlines() if "::" in line)
-        assert tests.returncode == 0 and n > 0, tests.stdout + tests.stderr
+        # the CUDA tests' bodies, "cpu" in place of "cuda": a device window is not spent on a broken test
+        tests = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+                                str(HERE.parent / "tests" / "test_cuda.py")], capture_output=True, text=True,
+                               cwd=HERE.parent, env=dict(os.environ, SURGERY_TEST_DEVICE="cpu"))
+        summary = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else ""
+        assert tests.returncode == 0 and " passed" in summary, tests.stdout[-3000:] + tests.stderr[-3000:]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"no CUDA device: the GPU suite needs one; checked {len(items)} workloads and {n} CUDA tests are in place")
+    n = summary.split(" passed")[0].split()[-1]
+    print(f"no CUDA device: the GPU suite needs one; checked {len(items)} workloads, and its {n} CUDA tests passed "
+          "with the CPU in the GPU's place")
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -147,3 +148,31 @@ def written_models_load_in_the_real_libraries(request, tmp_path):
     for cfg in sorted(tmp.rglob("config.json")):
         if any(cfg.parent.glob("model*.safetensors")):
             check_transformers_loads(cfg.parent)
+
+
+# point sets for the TwoNN tests (test_intrinsic, and test_cuda's search on the device)
+def dataset(kind, n=1500, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "subspace":  # 6-dimensional linear manifold in 40 dimensions, a little noise
+        return rng.normal(size=(n, 6)) @ rng.normal(size=(6, 40)) + 0.01 * rng.normal(size=(n, 40))
+    if kind == "sphere":  # 9-sphere in 100 dimensions
+        x = rng.normal(size=(n, 10))
+        return np.pad(x / np.linalg.norm(x, axis=1, keepdims=True), ((0, 0), (0, 90)))
+    return rng.normal(size=(n, 20))  # full 20-dimensional Gaussian
+
+
+def hard_case(kind, rng):
+    if kind == "clusters-interleaved":  # 20 tight clusters, rows dealt round-robin: each block's own rows are far
+        c = rng.normal(size=(20, 30)) * 10
+        return (c[:, None] + 0.01 * rng.normal(size=(20, 30, 30))).transpose(1, 0, 2).reshape(600, 30)
+    if kind == "clusters-sorted":
+        c = rng.normal(size=(20, 30)) * 10
+        return (c[:, None] + 0.01 * rng.normal(size=(20, 30, 30))).reshape(600, 30)
+    if kind == "grid-ties":  # integer points: many equal distances and duplicates
+        return rng.integers(0, 4, size=(500, 6)).astype(float)
+    if kind == "clusters-subspace":  # tight clusters in an 8-dimensional subspace of 256, far from the origin:
+        c = 10 * rng.normal(size=(20, 1, 8)) + 0.05 * rng.normal(size=(20, 30, 8))  # pruning is tried, gives up
+        return 1e3 + c.reshape(600, 8) @ rng.normal(size=(8, 256)) + 1e-5 * rng.normal(size=(600, 256))
+    if kind == "offset":  # tiny spread far from the origin: the centring carries the precision
+        return 1e3 + 1e-3 * rng.normal(size=(400, 64))
+    return rng.normal(size=(9, 5))  # "tiny"

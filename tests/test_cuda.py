@@ -1,7 +1,12 @@
 """CPU/GPU agreement of every operation with a CUDA path (`pytest -m cuda`, run first by benchmarks/gpu.sh on a lent
 device): squeeze (exact and output-aware), extract, combine, merge, LoHa/LoKr → LoRA, TwoNN search, TeRA forward and
 `tune`. Each runs the same call with device "cpu" and "cuda" and compares the results (float32 maths: agreement
-to ~1e-5 relative; the TwoNN distances are settled exactly on the CPU, so they agree bit for bit)."""
+to ~1e-5 relative; the TwoNN distances are settled exactly on the CPU, so they agree bit for bit).
+SURGERY_TEST_DEVICE=cpu runs the same bodies with "cpu" in place of "cuda" (benchmarks/gpu_suite.py --check does, so
+that a device window is not spent on a broken test)."""
+import os
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -9,10 +14,11 @@ from safetensors.torch import load_file, save_file
 from surgery import Energy, FixedRank, load_adapter, parse_rank_map, squeeze
 from surgery.adapter import Adapter, LohaModule, LokrModule, LoraModule
 
-from .conftest import lora_pair, write_peft
+from .conftest import dataset, hard_case, lora_pair, write_peft
 
+DEV = os.environ.get("SURGERY_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+              pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"),
               pytest.mark.no_real_load]
 
 
@@ -37,13 +43,13 @@ def pairs():
 def test_squeeze(pairs, tmp_path, rule):  # on CUDA the four same-shaped modules go as one batch (by rank)
     a = load_adapter(write_peft(tmp_path / "a", pairs, r=12, alpha=24))
     cpu, rc = squeeze(a, rule, device="cpu")
-    gpu, rg = squeeze(a, rule, device="cuda")
+    gpu, rg = squeeze(a, rule, device=DEV)
     same_deltas(gpu, cpu)
     assert [m.new_rank for m in rc.modules] == [m.new_rank for m in rg.modules]
     X = {n: torch.randn(200, 64, generator=torch.Generator().manual_seed(1)) * torch.logspace(0, -2, 64)
          for n in a.modules}
     cpu, rc = squeeze(a, rule, device="cpu", inputs=X)
-    gpu, rg = squeeze(a, rule, device="cuda", inputs=X)
+    gpu, rg = squeeze(a, rule, device=DEV, inputs=X)
     same_deltas(gpu, cpu)
     for c, g in zip(rc.modules, rg.modules):
         assert g.output_rel_error == pytest.approx(c.output_rel_error, rel=1e-5)
@@ -60,7 +66,7 @@ def test_loha_lokr_to_lora():
             "lokr2": LokrModule(tensors={"w1": rnd(4, 5), "w2_a": rnd(10, 3), "w2_b": rnd(3, 6)}, scale=1.5)}
     a = Adapter(modules=mods, format="peft", config={"r": 4, "lora_alpha": 4})
     cpu, _ = squeeze(a, FixedRank(6), device="cpu")
-    gpu, _ = squeeze(a, FixedRank(6), device="cuda")
+    gpu, _ = squeeze(a, FixedRank(6), device=DEV)
     same_deltas(gpu, cpu, 1e-4)
 
 
@@ -72,7 +78,7 @@ def test_combine(pairs, tmp_path):
     for rule, method in ((FixedRank(8), "sum"), (None, "sum"), (FixedRank(8), "ties")):
         kw = {"density": 0.5} if method == "ties" else {}
         cpu, _ = combine([a, b], [0.7, 0.3], rule, method=method, device="cpu", **kw)
-        gpu, _ = combine([a, b], [0.7, 0.3], rule, method=method, device="cuda", **kw)
+        gpu, _ = combine([a, b], [0.7, 0.3], rule, method=method, device=DEV, **kw)
         same_deltas(gpu, cpu, 1e-4)
 
 
@@ -93,7 +99,7 @@ def test_merge(checkpoints, tmp_path):
 
     base, _, lora = checkpoints
     merge(base, [load_adapter(lora)], tmp_path / "cpu.safetensors", device="cpu")
-    merge(base, [load_adapter(lora)], tmp_path / "gpu.safetensors", device="cuda")
+    merge(base, [load_adapter(lora)], tmp_path / "gpu.safetensors", device=DEV)
     c, g = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "gpu.safetensors")
     assert c.keys() == g.keys() and all(rel(g[k], c[k]) < 1e-6 for k in c)
 
@@ -103,7 +109,7 @@ def test_extract(checkpoints):
 
     base, tuned, _ = checkpoints
     cpu, rc = extract(tuned, base, FixedRank(8), device="cpu", seed=1)
-    gpu, rg = extract(tuned, base, FixedRank(8), device="cuda", seed=1)
+    gpu, rg = extract(tuned, base, FixedRank(8), device=DEV, seed=1)
     same_deltas(gpu, cpu, 1e-4)
     for c, g in zip(rc.modules, rg.modules):
         assert g.rel_error == pytest.approx(c.rel_error, rel=1e-4, abs=1e-6)
@@ -114,9 +120,20 @@ def test_twonn_search_and_estimate():
 
     g = torch.Generator().manual_seed(4)
     X = torch.randn(3000, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 256, generator=g, dtype=torch.float64)
-    cpu, gpu = nn_distances(X), nn_distances(X, device="cuda")
+    cpu, gpu = nn_distances(X), nn_distances(X, device=DEV)
     assert torch.equal(cpu[0], gpu[0]) and torch.equal(cpu[1], gpu[1])
-    assert two_nn(X, device="cuda").dimension == two_nn(X, device="cpu").dimension
+    assert two_nn(X, device=DEV).dimension == two_nn(X, device="cpu").dimension
+
+
+@pytest.mark.parametrize("kind", ["subspace", "clusters-interleaved", "clusters-subspace", "grid-ties", "offset"])
+def test_twonn_search_hard_cases(kind):
+    """Full and pruned search (D ≥ 128: pruning tried), ties, duplicates, far offsets: the CPU's distances."""
+    from surgery.intrinsic import nn_distances
+
+    X = dataset(kind, n=3000) if kind == "subspace" else hard_case(kind, np.random.default_rng(3))
+    t = torch.from_numpy(np.pad(X, ((0, 0), (0, 200))) if kind == "subspace" else X)
+    cpu, gpu = nn_distances(t), nn_distances(t, device=DEV)
+    assert torch.equal(cpu[0], gpu[0]) and torch.equal(cpu[1], gpu[1])
 
 
 def test_tera_forward_and_tune():
@@ -128,19 +145,19 @@ def test_tera_forward_and_tune():
     x = torch.randn(8, 48)
     core, factors = shared(spec)
     cpu = tera_forward(x, lams, core, factors, spec)
-    core_c, factors_c = shared(spec, device="cuda")
-    assert torch.allclose(tera_forward(x.cuda(), [l.cuda() for l in lams], core_c, factors_c, spec).cpu(), cpu,
+    core_c, factors_c = shared(spec, device=DEV)
+    assert torch.allclose(tera_forward(x.to(DEV), [l.to(DEV) for l in lams], core_c, factors_c, spec).cpu(), cpu,
                           atol=1e-5)
     B, A = lora_pair(64, 48, 10, decay=0.8, seed=5)
     teacher = LoraModule(A=A, B=B, scale=1.0)
     X = torch.randn(256, 48, generator=torch.Generator().manual_seed(6)) * torch.logspace(0, -2, 48)
     student = LoraModule(A=A[:3].clone(), B=B[:, :3].clone(), scale=1.0)
     c = tune_module(student, teacher, X, steps=30, device="cpu")
-    g = tune_module(student, teacher, X, steps=30, device="cuda")
+    g = tune_module(student, teacher, X, steps=30, device=DEV)
     assert g[2] == pytest.approx(c[2], rel=1e-3) and g[4] == c[4]
     tera = to_tera(Adapter(modules={"m": teacher}, format="peft"), core_rank=4)[0].modules["m"]
     c = tune_module(tera, teacher, X, steps=30, device="cpu")
-    g = tune_module(tera, teacher, X, steps=30, device="cuda")
+    g = tune_module(tera, teacher, X, steps=30, device=DEV)
     assert g[2] == pytest.approx(c[2], rel=1e-3)
 
 
@@ -153,6 +170,6 @@ def test_squeeze_expert_parameter():
     a = Adapter(modules={"mlp.experts.gate_up_proj": m}, format="peft", config={"r": 12, "lora_alpha": 24})
     for rule in (FixedRank(4), Energy(0.9)):
         cpu, rc = squeeze(a, rule, device="cpu")
-        gpu, rg = squeeze(a, rule, device="cuda")
+        gpu, rg = squeeze(a, rule, device=DEV)
         same_deltas(gpu, cpu)
         assert [r.new_rank for r in rc.modules] == [r.new_rank for r in rg.modules]

@@ -13,20 +13,10 @@ from surgery.intrinsic import (fit_budget, gelora_ranks, id_from_mu, module_rank
                                rerank, two_nn)
 from surgery_cli.main import main
 
-from .conftest import FIXTURES, PEFT_FIXTURE
+from .conftest import FIXTURES, PEFT_FIXTURE, dataset, hard_case
 
 skdim = pytest.importorskip("skdim")
 dadapy = pytest.importorskip("dadapy")
-
-
-def dataset(kind, n=1500, seed=0):
-    rng = np.random.default_rng(seed)
-    if kind == "subspace":  # 6-dimensional linear manifold in 40 dimensions, a little noise
-        return rng.normal(size=(n, 6)) @ rng.normal(size=(6, 40)) + 0.01 * rng.normal(size=(n, 40))
-    if kind == "sphere":  # 9-sphere in 100 dimensions
-        x = rng.normal(size=(n, 10))
-        return np.pad(x / np.linalg.norm(x, axis=1, keepdims=True), ((0, 0), (0, 90)))
-    return rng.normal(size=(n, 20))  # full 20-dimensional Gaussian
 
 
 @pytest.mark.parametrize("kind", ["subspace", "sphere", "gauss"])
@@ -90,23 +80,6 @@ def test_blocked_search_equals_one_block_and_legacy_cdf():
     assert id_from_mu(torch.from_numpy(mu), legacy_cdf=True) == pytest.approx((x @ y) / (x @ x), rel=1e-12)
 
 
-def hard_case(kind, rng):
-    if kind == "clusters-interleaved":  # 20 tight clusters, rows dealt round-robin: each block's own rows are far
-        c = rng.normal(size=(20, 30)) * 10
-        return (c[:, None] + 0.01 * rng.normal(size=(20, 30, 30))).transpose(1, 0, 2).reshape(600, 30)
-    if kind == "clusters-sorted":
-        c = rng.normal(size=(20, 30)) * 10
-        return (c[:, None] + 0.01 * rng.normal(size=(20, 30, 30))).reshape(600, 30)
-    if kind == "grid-ties":  # integer points: many equal distances and duplicates
-        return rng.integers(0, 4, size=(500, 6)).astype(float)
-    if kind == "clusters-subspace":  # tight clusters in an 8-dimensional subspace of 256, far from the origin:
-        c = 10 * rng.normal(size=(20, 1, 8)) + 0.05 * rng.normal(size=(20, 30, 8))  # pruning is tried, gives up
-        return 1e3 + c.reshape(600, 8) @ rng.normal(size=(8, 256)) + 1e-5 * rng.normal(size=(600, 256))
-    if kind == "offset":  # tiny spread far from the origin: the centring carries the precision
-        return 1e3 + 1e-3 * rng.normal(size=(400, 64))
-    return rng.normal(size=(9, 5))  # "tiny"
-
-
 @pytest.mark.parametrize("loose", [4, 0])
 @pytest.mark.parametrize("kind", ["clusters-interleaved", "clusters-sorted", "clusters-subspace", "grid-ties",
                                   "offset", "tiny"])
@@ -144,17 +117,6 @@ def test_projected_search_is_exact(kind, monkeypatch):
     D = torch.from_numpy(cdist(X, X)).fill_diagonal_(float("inf")).sort(dim=1).values  # float64 differences
     assert torch.allclose(pruned[0], D[:, 0], rtol=1e-12, atol=0) and torch.allclose(pruned[1], D[:, 1], rtol=1e-12)
     assert (pruned[0][:30] == 0).all()
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("kind", ["subspace", "clusters-interleaved", "grid-ties"])
-def test_cuda_search_equals_cpu(kind):
-    """On CUDA (full and pruned search, exact settling on the CPU) the distances are the CPU's, bit for bit."""
-    X = dataset(kind, n=3000) if kind == "subspace" else hard_case(kind, np.random.default_rng(3))
-    t = torch.from_numpy(np.pad(X, ((0, 0), (0, 200))) if kind == "subspace" else X)  # D ≥ 128: pruning tried
-    cpu, gpu = nn_distances(t), nn_distances(t, device="cuda")
-    assert torch.equal(cpu[0], gpu[0]) and torch.equal(cpu[1], gpu[1])
 
 
 def test_refusals():
