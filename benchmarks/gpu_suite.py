@@ -192,10 +192,11 @@ def main() -> int:
     head = (f"{device_name() if args.device.startswith('cuda') else 'dry run on the CPU'}; {platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; whole processes, "
             f"median of {args.repeats} after a warm-up run")
+    chosen = [w for w in workloads(work) if not args.only or args.only in w["name"]]
+    if not chosen:
+        sys.exit(f"error: no workload's name contains {args.only!r}")
     rows = []
-    for w in workloads(work):
-        if args.only and args.only not in w["name"]:
-            continue
+    for w in chosen:
         res = {"name": w["name"]}
         try:  # one failing workload costs its row, not the table (a device window may be the only one)
             t0 = time.perf_counter()
