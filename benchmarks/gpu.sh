@@ -24,6 +24,7 @@ start=$(date +%s)
 mkdir -p .gpu-path
 ln -sfn ../cli .gpu-path/surgery_cli
 export PYTHONPATH="$PWD:$PWD/.gpu-path:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"
+unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE  # full float32 matmuls, as surgery requires (it refuses TF32)
 PY="${PYTHON:-python3}"
 DEV="${GPU_SUITE_DEVICE:-cuda}"
 cuda() { "$1" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; }

@@ -85,7 +85,7 @@ def _load(model_dir, texts, device):
         hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
-    return tok, model.to(resolve_device(device)), lines, pad
+    return tok, model.to(resolve_device(device, exact=False)), lines, pad
 
 
 def _token_plan(tok, lines, *, batch_size, max_length, keep_special, max_tokens, seed):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,18 +19,40 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """'auto' → CUDA when present, else CPU; asking for CUDA without one is an error."""
+def resolve_device(name: str | torch.device = "auto", exact: bool = True) -> torch.device:
+    """'auto' → CUDA when present, else CPU; asking for CUDA without one is an error. With `exact` (the maths,
+    not a model's forward pass), CUDA float32 matmuls must be float32 (`tf32_setting`)."""
     if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        dev = name
+    elif name == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise SurgeryError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SurgeryError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    else:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise SurgeryError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if exact and dev.type == "cuda" and (setting := tf32_setting()):
+        raise SurgeryError(f"--device {dev}: this process runs CUDA float32 matmuls in TF32 ({setting}, e.g. from "
+                           "torch.set_float32_matmul_precision('high')), ~1e-3 relative; surgery's maths need "
+                           "full float32: set torch.backends.cuda.matmul.fp32_precision = 'ieee' (or "
+                           "torch.set_float32_matmul_precision('highest')) for the call, or use the CPU")
+    return dev
+
+
+def tf32_setting() -> str | None:
+    """The torch setting that makes CUDA float32 matmuls TF32 (10-bit mantissas), if any. Common in training
+    scripts; it would break the exactness every operation promises and the TwoNN search's error bounds. Refused
+    rather than switched off: changing the user's global flags from a library would mix torch's legacy and new
+    precision APIs, after which torch raises on the legacy reads."""
+    if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "").upper() in ("1", "ON", "YES", "TRUE", "Y"):
+        return "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set"  # torch's own override, ahead of every setting
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # torch ≥ 2.9: the effective cuBLAS setting, either API
+    if precision is None:
+        return "torch.backends.cuda.matmul.allow_tf32 = True" if matmul.allow_tf32 else None
+    return None if precision in ("none", "ieee") else f"torch.backends.cuda.matmul.fp32_precision = {precision!r}"
 
 
 def storage_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

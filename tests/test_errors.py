@@ -199,3 +199,47 @@ def test_error_paths(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
     assert not (tmp_path / "out").exists()
     assert {a: tree_digest(Path(a)) for a in inputs} == inputs
+
+
+TF32_PROBE = """
+import sys, torch
+from surgery import FixedRank, SurgeryError, load_adapter, squeeze
+from surgery.device import resolve_device
+{setup}
+calls = [lambda: resolve_device(torch.device("cuda")),
+         lambda: squeeze(load_adapter(sys.argv[1]), FixedRank(2), device=torch.device("cuda"))]
+for call in calls[:{n}]:
+    try:
+        call()
+        print("accepted")
+    except SurgeryError as e:
+        print("refused:", e)
+print(resolve_device("cpu"), resolve_device(torch.device("cuda"), exact=False))
+"""
+
+
+@pytest.mark.parametrize("setup", ["torch.set_float32_matmul_precision('high')",
+                                   "torch.backends.cuda.matmul.allow_tf32 = True",
+                                   "torch.backends.fp32_precision = 'tf32'", "env", ""])
+def test_tf32_matmuls_on_cuda_are_refused_not_used(setup):
+    """A process whose CUDA float32 matmuls are TF32 (a training script's usual setting, by either of torch's
+    APIs, or torch's override variable) gets one clear refusal from the maths, before any CUDA work; the CPU and a
+    model's forward pass (capture: exact=False) are unaffected. A fresh process each: the settings are global."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="1" if setup == "env" else "0")
+    probe = TF32_PROBE.format(setup="" if setup == "env" else setup, n=2 if setup else 1)
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", probe, str(PEFT_FIXTURE)], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    *verdicts, last = r.stdout.strip().splitlines()
+    assert last == "cpu cuda"
+    if not setup:
+        assert verdicts == ["accepted"]
+        return
+    setting = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" if setup == "env" else "torch.backends.cuda.matmul"
+    assert len(verdicts) == 2 and all(v.startswith("refused: --device cuda: this process runs CUDA float32 matmuls "
+                                                   f"in TF32 ({setting}") for v in verdicts), verdicts
+    assert "fp32_precision = 'ieee'" in verdicts[0] and "\n" not in verdicts[0]
