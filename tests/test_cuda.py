@@ -1,7 +1,8 @@
 """CPU/GPU agreement of every operation with a CUDA path (`pytest -m cuda`, run first by benchmarks/gpu.sh on a lent
 device): squeeze (exact and output-aware), extract, combine, merge, LoHa/LoKr → LoRA, TwoNN search, TeRA forward and
 `tune`. Each runs the same call with device "cpu" and "cuda" and compares the results (float32 maths: agreement
-to ~1e-5 relative; the TwoNN distances are settled exactly on the CPU, so they agree bit for bit).
+to ~1e-5 relative; the TwoNN distances are settled exactly on the CPU, so they agree bit for bit), and the device's
+runs give the same bytes run after run.
 SURGERY_TEST_DEVICE=cpu runs the same bodies with "cpu" in place of "cuda" (benchmarks/gpu_suite.py --check does, so
 that a device window is not spent on a broken test)."""
 import os
@@ -173,3 +174,30 @@ def test_squeeze_expert_parameter():
         gpu, rg = squeeze(a, rule, device=DEV)
         same_deltas(gpu, cpu)
         assert [r.new_rank for r in rc.modules] == [r.new_rank for r in rg.modules]
+
+
+def test_same_bytes_run_after_run(tmp_path):
+    """Same input, same bytes out on the device too: modules of several shapes on 4 streams at once, same-shaped
+    ones in batches (squeeze, combine), extract's weights in parallel workers."""
+    from surgery import save_adapter
+    from surgery.combine import combine
+    from surgery.extract import extract
+
+    shapes = {"q_proj": (256, 192), "k_proj": (64, 192), "up_proj": (512, 192), "down_proj": (192, 512)}
+    pairs = {f"model.layers.{i}.{m}": lora_pair(*s, 24, decay=0.9, seed=7 * i + j)
+             for i in range(3) for j, (m, s) in enumerate(shapes.items())}
+    a = load_adapter(write_peft(tmp_path / "a", pairs, r=24, alpha=48))
+    b = load_adapter(write_peft(tmp_path / "b", {k: (B.flip(0), A) for k, (B, A) in pairs.items()}, r=24, alpha=24))
+    base = {f"{n}.weight": torch.randn(*s, generator=torch.Generator().manual_seed(5)) for n, s in
+            ((n, shapes[n.rsplit(".", 1)[1]]) for n in pairs)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({k: v + pairs[k[:-7]][0] @ pairs[k[:-7]][1] for k, v in base.items()}, str(tmp_path / "t.safetensors"))
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        save_adapter(squeeze(a, Energy(0.8), device=DEV)[0], out / "s")
+        save_adapter(combine([a, b], [0.6, 0.4], FixedRank(16), device=DEV)[0], out / "c")
+        save_adapter(extract(tmp_path / "t.safetensors", tmp_path / "base.safetensors", FixedRank(8), device=DEV,
+                             seed=3)[0], out / "e")
+        runs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))})
+    assert len(runs[0]) == 3 and [str(f) for f in runs[0] if runs[0][f] != runs[1].get(f)] == []
