@@ -34,10 +34,9 @@ def resolve_device(name: str | torch.device = "auto", exact: bool = True) -> tor
         except RuntimeError:
             raise SurgeryError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
     if exact and dev.type == "cuda" and (setting := tf32_setting()):
-        raise SurgeryError(f"--device {dev}: this process runs CUDA float32 matmuls in TF32 ({setting}, e.g. from "
-                           "torch.set_float32_matmul_precision('high')), ~1e-3 relative; surgery's maths need "
-                           "full float32: set torch.backends.cuda.matmul.fp32_precision = 'ieee' (or "
-                           "torch.set_float32_matmul_precision('highest')) for the call, or use the CPU")
+        raise SurgeryError(f"--device {dev}: this process runs CUDA float32 matmuls in TF32 ({setting}), ~1e-3 "
+                           "relative; surgery's maths need full float32: set torch.backends.cuda.matmul.fp32_precision "
+                           "= 'ieee' (or torch.set_float32_matmul_precision('highest')) for the call, or use the CPU")
     return dev
 
 
@@ -52,7 +51,8 @@ def tf32_setting() -> str | None:
     precision = getattr(matmul, "fp32_precision", None)  # torch ≥ 2.9: the effective cuBLAS setting, either API
     if precision is None:
         return "torch.backends.cuda.matmul.allow_tf32 = True" if matmul.allow_tf32 else None
-    return None if precision in ("none", "ieee") else f"torch.backends.cuda.matmul.fp32_precision = {precision!r}"
+    return None if precision in ("none", "ieee") else (f"torch.backends.cuda.matmul.fp32_precision = {precision!r}, "
+                                                        "e.g. from torch.set_float32_matmul_precision('high')")
 
 
 def storage_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
