@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import sys
 from pathlib import Path
 
 import click
+import torch
 
 from surgery import (Budget, Energy, Exact, FixedRank, SurgeryError, load_adapter, parse_count, parse_rank_map,
                      save_adapter, squeeze)
@@ -40,6 +42,12 @@ class Group(click.Group):
             click.echo(f"error: {where + ': ' if where else ''}{e.strerror or e}", err=True)
         except MemoryError:
             click.echo("error: out of memory (try --device cpu, a smaller --shard-size or fewer adapters)", err=True)
+        except torch.OutOfMemoryError as e:  # a RuntimeError, and torch's message runs to several sentences
+            asked = re.search(r"Tried to allocate ([\d.]+ \w+)", str(e))
+            gpu = re.search(r"GPU (\d+)", str(e))
+            what = " ".join(filter(None, (asked and f"tried to allocate {asked[1]}", gpu and f"on GPU {gpu[1]}")))
+            click.echo(f"error: out of GPU memory{f' ({what})' if what else ''}; free the GPU, or use --device cpu",
+                       err=True)
         except Exception:
             import traceback
 
@@ -365,8 +373,6 @@ def combine_cmd(adapters, out, weights, rank, energy, budget, rank_map, method, 
 
 def _weight_map(items) -> list[tuple[str, float]]:
     """REGEX=W entries, comma-separated and repeatable, each regex checked."""
-    import re
-
     out = []
     for part in (p for item in items for p in item.split(",") if p.strip()):
         pattern, _, w = part.rpartition("=")
@@ -577,8 +583,6 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
 @json_option
 def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, force, as_json):
     """A fresh zero-update TeRA adapter for the linear weights of a base checkpoint."""
-    import re
-
     from surgery.io.checkpoint import open_checkpoint
     from surgery.tera import fresh_adapter
 

@@ -243,3 +243,24 @@ def test_tf32_matmuls_on_cuda_are_refused_not_used(setup):
     assert len(verdicts) == 2 and all(v.startswith("refused: --device cuda: this process runs CUDA float32 matmuls "
                                                    f"in TF32 ({setting}") for v in verdicts), verdicts
     assert "fp32_precision = 'ieee'" in verdicts[0] and "\n" not in verdicts[0]
+
+
+@pytest.mark.parametrize("error, line", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB "
+                            "of which 1.02 GiB is free. Of the allocated memory 5.10 GiB is allocated by PyTorch. If "
+                            "reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=…"),
+     "error: out of GPU memory (tried to allocate 2.00 GiB on GPU 0); free the GPU, or use --device cpu"),
+    (MemoryError(), "error: out of memory (try --device cpu, a smaller --shard-size or fewer adapters)")])
+def test_out_of_memory_is_one_line_not_a_bug_report(tmp_path, monkeypatch, error, line):
+    """A GPU too small for the job (torch's OOM is a RuntimeError, which read as 'a bug in surgery' with a
+    traceback) or a host out of memory: one line, exit 1, nothing written."""
+    import sys
+
+    sq = sys.modules["surgery.squeeze"]  # the module (the package's `squeeze` is the function)
+
+    def boom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(sq, "resolve_device", boom)
+    r = CliRunner().invoke(main, ["squeeze", str(PEFT_FIXTURE), "--rank", "2", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and r.output.strip() == line and not (tmp_path / "o").exists()
