@@ -264,3 +264,14 @@ def test_out_of_memory_is_one_line_not_a_bug_report(tmp_path, monkeypatch, error
     monkeypatch.setattr(sq, "resolve_device", boom)
     r = CliRunner().invoke(main, ["squeeze", str(PEFT_FIXTURE), "--rank", "2", "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and r.output.strip() == line and not (tmp_path / "o").exists()
+
+
+def test_a_cuda_ordinal_past_the_last_device_is_refused():
+    """`--device cuda:N` beyond the machine's GPUs: one line saying how many there are (it was torch's 'invalid
+    device ordinal' traceback at the first use)."""
+    from surgery import SurgeryError
+    from surgery.device import resolve_device
+
+    n = torch.cuda.device_count()
+    with pytest.raises(SurgeryError, match=rf"^--device cuda:{n + 1}: this machine has {n} CUDA device"):
+        resolve_device(torch.device(f"cuda:{n + 1}"))
