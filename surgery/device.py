@@ -33,6 +33,8 @@ def resolve_device(name: str | torch.device = "auto", exact: bool = True) -> tor
             dev = torch.device(name)
         except RuntimeError:
             raise SurgeryError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if exact and dev.type not in ("cpu", "cuda"):
+        raise SurgeryError(f"--device {dev}: surgery's maths run on cpu or cuda[:N]")
     if dev.type == "cuda" and dev.index is not None and dev.index >= (n := torch.cuda.device_count()):
         raise SurgeryError(f"--device {dev}: this machine has {n} CUDA device{'s' if n != 1 else ''}"
                            + (f" (cuda:0 … cuda:{n - 1})" if n > 1 else " (cuda:0)" if n else ""))
@@ -125,9 +127,6 @@ def per_module(fn: Callable[[str, M], T], modules: Mapping[str, M], device: torc
     (squeeze and spectra on a GPU: `squeeze._batches`).
     Used by squeeze, combine, spectra and extract.
     """
-    if device.type not in ("cpu", "cuda"):
-        yield from (fn(n, m) for n, m in modules.items())
-        return
     threads, cuda = torch.get_num_threads(), device.type == "cuda"
 
     def start():

@@ -275,3 +275,15 @@ def test_a_cuda_ordinal_past_the_last_device_is_refused():
     n = torch.cuda.device_count()
     with pytest.raises(SurgeryError, match=rf"^--device cuda:{n + 1}: this machine has {n} CUDA device"):
         resolve_device(torch.device(f"cuda:{n + 1}"))
+
+
+@pytest.mark.parametrize("device", ["mps", "meta"])
+def test_devices_other_than_cpu_and_cuda_are_one_line(tmp_path, device):
+    """The maths run on the CPU or CUDA (float64 Grams, cuSOLVER batches); another torch device was accepted and
+    failed deep inside as a bug report. A model's forward pass (capture: exact=False) may use any device."""
+    from surgery.device import resolve_device
+
+    r = CliRunner().invoke(main, ["squeeze", str(PEFT_FIXTURE), "--rank", "2", "--device", device, "-o",
+                                  str(tmp_path / "o")])
+    assert r.exit_code == 1 and r.output.strip() == f"error: --device {device}: surgery's maths run on cpu or cuda[:N]"
+    assert not (tmp_path / "o").exists() and resolve_device(device, exact=False).type == device
