@@ -42,7 +42,7 @@ class Group(click.Group):
             click.echo(f"error: {where + ': ' if where else ''}{e.strerror or e}", err=True)
         except MemoryError:
             click.echo("error: out of memory (try --device cpu, a smaller --shard-size or fewer adapters)", err=True)
-        except torch.OutOfMemoryError as e:  # a RuntimeError, and torch's message runs to several sentences
+        except torch.cuda.OutOfMemoryError as e:  # a RuntimeError, and torch's message runs to several sentences
             asked = re.search(r"Tried to allocate ([\d.]+ \w+)", str(e))
             gpu = re.search(r"GPU (\d+)", str(e))
             what = " ".join(filter(None, (asked and f"tried to allocate {asked[1]}", gpu and f"on GPU {gpu[1]}")))

@@ -20,8 +20,9 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def resolve_device(name: str | torch.device = "auto", exact: bool = True) -> torch.device:
-    """'auto' → CUDA when present, else CPU; asking for CUDA without one is an error. With `exact` (the maths,
-    not a model's forward pass), CUDA float32 matmuls must be float32 (`tf32_setting`)."""
+    """'auto' → CUDA when present, else CPU. Errors: CUDA asked for without one, an ordinal past the last GPU, and
+    with `exact` (the maths, not a model's forward pass) a device other than cpu/cuda or TF32 CUDA matmuls
+    (`tf32_setting`)."""
     if isinstance(name, torch.device):
         dev = name
     elif name == "auto":
