@@ -246,9 +246,10 @@ def test_tf32_matmuls_on_cuda_are_refused_not_used(setup):
 
 
 @pytest.mark.parametrize("error, line", [
-    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB "
-                            "of which 1.02 GiB is free. Of the allocated memory 5.10 GiB is allocated by PyTorch. If "
-                            "reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=…"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                 "7.79 GiB of which 1.02 GiB is free. Of the allocated memory 5.10 GiB is allocated "
+                                 "by PyTorch. If reserved but unallocated memory is large try setting "
+                                 "PYTORCH_CUDA_ALLOC_CONF=…"),
      "error: out of GPU memory (tried to allocate 2.00 GiB on GPU 0); free the GPU, or use --device cpu"),
     (MemoryError(), "error: out of memory (try --device cpu, a smaller --shard-size or fewer adapters)")])
 def test_out_of_memory_is_one_line_not_a_bug_report(tmp_path, monkeypatch, error, line):
