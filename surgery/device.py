@@ -34,12 +34,14 @@ def resolve_device(name: str | torch.device = "auto", exact: bool = True) -> tor
             dev = torch.device(name)
         except RuntimeError:
             raise SurgeryError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
-    if exact and dev.type not in ("cpu", "cuda"):
-        raise SurgeryError(f"--device {dev}: surgery's maths run on cpu or cuda[:N]")
     if dev.type == "cuda" and dev.index is not None and dev.index >= (n := torch.cuda.device_count()):
         raise SurgeryError(f"--device {dev}: this machine has {n} CUDA device{'s' if n != 1 else ''}"
                            + (f" (cuda:0 … cuda:{n - 1})" if n > 1 else " (cuda:0)" if n else ""))
-    if exact and dev.type == "cuda" and (setting := tf32_setting()):
+    if not exact or dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise SurgeryError(f"--device {dev}: surgery's maths run on cpu or cuda[:N]")
+    if setting := tf32_setting():
         raise SurgeryError(f"--device {dev}: this process runs CUDA float32 matmuls in TF32 ({setting}), ~1e-3 "
                            "relative; surgery's maths need full float32: set torch.backends.cuda.matmul.fp32_precision "
                            "= 'ieee' (or torch.set_float32_matmul_precision('highest')) for the call, or use the CPU")

@@ -438,9 +438,9 @@ def squeeze(
 
     def batch(names: list[str], ms: list) -> list[tuple[LoraModule, ModuleReport]]:
         """Same-shaped LoRA, LoHa or LoKr modules at once (`_batches`): one batched exact factorization
-        (`_batch_svd`), then the factors of each rank k, each brought back in one copy — the host waits a few times per batch (finiteness, spectra,
-        each rank's factors), not per module. A factor holding NaN/Inf sends the batch down the one-module path,
-        which names its module."""
+        (`_batch_svd`), then the factors of each rank k, each brought back in one copy — the host waits a few
+        times per batch (finiteness, spectra, each rank's factors), not per module. A factor holding NaN/Inf
+        sends the batch down the one-module path, which names its module."""
         got = _batch_svd(ms, cdtype, dev)
         if got is None:
             return [one_lora(n, m, target_of(n)) for n, m in zip(names, ms)]
