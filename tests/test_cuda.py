@@ -2,7 +2,7 @@
 device): squeeze (exact and output-aware), extract, combine, merge, LoHa/LoKr → LoRA, TwoNN search, TeRA forward and
 `tune`. Each runs the same call with device "cpu" and "cuda" and compares the results (float32 maths: agreement
 to ~1e-5 relative; the TwoNN distances are settled exactly on the CPU, so they agree bit for bit), and the device's
-runs give the same bytes run after run.
+runs give the same bytes run after run; the CLI's GPU-only refusals (a missing ordinal, TF32) are one line.
 SURGERY_TEST_DEVICE=cpu runs the same bodies with "cpu" in place of "cuda" (benchmarks/gpu_suite.py --check does, so
 that a device window is not spent on a broken test)."""
 import os
@@ -201,3 +201,26 @@ def test_same_bytes_run_after_run(tmp_path):
                              seed=3)[0], out / "e")
         runs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))})
     assert len(runs[0]) == 3 and [str(f) for f in runs[0] if runs[0][f] != runs[1].get(f)] == []
+
+
+def test_cli_refuses_a_missing_gpu_ordinal_and_tf32_in_one_line(tmp_path, monkeypatch):
+    """On a GPU machine (where `--device cuda:N` gets past 'no CUDA device'): an ordinal past the last GPU, and
+    TF32 forced by torch's override variable, are one line each, exit 1, nothing written."""
+    from click.testing import CliRunner
+
+    from surgery_cli.main import main
+
+    from .conftest import PEFT_FIXTURE
+
+    if DEV != "cuda":
+        pytest.skip("reaches these refusals only with CUDA present")
+    n = torch.cuda.device_count()
+    for env, device, message in ((None, f"cuda:{n}", f"error: --device cuda:{n}: this machine has {n} CUDA device"),
+                                 ("1", "cuda", "error: --device cuda: this process runs CUDA float32 matmuls in TF32 "
+                                               "(TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set)")):
+        if env:
+            monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", env)
+        r = CliRunner().invoke(main, ["squeeze", str(PEFT_FIXTURE), "--rank", "2", "--device", device, "-o",
+                                      str(tmp_path / "o")])
+        assert r.exit_code == 1 and r.output.startswith(message) and r.output.count("\n") == 1, r.output
+        assert not (tmp_path / "o").exists()
