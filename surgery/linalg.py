@@ -10,6 +10,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .device import Scratch
+
 
 class SVD(NamedTuple):
     """Thin SVD `M = U diag(S) Vh`: U (m, k), S (k,) descending, Vh (k, n)."""
@@ -70,32 +72,24 @@ def r_factor(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(M, mode="r").R.double()
 
 
+_local = threading.local()
+
+
 def gram64(M: torch.Tensor) -> torch.Tensor:
     """MᵀM (r, r) in float64 for M (m, r) on the CPU: numpy's `X @ X.T` on X = Mᵀ, which its BLAS runs as a
     symmetric rank-k update (half a GEMM's flops; numpy's OpenBLAS was also the faster BLAS on the benchmark
     machine, docs/benchmarks.md). Either layout of M; callers in `per_module` workers get one BLAS thread each.
-    X is converted into this thread's reused buffer in M's own layout: a fresh float64 copy page-faults."""
+    X is converted, in M's own layout, into a buffer this thread reuses from call to call (a `Scratch` kept as
+    long as the thread lives — `per_module`'s workers, one operation): writing into a fresh multi-MB tensor costs
+    the kernel's zeroing of every page first, more than the conversion itself (combine: ~200k → ~100k page
+    faults, about half its system time)."""
     m, r = M.shape
-    flat = _buffer(m * r, torch.float64)
+    flat = _local.__dict__.setdefault("scratch", Scratch()).get("gram64", (m * r,), torch.float64)
     if M.T.is_contiguous():  # a LoRA A, as stored: X (r, m) row-major
         X = flat.view(r, m).copy_(M.T).numpy()
     else:
         X = flat.view(m, r).copy_(M).numpy().T
     return torch.from_numpy(X @ X.T)
-
-
-_local = threading.local()
-
-
-def _buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat CPU buffer of n elements reused by this thread from call to call (the largest asked for is kept, as
-    long as the thread lives — `per_module`'s workers, one operation): writing into a fresh multi-MB tensor costs
-    the kernel's zeroing of every page first, more than a float32 → float64 conversion itself (combine: ~200k →
-    ~100k page faults, about half its system time)."""
-    buf = getattr(_local, "buffer", None)
-    if buf is None or buf.numel() < n or buf.dtype != dtype:
-        buf = _local.buffer = torch.empty(n, dtype=dtype)
-    return buf[:n]
 
 
 def core_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> CoreSVD:

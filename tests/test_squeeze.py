@@ -245,22 +245,16 @@ def many_modules():
 
 @pytest.mark.parametrize("rule", [FixedRank(3), Energy(0.9), Exact(), parse_rank_map("layers.1=5,conv=2,m3=4"),
                                   Budget(2000)], ids=["fixed", "energy", "exact", "rank-map", "budget"])
-def test_module_batches_equal_one_module_at_a_time(batched, rule):
+def test_module_batches_equal_one_module_at_a_time(batched, monkeypatch, rule):
     """The GPU path's batches (stacked QR/SVD, factors by rank, one copy back per rank) give every module what the
     one-module path gives it: same ranks, reports, order, layouts, dtypes and biases; ΔW to float32 rounding."""
     import sys
 
     a = many_modules()
-    sq = sys.modules["surgery.squeeze"]
-    batched_on = sq._batches_on
-    sq._batches_on = lambda dev: False
-    try:
-        one, r1 = squeeze(a, rule, device="cpu", dtype="float32")
-    finally:
-        sq._batches_on = batched_on
-    batched.clear()
     many, rn = squeeze(a, rule, device="cpu", dtype="float32")
     assert max(batched) >= 3 and batched.lokr.count(2) >= 2  # the same-shaped modules went as batches
+    monkeypatch.setattr(sys.modules["surgery.squeeze"], "_batches_on", lambda dev: False)
+    one, r1 = squeeze(a, rule, device="cpu", dtype="float32")
     assert list(many.modules) == list(one.modules) == list(a.modules)
     assert [r.name for r in rn.modules] == [r.name for r in r1.modules]
     for x, y in zip(r1.modules, rn.modules):
@@ -312,7 +306,7 @@ def test_combine_in_module_batches(batched, tmp_path):
         assert float((m.delta() - dense_truncation(ref, 5)).norm() / ref.norm()) < 1e-5
 
 
-def test_spectra_in_module_batches(batched):
+def test_spectra_in_module_batches(batched, monkeypatch):
     """Budget rules' first pass in batches: every module's singular values (float64, CPU), in the adapter's order."""
     import sys
 
@@ -325,8 +319,7 @@ def test_spectra_in_module_batches(batched):
         want = torch.linalg.svdvals(m.delta().reshape(m.out_features, -1))[: len(got[n])]
         assert got[n].dtype == torch.float64 and got[n].device.type == "cpu"
         assert float((got[n] - want).abs().max() / want[0]) < 1e-6, n
-    sq = sys.modules["surgery.squeeze"]
-    sq._batches_on = lambda dev: False
+    monkeypatch.setattr(sys.modules["surgery.squeeze"], "_batches_on", lambda dev: False)
     one = spectra(a, device="cpu")
     assert list(one) == list(got)
     assert all(torch.allclose(one[n], got[n], rtol=1e-6, atol=1e-9 * float(got[n][0])) for n in got)
