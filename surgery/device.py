@@ -17,6 +17,24 @@ CUDA_WORKERS = 4  # streams kept busy at once on a GPU (per_module)
 M, T = TypeVar("M"), TypeVar("T")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# the unary ops ATen hands to oneMKL's vector maths (VML) for float32/float64 (aten/src/ATen/cpu/vml.h)
+VML_OPS = (torch.sqrt, torch.exp, torch.log, torch.log2, torch.log10, torch.sin, torch.cos, torch.tan, torch.asin,
+           torch.acos, torch.atan, torch.tanh, torch.erf, torch.erfc, torch.erfinv, torch.trunc)
+
+
+def resolve_vml() -> None:
+    """Call every VML op once, here, before any thread runs one: VML picks each function's kernel on its first call,
+    and first calls made at once from several threads (`per_module`'s workers, torch's intra-op threads) can run a
+    low-accuracy kernel for one of them (oneMKL 2024.2, the one torch's wheels bundle; pytorch/pytorch#188792).
+    Seen here: one run of `extract` with two threads wrote factors whose √σ were 160–1440 ulp off."""
+    if torch.backends.mkl.is_available():
+        for dtype in (torch.float32, torch.float64):
+            x = torch.full((2,), 0.5, dtype=dtype)
+            for op in VML_OPS:
+                op(x)
+
+
+resolve_vml()  # at import: before any worker thread exists (~7 ms, mostly loading the kernels a first call loads)
 
 
 def resolve_device(name: str | torch.device = "auto", exact: bool = True) -> torch.device:

@@ -1,3 +1,7 @@
+import ast
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -186,6 +190,35 @@ def test_per_module_runs_workers_on_one_blas_thread_and_restores_the_thread_coun
                            torch.device("cpu")))
     assert all(t == 1 and all(b == 1 for b in bl) for t, bl in seen)
     assert torch.get_num_threads() == before_torch and blas_threads() == before_blas
+
+
+def test_import_resolves_every_vml_kernel_before_any_worker_runs():
+    """`import surgery` calls each unary op ATen sends to oneMKL's VML (the list in aten/src/ATen/cpu/vml.h) on a
+    float32 and a float64 tensor, on the importing thread: concurrent first calls can run a low-accuracy kernel
+    (pytorch/pytorch#188792; once seen here as a two-thread `extract` whose factors' √σ were ~1000 ulp off). Watched
+    through a TorchFunctionMode in a fresh process, since this one has imported surgery already."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL")
+    script = """
+import threading, torch
+from torch.overrides import TorchFunctionMode
+seen = set()
+class Watch(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if args and isinstance(args[0], torch.Tensor):
+            seen.add((getattr(func, "__name__", ""), str(args[0].dtype), threading.current_thread() is threading.main_thread()))
+        return func(*args, **(kwargs or {}))
+with Watch():
+    import surgery
+print(sorted(seen))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    seen = ast.literal_eval(out.strip())
+    aten_vml = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin", "sqrt",
+                "tan", "tanh", "trunc")
+    for name in aten_vml:
+        for dtype in ("torch.float32", "torch.float64"):
+            assert (name, dtype, True) in seen, f"{name} ({dtype}) not resolved at import"
 
 
 def test_gram64_matches_a_float64_gram_in_both_layouts():
