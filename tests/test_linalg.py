@@ -206,7 +206,8 @@ seen = set()
 class Watch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if args and isinstance(args[0], torch.Tensor):
-            seen.add((getattr(func, "__name__", ""), str(args[0].dtype), threading.current_thread() is threading.main_thread()))
+            main = threading.current_thread() is threading.main_thread()
+            seen.add((getattr(func, "__name__", ""), str(args[0].dtype), main))
         return func(*args, **(kwargs or {}))
 with Watch():
     import surgery
