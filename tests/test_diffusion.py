@@ -107,6 +107,29 @@ def test_pipeline_merge_equals_diffusers_and_copies_the_rest(sd, tmp_path):
     assert tree_digest(tmp_path / "from-ab") == tree_digest(tmp_path / "out")
 
 
+def test_alpha_zero_is_scale_one_here_and_no_effect_in_diffusers_as_the_note_says(sd, tmp_path):
+    """A kohya `.alpha` of 0: kohya's rule (alpha = r) here, as the note on stderr says, which also says that diffusers
+    applies the module with scale 0 — checked through diffusers' own reading."""
+    pipe, _, state, unet, _ = sd
+    zero = dict(state, **{"lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(0.0)})
+    save_file(zero, str(tmp_path / "z.safetensors"))
+    ref = sd_unet()
+    _kohya_reference({k: v for k, v in zero.items() if k.startswith("lora_unet_")}, ref)
+    fused, base = _fused(ref), unet.state_dict()
+    assert torch.equal(fused["down_blocks.0.attentions.0.proj_in.weight"], base["down_blocks.0.attentions.0.proj_in.weight"])
+    r = CliRunner().invoke(main, ["merge", str(pipe / "unet"), str(tmp_path / "z.safetensors"), "-o",
+                                  str(tmp_path / "m"), "--device", "cpu", "--allow-missing"])
+    assert r.exit_code == 0, r.output
+    assert "alpha 0 in lora_unet_down_blocks_0_attentions_0_proj_in, read as alpha = r (scale 1)" in r.stderr
+    assert "diffusers apply such a module with scale 0" in r.stderr
+    m = load_file(str(next((tmp_path / "m").glob("*.safetensors"))))
+    A = zero["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].double()
+    B = zero["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"].double()
+    w = base["down_blocks.0.attentions.0.proj_in.weight"].double()
+    delta = (B.flatten(1) @ A.flatten(1)).reshape(w.shape)
+    assert torch.allclose(m["down_blocks.0.attentions.0.proj_in.weight"].double(), w + delta, atol=1e-6)
+
+
 def test_component_folder_sharded_keeps_its_layout(sd, tmp_path):
     pipe, lora, state, unet, _ = sd
     unet.save_pretrained(tmp_path / "unet-sharded", max_shard_size="60KB")

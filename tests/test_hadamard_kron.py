@@ -257,6 +257,27 @@ def test_lycoris_merge_and_lora_equal_its_forward(tmp_path, name):
     assert close(outputs(net), ref)
 
 
+@pytest.mark.parametrize("name", ["locon", "locon-tucker", "loha"])
+def test_alpha_zero_means_alpha_r_as_lycoris_reads_it_with_a_note(tmp_path, name):
+    """`.alpha` 0 is alpha = r for kohya and LyCORIS, scale 0 for ComfyUI and diffusers: read as LyCORIS does, and
+    said once on stderr; a file with real alphas gets no such note."""
+    lycoris_file(tmp_path / "x.safetensors", LYCORIS[name])
+    sd = load_file(str(tmp_path / "x.safetensors"))
+    save_file({k: torch.zeros_like(v) if k.endswith(".alpha") else v for k, v in sd.items()},
+              str(tmp_path / "z.safetensors"))
+    net = base_net()
+    lyco, _ = create_lycoris_from_weights(1.0, "", net, weights_sd=load_file(str(tmp_path / "z.safetensors")))
+    lyco.apply_to()
+    save_base(base_net(), tmp_path / "base.safetensors")
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "z.safetensors"),
+                                  "-o", str(tmp_path / "m.safetensors"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert close(outputs(load_merged(tmp_path / "m.safetensors")), outputs(net))
+    assert r.stderr.count("note: z.safetensors: alpha 0 in lycoris_conv and 2 more, read as alpha = r") == 1
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 0 and "alpha 0" not in r.output
+
+
 def test_loha_merge_follows_the_forward_not_lycoris_merge_to(tmp_path):
     """lycoris-lora 4.1.3's LoHa merge_to applies alpha/r twice; our merge (and ComfyUI) follow its forward."""
     ref, lyco = lycoris_file(tmp_path / "x.safetensors", LYCORIS["loha"])

@@ -53,22 +53,32 @@ def read(path: Path) -> Adapter:
             raise SurgeryError(f"{path}: {key} belongs to {algo}, which surgery does not read (LoRA/LoCon, LoHa, "
                                "LoKr and full diff modules only)")
     parts, kinds, passthrough = group_keys(refs, parse_key, path)
-    modules = {}
+    modules, zero_alpha = {}, []
     for name in sorted(parts):
         roles = dict(parts[name])
-        alpha = roles.pop("alpha", None)
+        alpha = _alpha(roles.pop("alpha", None), name, path)
         magnitude = roles.pop("magnitude", None)
         algo = structured_algo(roles, name, path)
         if algo is None:
             modules[name] = _lora(name, roles, alpha, magnitude, path)
+            scaled_by_alpha = modules[name].algo == "lora"  # a full diff ignores it
         else:
             tensors = {r.removeprefix(KEY_PREFIX[algo]): t for r, t in roles.items()}
             dim = stated_rank(algo, tensors)  # LyCORIS / ComfyUI divide alpha by it; None: scale 1
-            scale = 1.0 if dim is None else _alpha(alpha, dim, name, path) / dim
+            scale = 1.0 if dim is None else (alpha or dim) / dim
             modules[name] = make_structured(name, algo, tensors, scale, path, magnitude=magnitude, dora="lycoris")
+            scaled_by_alpha = dim is not None
+        if alpha == 0 and scaled_by_alpha:
+            zero_alpha.append(name)
     if not modules:
         raise SurgeryError(f"{path}: no LoRA tensors found (expected keys like <name>.lora_down.weight)")
-    return Adapter(modules=modules, format="kohya", passthrough=passthrough, metadata=metadata, source=path)
+    notes = ()
+    if zero_alpha:
+        more = f" and {len(zero_alpha) - 1} more" if len(zero_alpha) > 1 else ""
+        notes = (f"{path.name}: alpha 0 in {zero_alpha[0]}{more}, read as alpha = r (scale 1) as kohya and LyCORIS "
+                 "read it; ComfyUI, A1111 and diffusers apply such a module with scale 0 (no effect)",)
+    return Adapter(modules=modules, format="kohya", passthrough=passthrough, metadata=metadata, source=path,
+                   notes=notes)
 
 
 def _lora(name, roles, alpha, magnitude, path):
@@ -79,7 +89,7 @@ def _lora(name, roles, alpha, magnitude, path):
                                f"{list(down.shape) if down is not None else 'missing'}")
         roles["A"] = _TuckerDown(mid, down)
     rank = roles["A"].shape[0] if "A" in roles and roles["A"].shape else 0
-    scale = _alpha(alpha, rank, name, path) / rank if rank else 1.0
+    scale = (alpha or rank) / rank if rank else 1.0
     return make_module(name, roles | ({"magnitude": magnitude} if magnitude is not None else {}), "linear", scale, path,
                        dora="lycoris")
 
@@ -103,15 +113,16 @@ class _TuckerDown:
         return math.prod(self.shape)
 
 
-def _alpha(ref, rank: int, name: str, path: Path) -> float:
+def _alpha(ref, name: str, path: Path) -> float | None:
+    """The `.alpha` a module states (None: no key); kohya and LyCORIS read None or 0 as alpha = r."""
     if ref is None:
-        return float(rank)
+        return None
     if ref.numel() != 1:
         raise SurgeryError(f"{path}: module {name}: alpha must hold one number, has shape {list(ref.shape)}")
     value = float(materialize(ref).reshape(()).double())
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise SurgeryError(f"{path}: module {name}: alpha is {value}")
-    return value or float(rank)  # kohya: alpha 0 or None means alpha = dim
+    return value
 
 
 def _alpha_tensor(value: float, dtype: torch.dtype) -> torch.Tensor:
