@@ -19,7 +19,7 @@ from .conftest import tree_digest
 peft = pytest.importorskip("peft")
 lycoris = pytest.importorskip("lycoris")
 from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights  # noqa: E402
-from peft import LoHaConfig, LoKrConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 
 def dense_svals(M):
@@ -276,6 +276,27 @@ def test_alpha_zero_means_alpha_r_as_lycoris_reads_it_with_a_note(tmp_path, name
     assert r.stderr.count("note: z.safetensors: alpha 0 in lycoris_conv and 2 more, read as alpha = r") == 1
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 0 and "alpha 0" not in r.output
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_scale_zero_is_written_as_zero_factors_not_alpha_zero(tmp_path, kind):
+    """A PEFT adapter with alpha 0 does nothing; its kohya/LyCORIS file must do nothing in every loader, so it may
+    not hold `.alpha` 0 (alpha = r to LyCORIS): zero factors with alpha = r. Checked through LyCORIS's loader."""
+    cfg = (LoraConfig(r=4, lora_alpha=0, target_modules=["fc", "conv", "conv1"]) if kind == "lora" else
+           LoHaConfig(r=4, alpha=0, target_modules=["fc", "conv", "conv1"]))
+    model = get_peft_model(base_net(), cfg)
+    randomize(model, ("lora_", "hada_"))
+    model.save_pretrained(tmp_path / "adapter")
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "adapter"), "--to", "kohya", "-o", str(tmp_path / "k.safetensors")])
+    assert r.exit_code == 0, r.output
+    sd = load_file(str(tmp_path / "k.safetensors"))
+    assert {float(v) for k, v in sd.items() if k.endswith(".alpha")} == {4.0}
+    assert all(float(m.delta().abs().max()) == 0 for m in load_adapter(tmp_path / "k.safetensors").modules.values())
+    net = base_net()
+    lyco, _ = create_lycoris_from_weights(1.0, "", net, weights_sd={k.replace("lora_", "lycoris_", 1): v
+                                                                     for k, v in sd.items()})
+    lyco.apply_to()
+    assert len(lyco.loras) == 3 and close(outputs(net), outputs(base_net()))
 
 
 def test_loha_merge_follows_the_forward_not_lycoris_merge_to(tmp_path):

@@ -140,10 +140,14 @@ def write(adapter: Adapter, out: Path) -> None:
         if m.algo == "lora" and m.bias is not None:
             m = as_diff(m)  # LoCon has no bias; a LyCORIS full module carries ΔW and the bias exactly
         own, dim = _module_tensors(name, m)
+        alpha = _alpha_tensor(m.scale * dim if dim is not None else 1.0, m.dtype)
+        if alpha == 0:  # kohya and LyCORIS would read alpha = r, ComfyUI and diffusers scale 0: fold it, alpha = r
+            own, dim = _module_tensors(name, fold_scale(m))
+            alpha = _alpha_tensor(float(dim), m.dtype)
         tensors.update(own)
         if dim is not None or m.algo == "lokr":  # LyCORIS's loader wants an alpha even where it fixes scale 1
-            tensors[f"{name}.alpha"] = _alpha_tensor(m.scale * dim if dim is not None else 1.0, m.dtype)
-            alphas.add(float(tensors[f"{name}.alpha"]))
+            tensors[f"{name}.alpha"] = alpha
+            alphas.add(float(alpha))
         if m.magnitude is not None:
             tensors[f"{name}.dora_scale"] = dora_scale(m)
         ranks.add(dim if dim is not None else m.rank)
