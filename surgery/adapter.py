@@ -494,21 +494,21 @@ def scaled(t: TensorLike, s: float) -> torch.Tensor:
     return (t.to(torch.promote_types(t.dtype, torch.float32)) * s).to(t.dtype)
 
 
-def fold_scale(m):
-    """The same update with its scale folded into the factors and scale 1 — for files whose loaders may read the
-    factors alone (alpha = r): B (and PEFT's lora_B.bias) of a LoRA, LoHa's w1_a, LoKr's W₁, a diff and its
-    bias. One rounding of the scaled tensor; exact when the scale is a power of two. A DoRA magnitude is
-    unchanged: it rescales W + ΔW, which is the same ΔW."""
-    if m.scale == 1.0 or m.algo == "tera":
+def fold_scale(m, to: float = 1.0):
+    """The same update with its scale folded into the factors down to scale `to` (≠ 0) — 1 for files whose loaders
+    may read the factors alone (alpha = r): B (and PEFT's lora_B.bias) of a LoRA, LoHa's w1_a, LoKr's W₁, a diff
+    and its bias times scale / to. One rounding of the scaled tensor; exact when that is a power of two. A DoRA
+    magnitude is unchanged: it rescales W + ΔW, which is the same ΔW."""
+    if m.scale == to or m.algo == "tera":
         return m
-    s = m.scale
+    s = m.scale / to
     if m.kind == "experts":
-        return replace(m, B=scaled(m.B, s), scale=1.0)
+        return replace(m, B=scaled(m.B, s), scale=to)
     if m.algo == "lora":
-        return replace(m, B=scaled(m.B, s), bias=None if m.bias is None else scaled(m.bias, s), scale=1.0)
+        return replace(m, B=scaled(m.B, s), bias=None if m.bias is None else scaled(m.bias, s), scale=to)
     tensors = dict(m.tensors)
     role = next(r for r in _FOLD_ROLE[m.algo] if r in tensors)
     tensors[role] = scaled(tensors[role], s)
     if m.algo == "diff" and "diff_b" in tensors:
         tensors["diff_b"] = scaled(tensors["diff_b"], s)
-    return replace(m, tensors=tensors, scale=1.0)
+    return replace(m, tensors=tensors, scale=to)

@@ -199,3 +199,17 @@ def check_blind(path: Path) -> None:
                                                            "its metadata"
             checked += 1
     assert checked or not any(k.endswith(pair[0]) for k in state for pair in _PAIR), f"{path}: no module compared"
+
+
+def vllm_deltas(path: Path) -> dict[str, torch.Tensor]:
+    """Each linear module's update as vLLM reads a PEFT directory (`vllm/lora/peft_helper.py`, `PEFTHelper`): one
+    scale for every module, `lora_alpha / r` (`/ √r` with use_rslora) from the config's globals — vLLM ignores
+    rank_pattern and alpha_pattern and takes each module's rank from its tensors. float64, keyed like `delta()`."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    state = load_file(str(Path(path) / "adapter_model.safetensors"))
+    return {k.removesuffix(".lora_A.weight"): state[k.replace("lora_A", "lora_B")].double() @ A.double() * scale
+            for k, A in state.items() if k.endswith(".lora_A.weight")}

@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from surgery import Energy, FixedRank, load_adapter, parse_rank_map, save_adapter, squeeze  # noqa: E402
 
 from .conftest import dense_truncation  # noqa: E402
+from .real_loaders import vllm_deltas  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
 
@@ -117,6 +118,30 @@ def test_energy_squeeze_of_bundled_fixture_loads_in_peft(tmp_path):
     want = expected_model(FIXTURES / "tiny-llama", original, lambda p: k[p])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, want(input_ids=ids).logits, atol=2e-4)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_modules_of_several_scales_are_written_at_one_so_vllm_reads_what_peft_reads(base_dir, tmp_path, rslora):
+    """A PEFT adapter whose rank_pattern has no alpha_pattern (q_proj at r 4, scale 16/4; the others at 16/8) means
+    another update to vLLM, which scales every module by lora_alpha / r. Squeezed, its directory states one scale
+    (the odd modules' ratio folded into B): vLLM's reading, PEFT's (the autouse check) and the truncation agree."""
+    targets = ["q_proj", "v_proj", "up_proj"]
+    original = make_adapter(base_dir, tmp_path / "orig", targets=targets, r=8, lora_alpha=16,
+                            rank_pattern={"q_proj": 4}, use_rslora=rslora)
+    a = load_adapter(tmp_path / "orig")
+    assert len({m.scale for m in a.modules.values()}) == 2
+    assert any(not torch.allclose(d, a.modules[n].delta(torch.float64))
+               for n, d in vllm_deltas(tmp_path / "orig").items())  # the input itself: vLLM ≠ PEFT
+    small, _ = squeeze(a, FixedRank(3), device="cpu")
+    save_adapter(small, tmp_path / "s")
+    back = load_adapter(tmp_path / "s")
+    assert len({m.scale for m in back.modules.values()}) == 1
+    for n, d in vllm_deltas(tmp_path / "s").items():
+        mine = small.modules[n].delta(torch.float64)
+        assert torch.allclose(d, mine, atol=1e-6 * float(mine.abs().max())), n
+    loaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "s").eval()
+    want = logits(expected_model(base_dir, original, lambda p: 3))
+    assert torch.allclose(logits(loaded), want, atol=2e-4, rtol=1e-4)
 
 
 def test_parent_of_named_adapters_names_them(base_dir, tmp_path):

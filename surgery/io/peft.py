@@ -493,11 +493,24 @@ def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def one_scale(modules: Mapping[str, Any]) -> dict:
+    """The LoRA modules of a PEFT directory at one scale: vLLM gives every module `lora_alpha / r` (`/ √r`) and
+    ignores `alpha_pattern`, so a module whose scale differs from the most common nonzero one gets the ratio
+    folded into its B (`fold_scale`); `rank_pattern` still gives each its own rank."""
+    scales = Counter(m.scale for m in modules.values() if m.algo == "lora" and m.scale != 0)
+    if len(scales) + any(m.algo == "lora" and m.scale == 0 for m in modules.values()) < 2:
+        return dict(modules)
+    common = scales.most_common(1)[0][0]
+    return {n: fold_scale(m, common) if m.algo == "lora" else m for n, m in modules.items()}
+
+
 def write_dir(adapter: Adapter, out: Path) -> None:
-    """`adapter_model.safetensors` (metadata `{"format": "pt"}` + the input's) and `adapter_config.json`.
+    """`adapter_model.safetensors` (metadata `{"format": "pt"}` + the input's) and `adapter_config.json`; every
+    LoRA module at one scale (`one_scale`), so that vLLM reads the update PEFT reads.
 
     Keys get PEFT's `base_model.model.` prefix where the input had none: `PeftModel.from_pretrained` silently
     leaves prefix-less tensors unloaded (a zero adapter), while transformers' `load_adapter` takes both."""
+    adapter = adapter.with_modules(one_scale(adapter.modules))
     tensors = {k if k.startswith(PREFIX) else PREFIX + k: t for k, t in _tensors(adapter).items()}
     config = updated_config(adapter)
     metadata = {k: v for k, v in adapter.metadata.items() if k != METADATA_CONFIG}
