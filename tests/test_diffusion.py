@@ -107,27 +107,35 @@ def test_pipeline_merge_equals_diffusers_and_copies_the_rest(sd, tmp_path):
     assert tree_digest(tmp_path / "from-ab") == tree_digest(tmp_path / "out")
 
 
-def test_alpha_zero_is_scale_one_here_and_no_effect_in_diffusers_as_the_note_says(sd, tmp_path):
-    """A kohya `.alpha` of 0: kohya's rule (alpha = r) here, as the note on stderr says, which also says that diffusers
-    applies the module with scale 0 — checked through diffusers' own reading."""
+@pytest.mark.parametrize("case", ["zero", "missing"])
+def test_alpha_zero_or_missing_is_scale_one_here_and_other_in_diffusers_as_the_note_says(sd, tmp_path, case):
+    """A kohya module with `.alpha` 0, or without the `.alpha` the others have: kohya's rule (alpha = r) here, as
+    the note on stderr says, which also says what diffusers does instead — checked through diffusers' own reading:
+    scale 0, or the others' alpha (1.5) over the rank (3)."""
     pipe, _, state, unet, _ = sd
-    zero = dict(state, **{"lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(0.0)})
-    save_file(zero, str(tmp_path / "z.safetensors"))
+    name, path = "lora_unet_down_blocks_0_attentions_0_proj_in", "down_blocks.0.attentions.0.proj_in.weight"
+    odd = dict(state, **{f"{name}.alpha": torch.tensor(0.0)})
+    if case == "missing":
+        del odd[f"{name}.alpha"]
+    save_file(odd, str(tmp_path / "z.safetensors"))
+    base = unet.state_dict()
+    w = base[path].double()
+    delta = (odd[f"{name}.lora_up.weight"].double().flatten(1) @ odd[f"{name}.lora_down.weight"].double().flatten(1))
+    delta = delta.reshape(w.shape)
     ref = sd_unet()
-    _kohya_reference({k: v for k, v in zero.items() if k.startswith("lora_unet_")}, ref)
-    fused, base = _fused(ref), unet.state_dict()
-    assert torch.equal(fused["down_blocks.0.attentions.0.proj_in.weight"], base["down_blocks.0.attentions.0.proj_in.weight"])
+    _kohya_reference({k: v for k, v in odd.items() if k.startswith("lora_unet_")}, ref)
+    theirs = _fused(ref)[path].double()
+    assert torch.allclose(theirs, w + (0.0 if case == "zero" else 0.5) * delta, atol=1e-6)
     r = CliRunner().invoke(main, ["merge", str(pipe / "unet"), str(tmp_path / "z.safetensors"), "-o",
                                   str(tmp_path / "m"), "--device", "cpu", "--allow-missing"])
     assert r.exit_code == 0, r.output
-    assert "alpha 0 in lora_unet_down_blocks_0_attentions_0_proj_in, read as alpha = r (scale 1)" in r.stderr
-    assert "diffusers apply such a module with scale 0" in r.stderr
+    said = {"zero": f"alpha 0 in {name}, read as alpha = r (scale 1)",
+            "missing": f"no .alpha for {name} while other modules have one: read as alpha = r (scale 1)"}[case]
+    assert r.stderr.count(said) == 1 and r.stderr.count("read as alpha = r") == 1, r.stderr
+    assert ("diffusers apply such a module with scale 0" if case == "zero" else
+            "diffusers gives such a module the most common alpha of the others") in r.stderr
     m = load_file(str(next((tmp_path / "m").glob("*.safetensors"))))
-    A = zero["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].double()
-    B = zero["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"].double()
-    w = base["down_blocks.0.attentions.0.proj_in.weight"].double()
-    delta = (B.flatten(1) @ A.flatten(1)).reshape(w.shape)
-    assert torch.allclose(m["down_blocks.0.attentions.0.proj_in.weight"].double(), w + delta, atol=1e-6)
+    assert torch.allclose(m[path].double(), w + delta, atol=1e-6)
 
 
 def test_component_folder_sharded_keeps_its_layout(sd, tmp_path):

@@ -53,7 +53,7 @@ def read(path: Path) -> Adapter:
             raise SurgeryError(f"{path}: {key} belongs to {algo}, which surgery does not read (LoRA/LoCon, LoHa, "
                                "LoKr and full diff modules only)")
     parts, kinds, passthrough = group_keys(refs, parse_key, path)
-    modules, zero_alpha = {}, []
+    modules, zero_alpha, no_alpha = {}, [], []
     for name in sorted(parts):
         roles = dict(parts[name])
         alpha = _alpha(roles.pop("alpha", None), name, path)
@@ -68,17 +68,24 @@ def read(path: Path) -> Adapter:
             scale = 1.0 if dim is None else (alpha or dim) / dim
             modules[name] = make_structured(name, algo, tensors, scale, path, magnitude=magnitude, dora="lycoris")
             scaled_by_alpha = dim is not None
-        if alpha == 0 and scaled_by_alpha:
-            zero_alpha.append(name)
+        if scaled_by_alpha and not alpha:
+            (no_alpha if alpha is None else zero_alpha).append(name)
     if not modules:
         raise SurgeryError(f"{path}: no LoRA tensors found (expected keys like <name>.lora_down.weight)")
-    notes = ()
+    notes = []
     if zero_alpha:
-        more = f" and {len(zero_alpha) - 1} more" if len(zero_alpha) > 1 else ""
-        notes = (f"{path.name}: alpha 0 in {zero_alpha[0]}{more}, read as alpha = r (scale 1) as kohya and LyCORIS "
-                 "read it; ComfyUI, A1111 and diffusers apply such a module with scale 0 (no effect)",)
+        notes.append(f"{path.name}: alpha 0 in {_some(zero_alpha)}, read as alpha = r (scale 1) as kohya and LyCORIS "
+                     "read it; ComfyUI, A1111 and diffusers apply such a module with scale 0 (no effect)")
+    if no_alpha and any(r.get("alpha") is not None for r in parts.values()):
+        notes.append(f"{path.name}: no .alpha for {_some(no_alpha)} while other modules have one: read as alpha = r "
+                     "(scale 1) as kohya, LyCORIS and ComfyUI read it; diffusers gives such a module the most "
+                     "common alpha of the others")
     return Adapter(modules=modules, format="kohya", passthrough=passthrough, metadata=metadata, source=path,
-                   notes=notes)
+                   notes=tuple(notes))
+
+
+def _some(names: list[str]) -> str:
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def _lora(name, roles, alpha, magnitude, path):
