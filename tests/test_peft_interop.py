@@ -136,7 +136,9 @@ def test_modules_of_several_scales_are_written_at_one_so_vllm_reads_what_peft_re
     save_adapter(small, tmp_path / "s")
     back = load_adapter(tmp_path / "s")
     assert len({m.scale for m in back.modules.values()}) == 1
-    for n, d in vllm_deltas(tmp_path / "s").items():
+    theirs = vllm_deltas(tmp_path / "s")
+    assert set(theirs) == set(small.modules) and len(theirs) == 6
+    for n, d in theirs.items():
         mine = small.modules[n].delta(torch.float64)
         assert torch.allclose(d, mine, atol=1e-6 * float(mine.abs().max())), n
     loaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "s").eval()
