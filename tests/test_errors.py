@@ -141,6 +141,13 @@ CASES = {
     "alpha-nan": (lambda p: ["convert", _peft(p, {"lora_alpha": float("nan")}), "--to", "peft-file", "-o",
                              p / "out"], "lora_alpha must be a finite number"),
     "r-float": (lambda p: ["inspect", _peft(p, {"r": 2.5})], "r must be a positive whole number"),
+    # a kohya .alpha is checked on every module, a full diff's too (which ignores it)
+    "kohya-alpha-shape": (lambda p: ["squeeze", _kohya(p, extra={"lora_unet_d.diff": torch.ones(8, 6),
+                                                                 "lora_unet_d.alpha": torch.ones(2)}),
+                                     "--rank", "1", "-o", p / "out"],
+                          "k.safetensors: module lora_unet_d: alpha must hold one number, has shape [2]"),
+    "kohya-alpha-inf": (lambda p: ["squeeze", _kohya(p, extra={"lora_unet_q.alpha": torch.tensor(float("inf"))}),
+                                   "--rank", "1", "-o", p / "out"], "k.safetensors: tensor lora_unet_q.alpha holds NaN or Inf"),
     "peft-type-contradicts": (lambda p: ["convert", _peft(p, {"peft_type": "LOKR"}, keys={
         "base_model.model.m.q_proj.hada_w1_a": torch.ones(8, 2), "base_model.model.m.q_proj.hada_w1_b": torch.ones(2, 6),
         "base_model.model.m.q_proj.hada_w2_a": torch.ones(8, 2), "base_model.model.m.q_proj.hada_w2_b": torch.ones(2, 6)}),

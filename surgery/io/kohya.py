@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save as save_bytes
 
 from ..adapter import Adapter, DiffModule, fold_scale, materialize, scaled
-from ..errors import SurgeryError
+from ..errors import SurgeryError, listed
 from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank, structured_algo
 from .. import __version__
 from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
@@ -74,18 +74,14 @@ def read(path: Path) -> Adapter:
         raise SurgeryError(f"{path}: no LoRA tensors found (expected keys like <name>.lora_down.weight)")
     notes = []
     if zero_alpha:
-        notes.append(f"{path.name}: alpha 0 in {_some(zero_alpha)}, read as alpha = r (scale 1) as kohya and LyCORIS "
+        notes.append(f"{path.name}: alpha 0 in {listed(zero_alpha, 1)}, read as alpha = r (scale 1) as kohya and LyCORIS "
                      "read it; ComfyUI, A1111 and diffusers apply such a module with scale 0 (no effect)")
     if no_alpha and any(r.get("alpha") is not None for r in parts.values()):
-        notes.append(f"{path.name}: no .alpha for {_some(no_alpha)} while other modules have one: read as alpha = r "
+        notes.append(f"{path.name}: no .alpha for {listed(no_alpha, 1)} while other modules have one: read as alpha = r "
                      "(scale 1) as kohya, LyCORIS and ComfyUI read it; diffusers gives such a module the most "
                      "common alpha of the others")
     return Adapter(modules=modules, format="kohya", passthrough=passthrough, metadata=metadata, source=path,
                    notes=tuple(notes))
-
-
-def _some(names: list[str]) -> str:
-    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def _lora(name, roles, alpha, magnitude, path):
@@ -121,15 +117,13 @@ class _TuckerDown:
 
 
 def _alpha(ref, name: str, path: Path) -> float | None:
-    """The `.alpha` a module states (None: no key); kohya and LyCORIS read None or 0 as alpha = r."""
+    """The `.alpha` a module states (None: no key; NaN/Inf are refused by `materialize`); kohya and LyCORIS read
+    None or 0 as alpha = r."""
     if ref is None:
         return None
     if ref.numel() != 1:
         raise SurgeryError(f"{path}: module {name}: alpha must hold one number, has shape {list(ref.shape)}")
-    value = float(materialize(ref).reshape(()).double())
-    if not math.isfinite(value):
-        raise SurgeryError(f"{path}: module {name}: alpha is {value}")
-    return value
+    return float(materialize(ref).reshape(()).double())
 
 
 def _alpha_tensor(value: float, dtype: torch.dtype) -> torch.Tensor:

@@ -497,10 +497,10 @@ def one_scale(modules: Mapping[str, Any]) -> dict:
     """The LoRA modules of a PEFT directory at one scale: vLLM gives every module `lora_alpha / r` (`/ √r`) and
     ignores `alpha_pattern`, so a module whose scale differs from the most common nonzero one gets the ratio
     folded into its B (`fold_scale`); `rank_pattern` still gives each its own rank."""
-    scales = Counter(m.scale for m in modules.values() if m.algo == "lora" and m.scale != 0)
-    if len(scales) + any(m.algo == "lora" and m.scale == 0 for m in modules.values()) < 2:
+    scales = [m.scale for m in modules.values() if m.algo == "lora"]
+    if len(set(scales)) < 2:
         return dict(modules)
-    common = scales.most_common(1)[0][0]
+    common = Counter(s for s in scales if s != 0).most_common(1)[0][0]
     return {n: fold_scale(m, common) if m.algo == "lora" else m for n, m in modules.items()}
 
 
