@@ -491,7 +491,7 @@ _FOLD_ROLE = {"loha": ("w1_a",), "lokr": ("w1", "w1_a"), "diff": ("diff",)}
 def scaled(t: TensorLike, s: float) -> torch.Tensor:
     """`s · t` computed in float32 (float64 for float64 tensors) and rounded once to t's dtype."""
     t = materialize(t)
-    return (t.to(torch.promote_types(t.dtype, torch.float32)) * s).to(t.dtype)
+    return (t.to(torch.float64 if t.dtype == torch.float64 else torch.float32) * s).to(t.dtype)
 
 
 def fold_scale(m, to: float = 1.0):

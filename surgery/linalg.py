@@ -54,6 +54,8 @@ def all_finite(t: torch.Tensor) -> bool:
     `isfinite(t).all()`, which writes a mask)."""
     if t.numel() == 0:
         return True
+    if t.element_size() == 1:  # float8: torch has no aminmax for it
+        t = t.float()
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

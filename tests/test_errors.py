@@ -165,6 +165,24 @@ CASES = {
     "dora-inf": (lambda p: ["convert", _peft(p, {"use_dora": True}, extra={
         "base_model.model.m.q_proj.lora_magnitude_vector": torch.tensor([float("inf")] * 8)}), "--to", "peft-file",
         "-o", p / "out.safetensors"], "tensor base_model.model.m.q_proj.lora_magnitude_vector holds NaN or Inf"),
+    # values a written dtype cannot hold: refused, not written as Inf (every input was checked when read)
+    "fold-overflow": (lambda p: ["convert", _peft(p, keys={"base_model.model.m.q_proj.lora_A.weight": torch.ones(
+        2, 6, dtype=torch.float16), "base_model.model.m.q_proj.lora_B.weight": torch.full((8, 2), 4e4).half()}), "--to",
+        "peft-file", "-o", p / "out.safetensors"], "tensor base_model.model.m.q_proj.lora_B.weight: its values "
+                                                   "overflow float16"),  # scale 2 folded into B: 8e4 → Inf
+    "dtype-overflow": (lambda p: ["squeeze", _kohya(p, extra={"lora_unet_q.lora_up.weight": torch.full((8, 2), 1e11)}),
+                                  "--rank", "2", "--dtype", "float16", "-o", p / "out.safetensors"],  # kept
+                       "tensor lora_unet_q.lora_up.weight: its values overflow float16"),
+    "gguf-overflow": (lambda p: ["convert", _peft(p, {"target_modules": ["v_proj"]}, keys={
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": torch.ones(2, 64),
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": torch.full((32, 2), 1e6)}), "--to", "gguf",
+        "--base", FIXTURES / "tiny-llama", "--dtype", "f16", "-o", p / "out.gguf"],
+                      "tensor blk.0.attn_v.weight.lora_b: its values overflow float16"),
+    "gguf-q8-overflow": (lambda p: ["convert", _peft(p, {"target_modules": ["v_proj"]}, keys={
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": torch.full((2, 64), 1e7),
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": torch.ones(32, 2)}), "--to", "gguf",
+        "--base", FIXTURES / "tiny-llama", "--dtype", "q8_0", "-o", p / "out.gguf"],
+                      "tensor blk.0.attn_v.weight.lora_a: its values overflow float16"),  # Q8_0's block scale
     "combine-ties-nan": (lambda p: ["combine", _kohya(p, bad="lora_unet_q.lora_up.weight"),
                                     _kohya(p, name="k2.safetensors"), "--method", "ties", "--density", "0.5", "-o",
                                     p / "out.safetensors"], "k.safetensors: tensor lora_unet_q.lora_up.weight holds"),
@@ -200,11 +218,12 @@ def test_error_paths(tmp_path, case):
     make_args, message = CASES[case]
     args = [str(a) for a in make_args(tmp_path)]
     inputs = {a: tree_digest(Path(a)) for a in args if Path(a).exists()}
+    files = sorted(tmp_path.rglob("*"))
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output
     lines = [l for l in r.output.splitlines() if l.strip() and not l.startswith("wrote")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
-    assert not (tmp_path / "out").exists()
+    assert sorted(tmp_path.rglob("*")) == files  # nothing written, not even a temporary file
     assert {a: tree_digest(Path(a)) for a in inputs} == inputs
 
 

@@ -6,11 +6,13 @@ import struct
 import pytest
 import torch
 from safetensors import safe_open
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from surgery import FixedRank, SurgeryError, detect, load_adapter, save_adapter, squeeze
 from surgery.io import peft as peft_io
 from surgery.io.safetensors_file import read_header
+from surgery_cli.main import main
 
 from .conftest import KOHYA_FIXTURE, PEFT_FIXTURE, lora_pair, tree_digest, write_peft
 
@@ -307,3 +309,35 @@ def test_bytes_deterministic_with_several_metadata_keys(tmp_path):
     assert outs[0] == outs[1] == outs[2]
     with safe_open(str(tmp_path / "k0.safetensors"), "pt") as f:  # and safetensors reads it
         assert f.metadata()["ss_network_dim"] == "3" and len(list(f.keys())) == 18
+
+
+def test_float8_factors_are_read_and_written_as_stored(tmp_path):
+    """A LoRA stored in float8 (as some ComfyUI users keep them) was a traceback (torch has no min/max for
+    float8, and no float8 → float32 type promotion). Its factors are read as they are, and every command computes
+    with their float64 values: the folded file equals scale · B @ A exactly (scale 4, a power of two), a merge
+    is W + ΔW rounded once, a squeeze the float64 truncation."""
+    B, A = lora_pair(24, 20, 4, decay=0.5)
+    d = write_peft(tmp_path / "f8", {"m.q_proj": (B.to(torch.float8_e4m3fn), A.to(torch.float8_e4m3fn))}, r=4,
+                   alpha=16)
+    raw = load_file(str(d / "adapter_model.safetensors"))
+    B8, A8 = (raw[f"base_model.model.m.q_proj.lora_{x}.weight"].double() for x in "BA")
+    delta = 4 * B8 @ A8
+
+    a = load_adapter(d)
+    save_adapter(a, tmp_path / "f.safetensors", format="peft-file")
+    out = load_file(str(tmp_path / "f.safetensors"))
+    assert {t.dtype for t in out.values()} == {torch.float8_e4m3fn}
+    assert torch.equal(out["base_model.model.m.q_proj.lora_B.weight"].double() @
+                       out["base_model.model.m.q_proj.lora_A.weight"].double(), delta)
+
+    W = torch.randn(24, 20, dtype=torch.float32)
+    save_file({"m.q_proj.weight": W}, str(tmp_path / "base.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base.safetensors"), str(d), "-o",
+                                  str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["m.q_proj.weight"], (W.double() + delta).float())
+
+    small, _ = squeeze(a, FixedRank(2), device="cpu", dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(delta)
+    assert torch.allclose(small.modules["base_model.model.m.q_proj"].delta(torch.float64),
+                          U[:, :2] * S[:2] @ Vh[:2], atol=1e-12)

@@ -22,7 +22,7 @@ import torch
 from ..adapter import PEFT_PREFIX, Adapter, LoraModule, materialize
 from ..errors import SurgeryError, listed
 from . import jsonfile
-from .safetensors_file import WRITTEN_BY, atomic_output
+from .safetensors_file import WRITTEN_BY, atomic_output, finite
 
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"
@@ -547,7 +547,8 @@ def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
             qtype = gguf.GGMLQuantizationType[kind.upper()]
             if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
                 qtype = gguf.GGMLQuantizationType.F16
-            tensors.append(Planned(f"{name}.weight.{part}", shape, qtype, _maker(t, scale, qtype)))
+            tensors.append(Planned(f"{name}.weight.{part}", shape, qtype, _maker(f"{name}.weight.{part}", t, scale,
+                                                                                  qtype)))
     fields = [(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER, gguf.GGUFValueType.STRING, None),
               (gguf.Keys.Adapter.TYPE, "lora", gguf.GGUFValueType.STRING, None),
               (gguf.Keys.Adapter.LORA_ALPHA, float(alpha), gguf.GGUFValueType.FLOAT32, None),
@@ -556,13 +557,17 @@ def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
         write_file(tmp, arch, fields, tensors)
 
 
-def _maker(t, scale: float, qtype) -> Callable[[], np.ndarray]:
+def _maker(name: str, t, scale: float, qtype) -> Callable[[], np.ndarray]:
     def make() -> np.ndarray:
         if isinstance(t, GgufRef) and scale == 1.0 and t.qtype == qtype:
             return t.raw()  # the file's own bytes: nothing to round
         x = materialize(t)
         if scale != 1.0:
             x = x.to(torch.float32) * scale
+        if (kind := type_name(qtype)) in FLOATS:
+            x = finite(name, x.to(FLOATS[kind]))
+        else:  # Q8_0's float16 block scales (a block's largest |x| / 127) must stay finite
+            finite(name, (x.abs().amax().float() / 127).half())
         return encode(x, qtype)
     return make
 

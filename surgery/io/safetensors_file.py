@@ -21,6 +21,7 @@ import torch
 
 from ..adapter import TensorRef
 from ..errors import SurgeryError
+from ..linalg import all_finite
 
 MAX_HEADER = 100_000_000
 WRITTEN_BY = "surgery_version"  # metadata key of the single-file adapters surgery writes (their scales are folded
@@ -133,9 +134,19 @@ ALIGN = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None) -> None:
-    """Write a safetensors file deterministically (safetensors' own writer orders `__metadata__` at random)."""
-    write_shard(path, [tensor_entry(k, (lambda t=t: t), t.dtype, tuple(t.shape)) for k, t in tensors.items()],
-                metadata)
+    """Write a safetensors file deterministically (safetensors' own writer orders `__metadata__` at random),
+    every float tensor checked by `finite`."""
+    write_shard(path, [tensor_entry(k, (lambda k=k, t=t: finite(k, t)), t.dtype, tuple(t.shape))
+                       for k, t in tensors.items()], metadata)
+
+
+def finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t`, refused if it holds NaN or Inf: every input is checked when read, so one here is a value that a scale
+    folded into it or a narrower --dtype pushed beyond its dtype's range."""
+    if t.is_floating_point() and not all_finite(t):
+        raise SurgeryError(f"tensor {name}: its values overflow {str(t.dtype).removeprefix('torch.')} (a scale "
+                           "folded into them, or a narrower dtype asked for, gives NaN or Inf)")
+    return t
 
 
 Producer = Callable[[object], None]  # writes exactly the entry's bytes to the open file
