@@ -112,6 +112,9 @@ class _Weights:
         from .merge import changed_tensor, plan_merge, source
 
         plan = plan_merge(self.ck, [adapter], [1.0])
+        if plan.vocab:
+            raise SurgeryError(f"{adapter.source}: resizes the vocabulary ({plan.vocab[0]} → {plan.vocab[1]} rows), "
+                               "which the loaded model cannot change in place; compare the merged model instead")
         for name, change in plan.changes.items():
             p = self.params.get(name)
             if p is None:

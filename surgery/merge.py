@@ -24,7 +24,7 @@ import torch
 
 from .adapter import Adapter, ExpertsModule, LoraModule, materialize
 from .device import Scratch, resolve_device, storage_dtype
-from .errors import SurgeryError
+from .errors import SurgeryError, listed
 from .io import check_output, gguf_file, hub
 from .io import experts as expert_layout
 from .io.experts import Piece
@@ -177,6 +177,7 @@ class MergePlan:
     notes: tuple[str, ...]
     untie: bool = False  # config.json's tie_word_embeddings must become false
     transposed: frozenset[str] = frozenset()  # weights stored (in, out): GPT-2 Conv1D with fan_in_fan_out
+    vocab: tuple[int, int, object] | None = None  # (old, new rows, the adapter): a resized vocabulary
 
 
 def placed(adapter: Adapter, ck: Checkpoint) -> Placement:
@@ -291,7 +292,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                 notes.append(f"{key} is tied to the output head in the base: the merged update changes the output "
                              "head too (as PEFT's merge_and_unload does; the adapter's own forward changes only the "
                              "input embeddings)")
-    replaced = _modules_to_save(ck, adapters, weights, created, notes, skip_modules_to_save)
+    replaced, vocab = _modules_to_save(ck, adapters, weights, created, notes, skip_modules_to_save)
     for key, parts in changes.items():
         if key in replaced:
             raise SurgeryError(f"{key}: both a LoRA module and a modules_to_save tensor target it")
@@ -304,7 +305,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     plan.update({k: Change(tuple(p), "bias") for k, p in biases.items()})
     plan.update({k: Change((), "replace", source=created.get(k), replacement=t) for k, t in replaced.items()})
     fans = frozenset(k for k, p in changes.items() if p[0][2])
-    return MergePlan(plan, tuple(notes), untie=bool(created), transposed=fans)
+    return MergePlan(plan, tuple(notes), untie=bool(created), transposed=fans, vocab=vocab)
 
 
 def _expert_parts(ck: Checkpoint, experts: Mapping[str, ExpertsModule], where: str, allow_missing: bool,
@@ -340,11 +341,12 @@ def _expert_parts(ck: Checkpoint, experts: Mapping[str, ExpertsModule], where: s
 
 
 def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], created: dict,
-                     notes: list, skip: bool = False) -> dict:
+                     notes: list, skip: bool = False) -> tuple[dict, tuple | None]:
     """PEFT `modules_to_save` tensors (`base_model.model.<path>`) replace the base's `<path>` as in PEFT's
     unload; `….base_layer.weight` copies saved by `save_embedding_layers` are the base's own and are skipped.
-    A replacement cannot be scaled or undone, so a weight ≠ 1 is refused unless `skip` (then none is applied)."""
-    replaced = {}
+    A replacement cannot be scaled or undone, so a weight ≠ 1 is refused unless `skip` (then none is applied).
+    Returns the replacements and, where they resize the vocabulary, (old rows, new rows, adapter) (`_resized`)."""
+    replaced, resized = {}, {}
     for adapter, w in zip(adapters, weights):
         if adapter.format == "kohya":
             continue
@@ -364,9 +366,12 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
             like = path if path in ck.tensors else _tied_source(ck, path)
             if like is None:
                 raise SurgeryError(f"{adapter.source}: {key} replaces a tensor the base does not have ({path})")
-            if tuple(t.shape) != tuple(ck.tensors[like].shape):
-                raise SurgeryError(f"{adapter.source}: {key} has shape {list(t.shape)}, base {like} "
-                                   f"{list(ck.tensors[like].shape)}")
+            shape, base_shape = list(t.shape), list(ck.tensors[like].shape)
+            if shape != base_shape:
+                if not (VOCAB_TABLE.search(path) and len(shape) == 2 and shape[1:] == base_shape[1:]
+                        and base_shape[0] == _vocab_size(ck)):
+                    raise SurgeryError(f"{adapter.source}: {key} has shape {shape}, base {like} {base_shape}")
+                resized[path] = (base_shape[0], shape[0], adapter)
             if path in replaced:
                 raise SurgeryError(f"{path}: replaced by two adapters' modules_to_save")
             replaced[path] = t
@@ -374,7 +379,37 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
                 created[path] = like
                 notes.append(f"{path} (modules_to_save) is written as its own tensor; tie_word_embeddings is set "
                              "to false")
-    return replaced
+    return replaced, _resized(ck, resized, notes)
+
+
+VOCAB_TABLE = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out)\.weight$")
+
+
+def _vocab_size(ck: Checkpoint) -> int | None:
+    """config.json's vocab_size (or its text_config's, as multimodal models keep it)."""
+    cfg = ck.config() if ck.is_dir else {}  # a single-file output has no config.json to update
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    value = cfg.get("vocab_size", text.get("vocab_size"))
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _resized(ck: Checkpoint, resized: Mapping[str, tuple], notes: list) -> tuple | None:
+    """A vocabulary resized by `modules_to_save` tables (PEFT's `save_embedding_layers`, which PEFT turns on when
+    the embeddings were resized for added tokens): as PEFT loads it — on a base resized first — every vocabulary
+    table of the base (input embedding, untied output head) must get the new rows, else the model is inconsistent."""
+    if not resized:
+        return None
+    sizes = {(old, new) for old, new, _ in resized.values()}
+    if len(sizes) > 1:
+        raise SurgeryError(f"modules_to_save resize the vocabulary to different sizes: {', '.join(sorted(resized))}")
+    (old, new), adapter = sizes.pop(), next(iter(resized.values()))[2]
+    tables = [k for k in ck.tensors if VOCAB_TABLE.search(k) and ck.tensors[k].shape[0] == old]
+    if kept := [k for k in tables if k not in resized]:
+        raise SurgeryError(f"{adapter.source}: resizes the vocabulary from {old} to {new} rows "
+                           f"({', '.join(sorted(resized))}) but leaves the base's {listed(kept)} at {old}")
+    notes.append(f"the vocabulary is resized from {old} to {new} rows by {adapter.source}'s {', '.join(sorted(resized))}"
+                 " (modules_to_save); config.json's vocab_size is set to it")
+    return old, new, adapter
 
 
 # ---------------------------------------------------------------- streaming
@@ -649,7 +684,8 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
         odt = out_dtype(spec)
         if change is None and odt == spec.torch_dtype and spec.codec is None:
             return copy_entry(spec)
-        return tensor_entry(name, lambda: computed(name, change, spec, odt)[0], odt, spec.shape)
+        shape = change.replacement.shape if change is not None and change.kind == "replace" else spec.shape
+        return tensor_entry(name, lambda: computed(name, change, spec, odt)[0], odt, tuple(shape))
 
     def requantized(name: str) -> list[Entry]:
         """A changed quantized weight's values and scale, made once (W + ΔW in `compute_dtype`, quantized once)."""
@@ -861,10 +897,14 @@ def _finish_folder(sets: Sequence[Checkpoint], plan: MergePlan, folder: Path, sh
     notes = [f"not copied (other weight formats would hold unmerged weights): {', '.join(left_out)}"] if left_out else []
     if dequantized and sdtype is None:
         sdtype = ck.quant.dtype
-    if (plan.untie or sdtype is not None or dequantized) and (folder / "config.json").exists():
+    if plan.vocab:
+        notes.append(_take_tokenizer(plan.vocab, folder))
+    if (plan.untie or plan.vocab or sdtype is not None or dequantized) and (folder / "config.json").exists():
         cfg = read_object(folder / "config.json")
         if plan.untie:
             cfg["tie_word_embeddings"] = False
+        if plan.vocab:
+            (cfg if "vocab_size" in cfg else cfg["text_config"])["vocab_size"] = plan.vocab[1]
         if dequantized:
             cfg.pop("quantization_config", None)
         if sdtype is not None:  # transformers loads at this dtype: it must be the stored one (diffusers has none)
@@ -874,6 +914,27 @@ def _finish_folder(sets: Sequence[Checkpoint], plan: MergePlan, folder: Path, sh
                     cfg[key] = name
         (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return notes
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def _take_tokenizer(vocab: tuple, folder: Path) -> str:
+    """With a resized vocabulary the base's tokenizer lacks the added tokens: the adapter folder's tokenizer (a
+    trainer saves it beside the adapter) replaces it whole, or a note says it must be added."""
+    old, new, adapter = vocab
+    src = Path(adapter.source) if adapter.source is not None else None
+    files = [f for f in TOKENIZER_FILES if src is not None and src.is_dir() and (src / f).is_file()]
+    if not files:
+        return (f"the base's tokenizer was copied: it does not know the vocabulary's {new - old:+d} row(s); put the "
+                "tokenizer the adapter was trained with beside the merged model")
+    for f in TOKENIZER_FILES:
+        (folder / f).unlink(missing_ok=True)
+    for f in files:
+        shutil.copy2(src / f, folder / f)
+    return f"the tokenizer is {src}'s ({', '.join(files)}), which knows the resized vocabulary; the base's is left out"
 
 
 # ---------------------------------------------------------------- GGUF models (llama-export-lora)

@@ -18,7 +18,7 @@ from surgery.io.checkpoint import INDEX, open_checkpoint  # noqa: E402
 from surgery.merge import merge  # noqa: E402
 from surgery_cli.main import main  # noqa: E402
 
-from .conftest import KOHYA_FIXTURE, hub_snapshot, lora_pair, tree_digest  # noqa: E402
+from .conftest import FIXTURES, KOHYA_FIXTURE, hub_snapshot, lora_pair, tree_digest  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -171,6 +171,58 @@ def test_dora_merge_matches_peft(tmp_path):
     for k in sd_ref:
         assert torch.allclose(sd_ref[k], sd_ours[k], atol=1e-6), k
     assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_vocabulary_resized_for_added_tokens_merges_as_peft_loads_it(tmp_path, tie):
+    """TRL's chat-format flow: tokens added, embeddings resized, a LoRA trained; PEFT then saves the resized tables
+    (`save_embedding_layers`, on by itself) and the trainer saves the tokenizer beside the adapter. The merged model
+    is what PEFT gives on a base resized first: vocab_size and the tokenizer follow, transformers loads it, its
+    logits equal merge_and_unload's on ids that use the new tokens. An untied head left at the old size is refused."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(FIXTURES / "tiny-llama")
+    cfg.tie_word_embeddings = tie
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "tiny-llama" / f, tmp_path / "base" / f)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "base")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model = load(tmp_path / "base")
+    model.resize_token_embeddings(len(tok))
+    random_lora(model, tmp_path / "lora", targets=["q_proj", "v_proj"], r=4, lora_alpha=8)
+    tok.save_pretrained(tmp_path / "lora")
+    saved = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert saved["base_model.model.model.embed_tokens.weight"].shape[0] == len(tok) == cfg.vocab_size + 2
+
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert f"resized from {cfg.vocab_size} to {len(tok)} rows" in r.output and "tokenizer is" in r.output
+    ours = load(tmp_path / "out")
+    assert ours.config.vocab_size == len(tok) and ours.config.tie_word_embeddings is False
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == len(tok)
+    ref_model = load(tmp_path / "base")
+    ref_model.resize_token_embeddings(len(tok))
+    ref = PeftModel.from_pretrained(ref_model, tmp_path / "lora").merge_and_unload()
+    ids = torch.tensor([tok("<|im_start|>hello world<|im_end|>")["input_ids"]])
+    assert ids.max() >= cfg.vocab_size
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
+    assert torch.equal(ours.model.embed_tokens.weight, saved["base_model.model.model.embed_tokens.weight"])
+
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "base"), str(tmp_path / "lora"), "--texts",
+                                  str(FIXTURES / "sentences.txt")])
+    assert r.exit_code == 1 and "resizes the vocabulary (256 → 258 rows)" in r.output, r.output
+
+    del saved["base_model.model.lm_head.weight"]  # the resized head missing from an untied base's adapter
+    save_file(saved, str(tmp_path / "lora" / "adapter_model.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "bad")])
+    if tie:
+        assert r.exit_code == 0, r.output
+    else:
+        assert r.exit_code == 1 and "leaves the base's lm_head.weight at 256" in r.output, r.output
+        assert not (tmp_path / "bad").exists()
 
 
 def test_modules_to_save_replace_base_tensors(tmp_path):
