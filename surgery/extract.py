@@ -15,11 +15,12 @@ from typing import Callable
 
 import torch
 
-from .adapter import Adapter, ExpertsModule, LoraModule, experts_module
+from .adapter import Adapter, ExpertsModule, LoraModule, TensorRef, experts_module
 from .device import Scratch, per_module, resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
 from .io import hub
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
+from .io.names import resized_table
 from .io.peft import PREFIX
 from .linalg import all_finite, randomized_svd, split_factors, sum_squares
 from .rank import Budget, FixedRank, RankRule, budget_ranks, numerical_rank
@@ -155,7 +156,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
     pipeline = is_pipeline(finetuned)
     experts = {} if pipeline else _expert_tensors(base, pairs, pattern)  # `param[e]` → (Param, e, (key, Piece) …)
-    chosen, mismatched, untargeted = [], [], []
+    chosen, mismatched, untargeted, tables = [], [], [], {}
     in_experts = {key for _, _, pieces in experts.values() for key, _ in pieces}
     for name, (spec, other) in pairs.items():
         if name in in_experts:
@@ -167,7 +168,10 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                 mismatched.append(f"{name}: missing from the base")
             continue
         if tuple(other.shape) != tuple(spec.shape):
-            mismatched.append(f"{name}: shape {list(spec.shape)} vs base {list(other.shape)}")
+            if not pipeline and resized_table(name, spec.shape, other.shape) and spec.codec is None:
+                tables[name] = spec
+            else:
+                mismatched.append(f"{name}: shape {list(spec.shape)} vs base {list(other.shape)}")
         elif targeted:
             chosen.append(name)
         elif spec.torch_dtype.is_floating_point and not torch.equal(read_tensor(spec), read_tensor(other)):
@@ -291,6 +295,13 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
                   "lora_alpha": 8, "target_modules": targets, "rank_pattern": {}, "alpha_pattern": {},
                   "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
                   "use_dora": False, "inference_mode": True, "modules_to_save": None}
-        adapter = Adapter(modules=modules, format="peft", config=config, metadata={"format": "pt"})
+        adapter = Adapter(modules=modules, format="peft", config=config, metadata={"format": "pt"},
+                          passthrough={PREFIX + n: TensorRef(t.path, n, tuple(t.shape), t.torch_dtype)
+                                       for n, t in tables.items()})
+        if tables:
+            sizes = sorted({f"{pairs[n][1].shape[0]} → {t.shape[0]}" for n, t in tables.items()})
+            warnings.append(f"the vocabulary is resized ({', '.join(sizes)} rows): {', '.join(tables)} carried whole, "
+                            "as PEFT's save_embedding_layers saves them; load the adapter on a base resized to "
+                            "match, with the fine-tuned model's tokenizer (surgery merge does both)")
     return adapter, ExtractReport(tuple(reports), tuple(unchanged), tuple(mismatched), tuple(untargeted),
                                   tuple(warnings), str(finetuned), str(base))

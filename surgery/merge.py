@@ -33,7 +33,8 @@ from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, files_below, index_name,
                             is_pipeline, open_pipeline, open_weight_sets, prefetch, read_stored, read_tensor,
                             weights_name)
-from .io.names import DENOISERS, Placement, base_targets, component_name, missing_error, place, weight_key
+from .io.names import (DENOISERS, Placement, base_targets, component_name, missing_error, place, resized_table,
+                       VOCAB_TABLE, weight_key)
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 from .linalg import all_finite
 
@@ -368,8 +369,7 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
                 raise SurgeryError(f"{adapter.source}: {key} replaces a tensor the base does not have ({path})")
             shape, base_shape = list(t.shape), list(ck.tensors[like].shape)
             if shape != base_shape:
-                if not (VOCAB_TABLE.search(path) and len(shape) == 2 and shape[1:] == base_shape[1:]
-                        and base_shape[0] == _vocab_size(ck)):
+                if not (resized_table(path, shape, base_shape) and base_shape[0] == _vocab_size(ck)):
                     raise SurgeryError(f"{adapter.source}: {key} has shape {shape}, base {like} {base_shape}")
                 resized[path] = (base_shape[0], shape[0], adapter)
             if path in replaced:
@@ -380,9 +380,6 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
                 notes.append(f"{path} (modules_to_save) is written as its own tensor; tie_word_embeddings is set "
                              "to false")
     return replaced, _resized(ck, resized, notes)
-
-
-VOCAB_TABLE = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out)\.weight$")
 
 
 def _vocab_size(ck: Checkpoint) -> int | None:

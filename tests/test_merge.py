@@ -215,6 +215,17 @@ def test_a_vocabulary_resized_for_added_tokens_merges_as_peft_loads_it(tmp_path,
                                   str(FIXTURES / "sentences.txt")])
     assert r.exit_code == 1 and "resizes the vocabulary (256 → 258 rows)" in r.output, r.output
 
+    # and back: extracting from the fine-tuned model carries the resized tables whole, as PEFT saves them
+    ref.save_pretrained(tmp_path / "ft")
+    r = CliRunner().invoke(main, ["extract", str(tmp_path / "ft"), str(tmp_path / "base"), "--rank", "4", "-o",
+                                  str(tmp_path / "x")])
+    assert r.exit_code == 0 and "the vocabulary is resized (256 → 258 rows)" in r.output, r.output
+    x_model = load(tmp_path / "base")
+    x_model.resize_token_embeddings(len(tok))
+    x_model = PeftModel.from_pretrained(x_model, tmp_path / "x")
+    with torch.no_grad():
+        assert torch.allclose(x_model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
+
     del saved["base_model.model.lm_head.weight"]  # the resized head missing from an untied base's adapter
     save_file(saved, str(tmp_path / "lora" / "adapter_model.safetensors"))
     r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "bad")])

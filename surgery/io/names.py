@@ -46,6 +46,14 @@ ORIGINAL_PREFIXES = {DENOISER: ("model.diffusion_model.",),
                      "text_encoder": ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.",
                                       "cond_stage_model.model."),
                      "text_encoder_2": ("conditioner.embedders.1.model.",)}
+VOCAB_TABLE = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out)\.weight$")
+
+
+def resized_table(name: str, shape: Sequence[int], base_shape: Sequence[int]) -> bool:
+    """A vocabulary table (input embedding, output head) whose rows differ from the base's: tokens were added
+    (`resize_token_embeddings`), the row width is the same."""
+    return bool(VOCAB_TABLE.search(name)) and len(shape) == len(base_shape) == 2 and shape[0] != base_shape[0] \
+        and shape[1] == base_shape[1]
 
 
 def route(name: str, kohya: bool) -> tuple[str | None, str]:
