@@ -183,6 +183,12 @@ CASES = {
         "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": torch.ones(32, 2)}), "--to", "gguf",
         "--base", FIXTURES / "tiny-llama", "--dtype", "q8_0", "-o", p / "out.gguf"],
                       "tensor blk.0.attn_v.weight.lora_a: its values overflow float16"),  # Q8_0's block scale
+    "int-factor": (lambda p: ["squeeze", _peft(p, keys={"base_model.model.m.q_proj.lora_A.weight": torch.ones(
+        2, 6, dtype=torch.int8), "base_model.model.m.q_proj.lora_B.weight": torch.ones(8, 2)}), "--rank", "1", "-o",
+        p / "out"], "module base_model.model.m.q_proj: factors must be floating point, got A int8"),
+    "tera-int-lambda": (lambda p: ["squeeze", _tera_file(p, lambda m, t: t.update(
+        {k: v.to(torch.int32) + 2 for k, v in t.items() if ".tera_lambda." in k})), "--rank", "1", "-o", p / "out"],
+                        "factors must be floating point, got λ0 int32"),
     "combine-ties-nan": (lambda p: ["combine", _kohya(p, bad="lora_unet_q.lora_up.weight"),
                                     _kohya(p, name="k2.safetensors"), "--method", "ties", "--density", "0.5", "-o",
                                     p / "out.safetensors"], "k.safetensors: tensor lora_unet_q.lora_up.weight holds"),

@@ -68,8 +68,16 @@ def make_module(name: str, roles: Mapping[str, TensorRef], kind: str, scale: flo
         raise SurgeryError(f"{path}: module {name}: lora_B.bias has shape {list(bias.shape)}, expected [{B.shape[0]}]")
     if r == 0:
         raise SurgeryError(f"{path}: module {name} has rank 0")
+    floating(path, name, A=A, B=B, bias=bias)
     module = LoraModule(A=A, B=B, scale=float(scale), kind=kind, bias=bias)
     return with_magnitude(module, roles.get("magnitude"), dora, name, path)
+
+
+def floating(path: Path, name: str, **tensors) -> None:
+    """A module's factors must be floating point (an integer one would be computed with, and written back, as
+    integers)."""
+    if bad := [f"{r} {str(t.dtype).removeprefix('torch.')}" for r, t in tensors.items() if t is not None and not t.dtype.is_floating_point]:
+        raise SurgeryError(f"{path}: module {name}: factors must be floating point, got {', '.join(bad)}")
 
 
 def with_magnitude(m, mag, layout: str, name: str, path: Path):

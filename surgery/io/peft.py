@@ -21,7 +21,7 @@ import torch
 from ..adapter import PEFT_PREFIX, Adapter, ExpertsModule, LoraModule, fold_scale, materialize
 from ..errors import SurgeryError
 from . import jsonfile
-from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank
+from .modules import KEY_PREFIX, floating, group_keys, make_module, make_structured, stated_rank
 from .. import __version__
 from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
 
@@ -291,6 +291,7 @@ def _expert_modules(parts, config, weights: Path, where) -> tuple[dict[str, Expe
         if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[0] % r or B.shape[1] != A.shape[0]:
             raise SurgeryError(f"{where}: expert parameter {path}: lora_A {list(A.shape)} and lora_B {list(B.shape)} "
                                f"are not PEFT's (r·E, in) and (out, r·E) for its r={r}")
+        floating(weights, path, A=A, B=B)
         scale = float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
         out[path] = ExpertsModule(A=A, B=B, scale=scale, experts=A.shape[0] // r, nesting=order)
     return out, consumed

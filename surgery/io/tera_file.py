@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, materialize
-from ..tera import TeraModule
 from ..errors import SurgeryError
-from ..tera import FORMAT_VERSION, TeraSpec, shared_core, shared_factor
+from ..tera import FORMAT_VERSION, TeraModule, TeraSpec, shared_core, shared_factor
 from . import jsonfile
+from .modules import floating
 from .safetensors_file import atomic_output, save_tensors, tensor_refs
 
 META = "surgery_tera"
@@ -54,6 +54,7 @@ def read(path: Path) -> Adapter:
             if ref is None or tuple(ref.shape) != (size,):
                 raise SurgeryError(f"{path}: module {name}: λ {n} missing or not of shape [{size}]")
             lams.append(ref)
+        floating(path, name, **{f"λ{n}": t for n, t in enumerate(lams)})
         modules[name] = TeraModule(tuple(lams), spec, scale)
     for key, ref in refs.items():
         if key.startswith("tera_shared."):
