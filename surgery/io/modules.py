@@ -76,7 +76,8 @@ def make_module(name: str, roles: Mapping[str, TensorRef], kind: str, scale: flo
 def floating(path: Path, name: str, **tensors) -> None:
     """A module's factors must be floating point (an integer one would be computed with, and written back, as
     integers)."""
-    if bad := [f"{r} {str(t.dtype).removeprefix('torch.')}" for r, t in tensors.items() if t is not None and not t.dtype.is_floating_point]:
+    if bad := [f"{r} {str(t.dtype).removeprefix('torch.')}" for r, t in tensors.items()
+               if t is not None and not t.dtype.is_floating_point]:
         raise SurgeryError(f"{path}: module {name}: factors must be floating point, got {', '.join(bad)}")
 
 
