@@ -183,7 +183,10 @@ class MergePlan:
 
 def placed(adapter: Adapter, ck: Checkpoint) -> Placement:
     """The adapter's modules at the base module paths they update (surgery.io.names.place); an adapter that is
-    already on the base's names (`name_style: base`, as a pipeline merge hands each component) stays as it is."""
+    already on the base's names (`name_style: base`, as a pipeline merge hands each component) stays as it is;
+    a GGUF adapter (llama.cpp's names and q/k row order) is first taken back to the base's, by its config.json."""
+    if adapter.format == gguf_file.FORMAT:
+        adapter = gguf_file.from_gguf(adapter, ck.root if ck.is_dir else ck.root.parent)
     if adapter.config.get("name_style") == "base":
         keys = {(None, n): m for n, m in adapter.modules.items()}
         return Placement(modules=keys, origin={k: [k[1]] for k in keys},

@@ -18,7 +18,7 @@ from surgery.io.checkpoint import INDEX, open_checkpoint  # noqa: E402
 from surgery.merge import merge  # noqa: E402
 from surgery_cli.main import main  # noqa: E402
 
-from .conftest import FIXTURES, KOHYA_FIXTURE, hub_snapshot, lora_pair, tree_digest  # noqa: E402
+from .conftest import FIXTURES, KOHYA_FIXTURE, PEFT_FIXTURE, hub_snapshot, lora_pair, tree_digest  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -483,3 +483,32 @@ def test_cli_merge_and_extract_json(tmp_path):
     ):
         r = _run("merge", base, tmp_path / "ad", *args)
         _assert_failed(r, message, args[-1])
+
+
+def test_a_gguf_adapter_merges_and_combines_on_the_safetensors_model_it_was_made_for(tmp_path):
+    """A llama.cpp adapter (GGUF names, Llama's q/k rows permuted) merged into the transformers model it was made
+    for: taken back through the base's config.json, as `convert --to peft --base` does — it was 'no base tensor of
+    that name'. The merged weights are PEFT's merge_and_unload of the adapter it came from; combine with --base
+    writes it beside a PEFT adapter into a PEFT directory (it was refused as 'needs --base')."""
+    pytest.importorskip("gguf")
+    base = FIXTURES / "tiny-llama"
+    r = CliRunner().invoke(main, ["convert", str(PEFT_FIXTURE), "--base", str(base), "-o", str(tmp_path / "a.gguf")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["merge", str(base), str(tmp_path / "a.gguf"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    ref = PeftModel.from_pretrained(load(base), PEFT_FIXTURE).merge_and_unload().state_dict()
+    ours = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert ours.keys() == ref.keys()
+    for k, t in ours.items():
+        torch.testing.assert_close(t, ref[k], rtol=0, atol=1e-6)
+    before = load_file(str(base / "model.safetensors"))
+    assert sum(not torch.equal(t, before[k]) for k, t in ours.items()) == 14  # q, k, v, o, gate, up, down × 2
+
+    r = CliRunner().invoke(main, ["combine", str(tmp_path / "a.gguf"), str(PEFT_FIXTURE), "--base", str(base), "-o",
+                                  str(tmp_path / "both")])
+    assert r.exit_code == 0, r.output
+    src, both = load_adapter(PEFT_FIXTURE), load_adapter(tmp_path / "both")
+    assert both.modules.keys() == src.modules.keys()
+    for n, m in src.modules.items():
+        ref = 2 * m.delta(torch.float64)
+        torch.testing.assert_close(both.modules[n].delta(torch.float64), ref, rtol=0, atol=1e-6 * ref.abs().max())

@@ -166,10 +166,11 @@ def _file_suffix(path: Path) -> str | None:
     return next((s for s in (SUFFIX, gguf_file.SUFFIX) if path.name.lower().endswith(s)), None)
 
 
-def output_format(adapter: Adapter, out: str | os.PathLike, format: str | None = None) -> str:
+def output_format(adapter: Adapter, out: str | os.PathLike, format: str | None = None, base=None) -> str:
     """The format `adapter` is written in at `out`: `format` if given (it must agree with the path), else the
     path decides — a `.gguf` path is a llama.cpp adapter, a `.safetensors` path one file (a PEFT adapter becomes
-    `peft-file`, a GGUF one needs a format), any other path a PEFT directory."""
+    `peft-file`, a GGUF one too when a `base` names its modules, else it needs a format), any other path a PEFT
+    directory."""
     out = Path(out)
     suffix = _file_suffix(out)
     if format is not None:
@@ -183,6 +184,8 @@ def output_format(adapter: Adapter, out: str | os.PathLike, format: str | None =
         return format
     if suffix == gguf_file.SUFFIX:
         return "gguf"
+    if adapter.format == "gguf" and base is not None:
+        return "peft-file" if suffix == SUFFIX else "peft"
     if suffix == SUFFIX:
         if adapter.format == "gguf":
             raise SurgeryError(f"{out}: a GGUF adapter written as .safetensors needs --format (peft-file, kohya, …) "
@@ -227,7 +230,7 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = 
     Never over the adapter's own source or any of `inputs`; over an existing path only if `force`. `base`: the
     model whose tensors name the modules when the output's naming differs from the adapter's (a GGUF output
     from PEFT, PEFT from GGUF, …). `options` go to the format's writer (tera: save_factors; gguf: dtype)."""
-    fmt = output_format(adapter, out, format)
+    fmt = output_format(adapter, out, format, base)
     spec = FORMATS[fmt]
     experts.check_format(adapter, fmt)
     out = check_output(out, [*inputs, *([adapter.source] if adapter.source is not None else []),
