@@ -347,17 +347,24 @@ def _expert_parts(ck: Checkpoint, experts: Mapping[str, ExpertsModule], where: s
 def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], created: dict,
                      notes: list, skip: bool = False) -> tuple[dict, tuple | None]:
     """PEFT `modules_to_save` tensors (`base_model.model.<path>`) replace the base's `<path>` as in PEFT's
-    unload; `….base_layer.weight` copies saved by `save_embedding_layers` are the base's own and are skipped.
-    A replacement cannot be scaled or undone, so a weight ≠ 1 is refused unless `skip` (then none is applied).
-    Returns the replacements and, where they resize the vocabulary, (old rows, new rows, adapter) (`_resized`)."""
+    unload; `….base_layer.weight` / `….original_module.weight` copies saved by `save_embedding_layers` are the
+    base's own and are skipped, and a wrapper's `<m>.modules_to_save.weight` beside the plain `<m>.weight` it also
+    saves is skipped too (PEFT loads the plain one). A replacement cannot be scaled or undone, so a weight ≠ 1 is
+    refused unless `skip` (then none is applied). Returns the replacements and, where they resize the vocabulary,
+    (old rows, new rows, adapter) (`_resized`)."""
     replaced, resized = {}, {}
     for adapter, w in zip(adapters, weights):
         if adapter.format == "kohya":
             continue
+        paths = {k.removeprefix(PREFIX) for k in adapter.passthrough}
         for key, t in adapter.passthrough.items():
             path = key.removeprefix(PREFIX)
-            if ".base_layer." in path:
+            if ".base_layer." in path or ".original_module." in path:
                 continue
+            if ".modules_to_save." in path:
+                path = path.replace(".modules_to_save.", ".")
+                if path in paths:
+                    continue
             if skip:
                 notes.append(f"{adapter.source}: {key} (modules_to_save) skipped; the base's {path} is kept")
                 continue

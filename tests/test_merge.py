@@ -173,12 +173,15 @@ def test_dora_merge_matches_peft(tmp_path):
     assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_a_vocabulary_resized_for_added_tokens_merges_as_peft_loads_it(tmp_path, tie):
+@pytest.mark.parametrize("tie, trained", [(False, False), (True, False), (False, True)],
+                         ids=["untied", "tied", "modules_to_save"])
+def test_a_vocabulary_resized_for_added_tokens_merges_as_peft_loads_it(tmp_path, tie, trained):
     """TRL's chat-format flow: tokens added, embeddings resized, a LoRA trained; PEFT then saves the resized tables
     (`save_embedding_layers`, on by itself) and the trainer saves the tokenizer beside the adapter. The merged model
     is what PEFT gives on a base resized first: vocab_size and the tokenizer follow, transformers loads it, its
-    logits equal merge_and_unload's on ids that use the new tokens. An untied head left at the old size is refused."""
+    logits equal merge_and_unload's on ids that use the new tokens. An untied head left at the old size is refused.
+    `trained`: the tables are also trained (modules_to_save), and PEFT saves each three times — the trained copy
+    plain and as `….modules_to_save.weight`, the resized original as `….original_module.weight`."""
     from transformers import AutoConfig, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(FIXTURES / "tiny-llama")
@@ -191,9 +194,17 @@ def test_a_vocabulary_resized_for_added_tokens_merges_as_peft_loads_it(tmp_path,
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     model = load(tmp_path / "base")
     model.resize_token_embeddings(len(tok))
-    random_lora(model, tmp_path / "lora", targets=["q_proj", "v_proj"], r=4, lora_alpha=8)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False, **({"modules_to_save": [
+                                                      "lm_head", "embed_tokens"]} if trained else {})))
+    with torch.no_grad():  # trained tables differ from the resized originals everywhere
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(1.0)
+    peft_model.save_pretrained(tmp_path / "lora")
     tok.save_pretrained(tmp_path / "lora")
     saved = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert trained == ("base_model.model.lm_head.original_module.weight" in saved)
     assert saved["base_model.model.model.embed_tokens.weight"].shape[0] == len(tok) == cfg.vocab_size + 2
 
     r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
@@ -226,7 +237,8 @@ def test_a_vocabulary_resized_for_added_tokens_merges_as_peft_loads_it(tmp_path,
     with torch.no_grad():
         assert torch.allclose(x_model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
 
-    del saved["base_model.model.lm_head.weight"]  # the resized head missing from an untied base's adapter
+    for k in [k for k in saved if k.startswith("base_model.model.lm_head.")]:  # the resized head left out
+        del saved[k]
     save_file(saved, str(tmp_path / "lora" / "adapter_model.safetensors"))
     r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "bad")])
     if tie:
