@@ -524,3 +524,36 @@ def test_a_gguf_adapter_merges_and_combines_on_the_safetensors_model_it_was_made
     for n, m in src.modules.items():
         ref = 2 * m.delta(torch.float64)
         torch.testing.assert_close(both.modules[n].delta(torch.float64), ref, rtol=0, atol=1e-6 * ref.abs().max())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_whose_init_rewrites_the_base_is_refused_and_its_plain_form_merges_as_peft_runs_it(tmp_path, init):
+    """PiSSA / OLoRA adapters saved as trained: PEFT's from_pretrained runs the init again, subtracting the initial
+    factors from the base, so the factors update that residual base, not the model (vLLM and llama.cpp apply them to
+    the model). Every command refuses them in one line; the plain LoRA PEFT converts them to merges into the
+    model that PEFT runs with the trained adapter."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = get_peft_model(load(tmp_path / "base"), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=init))
+    model.peft_config["default"].init_lora_weights = True  # PEFT's recipe for the initial adapter
+    model.save_pretrained(tmp_path / "initial")
+    model.peft_config["default"].init_lora_weights = init
+    with torch.no_grad():  # "training"
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    model.save_pretrained(tmp_path / "trained")
+    model.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "initial")
+
+    base_w = load(tmp_path / "base").model.layers[0].self_attn.q_proj.weight
+    runs = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "trained")
+    assert not torch.allclose(runs.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, base_w)
+    for args in (["squeeze", tmp_path / "trained", "--rank", "2", "-o", tmp_path / "s"],
+                 ["merge", tmp_path / "base", tmp_path / "trained", "-o", tmp_path / "m"]):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 1 and f"init_lora_weights '{init}': PEFT rewrites the base weights" in r.output
+        assert len(r.output.strip().splitlines()) == 1 and not Path(args[-1]).exists()
+
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "plain"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert torch.allclose(logits(load(tmp_path / "out")), logits(runs.merge_and_unload()), atol=1e-5)

@@ -165,6 +165,17 @@ def check_config(config: Mapping[str, Any], where) -> None:
     if not isinstance(config.get("target_modules"), str):
         jsonfile.field(config, "target_modules", "str list", where)
     jsonfile.field(config, "modules_to_save", "str list", where)
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(REBUILT_BASE):
+        raise SurgeryError(f"{where}: init_lora_weights {init!r}: PEFT rewrites the base weights when it loads this "
+                           "adapter, so its factors update that rewritten base, not the model (vLLM and llama.cpp "
+                           "read them as an update to the model); convert it to a plain LoRA with PEFT first "
+                           "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+
+
+# PEFT's inits that rewrite the base weights (peft/tuners/lora/layer.py, update_layer), which from_pretrained
+# runs again: the base minus the initial factors (PiSSA, CorDA, OLoRA, LoRA-GA) or quantized (LoftQ)
+REBUILT_BASE = ("pissa", "corda", "olora", "lora_ga", "loftq")
 
 
 def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: str):
