@@ -276,6 +276,21 @@ class Adapter:
     def num_params(self) -> int:
         return sum(m.num_params() for m in self.modules.values())
 
+    def check_plain(self, what: str) -> None:
+        """Refuse, where `what` would apply the factors as a plain update of the base's own layers, an adapter
+        whose PEFT config makes them something else (`NOT_PLAIN`)."""
+        for key, meaning in NOT_PLAIN.items():
+            if value := self.config.get(key):
+                from .errors import SurgeryError
+
+                raise SurgeryError(f"{self.source}: {key} {value}: {meaning}, which {what} cannot express; keep it "
+                                   "a PEFT adapter")
+
+
+# PEFT config keys whose (non-empty) value makes an adapter's factors more than a plain update of the base's layers
+NOT_PLAIN = {"alora_invocation_tokens": "an activated LoRA (PEFT applies it only after these tokens)",
+             "layer_replication": "an adapter of a model PEFT builds from repeated base layers"}
+
 
 class _Structured:
     """What LoHa, LoKr and full-diff modules share: their tensors by role (the LyCORIS/PEFT names without the

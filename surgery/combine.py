@@ -116,6 +116,7 @@ def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign)
         raise SurgeryError(f"the adapters use different namings ({' and '.join(sorted(naming))}); give --base MODEL "
                            "to resolve them all against the base's weights")
     for a in adapters:
+        a.check_plain("combine")
         if dora := [n for n, m in a.modules.items() if m.dora]:
             raise SurgeryError(f"{a.source}: DoRA module {dora[0]}: its magnitude rescales W + ΔW, so DoRA adapters "
                                "cannot be combined linearly")

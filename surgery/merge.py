@@ -243,6 +243,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     created: dict[str, str] = {}
     notes: list[str] = []
     for adapter, w in zip(adapters, weights):
+        adapter.check_plain("a merge into the base")
         fan = bool(adapter.config.get("fan_in_fan_out", False))
         where = str(adapter.source)
         experts = {n: m for n, m in adapter.modules.items() if m.kind == "experts"}

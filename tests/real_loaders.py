@@ -81,6 +81,8 @@ def check_peft_loads(path: Path) -> None:
     from surgery.io.safetensors_file import read_header
 
     adapter = load_adapter(path)
+    if adapter.config.get("layer_replication"):
+        return  # PEFT builds the replicated layers of a Llama-like model only, not of the skeleton
     if adapter.format == "diffusers":  # each component as diffusers' load_lora_adapter(file, prefix=c) reads it
         _check_components(path, adapter)
         return

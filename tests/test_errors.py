@@ -189,6 +189,15 @@ CASES = {
     "tera-int-lambda": (lambda p: ["squeeze", _tera_file(p, lambda m, t: t.update(
         {k: v.to(torch.int32) + 2 for k, v in t.items() if ".tera_lambda." in k})), "--rank", "1", "-o", p / "out"],
                         "factors must be floating point, got λ0 int32"),
+    # PEFT configs whose factors are more than a plain update of the base's layers: kept PEFT, refused elsewhere
+    "alora-merge": (lambda p: ["merge", FIXTURES / "tiny-llama", _peft(p, {"alora_invocation_tokens": [5, 6]}), "-o",
+                               p / "out"], "alora_invocation_tokens [5, 6]: an activated LoRA"),
+    "alora-kohya": (lambda p: ["convert", _peft(p, {"alora_invocation_tokens": [5]}), "--to", "kohya", "-o",
+                               p / "out.safetensors"], "which the kohya format cannot express"),
+    "alora-peft-file": (lambda p: ["squeeze", _peft(p, {"alora_invocation_tokens": [5]}), "--rank", "1", "-o",
+                                   p / "out.safetensors"], "which the peft-file format cannot express"),
+    "replication-combine": (lambda p: ["combine", _peft(p, {"layer_replication": [[0, 1], [0, 1]]}),
+                                       _peft(p, name="b2"), "-o", p / "out"], "layer_replication [[0, 1], [0, 1]]"),
     "combine-ties-nan": (lambda p: ["combine", _kohya(p, bad="lora_unet_q.lora_up.weight"),
                                     _kohya(p, name="k2.safetensors"), "--method", "ties", "--density", "0.5", "-o",
                                     p / "out.safetensors"], "k.safetensors: tensor lora_unet_q.lora_up.weight holds"),

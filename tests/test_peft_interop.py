@@ -156,3 +156,37 @@ def test_parent_of_named_adapters_names_them(base_dir, tmp_path):
     with pytest.raises(SurgeryError, match=r"not a PEFT adapter directory .*subfolders: style, tone$"):
         load_adapter(tmp_path / "saved")
     assert load_adapter(tmp_path / "saved" / "tone").modules  # and the named one reads
+
+
+def test_an_activated_lora_is_squeezed_as_a_peft_adapter_and_stays_activated(base_dir, tmp_path):
+    """aLoRA (`alora_invocation_tokens`): PEFT applies the update only from the invocation tokens on. Squeezed into
+    a PEFT directory it keeps its config, and PEFT runs it as it runs a hand-built aLoRA of the float64 rank-3
+    truncations: the base's logits before the invocation, the truncated adapter's after. Merges and other formats
+    refuse it (tests/test_errors.py)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    original = make_adapter(base_dir, tmp_path / "a", targets=["q_proj", "k_proj", "v_proj"], r=8, lora_alpha=16,
+                            alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM")
+    small, _ = squeeze(load_adapter(tmp_path / "a"), FixedRank(3), device="cpu")
+    save_adapter(small, tmp_path / "s")
+    assert load_adapter(tmp_path / "s").config["alora_invocation_tokens"] == [5, 6]
+    tensors = {}  # the reference: each PEFT delta's float64 truncation, as an aLoRA of scale 1
+    for name, mod in original.named_modules():
+        if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
+            U, S, Vh = torch.linalg.svd(mod.get_delta_weight("default").double())
+            tensors[f"{name}.lora_B.weight"] = (U[:, :3] * S[:3]).float().contiguous()
+            tensors[f"{name}.lora_A.weight"] = Vh[:3].float().contiguous()
+    (tmp_path / "ref").mkdir()
+    save_file(tensors, str(tmp_path / "ref" / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text()) | {"r": 3, "lora_alpha": 3}
+    (tmp_path / "ref" / "adapter_config.json").write_text(json.dumps(cfg))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        ours = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "s").eval()(input_ids=ids).logits
+        ref = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "ref").eval()(input_ids=ids).logits
+        base = load_base(base_dir)(input_ids=ids).logits
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours[:, :4], base[:, :4], rtol=0, atol=1e-6)  # before the invocation: the base
+    assert not torch.allclose(ours[:, 6:], base[:, 6:], atol=1e-3)

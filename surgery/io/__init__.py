@@ -231,6 +231,8 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = 
     model whose tensors name the modules when the output's naming differs from the adapter's (a GGUF output
     from PEFT, PEFT from GGUF, …). `options` go to the format's writer (tera: save_factors; gguf: dtype)."""
     fmt = output_format(adapter, out, format, base)
+    if fmt != "peft":  # loaders read the other formats (a peft-file too) without PEFT's config
+        adapter.check_plain(f"the {fmt} format")
     spec = FORMATS[fmt]
     experts.check_format(adapter, fmt)
     out = check_output(out, [*inputs, *([adapter.source] if adapter.source is not None else []),
