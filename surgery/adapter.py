@@ -289,7 +289,8 @@ class Adapter:
 
 # PEFT config keys whose (non-empty) value makes an adapter's factors more than a plain update of the base's layers
 NOT_PLAIN = {"alora_invocation_tokens": "an activated LoRA (PEFT applies it only after these tokens)",
-             "layer_replication": "an adapter of a model PEFT builds from repeated base layers"}
+             "layer_replication": "an adapter of a model PEFT builds from repeated base layers",
+             "use_qalora": "a QA-LoRA (PEFT pools each input in groups before A, and merges none)"}
 
 
 class _Structured:

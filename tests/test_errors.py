@@ -196,6 +196,8 @@ CASES = {
                                p / "out.safetensors"], "which the kohya format cannot express"),
     "alora-peft-file": (lambda p: ["squeeze", _peft(p, {"alora_invocation_tokens": [5]}), "--rank", "1", "-o",
                                    p / "out.safetensors"], "which the peft-file format cannot express"),
+    "qalora-merge": (lambda p: ["merge", FIXTURES / "tiny-llama", _peft(p, {"use_qalora": True}), "-o", p / "out"],
+                     "use_qalora True: a QA-LoRA"),
     "replication-combine": (lambda p: ["combine", _peft(p, {"layer_replication": [[0, 1], [0, 1]]}),
                                        _peft(p, name="b2"), "-o", p / "out"], "layer_replication [[0, 1], [0, 1]]"),
     "combine-ties-nan": (lambda p: ["combine", _kohya(p, bad="lora_unet_q.lora_up.weight"),
