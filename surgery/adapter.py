@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .device import to_device
+from .errors import SurgeryError
 from .linalg import SVD, all_finite, lowrank_svd
 
 KINDS = ("linear", "conv", "embedding")  # LoraModule's; ExpertsModule's kind is "experts"
@@ -48,8 +49,6 @@ class TensorRef:
             with safe_open(str(self.path), framework="pt") as f:
                 t = f.get_tensor(self.key)
         if t.is_floating_point() and not all_finite(t):
-            from .errors import SurgeryError
-
             raise SurgeryError(f"{self.path}: tensor {self.key} holds NaN or Inf")
         return t
 
@@ -281,8 +280,6 @@ class Adapter:
         whose PEFT config makes them something else (`NOT_PLAIN`)."""
         for key, meaning in NOT_PLAIN.items():
             if value := self.config.get(key):
-                from .errors import SurgeryError
-
                 raise SurgeryError(f"{self.source}: {key} {value}: {meaning}, which {what} cannot express; keep it "
                                    "a PEFT adapter")
 
