@@ -935,7 +935,8 @@ def _take_tokenizer(vocab: tuple, folder: Path) -> str:
     old, new, adapter = vocab
     src = Path(adapter.source) if adapter.source is not None else None
     files = [f for f in TOKENIZER_FILES if src is not None and src.is_dir() and (src / f).is_file()]
-    if not files:
+    if not set(files) & {"tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt"}:
+        # no vocabulary of its own (a chat template alone, say): the base's is kept whole
         return (f"the base's tokenizer was copied: it does not know the vocabulary's {new - old:+d} row(s); put the "
                 "tokenizer the adapter was trained with beside the merged model")
     for f in TOKENIZER_FILES:

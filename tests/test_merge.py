@@ -222,6 +222,11 @@ def test_a_vocabulary_resized_for_added_tokens_merges_as_peft_loads_it(tmp_path,
         assert torch.allclose(ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
     assert torch.equal(ours.model.embed_tokens.weight, saved["base_model.model.model.embed_tokens.weight"])
 
+    (tmp_path / "lora" / "tokenizer.json").unlink()  # a tokenizer_config.json alone holds no vocabulary
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "o2")])
+    assert r.exit_code == 0 and "the base's tokenizer was copied" in r.output, r.output
+    assert (tmp_path / "o2" / "tokenizer.json").read_bytes() == (tmp_path / "base" / "tokenizer.json").read_bytes()
+
     r = CliRunner().invoke(main, ["compare", str(tmp_path / "base"), str(tmp_path / "lora"), "--texts",
                                   str(FIXTURES / "sentences.txt")])
     assert r.exit_code == 1 and "resizes the vocabulary (256 → 258 rows)" in r.output, r.output
