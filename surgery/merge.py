@@ -230,8 +230,16 @@ def _tied_source(ck: Checkpoint, path: str) -> str | None:
 
 
 def tied(ck: Checkpoint) -> bool:
-    """The base's config.json says its output head is its input embedding."""
-    return field(ck.config(), "tie_word_embeddings", "bool", ck.config_path, False)
+    """The base's config.json says its output head is its input embedding — also by leaving the key out, for a
+    language model: transformers writes it only where it differs from its base default (true), which is how
+    Gemma's and GPT-2's configs say it."""
+    cfg = ck.config()
+    lm = any(str(a).endswith(LM_ARCHITECTURES) for a in cfg.get("architectures") or [] if isinstance(a, str))
+    return field(cfg, "tie_word_embeddings", "bool", ck.config_path, lm)
+
+
+LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+OUTPUT_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
 
 
 def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float],
@@ -291,7 +299,7 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                 if bias not in ck.tensors:
                     raise SurgeryError(f"{where}: module {name} has lora_B.bias but the base has no {bias}")
                 biases.setdefault(bias, []).append((m, w))
-    if tied(ck) and not any(k.endswith("lm_head.weight") for k in ck.tensors):
+    if tied(ck) and not any(OUTPUT_HEAD.search(k) for k in ck.tensors):
         for key in changes:
             if TIED_EMBEDDING.search(key):
                 notes.append(f"{key} is tied to the output head in the base: the merged update changes the output "
@@ -310,7 +318,13 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     plan.update({k: Change(tuple(p), "bias") for k, p in biases.items()})
     plan.update({k: Change((), "replace", source=created.get(k), replacement=t) for k, t in replaced.items()})
     fans = frozenset(k for k, p in changes.items() if p[0][2])
-    return MergePlan(plan, tuple(notes), untie=bool(created), transposed=fans, vocab=vocab)
+    tables = [k for k in plan if (TIED_EMBEDDING.search(k) or OUTPUT_HEAD.search(k)) and not created.get(k)]
+    stored_head = tied(ck) and tables and any(OUTPUT_HEAD.search(k) for k in ck.tensors)
+    if stored_head:  # transformers then reads both stored tables, vLLM the embedding alone: say untied
+        notes.append(f"the base stores its output head though tie_word_embeddings is true, and {listed(tables)} "
+                     "change: tie_word_embeddings is set to false, so that every loader reads the two tables written "
+                     "(vLLM would take the head from the embedding, transformers reads both)")
+    return MergePlan(plan, tuple(notes), untie=bool(created) or bool(stored_head), transposed=fans, vocab=vocab)
 
 
 def _expert_parts(ck: Checkpoint, experts: Mapping[str, ExpertsModule], where: str, allow_missing: bool,

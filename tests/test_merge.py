@@ -145,6 +145,42 @@ def test_tied_lm_head_gets_its_own_weight(tmp_path):
     assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
 
 
+def test_a_tie_left_implicit_is_a_tie(tmp_path):
+    """Gemma's configs as transformers 4.x wrote them (google/gemma-2-2b) carry no tie_word_embeddings: it is left
+    out where it equals the base default, true. Such a base has no lm_head tensor; a LoRA on lm_head was refused
+    as missing a base tensor. It now gets the head of its own, as with an explicit tie (test above)."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=12)
+    transformers.Gemma2ForCausalLM(cfg).eval().save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    assert "lm_head.weight" not in open_checkpoint(tmp_path / "base").tensors
+    random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=["q_proj", "lm_head"])
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "tie_word_embeddings is set to false" in r.output, r.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").eval()
+    assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+
+
+def test_a_tied_base_that_stores_its_head_is_written_untied_when_a_table_changes(tmp_path):
+    """tie_word_embeddings true and yet lm_head.weight stored: transformers reads both tables, vLLM takes the head
+    from the embedding. A merge that changes either writes tie_word_embeddings false, so both read the two tables
+    written — here PEFT's merge of an embedding LoRA on the transformers-loaded base."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text()) | {"tie_word_embeddings": True}
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    assert "lm_head.weight" in open_checkpoint(tmp_path / "base").tensors
+    random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=["q_proj", "embed_tokens"])
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "stores its output head though tie_word_embeddings is true" in r.output, r.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").merge_and_unload()
+    assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+
+
 def test_tied_embedding_target_is_noted_and_matches_merge_and_unload(tmp_path):
     tiny_llama(tie=True).save_pretrained(tmp_path / "base")
     random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=["q_proj", "embed_tokens"])
