@@ -234,7 +234,8 @@ def tied(ck: Checkpoint) -> bool:
     language model: transformers writes it only where it differs from its base default (true), which is how
     Gemma's and GPT-2's configs say it."""
     cfg = ck.config()
-    lm = any(str(a).endswith(LM_ARCHITECTURES) for a in cfg.get("architectures") or [] if isinstance(a, str))
+    archs = cfg.get("architectures") if isinstance(cfg.get("architectures"), list) else []
+    lm = any(isinstance(a, str) and a.endswith(LM_ARCHITECTURES) for a in archs)
     return field(cfg, "tie_word_embeddings", "bool", ck.config_path, lm)
 
 
