@@ -157,12 +157,9 @@ def test_a_tie_left_implicit_is_a_tie(tmp_path):
     del config["tie_word_embeddings"]
     (tmp_path / "base" / "config.json").write_text(json.dumps(config))
     assert "lm_head.weight" not in open_checkpoint(tmp_path / "base").tensors
-    random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=["q_proj", "lm_head"])
-    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
-    assert r.exit_code == 0 and "tie_word_embeddings is set to false" in r.output, r.output
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    ours = _merged_untied(tmp_path, ["q_proj", "lm_head"], "tie_word_embeddings is set to false")
     ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").eval()
-    assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+    assert torch.allclose(logits(ours), logits(ref), atol=1e-5)
 
 
 def test_a_tied_base_that_stores_its_head_is_written_untied_when_a_table_changes(tmp_path):
@@ -173,12 +170,19 @@ def test_a_tied_base_that_stores_its_head_is_written_untied_when_a_table_changes
     config = json.loads((tmp_path / "base" / "config.json").read_text()) | {"tie_word_embeddings": True}
     (tmp_path / "base" / "config.json").write_text(json.dumps(config))
     assert "lm_head.weight" in open_checkpoint(tmp_path / "base").tensors
-    random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=["q_proj", "embed_tokens"])
-    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
-    assert r.exit_code == 0 and "stores its output head though tie_word_embeddings is true" in r.output, r.output
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    ours = _merged_untied(tmp_path, ["q_proj", "embed_tokens"], "stores its output head though tie_word_embeddings")
     ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").merge_and_unload()
-    assert torch.allclose(logits(load(tmp_path / "out")), logits(ref), atol=1e-5)
+    assert torch.allclose(logits(ours), logits(ref), atol=1e-5)
+
+
+def _merged_untied(tmp_path, targets, note):
+    """A random LoRA on `targets` merged into tmp_path/base by the CLI, which must say `note` and write the merged
+    model untied; the merged model, loaded."""
+    random_lora(load(tmp_path / "base"), tmp_path / "lora", targets=targets)
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0 and note in r.output, r.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    return load(tmp_path / "out")
 
 
 def test_tied_embedding_target_is_noted_and_matches_merge_and_unload(tmp_path):
