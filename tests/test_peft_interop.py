@@ -169,6 +169,12 @@ def test_an_activated_lora_is_squeezed_as_a_peft_adapter_and_stays_activated(bas
 
     original = make_adapter(base_dir, tmp_path / "a", targets=["q_proj", "k_proj", "v_proj"], r=8, lora_alpha=16,
                             alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM")
+    from click.testing import CliRunner
+
+    from surgery_cli.main import main
+
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "a")])
+    assert "alora_invocation_tokens [5, 6]: an activated LoRA" in r.output and "stays a PEFT adapter" in r.output
     small, _ = squeeze(load_adapter(tmp_path / "a"), FixedRank(3), device="cpu")
     save_adapter(small, tmp_path / "s")
     assert load_adapter(tmp_path / "s").config["alora_invocation_tokens"] == [5, 6]
