@@ -146,9 +146,11 @@ def changed_tensor(spec: TensorSpec, change: Change, transposed: bool, out_dtype
     """A base tensor with its `change` applied, in `out_dtype` (a replacement, a bias plus Σ w·s·lora_B.bias, or
     a weight plus its adapters' ΔW), and the base tensor it was made from (None for a replacement)."""
     if change.kind == "replace":
-        return materialize(change.replacement).to(out_dtype), None
+        return _with_rows(materialize(change.replacement).to(out_dtype), change.rows), None
     scratch = scratch or Scratch(device)
     base = read_tensor(spec, scratch.get("read", (spec.nbytes,), torch.uint8))
+    if change.kind == "rows":
+        return _with_rows(base.to(out_dtype, copy=True), change.rows), base
     if change.kind == "bias":
         acc = base.to(device, compute)
         for m, w in change.parts:
@@ -156,6 +158,13 @@ def changed_tensor(spec: TensorSpec, change: Change, transposed: bool, out_dtype
         return acc.to(out_dtype), base
     return merged_weight(base, change.parts, fan_in_fan_out=transposed, out_dtype=out_dtype, compute=compute,
                          device=device, scratch=scratch, dora=change.dora), base
+
+
+def _with_rows(t: torch.Tensor, rows) -> torch.Tensor:
+    """`t` with PEFT trainable tokens' rows written over it (their values, not deltas: PEFT's index_copy)."""
+    for index, values in rows:
+        t.index_copy_(0, torch.tensor(index, device=t.device), materialize(values).to(t.device, t.dtype))
+    return t
 
 
 # ---------------------------------------------------------------- planning
@@ -170,6 +179,7 @@ class Change:
     source: str | None = None  # for a tensor created from a tied one
     replacement: object = None  # kind "replace": PEFT modules_to_save tensor that takes the base tensor's place
     dora: str = "peft"  # how a DoRA magnitude rescales: "peft" (lora_magnitude_vector) or "lycoris" (dora_scale)
+    rows: tuple = ()  # PEFT trainable tokens: (row indices, their new values (n, dim)), written over the result
 
 
 @dataclass(frozen=True)
@@ -306,10 +316,10 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                 notes.append(f"{key} is tied to the output head in the base: the merged update changes the output "
                              "head too (as PEFT's merge_and_unload does; the adapter's own forward changes only the "
                              "input embeddings)")
-    replaced, vocab = _modules_to_save(ck, adapters, weights, created, notes, skip_modules_to_save)
+    replaced, vocab, tokens = _modules_to_save(ck, adapters, weights, created, notes, skip_modules_to_save)
     for key, parts in changes.items():
-        if key in replaced:
-            raise SurgeryError(f"{key}: both a LoRA module and a modules_to_save tensor target it")
+        if key in replaced or key in tokens:
+            raise SurgeryError(f"{key}: both a LoRA module and a modules_to_save tensor or trainable tokens target it")
         if len({fan for _, _, fan in parts}) > 1:
             raise SurgeryError(f"{key}: adapters disagree on fan_in_fan_out")
         if any(m.magnitude is not None for m, _, _ in parts) and len(parts) > 1:
@@ -317,7 +327,9 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     plan = {k: Change(tuple((m, w) for m, w, _ in p), "weight", created.get(k), dora=dora_styles.get(k, "peft"))
             for k, p in changes.items()}
     plan.update({k: Change(tuple(p), "bias") for k, p in biases.items()})
-    plan.update({k: Change((), "replace", source=created.get(k), replacement=t) for k, t in replaced.items()})
+    plan.update({k: Change((), "replace", source=created.get(k), replacement=t, rows=(tokens[k],) if k in tokens
+                           else ()) for k, t in replaced.items()})
+    plan.update({k: Change((), "rows", rows=(r,)) for k, r in tokens.items() if k not in replaced})
     fans = frozenset(k for k, p in changes.items() if p[0][2])
     tables = [k for k in plan if (TIED_EMBEDDING.search(k) or OUTPUT_HEAD.search(k)) and not created.get(k)]
     stored_head = tied(ck) and tables and any(OUTPUT_HEAD.search(k) for k in ck.tensors)
@@ -368,15 +380,17 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
     saves is skipped too (PEFT loads the plain one). A replacement cannot be scaled or undone, so a weight ≠ 1 is
     refused unless `skip` (then none is applied). Returns the replacements and, where they resize the vocabulary,
     (old rows, new rows, adapter) (`_resized`)."""
-    replaced, resized = {}, {}
+    replaced, resized, tokens = {}, {}, {}
     for adapter, w in zip(adapters, weights):
         if adapter.format == "kohya":
             continue
         paths = {k.removeprefix(PREFIX) for k in adapter.passthrough}
         for key, t in adapter.passthrough.items():
             path = key.removeprefix(PREFIX)
-            if ".base_layer." in path or ".original_module." in path:
-                continue
+            if ".base_layer." in path or ".original_module." in path:  # the base's own table, unless resized
+                path = re.sub(r"\.(token_adapter\.)?(base_layer|original_module)\.", ".", path)
+                if path in paths or path not in ck.tensors or tuple(t.shape) == tuple(ck.tensors[path].shape):
+                    continue
             if ".modules_to_save." in path:
                 path = path.replace(".modules_to_save.", ".")
                 if path in paths:
@@ -388,8 +402,9 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
                 raise SurgeryError(f"{adapter.source}: carries modules_to_save ({key}), which replace base tensors "
                                    f"and cannot be scaled by --weight {w:g} or undone; pass --skip-modules-to-save "
                                    "to merge only its LoRA modules")
-            if "trainable_tokens" in path:
-                raise SurgeryError(f"{adapter.source}: {key}: merging trainable tokens is not supported yet")
+            if path.endswith(TOKENS):
+                tokens[path.removesuffix(TOKENS) + ".weight"] = (adapter, key, t)
+                continue
             like = path if path in ck.tensors else _tied_source(ck, path)
             if like is None:
                 raise SurgeryError(f"{adapter.source}: {key} replaces a tensor the base does not have ({path})")
@@ -405,7 +420,31 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
                 created[path] = like
                 notes.append(f"{path} (modules_to_save) is written as its own tensor; tie_word_embeddings is set "
                              "to false")
-    return replaced, _resized(ck, resized, notes)
+    return replaced, _resized(ck, resized, notes), {k: _token_rows(ck, k, *v, replaced) for k, v in tokens.items()}
+
+
+TOKENS = ".token_adapter.trainable_tokens_delta"  # PEFT trainable tokens: the new values of some rows
+
+
+def _token_rows(ck: Checkpoint, key: str, adapter: Adapter, saved: str, values, replaced: Mapping) -> tuple:
+    """(indices, values) of PEFT trainable tokens for base tensor `key`: the indices from the config's
+    `trainable_token_indices` (a list: the input embedding's; a dict: by module name), checked against the table."""
+    where, module = f"{adapter.source}: {saved}", key.removesuffix(".weight")
+    spec = ck.tensors.get(key)
+    if spec is None:
+        raise SurgeryError(f"{where}: replaces rows of a tensor the base does not have ({key})")
+    indices = adapter.config.get("trainable_token_indices")
+    if isinstance(indices, dict):
+        found = [v for k, v in indices.items() if module == k or module.endswith("." + k)]
+        indices = found[0] if len(found) == 1 else None
+    rows = replaced[key].shape[0] if key in replaced else spec.shape[0]
+    if not (isinstance(indices, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < rows
+                                              for i in indices) and len(set(indices)) == len(indices)):
+        raise SurgeryError(f"{where}: trainable_token_indices gives no distinct rows of {key} ({rows} rows) for it")
+    if tuple(values.shape) != (len(indices), spec.shape[1]):
+        raise SurgeryError(f"{where}: shape {list(values.shape)}, but {len(indices)} token(s) of {key}'s "
+                           f"{spec.shape[1]} columns")
+    return tuple(indices), values
 
 
 def _vocab_size(ck: Checkpoint) -> int | None:

@@ -293,6 +293,37 @@ def test_a_vocabulary_resized_for_added_tokens_merges_as_peft_loads_it(tmp_path,
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("indices, resize", [([0, 5, 255], None), ({"embed_tokens": [1, 2], "lm_head": [3]}, None),
+                                            ([256, 257], 258)], ids=["list", "dict", "resized"])
+def test_trainable_tokens_merge_as_peft_merges_them(tmp_path, indices, resize):
+    """PEFT's trainable tokens (`trainable_token_indices`: the new values of some rows of the embedding or head,
+    `….token_adapter.trainable_tokens_delta`) were refused. Merged, they overwrite those rows as PEFT's merge does
+    (index_copy) — also on a vocabulary resized for them, where PEFT saves the resized tables too."""
+    base = FIXTURES / "tiny-llama"
+    model = load(base)
+    if resize:
+        model.resize_token_embeddings(resize)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices,
+                                                  init_lora_weights=False))
+    with torch.no_grad():  # trained tokens: new values everywhere
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    peft_model.save_pretrained(tmp_path / "lora")
+    r = CliRunner().invoke(main, ["merge", str(base), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    model = load(base)
+    if resize:
+        model.resize_token_embeddings(resize)
+    ref = PeftModel.from_pretrained(model, tmp_path / "lora").merge_and_unload()
+    ours = load(tmp_path / "out")
+    for k, t in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], t, rtol=0, atol=1e-6)
+    emb = load(base).model.embed_tokens.weight
+    rows = indices["embed_tokens"] if isinstance(indices, dict) else [i for i in indices if i < emb.shape[0]]
+    assert all(not torch.equal(ours.model.embed_tokens.weight[i], emb[i]) for i in rows)
+
+
 def test_modules_to_save_replace_base_tensors(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
     model = get_peft_model(load(tmp_path / "base"), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
