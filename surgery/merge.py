@@ -143,8 +143,9 @@ def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *,
 
 def changed_tensor(spec: TensorSpec, change: Change, transposed: bool, out_dtype: torch.dtype,
                    compute: torch.dtype, device, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A base tensor with its `change` applied, in `out_dtype` (a replacement, a bias plus Σ w·s·lora_B.bias, or
-    a weight plus its adapters' ΔW), and the base tensor it was made from (None for a replacement)."""
+    """A base tensor with its `change` applied, in `out_dtype` (a replacement, a bias plus Σ w·s·lora_B.bias, a
+    weight plus its adapters' ΔW, or trainable tokens' rows written over it), and the base tensor it was made from
+    (None for a replacement)."""
     if change.kind == "replace":
         return _with_rows(materialize(change.replacement).to(out_dtype), change.rows), None
     scratch = scratch or Scratch(device)
@@ -175,7 +176,7 @@ class Change:
     """What happens to one base tensor: adapter modules (with weights) add to it, or it is created from `source`."""
 
     parts: tuple[tuple[LoraModule, float], ...]
-    kind: str = "weight"  # "weight" | "bias" | "replace"
+    kind: str = "weight"  # "weight" | "bias" | "replace" | "rows"
     source: str | None = None  # for a tensor created from a tied one
     replacement: object = None  # kind "replace": PEFT modules_to_save tensor that takes the base tensor's place
     dora: str = "peft"  # how a DoRA magnitude rescales: "peft" (lora_magnitude_vector) or "lycoris" (dora_scale)
@@ -378,8 +379,8 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
     unload; `….base_layer.weight` / `….original_module.weight` copies saved by `save_embedding_layers` are the
     base's own and are skipped, and a wrapper's `<m>.modules_to_save.weight` beside the plain `<m>.weight` it also
     saves is skipped too (PEFT loads the plain one). A replacement cannot be scaled or undone, so a weight ≠ 1 is
-    refused unless `skip` (then none is applied). Returns the replacements and, where they resize the vocabulary,
-    (old rows, new rows, adapter) (`_resized`)."""
+    refused unless `skip` (then none is applied). Returns the replacements; where they resize the vocabulary,
+    (old rows, new rows, adapter) (`_resized`); and trainable tokens' rows by base tensor (`_token_rows`)."""
     replaced, resized, tokens = {}, {}, {}
     for adapter, w in zip(adapters, weights):
         if adapter.format == "kohya":
