@@ -328,9 +328,9 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
     plan = {k: Change(tuple((m, w) for m, w, _ in p), "weight", created.get(k), dora=dora_styles.get(k, "peft"))
             for k, p in changes.items()}
     plan.update({k: Change(tuple(p), "bias") for k, p in biases.items()})
-    plan.update({k: Change((), "replace", source=created.get(k), replacement=t, rows=(tokens[k],) if k in tokens
-                           else ()) for k, t in replaced.items()})
-    plan.update({k: Change((), "rows", rows=(r,)) for k, r in tokens.items() if k not in replaced})
+    plan.update({k: Change((), "replace", source=created.get(k), replacement=t, rows=tokens.get(k, ()))
+                 for k, t in replaced.items()})
+    plan.update({k: Change((), "rows", rows=r) for k, r in tokens.items() if k not in replaced})
     fans = frozenset(k for k, p in changes.items() if p[0][2])
     tables = [k for k in plan if (TIED_EMBEDDING.search(k) or OUTPUT_HEAD.search(k)) and not created.get(k)]
     stored_head = tied(ck) and tables and any(OUTPUT_HEAD.search(k) for k in ck.tensors)
@@ -404,7 +404,7 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
                                    f"and cannot be scaled by --weight {w:g} or undone; pass --skip-modules-to-save "
                                    "to merge only its LoRA modules")
             if path.endswith(TOKENS):
-                tokens[path.removesuffix(TOKENS) + ".weight"] = (adapter, key, t)
+                tokens.setdefault(path.removesuffix(TOKENS) + ".weight", []).append((adapter, key, t))
                 continue
             like = path if path in ck.tensors else _tied_source(ck, path)
             if like is None:
@@ -421,7 +421,11 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
                 created[path] = like
                 notes.append(f"{path} (modules_to_save) is written as its own tensor; tie_word_embeddings is set "
                              "to false")
-    return replaced, _resized(ck, resized, notes), {k: _token_rows(ck, k, *v, replaced) for k, v in tokens.items()}
+    rows = {k: tuple(_token_rows(ck, k, *e, replaced) for e in v) for k, v in tokens.items()}
+    for key, parts in rows.items():  # several adapters' tokens on one table: disjoint, as PEFT's merge demands
+        if sum(len(i) for i, _ in parts) != len({j for i, _ in parts for j in i}):
+            raise SurgeryError(f"{key}: the adapters' trainable tokens overlap; PEFT merges only disjoint ones")
+    return replaced, _resized(ck, resized, notes), rows
 
 
 TOKENS = ".token_adapter.trainable_tokens_delta"  # PEFT trainable tokens: the new values of some rows

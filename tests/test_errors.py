@@ -41,10 +41,10 @@ def _mts_missing(tmp_path):
     return write_peft(tmp_path / "mts", {"model.layers.0.self_attn.q_proj": (B, A)}, r=4, alpha=4, extra=extra)
 
 
-def _tokens(tmp_path, indices=None):
+def _tokens(tmp_path, indices=None, name="tok"):
     B, A = lora_pair(64, 64, 4)
     extra = {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 64)}
-    return write_peft(tmp_path / "tok", {"model.layers.0.self_attn.q_proj": (B, A)}, r=4, alpha=4, extra=extra,
+    return write_peft(tmp_path / name, {"model.layers.0.self_attn.q_proj": (B, A)}, r=4, alpha=4, extra=extra,
                       config={"trainable_token_indices": indices})
 
 
@@ -230,6 +230,8 @@ CASES = {
                           "trainable_token_indices gives no distinct rows of model.embed_tokens.weight (256 rows)"),
     "tokens-past-the-table": (lambda p: ["merge", FIXTURES / "tiny-llama", _tokens(p, [3, 256]), "-o", p / "out"],
                               "trainable_token_indices gives no distinct rows"),
+    "tokens-overlap": (lambda p: ["merge", FIXTURES / "tiny-llama", _tokens(p, [1, 2]), _tokens(p, [2, 3], "t2"),
+                                  "-o", p / "out"], "the adapters' trainable tokens overlap"),
     "tokens-count": (lambda p: ["merge", FIXTURES / "tiny-llama", _tokens(p, [1, 2, 3]), "-o", p / "out"],
                      "shape [2, 64], but 3 token(s) of model.embed_tokens.weight's 64 columns"),
 }

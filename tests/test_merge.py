@@ -324,6 +324,26 @@ def test_trainable_tokens_merge_as_peft_merges_them(tmp_path, indices, resize):
     assert all(not torch.equal(ours.model.embed_tokens.weight[i], emb[i]) for i in rows)
 
 
+def test_disjoint_trainable_tokens_of_two_adapters_are_both_written(tmp_path):
+    """Two adapters' trainable tokens on one table (disjoint, as PEFT's merge demands): each row takes its adapter's
+    values, read here from the files themselves; every other row is the base's."""
+    from .conftest import write_peft
+
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    g = torch.Generator().manual_seed(5)
+    for name, rows in (("a", [1, 7]), ("b", [3])):
+        B, A = lora_pair(64, 64, 2, seed=len(rows))
+        write_peft(tmp_path / name, {"model.layers.0.self_attn.q_proj": (B, A)}, r=2, alpha=2,
+                   extra={key: torch.randn(len(rows), 64, generator=g)}, config={"trainable_token_indices": rows})
+    r = CliRunner().invoke(main, ["merge", str(FIXTURES / "tiny-llama"), str(tmp_path / "a"), str(tmp_path / "b"),
+                                  "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    want = load_file(str(FIXTURES / "tiny-llama" / "model.safetensors"))["model.embed_tokens.weight"].clone()
+    want[[1, 7]] = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))[key]
+    want[[3]] = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))[key]
+    assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["model.embed_tokens.weight"], want)
+
+
 def test_modules_to_save_replace_base_tensors(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
     model = get_peft_model(load(tmp_path / "base"), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
