@@ -34,12 +34,11 @@ from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_s
                             is_pipeline, open_pipeline, open_weight_sets, prefetch, read_stored, read_tensor,
                             weights_name)
 from .io.names import (DENOISERS, Placement, base_targets, component_name, missing_error, place, resized_table,
-                       VOCAB_TABLE, weight_key)
+                       TIED_EMBEDDING, VOCAB_TABLE, weight_key)
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
 from .linalg import all_finite
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TIED_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 
 
 # ---------------------------------------------------------------- per-tensor maths

@@ -8,6 +8,7 @@ tensor, and copies untouched tensors as raw bytes (bit-identical, no conversion)
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -111,7 +112,11 @@ class Checkpoint:
         return (self.root if self.is_dir else self.root.parent) / "config.json"
 
     def config(self) -> dict:
-        """config.json beside the weights, or {}."""
+        """config.json beside the weights, or {} (read once: planning a merge asks for it per tensor)."""
+        return self._config
+
+    @functools.cached_property
+    def _config(self) -> dict:
         return jsonfile.read_object(self.config_path) if self.config_path.exists() else {}
 
 

@@ -177,6 +177,5 @@ def make_structured(name: str, algo: str, tensors: Mapping[str, TensorRef], scal
         elif len(tensors["w2"].shape) < 2:
             raise _shape_error(path, name, "lokr_w2 must be at least 2-D", tensors)
         module = LokrModule(tensors, float(scale), rank_hint=rank_hint)
-    if not all(t.dtype.is_floating_point for t in tensors.values()):
-        raise _shape_error(path, name, "factors must be floating point", tensors)
+    floating(path, name, **tensors)
     return with_magnitude(module, magnitude, dora, name, path)

@@ -46,7 +46,9 @@ ORIGINAL_PREFIXES = {DENOISER: ("model.diffusion_model.",),
                      "text_encoder": ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.",
                                       "cond_stage_model.model."),
                      "text_encoder_2": ("conditioner.embedders.1.model.",)}
-VOCAB_TABLE = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out)\.weight$")
+_EMBEDDINGS = "embed_tokens|wte|word_embeddings|embed_in"  # a language model's input embedding, as models name it
+TIED_EMBEDDING = re.compile(rf"(^|\.)({_EMBEDDINGS})\.weight$")  # the table a tied output head shares
+VOCAB_TABLE = re.compile(rf"(^|\.)({_EMBEDDINGS}|lm_head|embed_out)\.weight$")  # every table with a row per token
 
 
 def resized_table(name: str, shape: Sequence[int], base_shape: Sequence[int]) -> bool:
