@@ -35,15 +35,15 @@ def _short_lambda(meta, tensors):
     tensors[key] = tensors[key][:-1].clone()
 
 
-def _mts_missing(tmp_path):
+def _mts_missing(tmp_path, extra=None):
     B, A = lora_pair(64, 64, 4)
-    extra = {"base_model.model.classifier.weight": torch.zeros(3, 64)}
+    extra = extra or {"base_model.model.classifier.weight": torch.zeros(3, 64)}
     return write_peft(tmp_path / "mts", {"model.layers.0.self_attn.q_proj": (B, A)}, r=4, alpha=4, extra=extra)
 
 
-def _tokens(tmp_path, indices=None, name="tok"):
+def _tokens(tmp_path, indices=None, name="tok", table="model.embed_tokens"):
     B, A = lora_pair(64, 64, 4)
-    extra = {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 64)}
+    extra = {f"base_model.model.{table}.token_adapter.trainable_tokens_delta": torch.zeros(2, 64)}
     return write_peft(tmp_path / name, {"model.layers.0.self_attn.q_proj": (B, A)}, r=4, alpha=4, extra=extra,
                       config={"trainable_token_indices": indices})
 
@@ -232,6 +232,12 @@ CASES = {
                               "trainable_token_indices gives no distinct rows"),
     "tokens-overlap": (lambda p: ["merge", FIXTURES / "tiny-llama", _tokens(p, [1, 2]), _tokens(p, [2, 3], "t2"),
                                   "-o", p / "out"], "the adapters' trainable tokens overlap"),
+    "tokens-no-table": (lambda p: ["merge", FIXTURES / "tiny-llama", _tokens(p, [1, 2], table="model.norm_out"),
+                                   "-o", p / "out"], "replaces rows of a tensor the base does not have (model.norm_out"),
+    "resize-two-sizes": (lambda p: ["merge", FIXTURES / "tiny-llama", _mts_missing(p, {
+        "base_model.model.model.embed_tokens.weight": torch.zeros(258, 64),
+        "base_model.model.lm_head.weight": torch.zeros(259, 64)}), "-o", p / "out"],
+                         "modules_to_save resize the vocabulary to different sizes"),
     "tokens-count": (lambda p: ["merge", FIXTURES / "tiny-llama", _tokens(p, [1, 2, 3]), "-o", p / "out"],
                      "shape [2, 64], but 3 token(s) of model.embed_tokens.weight's 64 columns"),
 }
