@@ -116,7 +116,11 @@ def check_peft_loads(path: Path) -> None:
                 continue
         if hasattr(mod, "get_delta_weight") and name in ours:
             seen.add(name)
-            theirs = mod.get_delta_weight("default").detach().double()
+            variant = getattr(mod, "lora_variant", {}).get("default")
+            if hasattr(variant, "_get_bdlora_delta_weight"):  # BD-LoRA: what its merge adds, from the blocks
+                theirs = variant._get_bdlora_delta_weight(mod, "default").detach().double()
+            else:
+                theirs = mod.get_delta_weight("default").detach().double()
             mine = ours[name].delta(torch.float64)
             if isinstance(mod, torch.nn.Module) and type(mod).__name__ == "Embedding":
                 mine = mine.T

@@ -41,7 +41,7 @@ def make_adapter(base_dir, out, targets=TARGETS, **cfg):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, mod in model.named_parameters():
-            if "lora_" in name and "magnitude" not in name:
+            if any(f"{f}." in name for f in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")):
                 r = mod.shape[0] if "lora_A" in name or "embedding_A" in name else mod.shape[1]
                 decay = 0.8 ** torch.arange(r, dtype=torch.float32)
                 noise = torch.randn(mod.shape, generator=g) * 0.3
@@ -196,3 +196,49 @@ def test_an_activated_lora_is_squeezed_as_a_peft_adapter_and_stays_activated(bas
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours[:, :4], base[:, :4], rtol=0, atol=1e-6)  # before the invocation: the base
     assert not torch.allclose(ours[:, 6:], base[:, 6:], atol=1e-3)
+
+
+VARIANTS = {  # PEFT LoRA variants that run and merge as a plain LoRA once their factors are read as PEFT merges them
+    "bdlora": lambda: {"use_bdlora": peft.tuners.lora.config.BdLoraConfig(
+        target_modules_bd_a=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
+        target_modules_bd_b=["o_proj", "down_proj"], nblocks=2)},
+    "velora": lambda: {"velora_config": peft.tuners.lora.config.VeloraConfig(num_groups=4, init_type="random")},
+    "monteclora": lambda: {"monteclora_config": peft.tuners.lora.config.MontecloraConfig()},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_that_merge_as_plain_loras_are_squeezed_and_merged_as_peft_merges_them(base_dir, tmp_path,
+                                                                                         variant):
+    """BD-LoRA stores its block-diagonal factor as the blocks stacked (A (r, in/nb) or B (out, r/nb)); VeLoRA and
+    MonteCLoRA save training-only state per module (a rank-sized sampler for MonteCLoRA). PEFT merges all three as
+    the plain scale·B·A. Squeezed, each loads in PEFT (once the MonteCLoRA sampler of the old rank made it refuse
+    the file; BD-LoRA's dense factors were refused) as the float64 truncation of PEFT's merged update, and merge
+    equals PEFT's merge_and_unload (the extra tensors were refused as replacing tensors the base does not have)."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from surgery_cli.main import main
+
+    targets = TARGETS[:-1]
+    make_adapter(base_dir, tmp_path / "a", targets=targets, r=8, lora_alpha=16, **VARIANTS[variant]())
+    with torch.no_grad():
+        merged = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "a").eval().merge_and_unload()
+    base = dict(load_base(base_dir).named_parameters())
+    r = CliRunner().invoke(main, ["merge", str(base_dir), str(tmp_path / "a"), "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    ours = load_file(tmp_path / "m" / "model.safetensors")
+    for name, w in merged.state_dict().items():
+        torch.testing.assert_close(ours[name], w, rtol=0, atol=1e-6)
+
+    r = CliRunner().invoke(main, ["squeeze", str(tmp_path / "a"), "--rank", "3", "-o", str(tmp_path / "s")])
+    assert r.exit_code == 0 and ("BD-LoRA" if variant == "bdlora" else "training-only state") in r.output, r.output
+    reference = load_base(base_dir)
+    with torch.no_grad():
+        for name, w in reference.named_parameters():
+            if any(f".{t}." in name for t in targets):
+                delta = merged.state_dict()[name].double() - base[name].double()
+                w.copy_((base[name].double() + dense_truncation(delta, 3)).float())
+    loaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "s").eval()
+    assert loaded.peft_config["default"].use_bdlora is None
+    torch.testing.assert_close(logits(loaded), logits(reference), rtol=1e-4, atol=2e-4)

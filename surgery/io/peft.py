@@ -166,6 +166,13 @@ def check_config(config: Mapping[str, Any], where) -> None:
         jsonfile.field(config, "target_modules", "str list", where)
     jsonfile.field(config, "modules_to_save", "str list", where)
     init = config.get("init_lora_weights")
+    if config.get("arrow_config"):
+        raise SurgeryError(f"{where}: arrow_config: an Arrow router, which sends each token through the top-k of the "
+                           "task LoRAs PEFT's create_arrow_model loads with it; squeeze, merge or combine those")
+    if config.get("kasa_config"):
+        raise SurgeryError(f"{where}: kasa_config: a KaSA adapter, whose B·diag(lora_diag)·A updates a base PEFT rewrites "
+                           "when it loads it (each weight less its r smallest singular components); keep it a PEFT "
+                           "adapter")
     if isinstance(init, str) and init.lower().startswith(REBUILT_BASE):
         raise SurgeryError(f"{where}: init_lora_weights {init!r}: PEFT rewrites the base weights when it loads this "
                            "adapter, so its factors update that rewritten base, not the model (vLLM and llama.cpp "
@@ -176,6 +183,55 @@ def check_config(config: Mapping[str, Any], where) -> None:
 # PEFT's inits that rewrite the base weights (peft/tuners/lora/layer.py, update_layer), which from_pretrained
 # runs again: the base minus the initial factors (PiSSA, CorDA, OLoRA, LoRA-GA) or quantized (LoftQ)
 REBUILT_BASE = ("pissa", "corda", "olora", "lora_ga", "loftq")
+
+# PEFT LoRA variants whose extra per-module tensors serve training only (VeLoRA's projection of the compressed
+# activations, MonteCLoRA's variational sampler): PEFT runs them in eval mode and merges them as the plain scale·B·A
+_TRAINING_ONLY = {"velora_config": "lora_velora_embed", "monteclora_config": "lora_monteclora_sampler"}
+_MODULE_TENSOR = re.compile(r"^(?P<m>.+?)\.(?P<what>lora_[A-Za-z_]+)(?:\.|$)")
+
+
+def _training_only(parts, passthrough, config, weights: Path, where):
+    """(passthrough, config, notes) without the training-only variants' tensors and config keys; any other
+    `<module>.lora_*` tensor of a LoRA module belongs to a PEFT variant surgery does not know (KaSA's lora_diag, a
+    future one), whose update is not scale·B·A: refused."""
+    owned = {k: m["what"] for k in passthrough if (m := _MODULE_TENSOR.match(k)) and m["m"] in parts}
+    for key, what in owned.items():
+        if not any(what == t and (config or {}).get(v) for v, t in _TRAINING_ONLY.items()):
+            raise SurgeryError(f"{where}: tensor {key} ({what}) belongs to a PEFT LoRA variant surgery does not read "
+                               "(its update is more than scale·B·A); keep it a PEFT adapter")
+    dropped = [v for v in _TRAINING_ONLY if (config or {}).get(v)]
+    if not dropped:
+        return passthrough, config, []
+    note = (f"{weights.name}: {', '.join(dropped)}: training-only state; read as the plain LoRA PEFT runs and merges, "
+            "and written without it (set it again to train on with it)")
+    return ({k: v for k, v in passthrough.items() if k not in owned}, {**config, **dict.fromkeys(dropped)}, [note])
+
+
+def _block_diagonal(parts, kinds, config, weights: Path, where):
+    """(parts, config, notes) with BD-LoRA's block-diagonal factors (PEFT `use_bdlora`) made dense: PEFT stores
+    such a factor as its nblocks blocks stacked, A (r, in/nb) or B (out, r/nb), and merges
+    torch.block_diag(*factor.chunk(nb)) — a plain LoRA factor of the same rank, written as one."""
+    bd = config["use_bdlora"]
+    nb = bd.get("nblocks") if isinstance(bd, dict) else None
+    if not isinstance(nb, int) or isinstance(nb, bool) or nb < 1:
+        raise SurgeryError(f"{where}: use_bdlora must be an object with a positive integer nblocks, got {bd!r}")
+    patterns = {role: bd.get(f"target_modules_bd_{role.lower()}") or [] for role in ("A", "B")}
+    parts = dict(parts)
+    for name, roles in parts.items():
+        key = config_key(name)  # PEFT: `pattern in target_name`, the module's path in the base model
+        hit = [role for role, ps in patterns.items() if any(p in key for p in ps)]
+        if kinds.get(name, "linear") != "linear" or not hit or hit[0] not in roles:
+            continue
+        if len(hit) > 1:
+            raise SurgeryError(f"{where}: module {name} matches both target_modules_bd_a and target_modules_bd_b")
+        t = roles[hit[0]]
+        if len(t.shape) != 2 or t.shape[0] % nb:
+            raise SurgeryError(f"{where}: module {name}: block-diagonal lora_{hit[0]} of shape {list(t.shape)} is not "
+                               f"{nb} blocks stacked")
+        parts[name] = {**roles, hit[0]: torch.block_diag(*materialize(t).chunk(nb, 0))}
+    note = (f"{weights.name}: BD-LoRA (use_bdlora): its block-diagonal factors read as the dense ones PEFT merges, and "
+            "written as a plain LoRA")
+    return parts, {**config, "use_bdlora": None}, [note]
 
 
 def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: str):
@@ -197,6 +253,7 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
     if not parts:
         what = "<module>.lora_A.weight" if algo == "lora" else f"<module>.{'hada_w1_a' if algo == 'loha' else 'lokr_w1'}"
         raise SurgeryError(f"{weights}: no {ptype} tensors found (expected keys like {what})")
+    passthrough, config, notes = _training_only(parts, passthrough, config, weights, where)
     if alphas:
         _check_alpha_keys(alphas, parts, config, where)
         modules = {}
@@ -206,7 +263,6 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
         note = (f"{weights.name}: scales from its per-module .alpha keys (alpha / r, as diffusers and ComfyUI read "
                 "them)")
         return modules, passthrough, updated_config(Adapter(modules=modules, format="peft")), [note]
-    notes = []
     assumed = config is None
     if assumed:
         notes.append(f"{weights.name}: no adapter config found; assuming lora_alpha = r (scale 1) for every module")
@@ -221,6 +277,9 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
         n = next(n for n in parts if n.endswith(".base_layer"))
         raise SurgeryError(f"{where}: module {n} is a nested LoRA (PEFT's target_parameters) but the config has no "
                            "target_parameters")
+    if algo == "lora" and config.get("use_bdlora"):
+        parts, config, more = _block_diagonal(parts, kinds, config, weights, where)
+        notes += more
     for name in sorted(parts):
         if algo != "lora":
             modules[name] = _structured(name, algo, parts[name], config, weights, where)
