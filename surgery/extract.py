@@ -18,8 +18,10 @@ import torch
 from .adapter import Adapter, ExpertsModule, LoraModule, TensorRef, experts_module
 from .device import Scratch, per_module, resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
+from .io import experts as expert_layout
 from .io import hub
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
+from .io.loaded import Loaded, how_loaded, worth_asking
 from .io.names import resized_table
 from .io.peft import PREFIX
 from .linalg import all_finite, randomized_svd, split_factors, sum_squares
@@ -101,9 +103,7 @@ def _expert_tensors(base, pairs, pattern) -> dict:
     ck = open_checkpoint(base)
     if not ck.config_path.exists():
         return {}
-    from .io import experts as layout_of
-
-    lay = layout_of.layout(ck)
+    lay = expert_layout.layout(ck)
     out = {}
     for path, pieces in lay.pieces.items():
         if any(pairs.get(k, (None, None))[1] is None or tuple(pairs[k][0].shape) != tuple(pairs[k][1].shape)
@@ -157,6 +157,12 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     pipeline = is_pipeline(finetuned)
     experts = {} if pipeline else _expert_tensors(base, pairs, pattern)  # `param[e]` → (Param, e, (key, Piece) …)
     chosen, mismatched, untargeted, tables = [], [], [], {}
+    stored = None if pipeline else open_checkpoint(base)
+    how = how_loaded(stored) if stored is not None and worth_asking(stored) else Loaded()
+    renamed = {stored: model for model, stored in how.renamed.items()}
+
+    def loaded(path: str) -> str:  # modules are named as the loaded model names them, as PEFT saves them
+        return renamed.get(path, path)
     in_experts = {key for _, _, pieces in experts.values() for key, _ in pieces}
     for name, (spec, other) in pairs.items():
         if name in in_experts:
@@ -206,7 +212,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             raise SurgeryError(f"{name}: the delta overflows float32")
         if d.dim() == 3:  # a fused expert tensor, cut by the caller
             return d
-        return d.T if EMBEDDING.search(name) else d.flatten(1)  # PEFT embedding LoRA: B @ A = ΔWᵀ; a conv (out, in·k)
+        # PEFT embedding LoRA: B @ A = ΔWᵀ; a Conv1D stores (in, out); a conv (out, in·k)
+        return d.T if EMBEDDING.search(name) or name.removesuffix(".weight") in how.transposed else d.flatten(1)
 
     # tensors run in parallel, each single-threaded (same bytes whatever the thread count), as many at once as a
     # quarter of the memory holds their buffers (≤ 12 bytes per element of the largest: two float32 copies + read)
@@ -275,7 +282,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             found[name] = B, A
             continue
         k, out = report.rank, sdtype or pairs[name][0].torch_dtype
-        key = (PREFIX if not pipeline else "") + name[: -len(".weight")]
+        key = (PREFIX if not pipeline else "") + loaded(name[: -len(".weight")])
         shape = pairs[name][0].shape
         kind = "embedding" if EMBEDDING.search(name) else "conv" if len(shape) == 4 else "linear"
         if kind == "conv":  # A (k, in, kh, kw), B (out, k, 1, 1): PEFT's and kohya's conv LoRA
@@ -289,15 +296,23 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         adapter = Adapter(modules=modules, format="diffusers", metadata={"format": "pt"},
                           config={f"{c}.base_model_name_or_path": str(base) for c in components})
     else:
-        plain = [n for n, m in modules.items() if m.kind != "experts"]  # experts: target_parameters (the writer's)
-        targets = _target_modules(plain, [n for n, (_, b) in pairs.items() if b is not None]) if plain else []
+        # experts: target_parameters (the writer's); a router too, as `<path>.weight`, as PEFT saves it
+        params = sorted(n[len(PREFIX):] + ".weight" for n in modules if n[len(PREFIX):] in how.wrapped)
+        plain = [n for n, m in modules.items() if m.kind != "experts" and n[len(PREFIX):] not in how.wrapped]
+        fan = any(n.removesuffix(".weight") in how.transposed for n in chosen)
+        targets = _target_modules(plain, [loaded(n.removesuffix(".weight")) + ".weight" for n, (_, b) in pairs.items()
+                                          if b is not None]) if plain else []
         config = {"peft_type": "LORA", "base_model_name_or_path": str(base), "task_type": None, "r": 8,
                   "lora_alpha": 8, "target_modules": targets, "rank_pattern": {}, "alpha_pattern": {},
-                  "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
+                  **({"target_parameters": params} if params else {}),
+                  "lora_dropout": 0.0, "fan_in_fan_out": fan, "bias": "none", "use_rslora": False,
                   "use_dora": False, "inference_mode": True, "modules_to_save": None}
         adapter = Adapter(modules=modules, format="peft", config=config, metadata={"format": "pt"},
-                          passthrough={PREFIX + n: TensorRef(t.path, n, tuple(t.shape), t.torch_dtype)
-                                       for n, t in tables.items()})
+                          passthrough={PREFIX + loaded(n.removesuffix(".weight")) + ".weight":
+                                       TensorRef(t.path, n, tuple(t.shape), t.torch_dtype) for n, t in tables.items()})
+        if moved := sorted(p for p in renamed if PREFIX + renamed[p] in modules):
+            warnings.append(f"{len(moved)} module(s) named as transformers loads the base, not as it stores them "
+                            f"({moved[0]} → {renamed[moved[0]]}), as PEFT saves adapters for it")
         if tables:
             sizes = sorted({f"{pairs[n][1].shape[0]} → {t.shape[0]}" for n, t in tables.items()})
             warnings.append(f"the vocabulary is resized ({', '.join(sizes)} rows): {', '.join(tables)} carried whole, "

@@ -111,7 +111,7 @@ def check_peft_loads(path: Path) -> None:
         if hasattr(mod, "parameter_name"):  # a ParamWrapper: `…experts(.base_layer)*` wraps one parameter
             while name.endswith(".base_layer"):
                 name = name.removesuffix(".base_layer")
-            name = f"{name}.{mod.parameter_name}"
+            name = f"{name}.{mod.parameter_name}" if f"{name}.{mod.parameter_name}" in ours or name not in ours else name
             if name not in ours or not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
                 continue
         if hasattr(mod, "get_delta_weight") and name in ours:

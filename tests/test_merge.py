@@ -653,3 +653,74 @@ def test_an_adapter_whose_init_rewrites_the_base_is_refused_and_its_plain_form_m
     r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "plain"), "-o", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     assert torch.allclose(logits(load(tmp_path / "out")), logits(runs.merge_and_unload()), atol=1e-5)
+
+
+def test_a_vision_language_model_stored_under_other_names_merges_and_extracts_as_peft_loads_it(tmp_path):
+    """transformers 5 loads a Llava checkpoint's `language_model.model.layers…` as `model.language_model.layers…`
+    (its conversion mapping), and PEFT saves adapters under the loaded names. merge places them on the stored
+    tensors (it said "no base tensor of that name"); extract names its modules as PEFT does (PEFT left the vision
+    tower's modules unloaded, warning of missing keys). References: PEFT's merge_and_unload state dicts."""
+    import warnings
+
+    text = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+    torch.manual_seed(0)
+    Llava = transformers.LlavaForConditionalGeneration
+    Llava(transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=127)).save_pretrained(
+        tmp_path / "base")
+    stored = open_checkpoint(tmp_path / "base").tensors
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in stored  # the stored names differ
+    random_lora(Llava.from_pretrained(tmp_path / "base"), tmp_path / "lora", targets=["q_proj", "v_proj"])
+
+    def peft_merged(adapter):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = PeftModel.from_pretrained(Llava.from_pretrained(tmp_path / "base"), adapter)
+        assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+        return model.merge_and_unload().state_dict()
+
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    ref, base = peft_merged(tmp_path / "lora"), Llava.from_pretrained(tmp_path / "base").state_dict()
+    ours = Llava.from_pretrained(tmp_path / "m").state_dict()
+    changed = [k for k in ref if not torch.equal(ref[k], base[k])]
+    assert any("vision_tower" in k for k in changed) and any("language_model" in k for k in changed)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-6)
+    r = CliRunner().invoke(main, ["extract", str(tmp_path / "m"), str(tmp_path / "base"), "--rank", "8", "-o",
+                                  str(tmp_path / "x")])
+    assert r.exit_code == 0 and "named as transformers loads the base" in r.output, r.output
+    assert any(".language_model.layers." in n for n in load_adapter(tmp_path / "x").modules)
+    got = peft_merged(tmp_path / "x")
+    for k in ref:
+        torch.testing.assert_close(got[k], ours[k], rtol=0, atol=1e-5)
+
+
+def test_a_gpt2_conv1d_model_extracts_as_peft_loads_it(tmp_path):
+    """GPT-2's Conv1D weights are stored (in, out). extract wrote their difference's factors as if (out, in) with
+    fan_in_fan_out false: PEFT refused the c_attn/c_fc factors (size mismatch) and would have applied the square
+    attn.c_proj's update transposed. Now ΔW is factored as PEFT's Conv1D LoRA holds it (A (r, in), B (out, r),
+    fan_in_fan_out true): PEFT's merge of the extracted adapter is the fine-tuned model."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    random_lora(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "lora",
+                targets=["c_attn", "c_proj", "c_fc"], r=4, lora_alpha=8, fan_in_fan_out=True)
+    assert run_ok("merge", tmp_path / "base", tmp_path / "lora", "-o", tmp_path / "ft")
+    assert run_ok("extract", tmp_path / "ft", tmp_path / "base", "--rank", "4", "-o", tmp_path / "x")
+    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    ft = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ft").state_dict()
+    got = PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                    tmp_path / "x").merge_and_unload().state_dict()
+    assert any(not torch.equal(ft[k], v) for k, v in transformers.GPT2LMHeadModel.from_pretrained(
+        tmp_path / "base").state_dict().items() if "attn.c_proj" in k)
+    for k in ft:
+        torch.testing.assert_close(got[k], ft[k], rtol=0, atol=1e-5)
+
+
+def run_ok(*args) -> bool:
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return True

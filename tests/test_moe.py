@@ -288,3 +288,29 @@ def test_bad_inputs(models, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and says in lines[0], (what, r.stderr)
         assert not Path(args[-1]).exists(), what
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_an_all_linear_adapter_merges_and_extracts_as_peft_loads_it(models, tmp_path, kind):
+    """PEFT's `all-linear` on a MoE targets the router as `gate.weight` and the experts by bare parameter names
+    (`gate_up_proj`), which match every module's path: each module takes only the parameters its wrappers in the
+    file say it has (the router's `gate.weight`, none for q_proj). Mixtral stores its router as
+    `block_sparse_moe.gate` while the model (and PEFT's adapter) call it `mlp.gate`: merge places it by
+    transformers' renaming, and extract names it as PEFT does, so that a rank_pattern entry for it (rank 4 < 8:
+    the router has 4 rows) reaches PEFT. Before, merge refused the adapter (`mlp.gate has several targeted
+    parameters`, then `no base tensor`) and PEFT refused the extracted one (size mismatch)."""
+    lora = _lora(models[kind], tmp_path / "a", r=4, lora_alpha=8, target_modules="all-linear", target_parameters=None)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    assert "gate.weight" in config["target_parameters"] and "gate_up_proj" in config["target_parameters"]
+    a = load_adapter(lora)
+    assert a.modules[PREFIX + "model.layers.0.mlp.gate"].kind == "linear"
+    assert a.modules[PREFIX + "model.layers.0.self_attn.q_proj"].kind == "linear"
+    ft = tmp_path / "ft"
+    surgery("merge", models[kind], lora, "-o", ft)
+    ref = _peft_logits(models[kind], lora)
+    assert (ref - _logits(models[kind])).abs().max() > 1e-2
+    assert torch.allclose(_logits(ft), ref, atol=2e-5), float((_logits(ft) - ref).abs().max())
+    surgery("extract", ft, models[kind], "--rank", 8, "-o", tmp_path / "x")
+    config = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {f"model.layers.{i}.mlp.gate.weight": 4 for i in range(2)}
+    assert torch.allclose(_peft_logits(models[kind], tmp_path / "x"), _logits(ft), atol=5e-5)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -21,6 +19,7 @@ import torch
 from ..adapter import PEFT_PREFIX, LoraModule, experts_module
 from ..errors import SurgeryError
 from .checkpoint import Checkpoint
+from .loaded import conversion
 
 
 @dataclass(frozen=True)
@@ -58,42 +57,13 @@ class Layout:
     pieces: Mapping[str, tuple[tuple[str, Piece], ...]]  # parameter path → (on-disk key, Piece) …
 
 
-def _transformers(where):
-    try:
-        import transformers
-        from transformers import conversion_mapping, core_model_loading
-    except ImportError:
-        raise SurgeryError(f"{where}: placing expert (MoE) adapters on a base needs transformers ≥ 5, which maps "
-                           "each model type's expert tensors (pip install 'surgery[moe]')") from None
-    return transformers, conversion_mapping, core_model_loading
-
-
-@lru_cache(maxsize=4)
-def _meta_model(config_path: Path, mtime: float):
-    """The model of `config_path` built on the meta device: its parameter names, shapes and expert modules."""
-    transformers, _, _ = _transformers(config_path.parent)
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(config_path.parent), local_files_only=True)
-    except (ValueError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SurgeryError(f"{config_path}: transformers does not know this model ({first})") from None
-    with torch.device("meta"):
-        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-            try:
-                return auto.from_config(config)
-            except (ValueError, KeyError):
-                continue
-    raise SurgeryError(f"{config_path}: transformers has no model class for model_type {config.model_type!r}")
-
-
 def layout(ck: Checkpoint) -> Layout:
     """The base's expert parameters and the on-disk tensors each is made of (checked: every expert's slice
     once, the slices tiling the parameter)."""
     if not ck.config_path.exists():
         raise SurgeryError(f"{ck.root}: expert (MoE) adapters need the base's config.json (its model type decides "
                            "where the experts are stored)")
-    _, conversion_mapping, loading = _transformers(ck.root)
-    model = _meta_model(ck.config_path, ck.config_path.stat().st_mtime)
+    model, renamings, converters, loading = conversion(ck)
     model_type = model.config.model_type
     params = {}
     for owner_name, owner in model.named_modules():
@@ -103,9 +73,6 @@ def layout(ck: Checkpoint) -> Layout:
             if p.dim() == 3:
                 path = f"{owner_name}.{n}" if owner_name else n
                 params[path] = Param(path, tuple(p.shape), bool(getattr(owner, "is_transposed", False)), nesting)
-    transforms = conversion_mapping.get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, loading.WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, loading.WeightConverter)]
     found: dict[str, list] = {}
     for key, spec in ck.tensors.items():
         renamed, pattern = loading.rename_source_key(key, renamings, converters)

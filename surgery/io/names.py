@@ -27,6 +27,7 @@ from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import SurgeryError, listed
 from .. import fuse
 from . import experts, gguf_file, hub, jsonfile
+from .loaded import how_loaded
 from .checkpoint import Checkpoint, is_pipeline, open_checkpoint, open_pipeline
 from .kohya import provenance
 
@@ -273,6 +274,12 @@ class _Names:
     def full(self, path: str) -> str:
         return self.prefix + path
 
+    def renamed(self, local: str) -> list[str]:
+        """The on-disk path of a module the loaded model holds under another name (surgery.io.experts)."""
+        if not hasattr(self, "_renamed"):
+            self._renamed = {} if self.prefix else how_loaded(self.ck).renamed
+        return [self._renamed[local]] if local in self._renamed else []
+
 
 @dataclass
 class Placement:
@@ -353,7 +360,7 @@ def _names(ck: Checkpoint, prefix: str, cache: dict) -> _Names:
 def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) -> Placement:
     """Every module of `adapter` at the base module path(s) it updates; `targets` are (component name or None,
     checkpoint) — one for a single base, one per component for a pipeline."""
-    kohya, out, cache = is_kohya(adapter), Placement(), {}
+    kohya, out, cache, renamed = is_kohya(adapter), Placement(), {}, []
     fused: dict = defaultdict(dict)  # (component, names, BFL path) → {part index: (name, module)}
     for name, m in adapter.modules.items():
         component, local = route(name, kohya)
@@ -376,6 +383,10 @@ def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) ->
             continue
         if _other_layout(out, fused, name, m, local, found):
             continue
+        if not kohya and len(hits := [(c, n, p) for c, n in found for p in n.renamed(local)]) == 1:
+            _put(out, *hits[0], m, name)
+            renamed.append((local, hits[0][1].full(hits[0][2])))
+            continue
         hits = [(c, n, p) for c, n in found for p in n.find(local, kohya, drop=True)] if kohya else []
         if len(hits) == 1:
             _put(out, *hits[0], m, name)
@@ -384,6 +395,9 @@ def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) ->
                 f"matches several base tensors ({' / '.join(sorted(n.full(p) for _, n, p in hits)[:3])})"
     for (c, n, path, sizes, blocks), parts in fused.items():
         _fuse(out, c, n, path, sizes, blocks, parts)
+    if renamed:
+        out.notes.append(f"{len(renamed)} module(s) named as transformers loads the base placed on the tensors it "
+                         f"stores them as ({renamed[0][0]} is {renamed[0][1]})")
     return out
 
 

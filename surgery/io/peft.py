@@ -308,6 +308,14 @@ def targets_parameter(path: str, targets) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
+def targets_module(key: str, target_modules) -> bool:
+    """PEFT's match of a module path against target_modules: a regex the whole path matches, else a name it is
+    or ends with."""
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear" or re.fullmatch(target_modules, key) is not None
+    return any(key == t or key.endswith("." + t) for t in target_modules or [])
+
+
 def _owner(name: str) -> tuple[str, int]:
     """`…experts.base_layer.base_layer` → ('…experts', 2): the module and how deep its wrapper is nested."""
     depth = 0
@@ -332,10 +340,19 @@ def _expert_modules(parts, config, weights: Path, where) -> tuple[dict[str, Expe
     Also returns the file's module names read here."""
     targets = list(config["target_parameters"])
     out, consumed = {}, set()
+    levels = Counter(_owner(n)[0] for n in parts)  # wrappers per module in the file: one per parameter it has
     for name in sorted(parts):
         owner, depth = _owner(name)
         key = config_key(owner)
-        names = [t.rsplit(".", 1)[-1] for t in targets if targets_parameter(f"{key}.{t.rsplit('.', 1)[-1]}", [t])]
+        matched = [t for t in targets if targets_parameter(f"{key}.{t.rsplit('.', 1)[-1]}", [t])]
+        # a bare name (all-linear's `gate_up_proj`) matches every module's path, but PEFT wraps only the
+        # parameters a module has: those the entries naming it give (`gate.weight`), none of a target_modules one
+        named = [t for t in matched if "." in t]
+        if len(matched) > levels[owner] and len(named) == levels[owner]:
+            matched = named
+        if not named and levels[owner] == 1 and targets_module(key, config.get("target_modules")):
+            matched = []
+        names = [t.rsplit(".", 1)[-1] for t in matched]
         if not names:
             if depth:
                 raise SurgeryError(f"{where}: module {name} is a nested LoRA but no target_parameters entry matches "
@@ -350,7 +367,8 @@ def _expert_modules(parts, config, weights: Path, where) -> tuple[dict[str, Expe
         consumed.add(name)
         if param == "weight" and len(order) == 1:
             rank = roles["A"].shape[0] if "A" in roles else None
-            out[owner] = make_module(owner, roles, "linear", _scale_of(config, owner, rank, where), weights)
+            # PEFT resolves its r and alpha by the parameter's path (`…mlp.gate.weight`)
+            out[owner] = make_module(owner, roles, "linear", _scale_of(config, f"{owner}.weight", rank, where), weights)
             continue
         path = f"{owner}.{param}"
         A, B = roles.get("A"), roles.get("B")
@@ -495,7 +513,9 @@ def updated_config(adapter: Adapter) -> dict[str, Any]:
         r = peft_rank(m)
         pairs[name] = (r, _number(m.scale * (math.sqrt(r) if rslora else r)))
     (r, alpha), _ = Counter(sorted(pairs.values())).most_common(1)[0]
-    keyed = {config_key(n): pa for n, pa in pairs.items()}
+    wrapped = config.get("target_parameters") or []  # a 2-D weight PEFT wraps as a parameter (a MoE router)
+    keyed = {(k + ".weight" if targets_parameter(k + ".weight", wrapped) else k): pa
+             for k, pa in ((config_key(n), pa) for n, pa in pairs.items())}
     entries = _pattern_entries(keyed, (r, alpha))
     config.update({"r": r, ALPHA_KEY[algo]: alpha, "rank_pattern": {p: keyed[k][0] for p, k in entries.items()},
                    "alpha_pattern": {p: keyed[k][1] for p, k in entries.items()}})
@@ -512,21 +532,24 @@ def updated_config(adapter: Adapter) -> dict[str, Any]:
         if config.get("use_dora") or config.get("lora_bias"):
             raise SurgeryError("PEFT's target_parameters take neither DoRA nor lora_B.bias, so this adapter's mix of "
                                "expert parameters and DoRA/biased modules has no PEFT form")
-        config["target_parameters"] = _target_parameters(experts, config.get("target_parameters"))
+        config["target_parameters"] = _target_parameters(adapter.modules, config.get("target_parameters"))
         config["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses dropout
     if not config.get("target_modules"):  # PEFT refuses a config without targets; these are exact
-        config["target_modules"] = sorted(config_key(n) for n in adapter.modules if n not in experts)
+        config["target_modules"] = sorted(config_key(n) for n in adapter.modules if n not in experts and
+                                          not targets_parameter(f"{config_key(n)}.weight", wrapped))
     return config
 
 
-def _target_parameters(experts: Mapping[str, ExpertsModule], given) -> list[str]:
+def _target_parameters(modules, given) -> list[str]:
     """The input's `target_parameters` where they target exactly each module's nesting (so PEFT nests the wrappers
-    as the keys say), else every parameter path."""
-    owners = {n.rsplit(".", 1)[0]: m.nesting for n, m in experts.items()}
+    as the keys say), else every parameter path — the experts', and the 2-D weights they wrapped (a router's)."""
+    owners = {n.rsplit(".", 1)[0]: m.nesting for n, m in modules.items() if m.kind == "experts"}
     if given and all(tuple(p for p in nest if targets_parameter(f"{config_key(o)}.{p}", given)) == nest
                      for o, nest in owners.items()):
         return list(given)
-    return sorted(f"{config_key(o)}.{p}" for o, nest in owners.items() for p in nest)
+    wrapped = [f"{config_key(n)}.weight" for n, m in modules.items()
+               if m.kind != "experts" and targets_parameter(f"{config_key(n)}.weight", given or [])]
+    return sorted([f"{config_key(o)}.{p}" for o, nest in owners.items() for p in nest] + wrapped)
 
 
 def _pattern_entries(keyed: Mapping[str, tuple], default: tuple) -> dict[str, str]:
