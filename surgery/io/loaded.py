@@ -46,8 +46,8 @@ def meta_model(config_path: Path, mtime: float):
         for cls in [a for a in archs if a is not None] + [transformers.AutoModelForCausalLM, transformers.AutoModel]:
             try:
                 return cls._from_config(config) if cls in archs else cls.from_config(config)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
+            except (ValueError, KeyError, TypeError, AttributeError, ImportError, RuntimeError, NotImplementedError):
+                continue  # a class needing another package (timm, …) or other arguments: the next one
     raise SurgeryError(f"{config_path}: transformers has no model class for model_type {config.model_type!r}")
 
 
