@@ -109,6 +109,13 @@ def add_delta_(acc: torch.Tensor, m: LoraModule, w: float, fan_in_fan_out: bool 
         acc.view(acc.shape[0], -1).addmm_(B, A, alpha=w * m.scale)
 
 
+def dora_columns(m: LoraModule, fan_in_fan_out: bool) -> bool:
+    """Whether a DoRA magnitude scales the stored tensor's columns: LyCORIS's per-input-column magnitude, or PEFT's
+    per-output one on a tensor stored (in, out) — an embedding table (one per embedding dimension) or a GPT-2
+    Conv1D, as PEFT's DoraEmbeddingVariant and fan_in_fan_out merges transpose it."""
+    return (m.dora_axis == "in") != (m.kind == "embedding" or fan_in_fan_out)
+
+
 def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *, fan_in_fan_out: bool = False,
                   out_dtype: torch.dtype | None = None, compute: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu", scratch: Scratch | None = None,
@@ -116,9 +123,9 @@ def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *,
     """`W + Σ wᵢ ΔWᵢ` in `compute` precision, rounded once to `out_dtype` (default W's dtype).
 
     DoRA (one adapter, weight 1): `m / ‖W + ΔW‖_row · (W + ΔW)`, norms over every dim but the first, as PEFT's
-    `DoraLinearVariant.merge` and its conv variant do; `dora="lycoris"`: LyCORIS's `weight_decompose`, the norm
-    + float32 eps — per output row, or per input column for a module whose `dora_axis` is "in". With `scratch`,
-    the result lives in a reused buffer.
+    `DoraLinearVariant.merge` and its conv variant do — per stored column instead where `dora_columns` says so;
+    `dora="lycoris"`: LyCORIS's `weight_decompose`, the norm + float32 eps. With `scratch`, the result lives in a
+    reused buffer.
     """
     scratch = scratch or Scratch(device)
     acc = scratch.get("acc", W.shape, compute, device).copy_(W)
@@ -128,7 +135,7 @@ def merged_weight(W: torch.Tensor, parts: Sequence[tuple[LoraModule, float]], *,
     if dora_modules:
         mag = materialize(dora_modules[0].magnitude).to(device=device, dtype=compute)
         eps = torch.finfo(torch.float32).eps if dora == "lycoris" else 0.0
-        if dora_modules[0].dora_axis == "in":  # one norm per input channel, over the output rows and the kernel
+        if dora_columns(dora_modules[0], fan_in_fan_out):  # one norm per stored column (over rows and kernel)
             norm = acc.transpose(0, 1).reshape(acc.shape[1], -1).norm(dim=1) + eps
             acc *= (mag.reshape(-1) / norm).reshape((1, -1) + (1,) * (acc.dim() - 2))
         else:
@@ -295,15 +302,15 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
                 want = list(m.shape[::-1] if m.kind == "embedding" or fan else m.shape)
                 raise SurgeryError(f"{where}: module {name} ({m.algo}) has ΔW of shape {want} but base tensor {key} "
                                    f"of {ck.root} has shape {list(spec.shape)}")
-            if m.magnitude is not None and adapter.format == "kohya":
-                n = math.prod(m.magnitude.shape)
-                if n != spec.shape[0 if m.dora_axis == "out" else 1]:
-                    raise SurgeryError(f"{where}: module {name}: dora_scale of shape {list(m.magnitude.shape)} does "
-                                       f"not fit base tensor {key} {list(spec.shape)}")
-                dora_styles[key] = "lycoris"
-            if m.magnitude is not None and (w != 1.0 or len(adapters) > 1 or fan or m.kind == "embedding"):
-                raise SurgeryError(f"{where}: DoRA module {name} can only be merged alone, with weight 1, into a "
-                                   "linear or conv layer (its magnitude rescales the merged weight)")
+            if m.magnitude is not None:
+                if w != 1.0 or len(adapters) > 1:
+                    raise SurgeryError(f"{where}: DoRA module {name} can only be merged alone, with weight 1 (its "
+                                       "magnitude rescales the merged weight)")
+                if math.prod(m.magnitude.shape) != spec.shape[1 if dora_columns(m, fan) else 0]:
+                    raise SurgeryError(f"{where}: module {name}: DoRA magnitude of shape {list(m.magnitude.shape)} "
+                                       f"does not fit base tensor {key} {list(spec.shape)}")
+                if adapter.format == "kohya":
+                    dora_styles[key] = "lycoris"
             changes.setdefault(key, []).append((m, w, fan))
             if m.bias is not None:
                 bias = key[: -len("weight")] + "bias"  # `.bias`, or nn.MultiheadAttention's `in_proj_bias`

@@ -724,3 +724,28 @@ def run_ok(*args) -> bool:
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exit_code == 0, r.output
     return True
+
+
+@pytest.mark.parametrize("case", ["embedding", "gpt2"])
+def test_dora_on_an_embedding_or_a_conv1d_merges_as_peft_merges_it(tmp_path, case):
+    """PEFT's DoRA magnitude is one per output of ΔW; on a tensor stored (in, out) — an embedding table (one per
+    embedding dimension, DoraEmbeddingVariant) or a GPT-2 Conv1D (fan_in_fan_out) — it scales the stored columns.
+    merge refused both ("can only be merged … into a linear or conv layer"); it now equals PEFT's merge_and_unload."""
+    torch.manual_seed(0)
+    if case == "embedding":
+        model, targets = tiny_llama(), ["embed_tokens", "q_proj", "lm_head"]
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64,
+                                                                     n_positions=16))
+        targets = ["c_attn", "c_proj", "c_fc"]
+    model.save_pretrained(tmp_path / "base")
+    cls = type(model)
+    random_lora(cls.from_pretrained(tmp_path / "base"), tmp_path / "lora", targets=targets, r=4, lora_alpha=8,
+                use_dora=True, fan_in_fan_out=case == "gpt2")
+    assert run_ok("merge", tmp_path / "base", tmp_path / "lora", "-o", tmp_path / "m")
+    ref = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), tmp_path / "lora").merge_and_unload()
+    got, base = cls.from_pretrained(tmp_path / "m").state_dict(), model.state_dict()
+    ref = ref.state_dict()
+    assert sum(not torch.equal(ref[k], base[k]) for k in ref) >= len(targets)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=2e-6)
