@@ -176,3 +176,18 @@ def hard_case(kind, rng):
     if kind == "offset":  # tiny spread far from the origin: the centring carries the precision
         return 1e3 + 1e-3 * rng.normal(size=(400, 64))
     return rng.normal(size=(9, 5))  # "tiny"
+
+
+def small_vocab_model(path: Path) -> Path:
+    """The bundled tiny Llama cut to 100 vocabulary rows, keeping its tokenizer (which gives ids past them)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(FIXTURES / "tiny-llama", path)
+    sd = load_file(path / "model.safetensors")
+    sd = {k: v[:100] if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in sd.items()}
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | {"vocab_size": 100}))
+    return path

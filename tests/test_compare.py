@@ -2,16 +2,14 @@
 the base), equal to the same quantities computed from PeftModel's float64 logits."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
 
 from surgery_cli.main import main
 
-from .conftest import FIXTURES, PEFT_FIXTURE, lora_pair, write_peft
+from .conftest import FIXTURES, PEFT_FIXTURE, lora_pair, small_vocab_model, write_peft
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -107,13 +105,7 @@ def test_bad_inputs_one_line(texts, tmp_path):
     path, _ = texts
     (tmp_path / "empty.txt").write_text("\n\n")
     wrong = write_peft(tmp_path / "wrong", {"model.layers.0.self_attn.q_proj": lora_pair(32, 64, 4)}, r=4, alpha=4)
-    small = tmp_path / "small-vocab"  # the bundled model with another model's tokenizer (ids past its table)
-    shutil.copytree(MODEL, small)
-    cfg = json.loads((small / "config.json").read_text())
-    sd = load_file(small / "model.safetensors")
-    sd = {k: v[:100] if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in sd.items()}
-    save_file(sd, small / "model.safetensors", metadata={"format": "pt"})
-    (small / "config.json").write_text(json.dumps(cfg | {"vocab_size": 100}))
+    small = small_vocab_model(tmp_path / "small-vocab")  # another model's tokenizer: ids past the table
     for args, msg in [
         ((small, PEFT_FIXTURE, "--texts", path), "its tokenizer gives token id"),
         ((MODEL, PEFT_FIXTURE, "--texts", tmp_path / "empty.txt"), "no texts"),

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from surgery_cli.main import main
 
-from .conftest import FIXTURES, PEFT_FIXTURE, lora_pair, tree_digest, write_peft
+from .conftest import FIXTURES, PEFT_FIXTURE, lora_pair, small_vocab_model, tree_digest, write_peft
 
 
 def _tera_file(tmp_path, mutate):
@@ -256,6 +256,8 @@ CASES = {
         "base_model.model.model.embed_tokens.weight": torch.zeros(258, 64),
         "base_model.model.lm_head.weight": torch.zeros(259, 64)}), "-o", p / "out"],
                          "modules_to_save resize the vocabulary to different sizes"),
+    "capture-vocab": (lambda p: ["capture", small_vocab_model(p / "m"), "--texts", FIXTURES / "sentences.txt", "-o",
+                                 p / "out.safetensors"], "its tokenizer gives token id"),
     "tokens-count": (lambda p: ["merge", FIXTURES / "tiny-llama", _tokens(p, [1, 2, 3]), "-o", p / "out"],
                      "shape [2, 64], but 3 token(s) of model.embed_tokens.weight's 64 columns"),
 }
