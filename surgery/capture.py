@@ -133,7 +133,8 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
     """Hidden states (embedding output, then each block's output) at a seeded sample of token positions."""
     tok, model, lines, pad = _load(model_dir, texts, device)
     plan, n, k = _token_plan(tok, lines, rows=model.get_input_embeddings().weight.shape[0], where=model_dir,
-                             batch_size=batch_size, max_length=max_length, keep_special=keep_special, max_tokens=max_tokens, seed=seed)
+                             batch_size=batch_size, max_length=max_length, keep_special=keep_special,
+                             max_tokens=max_tokens, seed=seed)
     dev = next(model.parameters()).device
     per_layer: list[list[torch.Tensor]] = []
     with torch.no_grad():
@@ -168,7 +169,8 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
         raise SurgeryError(f"--targets {targets!r}: bad regex: {e}") from None
     tok, model, lines, pad = _load(model_dir, texts, device)
     plan, n, k = _token_plan(tok, lines, rows=model.get_input_embeddings().weight.shape[0], where=model_dir,
-                             batch_size=batch_size, max_length=max_length, keep_special=keep_special, max_tokens=max_tokens, seed=seed)
+                             batch_size=batch_size, max_length=max_length, keep_special=keep_special,
+                             max_tokens=max_tokens, seed=seed)
     prefix = _block_prefix(model)
     names = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
              and (pattern.search(name) if pattern else prefix and name.startswith(prefix + "."))]

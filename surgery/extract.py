@@ -159,7 +159,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     chosen, mismatched, untargeted, tables = [], [], [], {}
     stored = None if pipeline else open_checkpoint(base)
     how = how_loaded(stored) if stored is not None and worth_asking(stored) else Loaded()
-    renamed = {stored: model for model, stored in how.renamed.items()}
+    renamed = {disk: model for model, disk in how.renamed.items()}
 
     def loaded(path: str) -> str:  # modules are named as the loaded model names them, as PEFT saves them
         return renamed.get(path, path)

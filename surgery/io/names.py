@@ -275,7 +275,7 @@ class _Names:
         return self.prefix + path
 
     def renamed(self, local: str) -> list[str]:
-        """The on-disk path of a module the loaded model holds under another name (surgery.io.experts)."""
+        """The on-disk path of a module the loaded model holds under another name (surgery.io.loaded)."""
         if not hasattr(self, "_renamed"):
             self._renamed = {} if self.prefix else how_loaded(self.ck).renamed
         return [self._renamed[local]] if local in self._renamed else []
