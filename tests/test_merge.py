@@ -696,6 +696,13 @@ def test_a_vision_language_model_stored_under_other_names_merges_and_extracts_as
     got = peft_merged(tmp_path / "x")
     for k in ref:
         torch.testing.assert_close(got[k], ours[k], rtol=0, atol=1e-5)
+    # through a format named after the stored tensors and back: PEFT names again (convert --base)
+    k = tmp_path / "k.safetensors"
+    assert run_ok("convert", tmp_path / "lora", "--to", "kohya", "--base", tmp_path / "base", "-o", k)
+    assert run_ok("convert", k, "--to", "peft", "--base", tmp_path / "base", "-o", tmp_path / "back")
+    got = peft_merged(tmp_path / "back")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
 
 
 def test_a_gpt2_conv1d_model_extracts_as_peft_loads_it(tmp_path):

@@ -27,7 +27,7 @@ from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import SurgeryError, listed
 from .. import fuse
 from . import experts, gguf_file, hub, jsonfile
-from .loaded import how_loaded
+from .loaded import how_loaded, worth_asking
 from .checkpoint import Checkpoint, is_pipeline, open_checkpoint, open_pipeline
 from .kohya import provenance
 
@@ -548,6 +548,9 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False, exper
     two = any(c == "text_encoder_2" for c, _ in targets) or "text_encoder_2" in components
     t5 = {c for c, ck in targets if _is_t5(c, ck)}
     clip = {c for c, ck in targets if c in TEXT_ENCODERS and _is_clip(ck)}
+    # PEFT names a module as the loaded model does (surgery.io.loaded), which may not be how the base stores it
+    loaded = {c: {disk: model for model, disk in how_loaded(ck).renamed.items()} for c, ck in targets
+              if fmt in ("peft", "peft-file") and worth_asking(ck)}
     modules = {}
     for key, m in p.modules.items():
         c, path = key[0], p.local[key]
@@ -558,7 +561,7 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False, exper
                 path = "text_model." + path  # kohya / ComfyUI name CLIP's modules as transformers 4 did
             name = ("lora_te3_" if c in t5 else kohya_prefix(c, two)) + path.replace(".", "_")
         else:
-            name = PEFT_PREFIX + path
+            name = PEFT_PREFIX + loaded.get(c, {}).get(path, path)
         modules[name] = m
     configs = component_configs(adapter)
     if fmt == "diffusers":
