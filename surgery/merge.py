@@ -29,6 +29,7 @@ from .io import check_output, gguf_file, hub
 from .io import experts as expert_layout
 from .io.experts import Piece
 from .io.jsonfile import field, read_object
+from .io.loaded import on_disk
 from .io.peft import PREFIX
 from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, files_below, index_name,
                             is_pipeline, open_pipeline, open_weight_sets, prefetch, read_stored, read_tensor,
@@ -396,7 +397,8 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
             path = key.removeprefix(PREFIX)
             if ".base_layer." in path or ".original_module." in path:  # the base's own table, unless resized
                 path = re.sub(r"\.(token_adapter\.)?(base_layer|original_module)\.", ".", path)
-                if path in paths or path not in ck.tensors or tuple(t.shape) == tuple(ck.tensors[path].shape):
+                stored = on_disk(ck, path)
+                if path in paths or stored not in ck.tensors or tuple(t.shape) == tuple(ck.tensors[stored].shape):
                     continue
             if ".modules_to_save." in path:
                 path = path.replace(".modules_to_save.", ".")
@@ -410,8 +412,9 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
                                    f"and cannot be scaled by --weight {w:g} or undone; pass --skip-modules-to-save "
                                    "to merge only its LoRA modules")
             if path.endswith(TOKENS):
-                tokens.setdefault(path.removesuffix(TOKENS) + ".weight", []).append((adapter, key, t))
+                tokens.setdefault(on_disk(ck, path.removesuffix(TOKENS) + ".weight"), []).append((adapter, key, t))
                 continue
+            path = on_disk(ck, path)  # a base stored under other names than the model PEFT saved it from
             like = path if path in ck.tensors else _tied_source(ck, path)
             if like is None:
                 raise SurgeryError(f"{adapter.source}: {key} replaces a tensor the base does not have ({path})")

@@ -696,6 +696,20 @@ def test_a_vision_language_model_stored_under_other_names_merges_and_extracts_as
     got = peft_merged(tmp_path / "x")
     for k in ref:
         torch.testing.assert_close(got[k], ours[k], rtol=0, atol=1e-5)
+    # modules_to_save and trainable tokens on the loaded names too (both were "a tensor the base does not have")
+    extra = get_peft_model(Llava.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["lm_head", "multi_modal_projector"],
+        trainable_token_indices={"embed_tokens": [3, 5]}))
+    with torch.no_grad():
+        for p in extra.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    extra.save_pretrained(tmp_path / "extra")
+    assert run_ok("merge", tmp_path / "base", tmp_path / "extra", "-o", tmp_path / "m2")
+    ref2, got2 = peft_merged(tmp_path / "extra"), Llava.from_pretrained(tmp_path / "m2").state_dict()
+    assert not torch.equal(ref2["lm_head.weight"], base["lm_head.weight"])
+    for k in ref2:
+        torch.testing.assert_close(got2[k], ref2[k], rtol=0, atol=1e-6)
     # through a format named after the stored tensors and back: PEFT names again (convert --base)
     k = tmp_path / "k.safetensors"
     assert run_ok("convert", tmp_path / "lora", "--to", "kohya", "--base", tmp_path / "base", "-o", k)

@@ -63,35 +63,59 @@ def conversion(ck: Checkpoint):
 
 @dataclass(frozen=True)
 class Loaded:
-    """renamed: {the loaded model's module path: the stored one}; wrapped: loaded module paths whose 2-D weight
-    PEFT wraps as a parameter; transposed: stored module paths whose weight is (in, out) (Conv1D)."""
+    """keys: {the loaded model's tensor key: the stored one} where they differ; wrapped: loaded module paths whose
+    2-D weight PEFT wraps as a parameter; transposed: stored module paths whose weight is (in, out) (Conv1D)."""
 
-    renamed: dict = field(default_factory=dict)
+    keys: dict = field(default_factory=dict)
     wrapped: frozenset = frozenset()
     transposed: frozenset = frozenset()
+
+    @property
+    def renamed(self) -> dict[str, str]:
+        """{the loaded model's module path: the stored one}, by their weights."""
+        return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in self.keys.items()
+                if k.endswith(".weight") and v.endswith(".weight")}
 
 
 def how_loaded(ck: Checkpoint) -> Loaded:
     """What transformers makes of the base's weights (empty without a config.json, or transformers ≥ 5 knowing
-    the model)."""
+    the model). Cached per checkpoint."""
     if not ck.is_dir or not ck.config_path.exists():
         return Loaded()
+    key = (str(ck.root), ck.config_path.stat().st_mtime_ns, tuple(ck.tensors))
+    if key not in _SEEN:
+        if len(_SEEN) >= 4:
+            _SEEN.pop(next(iter(_SEEN)))
+        _SEEN[key] = _how_loaded(ck, key[2])
+    return _SEEN[key]
+
+
+_SEEN: dict = {}  # the last bases asked about (a merge asks per module it places)
+
+
+def _how_loaded(ck: Checkpoint, keys: tuple) -> Loaded:
     try:
         model, renamings, converters, loading = conversion(ck)
     except SurgeryError:
         return Loaded()
     renamed = {}
-    for key in ck.tensors:
+    for key in keys:
         to, pattern = loading.rename_source_key(key, renamings, converters)
-        if pattern is None and to != key and key.endswith(".weight") and to.endswith(".weight"):
-            renamed[to.removesuffix(".weight")] = key.removesuffix(".weight")
+        if pattern is None and to != key:
+            renamed[to] = key
     layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention)
     modules = dict(model.named_modules())
     conv1d = {n for n, m in modules.items() if type(m).__name__ == "Conv1D"}
     wrapped = {n for n, m in modules.items() if not isinstance(m, layers) and n not in conv1d
                and isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.dim() == 2}
-    stored = {v: k for k, v in renamed.items()}
+    stored = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in renamed.items()}
     return Loaded(renamed, frozenset(wrapped), frozenset(stored.get(n, n) for n in conv1d))
+
+
+def on_disk(ck: Checkpoint, key: str) -> str:
+    """The base's stored key for a tensor key of the loaded model (itself where the base has it, or cannot be
+    loaded otherwise: a tied output head is absent, not renamed)."""
+    return key if key in ck.tensors or not worth_asking(ck) else how_loaded(ck).keys.get(key, key)
 
 
 CONV1D_NAMES = re.compile(r"\.(c_attn|c_fc|c_proj|q_attn)\.weight$")  # GPT-2's, OpenAI GPT's, ImageGPT's, …
