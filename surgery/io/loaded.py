@@ -96,13 +96,13 @@ _SEEN: dict = {}  # the last bases asked about (a merge asks per module it place
 def _how_loaded(ck: Checkpoint, keys: tuple) -> Loaded:
     try:
         model, renamings, converters, loading = conversion(ck)
-    except SurgeryError:
+        renamed = {}
+        for key in keys:
+            to, pattern = loading.rename_source_key(key, renamings, converters)
+            if pattern is None and to != key:
+                renamed[to] = key
+    except Exception:  # noqa: BLE001 — transformers' internals for a model it half knows: taken as stored
         return Loaded()
-    renamed = {}
-    for key in keys:
-        to, pattern = loading.rename_source_key(key, renamings, converters)
-        if pattern is None and to != key:
-            renamed[to] = key
     layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention)
     modules = dict(model.named_modules())
     conv1d = {n for n, m in modules.items() if type(m).__name__ == "Conv1D"}
