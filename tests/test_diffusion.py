@@ -977,3 +977,31 @@ def test_diffusers_files_mean_the_same_with_and_without_their_metadata(sd, tmp_p
             got = sd_unet()
             got.load_lora_adapter(str(tmp_path / out), prefix="unet", **kwargs)
             _assert_merged(_fused(got), ref_u, unet.state_dict(), 40)
+
+
+def test_a_second_transformer_is_addressed_by_its_own_prefix(tmp_path):
+    """Wan 2.2 pipelines hold two denoisers, `transformer` and `transformer_2`. PEFT keys under `transformer_2.`
+    update that component only (they were refused: "matches several base tensors", the same path being in both);
+    kohya keys, which name no component, go to `transformer`, as diffusers' load_lora_weights loads them."""
+    pipe = save_pipeline(tmp_path / "pipe", {"transformer": wan(0), "transformer_2": wan(1)})
+    shapes = linear_modules(wan(0), r"blocks\.0\.attn1\.to_q$")
+    g = torch.Generator().manual_seed(2)
+    lora = {}
+    for c in ("transformer", "transformer_2"):
+        for p, (o, i) in shapes.items():
+            lora[f"{c}.{p}.lora_A.weight"] = torch.randn(2, i, generator=g)
+            lora[f"{c}.{p}.lora_B.weight"] = torch.randn(o, 2, generator=g)
+    save_file(lora, str(tmp_path / "two.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(pipe), str(tmp_path / "two.safetensors"), "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    for c in ("transformer", "transformer_2"):
+        base = load_file(str(pipe / c / "diffusion_pytorch_model.safetensors"))
+        got = load_file(str(tmp_path / "m" / c / "diffusion_pytorch_model.safetensors"))
+        for p in shapes:
+            want = base[f"{p}.weight"] + lora[f"{c}.{p}.lora_B.weight"] @ lora[f"{c}.{p}.lora_A.weight"]
+            torch.testing.assert_close(got[f"{p}.weight"], want, rtol=0, atol=1e-6)
+        assert sum(not torch.equal(got[k], base[k]) for k in base) == len(shapes)
+    save_file(kohya_lora(shapes, "lora_unet_", 1), str(tmp_path / "k.safetensors"))
+    r = CliRunner().invoke(main, ["merge", str(pipe), str(tmp_path / "k.safetensors"), "-o", str(tmp_path / "mk")])
+    assert r.exit_code == 0 and "transformer: 1 tensor(s) merged" in r.output, r.output
+    assert tree_digest(tmp_path / "mk" / "transformer_2") == tree_digest(pipe / "transformer_2")

@@ -362,8 +362,11 @@ def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) ->
     checkpoint) — one for a single base, one per component for a pipeline."""
     kohya, out, cache, renamed = is_kohya(adapter), Placement(), {}, []
     fused: dict = defaultdict(dict)  # (component, names, BFL path) → {part index: (name, module)}
+    components = {c for c, _ in targets if c}
     for name, m in adapter.modules.items():
         component, local = route(name, kohya)
+        if component is None and not kohya and (head := local.split(".", 1))[0] in components and len(head) > 1:
+            component, local = head  # a component the pipeline names beyond the usual ones (Wan 2.2's transformer_2)
         found = _targets_for(component, targets, cache)
         if not found:
             have = ", ".join(c for c, _ in targets if c) or "none"
@@ -375,7 +378,7 @@ def place(adapter: Adapter, targets: Sequence[tuple[str | None, Checkpoint]]) ->
             u = local.replace(".", "_")
             hits = [(c, n, p) for c, n in found for p in n.canonical(u)]
         if len(hits) > 1:
-            shown = " / ".join(sorted(n.full(p) for _, n, p in hits)[:3])
+            shown = " / ".join(sorted(f"{c}/{n.full(p)}" if c else n.full(p) for c, n, p in hits)[:3])
             raise SurgeryError(f"module {name} matches several base tensors ({shown})")
         if hits:
             c, n, p = hits[0]
