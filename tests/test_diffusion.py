@@ -1005,3 +1005,8 @@ def test_a_second_transformer_is_addressed_by_its_own_prefix(tmp_path):
     r = CliRunner().invoke(main, ["merge", str(pipe), str(tmp_path / "k.safetensors"), "-o", str(tmp_path / "mk")])
     assert r.exit_code == 0 and "transformer: 1 tensor(s) merged" in r.output, r.output
     assert tree_digest(tmp_path / "mk" / "transformer_2") == tree_digest(pipe / "transformer_2")
+    # a diffusers file has no prefix for transformer_2 (its loaders would drop those keys): one line, nothing written
+    r = CliRunner().invoke(main, ["combine", str(tmp_path / "two.safetensors"), str(tmp_path / "two.safetensors"),
+                                  "--base", str(pipe), "-o", str(tmp_path / "c.safetensors")])
+    assert r.exit_code == 1 and "in component transformer_2, which diffusers' LoRA files have no prefix" in r.output
+    assert not (tmp_path / "c.safetensors").exists()

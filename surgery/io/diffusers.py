@@ -149,6 +149,10 @@ def write(adapter: Adapter, out: Path) -> None:
     groups: dict[str, dict] = {}
     for name, m in adapter.modules.items():
         c = component(name)
+        if c is None and re.match(rf"({'|'.join(COMPONENTS)})_\d+\.", name):  # Wan 2.2's transformer_2
+            raise SurgeryError(f"cannot write diffusers: module {name} is in component {name.split('.')[0]}, which "
+                               f"diffusers' LoRA files have no prefix for (its loaders read {', '.join(COMPONENTS)}); "
+                               "write that component's modules on their own, as PEFT (--to peft)")
         if c is None:
             raise SurgeryError(f"cannot write diffusers: module {name} has no component prefix (unet., "
                                "transformer., text_encoder., …); give --base MODEL to name it")
