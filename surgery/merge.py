@@ -297,8 +297,10 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
         for key, (name, m) in found.items():
             spec = ck.tensors.get(created.get(key, key))
             if spec.torch_dtype not in FLOATS:
+                hint = ("; a float8 checkpoint without scales (as ComfyUI stores them) is a cast of its bf16/fp16 "
+                        "original: merge into that") if spec.torch_dtype.is_floating_point else ""
                 raise SurgeryError(f"{ck.root}: base tensor {key} has dtype {spec.dtype}; only float16/bfloat16/"
-                                   "float32/float64 bases can be merged into")
+                                   f"float32/float64 bases can be merged into{hint}")
             if not _fits(m, spec.shape, fan):
                 want = list(m.shape[::-1] if m.kind == "embedding" or fan else m.shape)
                 raise SurgeryError(f"{where}: module {name} ({m.algo}) has ΔW of shape {want} but base tensor {key} "

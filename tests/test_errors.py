@@ -97,12 +97,15 @@ def _model(tmp_path, config):
     return d
 
 
-def _nan_base(tmp_path):
+def _nan_base(tmp_path, fp8=False):
+    """The bundled base with a NaN in one weight, or (fp8) its 2-D weights cast to scale-less float8."""
     from safetensors.torch import load_file
 
     sd = load_file(str(FIXTURES / "tiny-llama" / "model.safetensors"))
     key = next(k for k in sd if k.endswith("layers.0.self_attn.q_proj.weight"))
     sd[key][0, 0] = float("nan")
+    if fp8:
+        sd = {k: v.nan_to_num().to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in sd.items()}
     d = tmp_path / "nanbase"
     d.mkdir()
     save_file(sd, str(d / "model.safetensors"))
@@ -222,6 +225,8 @@ CASES = {
     "combine-ties-nan": (lambda p: ["combine", _kohya(p, bad="lora_unet_q.lora_up.weight"),
                                     _kohya(p, name="k2.safetensors"), "--method", "ties", "--density", "0.5", "-o",
                                     p / "out.safetensors"], "k.safetensors: tensor lora_unet_q.lora_up.weight holds"),
+    "merge-base-fp8": (lambda p: ["merge", _nan_base(p, fp8=True), PEFT_FIXTURE, "-o", p / "out"],
+                       "a float8 checkpoint without scales (as ComfyUI stores them) is a cast"),
     "merge-base-nan": (lambda p: ["merge", _nan_base(p), PEFT_FIXTURE, "-o", p / "out"],
                        "base tensor model.layers.0.self_attn.q_proj.weight already holds NaN or Inf"),
     "combine-bias-ties": (lambda p: ["combine", _peft(p, {"lora_bias": True}, extra={"base_model.model.m.q_proj.lora_B.bias": torch.ones(8)}),
