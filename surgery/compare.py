@@ -118,7 +118,9 @@ class _Weights:
         for name, change in plan.changes.items():
             p = self.params.get(name)
             if p is None:
-                raise SurgeryError(f"{adapter.source}: changes {name}, which the loaded model has no parameter of")
+                raise SurgeryError(f"{adapter.source}: changes {name}, which the loaded model has no parameter of "
+                                   "(transformers loads this base's tensors renamed or fused, as MoE experts); "
+                                   "compare runs on bases loaded as stored: merge it and evaluate the merged model")
             spec = source(self.ck, plan, name)
             if tuple(spec.shape) != tuple(p.shape):
                 raise SurgeryError(f"{self.ck.root}: {name} is {list(spec.shape)} on disk but {list(p.shape)} in "

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from surgery import load_adapter  # noqa: E402
 from surgery.io.peft import PREFIX  # noqa: E402
 
+from .conftest import FIXTURES  # noqa: E402
 from .test_gguf import surgery  # noqa: E402
 
 BOTH = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -288,6 +289,14 @@ def test_bad_inputs(models, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and says in lines[0], (what, r.stderr)
         assert not Path(args[-1]).exists(), what
+    # compare loads the base with transformers, which holds Mixtral's per-expert tensors fused: one line saying so
+    mixtral = _model("mixtral", tmp_path / "mxt", vocab_size=256)
+    for f in (FIXTURES / "tiny-llama").glob("tokenizer*"):
+        (mixtral / f.name).write_bytes(f.read_bytes())
+    r = surgery("compare", mixtral, _lora(mixtral, tmp_path / "b", r=2, lora_alpha=4), "--texts",
+                FIXTURES / "sentences.txt", "--max-tokens", 8, ok=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "renamed or fused, as MoE experts" in lines[0], r.stderr
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
