@@ -164,6 +164,8 @@ def changed_tensor(spec: TensorSpec, change: Change, transposed: bool, out_dtype
         for m, w in change.parts:
             acc += w * m.scale * materialize(m.bias).to(device, compute)
         return acc.to(out_dtype), base
+    if change.base_rows:
+        base = _with_rows(base.clone(), change.base_rows)
     return merged_weight(base, change.parts, fan_in_fan_out=transposed, out_dtype=out_dtype, compute=compute,
                          device=device, scratch=scratch, dora=change.dora), base
 
@@ -188,6 +190,7 @@ class Change:
     replacement: object = None  # kind "replace": PEFT modules_to_save tensor that takes the base tensor's place
     dora: str = "peft"  # how a DoRA magnitude rescales: "peft" (lora_magnitude_vector) or "lycoris" (dora_scale)
     rows: tuple = ()  # PEFT trainable tokens: (row indices, their new values (n, dim)), written over the result
+    base_rows: tuple = ()  # the same, written over `source` first: a head created from an embedding with tokens
 
 
 @dataclass(frozen=True)
@@ -334,7 +337,10 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
             raise SurgeryError(f"{key}: adapters disagree on fan_in_fan_out")
         if any(m.magnitude is not None for m, _, _ in parts) and len(parts) > 1:
             raise SurgeryError(f"{key}: a DoRA module cannot be merged together with other adapters")
-    plan = {k: Change(tuple((m, w) for m, w, _ in p), "weight", created.get(k), dora=dora_styles.get(k, "peft"))
+    # a head untied from an embedding with trainable tokens starts from the embedding's new rows: PEFT ties the
+    # token adapter to the head, and runs the head's LoRA on top of it
+    plan = {k: Change(tuple((m, w) for m, w, _ in p), "weight", created.get(k), dora=dora_styles.get(k, "peft"),
+                      base_rows=tokens.get(created.get(k), ()))
             for k, p in changes.items()}
     plan.update({k: Change(tuple(p), "bias") for k, p in biases.items()})
     plan.update({k: Change((), "replace", source=created.get(k), replacement=t, rows=tokens.get(k, ()))
@@ -753,7 +759,7 @@ def _write_checkpoint(ck: Checkpoint, plan: MergePlan, target: Path, *, device, 
     def streamable(name: str, change: Change, spec: TensorSpec) -> list | None:
         """The change as row-sliceable products when it can be formed a block of rows at a time (plain LoRA parts,
         CPU, a base stored plain or with per-block-row scales), else None."""
-        if torch.device(dev).type != "cpu" or spec.codec is not None and spec.codec.rows is None:
+        if torch.device(dev).type != "cpu" or spec.codec is not None and spec.codec.rows is None or change.base_rows:
             return None
         return _row_products(change.parts, name in plan.transposed, compute_dtype, dev)
 

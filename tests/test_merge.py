@@ -770,3 +770,25 @@ def test_dora_on_an_embedding_or_a_conv1d_merges_as_peft_merges_it(tmp_path, cas
     assert sum(not torch.equal(ref[k], base[k]) for k in ref) >= len(targets)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=2e-6)
+
+
+def test_a_head_untied_from_an_embedding_with_trainable_tokens_keeps_their_rows(tmp_path):
+    """On a tied base PEFT ties the trainable tokens' adapter to the output head and runs a LoRA on lm_head over
+    it: the head is the embedding with the new rows, plus ΔW. The head merge creates started from the original
+    embedding (logits 3.6 off the adapter's forward). Reference: PeftModel's forward (its own merge_and_unload
+    leaves a token wrapper behind here and differs from its forward)."""
+    tiny_llama(tie=True).save_pretrained(tmp_path / "base")
+    model = get_peft_model(load(tmp_path / "base"), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
+                                                               trainable_token_indices={"embed_tokens": [3, 7]}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    model.save_pretrained(tmp_path / "lora")
+    assert run_ok("merge", tmp_path / "base", tmp_path / "lora", "-o", tmp_path / "m")
+    peft_model = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").eval()
+    ids = torch.tensor([[1, 3, 5, 7, 9, 3, 7, 2]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = load(tmp_path / "m")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)

@@ -277,7 +277,7 @@ class _Names:
     def renamed(self, local: str) -> list[str]:
         """The on-disk path of a module the loaded model holds under another name (surgery.io.loaded)."""
         if not hasattr(self, "_renamed"):
-            self._renamed = {} if self.prefix else how_loaded(self.ck).renamed
+            self._renamed = {} if self.prefix or not worth_asking(self.ck) else how_loaded(self.ck).renamed
         return [self._renamed[local]] if local in self._renamed else []
 
 
