@@ -88,7 +88,14 @@ def _load(model_dir, texts, device):
     return tok, model.to(resolve_device(device, exact=False)), lines, pad
 
 
-def _token_plan(tok, lines, *, rows, where, batch_size, max_length, keep_special, max_tokens, seed):
+def check_vocabulary(model, top: int, where) -> None:
+    """Token ids up to `top` must be rows of the model's input embedding (else: a tokenizer of another model)."""
+    if top >= (rows := model.get_input_embeddings().weight.shape[0]):
+        raise SurgeryError(f"{where}: its tokenizer gives token id {top} but the model's embedding has {rows} rows "
+                           "(a tokenizer of another model?)")
+
+
+def _token_plan(tok, lines, *, model, where, batch_size, max_length, keep_special, max_tokens, seed):
     """[(encoding, mask of the sampled positions)] per batch, and the counts: padding (and by default special
     tokens) excluded, then a seeded sample of at most `max_tokens` of the remaining positions, chosen before the
     model runs so that only sampled positions are ever kept."""
@@ -97,9 +104,7 @@ def _token_plan(tok, lines, *, rows, where, batch_size, max_length, keep_special
     for i in range(0, len(lines), batch_size):
         enc = tok(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                   return_tensors="pt")
-        if (top := int(enc["input_ids"].max())) >= rows:
-            raise SurgeryError(f"{where}: its tokenizer gives token id {top} but the model's embedding has {rows} "
-                               "rows (a tokenizer of another model?)")
+        check_vocabulary(model, int(enc["input_ids"].max()), where)
         keep = enc["attention_mask"].bool()
         if not keep_special:
             keep &= ~torch.isin(enc["input_ids"], special)
@@ -132,9 +137,8 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
             device: str = "auto") -> Capture:
     """Hidden states (embedding output, then each block's output) at a seeded sample of token positions."""
     tok, model, lines, pad = _load(model_dir, texts, device)
-    plan, n, k = _token_plan(tok, lines, rows=model.get_input_embeddings().weight.shape[0], where=model_dir,
-                             batch_size=batch_size, max_length=max_length, keep_special=keep_special,
-                             max_tokens=max_tokens, seed=seed)
+    plan, n, k = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size, max_length=max_length,
+                             keep_special=keep_special, max_tokens=max_tokens, seed=seed)
     dev = next(model.parameters()).device
     per_layer: list[list[torch.Tensor]] = []
     with torch.no_grad():
@@ -168,9 +172,8 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     except re.error as e:
         raise SurgeryError(f"--targets {targets!r}: bad regex: {e}") from None
     tok, model, lines, pad = _load(model_dir, texts, device)
-    plan, n, k = _token_plan(tok, lines, rows=model.get_input_embeddings().weight.shape[0], where=model_dir,
-                             batch_size=batch_size, max_length=max_length, keep_special=keep_special,
-                             max_tokens=max_tokens, seed=seed)
+    plan, n, k = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size, max_length=max_length,
+                             keep_special=keep_special, max_tokens=max_tokens, seed=seed)
     prefix = _block_prefix(model)
     names = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
              and (pattern.search(name) if pattern else prefix and name.startswith(prefix + "."))]

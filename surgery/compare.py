@@ -182,6 +182,7 @@ def compare(model_dir: str | os.PathLike, a: Adapter, b: Adapter | None, texts: 
     into it and read back from the checkpoint afterwards), plus side A's logits for every text (tokens ×
     vocabulary, in the model's dtype).
     """
+    from .capture import check_vocabulary
     from .io.checkpoint import open_checkpoint
     from .io.hub import resolve
 
@@ -204,10 +205,7 @@ def compare(model_dir: str | os.PathLike, a: Adapter, b: Adapter | None, texts: 
             encoded.append((i, ids))
     if not encoded:
         raise SurgeryError(f"{texts}: no text has two tokens or more (nothing to predict)")
-    rows = model.get_input_embeddings().weight.shape[0]
-    if (top := max(int(ids.max()) for _, ids in encoded)) >= rows:
-        raise SurgeryError(f"{model_dir}: its tokenizer gives token id {top} but the model's embedding has {rows} "
-                           "rows (a tokenizer of another model?)")
+    check_vocabulary(model, max(int(ids.max()) for _, ids in encoded), model_dir)
     weights = _Weights(model, ck, compute, dev)
     notes: list[str] = []
 

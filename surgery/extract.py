@@ -21,7 +21,7 @@ from .errors import SurgeryError, listed
 from .io import experts as expert_layout
 from .io import hub
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
-from .io.loaded import Loaded, how_loaded, worth_asking
+from .io.loaded import Loaded, how_loaded
 from .io.names import resized_table
 from .io.peft import PREFIX
 from .linalg import all_finite, randomized_svd, split_factors, sum_squares
@@ -157,12 +157,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     pipeline = is_pipeline(finetuned)
     experts = {} if pipeline else _expert_tensors(base, pairs, pattern)  # `param[e]` → (Param, e, (key, Piece) …)
     chosen, mismatched, untargeted, tables = [], [], [], {}
-    stored = None if pipeline else open_checkpoint(base)
-    how = how_loaded(stored) if stored is not None and worth_asking(stored) else Loaded()
-    renamed = {disk: model for model, disk in how.renamed.items()}
-
-    def loaded(path: str) -> str:  # modules are named as the loaded model names them, as PEFT saves them
-        return renamed.get(path, path)
+    how = Loaded() if pipeline else how_loaded(open_checkpoint(base))  # modules named as PEFT saves them
+    loaded = how.loaded_name
     in_experts = {key for _, _, pieces in experts.values() for key, _ in pieces}
     for name, (spec, other) in pairs.items():
         if name in in_experts:
@@ -310,9 +306,9 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         adapter = Adapter(modules=modules, format="peft", config=config, metadata={"format": "pt"},
                           passthrough={PREFIX + loaded(n.removesuffix(".weight")) + ".weight":
                                        TensorRef(t.path, n, tuple(t.shape), t.torch_dtype) for n, t in tables.items()})
-        if moved := sorted(p for p in renamed if PREFIX + renamed[p] in modules):
+        if moved := sorted(p for p in how.renamed.values() if PREFIX + loaded(p) in modules):
             warnings.append(f"{len(moved)} module(s) named as transformers loads the base, not as it stores them "
-                            f"({moved[0]} → {renamed[moved[0]]}), as PEFT saves adapters for it")
+                            f"({moved[0]} → {loaded(moved[0])}), as PEFT saves adapters for it")
         if tables:
             sizes = sorted({f"{pairs[n][1].shape[0]} → {t.shape[0]}" for n, t in tables.items()})
             warnings.append(f"the vocabulary is resized ({', '.join(sizes)} rows): {', '.join(tables)} carried whole, "

@@ -97,6 +97,18 @@ def _model(tmp_path, config):
     return d
 
 
+def _dora_conv(tmp_path):
+    """A conv base (48, 32, 3, 3) and a LyCORIS LoHa on it, stored flattened, whose per-input-column dora_scale
+    (1, 96, 1, 1) fits its 288 flattened columns (96 · 3) but not the base's 32 input channels."""
+    g = torch.Generator().manual_seed(0)
+    save_file({"conv.weight": torch.randn(48, 32, 3, 3, generator=g)}, str(tmp_path / "convbase.safetensors"))
+    save_file({"lycoris_conv.hada_w1_a": torch.randn(48, 2, generator=g), "lycoris_conv.hada_w1_b":
+               torch.randn(2, 288, generator=g), "lycoris_conv.hada_w2_a": torch.randn(48, 2, generator=g),
+               "lycoris_conv.hada_w2_b": torch.randn(2, 288, generator=g), "lycoris_conv.alpha": torch.tensor(2.0),
+               "lycoris_conv.dora_scale": torch.rand(1, 96, 1, 1, generator=g) + 1}, str(tmp_path / "d.safetensors"))
+    return [tmp_path / "convbase.safetensors", tmp_path / "d.safetensors"]
+
+
 def _nan_base(tmp_path, fp8=False):
     """The bundled base with a NaN in one weight, or (fp8) its 2-D weights cast to scale-less float8."""
     from safetensors.torch import load_file
@@ -225,6 +237,11 @@ CASES = {
     "combine-ties-nan": (lambda p: ["combine", _kohya(p, bad="lora_unet_q.lora_up.weight"),
                                     _kohya(p, name="k2.safetensors"), "--method", "ties", "--density", "0.5", "-o",
                                     p / "out.safetensors"], "k.safetensors: tensor lora_unet_q.lora_up.weight holds"),
+    "dora-magnitude-base": (lambda p: ["merge", *_dora_conv(p), "-o", p / "out.safetensors"],
+                            "DoRA magnitude of shape [1, 96, 1, 1] does not fit base tensor conv.weight"),
+    "bdlora-both": (lambda p: ["squeeze", _peft(p, {"use_bdlora": {"target_modules_bd_a": ["q_proj"],
+                                                                   "target_modules_bd_b": ["m."], "nblocks": 2}}),
+                               "--rank", "1", "-o", p / "out"], "matches both target_modules_bd_a and"),
     "merge-base-fp8": (lambda p: ["merge", _nan_base(p, fp8=True), PEFT_FIXTURE, "-o", p / "out"],
                        "a float8 checkpoint without scales (as ComfyUI stores them) is a cast"),
     "merge-base-nan": (lambda p: ["merge", _nan_base(p), PEFT_FIXTURE, "-o", p / "out"],

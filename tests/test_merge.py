@@ -46,6 +46,17 @@ def random_lora(model, out, targets=LINEAR, seed=1, **cfg):
     return peft_model
 
 
+def trained(model, out, **cfg):
+    """A PEFT adapter of `cfg` on `model` with every trainable tensor moved off its init (LoRA factors,
+    modules_to_save copies, trainable tokens), saved with save_pretrained."""
+    peft_model = get_peft_model(model, LoraConfig(**cfg))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    peft_model.save_pretrained(out)
+
+
 def logits(model):
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -697,14 +708,8 @@ def test_a_vision_language_model_stored_under_other_names_merges_and_extracts_as
     for k in ref:
         torch.testing.assert_close(got[k], ours[k], rtol=0, atol=1e-5)
     # modules_to_save and trainable tokens on the loaded names too (both were "a tensor the base does not have")
-    extra = get_peft_model(Llava.from_pretrained(tmp_path / "base"), LoraConfig(
-        r=4, target_modules=["q_proj"], modules_to_save=["lm_head", "multi_modal_projector"],
-        trainable_token_indices={"embed_tokens": [3, 5]}))
-    with torch.no_grad():
-        for p in extra.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
-    extra.save_pretrained(tmp_path / "extra")
+    trained(Llava.from_pretrained(tmp_path / "base"), tmp_path / "extra", r=4, target_modules=["q_proj"],
+            modules_to_save=["lm_head", "multi_modal_projector"], trainable_token_indices={"embed_tokens": [3, 5]})
     assert run_ok("merge", tmp_path / "base", tmp_path / "extra", "-o", tmp_path / "m2")
     ref2, got2 = peft_merged(tmp_path / "extra"), Llava.from_pretrained(tmp_path / "m2").state_dict()
     assert not torch.equal(ref2["lm_head.weight"], base["lm_head.weight"])
@@ -778,13 +783,8 @@ def test_a_head_untied_from_an_embedding_with_trainable_tokens_keeps_their_rows(
     embedding (logits 3.6 off the adapter's forward). Reference: PeftModel's forward (its own merge_and_unload
     leaves a token wrapper behind here and differs from its forward)."""
     tiny_llama(tie=True).save_pretrained(tmp_path / "base")
-    model = get_peft_model(load(tmp_path / "base"), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
-                                                               trainable_token_indices={"embed_tokens": [3, 7]}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
-    model.save_pretrained(tmp_path / "lora")
+    trained(load(tmp_path / "base"), tmp_path / "lora", r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
+            trainable_token_indices={"embed_tokens": [3, 7]})
     assert run_ok("merge", tmp_path / "base", tmp_path / "lora", "-o", tmp_path / "m")
     peft_model = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "lora").eval()
     ids = torch.tensor([[1, 3, 5, 7, 9, 3, 7, 2]])

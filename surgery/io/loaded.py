@@ -10,9 +10,9 @@ stored.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ def transformers_modules(where):
     return transformers, conversion_mapping, core_model_loading
 
 
-@lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)
 def meta_model(config_path: Path, mtime: float):
     """The model of `config_path` built on the meta device: its parameter names, shapes and module types."""
     transformers, _, _ = transformers_modules(config_path.parent)
@@ -70,17 +70,26 @@ class Loaded:
     wrapped: frozenset = frozenset()
     transposed: frozenset = frozenset()
 
-    @property
+    @functools.cached_property
     def renamed(self) -> dict[str, str]:
         """{the loaded model's module path: the stored one}, by their weights."""
         return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in self.keys.items()
                 if k.endswith(".weight") and v.endswith(".weight")}
 
+    def loaded_name(self, stored: str) -> str:
+        """The loaded model's path of a stored module (itself where transformers keeps it)."""
+        return self._stored.get(stored, stored)
+
+    @functools.cached_property
+    def _stored(self) -> dict[str, str]:
+        return {v: k for k, v in self.renamed.items()}
+
 
 def how_loaded(ck: Checkpoint) -> Loaded:
-    """What transformers makes of the base's weights (empty without a config.json, or transformers ≥ 5 knowing
-    the model). Cached per checkpoint."""
-    if not ck.is_dir or not ck.config_path.exists():
+    """What transformers makes of the base's weights: empty without a config.json, for a model transformers ≥ 5
+    does not know, or where `worth_asking` says it keeps them as stored (sparing its 2 s import). Cached per
+    checkpoint."""
+    if not ck.is_dir or not ck.config_path.exists() or not worth_asking(ck):
         return Loaded()
     key = (str(ck.root), ck.config_path.stat().st_mtime_ns, tuple(ck.tensors))
     if key not in _SEEN:
@@ -108,14 +117,14 @@ def _how_loaded(ck: Checkpoint, keys: tuple) -> Loaded:
     conv1d = {n for n, m in modules.items() if type(m).__name__ == "Conv1D"}
     wrapped = {n for n, m in modules.items() if not isinstance(m, layers) and n not in conv1d
                and isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.dim() == 2}
-    stored = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in renamed.items()}
+    stored = Loaded(renamed).renamed  # module paths, loaded → stored
     return Loaded(renamed, frozenset(wrapped), frozenset(stored.get(n, n) for n in conv1d))
 
 
 def on_disk(ck: Checkpoint, key: str) -> str:
-    """The base's stored key for a tensor key of the loaded model (itself where the base has it, or cannot be
-    loaded otherwise: a tied output head is absent, not renamed)."""
-    return key if key in ck.tensors or not worth_asking(ck) else how_loaded(ck).keys.get(key, key)
+    """The base's stored key for a tensor key of the loaded model (itself where the base has it, or where it is
+    absent, not renamed: a tied output head)."""
+    return key if key in ck.tensors else how_loaded(ck).keys.get(key, key)
 
 
 CONV1D_NAMES = re.compile(r"\.(c_attn|c_fc|c_proj|q_attn)\.weight$")  # GPT-2's, OpenAI GPT's, ImageGPT's, …
@@ -123,8 +132,7 @@ CONV1D_NAMES = re.compile(r"\.(c_attn|c_fc|c_proj|q_attn)\.weight$")  # GPT-2's,
 
 def worth_asking(ck: Checkpoint) -> bool:
     """Whether transformers may load the base otherwise than it is stored: a composite model (a sub-model's config
-    inside config.json: Llava, Qwen2-VL, Gemma 3, …), a MoE, or GPT-2-style Conv1D weights. A check that spares
-    importing transformers (2 s) for the others."""
+    inside config.json: Llava, Qwen2-VL, Gemma 3, …), a MoE, or GPT-2-style Conv1D weights."""
     cfg = ck.config() if ck.is_dir else {}
     return (any(isinstance(v, dict) and "model_type" in v for v in cfg.values()) or any("expert" in k for k in cfg)
             or any(CONV1D_NAMES.search(k) for k in ck.tensors))

@@ -27,7 +27,7 @@ from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import SurgeryError, listed
 from .. import fuse
 from . import experts, gguf_file, hub, jsonfile
-from .loaded import how_loaded, worth_asking
+from .loaded import how_loaded
 from .checkpoint import Checkpoint, is_pipeline, open_checkpoint, open_pipeline
 from .kohya import provenance
 
@@ -277,7 +277,7 @@ class _Names:
     def renamed(self, local: str) -> list[str]:
         """The on-disk path of a module the loaded model holds under another name (surgery.io.loaded)."""
         if not hasattr(self, "_renamed"):
-            self._renamed = {} if self.prefix or not worth_asking(self.ck) else how_loaded(self.ck).renamed
+            self._renamed = {} if self.prefix else how_loaded(self.ck).renamed
         return [self._renamed[local]] if local in self._renamed else []
 
 
@@ -552,8 +552,7 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False, exper
     t5 = {c for c, ck in targets if _is_t5(c, ck)}
     clip = {c for c, ck in targets if c in TEXT_ENCODERS and _is_clip(ck)}
     # PEFT names a module as the loaded model does (surgery.io.loaded), which may not be how the base stores it
-    loaded = {c: {disk: model for model, disk in how_loaded(ck).renamed.items()} for c, ck in targets
-              if fmt in ("peft", "peft-file") and worth_asking(ck)}
+    loaded = {c: how_loaded(ck) for c, ck in targets} if fmt in ("peft", "peft-file") else {}
     modules = {}
     for key, m in p.modules.items():
         c, path = key[0], p.local[key]
@@ -564,7 +563,7 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False, exper
                 path = "text_model." + path  # kohya / ComfyUI name CLIP's modules as transformers 4 did
             name = ("lora_te3_" if c in t5 else kohya_prefix(c, two)) + path.replace(".", "_")
         else:
-            name = PEFT_PREFIX + loaded.get(c, {}).get(path, path)
+            name = PEFT_PREFIX + loaded[c].loaded_name(path)
         modules[name] = m
     configs = component_configs(adapter)
     if fmt == "diffusers":

@@ -194,12 +194,12 @@ def _training_only(parts, passthrough, config, weights: Path, where):
     """(passthrough, config, notes) without the training-only variants' tensors and config keys; any other
     `<module>.lora_*` tensor of a LoRA module belongs to a PEFT variant surgery does not know (KaSA's lora_diag, a
     future one), whose update is not scale·B·A: refused."""
+    dropped = [v for v in _TRAINING_ONLY if (config or {}).get(v)]
     owned = {k: m["what"] for k in passthrough if (m := _MODULE_TENSOR.match(k)) and m["m"] in parts}
     for key, what in owned.items():
-        if not any(what == t and (config or {}).get(v) for v, t in _TRAINING_ONLY.items()):
+        if not any(what == _TRAINING_ONLY[v] for v in dropped):
             raise SurgeryError(f"{where}: tensor {key} ({what}) belongs to a PEFT LoRA variant surgery does not read "
                                "(its update is more than scale·B·A); keep it a PEFT adapter")
-    dropped = [v for v in _TRAINING_ONLY if (config or {}).get(v)]
     if not dropped:
         return passthrough, config, []
     note = (f"{weights.name}: {', '.join(dropped)}: training-only state; read as the plain LoRA PEFT runs and merges, "
