@@ -123,12 +123,30 @@ def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign)
         if method != "sum" and (biased := [n for n, m in a.modules.items() if m.bias is not None]):
             raise SurgeryError(f"{a.source}: module {biased[0]} has a bias part (lora_B.bias / diff_b), which "
                                f"{method} has no rule for; combine it with --method sum")
-        if a.passthrough:
-            raise SurgeryError(f"{a.source}: carries non-LoRA tensors ({next(iter(a.passthrough))}, e.g. "
-                               "modules_to_save), which replace base tensors and cannot be weighted")
+        if replaced := [k for k in a.passthrough if not _BASE_COPY.search(k)]:
+            raise SurgeryError(f"{a.source}: carries non-LoRA tensors ({replaced[0]}, e.g. modules_to_save), "
+                               "which replace base tensors and cannot be weighted")
     fans = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
     if len(fans) > 1:
         raise SurgeryError("the adapters disagree on fan_in_fan_out")
+
+
+# the base's own table that PEFT's save_embedding_layers stores beside a LoRA on an embedding or head
+_BASE_COPY = re.compile(r"\.(base_layer|original_module)\.weight$")
+
+
+def _base_copies(adapters: Sequence[Adapter]) -> dict:
+    """The `save_embedding_layers` copies of base tables the inputs carry (PEFT loads them over the base's own),
+    one per key; inputs that carry different copies (vocabularies resized apart) are refused."""
+    out: dict = {}
+    for a in adapters:
+        for key, t in a.passthrough.items():
+            t = materialize(t)
+            if key in out and (out[key][1].shape != t.shape or not torch.equal(out[key][1], t)):
+                raise SurgeryError(f"{a.source}: its copy of the base's {key} differs from {out[key][0]}'s "
+                                   "(vocabularies resized apart?), so one combined adapter cannot carry both")
+            out.setdefault(key, (a.source, t))
+    return {k: t for k, (_, t) in out.items()}
 
 
 def _shapes(adapters: Sequence[Adapter]) -> dict[str, tuple]:
@@ -249,7 +267,8 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
             progress(name)
     first = adapters[0]
     exact = first.with_modules(modules, format="peft" if first.format == "tera" else first.format,
-                               config=_config(adapters, modules), source=None, notes=())
+                               config=_config(adapters, modules), passthrough=_base_copies(adapters), source=None,
+                               notes=())
     small, rep = squeeze(exact, rule or Exact(), device=dev, dtype=store)
     small = small.with_modules({n: _shaped(m, shapes[n], store) for n, m in small.modules.items()})
     reports = tuple(CombineModuleReport(

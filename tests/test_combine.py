@@ -178,6 +178,40 @@ def test_bad_weight_map_and_convert_options_are_one_line(two, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
 
 
+def both(d, wa, wb):
+    """PEFT running adapters d/a and d/b on d/base at once, each scaled by its weight (lora_B's bias included)."""
+    ref = PeftModel.from_pretrained(load(d / "base"), d / "a", adapter_name="a")
+    ref.load_adapter(d / "b", adapter_name="b")
+    ref.base_model.set_adapter(["a", "b"])
+    for mod in ref.modules():
+        for name, w in (("a", wa), ("b", wb)):
+            if isinstance(getattr(mod, "scaling", None), dict) and name in mod.scaling:
+                mod.scaling[name] *= w
+    return ref.eval()
+
+
+def test_loras_on_the_embedding_and_head_carry_peft_s_copy_of_the_base_tables(tmp_path):
+    """PEFT saves the base's own embedding / head beside a LoRA on them (save_embedding_layers): the combined
+    adapter carries that copy once, and inputs whose copies differ (vocabularies resized apart) are refused."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    random_lora(load(tmp_path / "base"), tmp_path / "a", targets=["embed_tokens", "lm_head", "q_proj"], seed=1)
+    random_lora(load(tmp_path / "base"), tmp_path / "b", targets=["embed_tokens", "v_proj"], seed=2, r=4)
+    r = run("combine", tmp_path / "a", tmp_path / "b", "--weight", "0.5", "--weight", "-1", "-o", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    saved = load_file(str(tmp_path / "c" / "adapter_model.safetensors"))
+    assert {k for k in saved if "base_layer" in k} == {f"base_model.model.{p}.base_layer.weight"
+                                                       for p in ("model.embed_tokens", "lm_head")}
+    ours = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "c").eval()
+    assert torch.allclose(logits(ours), logits(both(tmp_path, 0.5, -1)), atol=1e-4)
+    sd = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    sd["base_model.model.model.embed_tokens.base_layer.weight"][-1] += 1  # a new token's row, initialised apart
+    save_file(sd, str(tmp_path / "b" / "adapter_model.safetensors"))
+    r = run("combine", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "d")
+    assert r.exit_code == 1 and "its copy of the base's base_model.model.model.embed_tokens.base_layer.weight " \
+        "differs from" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "d").exists()
+
+
 def test_sum_carries_bias_parts(tmp_path):
     """PEFT's lora_B.bias and LyCORIS's diff_b add to the layer's bias linearly: combined, never dropped."""
     import transformers
@@ -192,15 +226,7 @@ def test_sum_carries_bias_parts(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["lora_bias"] is True
     ours = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "c").eval()
-    # PEFT running both adapters at once, each scaled by its weight (lora_B's bias included in the scaling)
-    ref = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "a", adapter_name="a")
-    ref.load_adapter(tmp_path / "b", adapter_name="b")
-    ref.base_model.set_adapter(["a", "b"])
-    for mod in ref.modules():
-        for name, w in (("a", 0.7), ("b", 0.3)):
-            if isinstance(getattr(mod, "scaling", None), dict) and name in mod.scaling:
-                mod.scaling[name] *= w
-    assert torch.allclose(logits(ours), logits(ref.eval()), atol=1e-4)
+    assert torch.allclose(logits(ours), logits(both(tmp_path, 0.7, 0.3)), atol=1e-4)
     # LyCORIS full modules: diff and diff_b summed, written as a full module again in a kohya file
     g = torch.Generator().manual_seed(3)
     files = []
