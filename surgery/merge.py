@@ -27,7 +27,7 @@ from .device import Scratch, resolve_device, storage_dtype
 from .errors import SurgeryError, listed
 from .io import check_output, gguf_file, hub
 from .io import experts as expert_layout
-from .io.experts import Piece
+from .io.experts import Param, Piece
 from .io.jsonfile import field, read_object
 from .io.loaded import on_disk
 from .io.peft import PREFIX
@@ -276,6 +276,8 @@ def plan_merge(ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[fl
         adapter.check_plain("a merge into the base")
         fan = bool(adapter.config.get("fan_in_fan_out", False))
         where = str(adapter.source)
+        if adapter.format == gguf_file.FORMAT:  # llama.cpp's names back to the base's (experts fused as it loads)
+            adapter = gguf_file.from_gguf(adapter, ck.root if ck.is_dir else ck.root.parent)
         experts = {n: m for n, m in adapter.modules.items() if m.kind == "experts"}
         if experts:
             for key, part in _expert_parts(ck, experts, where, allow_missing, notes):
@@ -1064,6 +1066,8 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
             if tuple(refs[key].shape) != (shape := gguf_file.weight_shape(m)):
                 raise SurgeryError(f"{a.source}: {name} updates a {shape} weight, but {base} has {key} "
                                    f"{tuple(refs[key].shape)} (an adapter for another model?)")
+            if m.kind == "experts":  # the whole (E, out, in) tensor, one batched GEMM
+                m = ExpertPart(SharedFactors(m, 1), Piece(Param(key, m.shape, False, ())))
             parts.setdefault(key, []).append((m, w))
     for key in parts:
         if gguf_file.type_name(refs[key].qtype) not in gguf_file.TYPES:

@@ -76,6 +76,8 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
     if arch == "Phi3ForCausalLM":
         extra.pop("head_dim")
         extra.update(num_key_value_heads=4, original_max_position_embeddings=64)
+    if arch in MOE:
+        extra.update(MOE[arch])
     config = config_cls(vocab_size=vocab, **{**SMALL, **extra})
     torch.manual_seed(seed)
     m = getattr(transformers, arch)(config).eval()
@@ -89,9 +91,27 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# tiny MoE models: 4 experts, 2 per token (Qwen2-MoE with a shared expert)
+MOE = {"MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
+       "Qwen3MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   norm_topk_prob=True),  # as real Qwen3-MoE models (llama.cpp assumes it)
+       "Qwen2MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=48)}
+# The converters run as scripts, with one change: llama.cpp's Qwen MoE converter asks for a BPE tokenizer (it
+# knows real Qwen ones by hash), while these tiny models carry a SentencePiece one, which its Qwen2 converter
+# takes; the vocabulary is not what any test here is about.
+_RUN = """import runpy, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+from conversion.qwen import Qwen2Model, Qwen2MoeModel
+Qwen2MoeModel.set_vocab = Qwen2Model.set_vocab
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run_script(script: str, *args) -> None:
-    r = subprocess.run([sys.executable, str(sources() / script), *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = subprocess.run([sys.executable, "-c", _RUN, str(sources()), str(sources() / script), *map(str, args)],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if r.returncode:
         raise AssertionError(f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 

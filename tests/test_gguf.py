@@ -490,3 +490,133 @@ def test_every_gguf_refusal_is_one_line_and_writes_nothing(cases, tmp_path):
     assert not any(p.name.startswith((".out.gguf", ".p.", ".d.", ".s.safetensors", ".x.safetensors"))
                    for p in tmp_path.iterdir())
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "s.safetensors").exists()
+
+
+# ---------------------------------------------------------------- MoE experts: llama.cpp's ffn_*_exps tensors
+
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]  # experts and router
+
+
+class MoeCase:
+    """A tiny MoE model (transformers 5: experts fused in memory, stored per expert), its GGUF by llama.cpp, and a
+    PEFT adapter on attention, the experts and the router (`target_parameters`; Qwen2-MoE's shared expert too),
+    which llama.cpp's own converter does not take: its reference file is converted from the same adapter written
+    as per-expert modules (`experts.N.gate_proj`, transformers 4's names)."""
+
+    def __init__(self, root: Path, arch: str):
+        self.hf = L.model(arch, root / "hf")
+        self.base = L.convert_model(self.hf, root / "base-f32.gguf")
+        shared = ["shared_expert.gate_proj", "shared_expert.down_proj", "shared_expert_gate"] \
+            if arch == "Qwen2MoeForCausalLM" else []
+        self.lora = peft_lora(self.hf, root / "lora", ATTN + shared, target_parameters=EXPERT_PARAMS, r=4,
+                              lora_alpha=8)
+        self.ref = L.hf_logits(self.hf, self.lora)
+        self.hf_base = L.hf_logits(self.hf)
+        self.per_expert = root / "per-expert"
+        surgery("convert", self.lora, "--to", "peft", "--base", self.hf, "--expert-modules", "-o", self.per_expert)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    made = {}
+
+    def get(arch: str) -> MoeCase:
+        if arch not in made:
+            made[arch] = MoeCase(tmp_path_factory.mktemp(arch), arch)
+        return made[arch]
+    return get
+
+
+MOE_ARCHS = ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_adapter_runs_in_llama_cpp_as_peft_runs_it(moe, arch, tmp_path):
+    """A PEFT MoE adapter (experts fused gate_up_proj / down_proj and the router by target_parameters) →
+    `surgery convert --base` → llama.cpp gives PeftModel's logits, and the file is the one llama.cpp's converter
+    writes from the per-expert form, tensor for tensor (gate and up split, experts stacked (E, r, in) and
+    (E, out, r)); per-expert modules convert to the same file; a GGUF model as --base names the same."""
+    c = moe(arch)
+    ours = tmp_path / "ours.gguf"
+    surgery("convert", c.lora, "--base", c.hf, "-o", ours)
+    theirs = L.convert_lora(c.per_expert, c.hf, tmp_path / "theirs.gguf")
+    effect = close(c.ref, c.hf_base)
+    assert effect > 1.0
+    assert close(L.logits(c.base, ours), c.ref) < 1e-5 * effect
+    assert close(L.logits(c.base, theirs), c.ref) < 1e-5 * effect
+    o = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    t = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert o.keys() == t.keys() and {"blk.1.ffn_up_exps.weight.lora_b", "blk.0.ffn_gate_inp.weight.lora_a"} <= o.keys()
+    assert list(o["blk.0.ffn_gate_exps.weight.lora_a"].shape) == [64, 4, 4]  # ne: in, r, E
+    for n in o:
+        assert np.allclose(np.array(o[n].data), np.array(t[n].data), rtol=0, atol=1e-6), n
+    for other in (c.per_expert, None):
+        again = tmp_path / f"again{other is None}.gguf"
+        surgery("convert", other or c.lora, "--base", c.hf if other else c.base, "-o", again)
+        assert {n: np.array(x.data).tobytes() for n, x in ((x.name, x) for x in gguf.GGUFReader(again).tensors)} \
+            == {n: np.array(x.data).tobytes() for n, x in o.items()}
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM"])
+def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
+    """llama.cpp's MoE adapter file → PEFT (gate and up expert tensors fused back into gate_up_proj, the router
+    wrapped by target_parameters): PeftModel gives the original's logits; merged into the GGUF model and into the
+    HF model, it gives them too; squeezed, llama.cpp runs each expert's optimal truncation."""
+    c = moe(arch)
+    theirs = L.convert_lora(c.per_expert, c.hf, tmp_path / "theirs.gguf")
+    back = tmp_path / "back"
+    surgery("convert", theirs, "--to", "peft", "--base", c.hf, "-o", back)
+    config = json.loads((back / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(f"model.layers.{i}.{p}" for i in range(2)
+                                                         for p in EXPERT_PARAMS)
+    effect = close(c.ref, c.hf_base)
+    assert close(L.hf_logits(c.hf, back), c.ref) < 1e-6 * effect
+    merged = tmp_path / "merged.gguf"
+    surgery("merge", c.base, theirs, "-o", merged)
+    assert close(L.logits(merged), c.ref) < 1e-5 * effect
+    surgery("merge", c.hf, theirs, "-o", tmp_path / "merged-hf")
+    assert close(L.hf_logits(tmp_path / "merged-hf"), c.ref) < 1e-5 * effect
+    # squeeze: each expert of each tensor truncated to rank 2, checked against the float64 SVD of the file's ΔW_e
+    small = tmp_path / "small.gguf"
+    surgery("squeeze", theirs, "--rank", "2", "-o", small)
+    big, sq = ({t.name: np.array(t.data, np.float64) for t in gguf.GGUFReader(f).tensors} for f in (theirs, small))
+    alpha = [gguf.GGUFReader(f).get_field("adapter.lora.alpha").contents() for f in (theirs, small)]
+    for name in [n[: -len(".lora_a")] for n in big if "_exps" in n and n.endswith(".lora_a")]:
+        a, b = big[name + ".lora_a"], big[name + ".lora_b"]  # (E, r, in), (E, out, r)
+        d = torch.from_numpy(alpha[0] / a.shape[1] * b @ a)
+        U, S, Vh = torch.linalg.svd(d)
+        want = U[..., :2] * S[..., None, :2] @ Vh[..., :2, :]
+        got = torch.from_numpy(alpha[1] / 2 * sq[name + ".lora_b"] @ sq[name + ".lora_a"])
+        assert sq[name + ".lora_a"].shape[1] == 2
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_moe_q8_0_and_bad_inputs(moe, tmp_path):
+    """--dtype q8_0 writes llama.cpp's converter's bytes for expert tensors too; an adapter for a model with other
+    expert counts, and expert factors that do not pair, are one line and write nothing."""
+    c = moe("Qwen3MoeForCausalLM")
+    ours = tmp_path / "q8.gguf"
+    surgery("convert", c.lora, "--base", c.hf, "--dtype", "q8_0", "-o", ours)
+    theirs = L.convert_lora(c.per_expert, c.hf, tmp_path / "theirs.gguf", "q8_0")
+    o = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    t = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert o.keys() == t.keys()
+    assert all(o[n].tensor_type == t[n].tensor_type and np.array_equal(np.array(o[n].data), np.array(t[n].data))
+               for n in o)
+    out = tmp_path / "out.gguf"
+    six = tmp_path / "six"
+    six.mkdir()
+    cfg = json.loads((c.hf / "config.json").read_text())
+    (six / "config.json").write_text(json.dumps(cfg | {"num_experts": 6}))
+    _one_line_error(surgery("convert", c.lora, "--base", six, "-o", out, ok=False), "blk.0.ffn_", "6 experts")
+    _one_line_error(surgery("convert", ours, "--to", "peft", "--base", six, "-o", tmp_path / "p", ok=False),
+                    "another model")
+    rng = np.random.default_rng(0)
+    for a, b in (((4, 2, 64), (4, 32, 3)), ((4, 2, 64), (32, 2))):
+        bad = _gguf_adapter(tmp_path / "bad.gguf", arch="qwen3moe", tensors={
+            "blk.0.ffn_up_exps.weight.lora_a": rng.standard_normal(a, dtype=np.float32),
+            "blk.0.ffn_up_exps.weight.lora_b": rng.standard_normal(b, dtype=np.float32)})
+        _one_line_error(surgery("squeeze", bad, "--rank", "1", "-o", out, ok=False), "(experts, r, in)")
+    assert not out.exists() and not (tmp_path / "p").exists()

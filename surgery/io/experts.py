@@ -141,9 +141,10 @@ def _tiled(ck: Checkpoint, param: Param, found: list) -> tuple[tuple[str, Piece]
 
 
 def check_format(adapter, fmt: str) -> None:
-    """Expert parameters have a form in PEFT files only (`target_parameters`); other formats refuse them."""
+    """Expert parameters have a form in PEFT files (`target_parameters`) and llama.cpp's (`ffn_*_exps` tensors)
+    only; other formats refuse them."""
     name = next((n for n, m in adapter.modules.items() if m.kind == "experts"), None)
-    if name is not None and fmt not in ("peft", "peft-file"):
+    if name is not None and fmt not in ("peft", "peft-file", "gguf"):
         raise SurgeryError(f"module {name} is a LoRA on MoE expert tensors, which {fmt} files have no place for; "
                            "write PEFT (--to peft), or per-expert modules with --to peft --base MODEL --expert-modules")
 

@@ -5,11 +5,14 @@ and keeps llama.cpp's layout (Llama's q/k rows permuted), so squeeze and combine
 `to_gguf` / `from_gguf` move an adapter between PEFT's naming and llama.cpp's through the base model's
 architecture, as llama.cpp's `convert_lora_to_gguf.py` does: the `gguf` package's `TensorNameMap` for the names,
 `LlamaModel.permute` on B's rows for Llama's q and k. GGUF has one alpha per file, so modules whose scale differs
-from the file's get it folded into B. Tensors stay on disk (`GgufRef`) until an operation reads them.
+from the file's get it folded into B. MoE expert tensors (`blk.0.ffn_up_exps`) hold one LoRA per expert, stacked;
+they are experts modules here, split from and fused back into transformers 5's `gate_up_proj`. Tensors stay on
+disk (`GgufRef`) until an operation reads them.
 """
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -19,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from ..adapter import PEFT_PREFIX, Adapter, LoraModule, materialize
+from ..adapter import PEFT_PREFIX, Adapter, ExpertsModule, LoraModule, materialize, pack_experts
 from ..errors import SurgeryError, listed
 from . import jsonfile
 from .safetensors_file import WRITTEN_BY, atomic_output, finite
@@ -64,6 +67,7 @@ class Arch:
     permute: bool
     projections: tuple[str, ...]
     tied: bool = False  # transformers' default tie_word_embeddings for the architecture
+    moe: bool = False  # experts in `mlp.experts` (transformers 5's fused gate_up_proj / down_proj), router `mlp.gate`
 
 
 ATTN_MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -80,8 +84,16 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP, tied=True),
     "Phi3ForCausalLM": Arch("phi3", False, ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                             "mlp.down_proj")),
+    "MixtralForCausalLM": Arch("llama", True, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
+    "Qwen3MoeForCausalLM": Arch("qwen3moe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
+    "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + (
+        "mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+        "mlp.shared_expert_gate"), moe=True),
 }
-BY_NAME = {a.name: a for a in ARCHS.values()}
+# a GGUF model names its architecture only: llama's covers Mixtral's experts and router too
+BY_NAME = {a.name: a for a in ARCHS.values() if a.name != "llama"} | {
+    "llama": Arch("llama", True, ATTN_MLP + ("mlp.gate",), moe=True)}
+EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")  # llama.cpp's ffn_{gate,up,down}_exps, one 3-D tensor each
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class Base:
     kv_heads: int
     shapes: Mapping[str, tuple[int, ...]] | None
     has_output: bool
+    experts: int = 0  # per MoE layer
 
     def tensor_map(self):
         gguf = _gguf()
@@ -107,10 +120,13 @@ class Base:
         """{HF module path: GGUF module name} of every module a LoRA can adapt here."""
         tmap = self.tensor_map()
         paths = ["model.embed_tokens"] + [f"model.layers.{i}.{p}" for i in range(self.blocks)
-                                          for p in self.arch.projections]
+                                          for p in self.arch.projections + self._expert_parts()]
         if self.has_output:
             paths.append("lm_head")
         return {p: g for p in paths if (g := tmap.get_name(p))}
+
+    def _expert_parts(self) -> tuple[str, ...]:
+        return tuple(f"mlp.experts.{p}" for p in EXPERT_PARTS) if self.arch.moe else ()
 
 
 def _field(reader, key: str, where, kind=int):
@@ -146,8 +162,10 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
         heads = _field(reader, f"{name}.attention.head_count", path)
         kv = reader.get_field(f"{name}.attention.head_count_kv")
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+        experts = reader.get_field(f"{name}.expert_count")
         return Base(str(path), BY_NAME[name], _field(reader, f"{name}.block_count", path), heads,
-                    int(kv.contents()) if kv is not None else heads, shapes, "output.weight" in shapes)
+                    int(kv.contents()) if kv is not None else heads, shapes, "output.weight" in shapes,
+                    int(experts.contents()) if experts is not None else 0)
     config_path = (path if path.is_dir() else path.parent) / "config.json"
     if not config_path.is_file():
         raise SurgeryError(f"{path}: no config.json (the base model's config names its architecture for GGUF)")
@@ -162,19 +180,41 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
     if blocks is None or heads is None:
         raise SurgeryError(f"{config_path}: num_hidden_layers and num_attention_heads are needed for GGUF names")
     kv = jsonfile.field(config, "num_key_value_heads", "positive int", config_path, default=heads)
+    experts = 0
+    if arch.moe:
+        experts = next((e for k in ("num_experts", "num_local_experts")
+                        if (e := jsonfile.field(config, k, "positive int", config_path)) is not None), None)
+        if experts is None:
+            raise SurgeryError(f"{config_path}: num_experts (or num_local_experts) is needed for GGUF expert names")
     shapes = None
     if path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
         from .checkpoint import open_checkpoint
 
         ck = open_checkpoint(path)
-        b = Base(str(path), arch, blocks, heads, kv, None, "lm_head.weight" in ck.tensors)
-        hf = b.names()
-        shapes = {hf[k[:-len(".weight")]] + ".weight": s.shape for k, s in ck.tensors.items()
-                  if k.endswith(".weight") and k[:-len(".weight")] in hf}
+        b = Base(str(path), arch, blocks, heads, kv, None, "lm_head.weight" in ck.tensors, experts)
+        shapes = _gguf_shapes(b, {k: tuple(t.shape) for k, t in ck.tensors.items()})
         has_output = b.has_output
     else:
         has_output = not jsonfile.field(config, "tie_word_embeddings", "bool", config_path, default=arch.tied)
-    return Base(str(path), arch, blocks, heads, kv, shapes, has_output)
+    return Base(str(path), arch, blocks, heads, kv, shapes, has_output, experts)
+
+
+_STORED_EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<e>\d+)\.(?P<part>\w+)\.weight$")
+
+
+def _gguf_shapes(base: Base, stored: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """{GGUF weight name: numpy shape} of a Hugging Face checkpoint's tensors, as llama.cpp's converter names them
+    (on-disk names through the tensor map; per-expert tensors stacked to (E, out, in))."""
+    tmap, shapes, experts = base.tensor_map(), {}, {}
+    for key, shape in stored.items():
+        if (hit := _STORED_EXPERT.match(key)) is not None:
+            experts.setdefault((hit["owner"], hit["part"]), (set(), shape))[0].add(int(hit["e"]))
+        elif key.endswith(".weight") and (name := tmap.get_name(key[: -len(".weight")])) is not None:
+            shapes[name + ".weight"] = shape
+    for (owner, part), (seen, shape) in experts.items():
+        if (name := tmap.get_name(f"{owner}.{part}")) is not None:
+            shapes[name + ".weight"] = (len(seen),) + tuple(shape)
+    return shapes
 
 
 def permute_rows(t: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
@@ -209,6 +249,16 @@ class _Derived:
 
     def numel(self) -> int:
         return int(np.prod(self.shape))
+
+
+class _Made(_Derived):
+    """A tensor made by `make()` when read, of a known shape and dtype."""
+
+    def __init__(self, make: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype):
+        self.make, self.shape, self.dtype = make, tuple(shape), dtype
+
+    def load(self) -> torch.Tensor:
+        return self.make()
 
 
 def _permuted(t, heads: int, inverse: bool) -> _Derived:
@@ -263,9 +313,15 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         raise SurgeryError("cannot write GGUF: fan_in_fan_out = true (GPT-2 Conv1D bases) is not an architecture "
                            "llama.cpp's adapters cover")
     tmap = base.tensor_map()
-    modules = {}
+    modules, per_expert = {}, {}
     for name, m in adapter.modules.items():
         path = name.removeprefix(PEFT_PREFIX)
+        if m.kind == "experts" or _EXPERT.match(path):
+            for target, part in _expert_targets(name, path, m, tmap, per_expert):
+                if target in modules:
+                    raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
+                modules[target] = part
+            continue
         target = tmap.get_name(path)
         _check_lora(name, m, "has no llama.cpp form", target == "token_embd")
         if path == "lm_head" and (target is None or not base.has_output):
@@ -287,6 +343,19 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
             raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
         modules[target] = m
     notes = list(adapter.notes)
+    for target, (names, experts) in per_expert.items():
+        if target in modules:
+            raise SurgeryError(f"module {names[0]}: two modules map to GGUF tensor {target}")
+        modules[target] = _stacked(names, experts, base.experts or max(experts) + 1, notes)
+    for target, m in modules.items():
+        if m.kind != "experts":
+            continue
+        shape = None if base.shapes is None else base.shapes.get(target + ".weight")
+        if (shape is None and base.shapes is not None) or (shape is not None and tuple(shape) != m.shape) or \
+                (base.experts and m.experts != base.experts):
+            raise SurgeryError(f"GGUF tensor {target}: the adapter's experts' ΔW is {m.shape} but {base.where} has "
+                               f"{tuple(shape) if shape else f'{base.experts} experts'} (an adapter for another "
+                               "model?)")
     rest = dict(adapter.passthrough)
     for key in [k for k in rest if k.endswith(".base_layer.weight")]:
         # PEFT's save_embedding_layers copy of the base's own table: the base has it (llama.cpp's converter skips
@@ -308,6 +377,64 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
                    metadata={ARCH_KEY: base.arch.name})
 
 
+_EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<e>\d+)\.(?P<part>\w+)$")  # a per-expert module (transformers 4)
+
+
+def _expert_targets(name: str, path: str, m, tmap, per_expert: dict) -> list[tuple[str, ExpertsModule]]:
+    """The GGUF expert tensors (`blk.N.ffn_{gate,up,down}_exps`) an expert module updates, as llama.cpp's converter
+    lays them out: a fused `gate_up_proj` parameter split into its gate rows then its up rows (one A for both);
+    a per-expert module (`experts.3.gate_proj`, Mixtral's `experts.3.w1`) collected into `per_expert` to be
+    stacked with its siblings."""
+    _check_lora(name, m, "has no llama.cpp form", False)
+    if m.kind != "experts":
+        hit = _EXPERT.match(path)
+        target = tmap.get_name(f"{hit['owner']}.{hit['part']}")
+        if target is None or not target.endswith("_exps"):
+            raise SurgeryError(f"module {name}: no GGUF expert tensor for {path} in llama.cpp's tensor map")
+        names, experts = per_expert.setdefault(target, ([], {}))
+        names.append(name)
+        experts[int(hit["e"])] = m
+        return []
+    owner, param = path.rsplit(".", 1)
+    parts = ("gate_proj", "up_proj") if param == "gate_up_proj" else (param,)
+    targets = [tmap.get_name(f"{owner}.{p}") for p in parts]
+    if param not in EXPERT_PARTS + ("gate_up_proj",) or None in targets:
+        raise SurgeryError(f"expert parameter {name}: llama.cpp's adapters have no tensor for {param} (they adapt "
+                           f"{', '.join(EXPERT_PARTS)} and fused gate_up_proj)")
+    m = replace(m, nesting=())  # GGUF has a tensor per part, nothing nested
+    if len(parts) == 1:
+        return [(targets[0], m)]
+    if m.out_features % 2:
+        raise SurgeryError(f"expert parameter {name}: {m.out_features} rows do not split into gate and up halves")
+    half = m.out_features // 2
+    return [(t, replace(m, B=_Derived(m.B, lambda x, cut=cut: x[cut], (half, m.B.shape[1]))))
+            for t, cut in zip(targets, (slice(0, half), slice(half, None)))]
+
+
+def _stacked(names: list[str], experts: Mapping[int, LoraModule], count: int, notes: list) -> ExpertsModule:
+    """Per-expert modules as one expert tensor's factors: ranks padded with zero directions to the largest, each
+    expert's scale folded into its B where they differ, experts the adapter lacks zero (exact)."""
+    if max(experts) >= count:
+        raise SurgeryError(f"module {names[0]}: expert {max(experts)}, but the base has {count} experts")
+    like = next(iter(experts.values()))
+    if any(m.shape != like.shape for m in experts.values()):
+        raise SurgeryError(f"module {names[0]}: its experts' ΔW shapes differ")
+    k, scale = max(m.rank for m in experts.values()), like.scale
+    out_f, in_f = like.out_features, like.in_features
+    if len(experts) < count:
+        notes.append(f"{names[0]}: {count - len(experts)} of {count} experts have no LoRA; written as zero updates")
+
+    def make(part: str) -> torch.Tensor:
+        B = torch.zeros(count, out_f, k)
+        A = torch.zeros(count, k, in_f)
+        for e, m in experts.items():
+            b, a = m.factors(torch.float32, "cpu")
+            B[e, :, : m.rank], A[e, : m.rank] = b * (m.scale / scale), a
+        return pack_experts(B, A)[part == "A"].to(like.dtype)
+    return ExpertsModule(A=_Made(lambda: make("A"), (count * k, in_f), like.dtype),
+                         B=_Made(lambda: make("B"), (out_f, k * count), like.dtype), scale=scale, experts=count)
+
+
 def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     """A GGUF adapter in PEFT's naming for `base`: names mapped back through the architecture, the permutation
     undone. The config says alpha per module (rank_pattern/alpha_pattern where they differ)."""
@@ -321,17 +448,97 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
             unknown.append(name)
             continue
         shape = None if base.shapes is None else base.shapes.get(name + ".weight")
+        if shape is None and m.kind == "experts" and base.experts:
+            shape = (base.experts,) + weight_shape(m)[1:]
         if shape is not None and tuple(shape) != weight_shape(m):
             raise SurgeryError(f"{adapter.source}: {name} updates a {weight_shape(m)} weight, but {base.where} has "
                                f"{tuple(shape)} (an adapter for another model?)")
         if (heads := _permute_heads(base, path)) is not None:
             m = replace(m, B=_permuted(m.B, heads, inverse=True))
+        if (m.kind == "experts") != (".experts." in path):
+            raise SurgeryError(f"{adapter.source}: {name} is {'an expert' if m.kind == 'experts' else 'a 2-D'} "
+                               f"LoRA, but {path} is {'not ' if m.kind == 'experts' else ''}an expert tensor")
         modules[PEFT_PREFIX + path] = m
     if unknown:
         raise SurgeryError(f"{adapter.source}: no {base.arch.name} module of {base.where} for GGUF tensor(s) "
                            f"{listed(unknown)}")
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.where)}
+    if base.arch.moe:
+        modules = _fused_experts(modules)
+        # transformers 5's MoE routers are parameters of a router module, which PEFT wraps by target_parameters
+        if routers := [f"{n.removeprefix(PEFT_PREFIX)}.weight" for n in modules if n.endswith(".mlp.gate")]:
+            config["target_parameters"] = routers
     return Adapter(modules=modules, format="peft", config=config, source=adapter.source, notes=adapter.notes)
+
+
+def _fused_experts(modules: Mapping) -> dict:
+    """GGUF's separate gate and up expert tensors as transformers 5's fused `experts.gate_up_proj` parameter
+    (gate rows first): one A where both halves have the same one (as written from a fused parameter), else the
+    two LoRAs side by side (rank r_gate + r_up, B block-diagonal; a missing half a zero update) — exact either
+    way. Each experts module's parameters nest in registration order (gate_up_proj inside down_proj), as PEFT
+    wraps them."""
+    out, halves = {}, {}
+    for name, m in modules.items():
+        owner, part = name.rsplit(".", 1)
+        if m.kind == "experts" and part in ("gate_proj", "up_proj"):
+            halves.setdefault(owner, {})[part] = m
+        else:
+            out[name] = m
+    for owner, pair in halves.items():
+        gate, up = pair.get("gate_proj"), pair.get("up_proj")
+        if gate is not None and up is not None and (gate.experts, gate.in_features, gate.out_features) != \
+                (up.experts, up.in_features, up.out_features):
+            raise SurgeryError(f"{owner}: the gate and up expert tensors' LoRAs do not pair ({gate.shape} and "
+                               f"{up.shape})")
+        like = gate or up
+        E, half = like.experts, like.out_features
+        shared = gate is not None and up is not None and gate.rank == up.rank and _same(gate.A, up.A)
+        k = like.rank if shared else sum(m.rank for m in (gate, up) if m is not None)
+
+        def make(gate=gate, up=up, like=like, E=E, half=half, k=k, shared=shared):
+            B = torch.zeros(E, 2 * half, k)
+            As, col = [], 0
+            for m, rows in ((gate, slice(0, half)), (up, slice(half, None))):
+                if m is None:
+                    continue
+                B_, A_ = m.stacked()
+                B[:, rows, col: col + m.rank] = B_ * (m.scale / like.scale)
+                if not shared:
+                    As.append(A_)
+                    col += m.rank
+                elif not As:
+                    As.append(A_)
+            return tuple(t.to(like.dtype) for t in pack_experts(B, torch.cat(As, 1)))
+
+        get = _handed_out_once(make)
+        out[f"{owner}.gate_up_proj"] = ExpertsModule(
+            A=_Made(lambda get=get: get(1), (E * k, like.in_features), like.dtype),
+            B=_Made(lambda get=get: get(0), (2 * half, k * E), like.dtype), scale=like.scale, experts=E)
+    for owner in {n.rsplit(".", 1)[0] for n, m in out.items() if m.kind == "experts"}:
+        nest = tuple(p for p in ("gate_up_proj", "down_proj") if f"{owner}.{p}" in out)
+        for p in nest:
+            out[f"{owner}.{p}"] = replace(out[f"{owner}.{p}"], nesting=nest)
+    return out
+
+
+def _same(a, b) -> bool:
+    """Whether two factors hold the same numbers (a GGUF file's: the same bytes)."""
+    a_src, b_src = getattr(a, "src", None), getattr(b, "src", None)
+    if isinstance(a_src, GgufRef) and isinstance(b_src, GgufRef):
+        return a_src.qtype == b_src.qtype and np.array_equal(a_src.raw(), b_src.raw())
+    return torch.equal(materialize(a), materialize(b))
+
+
+def _handed_out_once(make: Callable[[], tuple]) -> Callable[[int], torch.Tensor]:
+    """get(i) → make()[i], `make` run once for the tuple's parts read one after the other."""
+    held: dict = {}
+
+    def get(i: int):
+        if i not in held:
+            held.clear()
+            held.update(enumerate(make()))
+        return held.pop(i)
+    return get
 
 
 # ---------------------------------------------------------------- reading
@@ -425,6 +632,16 @@ def read(path: Path) -> Adapter:
         if set(p) != {"lora_a", "lora_b"}:
             raise SurgeryError(f"{path}: {name} has {next(iter(p))} without its pair")
         a, b = p["lora_a"], p["lora_b"]
+        if len(a.shape) == 3 or len(b.shape) == 3:  # an expert tensor's: (E, r, in) and (E, out, r)
+            E, r = a.shape[0], a.shape[1]
+            if len(a.shape) != 3 or len(b.shape) != 3 or b.shape[0] != E or b.shape[2] != r:
+                raise SurgeryError(f"{path}: {name} has lora_a {a.shape} and lora_b {b.shape}, which do not pair "
+                                   "(expected (experts, r, in) and (experts, out, r))")
+            modules[name] = ExpertsModule(
+                A=_Derived(a, lambda x: x.reshape(-1, x.shape[-1]), (E * r, a.shape[2])),
+                B=_Derived(b, lambda x: x.permute(1, 2, 0).reshape(x.shape[1], -1), (b.shape[1], r * E)),
+                scale=alpha / r if alpha else 1.0, experts=E)
+            continue
         embd = name == "token_embd"  # lora_a stored transposed, (vocab, r): llama.cpp gathers its rows
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1 if embd else 0] != b.shape[1]:
             raise SurgeryError(f"{path}: {name} has lora_a {a.shape} and lora_b {b.shape}, which do not pair "
@@ -541,8 +758,8 @@ def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
         fold = m.scale * m.rank / alpha if alpha else m.scale
         kind = dtype or ("q8_0" if stored == "q8_0" and m.dtype == torch.float32 else
                          next((k for k, d in FLOATS.items() if d == m.dtype), "f32"))
-        A = _transposed(m.A) if m.kind == "embedding" else m.A  # llama.cpp's token_embd layout
-        for part, t, scale in (("lora_a", A, 1.0), ("lora_b", m.B, fold)):
+        A, B = _layout(m)
+        for part, t, scale in (("lora_a", A, 1.0), ("lora_b", B, fold)):
             shape = tuple(int(s) for s in t.shape)
             qtype = gguf.GGMLQuantizationType[kind.upper()]
             if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
@@ -555,6 +772,19 @@ def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
               (WRITTEN_BY, _version(), gguf.GGUFValueType.STRING, None)]
     with atomic_output(out, is_dir=False) as tmp:
         write_file(tmp, arch, fields, tensors)
+
+
+def _layout(m) -> tuple[Any, Any]:
+    """A module's (lora_a, lora_b) as llama.cpp holds them: the token embeddings' A transposed (vocab, r); an
+    expert tensor's stacked, (E, r, in) and (E, out, r)."""
+    if m.kind == "embedding":
+        return _transposed(m.A), m.B
+    if m.kind == "experts":
+        E, r = m.experts, m.rank
+        return (_Derived(m.A, lambda x: x.reshape(E, r, -1), (E, r, m.in_features)),
+                _Derived(m.B, lambda x: x.reshape(x.shape[0], r, E).permute(2, 0, 1).contiguous(),
+                         (E, m.out_features, r)))
+    return m.A, m.B
 
 
 def _maker(name: str, t, scale: float, qtype) -> Callable[[], np.ndarray]:
