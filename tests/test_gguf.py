@@ -65,15 +65,20 @@ class Case:
         self.hf_base = L.hf_logits(self.hf)
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory):
+def _made_once(kind, tmp_path_factory):
+    """get(arch) → one `kind` case per architecture for the module's tests."""
     made = {}
 
-    def get(arch: str) -> Case:
+    def get(arch: str):
         if arch not in made:
-            made[arch] = Case(tmp_path_factory.mktemp(arch), arch)
+            made[arch] = kind(tmp_path_factory.mktemp(arch), arch)
         return made[arch]
     return get
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    return _made_once(Case, tmp_path_factory)
 
 
 def close(a, b) -> float:
@@ -520,13 +525,7 @@ class MoeCase:
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
-    made = {}
-
-    def get(arch: str) -> MoeCase:
-        if arch not in made:
-            made[arch] = MoeCase(tmp_path_factory.mktemp(arch), arch)
-        return made[arch]
-    return get
+    return _made_once(MoeCase, tmp_path_factory)
 
 
 MOE_ARCHS = ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
