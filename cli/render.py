@@ -99,7 +99,8 @@ def inspect_table(a: Adapter, spectra=None, sigmas: bool = True) -> str:
     lines += ["", _table(header, rows, right=set(range(2, len(header))))]
     experts = [(n, m) for n, m in a.modules.items() if m.kind == "experts"]
     if experts:
-        lines += ["", "expert parameters (MoE, PEFT target_parameters): ΔW per expert = scale · B_e @ A_e; "
+        held = "llama.cpp ffn_*_exps tensors" if a.format == "gguf" else "PEFT target_parameters"
+        lines += ["", f"expert parameters (MoE, {held}): ΔW per expert = scale · B_e @ A_e; "
                   "'out×in' is experts × out × in, 'params' all experts'"]
         for name, m in experts:
             if spectra is not None:

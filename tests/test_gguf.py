@@ -3,6 +3,7 @@ base models and the adapters we compare with, and its runtime computes the logit
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -549,6 +550,9 @@ def test_moe_adapter_runs_in_llama_cpp_as_peft_runs_it(moe, arch, tmp_path):
     t = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
     assert o.keys() == t.keys() and {"blk.1.ffn_up_exps.weight.lora_b", "blk.0.ffn_gate_inp.weight.lora_a"} <= o.keys()
     assert list(o["blk.0.ffn_gate_exps.weight.lora_a"].shape) == [64, 4, 4]  # ne: in, r, E
+    shown = surgery("inspect", ours).stdout
+    assert "expert parameters (MoE, llama.cpp ffn_*_exps tensors)" in shown
+    assert re.search(r"blk\.1\.ffn_down_exps +experts +4×64×\d+ +4 ", shown), shown
     for n in o:
         assert np.allclose(np.array(o[n].data), np.array(t[n].data), rtol=0, atol=1e-6), n
     for other in (c.per_expert, None):
