@@ -519,8 +519,9 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
         if base is not None:
             from surgery.io.names import on_base
 
+            read = set(a.notes)  # printed by load
             a = on_base(a, base, to, allow_missing=allow_missing, expert_modules=expert_modules)
-            notes = [n for n in a.notes if ": split " in n or ": fused " in n or ": skipped " in n]
+            notes = [n for n in a.notes if n not in read]
         elif to == "gguf" and a.format != "gguf":
             raise SurgeryError(f"{adapter}: --to gguf needs --base MODEL (its folder, a folder holding its "
                                "config.json, or a GGUF model): llama.cpp's tensor names follow the architecture")

@@ -596,10 +596,27 @@ def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_moe_q8_0_and_bad_inputs(moe, tmp_path):
-    """--dtype q8_0 writes llama.cpp's converter's bytes for expert tensors too; an adapter for a model with other
-    expert counts, and expert factors that do not pair, are one line and write nothing."""
+def test_moe_q8_0_missing_experts_and_bad_inputs(moe, tmp_path):
+    """--dtype q8_0 writes llama.cpp's converter's bytes for expert tensors too; per-expert modules for some of the
+    experts only are stacked with zero updates for the others (noted); an adapter for a model with other expert
+    counts, and expert factors that do not pair, are one line and write nothing."""
     c = moe("Qwen3MoeForCausalLM")
+    some = tmp_path / "some"
+    shutil.copytree(c.per_expert, some)
+    sd = load_file(str(some / "adapter_model.safetensors"))
+    save_file({k: v for k, v in sd.items() if ".experts.3." not in k}, str(some / "adapter_model.safetensors"))
+    full, part = tmp_path / "full.gguf", tmp_path / "part.gguf"
+    surgery("convert", c.per_expert, "--base", c.hf, "-o", full)
+    r = surgery("convert", some, "--base", c.hf, "-o", part)
+    assert "1 of 4 experts have no LoRA; written as zero updates" in r.stderr
+    f = {t.name: np.array(t.data) for t in gguf.GGUFReader(full).tensors}
+    p = {t.name: np.array(t.data) for t in gguf.GGUFReader(part).tensors}
+    assert f.keys() == p.keys()
+    for n in f:
+        if "_exps" in n:
+            assert not p[n][3].any() and np.array_equal(p[n][:3], f[n][:3]), n
+        else:
+            assert np.array_equal(p[n], f[n]), n
     ours = tmp_path / "q8.gguf"
     surgery("convert", c.lora, "--base", c.hf, "--dtype", "q8_0", "-o", ours)
     theirs = L.convert_lora(c.per_expert, c.hf, tmp_path / "theirs.gguf", "q8_0")
