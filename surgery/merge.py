@@ -1055,7 +1055,9 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
     parts: dict[str, list[tuple[LoraModule, float]]] = {}
     notes = []
     for a, w in zip(adapters, weights):
-        for name, m in gguf_file.to_gguf(a, info).modules.items():
+        named = gguf_file.to_gguf(a, info)
+        notes += [n for n in named.notes if n not in a.notes]
+        for name, m in named.modules.items():
             key = name + ".weight"
             if key not in refs:
                 if not allow_missing:

@@ -422,7 +422,7 @@ def _stacked(names: list[str], experts: Mapping[int, LoraModule], count: int, no
     k, scale = max(m.rank for m in experts.values()), like.scale
     out_f, in_f = like.out_features, like.in_features
     if len(experts) < count:
-        notes.append(f"{names[0]}: {count - len(experts)} of {count} experts have no LoRA; written as zero updates")
+        notes.append(f"{names[0]}: {count - len(experts)} of {count} experts have no LoRA: zero updates there")
 
     def make(part: str) -> torch.Tensor:
         B = torch.zeros(count, out_f, k)
