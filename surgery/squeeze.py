@@ -497,7 +497,7 @@ def squeeze(
                      and r.new_rank < out[parent(r.name)].rank})
     if padded:
         warnings.append(f"{len(padded)} expert parameter(s) written at their largest expert's rank, zero directions "
-                        f"padding the others (PEFT has one r per parameter): {listed(padded)}")
+                        f"padding the others (PEFT and llama.cpp stack experts at one r): {listed(padded)}")
     if kept:
         warnings.append(f"{len(kept)} module(s) already at or below the target rank kept unchanged: {listed(kept)}")
     if bigger := [r.name for r in reports if r.algo != "lora" and r.params_after > r.params_before]:
