@@ -596,6 +596,38 @@ def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_gpt_oss_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path):
+    """gpt-oss (experts fused on disk, gate and up rows alternating, the router `mlp.router`): a PEFT adapter on
+    attention, experts and router → GGUF → llama.cpp at run time gives the logits llama.cpp gives for PEFT's
+    merge_and_unload of it (converted by llama.cpp's own converter; the same llama.cpp graph on both sides, since
+    tiny gpt-oss models differ between llama.cpp and transformers by their rope); merged into the GGUF model it
+    does too; and back to PEFT it is the same adapter."""
+    import transformers
+    from peft import PeftModel
+
+    hf = L.model("GptOssForCausalLM", tmp_path / "hf")
+    base = L.convert_model(hf, tmp_path / "base.gguf")
+    lora = peft_lora(hf, tmp_path / "lora", ATTN, target_parameters=["mlp.experts.gate_up_proj",
+                                                                      "mlp.experts.down_proj", "mlp.router.weight"],
+                     r=4, lora_alpha=8)
+    merged = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
+                                       lora).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(hf / f, tmp_path / "merged")
+    ref = L.logits(L.convert_model(tmp_path / "merged", tmp_path / "merged.gguf"))
+    effect = close(ref, L.logits(base))
+    assert effect > 1.0
+    ours = tmp_path / "ours.gguf"
+    surgery("convert", lora, "--base", hf, "-o", ours)
+    assert close(L.logits(base, ours), ref) < 1e-5 * effect
+    surgery("merge", base, lora, "-o", tmp_path / "ours-merged.gguf")
+    assert close(L.logits(tmp_path / "ours-merged.gguf"), ref) < 1e-5 * effect
+    surgery("convert", ours, "--to", "peft", "--base", hf, "-o", tmp_path / "back")
+    want = L.hf_logits(hf, lora)
+    assert close(L.hf_logits(hf, tmp_path / "back"), want) < 1e-6 * close(want, L.hf_logits(hf))
+
+
 def test_moe_q8_0_missing_experts_and_bad_inputs(moe, tmp_path):
     """--dtype q8_0 writes llama.cpp's converter's bytes for expert tensors too; per-expert modules for some of the
     experts only are stacked with zero updates for the others (noted); an adapter for a model with other expert

@@ -67,7 +67,14 @@ class Arch:
     permute: bool
     projections: tuple[str, ...]
     tied: bool = False  # transformers' default tie_word_embeddings for the architecture
-    moe: bool = False  # experts in `mlp.experts` (transformers 5's fused gate_up_proj / down_proj), router `mlp.gate`
+    moe: bool = False  # experts in `mlp.experts` (transformers 5's fused gate_up_proj / down_proj)
+    router: str = "mlp.gate"
+    interleaved: bool = False  # gate_up_proj's gate and up rows alternate (gpt-oss), else gate rows first
+
+    def halves(self, rows: int) -> tuple[slice, slice]:
+        """The gate and the up rows of a fused gate_up_proj ΔW with `rows` rows."""
+        return (slice(0, None, 2), slice(1, None, 2)) if self.interleaved else \
+            (slice(0, rows // 2), slice(rows // 2, None))
 
 
 ATTN_MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -89,6 +96,8 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + (
         "mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
         "mlp.shared_expert_gate"), moe=True),
+    "GptOssForCausalLM": Arch("gpt-oss", False, ATTN_MLP[:4] + ("mlp.router",), moe=True, router="mlp.router",
+                              interleaved=True),
 }
 # a GGUF model names its architecture only: llama's covers Mixtral's experts and router too
 BY_NAME = {a.name: a for a in ARCHS.values() if a.name != "llama"} | {
@@ -180,41 +189,38 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
     if blocks is None or heads is None:
         raise SurgeryError(f"{config_path}: num_hidden_layers and num_attention_heads are needed for GGUF names")
     kv = jsonfile.field(config, "num_key_value_heads", "positive int", config_path, default=heads)
-    experts = 0
-    if arch.moe:
-        experts = next((e for k in ("num_experts", "num_local_experts")
-                        if (e := jsonfile.field(config, k, "positive int", config_path)) is not None), None)
-        if experts is None:
-            raise SurgeryError(f"{config_path}: num_experts (or num_local_experts) is needed for GGUF expert names")
+    experts, expert_shapes = _experts(arch, blocks, config, config_path)
     shapes = None
     if path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
         from .checkpoint import open_checkpoint
 
         ck = open_checkpoint(path)
         b = Base(str(path), arch, blocks, heads, kv, None, "lm_head.weight" in ck.tensors, experts)
-        shapes = _gguf_shapes(b, {k: tuple(t.shape) for k, t in ck.tensors.items()})
+        tmap = b.tensor_map()
+        shapes = {name + ".weight": tuple(t.shape) for k, t in ck.tensors.items()
+                  if k.endswith(".weight") and (name := tmap.get_name(k[: -len(".weight")])) is not None}
+        shapes |= expert_shapes  # however the checkpoint stores them (per expert, fused, MXFP4 blocks)
         has_output = b.has_output
     else:
         has_output = not jsonfile.field(config, "tie_word_embeddings", "bool", config_path, default=arch.tied)
     return Base(str(path), arch, blocks, heads, kv, shapes, has_output, experts)
 
 
-_STORED_EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<e>\d+)\.(?P<part>\w+)\.weight$")
-
-
-def _gguf_shapes(base: Base, stored: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """{GGUF weight name: numpy shape} of a Hugging Face checkpoint's tensors, as llama.cpp's converter names them
-    (on-disk names through the tensor map; per-expert tensors stacked to (E, out, in))."""
-    tmap, shapes, experts = base.tensor_map(), {}, {}
-    for key, shape in stored.items():
-        if (hit := _STORED_EXPERT.match(key)) is not None:
-            experts.setdefault((hit["owner"], hit["part"]), (set(), shape))[0].add(int(hit["e"]))
-        elif key.endswith(".weight") and (name := tmap.get_name(key[: -len(".weight")])) is not None:
-            shapes[name + ".weight"] = shape
-    for (owner, part), (seen, shape) in experts.items():
-        if (name := tmap.get_name(f"{owner}.{part}")) is not None:
-            shapes[name + ".weight"] = (len(seen),) + tuple(shape)
-    return shapes
+def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """A MoE config's expert count and its GGUF expert tensors' shapes (E, out, in), as llama.cpp's converter
+    stacks them; (0, {}) for a dense architecture."""
+    if not arch.moe:
+        return 0, {}
+    def first(*keys):
+        return next((v for v in (jsonfile.field(config, k, "positive int", where) for k in keys) if v is not None),
+                    None)
+    count, ff, hidden = first("num_experts", "num_local_experts"), first("moe_intermediate_size",
+                                                                        "intermediate_size"), first("hidden_size")
+    if None in (count, ff, hidden):
+        raise SurgeryError(f"{where}: the expert count, their intermediate size and hidden_size are needed for GGUF "
+                           "expert names")
+    parts = {"gate": (count, ff, hidden), "up": (count, ff, hidden), "down": (count, hidden, ff)}
+    return count, {f"blk.{i}.ffn_{p}_exps.weight": s for i in range(blocks) for p, s in parts.items()}
 
 
 def permute_rows(t: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
@@ -317,7 +323,7 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     for name, m in adapter.modules.items():
         path = name.removeprefix(PEFT_PREFIX)
         if m.kind == "experts" or _EXPERT.match(path):
-            for target, part in _expert_targets(name, path, m, tmap, per_expert):
+            for target, part in _expert_targets(name, path, m, base, tmap, per_expert):
                 if target in modules:
                     raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
                 modules[target] = part
@@ -380,9 +386,9 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
 _EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<e>\d+)\.(?P<part>\w+)$")  # a per-expert module (transformers 4)
 
 
-def _expert_targets(name: str, path: str, m, tmap, per_expert: dict) -> list[tuple[str, ExpertsModule]]:
+def _expert_targets(name: str, path: str, m, base: Base, tmap, per_expert: dict) -> list[tuple[str, ExpertsModule]]:
     """The GGUF expert tensors (`blk.N.ffn_{gate,up,down}_exps`) an expert module updates, as llama.cpp's converter
-    lays them out: a fused `gate_up_proj` parameter split into its gate rows then its up rows (one A for both);
+    lays them out: a fused `gate_up_proj` parameter split into its gate and up rows (one A for both);
     a per-expert module (`experts.3.gate_proj`, Mixtral's `experts.3.w1`) collected into `per_expert` to be
     stacked with its siblings."""
     _check_lora(name, m, "has no llama.cpp form", False)
@@ -408,7 +414,7 @@ def _expert_targets(name: str, path: str, m, tmap, per_expert: dict) -> list[tup
         raise SurgeryError(f"expert parameter {name}: {m.out_features} rows do not split into gate and up halves")
     half = m.out_features // 2
     return [(t, replace(m, B=_Derived(m.B, lambda x, cut=cut: x[cut], (half, m.B.shape[1]))))
-            for t, cut in zip(targets, (slice(0, half), slice(half, None)))]
+            for t, cut in zip(targets, base.arch.halves(m.out_features))]
 
 
 def _stacked(names: list[str], experts: Mapping[int, LoraModule], count: int, notes: list) -> ExpertsModule:
@@ -464,16 +470,16 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
                            f"{listed(unknown)}")
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.where)}
     if base.arch.moe:
-        modules = _fused_experts(modules)
+        modules = _fused_experts(modules, base.arch)
         # transformers 5's MoE routers are parameters of a router module, which PEFT wraps by target_parameters
-        if routers := [f"{n.removeprefix(PEFT_PREFIX)}.weight" for n in modules if n.endswith(".mlp.gate")]:
+        if routers := [f"{n.removeprefix(PEFT_PREFIX)}.weight" for n in modules if n.endswith("." + base.arch.router)]:
             config["target_parameters"] = routers
     return Adapter(modules=modules, format="peft", config=config, source=adapter.source, notes=adapter.notes)
 
 
-def _fused_experts(modules: Mapping) -> dict:
+def _fused_experts(modules: Mapping, arch: Arch) -> dict:
     """GGUF's separate gate and up expert tensors as transformers 5's fused `experts.gate_up_proj` parameter
-    (gate rows first): one A where both halves have the same one (as written from a fused parameter), else the
+    (gate rows first, or alternating: `Arch.halves`): one A where both halves have the same one (as written from a fused parameter), else the
     two LoRAs side by side (rank r_gate + r_up, B block-diagonal; a missing half a zero update) — exact either
     way. Each experts module's parameters nest in registration order (gate_up_proj inside down_proj), as PEFT
     wraps them."""
@@ -498,7 +504,7 @@ def _fused_experts(modules: Mapping) -> dict:
         def make(gate=gate, up=up, like=like, E=E, half=half, k=k, shared=shared):
             B = torch.zeros(E, 2 * half, k)
             As, col = [], 0
-            for m, rows in ((gate, slice(0, half)), (up, slice(half, None))):
+            for m, rows in zip((gate, up), arch.halves(2 * half)):
                 if m is None:
                     continue
                 B_, A_ = m.stacked()
