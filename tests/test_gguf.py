@@ -566,7 +566,8 @@ def test_moe_adapter_runs_in_llama_cpp_as_peft_runs_it(moe, arch, tmp_path):
 def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
     """llama.cpp's MoE adapter file → PEFT (gate and up expert tensors fused back into gate_up_proj, the router
     wrapped by target_parameters): PeftModel gives the original's logits; merged into the GGUF model and into the
-    HF model, it gives them too; squeezed, llama.cpp runs each expert's optimal truncation."""
+    HF model, it gives them too; gate and up LoRAs without a common A fuse side by side, as llama.cpp runs them;
+    squeezed, llama.cpp runs each expert's optimal truncation."""
     c = moe(arch)
     theirs = L.convert_lora(c.per_expert, c.hf, tmp_path / "theirs.gguf")
     back = tmp_path / "back"
@@ -581,6 +582,24 @@ def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
     assert close(L.logits(merged), c.ref) < 1e-5 * effect
     surgery("merge", c.hf, theirs, "-o", tmp_path / "merged-hf")
     assert close(L.hf_logits(tmp_path / "merged-hf"), c.ref) < 1e-5 * effect
+    # gate and up tensors that do not share an A (one missing, one of another rank): fused side by side, exactly
+    from surgery.io import gguf_file
+
+    t = {x.name: np.array(x.data) for x in gguf.GGUFReader(theirs).tensors if not x.name.startswith("blk.0.ffn_gate_")}
+    for part in ("a", "b"):
+        name = f"blk.1.ffn_gate_exps.weight.lora_{part}"
+        t[name] = t[name][:, :3].copy() if part == "a" else t[name][..., :3].copy()
+    odd = tmp_path / "odd.gguf"
+    alpha = gguf.GGUFReader(theirs).get_field("adapter.lora.alpha").contents()
+    gguf_file.write_file(odd, gguf.GGUFReader(theirs).get_field("general.architecture").contents(), [
+        ("general.type", "adapter", gguf.GGUFValueType.STRING, None),
+        ("adapter.type", "lora", gguf.GGUFValueType.STRING, None),
+        ("adapter.lora.alpha", alpha, gguf.GGUFValueType.FLOAT32, None)],
+        [gguf_file.Planned(n, a.shape, gguf.GGMLQuantizationType.F32, lambda a=a: a) for n, a in t.items()])
+    surgery("convert", odd, "--to", "peft", "--base", c.hf, "-o", tmp_path / "odd")
+    runtime = L.logits(c.base, odd)
+    assert close(runtime, c.ref) > 0.01 * effect  # the file differs from the adapter
+    assert close(L.hf_logits(c.hf, tmp_path / "odd"), runtime) < 1e-5 * effect
     # squeeze: each expert of each tensor truncated to rank 2, checked against the float64 SVD of the file's ΔW_e
     small = tmp_path / "small.gguf"
     surgery("squeeze", theirs, "--rank", "2", "-o", small)
