@@ -354,14 +354,9 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
             raise SurgeryError(f"module {names[0]}: two modules map to GGUF tensor {target}")
         modules[target] = _stacked(names, experts, base.experts or max(experts) + 1, notes)
     for target, m in modules.items():
-        if m.kind != "experts":
-            continue
-        shape = None if base.shapes is None else base.shapes.get(target + ".weight")
-        if (shape is None and base.shapes is not None) or (shape is not None and tuple(shape) != m.shape) or \
-                (base.experts and m.experts != base.experts):
+        if m.kind == "experts" and (shape := _expert_shape(base, target, m)) != m.shape:
             raise SurgeryError(f"GGUF tensor {target}: the adapter's experts' ΔW is {m.shape} but {base.where} has "
-                               f"{tuple(shape) if shape else f'{base.experts} experts'} (an adapter for another "
-                               "model?)")
+                               f"{shape or 'no such tensor'} (an adapter for another model?)")
     rest = dict(adapter.passthrough)
     for key in [k for k in rest if k.endswith(".base_layer.weight")]:
         # PEFT's save_embedding_layers copy of the base's own table: the base has it (llama.cpp's converter skips
@@ -381,6 +376,15 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
                            "llama.cpp adapters have no place for")
     return Adapter(modules=modules, format=FORMAT, config={}, source=adapter.source, notes=tuple(notes),
                    metadata={ARCH_KEY: base.arch.name})
+
+
+def _expert_shape(base: Base, target: str, m: ExpertsModule) -> tuple[int, ...] | None:
+    """The (E, out, in) shape of the base's expert tensor `target` as far as the base says it: a model's tensor
+    (None when it has none), or for a folder holding only config.json, its expert count with the adapter's sizes."""
+    if base.shapes is not None:
+        shape = base.shapes.get(target + ".weight")
+        return None if shape is None else tuple(shape)
+    return (base.experts or m.experts,) + tuple(m.shape[1:])
 
 
 _EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<e>\d+)\.(?P<part>\w+)$")  # a per-expert module (transformers 4)
@@ -453,9 +457,8 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         if path is None:
             unknown.append(name)
             continue
-        shape = None if base.shapes is None else base.shapes.get(name + ".weight")
-        if shape is None and m.kind == "experts" and base.experts:
-            shape = (base.experts,) + weight_shape(m)[1:]
+        shape = _expert_shape(base, name, m) if m.kind == "experts" else \
+            None if base.shapes is None else base.shapes.get(name + ".weight")
         if shape is not None and tuple(shape) != weight_shape(m):
             raise SurgeryError(f"{adapter.source}: {name} updates a {weight_shape(m)} weight, but {base.where} has "
                                f"{tuple(shape)} (an adapter for another model?)")
