@@ -482,10 +482,10 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
 
 def _fused_experts(modules: Mapping, arch: Arch) -> dict:
     """GGUF's separate gate and up expert tensors as transformers 5's fused `experts.gate_up_proj` parameter
-    (gate rows first, or alternating: `Arch.halves`): one A where both halves have the same one (as written from a fused parameter), else the
-    two LoRAs side by side (rank r_gate + r_up, B block-diagonal; a missing half a zero update) — exact either
-    way. Each experts module's parameters nest in registration order (gate_up_proj inside down_proj), as PEFT
-    wraps them."""
+    (its gate and up rows as `Arch.halves` says): one A where both halves have the same one (as written from a
+    fused parameter), else the two LoRAs side by side (rank r_gate + r_up, B block-diagonal; a missing half a zero
+    update) — exact either way. Each experts module's parameters nest in registration order (gate_up_proj inside
+    down_proj), as PEFT wraps them."""
     out, halves = {}, {}
     for name, m in modules.items():
         owner, part = name.rsplit(".", 1)
@@ -505,18 +505,13 @@ def _fused_experts(modules: Mapping, arch: Arch) -> dict:
         k = like.rank if shared else sum(m.rank for m in (gate, up) if m is not None)
 
         def make(gate=gate, up=up, like=like, E=E, half=half, k=k, shared=shared):
-            B = torch.zeros(E, 2 * half, k)
-            As, col = [], 0
-            for m, rows in zip((gate, up), arch.halves(2 * half)):
-                if m is None:
-                    continue
+            B, As, col = torch.zeros(E, 2 * half, k), [], 0
+            for m, rows in [(m, rows) for m, rows in zip((gate, up), arch.halves(2 * half)) if m is not None]:
                 B_, A_ = m.stacked()
                 B[:, rows, col: col + m.rank] = B_ * (m.scale / like.scale)
-                if not shared:
+                if not (shared and As):  # a shared A once, its columns of B side by side otherwise
                     As.append(A_)
-                    col += m.rank
-                elif not As:
-                    As.append(A_)
+                    col += 0 if shared else m.rank
             return tuple(t.to(like.dtype) for t in pack_experts(B, torch.cat(As, 1)))
 
         get = _handed_out_once(make)
