@@ -69,16 +69,25 @@ class Source(click.ParamType):
 
     name = "path"
 
-    def __init__(self, role: str):
-        self.role = role
+    def __init__(self, role: str | None):
+        self.role = role  # None: the command resolves it once it knows what it reads (resolve_model)
 
     def convert(self, value, param, ctx):
         from surgery.io.hub import resolve
 
-        return None if value is None else resolve(value, (ctx.meta if ctx else {}).get(REVISION), self.role)
+        if value is None or self.role is None:
+            return value
+        return resolve(value, (ctx.meta if ctx else {}).get(REVISION), self.role)
 
 
 ADAPTER, MODEL, REVISION = Source("adapter"), Source("model"), "surgery.revision"
+
+
+def resolve_model(value, role: str):
+    """A MODEL argument left to the command (`Source(None)`), taken to its local path or snapshot for `role`."""
+    from surgery.io.hub import resolve
+
+    return None if value is None else resolve(value, click.get_current_context().meta.get(REVISION), role)
 
 
 def revision_option(f):
@@ -132,8 +141,9 @@ def folds(adapter, out, fmt) -> bool:
 
 
 def base_option(names: bool = False):
-    """--base; `names`: the command also names modules after the base's tensors (convert --to …)."""
-    return click.option("--base", type=MODEL,
+    """--base; `names`: the command also names modules after the base's tensors (convert --to …), and resolves a
+    repo id itself (GGUF names need only its config.json)."""
+    return click.option("--base", type=Source(None) if names else MODEL,
                         help="The base model (file, folder, diffusers component or pipeline): " + (
                             "--to diffusers/peft/kohya name modules after its tensors; " if names else "")
                         + "LoHa/LoKr convs stored flattened get their kernel sizes from it.")
@@ -509,6 +519,7 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
         to = "gguf"
     if to != "lora" and rank is not None:
         raise click.UsageError("--rank goes with --to lora (without it, a TeRA adapter converts exactly)")
+    base = resolve_model(base, "config" if to == "gguf" else "model")
     if dtype is not None and to != "gguf":
         raise click.UsageError("--dtype goes with --to gguf")
     if expert_modules and (base is None or to not in ("peft", "peft-file")):

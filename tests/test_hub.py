@@ -140,3 +140,31 @@ def test_online_download_asks_only_for_the_files_read(tmp_path, monkeypatch):
 
     with pytest.raises(SurgeryError, match="acme/gone: no such local path or Hugging Face repo"):
         resolve("acme/gone", role="adapter")
+
+
+def test_gguf_naming_downloads_only_the_base_s_config(tmp_path, monkeypatch):
+    """convert --to gguf --base org/name reads only config.json (llama.cpp's names follow the architecture), so
+    only the repo's JSON files are asked for, not its weights; other namings take the whole model."""
+    pytest.importorskip("gguf")
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+    config_only = tmp_path / "snapshot"
+    config_only.mkdir()
+    shutil.copy(FIXTURES / "tiny-llama" / "config.json", config_only)
+
+    def fake(repo, *, local_files_only=False, **kwargs):
+        calls.append(kwargs["allow_patterns"])
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        return str(config_only)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    r = run("convert", PEFT_FIXTURE, "--base", "acme/tiny-llama", "-o", tmp_path / "a.gguf")
+    assert r.exit_code == 0, r.output
+    assert calls == [["*.json"], ["*.json"]] and (tmp_path / "a.gguf").is_file()
+    calls.clear()
+    run("convert", PEFT_FIXTURE, "--to", "kohya", "--base", "acme/tiny-llama", "-o", tmp_path / "k.safetensors")
+    assert calls and all("*.safetensors" in c for c in calls)

@@ -17,6 +17,7 @@ from ..errors import SurgeryError
 ROLES = {
     "adapter": ["*.json", "*.safetensors", "*.gguf", "*.md"],
     "model": ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*"],
+    "config": ["*.json"],  # a base that only names modules for llama.cpp (its config.json says how)
 }
 _ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _TRUE = {"1", "on", "yes", "true"}
