@@ -157,6 +157,9 @@ CASES = {
     "alpha-nan": (lambda p: ["convert", _peft(p, {"lora_alpha": float("nan")}), "--to", "peft-file", "-o",
                              p / "out"], "lora_alpha must be a finite number"),
     "r-float": (lambda p: ["inspect", _peft(p, {"r": 2.5})], "r must be a positive whole number"),
+    "alpha-null": (lambda p: ["combine", _peft(p, {"lora_alpha": None}), PEFT_FIXTURE, "-o", p / "out"],
+                   "lora_alpha is null"),
+    "r-null": (lambda p: ["squeeze", _peft(p, {"r": None}), "--rank", "1", "-o", p / "out"], "r is null"),
     # a kohya .alpha is checked on every module, a full diff's too (which ignores it)
     "kohya-alpha-shape": (lambda p: ["squeeze", _kohya(p, extra={"lora_unet_d.diff": torch.ones(8, 6),
                                                                  "lora_unet_d.alpha": torch.ones(2)}),

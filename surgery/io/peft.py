@@ -156,6 +156,9 @@ def check_config(config: Mapping[str, Any], where) -> None:
     """Every config value surgery reads, of the type PEFT gives it (one line naming the file and key if not)."""
     ptype = jsonfile.field(config, "peft_type", "str", where, "LORA")
     alpha_key = ALPHA_KEY.get(TYPES.get(ptype), "lora_alpha")
+    for key in ("r", alpha_key):  # PEFT's scale is alpha / r: a null one fails there
+        if key in config and config[key] is None:
+            raise SurgeryError(f"{where}: {key} is null; PEFT needs a number there (its scale is alpha / r)")
     jsonfile.field(config, "r", "positive int", where)
     jsonfile.field(config, alpha_key, "number", where)
     jsonfile.patterns(config, "rank_pattern", "positive int", where)
