@@ -22,8 +22,8 @@ from surgery.combine import METHODS as COMBINE_METHODS
 from surgery.squeeze import METHODS
 from surgery.squeeze import spectra as compute_spectra
 
-from .render import (_table, combine_table, convert_table, extract_table, inspect_json, inspect_table, squeeze_table,
-                     survival_table)
+from .render import (_table, combine_table, convert_table, extract_table, inspect_json, inspect_table, printable,
+                     squeeze_table, survival_table)
 
 
 class Group(click.Group):
@@ -36,10 +36,10 @@ class Group(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except SurgeryError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {printable(str(e))}", err=True)
         except OSError as e:
             where = " → ".join(str(f) for f in (e.filename, e.filename2) if f)
-            click.echo(f"error: {where + ': ' if where else ''}{e.strerror or e}", err=True)
+            click.echo(f"error: {printable(where + ': ' if where else '')}{e.strerror or e}", err=True)
         except MemoryError:
             click.echo("error: out of memory (try --device cpu, a smaller --shard-size or fewer adapters)", err=True)
         except torch.cuda.OutOfMemoryError as e:  # a RuntimeError, and torch's message runs to several sentences

@@ -47,7 +47,14 @@ def inspect_json(a: Adapter, spectra=None, sigmas: bool = True) -> dict:
     }
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped (names read from a broken file may hold any): nothing the terminal
+    acts on, no line breaks."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
@@ -75,7 +82,7 @@ def inspect_table(a: Adapter, spectra=None, sigmas: bool = True) -> str:
         f"dtype: {_counts(_dtype(m) for m in mods)}",
     ]
     if a.passthrough:
-        lines.append(f"pass-through tensors: {len(a.passthrough)} ({', '.join(list(a.passthrough)[:4])}"
+        lines.append(f"pass-through tensors: {len(a.passthrough)} ({printable(', '.join(list(a.passthrough)[:4]))}"
                      f"{', …' if len(a.passthrough) > 4 else ''})")
     lines += [f"{key} {a.config[key]}: {meaning}; it stays a PEFT adapter (merges and other formats refuse it)"
               for key, meaning in NOT_PLAIN.items() if a.config.get(key)]

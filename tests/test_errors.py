@@ -159,6 +159,10 @@ CASES = {
     "r-float": (lambda p: ["inspect", _peft(p, {"r": 2.5})], "r must be a positive whole number"),
     "alpha-null": (lambda p: ["combine", _peft(p, {"lora_alpha": None}), PEFT_FIXTURE, "-o", p / "out"],
                    "lora_alpha is null"),
+    "control-characters": (lambda p: ["squeeze", _kohya(p, extra={"lora_unet_a\x1b[2J\nb.lora_down.weight":
+                                                                  torch.ones(2, 6)}), "--rank", "1", "-o",
+                                       p / "o.safetensors"],
+                           "module lora_unet_a\\x1b[2J\\nb is missing"),  # a broken file's name, escaped
     "r-null": (lambda p: ["squeeze", _peft(p, {"r": None}), "--rank", "1", "-o", p / "out"], "r is null"),
     # a kohya .alpha is checked on every module, a full diff's too (which ignores it)
     "kohya-alpha-shape": (lambda p: ["squeeze", _kohya(p, extra={"lora_unet_d.diff": torch.ones(8, 6),

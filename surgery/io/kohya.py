@@ -22,7 +22,8 @@ from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_re
 
 # LoRA roles after any name; LoHa/LoKr ones only after kohya's dot-free names (dotted paths are PEFT's keys)
 _KEY = re.compile(r"^(?:(?P<m>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale|"
-                  r"diff|diff_b)|(?P<m2>[^.]+)\.(?P<role2>hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t[12])))$")
+                  r"diff|diff_b)|(?P<m2>[^.]+)\.(?P<role2>hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t[12])))\Z",
+                  re.DOTALL)  # any character in a name (one a broken file holds is refused by name, not passed on)
 _ROLE = {"lora_down.weight": "A", "lora_up.weight": "B", "lora_mid.weight": "mid", "alpha": "alpha",
          "dora_scale": "magnitude"}
 # LyCORIS algorithms this reader does not take, by a key each writes
