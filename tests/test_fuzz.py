@@ -1,5 +1,6 @@
 """A bounded, seeded fuzz over the newer surfaces — LoHa / LoKr / Tucker LyCORIS files, DoRA (PEFT and LyCORIS),
-diffusers pipeline files with per-component configs, combine's methods, merge — each input mutated (header bytes,
+diffusers pipeline files with per-component configs, GGUF adapters with MoE expert tensors, combine's methods,
+merge — each input mutated (header bytes,
 dtypes and shapes, metadata and config values, tensor values, missing or renamed keys) and run through a command
 in its own process. The contract: exit 0 with a readable, finite result, or exit 1 with exactly one `error:` line
 that names the input; never a traceback; nothing written on failure; inputs untouched."""
@@ -14,6 +15,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,9 +71,27 @@ def _inputs(d: Path) -> dict[str, Path]:
                                                            "layers_per_block": 1}))
     save_file({"blk.to_q.weight": r(16, 16), "blk.to_k.weight": r(16, 16), "blk.norm.weight": r(16)},
               str(pipe / "unet" / "diffusion_pytorch_model.safetensors"))
+    _gguf_adapter(d / "adapter.gguf", r)
     return {n: d / f for n, f in (("loha", "loha.safetensors"), ("lokr", "lokr.safetensors"),
                                   ("locon", "locon.safetensors"), ("peft-dora", "peft-dora"),
-                                  ("diffusers", "diffusers.safetensors"), ("pipeline", "pipeline"))}
+                                  ("diffusers", "diffusers.safetensors"), ("pipeline", "pipeline"),
+                                  ("gguf", "adapter.gguf"))}
+
+
+def _gguf_adapter(path: Path, r) -> None:
+    """A llama.cpp adapter (qwen3moe) with a linear module and an expert tensor ((E, r, in) / (E, out, r))."""
+    gguf = pytest.importorskip("gguf")
+    from surgery.io import gguf_file
+
+    tensors = {"blk.0.attn_q.weight.lora_a": r(4, 16), "blk.0.attn_q.weight.lora_b": r(16, 4),
+               "blk.0.ffn_up_exps.weight.lora_a": r(3, 2, 16), "blk.0.ffn_up_exps.weight.lora_b": r(3, 8, 2)}
+    T = gguf.GGUFValueType
+    gguf_file.write_file(path, "qwen3moe", [("general.type", "adapter", T.STRING, None),
+                                            ("adapter.type", "lora", T.STRING, None),
+                                            ("adapter.lora.alpha", 8.0, T.FLOAT32, None)],
+                         [gguf_file.Planned(n, tuple(t.shape), gguf.GGMLQuantizationType.F32,
+                                            lambda t=t: t.numpy().view(np.uint8).reshape(-1))
+                          for n, t in tensors.items()])
 
 
 # ---------------------------------------------------------------- mutations of one safetensors file or config
@@ -172,6 +192,16 @@ def m_config(path, rng):
     cfg.write_text(text)
 
 
+def m_bytes(path, rng):
+    """A few bytes anywhere, or in the first KiB (a GGUF file's header, metadata and tensor infos)."""
+    raw = bytearray(path.read_bytes())
+    span = len(raw) if rng.random() < 0.5 else min(1024, len(raw))
+    for _ in range(rng.randint(1, 6)):
+        raw[rng.randrange(span)] = rng.randrange(256)
+    path.write_bytes(bytes(raw))
+
+
+GGUF_MUTATIONS = {"truncate": m_truncate, "bytes": m_bytes}
 FILE_MUTATIONS = {"truncate": m_truncate, "header-byte": m_flip_header_byte, "dtype": m_dtype, "shape": m_shape,
                   "metadata": m_metadata, "nan": _tensors_mutation(_nan), "drop-key": _tensors_mutation(_drop),
                   "rename-key": _tensors_mutation(_rename), "reshape": _tensors_mutation(_reshape)}
@@ -182,12 +212,12 @@ def _commands(kind: str, f: Path, clean: Path, base: Path, out: Path) -> list[li
         lora = f.parents[1] / "diffusers.safetensors"
         return [["merge", f, lora, "--allow-missing", "-o", out],
                 ["convert", lora, "--to", "kohya", "--base", f, "--allow-missing", "-o", out.with_suffix(".safetensors")]]
-    cmds = [["inspect", f, "--spectrum"], ["squeeze", f, "--rank", "2", "-o", out],
+    cmds = [["inspect", f, "--spectrum"], ["squeeze", f, "--rank", "1" if kind == "gguf" else "2", "-o", out],
             ["combine", f, clean, "--method", "ties", "--density", "0.7", "-o", out],
             ["combine", f, clean, "--weight", "1", "--weight", "-0.5", "-o", out]]
     if kind in ("loha", "lokr"):
         cmds.append(["convert", f, "--to", "lora", "--base", base, "-o", out])
-    if kind != "diffusers":
+    if kind not in ("diffusers", "gguf"):
         cmds.append(["merge", base, f, "-o", out.with_suffix(".safetensors")])
         cmds.append(["convert", f, "--to", "kohya" if kind == "peft-dora" else "peft-file", "--base", base, "-o",
                      out.with_suffix(".safetensors")])
@@ -211,9 +241,9 @@ def _cases(d: Path, clean: dict[str, Path]) -> list[tuple[str, list, Path, Path]
             name, mutate = ("config", m_config) if rng.random() < 0.5 else rng.choice(sorted(FILE_MUTATIONS.items()))
             mutate(target if name == "config" else target / "adapter_model.safetensors", rng)
         else:
-            name, mutate = rng.choice(sorted(FILE_MUTATIONS.items()))
+            name, mutate = rng.choice(sorted((GGUF_MUTATIONS if kind == "gguf" else FILE_MUTATIONS).items()))
             mutate(target, rng)
-        out = case / ("out" if kind in ("peft-dora", "pipeline") else "out.safetensors")
+        out = case / {"peft-dora": "out", "pipeline": "out", "gguf": "out.gguf"}.get(kind, "out.safetensors")
         cmd = rng.choice(_commands(kind, target, clean[kind], d / "base.safetensors", out))
         cases.append((f"{kind}/{name}/{cmd[0]}", cmd, target, case))
     return cases
