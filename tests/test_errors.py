@@ -163,6 +163,9 @@ CASES = {
                                                                   torch.ones(2, 6)}), "--rank", "1", "-o",
                                        p / "o.safetensors"],
                            "module lora_unet_a\\x1b[2J\\nb is missing"),  # a broken file's name, escaped
+    "control-characters-peft": (lambda p: ["inspect", _peft(p, extra={"base_model.model.m\n.lora_A.weight":
+                                                                      torch.ones(2, 6)})],
+                                "module base_model.model.m\\n is missing"),
     "r-null": (lambda p: ["squeeze", _peft(p, {"r": None}), "--rank", "1", "-o", p / "out"], "r is null"),
     # a kohya .alpha is checked on every module, a full diff's too (which ignores it)
     "kohya-alpha-shape": (lambda p: ["squeeze", _kohya(p, extra={"lora_unet_d.diff": torch.ones(8, 6),

@@ -307,7 +307,11 @@ def test_bad_input_is_one_line_and_writes_nothing(cases, tmp_path, tmp_path_fact
     data = good.read_bytes()
     (tmp_path / "trunc.gguf").write_bytes(data[: len(data) // 3])
     (tmp_path / "corrupt.gguf").write_bytes(b"GGUF" + b"\xff" * 60)
-    for bad in ("trunc.gguf", "corrupt.gguf"):
+    key = data.index(b"general.architecture") + len(b"general.architecture") + 4 + 8  # value type, string length
+    (tmp_path / "latin1.gguf").write_bytes(data[:key] + b"\xff" + data[key + 1:])  # a string value not UTF-8
+    _one_line_error(surgery("combine", tmp_path / "latin1.gguf", good, "-o", out, ok=False), "latin1.gguf",
+                    "general.architecture", "UTF-8")
+    for bad in ("trunc.gguf", "corrupt.gguf", "latin1.gguf"):
         _one_line_error(surgery("inspect", tmp_path / bad, ok=False), bad)
         _one_line_error(surgery("squeeze", tmp_path / bad, "--rank", "2", "-o", out, ok=False), bad)
     _one_line_error(surgery("merge", c.base, tmp_path / "trunc.gguf", "-o", out, ok=False), "trunc.gguf")

@@ -149,7 +149,15 @@ def open_reader(path: str | os.PathLike):
     """`gguf.GGUFReader` of `path`; a truncated or corrupt file is one line naming it."""
     gguf = _gguf()
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
+        for f in reader.fields.values():  # string values decode lazily: a bad byte is a traceback later
+            if gguf.GGUFValueType.STRING in f.types:
+                try:
+                    for i in f.data:
+                        f.parts[i].tobytes().decode("utf-8")
+                except UnicodeDecodeError:
+                    raise SurgeryError(f"{path}: GGUF metadata {f.name} is not UTF-8 text") from None
+        return reader
     except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
         raise SurgeryError(f"{path}: not a readable GGUF file ({e or type(e).__name__})") from None
 

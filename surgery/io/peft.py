@@ -36,12 +36,12 @@ _KEY = re.compile(
     r"(?P<lin>lora_A|lora_B)(?:\.[^.]+)?\.(?P<leaf>weight|bias)"
     r"|(?P<emb>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?"
     r"|lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?"
-    r")$"
+    r")\Z", re.DOTALL  # any character in a name: one a broken file holds is refused by name, not passed on
 )
 
 
 _STRUCTURED = re.compile(r"^(?P<m>.+?)\.(?P<role>hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t[12]))"
-                         r"(?:\.[^.]+)?$")
+                         r"(?:\.[^.]+)?\Z", re.DOTALL)
 TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}  # peft_type → module algorithm
 ALPHA_KEY = {"lora": "lora_alpha", "loha": "alpha", "lokr": "alpha"}  # the config's name for alpha
 
@@ -190,7 +190,7 @@ REBUILT_BASE = ("pissa", "corda", "olora", "lora_ga", "loftq")
 # PEFT LoRA variants whose extra per-module tensors serve training only (VeLoRA's projection of the compressed
 # activations, MonteCLoRA's variational sampler): PEFT runs them in eval mode and merges them as the plain scale·B·A
 _TRAINING_ONLY = {"velora_config": "lora_velora_embed", "monteclora_config": "lora_monteclora_sampler"}
-_MODULE_TENSOR = re.compile(r"^(?P<m>.+?)\.(?P<what>lora_[A-Za-z_]+)(?:\.|$)")
+_MODULE_TENSOR = re.compile(r"^(?P<m>.+?)\.(?P<what>lora_[A-Za-z_]+)(?:\.|\Z)", re.DOTALL)
 
 
 def _training_only(parts, passthrough, config, weights: Path, where):
