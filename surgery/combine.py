@@ -123,6 +123,9 @@ def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign)
         if method != "sum" and (biased := [n for n, m in a.modules.items() if m.bias is not None]):
             raise SurgeryError(f"{a.source}: module {biased[0]} has a bias part (lora_B.bias / diff_b), which "
                                f"{method} has no rule for; combine it with --method sum")
+        if method != "sum" and (experts := [n for n, m in a.modules.items() if m.kind == "experts"]):
+            raise SurgeryError(f"{a.source}: expert parameter {experts[0]}: {method} has no per-expert form in "
+                               "surgery; combine expert adapters with --method sum")
         if replaced := [k for k in a.passthrough if not _BASE_COPY.search(k)]:
             raise SurgeryError(f"{a.source}: carries non-LoRA tensors ({replaced[0]}, e.g. modules_to_save), "
                                "which replace base tensors and cannot be weighted")
@@ -238,7 +241,7 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
         present = [(a.modules[name], w) for a, w in zip(adapters, module_weights(name, weights, weight_map))
                    if name in a.modules]
         if kind == "experts":
-            modules[name] = _stacked_experts(name, present, method, dev)
+            modules[name] = _stacked_experts(name, present, dev)
         elif method == "sum":  # [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …], made once when squeeze reads the module
             held: dict = {}
 
@@ -280,12 +283,9 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     return small, CombineReport(reports, method, tuple(weights), tuple(notes + _warnings(rep)))
 
 
-def _stacked_experts(name: str, present, method: str, dev) -> ExpertsModule:
+def _stacked_experts(name: str, present, dev) -> ExpertsModule:
     """Per expert `[w₁s₁B₁ₑ | w₂s₂B₂ₑ | …] · [A₁ₑ; A₂ₑ; …]` (rank Σrᵢ, exact), stacked in PEFT's layout when
     squeeze reads it."""
-    if method != "sum":
-        raise SurgeryError(f"expert parameter {name}: {method} has no per-expert form in surgery; combine expert "
-                           "adapters with --method sum")
     like = present[0][0]
     if other := next((m for m, _ in present if m.nesting != like.nesting), None):
         raise SurgeryError(f"expert parameter {name}: the adapters target different parameters on its module "
