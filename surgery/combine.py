@@ -120,12 +120,13 @@ def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign)
         if dora := [n for n, m in a.modules.items() if m.dora]:
             raise SurgeryError(f"{a.source}: DoRA module {dora[0]}: its magnitude rescales W + ΔW, so DoRA adapters "
                                "cannot be combined linearly")
-        if method != "sum" and (biased := [n for n, m in a.modules.items() if m.bias is not None]):
-            raise SurgeryError(f"{a.source}: module {biased[0]} has a bias part (lora_B.bias / diff_b), which "
-                               f"{method} has no rule for; combine it with --method sum")
-        if method != "sum" and (experts := [n for n, m in a.modules.items() if m.kind == "experts"]):
-            raise SurgeryError(f"{a.source}: expert parameter {experts[0]}: {method} has no per-expert form in "
-                               "surgery; combine expert adapters with --method sum")
+        for n, m in a.modules.items() if method != "sum" else ():
+            if m.bias is not None:
+                raise SurgeryError(f"{a.source}: module {n} has a bias part (lora_B.bias / diff_b), which "
+                                   f"{method} has no rule for; combine it with --method sum")
+            if m.kind == "experts":
+                raise SurgeryError(f"{a.source}: expert parameter {n}: {method} has no per-expert form in "
+                                   "surgery; combine expert adapters with --method sum")
         if replaced := [k for k in a.passthrough if not _BASE_COPY.search(k)]:
             raise SurgeryError(f"{a.source}: carries non-LoRA tensors ({replaced[0]}, e.g. modules_to_save), "
                                "which replace base tensors and cannot be weighted")

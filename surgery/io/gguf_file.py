@@ -150,16 +150,15 @@ def open_reader(path: str | os.PathLike):
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(path)
-        for f in reader.fields.values():  # string values decode lazily: a bad byte is a traceback later
-            if gguf.GGUFValueType.STRING in f.types:
-                try:
-                    for i in f.data:
-                        f.parts[i].tobytes().decode("utf-8")
-                except UnicodeDecodeError:
-                    raise SurgeryError(f"{path}: GGUF metadata {f.name} is not UTF-8 text") from None
-        return reader
     except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
         raise SurgeryError(f"{path}: not a readable GGUF file ({e or type(e).__name__})") from None
+    for f in reader.fields.values():  # string values decode lazily (contents()): a bad byte is a traceback later
+        try:
+            for i in f.data if gguf.GGUFValueType.STRING in f.types else ():
+                f.parts[i].tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise SurgeryError(f"{path}: GGUF metadata {f.name} is not UTF-8 text") from None
+    return reader
 
 
 def base_info(base: str | os.PathLike, reader=None) -> Base:
