@@ -27,6 +27,20 @@ class Capture:
     metadata: dict
 
 
+def read_texts(path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped: the texts `capture` and `compare` run."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()] \
+            if Path(path).is_file() else None
+    except UnicodeDecodeError:
+        raise SurgeryError(f"{path}: not UTF-8 text (expected a file with one text per line)") from None
+    except OSError as e:
+        raise SurgeryError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not lines:
+        raise SurgeryError(f"{path}: no texts (expected a file with one text per line)")
+    return lines
+
+
 def _block_prefix(model) -> str | None:
     """Path of the ModuleList holding the transformer blocks (e.g. `encoder.layer`, `model.layers`)."""
     best = None
@@ -67,10 +81,7 @@ def _load(model_dir, texts, device):
         from transformers import AutoTokenizer
     except ImportError:
         raise SurgeryError("surgery capture needs transformers: pip install 'surgery[capture]'") from None
-    lines = [line.strip() for line in Path(texts).read_text().splitlines() if line.strip()] \
-        if Path(texts).is_file() else None
-    if not lines:
-        raise SurgeryError(f"{texts}: no texts (expected a file with one text per line)")
+    lines = read_texts(texts)
     from transformers.utils import logging as hf_logging
 
     bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()

@@ -12,7 +12,6 @@ import math
 import os
 from contextlib import closing
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -164,14 +163,6 @@ def _one_text(i: int, target: torch.Tensor, lpa: torch.Tensor, lpb: torch.Tensor
         kl_by_position=tuple(float(x) for x in kl))
 
 
-def _texts(path) -> list[str]:
-    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()] \
-        if Path(path).is_file() else None
-    if not lines:
-        raise SurgeryError(f"{path}: no texts (expected a file with one text per line)")
-    return lines
-
-
 def compare(model_dir: str | os.PathLike, a: Adapter, b: Adapter | None, texts: str | os.PathLike, *,
             device: str = "auto", dtype: str = "float32", max_tokens: int = 512,
             progress: Callable[[str], None] | None = None) -> Comparison:
@@ -182,7 +173,7 @@ def compare(model_dir: str | os.PathLike, a: Adapter, b: Adapter | None, texts: 
     into it and read back from the checkpoint afterwards), plus side A's logits for every text (tokens ×
     vocabulary, in the model's dtype).
     """
-    from .capture import check_vocabulary
+    from .capture import check_vocabulary, read_texts
     from .io.checkpoint import open_checkpoint
     from .io.hub import resolve
 
@@ -191,7 +182,7 @@ def compare(model_dir: str | os.PathLike, a: Adapter, b: Adapter | None, texts: 
         raise SurgeryError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     if max_tokens < 2:
         raise SurgeryError(f"--max-tokens must be at least 2 (one predicted token), got {max_tokens}")
-    lines = _texts(texts)
+    lines = read_texts(texts)
     dev = resolve_device(device)
     ck = open_checkpoint(model_dir)
     if ck.quant is not None:

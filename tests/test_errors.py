@@ -262,6 +262,10 @@ CASES = {
 
     "capture-no-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", p / "none.txt", "-o", p / "out"],
                          "no texts"),
+    "capture-binary-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", FIXTURES /
+                                        "kohya-lora-tiny.safetensors", "-o", p / "out"], "not UTF-8 text"),
+    "compare-binary-texts": (lambda p: ["compare", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--texts", FIXTURES /
+                                        "kohya-lora-tiny.safetensors"], "not UTF-8 text"),
     "capture-not-a-model": (lambda p: ["capture", p, "--texts", FIXTURES / "sentences.txt", "-o", p / "out"],
                             "not a local transformers model"),
     "id-discard": (lambda p: ["id", FIXTURES / "tiny-llama" / "model.safetensors", "--discard", "1.5"], "--discard"),
