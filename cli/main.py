@@ -823,7 +823,7 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
         from surgery.io.jsonfile import check, read_object
 
         doc = read_object(Path(ids_file))
-        ids = [float(x) for x in check(doc.get("ids"), "number list", ids_file, "ids")]
+        ids = [float(x) for x in check(doc.get("ids"), "dimension list", ids_file, "ids")]
         block_prefix = doc.get("block_prefix") if isinstance(doc.get("block_prefix"), str) else None
     doc = {"ids": ids, "block_ranks": gelora_ranks(ids, formula, min_rank)}
     warnings, raw = [], gelora_ranks(ids, formula, 0)
@@ -839,10 +839,8 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
                             seed=seed)
         path = save_adapter(small, out, force=force, inputs=inputs + ([config_out] if config_out else []))
         doc.update(rep.squeeze.to_dict(), clipped={n: list(v) for n, v in rep.clipped.items()},
-                   expanded=rep.expanded, output=str(path))
-        warnings += list(rep.squeeze.warnings) + [
-            f"{n}: GeLoRA rank {r} is above its rank {c}; " + (f"padded to {r}" if expand else f"kept at {c}")
-            for n, (r, c) in rep.clipped.items()]
+                   expanded=rep.expanded, padded=dict(rep.padded), output=str(path))
+        warnings += list(rep.squeeze.warnings) + rep.warnings
     if config_out:
         with atomic_output(Path(config_out), is_dir=False) as tmp:
             tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -373,6 +373,8 @@ def gelora_ranks(ids: Sequence[float], formula: str = "diff", min_rank: int = 1)
     diff: max(ceil(d_i − d_{i−1}), min_rank) (GeLoRA); max: max(ceil(max(d_i, d_{i−1})), min_rank)."""
     if formula not in ("diff", "max"):
         raise SurgeryError(f"unknown formula {formula!r}; use diff or max")
+    if not all(math.isfinite(d) and d >= 0 for d in ids):
+        raise SurgeryError(f"intrinsic dimensions must be finite and ≥ 0, got {', '.join(map(str, ids))}")
     out = []
     for i in range(1, len(ids)):
         r = ids[i] - ids[i - 1] if formula == "diff" else max(ids[i], ids[i - 1])
@@ -422,7 +424,19 @@ class RerankReport:
     requested: Mapping[str, int]  # GeLoRA rank per module (after any budget)
     clipped: Mapping[str, tuple[int, int]]  # module → (requested, current): above the current rank
     expanded: bool  # clipped modules were padded up to their GeLoRA rank (else kept at their rank)
+    padded: Mapping[str, int]  # module → the rank it was padded to (at most its update's full rank)
     squeeze: object  # the SqueezeReport
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per clipped module: what it was asked for and what it got."""
+        out = []
+        for n, (r, c) in self.clipped.items():
+            got = self.padded.get(n, c)
+            why = "" if got == r or not self.expanded else " (the full rank of its update)" if got > c else \
+                " (its full rank already)"
+            out.append(f"{n}: GeLoRA rank {r} is above its rank {c}; {'padded to' if got > c else 'kept at'} {got}{why}")
+        return out
 
 
 def expand(m, k: int, generator: torch.Generator):
@@ -461,10 +475,12 @@ def rerank(adapter, ids: Sequence[float], *, formula: str = "diff", min_rank: in
     clipped = {n: (r, adapter.modules[n].rank) for n, r in requested.items() if r > adapter.modules[n].rank}
     final = {n: min(r, adapter.modules[n].rank) for n, r in requested.items()}
     small, report = squeeze(adapter, PerModule(final), device=device, seed=seed)
-    if expand_ranks and clipped:
-        small = small.with_modules({n: expand(m, requested[n], seeded(seed, n)) if n in clipped else m
-                                    for n, m in small.modules.items()})
-    return small, RerankReport(tuple(ids), tuple(block_ranks), requested, clipped, expand_ranks, report)
+    # padding past min(out, in) adds parameters, never a direction: the update's full rank is the most it takes
+    full = {n: min(r, m.out_features, m.in_features) for n, (r, _) in clipped.items() for m in [adapter.modules[n]]}
+    padded = {n: k for n, k in full.items() if k > clipped[n][1]} if expand_ranks else {}
+    small = small.with_modules({n: expand(m, padded[n], seeded(seed, n)) if n in padded else m
+                                for n, m in small.modules.items()})
+    return small, RerankReport(tuple(ids), tuple(block_ranks), requested, clipped, expand_ranks, padded, report)
 
 
 def gelora_config(block_ranks: Sequence[int], block_prefix: str | None, targets: Sequence[str],

@@ -183,6 +183,21 @@ def test_rerank_expand_pads_without_changing_the_update(tmp_path):
     assert torch.allclose(logits["big"], logits["kept"], atol=1e-6)
 
 
+def test_rerank_expand_stops_at_the_full_rank():
+    """A GeLoRA rank above min(out, in) pads a module to its update's full rank, not beyond (more columns add
+    parameters, never a direction; an ID file's 10⁶ once asked for a 10⁶-row A of a 64-wide layer)."""
+    a = load_adapter(PEFT_FIXTURE)  # layer 1: q/o 64×64, k/v 32×64, gate/up 128×64, down 64×128, all rank 16
+    big, rep = rerank(a, [2.0, 7.5, 1e6], expand_ranks=True, device="cpu")
+    for name, m in a.modules.items():
+        if ".layers.1." in name:
+            full = min(m.out_features, m.in_features)
+            assert big.modules[name].rank == rep.padded[name] == full and rep.clipped[name] == (999993, 16)
+            assert torch.allclose(big.modules[name].delta(), m.delta(), rtol=0, atol=1e-5)
+    assert sum("padded to 32 (the full rank of its update)" in w for w in rep.warnings) == 2
+    with pytest.raises(SurgeryError, match="≥ 0"):
+        gelora_ranks([3.0, -1.0])
+
+
 def test_capture_real_minilm(minilm, tmp_path):
     from surgery.capture import capture, load_capture, save_capture
 
@@ -263,3 +278,7 @@ def test_cli_capture_id_rerank_config(minilm, tmp_path):
     r = run("rerank", PEFT_FIXTURE, "--ids", tmp_path / "two.json", "-o", tmp_path / "wide", "--expand", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["expanded"] is True
     assert {m.rank for m in load_adapter(tmp_path / "wide").modules.values()} == {6, 23}
+    (tmp_path / "neg.json").write_text(json.dumps({"ids": [-5.0, 2.0, 3.0]}))  # no dimension is negative
+    r = run("rerank", PEFT_FIXTURE, "--ids", tmp_path / "neg.json", "-o", tmp_path / "neg")
+    assert r.exit_code == 1 and "neg.json: ids must be a non-empty list of finite numbers ≥ 0" in r.output
+    assert not (tmp_path / "neg").exists()

@@ -57,8 +57,8 @@ def _is_regex(v) -> bool:
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "positive int": (lambda v: _is_int(v) and v > 0, "a positive whole number"),
     "int": (_is_int, "a whole number"),
-    "number list": (lambda v: isinstance(v, list) and bool(v) and all(_is_number(x) for x in v),
-                    "a non-empty list of finite numbers"),
+    "dimension list": (lambda v: isinstance(v, list) and bool(v) and all(_is_number(x) and x >= 0 for x in v),
+                       "a non-empty list of finite numbers ≥ 0"),
     "positive int list": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v),
                           "a list of positive whole numbers"),
     "number": (_is_number, "a finite number"),
