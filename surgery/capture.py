@@ -259,6 +259,8 @@ def load_inputs(path: str | os.PathLike) -> dict:
         ref = refs.get(key)
         if ref is None or len(ref.shape) != 2 or not ref.dtype.is_floating_point:
             raise SurgeryError(f"{path}: no (tokens, in_features) input for module {name}")
+        if not ref.shape[0] or not ref.shape[1]:
+            raise SurgeryError(f"{path}: the inputs of module {name} are empty (shape {tuple(ref.shape)})")
         out[name] = ref
     return out
 
@@ -308,6 +310,8 @@ class _LazyLayers(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         t = self.refs[i].load()
+        if t.dtype not in (torch.float32, torch.float64):  # bf16, fp16, fp8: widened exactly, as the maths needs
+            t = t.float()
         if not torch.isfinite(t).all():
             raise SurgeryError(f"{self.path}: hidden.{i} is not a finite (tokens, hidden) matrix")
         return t
@@ -323,7 +327,7 @@ def load_capture(path: str | os.PathLike) -> Capture:
         raise SurgeryError(f"{path}: not a hidden-state file (expected tensors hidden.0 … hidden.L)")
     layers = [refs[f"hidden.{i}"] for i in range(n)]
     for i, ref in enumerate(layers):
-        if len(ref.shape) != 2 or not ref.dtype.is_floating_point:
+        if len(ref.shape) != 2 or not ref.shape[1] or not ref.dtype.is_floating_point:
             raise SurgeryError(f"{path}: hidden.{i} is not a finite (tokens, hidden) matrix")
     from .io.jsonfile import parse_object
 

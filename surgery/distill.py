@@ -19,7 +19,7 @@ from .capture import input_key
 from .tera import TeraModule
 from .device import resolve_device
 from .errors import SurgeryError
-from .squeeze import output_truncation
+from .squeeze import check_inputs, input_rows, output_truncation
 
 
 @dataclass(frozen=True)
@@ -131,19 +131,15 @@ def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *
         if (t.out_features, t.in_features) != (m.out_features, m.in_features):
             raise SurgeryError(f"module {name}: student {m.out_features}×{m.in_features} vs teacher "
                                f"{t.out_features}×{t.in_features}")
-        if inputs[key].shape[1] != m.in_features:
-            raise SurgeryError(f"module {name}: captured inputs have {inputs[key].shape[1]} features, the module "
-                               f"takes {m.in_features}")
         for who, mod in (("student", m), ("teacher", t)):
             if _unsupported(mod):
                 raise SurgeryError(f"module {name}: the {who} is a {_unsupported(mod)} module; "
                                    "tune handles linear LoRA and TeRA modules")
+        check_inputs(name, m, tuple(inputs[key].shape))
         plan.append((name, m, t, key))
     modules, report = dict(student.modules), []
     for name, m, t, key in plan:
-        X = materialize(inputs[key])
-        if not torch.isfinite(X).all():
-            raise SurgeryError(f"{key}: captured inputs contain NaN or Inf")
+        X = input_rows(name, m, inputs[key], "cpu", torch.float32)
         try:
             new, before, after, best, origin = tune_module(m, t, X, steps=steps, lr=lr, device=device)
         except SurgeryError as e:

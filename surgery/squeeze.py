@@ -238,15 +238,22 @@ def output_truncation(m, X: torch.Tensor, k: int, scale: float, device="cpu") ->
     return _pad(*core_factors(B1, A1, core_svd(B1, A1), k, scale), k)
 
 
-def _input_rows(name: str, m, X: TensorLike, dev) -> torch.Tensor:
-    """A linear module's captured inputs as float64 (n, in) on `dev`, checked."""
+def check_inputs(name: str, m, shape) -> None:
+    """Captured inputs of `shape` fit linear module `m`: (n ≥ 1 tokens, its in_features) — checked from a file's
+    header, before any work (with no tokens, every rank-k update is output-optimal, the zero one included)."""
     if m.kind != "linear":
         raise SurgeryError(f"module {name}: captured inputs apply to linear modules, this one is {m.kind}")
-    X = materialize(X)
-    if X.ndim != 2 or X.shape[1] != m.in_features:
-        raise SurgeryError(f"module {name}: captured inputs have shape {tuple(X.shape)}, the module takes "
+    if len(shape) != 2 or shape[1] != m.in_features:
+        raise SurgeryError(f"module {name}: captured inputs have shape {tuple(shape)}, the module takes "
                            f"{m.in_features} features")
-    X = X.to(dev, torch.float64)
+    if not shape[0]:
+        raise SurgeryError(f"module {name}: the captured inputs hold no tokens")
+
+
+def input_rows(name: str, m, X: TensorLike, dev, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A linear module's captured inputs (n, in) in `dtype` on `dev`, checked (any float storage: widened)."""
+    check_inputs(name, m, tuple(X.shape))
+    X = materialize(X).to(dev, dtype)
     if not all_finite(X):
         raise SurgeryError(f"module {name}: captured inputs contain NaN or Inf")
     return X
@@ -294,7 +301,7 @@ def spectra(
             return {k: v for names in _batches(subs, batchable, dev).values() for k, v in unit(names, subs).items()}
         if inputs and name in inputs:
             B, A, scale = _exact_pair(name, m, cdtype, dev)
-            return {name: output_svd(B, A, _input_rows(name, m, inputs[name], dev), scale).S.cpu()}
+            return {name: output_svd(B, A, input_rows(name, m, inputs[name], dev), scale).S.cpu()}
         pair = m.lowrank(cdtype, dev)
         if pair is None:
             return {name: m.svd(cdtype, dev).S.double().cpu()}
@@ -399,7 +406,7 @@ def squeeze(
             if name not in inputs:
                 return small, report
             B, A = m.factors(torch.float64, dev)
-            X = _input_rows(name, m, inputs[name], dev)
+            X = input_rows(name, m, inputs[name], dev)
             out_norm = math.sqrt(lowrank_frobenius_sq(B, A @ X.T, m.scale))
             return small, replace(report, output_rel_error=0.0, plain_output_rel_error=0.0, output_norm=out_norm)
         if name in inputs:
@@ -424,7 +431,7 @@ def squeeze(
 
     def output_aware(name: str, m, target: int | None) -> tuple[LoraModule, ModuleReport]:
         """ΔW_k = U_k U_kᵀ ΔW for the module's inputs X, U_k from σ(ΔW Xᵀ), re-split as `_truncate` does."""
-        X = _input_rows(name, m, inputs[name], dev)
+        X = input_rows(name, m, inputs[name], dev)
         pair = _exact_pair(name, m, cdtype, dev)
         out = output_svd(pair[0], pair[1], X, pair[2])
         k = target if target is not None else _target(name, m, rule, out.S, min_rank)

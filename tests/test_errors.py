@@ -109,6 +109,14 @@ def _dora_conv(tmp_path):
     return [tmp_path / "convbase.safetensors", tmp_path / "d.safetensors"]
 
 
+def _empty_inputs(tmp_path, shape=(0, 64)):
+    """A module-inputs file whose one module (layer 0's q_proj, 64 features) has `shape` of inputs."""
+    name = "model.layers.0.self_attn.q_proj"
+    save_file({f"input.{name}": torch.zeros(shape)}, str(tmp_path / "acts.safetensors"),
+              {"surgery_module_inputs": json.dumps({"modules": [name]})})
+    return tmp_path / "acts.safetensors"
+
+
 def _nan_base(tmp_path, fp8=False):
     """The bundled base with a NaN in one weight, or (fp8) its 2-D weights cast to scale-less float8."""
     from safetensors.torch import load_file
@@ -266,6 +274,11 @@ CASES = {
                                         "kohya-lora-tiny.safetensors", "-o", p / "out"], "not UTF-8 text"),
     "compare-binary-texts": (lambda p: ["compare", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--texts", FIXTURES /
                                         "kohya-lora-tiny.safetensors"], "not UTF-8 text"),
+    "squeeze-no-tokens": (lambda p: ["squeeze", PEFT_FIXTURE, "--rank", "4", "--activations", _empty_inputs(p),
+                                     "-o", p / "out"], "acts.safetensors: the inputs of module "
+                                                       "model.layers.0.self_attn.q_proj are empty (shape (0, 64))"),
+    "tune-no-features": (lambda p: ["tune", PEFT_FIXTURE, "--teacher", PEFT_FIXTURE, "--activations",
+                                    _empty_inputs(p, (5, 0)), "-o", p / "out"], "are empty (shape (5, 0))"),
     "capture-not-a-model": (lambda p: ["capture", p, "--texts", FIXTURES / "sentences.txt", "-o", p / "out"],
                             "not a local transformers model"),
     "id-discard": (lambda p: ["id", FIXTURES / "tiny-llama" / "model.safetensors", "--discard", "1.5"], "--discard"),

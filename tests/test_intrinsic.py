@@ -282,3 +282,20 @@ def test_cli_capture_id_rerank_config(minilm, tmp_path):
     r = run("rerank", PEFT_FIXTURE, "--ids", tmp_path / "neg.json", "-o", tmp_path / "neg")
     assert r.exit_code == 1 and "neg.json: ids must be a non-empty list of finite numbers ≥ 0" in r.output
     assert not (tmp_path / "neg").exists()
+
+
+def test_id_reads_narrow_hidden_states_widened(tmp_path):
+    """A bf16 / fp8 hidden-state file (a model run in bf16) gives the IDs of its values widened to float32 (both
+    were tracebacks); a layer with no features is one line."""
+    from safetensors.torch import save_file
+
+    X = torch.randn(400, 8, generator=torch.Generator().manual_seed(3)) @ torch.randn(8, 24)
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        save_file({"hidden.0": X.to(dtype)}, str(tmp_path / "narrow.safetensors"))
+        save_file({"hidden.0": X.to(dtype).float()}, str(tmp_path / "wide.safetensors"))
+        got, want = (run("id", tmp_path / f, "--json") for f in ("narrow.safetensors", "wide.safetensors"))
+        assert got.exit_code == 0, got.output
+        assert json.loads(got.output)["ids"] == json.loads(want.output)["ids"]
+    save_file({"hidden.0": torch.zeros(300, 0)}, str(tmp_path / "none.safetensors"))
+    r = run("id", tmp_path / "none.safetensors")
+    assert r.exit_code == 1 and "hidden.0 is not a finite (tokens, hidden) matrix" in r.output

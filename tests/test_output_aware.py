@@ -199,6 +199,12 @@ def test_bad_inputs_are_refused():
         squeeze(a, FixedRank(2), inputs={"m": X}, device="cpu")
     with pytest.raises(SurgeryError, match="rsvd does not apply"):
         squeeze(a, FixedRank(2), inputs={"m": torch.randn(30, 12)}, method="rsvd", device="cpu")
+    with pytest.raises(SurgeryError, match="module m: the captured inputs hold no tokens"):  # was a zero adapter
+        squeeze(a, FixedRank(2), inputs={"m": torch.randn(0, 12)}, device="cpu")
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):  # narrow storage is widened exactly (fp8 was a traceback)
+        X = torch.randn(30, 12).to(dtype)
+        got, want = (squeeze(a, FixedRank(2), inputs={"m": x}, device="cpu")[0].modules["m"] for x in (X, X.double()))
+        assert torch.equal(got.A, want.A) and torch.equal(got.B, want.B)
 
 
 def test_cli_errors_and_tera(minilm_case, tmp_path):

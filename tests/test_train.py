@@ -176,6 +176,12 @@ def test_tune_refines_a_lora_to_tera_conversion(tmp_path):
         assert m.spec == student.modules[n].spec  # only the λ's moved
     with pytest.raises(SurgeryError, match="no captured inputs"):
         tune(student, teacher, {}, steps=1)
+    with pytest.raises(SurgeryError, match="the captured inputs hold no tokens"):  # was a silent no-op
+        tune(student, teacher, {n: x[:0] for n, x in inputs.items()}, steps=1)
+    narrow = {n: x.to(torch.float8_e4m3fn) for n, x in inputs.items()}  # fp8 storage: widened (was a traceback)
+    got, want = (tune(student, teacher, xs, steps=3, device="cpu")[0] for xs in (narrow, {
+        n: x.float() for n, x in narrow.items()}))
+    assert all(torch.equal(l, k) for n, m in got.modules.items() for l, k in zip(m.lambdas, want.modules[n].lambdas))
     name = next(iter(pairs))
     bad = teacher.with_modules({**teacher.modules, name: LoraModule(A=pairs[name][1] * float("nan"),
                                                                     B=pairs[name][0], scale=1.0)})
