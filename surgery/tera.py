@@ -72,6 +72,9 @@ class TeraSpec:
 
     @classmethod
     def for_shape(cls, out_features: int, in_features: int, order: int = 3, core_rank: int = 8, seed: int = 0):
+        for flag, v in (("--order", order), ("--core-rank", core_rank)):
+            if v < 1:
+                raise SurgeryError(f"{flag} must be at least 1, got {v}")
         J, I = factorize(out_features, order), factorize(in_features, order)
         ranks = tuple(min(core_rank, n) for n in J + I)
         spec = cls(J, I, ranks, seed)
@@ -295,7 +298,8 @@ def to_tera(adapter, *, order: int = 3, core_rank: int = 8, seed: int = 0, iters
             progress=None):
     """LoRA adapter → TeRA adapter by a least-squares fit of each module's λ's (a lossy projection: a TeRA
     module has Σ n_n numbers). Returns (adapter, [ConvertedModule]) with the energy honestly reported."""
-
+    if iters < 0:
+        raise SurgeryError(f"--iters must be ≥ 0, got {iters}")
     for name, m in adapter.modules.items():
         if not isinstance(m, LoraModule) or m.kind != "linear" or m.dora:
             what = "a TeRA module" if not isinstance(m, LoraModule) else "DoRA" if m.dora else m.kind
