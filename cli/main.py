@@ -165,11 +165,14 @@ def device_option(f):
     return click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)(f)
 
 
+SEED = click.IntRange(0, 2**63 - 1)  # what torch.Generator.manual_seed takes; TeRA's formula reduces mod 2⁶³ anyway
+
+
 def compute_options(stored: str = "the written factors (keep: the input's)", seed: bool = True):
     """--device, --dtype (the storage dtype of `stored`) and, for commands that draw random numbers, --seed."""
     def decorate(f):
         if seed:
-            f = click.option("--seed", type=int, default=0, show_default=True,
+            f = click.option("--seed", type=SEED, default=0, show_default=True,
                              help="Seed of the random draws (randomized SVD, DARE masks).")(f)
         f = click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
                          show_default=True, help=f"Storage dtype of {stored}.")(f)
@@ -499,7 +502,7 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @click.option("--save-factors", is_flag=True, help="--to tera: store the shared core and factors in the file.")
 @force_option
 @alpha_option
-@click.option("--seed", type=int, default=0, show_default=True, help="--to tera: seed of the shared factors.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="--to tera: seed of the shared factors.")
 @click.option("--allow-missing", is_flag=True, help="--base: skip (and report) modules that match no base tensor.")
 @click.option("--dtype", type=click.Choice(GGUF_TYPES),
               help="--to gguf: tensor type of the factors (default: the adapter's; q8_0 rows that are not whole "
@@ -588,7 +591,7 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="A .safetensors file.")
 @click.option("--order", type=int, default=3, show_default=True)
 @click.option("--core-rank", type=int, default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--save-factors", is_flag=True,
               help="Store the shared core and factors in the file too (they are regenerated from the seed otherwise).")
 @force_option
@@ -630,7 +633,7 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
               help="Keep [CLS]/[SEP]/BOS/EOS tokens (default: dropped for hidden states, kept for module inputs).")
 @force_option
 @device_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the token sample.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the token sample.")
 @json_option
 def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_special, force, device, seed,
                 as_json):
@@ -755,7 +758,7 @@ def _ids(hidden, method, discard, device, seed, legacy_cdf=False):
 @click.option("--legacy-cdf", is_flag=True, help="F_i = (i−1)/N as scikit-dimension 0.3 (default i/N, as 0.5).")
 @click.option("--plot", type=click.Path(path_type=str), help="Save the ID profile as a PNG (needs surgery[plot]).")
 @device_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap spread.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap spread.")
 @json_option
 def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
     """TwoNN intrinsic dimension of every layer of a hidden-state file."""
@@ -790,7 +793,8 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
 @click.option("-o", "--output", "out", type=click.Path(path_type=str), help="Re-ranked adapter.")
 @click.option("--formula", type=click.Choice(["diff", "max"]), default="diff", show_default=True,
               help="diff: ceil(d_i − d_{i−1}) (GeLoRA); max: ceil(max(d_i, d_{i−1})).")
-@click.option("--min-rank", type=int, default=1, show_default=True)
+@click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Lowest rank a block gets (PEFT refuses r = 0).")
 @click.option("--budget", help="Scale the ranks to this many factor parameters (e.g. 2M).")
 @click.option("--expand", is_flag=True, help="Pad modules whose GeLoRA rank is above their rank up to it (ΔW "
                                              "unchanged; new A rows random, new B columns zero, as PEFT inits).")
@@ -800,7 +804,7 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
                    "not the regex --targets of extract/capture/init-tera).")
 @click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
 @device_option
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @force_option
 @json_option
 def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand, config_out, targets, method, device,

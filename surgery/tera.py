@@ -54,7 +54,7 @@ def factorize(n: int, order: int) -> tuple[int, ...]:
         p += 1
     if m > 1:
         primes.append(m)
-    bins = [1] * order
+    bins = [1] * min(order, len(primes) or 1)  # more modes than prime factors would all be 1
     for q in sorted(primes, reverse=True):
         bins[bins.index(min(bins))] *= q
     out = tuple(sorted((b for b in bins if b > 1), reverse=True))

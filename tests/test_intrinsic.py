@@ -278,6 +278,9 @@ def test_cli_capture_id_rerank_config(minilm, tmp_path):
     r = run("rerank", PEFT_FIXTURE, "--ids", tmp_path / "two.json", "-o", tmp_path / "wide", "--expand", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["expanded"] is True
     assert {m.rank for m in load_adapter(tmp_path / "wide").modules.values()} == {6, 23}
+    r = run("rerank", "--ids", tmp_path / "two.json", "--min-rank", 0, "--config-out", tmp_path / "r0.json",
+            "--targets", "q_proj")
+    assert r.exit_code == 2 and "0 is not in the range x>=1" in r.output  # PEFT refuses r = 0: wrote such a config
     (tmp_path / "neg.json").write_text(json.dumps({"ids": [-5.0, 2.0, 3.0]}))  # no dimension is negative
     r = run("rerank", PEFT_FIXTURE, "--ids", tmp_path / "neg.json", "-o", tmp_path / "neg")
     assert r.exit_code == 1 and "neg.json: ids must be a non-empty list of finite numbers ≥ 0" in r.output
@@ -296,6 +299,8 @@ def test_id_reads_narrow_hidden_states_widened(tmp_path):
         got, want = (run("id", tmp_path / f, "--json") for f in ("narrow.safetensors", "wide.safetensors"))
         assert got.exit_code == 0, got.output
         assert json.loads(got.output)["ids"] == json.loads(want.output)["ids"]
+    r = run("id", tmp_path / "wide.safetensors", "--seed", str(10**30))  # torch's generators take < 2⁶⁴: was a bug
+    assert r.exit_code == 2 and "is not in the range 0<=x<=9223372036854775807" in r.output
     save_file({"hidden.0": torch.zeros(300, 0)}, str(tmp_path / "none.safetensors"))
     r = run("id", tmp_path / "none.safetensors")
     assert r.exit_code == 1 and "hidden.0 is not a finite (tokens, hidden) matrix" in r.output

@@ -35,6 +35,19 @@ def test_factorize_table(n, order, want):
 def test_factorize_properties(n, order):
     f = factorize(n, order)
     assert math.prod(f) == n and len(f) <= order and list(f) == sorted(f, reverse=True)
+    # more modes than prime factors: one per prime (--order 10³⁰ allocated a list of that many)
+    assert factorize(n, 10**30) == factorize(n, 64) == tuple(sorted(prime_factors(n), reverse=True) or [1])
+
+
+def prime_factors(n: int) -> list[int]:
+    """n's prime factors with multiplicity, by trial division (an independent reference)."""
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out
 
 
 @pytest.mark.parametrize("out_f,in_f,R", [(24, 30, 2), (24, 30, 3), (64, 32, 4)])
