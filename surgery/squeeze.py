@@ -34,6 +34,9 @@ METHODS = ("exact", "rsvd")
 BATCH_BYTES = 1 << 28  # float32 factors of one module batch on a GPU (per_module runs CUDA_WORKERS batches at once)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 @dataclass(frozen=True)
 class ModuleReport:
     name: str
@@ -486,6 +489,12 @@ def squeeze(
         done = per_module(lambda _, names: unit(names, modules, one), units, dev)
         for names, results in zip(units.values(), done):
             for name, (small, report) in zip(names, results):
+                for r in report if isinstance(report, list) else [report]:
+                    # loaders apply an update in float32 (or narrower): past its range it is Inf there, and its
+                    # float32 SVD here gives zeros
+                    if not (r.norm <= FLOAT32_MAX and math.isfinite(r.energy_kept) and math.isfinite(r.rel_error)):
+                        raise SurgeryError(f"module {r.name}: its update (norm {r.norm:.3g}, scale "
+                                           f"{modules[name].scale:g}) is beyond float32's range")
                 out[name] = small
                 reports.extend(report if isinstance(report, list) else [report])
                 if progress:

@@ -310,6 +310,9 @@ def to_tera(adapter, *, order: int = 3, core_rank: int = 8, seed: int = 0, iters
     for name, m in adapter.modules.items():
         target = m.delta(torch.float32)
         lams, err = fit_lambdas(target, specs[name], iters)
+        if not math.isfinite(err):  # ‖ΔW‖² past float32's range: the fit would write zeros
+            raise SurgeryError(f"{adapter.source or 'adapter'}: module {name}: its update overflows the float32 "
+                               f"fit (scale {m.scale:g})")
         modules[name] = TeraModule(lams, specs[name], 1.0)
         report.append(ConvertedModule(name, (m.out_features, m.in_features), _describe(specs[name]),
                                       sum(specs[name].modes), 1.0 - err * err, err))

@@ -17,7 +17,7 @@ from peft import PeftModel  # noqa: E402
 from surgery.io.safetensors_file import write_all  # noqa: E402
 from surgery_cli.main import main  # noqa: E402
 
-from .conftest import PEFT_FIXTURE, lora_pair, tree_digest  # noqa: E402
+from .conftest import FIXTURES, PEFT_FIXTURE, lora_pair, tree_digest  # noqa: E402
 from .test_merge import load, logits, random_lora, tiny_llama  # noqa: E402
 
 CAP = 2_147_479_552  # the most one write() moves on Linux
@@ -27,8 +27,9 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def one_error_line(r):
-    lines = r.output.strip().splitlines()
+def one_error_line(r, notes=False):
+    """One `error:` line and nothing else (but the reader's `note:` lines printed before it, with notes)."""
+    lines = [line for line in r.output.strip().splitlines() if not (notes and line.startswith("note: "))]
     return r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output
 
 
@@ -212,9 +213,20 @@ def test_bad_alpha_and_layout_clashes_are_one_line(tmp_path):
     B, A = lora_pair(8, 6, 4)
     save_file({"m.q.lora_A.weight": A, "m.q.lora_B.weight": B}, str(tmp_path / "bare.safetensors"))
     before = tree_digest(tmp_path)
-    for bad in ("0", "-1", "nan"):
+    for bad in ("0", "-1", "nan", "inf"):  # inf was a traceback (an SVD of infinities)
         r = run("squeeze", tmp_path / "bare.safetensors", "--alpha", bad, "--rank", "2", "-o", tmp_path / "o")
-        assert one_error_line(r) and "--alpha must be a positive number" in r.output
+        assert one_error_line(r) and "--alpha must be a positive finite number" in r.output
+    # scales whose update float32 cannot hold: squeeze and convert --to tera wrote all-zero adapters, merge was a
+    # traceback
+    r = run("merge", FIXTURES / "tiny-llama", tmp_path / "bare.safetensors", "--alpha", "1e308", "-o", tmp_path / "o")
+    assert one_error_line(r) and "module m.q: scale 2.5e+307 (alpha / r) is beyond float32's range" in r.output
+    r = run("convert", tmp_path / "bare.safetensors", "--alpha", "1e38", "--to", "tera", "-o", tmp_path / "o.st")
+    assert one_error_line(r, notes=True) and "module m.q: its update overflows the float32 fit (scale 2.5e+37)" \
+        in r.output
+    save_file({"m.q.lora_A.weight": A * 1e4, "m.q.lora_B.weight": B * 1e4}, str(tmp_path / "big.safetensors"))
+    r = run("squeeze", tmp_path / "big.safetensors", "--alpha", "1e38", "--rank", "2", "-o", tmp_path / "o")
+    assert one_error_line(r, notes=True) and "module m.q: its update (norm 3.4e+45, scale 2.5e+37) is beyond " \
+        "float32's range" in r.output
     r = run("merge", tmp_path / "bare.safetensors", tmp_path / "bare.safetensors", "--alpha", "1", "--alpha", "2",
             "-o", tmp_path / "m.safetensors")
     assert r.exit_code == 2 and "2 --alpha values for 1 adapters" in r.output

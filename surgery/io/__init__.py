@@ -4,10 +4,13 @@ One registry, filled by explicit `register` calls below, maps a format name to i
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+import torch
 
 from ..adapter import Adapter
 from ..errors import SurgeryError
@@ -76,6 +79,9 @@ def detect(path: str | os.PathLike) -> str:
                        "lokr_* keys)")
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def load_adapter(path: str | os.PathLike, alpha: float | None = None) -> Adapter:
     """Read an adapter lazily: headers and configs now, tensors when an operation asks for them.
 
@@ -92,17 +98,21 @@ def load_adapter(path: str | os.PathLike, alpha: float | None = None) -> Adapter
     if fmt == "peft" and path.is_file():
         path = path.parent
     adapter = FORMATS[fmt].read(path)
-    if alpha is None:
-        return adapter
-    if fmt != "peft-file" or adapter.config:
-        raise SurgeryError(f"{path}: --alpha is for PEFT-keyed files without a config; this {fmt} adapter states "
-                           "its own scales")
-    if not alpha > 0:  # also NaN
-        raise SurgeryError(f"--alpha must be a positive number, got {alpha}")
-    modules = {n: replace(m, scale=alpha / m.rank) for n, m in adapter.modules.items()}
-    number = int(alpha) if float(alpha).is_integer() else alpha
-    return adapter.with_modules(modules, config={"lora_alpha": number}, notes=(
-        f"{path.name}: no adapter config; lora_alpha = {alpha:g} from --alpha (scale alpha / r)",))
+    if alpha is not None:
+        if fmt != "peft-file" or adapter.config:
+            raise SurgeryError(f"{path}: --alpha is for PEFT-keyed files without a config; this {fmt} adapter "
+                               "states its own scales")
+        if not 0 < alpha < math.inf:  # also NaN
+            raise SurgeryError(f"--alpha must be a positive finite number, got {alpha}")
+        modules = {n: replace(m, scale=alpha / m.rank) for n, m in adapter.modules.items()}
+        number = int(alpha) if float(alpha).is_integer() else alpha
+        adapter = adapter.with_modules(modules, config={"lora_alpha": number}, notes=(
+            f"{path.name}: no adapter config; lora_alpha = {alpha:g} from --alpha (scale alpha / r)",))
+    for name, m in adapter.modules.items():  # loaders apply the scale in float32: past its range, ΔW is Inf
+        if not abs(m.scale) <= FLOAT32_MAX:
+            raise SurgeryError(f"{path}: module {name}: scale {m.scale:g} (alpha / r) is beyond float32's range, "
+                               "in which PEFT and the other loaders apply it")
+    return adapter
 
 
 def _convert_names(adapter: Adapter, fmt: str) -> Adapter:
