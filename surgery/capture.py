@@ -73,9 +73,11 @@ def _padded(tok):
     return tok, how
 
 
-def _load(model_dir, texts, device):
+def _load(model_dir, texts, device, max_tokens: int):
     from .io.hub import resolve
 
+    if max_tokens < 1:  # a slice [:max_tokens] would take all but the last -n
+        raise SurgeryError(f"--max-tokens must be at least 1, got {max_tokens}")
     model_dir = resolve(model_dir)
     try:
         from transformers import AutoTokenizer
@@ -147,7 +149,7 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
             keep_special: bool = False, batch_size: int = 16, max_length: int = 256,
             device: str = "auto") -> Capture:
     """Hidden states (embedding output, then each block's output) at a seeded sample of token positions."""
-    tok, model, lines, pad = _load(model_dir, texts, device)
+    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens)
     plan, n, k = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size, max_length=max_length,
                              keep_special=keep_special, max_tokens=max_tokens, seed=seed)
     dev = next(model.parameters()).device
@@ -182,7 +184,7 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
         pattern = re.compile(targets) if targets else None
     except re.error as e:
         raise SurgeryError(f"--targets {targets!r}: bad regex: {e}") from None
-    tok, model, lines, pad = _load(model_dir, texts, device)
+    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens)
     plan, n, k = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size, max_length=max_length,
                              keep_special=keep_special, max_tokens=max_tokens, seed=seed)
     prefix = _block_prefix(model)

@@ -118,8 +118,8 @@ def tune(student: Adapter, teacher: Adapter, inputs: Mapping[str, TensorLike], *
     """Distil `teacher` into `student` module by module on the captured inputs (module path → (n, in))."""
     if steps < 0:
         raise SurgeryError(f"--steps must be ≥ 0, got {steps}")
-    if not lr > 0:
-        raise SurgeryError(f"--lr must be positive, got {lr}")
+    if not 0 < lr <= 1:  # a step of more than a tensor's RMS overshoots (and 1e308 × RMS overflows float32)
+        raise SurgeryError(f"--lr is relative to each tensor's RMS and must be in (0, 1], got {lr}")
     plan = []
     for name, m in student.modules.items():
         t = teacher.modules.get(name)

@@ -279,6 +279,12 @@ CASES = {
                                                        "model.layers.0.self_attn.q_proj are empty (shape (0, 64))"),
     "tune-no-features": (lambda p: ["tune", PEFT_FIXTURE, "--teacher", PEFT_FIXTURE, "--activations",
                                     _empty_inputs(p, (5, 0)), "-o", p / "out"], "are empty (shape (5, 0))"),
+    "tune-lr": (lambda p: ["tune", PEFT_FIXTURE, "--teacher", PEFT_FIXTURE, "--activations", _empty_inputs(p, (5, 64)),
+                           "--lr", "1e308", "-o", p / "out"], "--lr is relative to each tensor's RMS and must be in "
+                                                               "(0, 1], got 1e+308"),
+    "capture-max-tokens": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", FIXTURES / "sentences.txt",
+                                      "--max-tokens", "-1", "-o", p / "out.safetensors"],
+                           "--max-tokens must be at least 1, got -1"),  # wrote all tokens but one
     "capture-not-a-model": (lambda p: ["capture", p, "--texts", FIXTURES / "sentences.txt", "-o", p / "out"],
                             "not a local transformers model"),
     "id-discard": (lambda p: ["id", FIXTURES / "tiny-llama" / "model.safetensors", "--discard", "1.5"], "--discard"),
