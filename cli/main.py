@@ -15,6 +15,7 @@ import torch
 
 from surgery import (Budget, Energy, Exact, FixedRank, SurgeryError, load_adapter, parse_count, parse_rank_map,
                      save_adapter, squeeze)
+from surgery.errors import regex
 from surgery.io import FORMATS, check_output, default_output
 from surgery.io.gguf_file import TYPES as GGUF_TYPES
 from surgery.io.safetensors_file import atomic_output
@@ -602,10 +603,7 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
     from surgery.tera import fresh_adapter
 
     ck = open_checkpoint(base)
-    try:
-        pattern = re.compile(targets)
-    except re.error as e:
-        raise SurgeryError(f"--targets {targets!r}: bad regex: {e}") from None
+    pattern = regex(targets, "--targets")
     shapes = {f"base_model.model.{n[: -len('.weight')]}": tuple(s.shape) for n, s in ck.tensors.items()
               if n.endswith(".weight") and len(s.shape) == 2 and pattern.search(n)}
     if not shapes:

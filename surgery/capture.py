@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .device import resolve_device
-from .errors import SurgeryError
+from .errors import SurgeryError, regex
 
 
 @dataclass(frozen=True)
@@ -178,12 +178,7 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     """The inputs of the model's `nn.Linear` modules (those matching the regex `targets`, by default every one
     inside the transformer blocks) at a seeded sample of token positions — the X of `surgery tune`. Special
     tokens are kept by default: they are real inputs of every module."""
-    import re
-
-    try:
-        pattern = re.compile(targets) if targets else None
-    except re.error as e:
-        raise SurgeryError(f"--targets {targets!r}: bad regex: {e}") from None
+    pattern = regex(targets, "--targets") if targets else None
     tok, model, lines, pad = _load(model_dir, texts, device, max_tokens)
     plan, n, k = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size, max_length=max_length,
                              keep_special=keep_special, max_tokens=max_tokens, seed=seed)

@@ -17,7 +17,7 @@ import torch
 
 from .adapter import Adapter, ExpertsModule, LoraModule, TensorRef, experts_module
 from .device import Scratch, per_module, resolve_device, seeded, storage_dtype
-from .errors import SurgeryError, listed
+from .errors import SurgeryError, listed, regex
 from .io import experts as expert_layout
 from .io import hub
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
@@ -152,7 +152,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
         raise SurgeryError("rank must be at least 1")
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
     finetuned, base = hub.resolve(finetuned), hub.resolve(base)
-    pattern = re.compile(targets) if targets else None
+    pattern = regex(targets, "--targets") if targets else None
     pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
     pipeline = is_pipeline(finetuned)
     experts = {} if pipeline else _expert_tensors(base, pairs, pattern)  # `param[e]` → (Param, e, (key, Piece) …)

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
-from .errors import SurgeryError
+from .errors import SurgeryError, regex
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,7 @@ def parse_rank_map(specs: str | Sequence[str]) -> RankMap:
             pattern, sep, rank = item.rpartition("=")
             if not sep or not pattern or not rank.strip().lstrip("-").isdigit():
                 raise SurgeryError(f"rank map entry {item!r}: expected REGEX=RANK, e.g. 'mlp=8,attn=4'")
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise SurgeryError(f"rank map entry {item!r}: bad regex: {e}") from None
+            regex(pattern, f"rank map entry {item!r}")
             rules.append((pattern, int(rank)))
     if not rules:
         raise SurgeryError("rank map is empty: expected REGEX=RANK entries, e.g. 'mlp=8,attn=4'")

@@ -165,8 +165,8 @@ def check_config(config: Mapping[str, Any], where) -> None:
     jsonfile.patterns(config, "alpha_pattern", "number", where)
     for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "use_effective_conv2d"):
         jsonfile.field(config, key, "bool", where)
-    if not isinstance(config.get("target_modules"), str):
-        jsonfile.field(config, "target_modules", "str list", where)
+    jsonfile.field(config, "target_modules", "regex" if isinstance(config.get("target_modules"), str) else "str list",
+                   where)  # a string is a regex PEFT matches whole module paths with
     jsonfile.field(config, "modules_to_save", "str list", where)
     init = config.get("init_lora_weights")
     if config.get("arrow_config"):
