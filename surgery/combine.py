@@ -17,6 +17,7 @@ import torch
 from .adapter import PEFT_PREFIX, Adapter, DiffModule, ExpertsModule, LoraModule, materialize, pack_experts
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
+from .linalg import all_finite
 from .rank import Exact, RankRule
 from .squeeze import SqueezeReport, parent, squeeze
 
@@ -265,6 +266,8 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
                 D = torch.stack([m.delta(torch.float32, dev) for m, _ in present])
                 out, kept[name] = sparsify(D, torch.tensor([w for _, w in present], dtype=torch.float64), method,
                                            density, majority_sign, seeded(seed, name))
+                if not all_finite(out):  # DARE's 1/density rescaling past float32's range
+                    raise SurgeryError(f"module {name}: the {method} result overflows float32 (density {density:g})")
                 return out
             modules[name] = DiffModule({"diff": _Lazy(merged, (out_f, in_f), torch.float32)})
         if progress:

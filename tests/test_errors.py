@@ -268,6 +268,9 @@ CASES = {
                                      _peft(p, name="b2"), "--method", "ties", "--density", "0.5", "-o", p / "out"],
                           "bias part (lora_B.bias / diff_b), which ties has no rule for"),
 
+    "combine-dare-overflow": (lambda p: ["combine", PEFT_FIXTURE, PEFT_FIXTURE, "--method", "dare-linear", "--density",
+                                         "1e-300", "-o", p / "out"],  # was a traceback in the SVD of Inf
+                              "the dare-linear result overflows float32 (density 1e-300)"),
     "capture-no-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", p / "none.txt", "-o", p / "out"],
                          "no texts"),
     "capture-binary-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", FIXTURES /
