@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -391,10 +392,12 @@ def _weight_map(items) -> list[tuple[str, float]]:
     for part in (p for item in items for p in item.split(",") if p.strip()):
         pattern, _, w = part.rpartition("=")
         try:
-            re.compile(pattern)
-            out.append((pattern, float(w)))
-        except (re.error, ValueError):
-            raise SurgeryError(f"--weight-map: expected REGEX=WEIGHT, got {part!r}") from None
+            weight = float(w)
+        except ValueError:
+            weight = math.nan
+        if not pattern or not math.isfinite(weight):
+            raise SurgeryError(f"--weight-map: expected REGEX=WEIGHT with a finite weight, got {part!r}")
+        out.append((regex(pattern, f"--weight-map entry {part!r}").pattern, weight))
     return out
 
 

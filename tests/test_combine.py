@@ -170,9 +170,10 @@ def test_kohya_and_peft_mix_with_base(two, tmp_path):
 
 def test_bad_weight_map_and_convert_options_are_one_line(two, tmp_path):
     r = run("combine", two / "a", two / "b", "--weight-map", "(=2", "-o", tmp_path / "out")
-    assert r.exit_code == 1 and "--weight-map: expected REGEX=WEIGHT, got '(=2'" in r.output
-    r = run("combine", two / "a", two / "b", "--weight-map", "q_proj=x", "-o", tmp_path / "out")
-    assert r.exit_code == 1 and "expected REGEX=WEIGHT" in r.output
+    assert r.exit_code == 1 and "--weight-map entry '(=2': bad regex '('" in r.output
+    for bad in ("q_proj=x", "q_proj=nan", "q_proj=inf"):  # nan and inf reached the SVD (a 'factor' error line)
+        r = run("combine", two / "a", two / "b", "--weight-map", bad, "-o", tmp_path / "out")
+        assert r.exit_code == 1 and f"expected REGEX=WEIGHT with a finite weight, got '{bad}'" in r.output
     r = run("convert", two / "a", "--to", "tera", "--energy", "0.9", "-o", tmp_path / "out.safetensors")
     assert r.exit_code == 2 and "--energy, --budget and --format go with --to lora" in r.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
