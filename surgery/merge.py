@@ -549,6 +549,16 @@ def _shards(ck: Checkpoint, sizes: Mapping[str, int], shard_size: int | None,
     return [(weights_name(ck.stem, ck.variant, (i + 1, len(out))), names) for i, names in enumerate(out)]
 
 
+def _weights(weights: Sequence[float] | None, adapters: Sequence[Adapter]) -> list[float]:
+    """One finite weight per adapter (default 1 each)."""
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise SurgeryError(f"{len(weights)} --weight values for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise SurgeryError(f"--weight values must be finite numbers, got {weights}")
+    return weights
+
+
 def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, weights: Sequence[float] | None = None,
           dtype: str | torch.dtype | None = None, device: str | torch.device = "auto",
           compute_dtype: torch.dtype = torch.float32, shard_size: str | int | None = None,
@@ -565,6 +575,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     Memory: one tensor at a time (plus the adapters' factors). The output appears only when complete.
     """
     t0 = time.perf_counter()
+    weights = _weights(weights, adapters)
     base = hub.resolve(base)
     if gguf_file.is_gguf(base):
         return merge_gguf(base, adapters, out, weights=weights, dtype=dtype, device=device,
@@ -575,9 +586,6 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     ck = None if pipeline else sets[0]
     root = pipeline.root if pipeline else ck.root
     out = Path(out)
-    weights = list(weights) if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise SurgeryError(f"{len(weights)} --weight values for {len(adapters)} adapters")
     if out.resolve() == root.resolve():
         raise SurgeryError(f"{out}: is the base itself; write the merged model elsewhere")
     check_output(out, [a.source for a in adapters if a.source is not None], force=True)  # never an adapter
@@ -1040,9 +1048,7 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
     """
     t0 = time.perf_counter()
     base, out = Path(base), Path(out)
-    weights = list(weights) if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise SurgeryError(f"{len(weights)} --weight values for {len(adapters)} adapters")
+    weights = _weights(weights, adapters)
     if storage_dtype(dtype) is not None or shard_size is not None:
         raise SurgeryError(f"{base}: a GGUF model keeps each tensor's type and stays one file; merge without "
                            "--dtype and --shard-size")

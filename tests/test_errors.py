@@ -271,6 +271,8 @@ CASES = {
     "combine-dare-overflow": (lambda p: ["combine", PEFT_FIXTURE, PEFT_FIXTURE, "--method", "dare-linear", "--density",
                                          "1e-300", "-o", p / "out"],  # was a traceback in the SVD of Inf
                               "the dare-linear result overflows float32 (density 1e-300)"),
+    "merge-weight-nan": (lambda p: ["merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--weight", "nan", "-o",
+                                    p / "out"], "--weight values must be finite numbers, got [nan]"),
     "capture-no-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", p / "none.txt", "-o", p / "out"],
                          "no texts"),
     "capture-binary-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", FIXTURES /
