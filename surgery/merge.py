@@ -520,7 +520,7 @@ class MergeReport:
 def _parse_size(text: str | int | None) -> int | None:
     if text is None or isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text.upper())
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", text.upper())  # upper(): GiB → GIB
     if not m:
         raise SurgeryError(f"shard size {text!r}: expected e.g. 5GB, 500MB, 2GiB")
     base = 1024 if m.group(3) else 1000

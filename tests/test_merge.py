@@ -792,3 +792,18 @@ def test_a_head_untied_from_an_embedding_with_trainable_tokens_keeps_their_rows(
         want = peft_model(input_ids=ids).logits
         got = load(tmp_path / "m")(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_shard_sizes_read_as_transformers_reads_them():
+    """--shard-size takes what save_pretrained's max_shard_size takes (5GB = 5·10⁹, 2GiB = 2·2³⁰: GiB was refused,
+    though the error's own example), plus fractions; anything else is one line ("1.5.5" was a traceback)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from surgery.merge import _parse_size
+
+    for text in ("5GB", "500MB", "30KB", "2GiB", "1KiB", "3MiB"):
+        assert _parse_size(text) == convert_file_size_to_int(text), text
+    assert _parse_size("0.5GB") == 500_000_000 and _parse_size(" 2 mb ") == 2_000_000 and _parse_size("4TB") == 4e12
+    for bad in ("1.5.5", "GB", "1e3", "-1GB", "lots"):
+        with pytest.raises(SurgeryError, match="expected e.g. 5GB"):
+            _parse_size(bad)
