@@ -148,8 +148,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
 
     rule: FixedRank(k), Energy(τ) (smallest k ≤ max_rank with ‖D_k‖² ≥ τ‖D‖²) or Budget(P) over ranks ≤ max_rank.
     """
-    if isinstance(rule, FixedRank) and rule.rank <= 0 or max_rank <= 0:
-        raise SurgeryError("rank must be at least 1")
+    if max_rank <= 0:  # the rule checks itself (surgery.rank)
+        raise SurgeryError(f"--max-rank must be at least 1, got {max_rank}")
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
     finetuned, base = hub.resolve(finetuned), hub.resolve(base)
     pattern = regex(targets, "--targets") if targets else None

@@ -14,9 +14,17 @@ import torch
 from .errors import SurgeryError, regex
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class FixedRank:
     rank: int
+
+    def __post_init__(self):
+        if not (_is_int(self.rank) and self.rank >= 1):
+            raise SurgeryError(f"rank must be at least 1, got {self.rank!r}")
 
 
 @dataclass(frozen=True)
@@ -25,12 +33,20 @@ class Energy:
 
     threshold: float
 
+    def __post_init__(self):
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0):
+            raise SurgeryError(f"energy threshold must be in (0, 1], got {self.threshold!r}")
+
 
 @dataclass(frozen=True)
 class Budget:
     """One parameter budget (A and B entries) for the whole adapter."""
 
     params: int
+
+    def __post_init__(self):
+        if not (_is_int(self.params) and self.params > 0):
+            raise SurgeryError(f"budget must be positive, got {self.params!r}")
 
 
 @dataclass(frozen=True)

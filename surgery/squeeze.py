@@ -210,17 +210,6 @@ def _target(name: str, m: LoraModule, rule: RankRule, S: torch.Tensor | None, mi
     raise TypeError(rule)
 
 
-def _validate(rule: RankRule, min_rank: int) -> None:
-    if isinstance(rule, Energy) and not 0.0 < rule.threshold <= 1.0:
-        raise SurgeryError(f"energy threshold must be in (0, 1], got {rule.threshold}")
-    if isinstance(rule, Budget) and rule.params <= 0:
-        raise SurgeryError(f"budget must be positive, got {rule.params}")
-    if isinstance(rule, FixedRank) and rule.rank <= 0:
-        raise SurgeryError(f"rank must be at least 1, got {rule.rank}")
-    if min_rank < 1:
-        raise SurgeryError(f"min rank must be at least 1, got {min_rank}")
-
-
 def _exact_pair(name: str, m, cdtype, dev) -> tuple[torch.Tensor, torch.Tensor, float]:
     """An exact LoRA form (B (out, r), A (r, in), scale) of a module's ΔW: its own pair (LoRA, LoHa's
     face-splitting pair), or its SVD (LoKr, full) at the numerical rank, scale 1."""
@@ -364,7 +353,8 @@ def squeeze(
     for name, m in adapter.modules.items():
         if m.algo == "tera":
             raise SurgeryError(f"module {name} is a TeRA module; squeeze works on LoRA (surgery convert --to lora)")
-    _validate(rule, min_rank)
+    if min_rank < 1:  # the rules check themselves (surgery.rank)
+        raise SurgeryError(f"min rank must be at least 1, got {min_rank}")
     dev, cdtype, sdtype = resolve_device(device), _compute_dtype(compute_dtype), storage_dtype(dtype)
     modules = adapter.modules
     targets: dict[str, int] = {}
