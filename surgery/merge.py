@@ -588,7 +588,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     out = Path(out)
     if out.resolve() == root.resolve():
         raise SurgeryError(f"{out}: is the base itself; write the merged model elsewhere")
-    check_output(out, [a.source for a in adapters if a.source is not None], force=True)  # never an adapter
+    check_output(out, [base] + [a.source for a in adapters if a.source is not None], force=True)  # nor inside one
     if out.exists() and not force and (out.is_file() or any(out.iterdir())):
         raise SurgeryError(f"{out}: exists and is not empty; choose a new path or pass --force")
     is_dir = pipeline is not None or ck.is_dir

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 from peft import PeftModel  # noqa: E402
 
+from surgery import SurgeryError  # noqa: E402
 from surgery.io.safetensors_file import write_all  # noqa: E402
 from surgery_cli.main import main  # noqa: E402
 
@@ -103,6 +104,34 @@ def test_merge_never_writes_over_an_adapter_or_into_itself(tmp_path):
         assert r.exit_code == 0, r.output
     assert not (base / "merged" / "merged").exists()
     transformers.AutoModelForCausalLM.from_pretrained(base / "merged")
+
+
+def test_no_output_replaces_part_of_an_input_folder(tmp_path):
+    """--force never replaces a file inside an input folder (compare --plot over the model's config.json and merge
+    -o base/tokenizer.json did), nor a pipeline's component folder; an earlier result folder inside one may go."""
+    from surgery.io import check_output
+
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    shutil.copytree(FIXTURES / "tiny-llama", base)
+    shutil.copytree(PEFT_FIXTURE, lora)
+    (lora / "README.safetensors").write_bytes((lora / "README.md").read_bytes())  # any file of the folder
+    before = tree_digest(base), tree_digest(lora)
+    texts = FIXTURES / "sentences.txt"
+    for args in (["compare", base, lora, "--texts", texts, "--max-tokens", 4, "--device", "cpu", "--plot",
+                  base / "config.json"],
+                 ["merge", base, lora, "-o", base / "tokenizer.json", "--force", "--device", "cpu"],
+                 ["squeeze", lora, "--rank", 2, "-o", lora / "README.safetensors", "--force"],
+                 ["inspect", lora, "--spectrum", "--plot", lora / "adapter_config.json"]):
+        r = run(*args)
+        assert one_error_line(r) and "is an input of this command or part of one" in r.output, args
+    assert (tree_digest(base), tree_digest(lora)) == before
+    pipe = tmp_path / "pipe"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    with pytest.raises(SurgeryError, match="part of one"):
+        check_output(pipe / "unet", [pipe], force=True)
+    (base / "old-result").mkdir()
+    assert check_output(base / "old-result", [base], force=True) == base / "old-result"
 
 
 def test_reader_notes_are_printed(tmp_path):

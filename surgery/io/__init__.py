@@ -218,16 +218,20 @@ def default_output(source: str | os.PathLike, tag: str, fmt: str) -> Path:
 
 
 def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path:
-    """Refuse an output that is (or holds, or lies inside) one of `inputs` — whatever `force` says — and an
-    existing output unless `force`."""
+    """Refuse an output that is (or holds) one of `inputs`, or that would replace part of an input folder — a
+    file in it, a pipeline's component folder — or add a PEFT file to one, whatever `force` says; and an existing
+    output unless `force`. (An earlier result folder inside an input folder may be replaced.)"""
     out = Path(out)
     o = out.resolve()
     if hub.in_cache(out):
         raise SurgeryError(f"{out}: is inside the Hugging Face cache; outputs never go there, choose another path")
     for i in inputs:
         i = Path(i).resolve()
-        if o == i or i.is_relative_to(o) or (i.is_dir() and o.is_relative_to(i) and o.name in (peft.WEIGHTS, peft.CONFIG)):
-            raise SurgeryError(f"{out}: is an input of this command ({i}); choose another output")
+        part = i.is_dir() and o.is_relative_to(i) and (
+            o.name in (peft.WEIGHTS, peft.CONFIG) or (out.exists() or out.is_symlink()) and (
+                not out.is_dir() or out.is_symlink() or (i / "model_index.json").exists()))
+        if o == i or i.is_relative_to(o) or part:
+            raise SurgeryError(f"{out}: is an input of this command or part of one ({i}); choose another output")
     if (out.exists() or out.is_symlink()) and not force:
         raise SurgeryError(f"{out}: exists; choose a new path or pass --force to replace it")
     return out
