@@ -549,6 +549,14 @@ def _shards(ck: Checkpoint, sizes: Mapping[str, int], shard_size: int | None,
     return [(weights_name(ck.stem, ck.variant, (i + 1, len(out))), names) for i, names in enumerate(out)]
 
 
+def _model_folder(folder: Path) -> bool:
+    """Whether an existing output folder may be replaced whole: empty, or a model / pipeline folder (an earlier
+    merge, a downloaded model) and not a git repository."""
+    names = {p.name for p in folder.iterdir()}
+    return not names or ".git" not in names and bool(
+        names & {"config.json", "model_index.json"} or any(n.endswith(".safetensors") for n in names))
+
+
 def _weights(weights: Sequence[float] | None, adapters: Sequence[Adapter]) -> list[float]:
     """One finite weight per adapter (default 1 each)."""
     weights = list(weights) if weights else [1.0] * len(adapters)
@@ -591,6 +599,9 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     check_output(out, [base] + [a.source for a in adapters if a.source is not None], force=True)  # nor inside one
     if out.exists() and not force and (out.is_file() or any(out.iterdir())):
         raise SurgeryError(f"{out}: exists and is not empty; choose a new path or pass --force")
+    if out.is_dir() and not _model_folder(out):  # --force swaps the whole folder: never a home or a repository
+        raise SurgeryError(f"{out}: exists and is not a model folder (no config.json, model_index.json or "
+                           "safetensors in it); --force replaces only an earlier model, choose another path")
     is_dir = pipeline is not None or ck.is_dir
     if is_dir == (out.suffix == ".safetensors"):
         raise SurgeryError(f"{out}: the base is {'a directory' if is_dir else 'one file'}; "

@@ -134,6 +134,29 @@ def test_no_output_replaces_part_of_an_input_folder(tmp_path):
     assert check_output(base / "old-result", [base], force=True) == base / "old-result"
 
 
+def test_merge_force_replaces_only_a_model_folder(tmp_path, monkeypatch):
+    """merge --force swaps the whole output folder (no stale shards): a folder that is not a model — a home, a
+    repository — was deleted with it; now it is refused. `-o .` left a stray temporary folder (EBUSY)."""
+    base, lora = FIXTURES / "tiny-llama", PEFT_FIXTURE
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "thesis.txt").write_text("precious")
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "config.json").write_text("{}")
+    for folder in (home, repo):
+        before = tree_digest(folder)
+        r = run("merge", base, lora, "-o", folder, "--force", "--device", "cpu")
+        assert one_error_line(r) and "is not a model folder" in r.output and tree_digest(folder) == before
+    r = run("merge", base, lora, "-o", tmp_path / "m", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path / "m")
+    r = run("merge", base, lora, "-o", ".", "--force", "--device", "cpu")  # an earlier result: replaced
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "m", "repo"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(p.name for p in base.iterdir())
+
+
 def test_reader_notes_are_printed(tmp_path):
     B, A = lora_pair(8, 6, 4)
     save_file({"m.q.lora_A.weight": A, "m.q.lora_B.weight": B}, str(tmp_path / "bare.safetensors"))

@@ -271,6 +271,7 @@ def _within(path, out: Path) -> bool:
 
 @contextlib.contextmanager
 def _atomic(out: Path, is_dir: bool, replace: bool) -> Iterator[Path]:
+    out = Path(os.path.abspath(out))  # "." or "x/..": a name to put the temporary sibling beside
     parent = out.parent
     above = next(p for p in (parent, *parent.parents) if p.exists() or p == p.parent)
     if not above.is_dir():
