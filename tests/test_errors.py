@@ -273,6 +273,13 @@ CASES = {
                               "the dare-linear result overflows float32 (density 1e-300)"),
     "merge-weight-nan": (lambda p: ["merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--weight", "nan", "-o",
                                     p / "out"], "--weight values must be finite numbers, got [nan]"),
+    "empty-lora": (lambda p: ["squeeze", _peft(p, keys={"base_model.model.m.q_proj.lora_A.weight": torch.zeros(2, 0),
+                                                          "base_model.model.m.q_proj.lora_B.weight": torch.zeros(0, 2)}),
+                              "--rank", "1", "-o", p / "out"], "updates an empty weight (A [2, 0], B [0, 2])"),
+    "empty-loha": (lambda p: ["inspect", "--spectrum", _kohya(p, extra={
+        "lora_unet_e.hada_w1_a": torch.zeros(0, 2), "lora_unet_e.hada_w1_b": torch.zeros(2, 6),
+        "lora_unet_e.hada_w2_a": torch.zeros(0, 2), "lora_unet_e.hada_w2_b": torch.zeros(2, 6)})],
+                   "module lora_unet_e: an empty tensor (a zero dimension) updates no weight"),  # were tracebacks
     "capture-no-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", p / "none.txt", "-o", p / "out"],
                          "no texts"),
     "capture-binary-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", FIXTURES /

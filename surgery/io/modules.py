@@ -68,6 +68,8 @@ def make_module(name: str, roles: Mapping[str, TensorRef], kind: str, scale: flo
         raise SurgeryError(f"{path}: module {name}: lora_B.bias has shape {list(bias.shape)}, expected [{B.shape[0]}]")
     if r == 0:
         raise SurgeryError(f"{path}: module {name} has rank 0")
+    if 0 in (*A.shape[1:], B.shape[0]):
+        raise SurgeryError(f"{path}: module {name} updates an empty weight (A {list(A.shape)}, B {list(B.shape)})")
     floating(path, name, A=A, B=B, bias=bias)
     module = LoraModule(A=A, B=B, scale=float(scale), kind=kind, bias=bias)
     return with_magnitude(module, roles.get("magnitude"), dora, name, path)
@@ -151,6 +153,8 @@ def make_structured(name: str, algo: str, tensors: Mapping[str, TensorRef], scal
              "lokr": {"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"}, "diff": {"diff", "diff_b"}}[algo]
     if extra := set(tensors) - known:
         raise _shape_error(path, name, f"unexpected {algo} tensors {sorted(extra)}", tensors)
+    if any(0 in t.shape for t in tensors.values()):
+        raise _shape_error(path, name, "an empty tensor (a zero dimension) updates no weight", tensors)
     if algo == "diff":
         d, b = tensors.get("diff"), tensors.get("diff_b")
         if d is None or len(d.shape) < 2 or (b is not None and tuple(b.shape) != (d.shape[0],)):
