@@ -280,6 +280,10 @@ CASES = {
         "lora_unet_e.hada_w1_a": torch.zeros(0, 2), "lora_unet_e.hada_w1_b": torch.zeros(2, 6),
         "lora_unet_e.hada_w2_a": torch.zeros(0, 2), "lora_unet_e.hada_w2_b": torch.zeros(2, 6)})],
                    "module lora_unet_e: an empty tensor (a zero dimension) updates no weight"),  # were tracebacks
+    "empty-experts": (lambda p: ["inspect", _peft(p, {"target_modules": [], "target_parameters": ["mlp.experts.down_proj"]},
+                                                  keys={"base_model.model.m.mlp.experts.lora_A.weight": torch.zeros(0, 6),
+                                                        "base_model.model.m.mlp.experts.lora_B.weight": torch.zeros(8, 0)})],
+                      "lora_A [0, 6] and lora_B [8, 0] are not PEFT's (r·E, in) and (out, r·E)"),  # 0 experts: a bug
     "capture-no-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", p / "none.txt", "-o", p / "out"],
                          "no texts"),
     "capture-binary-texts": (lambda p: ["capture", FIXTURES / "tiny-llama", "--texts", FIXTURES /

@@ -379,7 +379,8 @@ def _expert_modules(parts, config, weights: Path, where) -> tuple[dict[str, Expe
             raise SurgeryError(f"{where}: expert parameter {path} needs exactly lora_A.weight and lora_B.weight "
                                f"(has {', '.join(sorted(roles))}; PEFT's ParamWrapper takes no bias or DoRA)")
         r, alpha = rank_alpha(config, path)
-        if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[0] % r or B.shape[1] != A.shape[0]:
+        if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[0] % r or B.shape[1] != A.shape[0] or 0 in (
+                *A.shape, B.shape[0]):
             raise SurgeryError(f"{where}: expert parameter {path}: lora_A {list(A.shape)} and lora_B {list(B.shape)} "
                                f"are not PEFT's (r·E, in) and (out, r·E) for its r={r}")
         floating(weights, path, A=A, B=B)
