@@ -459,6 +459,12 @@ def test_every_gguf_refusal_is_one_line_and_writes_nothing(cases, tmp_path):
             "blk.0.attn_v.weight.lora_a": rng.standard_normal((8, 64), dtype=np.float32),
             "blk.0.attn_v.weight.lora_b": rng.standard_normal((32, 4), dtype=np.float32)}), "do not pair"),
         "empty": (_gguf_adapter(tmp_path / "e.gguf", tensors={}), "without LoRA tensors"),
+        "empty-factor": (_gguf_adapter(tmp_path / "z.gguf", tensors={  # were tracebacks (alpha / 0, 0×0 modules)
+            "blk.0.attn_v.weight.lora_a": np.zeros((0, 64), np.float32),
+            "blk.0.attn_v.weight.lora_b": np.zeros((32, 0), np.float32)}), "has an empty factor"),
+        "no-experts": (_gguf_adapter(tmp_path / "z3.gguf", tensors={
+            "blk.0.ffn_up_exps.weight.lora_a": np.zeros((0, 8, 64), np.float32),
+            "blk.0.ffn_up_exps.weight.lora_b": np.zeros((0, 32, 8), np.float32)}), "has an empty factor"),
         "model-as-adapter": (c.base, "not an adapter"),
     }
     out = tmp_path / "out.gguf"

@@ -643,6 +643,8 @@ def read(path: Path) -> Adapter:
         if set(p) != {"lora_a", "lora_b"}:
             raise SurgeryError(f"{path}: {name} has {next(iter(p))} without its pair")
         a, b = p["lora_a"], p["lora_b"]
+        if 0 in (*a.shape, *b.shape):
+            raise SurgeryError(f"{path}: {name} has an empty factor (lora_a {a.shape}, lora_b {b.shape})")
         if len(a.shape) == 3 or len(b.shape) == 3:  # an expert tensor's: (E, r, in) and (E, out, r)
             E, r = a.shape[0], a.shape[1]
             if len(a.shape) != 3 or len(b.shape) != 3 or b.shape[0] != E or b.shape[2] != r:
