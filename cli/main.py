@@ -251,17 +251,17 @@ class _Silent:
 @click.argument("adapter", type=ADAPTER)
 @click.option("--spectrum", is_flag=True, help="Also compute each module's singular values (exact, no dense ΔW).")
 @click.option("--plot", type=click.Path(path_type=str),
-              help="With --spectrum: draw σᵢ/σ₁ of every module to this PNG (needs surgery[plot]).")
+              help="With --spectrum: draw σᵢ/σ₁ of every module to this picture (.png, .svg, .pdf, …; needs "
+                   "surgery[plot]).")
 @json_option
 def inspect(adapter, spectrum, plot, as_json):
     """Show an adapter's format, modules, ranks, scales and sizes."""
     if plot and not spectrum:
         raise click.UsageError("--plot goes with --spectrum")
     if plot:
-        from .plot import pyplot
+        from .plot import check_plot
 
-        pyplot()  # a missing matplotlib is said before the work
-        check_output(plot, [adapter], force=True)
+        check_plot(plot, [adapter])  # a missing matplotlib or a bad path is said before the work
     a = load(adapter)
     spectra = None
     if spectrum and a.format == "tera":  # float64, as TeRA's own exact SVD computes it
@@ -703,7 +703,7 @@ def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_js
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens kept of each text.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), default="float32",
               show_default=True, help="The model's weights and activations (merged weights rounded once to it).")
-@click.option("--plot", type=click.Path(path_type=str), help="Draw the mean KL by token position to this PNG.")
+@click.option("--plot", type=click.Path(path_type=str), help="Draw the mean KL by token position to this picture (.png, .svg, .pdf, …).")
 @device_option
 @json_option
 def compare_cmd(model, a, b, texts, max_tokens, dtype, plot, device, as_json):
@@ -712,10 +712,9 @@ def compare_cmd(model, a, b, texts, max_tokens, dtype, plot, device, as_json):
     from surgery.compare import compare
 
     if plot:
-        from .plot import pyplot
+        from .plot import check_plot
 
-        pyplot()
-        check_output(plot, [model, a, texts] + ([b] if b else []), force=True)
+        check_plot(plot, [model, a, texts] + ([b] if b else []))
     first, second = load(a), load(b) if b else None
     result = compare(model, first, second, texts, device=device, dtype=dtype, max_tokens=max_tokens)
     doc = result.to_dict() | {"model": str(model), "a": str(a), "b": str(b) if b else None}
@@ -757,7 +756,7 @@ def _ids(hidden, method, discard, device, seed, legacy_cdf=False):
 @click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
 @click.option("--discard", type=float, default=0.1, show_default=True, help="Fraction of the largest μ discarded.")
 @click.option("--legacy-cdf", is_flag=True, help="F_i = (i−1)/N as scikit-dimension 0.3 (default i/N, as 0.5).")
-@click.option("--plot", type=click.Path(path_type=str), help="Save the ID profile as a PNG (needs surgery[plot]).")
+@click.option("--plot", type=click.Path(path_type=str), help="Save the ID profile as a picture (.png, .svg, .pdf, …; needs surgery[plot]).")
 @device_option
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap spread.")
 @json_option
@@ -766,10 +765,9 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
     if not 0 <= discard < 1:
         raise SurgeryError(f"--discard must be in [0, 1), got {discard}")
     if plot:
-        from .plot import pyplot
+        from .plot import check_plot
 
-        pyplot()  # a missing matplotlib is said before the work, as inspect --plot does
-        check_output(plot, [hidden], force=True)
+        check_plot(plot, [hidden])
     cap, results = _ids(hidden, method, discard, device, seed, legacy_cdf)
     doc = {"ids": [r.dimension for r in results], "layers": [r.__dict__ for r in results],
            "block_prefix": cap.metadata.get("block_prefix")}

@@ -1,4 +1,4 @@
-"""PNG pictures for the CLI (matplotlib, the `plot` extra): the ID profile and the singular-value spectrum."""
+"""Pictures (PNG, or the format the path names) for the CLI (matplotlib, the `plot` extra): the ID profile and the singular-value spectrum."""
 from __future__ import annotations
 
 import re
@@ -25,14 +25,43 @@ def pyplot():
     return plt
 
 
+# formats written byte-identically run after run (no time stamp; SVG ids from a fixed salt); PostScript's creation
+# date cannot be left out
+FORMATS = {"png": None, "pdf": {"CreationDate": None}, "svg": {"Date": None}, "jpg": None, "jpeg": None, "webp": None,
+           "tif": None, "tiff": None, "gif": None}
+
+
+def picture_format(path) -> str:
+    """The picture format `path`'s suffix names (png without one): what matplotlib writes there, never PNG bytes
+    under an .svg or .pdf name."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    if suffix not in FORMATS:
+        raise SurgeryError(f"{path}: --plot writes {', '.join(FORMATS)} pictures (by the suffix), not .{suffix}")
+    return suffix
+
+
+def check_plot(path, inputs) -> None:
+    """Before the work: matplotlib is there, the suffix names a picture format, the path is a new output."""
+    from surgery.io import check_output
+
+    pyplot()
+    check_output(path, inputs, force=True)
+    picture_format(path)
+
+
 def _save(plt, fig, path) -> None:
-    """Write `fig` as a PNG at `path`, atomically (an unwritable path is one error line), and free it."""
+    """Write `fig` at `path` in the format its suffix names, atomically (an unwritable path is one error line),
+    and free it."""
     from surgery.io.safetensors_file import atomic_output
 
     fig.tight_layout()
     try:
         with atomic_output(Path(path), is_dir=False) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+            fmt = picture_format(path)
+            with plt.rc_context({"svg.hashsalt": "surgery"}):
+                fig.savefig(tmp, dpi=120, format=fmt, metadata=FORMATS[fmt])
     finally:
         plt.close(fig)
 

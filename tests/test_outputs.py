@@ -110,6 +110,15 @@ def test_spectrum_plot(inputs):
     r = run("inspect", KOHYA_FIXTURE, "--spectrum", "--plot", inputs / "k.png")
     assert r.exit_code == 0 and (inputs / "k.png").read_bytes()[:8] == PNG
     assert run("inspect", KOHYA_FIXTURE, "--plot", inputs / "z.png").exit_code == 2
+    # the suffix names the format (PNG bytes went under any name), written the same bytes run after run
+    magic = {".svg": b"<?xml", ".pdf": b"%PDF", ".jpg": b"\xff\xd8\xff", "": PNG}  # no suffix: PNG
+    for suffix, head in magic.items():
+        for i in (1, 2):
+            assert run("inspect", KOHYA_FIXTURE, "--spectrum", "--plot", inputs / f"{i}{suffix}").exit_code == 0
+        assert (inputs / f"1{suffix}").read_bytes()[:len(head)] == head
+        assert (inputs / f"1{suffix}").read_bytes() == (inputs / f"2{suffix}").read_bytes(), suffix
+    r = run("inspect", KOHYA_FIXTURE, "--spectrum", "--plot", inputs / "k.eps")
+    assert r.exit_code == 1 and "--plot writes png, pdf, svg" in r.output and not (inputs / "k.eps").exists()
 
 
 def test_spectrum_plot_without_matplotlib(inputs, monkeypatch):
