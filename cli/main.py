@@ -703,7 +703,8 @@ def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_js
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens kept of each text.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), default="float32",
               show_default=True, help="The model's weights and activations (merged weights rounded once to it).")
-@click.option("--plot", type=click.Path(path_type=str), help="Draw the mean KL by token position to this picture (.png, .svg, .pdf, …).")
+@click.option("--plot", type=click.Path(path_type=str),
+              help="Draw the mean KL by token position to this picture (.png, .svg, .pdf, …).")
 @device_option
 @json_option
 def compare_cmd(model, a, b, texts, max_tokens, dtype, plot, device, as_json):
@@ -756,7 +757,8 @@ def _ids(hidden, method, discard, device, seed, legacy_cdf=False):
 @click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
 @click.option("--discard", type=float, default=0.1, show_default=True, help="Fraction of the largest μ discarded.")
 @click.option("--legacy-cdf", is_flag=True, help="F_i = (i−1)/N as scikit-dimension 0.3 (default i/N, as 0.5).")
-@click.option("--plot", type=click.Path(path_type=str), help="Save the ID profile as a picture (.png, .svg, .pdf, …; needs surgery[plot]).")
+@click.option("--plot", type=click.Path(path_type=str),
+              help="Save the ID profile as a picture (.png, .svg, .pdf, …; needs surgery[plot]).")
 @device_option
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap spread.")
 @json_option

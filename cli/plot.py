@@ -1,4 +1,5 @@
-"""Pictures (PNG, or the format the path names) for the CLI (matplotlib, the `plot` extra): the ID profile and the singular-value spectrum."""
+"""Pictures for the CLI (matplotlib, the `plot` extra), in the format the path names: the ID profile, the
+singular-value spectrum and compare's KL by position."""
 from __future__ import annotations
 
 import re

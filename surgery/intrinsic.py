@@ -435,7 +435,8 @@ class RerankReport:
             got = self.padded.get(n, c)
             why = "" if got == r or not self.expanded else " (the full rank of its update)" if got > c else \
                 " (its full rank already)"
-            out.append(f"{n}: GeLoRA rank {r} is above its rank {c}; {'padded to' if got > c else 'kept at'} {got}{why}")
+            did = "padded to" if got > c else "kept at"
+            out.append(f"{n}: GeLoRA rank {r} is above its rank {c}; {did} {got}{why}")
         return out
 
 

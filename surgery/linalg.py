@@ -49,6 +49,9 @@ class CoreSVD(NamedTuple):
     scale: float
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max  # loaders apply updates in float32 (or narrower): the largest they hold
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or ±Inf in `t`, in one reduction pass (they propagate into the min/max; 8× cheaper than
     `isfinite(t).all()`, which writes a mask)."""

@@ -10,10 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import torch
-
 from ..adapter import Adapter
 from ..errors import SurgeryError
+from ..linalg import FLOAT32_MAX
 from . import diffusers, experts, gguf_file, hub, kohya, names, peft, tera_file
 from .safetensors_file import PICKLE_SUFFIXES, pickle_error, read_header
 
@@ -77,9 +76,6 @@ def detect(path: str | os.PathLike) -> str:
         return "diffusers"
     raise SurgeryError(f"{path}: no adapter tensors found (expected lora_A/lora_B, lora_down/lora_up, hada_* or "
                        "lokr_* keys)")
-
-
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def load_adapter(path: str | os.PathLike, alpha: float | None = None) -> Adapter:
