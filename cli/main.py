@@ -77,12 +77,24 @@ class Source(click.ParamType):
     def convert(self, value, param, ctx):
         from surgery.io.hub import resolve
 
+        if value == "":
+            self.fail("an empty path (an unset shell variable?)", param, ctx)
         if value is None or self.role is None:
             return value
         return resolve(value, (ctx.meta if ctx else {}).get(REVISION), self.role)
 
 
+class _Path(click.Path):
+    """A path option: never empty (`-o ""` meant "no -o", and the result went beside the input)."""
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail("an empty path (an unset shell variable?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 ADAPTER, MODEL, REVISION = Source("adapter"), Source("model"), "surgery.revision"
+PATH = _Path(path_type=str)
 
 
 def resolve_model(value, role: str):
@@ -112,7 +124,7 @@ def load(path, alpha=None):
 
 
 def output_option(f):
-    return click.option("-o", "--output", "out", type=click.Path(path_type=str),
+    return click.option("-o", "--output", "out", type=PATH,
                         help="Where to write: a .safetensors path is one file, any other path a PEFT directory "
                              "(default: beside the input, named after what was done).")(f)
 
@@ -250,7 +262,7 @@ class _Silent:
 @revision_option
 @click.argument("adapter", type=ADAPTER)
 @click.option("--spectrum", is_flag=True, help="Also compute each module's singular values (exact, no dense ΔW).")
-@click.option("--plot", type=click.Path(path_type=str),
+@click.option("--plot", type=PATH,
               help="With --spectrum: draw σᵢ/σ₁ of every module to this picture (.png, .svg, .pdf, …; needs "
                    "surgery[plot]).")
 @json_option
@@ -296,7 +308,7 @@ def inspect(adapter, spectrum, plot, as_json):
               help="Arithmetic precision of the factorisation.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output format (default: the output path's layout, in the input's naming).")
-@click.option("--activations", type=click.Path(path_type=str),
+@click.option("--activations", type=PATH,
               help="Module inputs from surgery capture --module-inputs: truncate each captured module optimally for "
                    "its inputs (ranks from σ(ΔW Xᵀ)); the report gives output errors beside plain truncation's.")
 @base_option()
@@ -405,7 +417,7 @@ def _weight_map(items) -> list[tuple[str, float]]:
 @revision_option
 @click.argument("base", type=MODEL)
 @click.argument("adapters", nargs=-1, required=True, type=ADAPTER)
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+@click.option("-o", "--output", "out", required=True, type=PATH,
               help="Output directory (sharded base), .safetensors file (single-file base) or .gguf (GGUF model).")
 @click.option("--weight", "weights", type=float, multiple=True,
               help="Weight per adapter, in order (default 1; -1 un-merges).")
@@ -453,7 +465,7 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
 @revision_option
 @click.argument("finetuned", type=MODEL)
 @click.argument("base", type=MODEL)
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Adapter to write.")
+@click.option("-o", "--output", "out", required=True, type=PATH, help="Adapter to write.")
 @click.option("--rank", type=int, help="One rank for every module.")
 @click.option("--energy", type=float, help="Smallest rank (≤ --max-rank) keeping this fraction of each delta's energy.")
 @click.option("--budget", help="Total factor parameters, e.g. 20M (ranks ≤ --max-rank).")
@@ -592,7 +604,7 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
 @revision_option
 @click.argument("base", type=MODEL)
 @click.option("--targets", required=True, help="Regex searched in the base's 2-D weight names.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="A .safetensors file.")
+@click.option("-o", "--output", "out", required=True, type=PATH, help="A .safetensors file.")
 @click.option("--order", type=int, default=3, show_default=True)
 @click.option("--core-rank", type=int, default=8, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
@@ -622,8 +634,8 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
 @main.command(name="capture")
 @revision_option
 @click.argument("model_dir", type=MODEL)
-@click.option("--texts", required=True, type=click.Path(path_type=str), help="A text file, one text per line.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+@click.option("--texts", required=True, type=PATH, help="A text file, one text per line.")
+@click.option("-o", "--output", "out", required=True, type=PATH,
               help="The .safetensors file to write (hidden states, or module inputs for surgery tune).")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Token positions sampled (seeded).")
 @click.option("--module-inputs", is_flag=True,
@@ -669,9 +681,9 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
 @revision_option
 @click.argument("student", type=ADAPTER)
 @click.option("--teacher", required=True, type=ADAPTER, help="The adapter to match.")
-@click.option("--activations", required=True, type=click.Path(path_type=str),
+@click.option("--activations", required=True, type=PATH,
               help="Module inputs from surgery capture --module-inputs.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "out", required=True, type=PATH)
 @click.option("--steps", type=int, default=200, show_default=True, help="Adam steps per module (full batch).")
 @click.option("--lr", type=float, default=1e-2, show_default=True,
               help="Relative step size: each tensor moves by about lr × its starting RMS per step.")
@@ -699,11 +711,11 @@ def tune_cmd(student, teacher, activations, out, steps, lr, force, device, as_js
 @click.argument("model", type=MODEL)
 @click.argument("a", type=ADAPTER)
 @click.argument("b", required=False, type=ADAPTER)
-@click.option("--texts", required=True, type=click.Path(path_type=str), help="A text file, one text per line.")
+@click.option("--texts", required=True, type=PATH, help="A text file, one text per line.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens kept of each text.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), default="float32",
               show_default=True, help="The model's weights and activations (merged weights rounded once to it).")
-@click.option("--plot", type=click.Path(path_type=str),
+@click.option("--plot", type=PATH,
               help="Draw the mean KL by token position to this picture (.png, .svg, .pdf, …).")
 @device_option
 @json_option
@@ -753,11 +765,11 @@ def _ids(hidden, method, discard, device, seed, legacy_cdf=False):
 
 
 @main.command(name="id")
-@click.argument("hidden", type=click.Path(path_type=str))
+@click.argument("hidden", type=PATH)
 @click.option("--method", type=click.Choice(["linear", "mle"]), default="linear", show_default=True)
 @click.option("--discard", type=float, default=0.1, show_default=True, help="Fraction of the largest μ discarded.")
 @click.option("--legacy-cdf", is_flag=True, help="F_i = (i−1)/N as scikit-dimension 0.3 (default i/N, as 0.5).")
-@click.option("--plot", type=click.Path(path_type=str),
+@click.option("--plot", type=PATH,
               help="Save the ID profile as a picture (.png, .svg, .pdf, …; needs surgery[plot]).")
 @device_option
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap spread.")
@@ -789,9 +801,9 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
 @main.command(name="rerank")
 @revision_option
 @click.argument("adapter", required=False, type=ADAPTER)
-@click.option("--hidden", type=click.Path(path_type=str), help="Hidden-state file from surgery capture.")
-@click.option("--ids", "ids_file", type=click.Path(path_type=str), help="IDs from surgery id --json.")
-@click.option("-o", "--output", "out", type=click.Path(path_type=str), help="Re-ranked adapter.")
+@click.option("--hidden", type=PATH, help="Hidden-state file from surgery capture.")
+@click.option("--ids", "ids_file", type=PATH, help="IDs from surgery id --json.")
+@click.option("-o", "--output", "out", type=PATH, help="Re-ranked adapter.")
 @click.option("--formula", type=click.Choice(["diff", "max"]), default="diff", show_default=True,
               help="diff: ceil(d_i − d_{i−1}) (GeLoRA); max: ceil(max(d_i, d_{i−1})).")
 @click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True,
@@ -799,7 +811,7 @@ def id_cmd(hidden, method, discard, legacy_cdf, plot, device, seed, as_json):
 @click.option("--budget", help="Scale the ranks to this many factor parameters (e.g. 2M).")
 @click.option("--expand", is_flag=True, help="Pad modules whose GeLoRA rank is above their rank up to it (ΔW "
                                              "unchanged; new A rows random, new B columns zero, as PEFT inits).")
-@click.option("--config-out", type=click.Path(path_type=str), help="Write a PEFT LoraConfig JSON to train with.")
+@click.option("--config-out", type=PATH, help="Write a PEFT LoraConfig JSON to train with.")
 @click.option("--target-modules", "--targets", "targets",
               help="--config-out: PEFT's target_modules, comma-separated module leaves, e.g. query,key,value (a list, "
                    "not the regex --targets of extract/capture/init-tera).")

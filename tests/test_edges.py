@@ -18,7 +18,7 @@ from surgery import SurgeryError  # noqa: E402
 from surgery.io.safetensors_file import write_all  # noqa: E402
 from surgery_cli.main import main  # noqa: E402
 
-from .conftest import FIXTURES, PEFT_FIXTURE, lora_pair, tree_digest  # noqa: E402
+from .conftest import FIXTURES, KOHYA_FIXTURE, PEFT_FIXTURE, lora_pair, tree_digest  # noqa: E402
 from .test_merge import load, logits, random_lora, tiny_llama  # noqa: E402
 
 CAP = 2_147_479_552  # the most one write() moves on Linux
@@ -289,3 +289,14 @@ def test_bad_alpha_and_layout_clashes_are_one_line(tmp_path):
     r = run("inspect", PEFT_FIXTURE, "--spectrum", "--plot", tmp_path / "taken" / "s.png")
     assert r.exit_code == 1 and "s.png: cannot write the output (" in r.output and "taken is a file, not a folder)" in r.output
     assert tree_digest(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_an_empty_path_is_refused(tmp_path):
+    """`-o ""` (an unset shell variable) meant "no -o": the result went beside the input; an empty input was the
+    current folder. Both are usage errors now, and nothing is written."""
+    shutil.copy(KOHYA_FIXTURE, tmp_path / "k.safetensors")
+    for args in (["squeeze", tmp_path / "k.safetensors", "--rank", 2, "-o", ""], ["inspect", ""],
+                 ["capture", FIXTURES / "tiny-llama", "--texts", "", "-o", tmp_path / "h.safetensors"]):
+        r = run(*args)
+        assert r.exit_code == 2 and "an empty path" in r.output, args
+    assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]
