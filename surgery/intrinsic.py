@@ -375,6 +375,8 @@ def gelora_ranks(ids: Sequence[float], formula: str = "diff", min_rank: int = 1)
         raise SurgeryError(f"unknown formula {formula!r}; use diff or max")
     if not all(math.isfinite(d) and d >= 0 for d in ids):
         raise SurgeryError(f"intrinsic dimensions must be finite and ≥ 0, got {', '.join(map(str, ids))}")
+    if len(ids) < 2:  # d_0 alone ranks no block
+        raise SurgeryError(f"GeLoRA needs the IDs of the embedding output and at least one block, got {len(ids)}")
     out = []
     for i in range(1, len(ids)):
         r = ids[i] - ids[i - 1] if formula == "diff" else max(ids[i], ids[i - 1])

@@ -196,6 +196,8 @@ def test_rerank_expand_stops_at_the_full_rank():
     assert sum("padded to 32 (the full rank of its update)" in w for w in rep.warnings) == 2
     with pytest.raises(SurgeryError, match="≥ 0"):
         gelora_ranks([3.0, -1.0])
+    with pytest.raises(SurgeryError, match="at least one block, got 1"):  # rerank --config-out: an IndexError
+        gelora_ranks([3.0])
 
 
 def test_capture_real_minilm(minilm, tmp_path):
