@@ -14,6 +14,7 @@ rule reads σ(ΔW Xᵀ) instead of σ(ΔW).
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
@@ -503,6 +504,10 @@ def squeeze(
                         f"padding the others (PEFT and llama.cpp stack experts at one r): {listed(padded)}")
     if kept:
         warnings.append(f"{len(kept)} module(s) already at or below the target rank kept unchanged: {listed(kept)}")
+    if isinstance(rule, RankMap) and (idle := [p for p, _ in rule.rules if not any(re.search(p, n) for n in modules)]):
+        # a typo in a pattern would otherwise change nothing, silently
+        warnings.append(f"rank map entr{'y' if len(idle) == 1 else 'ies'} {listed(map(repr, idle))} matched no "
+                        "module")
     if bigger := [r.name for r in reports if r.algo != "lora" and r.params_after > r.params_before]:
         warnings.append(f"{len(bigger)} LoHa/LoKr/full module(s) became LoRA modules with more parameters than "
                         f"before ({listed(bigger)}); a lower rank keeps them smaller")

@@ -85,6 +85,9 @@ def test_rank_map_heterogeneous(adapter_dir, tmp_path):
     small, report = squeeze(a, parse_rank_map(["mlp=2", "q_proj=5"]), device="cpu")
     ranks = {r.name.split(".")[-1]: r.new_rank for r in report.modules}
     assert ranks == {"q_proj": 5, "v_proj": 8, "up_proj": 2, "down_proj": 2}
+    assert not any("rank map" in w for w in report.warnings)
+    _, typo = squeeze(a, parse_rank_map(["mpl=2", "q_proj=5", "k_prj=3"]), device="cpu")
+    assert "rank map entries 'mpl', 'k_prj' matched no module" in typo.warnings  # was silent
     save_adapter(small, tmp_path / "o")
     cfg = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
     from peft.utils.other import get_pattern_key
