@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -79,9 +80,13 @@ class Source(click.ParamType):
 
         if value == "":
             self.fail("an empty path (an unset shell variable?)", param, ctx)
+        revision = (ctx.meta if ctx else {}).get(REVISION)
+        if revision and value is not None and os.path.lexists(value):  # a local path always wins
+            click.echo(f"note: {value}: a local path, read as it is (--revision {revision} applies to Hub repo ids)",
+                       err=True)
         if value is None or self.role is None:
             return value
-        return resolve(value, (ctx.meta if ctx else {}).get(REVISION), self.role)
+        return resolve(value, revision, self.role)
 
 
 class _Path(click.Path):

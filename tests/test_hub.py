@@ -79,6 +79,10 @@ def test_revisions(cache):
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "HF_HUB_OFFLINE" in r.output, r.output
     # the Python API takes ids too
     assert load_adapter("acme/tiny-lora@v1").source == want.source
+    # a local path wins over --revision: said, not silently (the stderr note; the JSON on stdout is unchanged)
+    r = run("inspect", PEFT_FIXTURE, "--revision", "v1", "--json")
+    assert r.exit_code == 0 and {m["rank"] for m in json.loads(r.stdout)["modules"]} == {16}
+    assert f"note: {PEFT_FIXTURE}: a local path, read as it is (--revision v1 applies to Hub repo ids)" in r.stderr
 
 
 def test_unknown_id_offline_and_local_paths_win(cache, tmp_path):
