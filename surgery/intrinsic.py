@@ -434,11 +434,11 @@ class RerankReport:
         """One line per clipped module: what it was asked for and what it got."""
         out = []
         for n, (r, c) in self.clipped.items():
-            got = self.padded.get(n, c)
-            why = "" if got == r or not self.expanded else " (the full rank of its update)" if got > c else \
-                " (its full rank already)"
-            did = "padded to" if got > c else "kept at"
-            out.append(f"{n}: GeLoRA rank {r} is above its rank {c}; {did} {got}{why}")
+            if n in self.padded:
+                got = f"padded to {self.padded[n]}" + ("" if self.padded[n] == r else " (the full rank of its update)")
+            else:
+                got = f"kept at {c}" + (" (its full rank already)" if self.expanded else "")
+            out.append(f"{n}: GeLoRA rank {r} is above its rank {c}; {got}")
         return out
 
 
@@ -479,10 +479,11 @@ def rerank(adapter, ids: Sequence[float], *, formula: str = "diff", min_rank: in
     final = {n: min(r, adapter.modules[n].rank) for n, r in requested.items()}
     small, report = squeeze(adapter, PerModule(final), device=device, seed=seed)
     # padding past min(out, in) adds parameters, never a direction: the update's full rank is the most it takes
-    full = {n: min(r, m.out_features, m.in_features) for n, (r, _) in clipped.items() for m in [adapter.modules[n]]}
-    padded = {n: k for n, k in full.items() if k > clipped[n][1]} if expand_ranks else {}
-    small = small.with_modules({n: expand(m, padded[n], seeded(seed, n)) if n in padded else m
-                                for n, m in small.modules.items()})
+    padded = {n: k for n, (r, c) in clipped.items() if expand_ranks
+              and (k := min(r, adapter.modules[n].out_features, adapter.modules[n].in_features)) > c}
+    if padded:
+        small = small.with_modules({n: expand(m, padded[n], seeded(seed, n)) if n in padded else m
+                                    for n, m in small.modules.items()})
     return small, RerankReport(tuple(ids), tuple(block_ranks), requested, clipped, expand_ranks, padded, report)
 
 

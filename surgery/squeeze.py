@@ -26,8 +26,8 @@ from .device import compute_dtype as _compute_dtype
 from .device import per_module, resolve_device, seeded, storage_dtype
 from .errors import SurgeryError, listed
 from .hadamard_kron import lokr_svd
-from .linalg import (FLOAT32_MAX, SVD, CoreSVD, all_finite, core_factors, core_svd, lora_operator, lowrank_frobenius_sq,
-                     output_factors, output_svd, randomized_svd, split_factors)
+from .linalg import (FLOAT32_MAX, SVD, CoreSVD, all_finite, core_factors, core_svd, lora_operator,
+                     lowrank_frobenius_sq, output_factors, output_svd, randomized_svd, split_factors)
 from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
                    energy_rank, numerical_rank)
 
@@ -477,14 +477,14 @@ def squeeze(
         done = per_module(lambda _, names: unit(names, modules, one), units, dev)
         for names, results in zip(units.values(), done):
             for name, (small, report) in zip(names, results):
-                for r in report if isinstance(report, list) else [report]:
-                    # loaders apply an update in float32 (or narrower): past its range it is Inf there, and its
-                    # float32 SVD here gives zeros
+                report = report if isinstance(report, list) else [report]
+                for r in report:  # loaders apply an update in float32 (or narrower): past its range it is Inf
+                    # there, and its float32 SVD here gives zeros
                     if not (r.norm <= FLOAT32_MAX and math.isfinite(r.energy_kept) and math.isfinite(r.rel_error)):
                         raise SurgeryError(f"module {r.name}: its update (norm {r.norm:.3g}, scale "
                                            f"{modules[name].scale:g}) is beyond float32's range")
                 out[name] = small
-                reports.extend(report if isinstance(report, list) else [report])
+                reports.extend(report)
                 if progress:
                     progress(name)
     except SurgeryError as e:  # name the input the module came from

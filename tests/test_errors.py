@@ -317,6 +317,8 @@ CASES = {
                       "--order must be at least 1, got -3"),
     "to-tera-iters": (lambda p: ["convert", PEFT_FIXTURE, "--to", "tera", "--iters", "-1", "-o", p / "out"],
                       "--iters must be ≥ 0, got -1"),
+    "extract-max-rank": (lambda p: ["extract", FIXTURES / "tiny-llama", FIXTURES / "tiny-llama", "--energy", "0.9",
+                                    "--max-rank", "0", "-o", p / "out"], "--max-rank must be at least 1, got 0"),
     "extract-regex": (lambda p: ["extract", FIXTURES / "tiny-llama", FIXTURES / "tiny-llama", "--rank", "2",
                                  "--targets", "[", "-o", p / "out"], "--targets: bad regex '[': unterminated"),
     "target-modules-regex": (lambda p: ["squeeze", _peft(p, {"target_modules": "(q_proj"}), "--rank", "1", "-o",

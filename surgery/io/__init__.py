@@ -221,11 +221,12 @@ def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path
     o = out.resolve()
     if hub.in_cache(out):
         raise SurgeryError(f"{out}: is inside the Hugging Face cache; outputs never go there, choose another path")
+    replaces_file = out.is_symlink() or out.exists() and not out.is_dir()
     for i in inputs:
         i = Path(i).resolve()
-        part = i.is_dir() and o.is_relative_to(i) and (
-            o.name in (peft.WEIGHTS, peft.CONFIG) or (out.exists() or out.is_symlink()) and (
-                not out.is_dir() or out.is_symlink() or (i / "model_index.json").exists()))
+        inside = i.is_dir() and o.is_relative_to(i)
+        part = inside and (o.name in (peft.WEIGHTS, peft.CONFIG) or replaces_file
+                           or out.exists() and (i / "model_index.json").exists())  # a pipeline's component folder
         if o == i or i.is_relative_to(o) or part:
             raise SurgeryError(f"{out}: is an input of this command or part of one ({i}); choose another output")
     if (out.exists() or out.is_symlink()) and not force:
