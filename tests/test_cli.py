@@ -118,7 +118,7 @@ def test_output_is_never_the_input(tmp_path):
 
 
 def test_real_subprocess(tmp_path):
-    cmd = [sys.executable, "-m", "surgery_cli.main"]
+    cmd = [sys.executable, "-m", "surgery"]  # what a user without the script on PATH runs
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     p = subprocess.run(cmd + ["squeeze", str(PEFT_FIXTURE), "--rank", "4", "-o", str(tmp_path / "o"), "--json"],
                        capture_output=True, text=True, env=env, timeout=300)
@@ -130,6 +130,22 @@ def test_real_subprocess(tmp_path):
     if shutil.which("surgery"):
         p = subprocess.run(["surgery", "inspect", str(PEFT_FIXTURE)], capture_output=True, text=True, timeout=300)
         assert p.returncode == 0 and "peft adapter" in p.stdout
+
+
+def test_ctrl_c_while_torch_imports_is_aborted_not_a_traceback():
+    """A Ctrl-C in a command's first second (torch importing) ends as click ends one later: 'Aborted!', exit 1.
+    The interrupt is raised by an import hook at torch's import, where a real one lands."""
+    probe = ("import sys\n"
+             "class Interrupt:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch':\n"
+             "            raise KeyboardInterrupt\n"
+             "sys.meta_path.insert(0, Interrupt())\n"
+             "sys.argv = ['surgery', 'inspect', sys.argv[1]]\n"
+             "from surgery_cli import run\n"
+             "run()\n")
+    p = subprocess.run([sys.executable, "-c", probe, str(PEFT_FIXTURE)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr == "Aborted!\n" and p.stdout == "", p.stderr
 
 
 def test_console_script_freezes_the_imports_out_of_the_collector():
