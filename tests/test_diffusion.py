@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli.main import main
+from surgery_cli.main import main
 from surgery import load_adapter
 from surgery.errors import SurgeryError
 from surgery.io.names import WAN
