@@ -480,18 +480,26 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
 @click.option("--format", "fmt", type=click.Choice(["peft", "peft-file", "kohya", "diffusers"]),
               help="Output format (default: peft-file for a .safetensors path, else a PEFT directory; two diffusers "
                    "pipelines give a diffusers pipeline LoRA file).")
+@click.option("--carry-changed", is_flag=True,
+              help="Also carry the other changed tensors, as PEFT loads them: the extracted modules' biases as "
+                   "lora_B.bias, norms and other untargeted tensors whole (PEFT formats only; vLLM and llama.cpp "
+                   "refuse such an adapter).")
 @force_option
 @compute_options()
 @json_option
-def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, fmt, force, device, dtype, seed,
-                as_json):
+def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, fmt, carry_changed, force, device,
+                dtype, seed, as_json):
     """Extract a LoRA from a fine-tuned model: randomized SVD of W_ft − W_base per targeted weight."""
     from surgery.extract import extract
 
     rule = rank_rule(rank, energy, budget)
+    if carry_changed and fmt in ("kohya", "diffusers"):
+        raise click.UsageError(f"--carry-changed writes PEFT's forms (lora_B.bias, whole tensors); --format {fmt} "
+                               "has no place for them")
     with progress_bar(None, "extract") as bar:
         adapter, report = extract(finetuned, base, rule, targets=targets, max_rank=max_rank, device=device,
-                                  dtype=dtype, seed=seed, progress=lambda _: bar.update(1))
+                                  dtype=dtype, seed=seed, carry_changed=carry_changed,
+                                  progress=lambda _: bar.update(1))
     if fmt == "kohya" and adapter.format == "diffusers":  # kohya's names for each component, from the base
         from surgery.io.names import on_base
 

@@ -165,9 +165,10 @@ def extract_table(r) -> str:
     if r.unchanged:
         lines.append(f"unchanged (no module written): {len(r.unchanged)}")
     lines += [f"not extracted: {m}" for m in r.mismatched]
-    if r.untargeted_changed:
-        lines.append(f"changed but not targeted ({len(r.untargeted_changed)}): "
-                     f"{', '.join(r.untargeted_changed[:5])}{' …' if len(r.untargeted_changed) > 5 else ''}")
+    for what, names in (("carried (--carry-changed)", r.carried),
+                        ("changed but not targeted" + (", not carried" if r.carried else ""), r.untargeted_changed)):
+        if names:
+            lines.append(f"{what} ({len(names)}): {', '.join(names[:5])}{' …' if len(names) > 5 else ''}")
     return "\n".join(lines)
 
 

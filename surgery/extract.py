@@ -9,7 +9,7 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +49,7 @@ class ExtractReport:
     warnings: tuple[str, ...] = ()
     finetuned: str = ""  # ΔW = finetuned − base, as the user named them (swapped, the file holds −ΔW)
     base: str = ""
+    carried: tuple[str, ...] = ()  # carry_changed: changed tensors the adapter holds beside its LoRA modules
 
     @property
     def params(self) -> int:
@@ -57,7 +58,8 @@ class ExtractReport:
     def to_dict(self) -> dict:
         return {"modules": [m.__dict__ | {"shape": list(m.shape)} for m in self.modules], "params": self.params,
                 "unchanged": list(self.unchanged), "mismatched": list(self.mismatched),
-                "untargeted_changed": list(self.untargeted_changed), "warnings": list(self.warnings)}
+                "untargeted_changed": list(self.untargeted_changed), "carried": list(self.carried),
+                "warnings": list(self.warnings)}
 
 
 def _target_modules(modules: list[str], base_names) -> list[str] | str:
@@ -140,23 +142,29 @@ def _expert_modules(experts: dict, found: dict, dtype: torch.dtype | None, pairs
 
 def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets: str | None = None,
             max_rank: int = 128, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-            seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[Adapter, ExtractReport]:
+            seed: int = 0, carry_changed: bool = False,
+            progress: Callable[[str], None] | None = None) -> tuple[Adapter, ExtractReport]:
     """A PEFT LoRA (scale 1: lora_alpha = r per module) approximating `finetuned − base` on the targeted weights:
     by default every 2-D `.weight` but embeddings and every 1×1 conv; `targets`, a regex searched in tensor names,
     may also name embeddings and conv kernels of any size. Two diffusers pipelines give a diffusers pipeline LoRA
     over the components both hold (names, and what `targets` matches, are `<component>.…`).
 
     rule: FixedRank(k), Energy(τ) (smallest k ≤ max_rank with ‖D_k‖² ≥ τ‖D‖²) or Budget(P) over ranks ≤ max_rank.
+    carry_changed: the other changed tensors too, as PEFT loads them (`_carry`): the adapter then reproduces the
+    fine-tuned norms and biases, but loaders that read only LoRA modules (vLLM, llama.cpp) refuse it.
     """
     if max_rank <= 0:  # the rule checks itself (surgery.rank)
         raise SurgeryError(f"--max-rank must be at least 1, got {max_rank}")
     dev, sdtype = resolve_device(device), storage_dtype(dtype)
     finetuned, base = hub.resolve(finetuned), hub.resolve(base)
     pattern = regex(targets, "--targets") if targets else None
-    pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
     pipeline = is_pipeline(finetuned)
+    if carry_changed and pipeline:
+        raise SurgeryError(f"{finetuned}: --carry-changed writes tensors PEFT loads into a transformers model; a "
+                           "diffusers pipeline LoRA has no place for them")
+    pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
     experts = {} if pipeline else _expert_tensors(base, pairs, pattern)  # `param[e]` → (Param, e, (key, Piece) …)
-    chosen, mismatched, untargeted, tables = [], [], [], {}
+    chosen, mismatched, untargeted, tables, carried = [], [], [], {}, []
     how = Loaded() if pipeline else how_loaded(open_checkpoint(base))  # modules named as PEFT saves them
     loaded = how.loaded_name
     in_experts = {key for _, _, pieces in experts.values() for key, _ in pieces}
@@ -314,5 +322,41 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             warnings.append(f"the vocabulary is resized ({', '.join(sizes)} rows): {', '.join(tables)} carried whole, "
                             "as PEFT's save_embedding_layers saves them; load the adapter on a base resized to "
                             "match, with the fine-tuned model's tokenizer (surgery merge does both)")
+        if carry_changed:
+            adapter, carried = _carry(adapter, untargeted, pairs, how)
+            untargeted = [n for n in untargeted if n not in carried]
+            if untargeted:
+                warnings.append(f"{len(untargeted)} changed tensor(s) not carried: {listed(untargeted)} (inside a "
+                                "module PEFT wraps as a parameter or whose biases it cannot hold, or quantized)")
     return adapter, ExtractReport(tuple(reports), tuple(unchanged), tuple(mismatched), tuple(untargeted),
-                                  tuple(warnings), str(finetuned), str(base))
+                                  tuple(warnings), str(finetuned), str(base), tuple(carried))
+
+
+def _carry(adapter: Adapter, changed: list[str], pairs, how: Loaded):
+    """(the adapter holding them, their names) for those of the changed tensors the LoRA does not hold that PEFT
+    can load: the bias of a module the adapter holds as its `lora_B.bias` (ΔW's scale is
+    1, so the bias difference itself; PEFT's `lora_bias`), any other tensor whole under `base_model.model.<its
+    loaded key>` (PEFT's load_state_dict puts it in the model, as save_embedding_layers' tables go). Tensors of
+    modules PEFT wraps otherwise (ParamWrapper: expert parameters, routers; a biased LoRA beside
+    target_parameters, which PEFT refuses) or stored quantized are not carried."""
+    modules, passthrough, names = dict(adapter.modules), {}, []
+    loaded_key = {v: k for k, v in how.keys.items()}  # stored tensor key → the loaded model's
+    params = [n[len(PREFIX):] for n, m in modules.items() if m.kind == "experts" or n[len(PREFIX):] in how.wrapped]
+    wrapped = {p.rsplit(".", 1)[0] if modules[PREFIX + p].kind == "experts" else p for p in params}
+    for name in changed:
+        ft, bs = pairs[name]
+        path, leaf = loaded_key.get(name, name).rsplit(".", 1)
+        m = modules.get(PREFIX + path)
+        if ft.codec is not None or bs.codec is not None or path in wrapped or ".experts." in name:
+            continue
+        if m is not None and leaf == "bias" and not params and m.kind in ("linear", "conv") \
+                and tuple(ft.shape) == (m.out_features,):
+            d = read_tensor(ft).to(torch.float32) - read_tensor(bs).to(torch.float32)
+            if not all_finite(d):
+                raise SurgeryError(f"{name}: the bias difference overflows float32")
+            modules[PREFIX + path] = replace(m, bias=d.to(m.dtype))
+            names.append(name)
+        elif m is None:  # (another tensor of a module the LoRA wraps has no place)
+            passthrough[PREFIX + path + "." + leaf] = TensorRef(ft.path, ft.name, tuple(ft.shape), ft.torch_dtype)
+            names.append(name)
+    return adapter.with_modules(modules, passthrough={**adapter.passthrough, **passthrough}), names

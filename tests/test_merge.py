@@ -499,6 +499,31 @@ def test_real_minilm_merge_and_extract(minilm, tmp_path):
             if name in report.untargeted_changed:
                 p.copy_(base_sd[name])
         assert torch.allclose(back(input_ids=ids).last_hidden_state, want(input_ids=ids).last_hidden_state, atol=1e-4)
+    # --carry-changed: the biases as lora_B.bias and changed LayerNorms whole reproduce the fine-tuned model in PEFT
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tmp_path / "merged", tuned)
+    sd = load_file(str(tuned / "model.safetensors"))
+    norms = sorted(k for k in sd if "LayerNorm" in k)
+    sd.update({k: sd[k] + 0.05 * torch.randn(sd[k].shape, generator=g) for k in norms})
+    save_file(sd, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    r = CliRunner().invoke(main, ["extract", str(tuned), str(minilm), "--energy", "0.999999", "--carry-changed",
+                                  "-o", str(tmp_path / "carried"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["untargeted_changed"] == [] and len(rep["carried"]) == 18 + len(norms) == 18 + 26
+    config = json.loads((tmp_path / "carried" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True
+    want = transformers.AutoModel.from_pretrained(tuned).eval()
+    back = PeftModel.from_pretrained(bert(), tmp_path / "carried").eval()
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids).last_hidden_state, want(input_ids=ids).last_hidden_state, atol=1e-4)
+    merge(minilm, [load_adapter(tmp_path / "carried")], tmp_path / "remerged", device="cpu")  # ours reads it the same
+    again = load_file(str(tmp_path / "remerged" / "model.safetensors"))
+    for k, t in sd.items():
+        torch.testing.assert_close(again[k], t, rtol=0, atol=1e-5)
+    r = CliRunner().invoke(main, ["extract", str(tuned), str(minilm), "--rank", "8", "--carry-changed", "--format",
+                                  "kohya", "-o", str(tmp_path / "k.safetensors")])
+    assert r.exit_code == 2 and "has no place for them" in r.output and not (tmp_path / "k.safetensors").exists()
 
 
 # ---------------------------------------------------------------- bad input

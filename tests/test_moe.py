@@ -324,3 +324,31 @@ def test_an_all_linear_adapter_merges_and_extracts_as_peft_loads_it(models, tmp_
     config = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {f"model.layers.{i}.mlp.gate.weight": 4 for i in range(2)}
     assert torch.allclose(_peft_logits(models[kind], tmp_path / "x"), _logits(ft), atol=5e-5)
+
+
+def test_extract_carries_changed_tensors_peft_can_load(models, tmp_path):
+    """extract --carry-changed on gpt-oss: a changed final norm and router bias are carried whole (PEFT loads them
+    into the model); a changed expert bias lives in the experts module PEFT wraps as a parameter (ParamWrapper),
+    where no tensor of the adapter can reach it: named as not carried. PEFT's logits are the fine-tuned model's
+    but for that bias."""
+    from safetensors.torch import load_file
+
+    base = models["gpt_oss"]
+    ft, kept = tmp_path / "ft", tmp_path / "kept"
+    surgery("merge", base, _lora(base, tmp_path / "a", r=2, lora_alpha=4), "-o", ft)
+    sd = load_file(str(ft / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    changed = ["model.norm.weight", "model.layers.0.mlp.router.bias", "model.layers.1.mlp.experts.gate_up_proj_bias"]
+    original = {k: sd[k].clone() for k in changed}
+    sd.update({k: sd[k] + 0.3 * torch.randn(sd[k].shape, generator=g) for k in changed})
+    save_file(sd, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    r = surgery("extract", ft, base, "--rank", 2, "--carry-changed", "-o", tmp_path / "x", "--json")
+    rep = json.loads(r.stdout)
+    assert sorted(rep["carried"]) == sorted(changed[:2]) and rep["untargeted_changed"] == changed[2:]
+    assert any("not carried: " + changed[2] in w for w in rep["warnings"]), rep["warnings"]
+    import shutil
+
+    shutil.copytree(ft, kept)
+    save_file({**sd, changed[2]: original[changed[2]]}, str(kept / "model.safetensors"), metadata={"format": "pt"})
+    got = _peft_logits(base, tmp_path / "x")
+    assert torch.allclose(got, _logits(kept), atol=5e-5) and (got - _logits(ft)).abs().max() > 1e-3
