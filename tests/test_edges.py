@@ -300,3 +300,14 @@ def test_an_empty_path_is_refused(tmp_path):
         r = run(*args)
         assert r.exit_code == 2 and "an empty path" in r.output, args
     assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]
+
+
+def test_an_adapter_where_a_model_goes_says_so(tmp_path):
+    """Arguments in the wrong order: a PEFT adapter folder given as extract's fine-tuned model or merge's base is
+    named as an adapter (it was "no model.safetensors … or their .index.json")."""
+    base = FIXTURES / "tiny-llama"
+    for args in (("extract", PEFT_FIXTURE, base, "--rank", 2), ("extract", base, PEFT_FIXTURE, "--rank", 2),
+                 ("merge", PEFT_FIXTURE, PEFT_FIXTURE)):
+        r = run(*args, "-o", tmp_path / "out")
+        assert one_error_line(r) and f"{PEFT_FIXTURE}: is a PEFT adapter, not a model" in r.output, r.output
+        assert not (tmp_path / "out").exists()

@@ -142,6 +142,9 @@ def open_checkpoint(path: str | os.PathLike, variant: str | None = "") -> Checkp
             pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
             if pickles:
                 raise pickle_error(root / pickles[0])
+            if (root / "adapter_config.json").exists() or (root / "adapter_model.safetensors").exists():
+                raise SurgeryError(f"{root}: is a PEFT adapter, not a model (merge takes BASE ADAPTER…, extract "
+                                   "FINETUNED BASE)")
             raise SurgeryError(f"{root}: no model.safetensors, diffusion_pytorch_model.safetensors or their "
                                ".index.json")
         stem, variant = sets[0]
