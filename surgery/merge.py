@@ -418,9 +418,10 @@ def _modules_to_save(ck: Checkpoint, adapters: Sequence[Adapter], weights: Seque
                 notes.append(f"{adapter.source}: {key} (modules_to_save) skipped; the base's {path} is kept")
                 continue
             if w != 1:
-                raise SurgeryError(f"{adapter.source}: carries modules_to_save ({key}), which replace base tensors "
-                                   f"and cannot be scaled by --weight {w:g} or undone; pass --skip-modules-to-save "
-                                   "to merge only its LoRA modules")
+                raise SurgeryError(f"{adapter.source}: carries whole tensors ({key}: modules_to_save, or changed "
+                                   f"tensors extract --carry-changed kept), which replace base tensors and cannot be "
+                                   f"scaled by --weight {w:g} or undone; pass --skip-modules-to-save to merge only "
+                                   "its LoRA modules")
             if path.endswith(TOKENS):
                 tokens.setdefault(on_disk(ck, path.removesuffix(TOKENS) + ".weight"), []).append((adapter, key, t))
                 continue
