@@ -16,10 +16,13 @@ from typing import Sequence
 
 import torch
 
+from .adapter import PEFT_PREFIX as PREFIX
 from .adapter import Adapter, LoraModule, TensorLike, materialize
 from .device import seeded
 from .errors import SurgeryError
-from .linalg import SVD
+from .layers import replace_linears
+from .linalg import SVD, randomized_svd, split_factors
+from .rank import numerical_rank
 
 
 
@@ -333,9 +336,6 @@ def to_lora(adapter, rank: int | None = None, progress=None):
     middle matrix would be larger than 4096²): at rank `rank` (an upper bound: a module of lower rank keeps its
     own), or without one exactly, at each ΔW's numerical rank (a dense SVD where the Kronecker route is too
     large). Returns (adapter, [ConvertedModule])."""
-    from .linalg import SVD, randomized_svd, split_factors
-    from .rank import numerical_rank
-
     if rank is not None and rank < 1:
         raise SurgeryError(f"rank must be at least 1, got {rank}")
     modules, report = {}, []
@@ -434,10 +434,6 @@ def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: in
                 seed: int = 0) -> dict[str, TeRALinear]:
     """Replace every `nn.Linear` whose name matches `pattern` (re.search) by a TeRALinear — fresh, or with the
     λ's of `adapter` (a TeRA Adapter whose module names are `base_model.model.<name>` or `<name>`)."""
-    from .adapter import materialize
-    from .adapter import PEFT_PREFIX as PREFIX
-    from .layers import replace_linears
-
     def make(name, mod):
         if adapter is None:
             return TeRALinear(mod, TeraSpec.for_shape(mod.out_features, mod.in_features, order, core_rank, seed))
@@ -449,8 +445,6 @@ def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: in
 
 def adapter_from_model(model: torch.nn.Module, base: str | None = None):
     """The TeRA Adapter of a model's TeRALinear modules (to save with `save_adapter`)."""
-    from .adapter import PEFT_PREFIX as PREFIX
-
     modules = {PREFIX + n: TeraModule(tuple(l.detach().cpu().clone() for l in m.lambdas), m.spec, m.scale)
                for n, m in model.named_modules() if isinstance(m, TeRALinear)}
     specs = [m.spec for m in modules.values()]
