@@ -481,9 +481,8 @@ def merge_cmd(base, adapters, out, weights, shard_size, precision, allow_missing
               help="Output format (default: peft-file for a .safetensors path, else a PEFT directory; two diffusers "
                    "pipelines give a diffusers pipeline LoRA file).")
 @click.option("--carry-changed", is_flag=True,
-              help="Also carry the other changed tensors, as PEFT loads them: the extracted modules' biases as "
-                   "lora_B.bias, norms and other untargeted tensors whole (PEFT formats only; vLLM and llama.cpp "
-                   "refuse such an adapter).")
+              help="Also carry the changed norms and biases, as PEFT loads them: the extracted modules' biases as "
+                   "lora_B.bias, the others whole (PEFT formats only; vLLM and llama.cpp refuse such an adapter).")
 @force_option
 @compute_options()
 @json_option

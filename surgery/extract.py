@@ -150,8 +150,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     over the components both hold (names, and what `targets` matches, are `<component>.…`).
 
     rule: FixedRank(k), Energy(τ) (smallest k ≤ max_rank with ‖D_k‖² ≥ τ‖D‖²) or Budget(P) over ranks ≤ max_rank.
-    carry_changed: the other changed tensors too, as PEFT loads them (`_carry`): the adapter then reproduces the
-    fine-tuned norms and biases, but loaders that read only LoRA modules (vLLM, llama.cpp) refuse it.
+    carry_changed: the changed norms and biases too, as PEFT loads them (`_carry`): PEFT then reproduces them,
+    but loaders that read only LoRA modules (vLLM, llama.cpp) refuse such an adapter.
     """
     if max_rank <= 0:  # the rule checks itself (surgery.rank)
         raise SurgeryError(f"--max-rank must be at least 1, got {max_rank}")
@@ -326,19 +326,21 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
             adapter, carried = _carry(adapter, untargeted, pairs, how)
             untargeted = [n for n in untargeted if n not in carried]
             if untargeted:
-                warnings.append(f"{len(untargeted)} changed tensor(s) not carried: {listed(untargeted)} (inside a "
-                                "module PEFT wraps as a parameter or whose biases it cannot hold, or quantized)")
+                warnings.append(f"{len(untargeted)} changed tensor(s) not carried: {listed(untargeted)} (a weight: "
+                                "extract it with --targets; or inside a module PEFT wraps as a parameter or whose "
+                                "biases it cannot hold, or quantized)")
     return adapter, ExtractReport(tuple(reports), tuple(unchanged), tuple(mismatched), tuple(untargeted),
                                   tuple(warnings), str(finetuned), str(base), tuple(carried))
 
 
 def _carry(adapter: Adapter, changed: list[str], pairs, how: Loaded):
-    """(the adapter holding them, their names) for those of the changed tensors the LoRA does not hold that PEFT
-    can load: the bias of a module the adapter holds as its `lora_B.bias` (ΔW's scale is
-    1, so the bias difference itself; PEFT's `lora_bias`), any other tensor whole under `base_model.model.<its
-    loaded key>` (PEFT's load_state_dict puts it in the model, as save_embedding_layers' tables go). Tensors of
-    modules PEFT wraps otherwise (ParamWrapper: expert parameters, routers; a biased LoRA beside
-    target_parameters, which PEFT refuses) or stored quantized are not carried."""
+    """(the adapter holding them, their names) for the changed vectors the LoRA does not hold that PEFT can load:
+    the bias of a module the adapter holds as its `lora_B.bias` (ΔW's scale is 1, so the bias difference itself;
+    PEFT's `lora_bias`), any other (a norm, an untouched module's bias) whole under `base_model.model.<its loaded
+    key>` (PEFT's load_state_dict puts it in the model, as save_embedding_layers' tables go). Not carried: weights
+    (2-D and up: a LoRA's to extract, and a whole copy of each would make the adapter a model), tensors of modules
+    PEFT wraps otherwise (ParamWrapper: expert parameters, routers; a biased LoRA beside target_parameters, which
+    PEFT refuses) and quantized ones."""
     modules, passthrough, names = dict(adapter.modules), {}, []
     loaded_key = {v: k for k, v in how.keys.items()}  # stored tensor key → the loaded model's
     params = [n[len(PREFIX):] for n, m in modules.items() if m.kind == "experts" or n[len(PREFIX):] in how.wrapped]
@@ -347,7 +349,8 @@ def _carry(adapter: Adapter, changed: list[str], pairs, how: Loaded):
         ft, bs = pairs[name]
         path, leaf = loaded_key.get(name, name).rsplit(".", 1)
         m = modules.get(PREFIX + path)
-        if ft.codec is not None or bs.codec is not None or path in wrapped or ".experts." in name:
+        if len(ft.shape) > 1 or ft.codec is not None or bs.codec is not None or path in wrapped \
+                or ".experts." in name:  # a weight is the LoRA's to extract (--targets), not a whole copy's
             continue
         if m is not None and leaf == "bias" and not params and m.kind in ("linear", "conv") \
                 and tuple(ft.shape) == (m.out_features,):

@@ -521,6 +521,11 @@ def test_real_minilm_merge_and_extract(minilm, tmp_path):
     again = load_file(str(tmp_path / "remerged" / "model.safetensors"))
     for k, t in sd.items():
         torch.testing.assert_close(again[k], t, rtol=0, atol=1e-5)
+    # a changed weight --targets leaves out is not copied whole (the adapter would become a model): named instead
+    _, rep = extract(tuned, minilm, FixedRank(8), targets=r"query\.weight", carry_changed=True, device="cpu")
+    kv = sorted(k for k in sd if k.endswith(("key.weight", "value.weight")))
+    assert sorted(rep.untargeted_changed) == kv and any("extract it with --targets" in w for w in rep.warnings)
+    assert len(rep.carried) == 18 + 26 and all(t.endswith((".bias", "LayerNorm.weight")) for t in rep.carried)
     r = CliRunner().invoke(main, ["extract", str(tuned), str(minilm), "--rank", "8", "--carry-changed", "--format",
                                   "kohya", "-o", str(tmp_path / "k.safetensors")])
     assert r.exit_code == 2 and "has no place for them" in r.output and not (tmp_path / "k.safetensors").exists()
