@@ -347,7 +347,8 @@ def _carry(adapter: Adapter, changed: list[str], pairs, how: Loaded):
     wrapped = {p.rsplit(".", 1)[0] if modules[PREFIX + p].kind == "experts" else p for p in params}
     for name in changed:
         ft, bs = pairs[name]
-        path, leaf = loaded_key.get(name, name).rsplit(".", 1)
+        key = loaded_key.get(name, name)
+        path, _, leaf = key.rpartition(".")  # ("", "", key) for a top-level tensor (CLIP's logit_scale)
         m = modules.get(PREFIX + path)
         if len(ft.shape) > 1 or ft.codec is not None or bs.codec is not None or path in wrapped \
                 or ".experts." in name:  # a weight is the LoRA's to extract (--targets), not a whole copy's
@@ -360,6 +361,6 @@ def _carry(adapter: Adapter, changed: list[str], pairs, how: Loaded):
             modules[PREFIX + path] = replace(m, bias=d.to(m.dtype))
             names.append(name)
         elif m is None:  # (another tensor of a module the LoRA wraps has no place)
-            passthrough[PREFIX + path + "." + leaf] = TensorRef(ft.path, ft.name, tuple(ft.shape), ft.torch_dtype)
+            passthrough[PREFIX + key] = TensorRef(ft.path, ft.name, tuple(ft.shape), ft.torch_dtype)
             names.append(name)
     return adapter.with_modules(modules, passthrough={**adapter.passthrough, **passthrough}), names

@@ -837,3 +837,29 @@ def test_shard_sizes_read_as_transformers_reads_them():
     for bad in ("1.5.5", "GB", "1e3", "-1GB", "lots"):
         with pytest.raises(SurgeryError, match="expected e.g. 5GB"):
             _parse_size(bad)
+
+
+def test_extract_carry_changed_round_trips_through_merge(tmp_path):
+    """carry_changed on a plain checkpoint: the extracted module's bias rides as lora_B.bias, a norm and a top-level
+    scalar (CLIP's logit_scale: no module path) whole; merging the adapter into the base gives the fine-tuned
+    tensors (the LoRA part to float32 rounding, the carried ones exactly)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"logit_scale": torch.tensor(2.0), "fc.weight": torch.randn(8, 8, generator=g), "fc.bias": torch.zeros(8),
+            "ln.weight": torch.ones(8)}
+    ft = {"logit_scale": torch.tensor(2.5), "fc.weight": base["fc.weight"] + torch.randn(8, 1, generator=g) @
+          torch.randn(1, 8, generator=g), "fc.bias": torch.randn(8, generator=g), "ln.weight": torch.full((8,), 1.5)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    adapter, report = extract(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", FixedRank(1),
+                              carry_changed=True, device="cpu")
+    assert sorted(report.carried) == ["fc.bias", "ln.weight", "logit_scale"] and not report.untargeted_changed
+    assert sorted(adapter.passthrough) == ["base_model.model.ln.weight", "base_model.model.logit_scale"]
+    save_adapter(adapter, tmp_path / "x")
+    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["lora_bias"] is True
+    merge(tmp_path / "base.safetensors", [load_adapter(tmp_path / "x")], tmp_path / "m.safetensors", device="cpu")
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    for k in ("logit_scale", "fc.bias", "ln.weight"):
+        assert torch.equal(merged[k], ft[k]), k
+    torch.testing.assert_close(merged["fc.weight"], ft["fc.weight"], rtol=0, atol=1e-5)
+    _, plain = extract(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", FixedRank(1), device="cpu")
+    assert sorted(plain.untargeted_changed) == ["fc.bias", "ln.weight", "logit_scale"] and not plain.carried
