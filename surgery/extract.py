@@ -22,7 +22,7 @@ from .io import experts as expert_layout
 from .io import hub
 from .io.checkpoint import TensorSpec, is_pipeline, open_checkpoint, open_pipeline, read_tensor
 from .io.loaded import Loaded, how_loaded
-from .io.names import resized_table
+from .io.names import component_name, resized_table
 from .io.peft import PREFIX
 from .linalg import all_finite, randomized_svd, split_factors, sum_squares
 from .rank import Budget, FixedRank, RankRule, budget_ranks, numerical_rank
@@ -159,10 +159,10 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     finetuned, base = hub.resolve(finetuned), hub.resolve(base)
     pattern = regex(targets, "--targets") if targets else None
     pipeline = is_pipeline(finetuned)
-    if carry_changed and pipeline:
-        raise SurgeryError(f"{finetuned}: --carry-changed writes tensors PEFT loads into a transformers model; a "
-                           "diffusers pipeline LoRA has no place for them")
     pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
+    if carry_changed and (pipeline or component_name(open_checkpoint(base)) is not None):
+        raise SurgeryError(f"{base}: --carry-changed writes tensors PEFT loads into a transformers model; diffusers' "
+                           "loaders read LoRA modules alone, so a diffusion model's would be lost there")
     experts = {} if pipeline else _expert_tensors(base, pairs, pattern)  # `param[e]` → (Param, e, (key, Piece) …)
     chosen, mismatched, untargeted, tables, carried = [], [], [], {}, []
     how = Loaded() if pipeline else how_loaded(open_checkpoint(base))  # modules named as PEFT saves them
