@@ -161,8 +161,8 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     pipeline = is_pipeline(finetuned)
     pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
     if carry_changed and (pipeline or component_name(open_checkpoint(base)) is not None):
-        raise SurgeryError(f"{base}: --carry-changed writes tensors PEFT loads into a transformers model; diffusers' "
-                           "loaders read LoRA modules alone, so a diffusion model's would be lost there")
+        raise SurgeryError(f"{base}: --carry-changed writes tensors PEFT places in a transformers model; diffusers' "
+                           "LoRA loaders are not made to place them, so a diffusion model's are not carried")
     experts = {} if pipeline else _expert_tensors(base, pairs, pattern)  # `param[e]` → (Param, e, (key, Piece) …)
     chosen, mismatched, untargeted, tables, carried = [], [], [], {}, []
     how = Loaded() if pipeline else how_loaded(open_checkpoint(base))  # modules named as PEFT saves them
