@@ -28,10 +28,11 @@ class Capture:
 
 
 def read_texts(path) -> list[str]:
-    """The non-blank lines of a UTF-8 text file, stripped: the texts `capture` and `compare` run."""
+    """The non-blank lines of a UTF-8 text file, stripped: the texts `capture` and `compare` run. Read once, so a
+    pipe serves too (`--texts <(grep … corpus.txt)`)."""
     try:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()] \
-            if Path(path).is_file() else None
+            if Path(path).exists() and not Path(path).is_dir() else None
     except UnicodeDecodeError:
         raise SurgeryError(f"{path}: not UTF-8 text (expected a file with one text per line)") from None
     except OSError as e:

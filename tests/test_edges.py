@@ -311,3 +311,27 @@ def test_an_adapter_where_a_model_goes_says_so(tmp_path):
         r = run(*args, "-o", tmp_path / "out")
         assert one_error_line(r) and f"{PEFT_FIXTURE}: is a PEFT adapter, not a model" in r.output, r.output
         assert not (tmp_path / "out").exists()
+
+
+def test_streams_where_files_go(tmp_path):
+    """A FIFO or a pipe (`<(cat x)`) given as an adapter or model is one line — it used to be a wrong "corrupt or
+    truncated" (the format peek had eaten the stream), a "Not a directory", or, a FIFO with no writer, a hang.
+    Texts from a pipe are read once and serve (`--texts <(grep …)` said "no texts")."""
+    fifo = tmp_path / "in.safetensors"
+    os.mkfifo(fifo)
+    for args in (("inspect", fifo), ("squeeze", fifo, "--rank", 2, "-o", tmp_path / "o"),
+                 ("merge", fifo, PEFT_FIXTURE, "-o", tmp_path / "o"),
+                 ("merge", FIXTURES / "tiny-llama", fifo, "-o", tmp_path / "o"),
+                 ("extract", fifo, FIXTURES / "tiny-llama", "--rank", 2, "-o", tmp_path / "o")):
+        r = run(*args)
+        assert one_error_line(r) and "is not a regular file (a pipe or a device)" in r.output, (args, r.output)
+    assert not (tmp_path / "o").exists()
+    read, write = os.pipe()
+    os.write(write, (FIXTURES / "sentences.txt").read_bytes()[:4000])
+    os.close(write)
+    try:
+        r = run("capture", FIXTURES / "tiny-llama", "--texts", f"/dev/fd/{read}", "--max-tokens", 20, "--device",
+                "cpu", "-o", tmp_path / "h.safetensors")
+    finally:
+        os.close(read)
+    assert r.exit_code == 0 and "3 layers × 20 tokens" in r.output, r.output

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import SurgeryError
 from . import hub, jsonfile, quant
-from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, pickle_error, read_header
+from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, check_regular, pickle_error, read_header
 
 STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file stems
 INDEX = "model.safetensors.index.json"
@@ -127,6 +127,8 @@ def open_checkpoint(path: str | os.PathLike, variant: str | None = "") -> Checkp
     if not root.exists():
         raise SurgeryError(f"{root}: no such file or directory")
     stem = "model"
+    if not root.is_dir():
+        check_regular(root)
     if root.is_file():
         if root.suffix.lower() in PICKLE_SUFFIXES:
             raise pickle_error(root)

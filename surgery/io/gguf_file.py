@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -47,8 +48,11 @@ def _gguf():
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
-    """A file that starts with GGUF's magic (whatever its name)."""
+    """A file that starts with GGUF's magic (whatever its name); never a pipe or device, which the peek would
+    consume (or, a FIFO with no writer, wait on forever)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as f:
             return f.read(4) == MAGIC
     except OSError:

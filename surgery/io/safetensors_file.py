@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,13 @@ def pickle_error(path: Path) -> SurgeryError:
     )
 
 
+def check_regular(path: Path) -> None:
+    """Refuse a pipe, FIFO or device (`<(cat x)`, /dev/stdin): inputs are read by offset and memory-mapped, which
+    a stream cannot give, and opening a FIFO with no writer would wait forever."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise SurgeryError(f"{path}: is not a regular file (a pipe or a device); save it to a file first")
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
     """Validated header of a safetensors file: ({name: {dtype, shape, data_offsets}}, metadata)."""
     path = Path(path)
@@ -56,6 +64,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
         raise SurgeryError(f"{path}: no such file or directory")
     if path.is_dir():
         raise SurgeryError(f"{path}: is a directory, expected a .safetensors file")
+    check_regular(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
