@@ -316,7 +316,8 @@ def test_an_adapter_where_a_model_goes_says_so(tmp_path):
 def test_streams_where_files_go(tmp_path):
     """A FIFO or a pipe (`<(cat x)`) given as an adapter or model is one line — it used to be a wrong "corrupt or
     truncated" (the format peek had eaten the stream), a "Not a directory", or, a FIFO with no writer, a hang.
-    Texts from a pipe are read once and serve (`--texts <(grep …)` said "no texts")."""
+    Texts from a pipe are read once and serve (`--texts <(grep …)` said "no texts"). A FIFO or device as the
+    output is refused, --force or not."""
     fifo = tmp_path / "in.safetensors"
     os.mkfifo(fifo)
     for args in (("inspect", fifo), ("squeeze", fifo, "--rank", 2, "-o", tmp_path / "o"),
@@ -335,3 +336,12 @@ def test_streams_where_files_go(tmp_path):
     finally:
         os.close(read)
     assert r.exit_code == 0 and "3 layers × 20 tokens" in r.output, r.output
+    # an output that is a FIFO (or, as root, /dev/null): --force would have renamed a file into its place
+    out = tmp_path / "out.safetensors"
+    os.mkfifo(out)
+    for args in (("squeeze", PEFT_FIXTURE, "--rank", 2), ("merge", FIXTURES / "tiny-llama", PEFT_FIXTURE),
+                 ("convert", PEFT_FIXTURE, "--to", "kohya")):
+        r = run(*args, "-o", out, "--force")
+        assert one_error_line(r) and "is not a regular file or folder (a device or a pipe)" in r.output, r.output
+    r = run("inspect", PEFT_FIXTURE, "--spectrum", "--plot", out)
+    assert one_error_line(r) and "is not a regular file or folder" in r.output and stat.S_ISFIFO(out.lstat().st_mode)

@@ -221,6 +221,9 @@ def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path
     o = out.resolve()
     if hub.in_cache(out):
         raise SurgeryError(f"{out}: is inside the Hugging Face cache; outputs never go there, choose another path")
+    if out.exists() and not (out.is_file() or out.is_dir()):  # rename would put a file where /dev/null was
+        raise SurgeryError(f"{out}: is not a regular file or folder (a device or a pipe); outputs are written to a new "
+                           "file and renamed into place, so give a file path")
     replaces_file = out.is_symlink() or out.exists() and not out.is_dir()
     for i in inputs:
         i = Path(i).resolve()
