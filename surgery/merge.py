@@ -595,7 +595,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     ck = None if pipeline else sets[0]
     root = pipeline.root if pipeline else ck.root
     out = Path(out)
-    if out.resolve() == root.resolve():
+    if os.path.realpath(out) == os.path.realpath(root):  # (realpath: a symlink loop is the loop, refused below)
         raise SurgeryError(f"{out}: is the base itself; write the merged model elsewhere")
     check_output(out, [base] + [a.source for a in adapters if a.source is not None], force=True)  # nor inside one
     if out.exists() and not force and (out.is_file() or any(out.iterdir())):

@@ -317,7 +317,7 @@ def test_streams_where_files_go(tmp_path):
     """A FIFO or a pipe (`<(cat x)`) given as an adapter or model is one line — it used to be a wrong "corrupt or
     truncated" (the format peek had eaten the stream), a "Not a directory", or, a FIFO with no writer, a hang.
     Texts from a pipe are read once and serve (`--texts <(grep …)` said "no texts"). A FIFO or device as the
-    output is refused, --force or not."""
+    output is refused, --force or not; a symlink loop is one line too."""
     fifo = tmp_path / "in.safetensors"
     os.mkfifo(fifo)
     for args in (("inspect", fifo), ("squeeze", fifo, "--rank", 2, "-o", tmp_path / "o"),
@@ -345,3 +345,11 @@ def test_streams_where_files_go(tmp_path):
         assert one_error_line(r) and "is not a regular file or folder (a device or a pipe)" in r.output, r.output
     r = run("inspect", PEFT_FIXTURE, "--spectrum", "--plot", out)
     assert one_error_line(r) and "is not a regular file or folder" in r.output and stat.S_ISFIFO(out.lstat().st_mode)
+    loop = tmp_path / "loop"  # a symlink to itself: Path.resolve raised RuntimeError (a traceback) before 3.13
+    loop.symlink_to(loop)
+    for args in (("squeeze", PEFT_FIXTURE, "--rank", 2, "-o", loop, "--force"),
+                 ("merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "-o", loop, "--force"),
+                 ("squeeze", PEFT_FIXTURE, "--rank", 2, "--activations", loop, "-o", tmp_path / "o")):
+        r = run(*args)
+        assert one_error_line(r) and ("is a symlink loop" in r.output or "no such file" in r.output), r.output
+    assert loop.is_symlink() and not (tmp_path / "o").exists()

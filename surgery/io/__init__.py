@@ -213,12 +213,20 @@ def default_output(source: str | os.PathLike, tag: str, fmt: str) -> Path:
     return source.with_name(f"{stem}-{tag}" + ("" if FORMATS[fmt].is_dir else _suffix(fmt)))
 
 
+def _resolved(path: Path) -> Path:
+    """`path.resolve()`, a symlink loop one line (Python < 3.13 raises RuntimeError for it)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        raise SurgeryError(f"{path}: is a symlink loop (or cannot be resolved); give another path") from None
+
+
 def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path:
     """Refuse an output that is (or holds) one of `inputs`, or that would replace part of an input folder — a
     file in it, a pipeline's component folder — or add a PEFT file to one, whatever `force` says; and an existing
     output unless `force`. (An earlier result folder inside an input folder may be replaced.)"""
     out = Path(out)
-    o = out.resolve()
+    o = _resolved(out)
     if hub.in_cache(out):
         raise SurgeryError(f"{out}: is inside the Hugging Face cache; outputs never go there, choose another path")
     if out.exists() and not (out.is_file() or out.is_dir()):  # rename would put a file where /dev/null was
@@ -226,7 +234,7 @@ def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path
                            "file and renamed into place, so give a file path")
     replaces_file = out.is_symlink() or out.exists() and not out.is_dir()
     for i in inputs:
-        i = Path(i).resolve()
+        i = _resolved(Path(i))
         inside = i.is_dir() and o.is_relative_to(i)
         part = inside and (o.name in (peft.WEIGHTS, peft.CONFIG) or replaces_file
                            or out.exists() and (i / "model_index.json").exists())  # a pipeline's component folder

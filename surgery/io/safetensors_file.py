@@ -121,8 +121,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
 def tensor_refs(path: str | os.PathLike) -> tuple[dict[str, TensorRef], dict[str, str]]:
     """Lazy references to every tensor of a validated file, plus its metadata; nothing is read yet. Each knows
     where its bytes lie in this version of the file (`TensorRef.offset`, `stamp`)."""
-    path = Path(path).resolve()
-    before = os.stat(path)
+    path = Path(os.path.realpath(path))  # (a symlink loop stays itself: read_header says it is missing)
+    before = os.stat(path) if path.exists() else None
     header, metadata = read_header(path)
     with open(path, "rb") as f:
         start = 8 + struct.unpack("<Q", f.read(8))[0]
