@@ -4,6 +4,7 @@ Errors from the library (`SurgeryError`) become one `error: …` line on stderr 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -40,6 +41,10 @@ class Group(click.Group):
             raise
         except SurgeryError as e:
             click.echo(f"error: {printable(str(e))}", err=True)
+        except BrokenPipeError:  # `surgery … | head`: the reader left early; nothing to say, as `yes | head`
+            with contextlib.suppress(OSError, ValueError):  # (and no second failure flushing stdout at exit)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)  # 128 + SIGPIPE: what a shell shows for a writer the closed pipe ended
         except OSError as e:
             where = " → ".join(str(f) for f in (e.filename, e.filename2) if f)
             click.echo(f"error: {printable(where + ': ' if where else '')}{e.strerror or e}", err=True)

@@ -148,6 +148,17 @@ def test_ctrl_c_while_torch_imports_is_aborted_not_a_traceback():
     assert p.returncode == 1 and p.stderr == "Aborted!\n" and p.stdout == "", p.stderr
 
 
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
+    """`surgery … | head`: stdout's reader gone before the table is printed. It was `error: Broken pipe` and exit
+    1 after the work was done; now silence and 141 (128 + SIGPIPE), as any writer a closed pipe ends."""
+    p = subprocess.Popen([sys.executable, "-m", "surgery", "squeeze", str(PEFT_FIXTURE), "--rank", "2", "-o",
+                          str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the command (a second of imports) prints anything
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 141 and err == b"", err
+    assert (tmp_path / "o" / "adapter_model.safetensors").exists()  # the work itself was done
+
+
 def test_console_script_freezes_the_imports_out_of_the_collector():
     """`run` (the `surgery` script and `python -m`) leaves torch's objects to the permanent generation, so
     neither full collections nor the teardown at exit walk them; `main` (CliRunner) leaves the collector alone."""
