@@ -159,6 +159,31 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()  # the work itself was done
 
 
+def test_sigterm_mid_write_leaves_nothing_behind(tmp_path):
+    """`timeout`, a job scheduler or a closed terminal (SIGTERM, SIGHUP) stopping a merge while it writes: the
+    default action killed the process on the spot and left the output's hidden temporary sibling (most of a model,
+    for a large merge). Now it unwinds as Ctrl-C does: nothing is left, exit status 143."""
+    import signal
+    import time
+
+    base = {f"layers.{i}.proj.weight": torch.randn(1024, 1024) for i in range(24)}  # 100 MB to write
+    save_file(base, str(tmp_path / "base.safetensors"))
+    write_peft(tmp_path / "lora", {f"layers.{i}.proj": lora_pair(1024, 1024, 4, seed=i) for i in range(24)}, r=4,
+               alpha=4)
+    out = tmp_path / "merged"
+    out.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "surgery", "merge", str(tmp_path / "base.safetensors"),
+                          str(tmp_path / "lora"), "--device", "cpu", "-o", str(out / "m.safetensors")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list(out.glob(".m.safetensors.*.tmp")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143 and err == b"", (p.returncode, err)
+    assert list(out.iterdir()) == []
+
+
 def test_console_script_freezes_the_imports_out_of_the_collector():
     """`run` (the `surgery` script and `python -m`) leaves torch's objects to the permanent generation, so
     neither full collections nor the teardown at exit walk them; `main` (CliRunner) leaves the collector alone."""
