@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ class Capture:
 
 def read_texts(path) -> list[str]:
     """The non-blank lines of a UTF-8 text file, stripped: the texts `capture` and `compare` run. Read once, so a
-    pipe serves too (`--texts <(grep … corpus.txt)`)."""
+    pipe serves too (`--texts <(grep … corpus.txt)`); not a device (/dev/zero would never end)."""
     try:
+        mode = os.stat(path).st_mode if os.path.exists(path) else 0
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()] \
-            if Path(path).exists() and not Path(path).is_dir() else None
+            if stat.S_ISREG(mode) or stat.S_ISFIFO(mode) else None
     except UnicodeDecodeError:
         raise SurgeryError(f"{path}: not UTF-8 text (expected a file with one text per line)") from None
     except OSError as e:

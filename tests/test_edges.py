@@ -336,6 +336,8 @@ def test_streams_where_files_go(tmp_path):
     finally:
         os.close(read)
     assert r.exit_code == 0 and "3 layers × 20 tokens" in r.output, r.output
+    r = run("capture", FIXTURES / "tiny-llama", "--texts", "/dev/zero", "-o", tmp_path / "z.safetensors")
+    assert one_error_line(r) and "no texts" in r.output, r.output  # a device is not read (it would never end)
     # an output that is a FIFO (or, as root, /dev/null): --force would have renamed a file into its place
     out = tmp_path / "out.safetensors"
     os.mkfifo(out)
