@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,14 +30,13 @@ class Capture:
 def read_texts(path) -> list[str]:
     """The non-blank lines of a UTF-8 text file, stripped: the texts `capture` and `compare` run. Read once, so a
     pipe serves too (`--texts <(grep … corpus.txt)`); not a device (/dev/zero would never end)."""
+    from .io.jsonfile import read_bytes
+
     try:
-        mode = os.stat(path).st_mode if os.path.exists(path) else 0
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()] \
-            if stat.S_ISREG(mode) or stat.S_ISFIFO(mode) else None
+        lines = [line.strip() for line in read_bytes(path).decode("utf-8").splitlines() if line.strip()] \
+            if os.path.exists(path) and not os.path.isdir(path) else None
     except UnicodeDecodeError:
         raise SurgeryError(f"{path}: not UTF-8 text (expected a file with one text per line)") from None
-    except OSError as e:
-        raise SurgeryError(f"{path}: cannot read ({e.strerror or e})") from None
     if not lines:
         raise SurgeryError(f"{path}: no texts (expected a file with one text per line)")
     return lines
@@ -140,10 +138,12 @@ def _token_plan(tok, lines, *, model, where, batch_size, max_length, keep_specia
     return plan, n, int(chosen.sum())
 
 
-def _metadata(model, model_dir, texts, n, k, seed, keep_special, pad) -> dict:
+def _metadata(model, model_dir, texts, lines, n, k, seed, keep_special, pad) -> dict:
+    """The capture's provenance; `texts_sha256` of the texts run (their lines as read_texts gives them, joined by
+    newlines): from the one read, so a pipe's texts are hashed too."""
     return {"model": str(model_dir), "model_class": type(model).__name__, "pad": pad,
             "texts": str(texts),
-            "texts_sha256": hashlib.sha256(Path(texts).read_bytes()).hexdigest(),
+            "texts_sha256": hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest(),
             "tokens_available": n, "tokens": k, "seed": seed, "special_tokens_kept": keep_special,
             "block_prefix": _block_prefix(model)}
 
@@ -165,7 +165,7 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
                     per_layer.append([])
                 per_layer[j].append(h.cpu()[sel].float())
     layers = tuple(torch.cat(chunks).contiguous() for chunks in per_layer)
-    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special, pad) | {"layers": len(layers)}
+    metadata = _metadata(model, model_dir, texts, lines, n, k, seed, keep_special, pad) | {"layers": len(layers)}
     return Capture(layers, metadata)
 
 
@@ -218,7 +218,7 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     for name, chunks in rows.items():
         twin = next((o for o in inputs if all(a is b for a, b in zip(rows[o], chunks))), None)
         inputs[name] = inputs[twin] if twin else torch.cat(chunks).contiguous()
-    metadata = _metadata(model, model_dir, texts, n, k, seed, keep_special, pad) | {"modules": names}
+    metadata = _metadata(model, model_dir, texts, lines, n, k, seed, keep_special, pad) | {"modules": names}
     return ModuleInputs(inputs, metadata)
 
 

@@ -1,5 +1,6 @@
 """Issue-12 edges: writes over Linux's 2 GiB per-call cap, single-shard bases with an index, --dtype in the
 merged config, an adapter as the merge output, nested outputs, reader notes, OS errors as one line."""
+import hashlib
 import json
 import os
 import shutil
@@ -327,8 +328,9 @@ def test_streams_where_files_go(tmp_path):
         r = run(*args)
         assert one_error_line(r) and "is not a regular file (a pipe or a device)" in r.output, (args, r.output)
     assert not (tmp_path / "o").exists()
+    text = (FIXTURES / "sentences.txt").read_bytes()[:4000]
     read, write = os.pipe()
-    os.write(write, (FIXTURES / "sentences.txt").read_bytes()[:4000])
+    os.write(write, text)
     os.close(write)
     try:
         r = run("capture", FIXTURES / "tiny-llama", "--texts", f"/dev/fd/{read}", "--max-tokens", 20, "--device",
@@ -336,8 +338,17 @@ def test_streams_where_files_go(tmp_path):
     finally:
         os.close(read)
     assert r.exit_code == 0 and "3 layers × 20 tokens" in r.output, r.output
+    (tmp_path / "t.txt").write_bytes(text)  # the same texts from a file: the same provenance hash (a second read
+    assert run("capture", FIXTURES / "tiny-llama", "--texts", tmp_path / "t.txt", "--max-tokens", 20,  # of the pipe
+               "--device", "cpu", "-o", tmp_path / "f.safetensors").exit_code == 0  # hashed nothing)
+    with safe_open(str(tmp_path / "h.safetensors"), "pt") as a, safe_open(str(tmp_path / "f.safetensors"), "pt") as b:
+        piped, filed = (json.loads(f.metadata()["surgery_capture"]) for f in (a, b))
+    lines = [line.strip() for line in text.decode().splitlines() if line.strip()]
+    assert piped["texts_sha256"] == filed["texts_sha256"] == hashlib.sha256("\n".join(lines).encode()).hexdigest()
     r = run("capture", FIXTURES / "tiny-llama", "--texts", "/dev/zero", "-o", tmp_path / "z.safetensors")
-    assert one_error_line(r) and "no texts" in r.output, r.output  # a device is not read (it would never end)
+    assert one_error_line(r) and "is not a file (a folder or a device)" in r.output, r.output  # never read: endless
+    r = run("rerank", "--ids", "/dev/zero", "--targets", "q_proj", "--config-out", tmp_path / "c.json")
+    assert one_error_line(r) and "/dev/zero: is not a file" in r.output, r.output  # (it ran out of memory)
     # an output that is a FIFO (or, as root, /dev/null): --force would have renamed a file into its place
     out = tmp_path / "out.safetensors"
     os.mkfifo(out)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -29,13 +31,19 @@ def parse_object(text: str | bytes, where) -> dict:
     return value
 
 
-def read_object(path: Path) -> dict:
-    """A JSON file holding one object."""
+def read_bytes(path) -> bytes:
+    """The bytes of a file, or of a pipe (`<(…)`, read once); a device is refused — /dev/zero would never end."""
     try:
-        text = Path(path).read_bytes()
+        if not (stat.S_ISREG(mode := os.stat(path).st_mode) or stat.S_ISFIFO(mode)):
+            raise SurgeryError(f"{path}: is not a file (a folder or a device)")
+        return Path(path).read_bytes()
     except OSError as e:
         raise SurgeryError(f"{path}: cannot read ({e.strerror or e})") from None
-    return parse_object(text, path)
+
+
+def read_object(path: Path) -> dict:
+    """A JSON file holding one object."""
+    return parse_object(read_bytes(path), path)
 
 
 def _is_int(v) -> bool:
