@@ -25,7 +25,7 @@ from .io.loaded import Loaded, how_loaded
 from .io.names import component_name, resized_table
 from .io.peft import PREFIX
 from .linalg import all_finite, randomized_svd, split_factors, sum_squares
-from .rank import Budget, FixedRank, RankRule, budget_ranks, numerical_rank
+from .rank import Budget, Energy, FixedRank, RankRule, budget_ranks, check_rule, numerical_rank
 
 EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")
 
@@ -153,6 +153,7 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     carry_changed: the changed norms and biases too, as PEFT loads them (`_carry`): PEFT then reproduces them,
     but loaders that read only LoRA modules (vLLM, llama.cpp) refuse such an adapter.
     """
+    check_rule(rule, (FixedRank, Energy, Budget))
     if max_rank <= 0:  # the rule checks itself (surgery.rank)
         raise SurgeryError(f"--max-rank must be at least 1, got {max_rank}")
     dev, sdtype = resolve_device(device), storage_dtype(dtype)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import heapq
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union, get_args
 
 import torch
 
@@ -24,7 +24,7 @@ class FixedRank:
 
     def __post_init__(self):
         if not (_is_int(self.rank) and self.rank >= 1):
-            raise SurgeryError(f"rank must be at least 1, got {self.rank!r}")
+            raise SurgeryError(f"rank must be a whole number of at least 1, got {self.rank!r}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Budget:
 
     def __post_init__(self):
         if not (_is_int(self.params) and self.params > 0):
-            raise SurgeryError(f"budget must be positive, got {self.params!r}")
+            raise SurgeryError(f"budget must be a positive whole number of parameters, got {self.params!r}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,13 @@ class Exact:
 
 
 RankRule = Union[FixedRank, Energy, Budget, RankMap, PerModule, Exact]
+
+
+def check_rule(rule, allowed: tuple[type, ...] = get_args(RankRule)) -> None:
+    """A rule of one of the `allowed` types: a bare 4 (for FixedRank(4)) was a TypeError deep inside."""
+    if not isinstance(rule, allowed):
+        raise SurgeryError(f"rank rule {rule!r}: expected one of {', '.join(t.__name__ for t in allowed)}, "
+                           "e.g. FixedRank(8) or Energy(0.95)")
 
 
 def numerical_rank(S: torch.Tensor, shape) -> int:

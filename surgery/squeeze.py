@@ -28,7 +28,7 @@ from .errors import SurgeryError, listed
 from .hadamard_kron import lokr_svd
 from .linalg import (FLOAT32_MAX, SVD, CoreSVD, all_finite, core_factors, core_svd, lora_operator,
                      lowrank_frobenius_sq, output_factors, output_svd, randomized_svd, split_factors)
-from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
+from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank, check_rule,
                    energy_rank, numerical_rank)
 
 METHODS = ("exact", "rsvd")
@@ -343,6 +343,7 @@ def squeeze(
     space, optimal for X (the rule reads σ(ΔW Xᵀ)); the others plainly, and listed in a warning.
     Budget rules take two passes (spectra first, then factors) so memory stays at one module at a time.
     """
+    check_rule(rule)
     if method not in METHODS:
         raise SurgeryError(f"unknown method {method!r}; use exact or rsvd")
     inputs = {n: x for n, x in (inputs or {}).items() if n in adapter.modules}

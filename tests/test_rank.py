@@ -81,12 +81,29 @@ def test_parse_count_and_rank_map():
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: FixedRank(0), "rank must be at least 1, got 0"), (lambda: FixedRank(2.5), "got 2.5"),
+    (lambda: FixedRank(0), "rank must be a whole number of at least 1, got 0"), (lambda: FixedRank(2.5), "got 2.5"),
     (lambda: FixedRank(True), "got True"), (lambda: Energy(0), "energy threshold must be in (0, 1], got 0"),
     (lambda: Energy(float("nan")), "got nan"), (lambda: Energy("0.9"), "got '0.9'"),
-    (lambda: Budget(0), "budget must be positive, got 0"), (lambda: Budget(1.5), "got 1.5")])
+    (lambda: Budget(0), "budget must be a positive whole number of parameters, got 0"), (lambda: Budget(1.5), "got 1.5")])
 def test_rules_check_themselves(make, message):
     """A rule of the wrong type or range is a SurgeryError where it is made — the Python API's FixedRank(2.5) was a
     TypeError deep in a slice — for every command that takes one (squeeze, combine, extract)."""
     with pytest.raises(SurgeryError, match=re.escape(message)):
         make()
+
+
+def test_a_rule_of_another_type_is_named():
+    """The Python API given a bare number (or a string) for its rule: squeeze raised `TypeError: 4` from deep
+    inside, extract an AttributeError; now one SurgeryError naming the rule types, before any work."""
+    from surgery import load_adapter, squeeze
+    from surgery.combine import combine
+    from surgery.extract import extract
+
+    from .conftest import FIXTURES, PEFT_FIXTURE
+
+    a = load_adapter(PEFT_FIXTURE)
+    base = FIXTURES / "tiny-llama"
+    for call in (lambda: squeeze(a, 4), lambda: squeeze(a, "4"), lambda: combine([a, a], [1, 1], 4),
+                 lambda: extract(base, base, 4), lambda: extract(base, base, parse_rank_map("q=2"))):
+        with pytest.raises(SurgeryError, match=r"rank rule .*: expected one of FixedRank"):
+            call()
