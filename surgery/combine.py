@@ -14,7 +14,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .adapter import PEFT_PREFIX, Adapter, DiffModule, ExpertsModule, LoraModule, materialize, pack_experts
+from .adapter import (PEFT_PREFIX, Adapter, DiffModule, ExpertsModule, LoraModule, adapter_list, materialize,
+                      pack_experts)
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
 from .linalg import all_finite
@@ -231,6 +232,7 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     has the first input's format (a TeRA first input gives a PEFT LoRA) and names; factors are stored in
     `dtype` (default: the first input's factor dtype), computed in float32.
     """
+    adapters = adapter_list(adapters, "combine")
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if base is not None:
         adapters = on_base_names(adapters, base)

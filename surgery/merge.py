@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .adapter import Adapter, ExpertsModule, LoraModule, materialize
+from .adapter import Adapter, ExpertsModule, LoraModule, adapter_list, materialize
 from .device import Scratch, resolve_device, storage_dtype
 from .errors import SurgeryError, listed
 from .io import check_output, gguf_file, hub
@@ -584,6 +584,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     Memory: one tensor at a time (plus the adapters' factors). The output appears only when complete.
     """
     t0 = time.perf_counter()
+    adapters = adapter_list(adapters, "merge")
     weights = _weights(weights, adapters)
     base = hub.resolve(base)
     if gguf_file.is_gguf(base):

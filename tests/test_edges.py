@@ -366,3 +366,22 @@ def test_streams_where_files_go(tmp_path):
         r = run(*args)
         assert one_error_line(r) and ("is a symlink loop" in r.output or "no such file" in r.output), r.output
     assert loop.is_symlink() and not (tmp_path / "o").exists()
+
+
+def test_the_python_api_names_a_path_given_for_an_adapter(tmp_path):
+    """merge / combine / save_adapter given a path (or a list) where an Adapter goes: an AttributeError or
+    TypeError from deep inside before; one SurgeryError naming load_adapter now. merge takes one Adapter alone."""
+    from surgery import load_adapter, save_adapter
+    from surgery.combine import combine
+    from surgery.merge import merge
+
+    a, base = load_adapter(PEFT_FIXTURE), FIXTURES / "tiny-llama"
+    for call in (lambda: merge(base, [str(PEFT_FIXTURE)], tmp_path / "m", device="cpu"),
+                 lambda: combine([a, PEFT_FIXTURE]), lambda: save_adapter(str(PEFT_FIXTURE), tmp_path / "s"),
+                 lambda: save_adapter([a], tmp_path / "s")):
+        with pytest.raises(SurgeryError, match=r"expected Adapter objects, got .*load_adapter\(path\) reads one"):
+            call()
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
+    merge(base, a, tmp_path / "one", device="cpu")
+    merge(base, [a], tmp_path / "listed", device="cpu")
+    assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "listed")

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from ..adapter import Adapter
+from ..adapter import Adapter, adapter_list
 from ..errors import SurgeryError
 from ..linalg import FLOAT32_MAX
 from . import diffusers, experts, gguf_file, hub, kohya, names, peft, tera_file
@@ -252,6 +252,7 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = 
     Never over the adapter's own source or any of `inputs`; over an existing path only if `force`. `base`: the
     model whose tensors name the modules when the output's naming differs from the adapter's (a GGUF output
     from PEFT, PEFT from GGUF, …). `options` go to the format's writer (tera: save_factors; gguf: dtype)."""
+    adapter_list([adapter], "save_adapter")  # one Adapter (a path or a list named in one line)
     fmt = output_format(adapter, out, format, base)
     if fmt != "peft":  # loaders read the other formats (a peft-file too) without PEFT's config
         adapter.check_plain(f"the {fmt} format")
