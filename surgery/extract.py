@@ -161,12 +161,13 @@ def extract(finetuned: str | Path, base: str | Path, rule: RankRule, *, targets:
     pattern = regex(targets, "--targets") if targets else None
     pipeline = is_pipeline(finetuned)
     pairs = _pairs(finetuned, base)  # tensor name (component-prefixed in a pipeline) → (fine-tuned, base) specs
-    if carry_changed and (pipeline or component_name(open_checkpoint(base)) is not None):
+    ck = None if pipeline else open_checkpoint(base)
+    if carry_changed and (pipeline or component_name(ck) is not None):
         raise SurgeryError(f"{base}: --carry-changed writes tensors PEFT places in a transformers model; diffusers' "
                            "LoRA loaders are not made to place them, so a diffusion model's are not carried")
     experts = {} if pipeline else _expert_tensors(base, pairs, pattern)  # `param[e]` → (Param, e, (key, Piece) …)
     chosen, mismatched, untargeted, tables, carried = [], [], [], {}, []
-    how = Loaded() if pipeline else how_loaded(open_checkpoint(base))  # modules named as PEFT saves them
+    how = Loaded() if pipeline else how_loaded(ck)  # modules named as PEFT saves them
     loaded = how.loaded_name
     in_experts = {key for _, _, pieces in experts.values() for key, _ in pieces}
     for name, (spec, other) in pairs.items():
@@ -361,7 +362,7 @@ def _carry(adapter: Adapter, changed: list[str], pairs, how: Loaded):
                 raise SurgeryError(f"{name}: the bias difference overflows float32")
             modules[PREFIX + path] = replace(m, bias=d.to(m.dtype))
             names.append(name)
-        elif m is None:  # (another tensor of a module the LoRA wraps has no place)
+        elif m is None:  # a module the LoRA leaves alone (another tensor of a wrapped one has no place)
             passthrough[PREFIX + key] = TensorRef(ft.path, ft.name, tuple(ft.shape), ft.torch_dtype)
             names.append(name)
     return adapter.with_modules(modules, passthrough={**adapter.passthrough, **passthrough}), names
