@@ -385,3 +385,28 @@ def test_the_python_api_names_a_path_given_for_an_adapter(tmp_path):
     merge(base, a, tmp_path / "one", device="cpu")
     merge(base, [a], tmp_path / "listed", device="cpu")
     assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "listed")
+
+
+def test_an_interrupt_between_the_renames_keeps_the_previous_output(tmp_path, monkeypatch):
+    """Replacing a folder output is two renames (the old one aside, the new one in). A Ctrl-C or SIGTERM between
+    them removed the new result and left the previous one hidden in `.out.*.old` (then deleted it): the previous
+    output is now put back before the interrupt goes on."""
+    from surgery.io.safetensors_file import atomic_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("previous")
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new result's rename into place
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(out, is_dir=True, replace=True) as new:
+            (new / "b.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["a.txt"]
+    assert (out / "a.txt").read_text() == "previous" and len(calls) == 3

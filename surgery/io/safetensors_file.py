@@ -302,11 +302,17 @@ def _atomic(out: Path, is_dir: bool, replace: bool) -> Iterator[Path]:
                 os.replace(f, out / f.name)
         else:
             old = None
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-                os.replace(out, old / "x")
-            os.replace(tmp, out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                if out.exists():
+                    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+                    os.replace(out, old / "x")
+                os.replace(tmp, out)
+            except BaseException:  # (a signal between the renames too): the previous output back in its place
+                if old is not None and (old / "x").exists() and not out.exists():
+                    os.replace(old / "x", out)
+                raise
+            finally:
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
