@@ -71,6 +71,12 @@ def main():
     """Model surgery on adapter checkpoints (PEFT, kohya/LyCORIS, diffusers, llama.cpp GGUF)."""
 
 
+def _not_empty(ptype: click.ParamType, value, param, ctx) -> None:
+    """A path argument or option is never "" (`-o ""` meant "no -o", and the result went beside the input)."""
+    if value == "":
+        ptype.fail("an empty path (an unset shell variable?)", param, ctx)
+
+
 class Source(click.ParamType):
     """A local path, or a Hugging Face repo id (`org/name`, `org/name@revision`) taken to its local snapshot
     (surgery.io.hub): from the cache, or downloaded unless HF_HUB_OFFLINE is set; a local path always wins."""
@@ -83,8 +89,7 @@ class Source(click.ParamType):
     def convert(self, value, param, ctx):
         from surgery.io.hub import resolve
 
-        if value == "":
-            self.fail("an empty path (an unset shell variable?)", param, ctx)
+        _not_empty(self, value, param, ctx)
         revision = (ctx.meta if ctx else {}).get(REVISION)
         if revision and value is not None and os.path.lexists(value):  # a local path always wins
             click.echo(f"note: {value}: a local path, read as it is (--revision {revision} applies to Hub repo ids)",
@@ -95,11 +100,10 @@ class Source(click.ParamType):
 
 
 class _Path(click.Path):
-    """A path option: never empty (`-o ""` meant "no -o", and the result went beside the input)."""
+    """A path option, never empty."""
 
     def convert(self, value, param, ctx):
-        if value == "":
-            self.fail("an empty path (an unset shell variable?)", param, ctx)
+        _not_empty(self, value, param, ctx)
         return super().convert(value, param, ctx)
 
 

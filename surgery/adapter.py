@@ -293,8 +293,7 @@ NOT_PLAIN = {"alora_invocation_tokens": "an activated LoRA (PEFT applies it only
 def adapter_list(adapters, where: str) -> list[Adapter]:
     """`adapters` — one Adapter or a sequence of them — as a list; anything else (a path: `load_adapter` reads
     one) is named in one line rather than failing deep inside `where`."""
-    items = [adapters] if isinstance(adapters, Adapter) else list(adapters) \
-        if isinstance(adapters, (list, tuple)) else [adapters]
+    items = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
     if bad := next((a for a in items if not isinstance(a, Adapter)), None):
         raise SurgeryError(f"{where}: expected Adapter objects, got {type(bad).__name__} {bad!r:.80} (surgery."
                            "load_adapter(path) reads one)")

@@ -16,8 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .adapter import PEFT_PREFIX as PREFIX
-from .adapter import Adapter, LoraModule, TensorLike, materialize
+from .adapter import PEFT_PREFIX as PREFIX, Adapter, LoraModule, TensorLike, materialize
 from .device import seeded
 from .errors import SurgeryError
 from .layers import replace_linears
