@@ -863,3 +863,16 @@ def test_extract_carry_changed_round_trips_through_merge(tmp_path):
     torch.testing.assert_close(merged["fc.weight"], ft["fc.weight"], rtol=0, atol=1e-5)
     _, plain = extract(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", FixedRank(1), device="cpu")
     assert sorted(plain.untargeted_changed) == ["fc.bias", "ln.weight", "logit_scale"] and not plain.carried
+
+
+def test_extract_carry_changed_refuses_a_bias_difference_past_float32(tmp_path):
+    """A carried bias is the difference of the two models' biases: past float32's range it is one line naming the
+    tensor, exit 1, nothing written."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 8, generator=g)
+    save_file({"fc.weight": w, "fc.bias": torch.full((8,), -3e38)}, str(tmp_path / "base.safetensors"))
+    save_file({"fc.weight": w + torch.randn(8, 1, generator=g) @ torch.randn(1, 8, generator=g),
+               "fc.bias": torch.full((8,), 3e38)}, str(tmp_path / "ft.safetensors"))
+    _assert_failed(_run("extract", tmp_path / "ft.safetensors", tmp_path / "base.safetensors", "--rank", 1,
+                        "--carry-changed", "-o", tmp_path / "x"), "fc.bias: the bias difference overflows float32",
+                   tmp_path / "x")
