@@ -106,10 +106,13 @@ def test_bad_inputs_one_line(texts, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     wrong = write_peft(tmp_path / "wrong", {"model.layers.0.self_attn.q_proj": lora_pair(32, 64, 4)}, r=4, alpha=4)
     small = small_vocab_model(tmp_path / "small-vocab")  # another model's tokenizer: ids past the table
+    other = write_peft(tmp_path / "other", {"model.layers.7.self_attn.q_proj": lora_pair(64, 64, 4)}, r=4, alpha=4)
     for args, msg in [
         ((small, PEFT_FIXTURE, "--texts", path), "its tokenizer gives token id"),
         ((MODEL, PEFT_FIXTURE, "--texts", tmp_path / "empty.txt"), "no texts"),
         ((MODEL, wrong, "--texts", path), "shape"),
+        # compare has no --allow-missing: the line names the commands that have it
+        ((MODEL, other, "--texts", path), "layers.7.self_attn.q_proj (no base tensor of that name) (merge and convert"),
         ((MODEL, PEFT_FIXTURE, "--texts", path, "--max-tokens", 1), "at least 2"),
         ((FIXTURES / "peft-lora-tiny-llama", PEFT_FIXTURE, "--texts", path), "peft-lora-tiny-llama"),
     ]:

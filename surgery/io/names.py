@@ -494,7 +494,7 @@ def missing_error(where, missing: Mapping[str, str]) -> SurgeryError:
         by_reason.setdefault(why, []).append(name)
     parts = [f"{listed(names)} ({why})" for why, names in by_reason.items()]
     return SurgeryError(f"{where}: adapter module(s) without a base tensor: {'; '.join(parts)} "
-                        "(pass --allow-missing to skip them)")
+                        "(merge and convert skip them with --allow-missing)")
 
 
 def kohya_prefix(component: str | None, two_text_encoders: bool) -> str:
