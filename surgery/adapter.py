@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -298,6 +298,26 @@ def adapter_list(adapters, where: str) -> list[Adapter]:
         raise SurgeryError(f"{where}: expected Adapter objects, got {type(bad).__name__} {bad!r:.80} (surgery."
                            "load_adapter(path) reads one)")
     return items
+
+
+def check_weights(weights: Sequence[float], label: str) -> list[float]:
+    """Weights as floats a float32 computation holds (finite, |w| ≤ 3.4e38: 1e39 overflowed deep inside)."""
+    top = torch.finfo(torch.float32).max
+    try:
+        out = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        out = [math.nan]
+    if not all(math.isfinite(w) and abs(w) <= top for w in out):
+        raise SurgeryError(f"{label} must be finite numbers within float32's range (|w| ≤ {top:.3g}), got "
+                           f"{list(weights)}")
+    return out
+
+
+def check_scaled(name: str, module, weight: float) -> None:
+    """weight · the module's scale is ΔW's coefficient in float32: one past its range was a traceback in a GEMM."""
+    if abs(weight * module.scale) > torch.finfo(torch.float32).max:
+        raise SurgeryError(f"module {name}: weight {weight:g} × scale {module.scale:g} is beyond float32's range, "
+                           "in which the update is formed")
 
 
 class _Structured:

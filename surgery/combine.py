@@ -14,8 +14,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .adapter import (PEFT_PREFIX, Adapter, DiffModule, ExpertsModule, LoraModule, adapter_list, materialize,
-                      pack_experts)
+from .adapter import (PEFT_PREFIX, Adapter, DiffModule, ExpertsModule, LoraModule, adapter_list, check_scaled,
+                      check_weights, materialize, pack_experts)
 from .device import resolve_device, seeded, storage_dtype
 from .errors import SurgeryError
 from .linalg import all_finite
@@ -103,8 +103,6 @@ def _check(adapters: Sequence[Adapter], weights, method, density, majority_sign)
         raise SurgeryError("combine needs at least two adapters")
     if len(weights) != len(adapters):
         raise SurgeryError(f"{len(weights)} weights for {len(adapters)} adapters")
-    if not all(math.isfinite(w) for w in weights):
-        raise SurgeryError(f"weights must be finite numbers, got {list(weights)}")
     if method not in METHODS:
         raise SurgeryError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "sum" and density is not None:
@@ -233,7 +231,7 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     `dtype` (default: the first input's factor dtype), computed in float32.
     """
     adapters = adapter_list(adapters, "combine")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(adapters) if weights is None else check_weights(weights, "weights")
     if base is not None:
         adapters = on_base_names(adapters, base)
     _check(adapters, weights, method, density, majority_sign)
@@ -244,6 +242,8 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
         out_f, in_f = shape[-2:]
         present = [(a.modules[name], w) for a, w in zip(adapters, module_weights(name, weights, weight_map))
                    if name in a.modules]
+        for m, w in present:
+            check_scaled(name, m, w)
         if kind == "experts":
             modules[name] = _stacked_experts(name, present, dev)
         elif method == "sum":  # [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …], made once when squeeze reads the module

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .adapter import Adapter, ExpertsModule, LoraModule, adapter_list, materialize
+from .adapter import Adapter, ExpertsModule, LoraModule, adapter_list, check_scaled, check_weights, materialize
 from .device import Scratch, resolve_device, storage_dtype
 from .errors import SurgeryError, listed
 from .io import check_output, gguf_file, hub
@@ -563,8 +563,10 @@ def _weights(weights: Sequence[float] | None, adapters: Sequence[Adapter]) -> li
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise SurgeryError(f"{len(weights)} --weight values for {len(adapters)} adapters")
-    if not all(math.isfinite(w) for w in weights):
-        raise SurgeryError(f"--weight values must be finite numbers, got {weights}")
+    weights = check_weights(weights, "--weight values")
+    for a, w in zip(adapters, weights):
+        for name, m in a.modules.items():
+            check_scaled(name, m, w)
     return weights
 
 

@@ -272,7 +272,15 @@ CASES = {
                                          "1e-300", "-o", p / "out"],  # was a traceback in the SVD of Inf
                               "the dare-linear result overflows float32 (density 1e-300)"),
     "merge-weight-nan": (lambda p: ["merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--weight", "nan", "-o",
-                                    p / "out"], "--weight values must be finite numbers, got [nan]"),
+                                    p / "out"], "--weight values must be finite numbers within float32's range"),
+    # a weight past float32, or a weight × scale past it, was a traceback in the GEMM forming ΔW
+    "merge-weight-1e39": (lambda p: ["merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--weight", "1e39", "-o",
+                                     p / "out"], "(|w| ≤ 3.4e+38), got [1e+39]"),
+    "merge-weight-scale": (lambda p: ["merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--weight", "3e38", "-o",
+                                      p / "out"], "weight 3e+38 × scale 2 is beyond float32's range"),
+    "combine-weight-map-scale": (lambda p: ["combine", PEFT_FIXTURE, PEFT_FIXTURE, "--weight", "1e30", "--weight",
+                                            "1", "--weight-map", "q_proj=1e30", "-o", p / "out"],
+                                 "self_attn.q_proj: weight 1e+60 × scale 2 is beyond float32's range"),
     "empty-lora": (lambda p: ["squeeze", _peft(p, keys={"base_model.model.m.q_proj.lora_A.weight": torch.zeros(2, 0),
                                                           "base_model.model.m.q_proj.lora_B.weight": torch.zeros(0, 2)}),
                               "--rank", "1", "-o", p / "out"], "updates an empty weight (A [2, 0], B [0, 2])"),
