@@ -659,6 +659,8 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
 @click.option("-o", "--output", "out", required=True, type=PATH,
               help="The .safetensors file to write (hidden states, or module inputs for surgery tune).")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Token positions sampled (seeded).")
+@click.option("--max-length", type=int, default=256, show_default=True,
+              help="Tokens kept of each text (longer ones are cut, with a note; at most the model's positions).")
 @click.option("--module-inputs", is_flag=True,
               help="Save the inputs of the linear modules (for surgery tune) instead of the hidden states.")
 @click.option("--targets", help="--module-inputs: regex of the module paths (default: every linear module inside "
@@ -669,8 +671,8 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
 @device_option
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the token sample.")
 @json_option
-def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_special, force, device, seed,
-                as_json):
+def capture_cmd(model_dir, texts, out, max_tokens, max_length, module_inputs, targets, keep_special, force, device,
+                seed, as_json):
     """Save the hidden states of every layer (or the inputs of the linear modules) of a local transformers model
     on a text file."""
     from surgery.capture import capture, capture_inputs, save_capture, save_inputs
@@ -680,17 +682,19 @@ def capture_cmd(model_dir, texts, out, max_tokens, module_inputs, targets, keep_
     check_output(out, [model_dir, texts], force)
     if module_inputs:
         cap = capture_inputs(model_dir, texts, targets=targets, max_tokens=max_tokens, seed=seed,
-                             keep_special=keep_special is not False, device=device)
+                             keep_special=keep_special is not False, max_length=max_length, device=device)
         save_inputs(cap, out)
         what = f"inputs of {len(cap.inputs)} modules"
     else:
         cap = capture(model_dir, texts, max_tokens=max_tokens, seed=seed, keep_special=bool(keep_special),
-                      device=device)
+                      max_length=max_length, device=device)
         save_capture(cap, out)
         what = f"{len(cap.layers)} layers"
     if cap.metadata["pad"] != "pad":
         click.echo(f"note: batches were padded with {'EOS' if cap.metadata['pad'] == 'eos' else 'token id 0'}, the "
                    "tokenizer having no pad token of its own (padding is masked and never sampled)", err=True)
+    for note in cap.metadata["notes"]:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(json.dumps(dict(cap.metadata, output=str(out)), indent=2))
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -74,11 +75,12 @@ def _padded(tok):
     return tok, how
 
 
-def _load(model_dir, texts, device, max_tokens: int):
+def _load(model_dir, texts, device, max_tokens: int, max_length: int):
     from .io.hub import resolve
 
-    if max_tokens < 1:  # a slice [:max_tokens] would take all but the last -n
-        raise SurgeryError(f"--max-tokens must be at least 1, got {max_tokens}")
+    for flag, n in (("--max-tokens", max_tokens), ("--max-length", max_length)):
+        if n < 1:  # a slice [:max_tokens] would take all but the last -n
+            raise SurgeryError(f"{flag} must be at least 1, got {n}")
     model_dir = resolve(model_dir)
     try:
         from transformers import AutoTokenizer
@@ -109,15 +111,45 @@ def check_vocabulary(model, top: int, where) -> None:
                            "(a tokenizer of another model?)")
 
 
+_POSITIONS = re.compile(r"(^|\.)(wpe|position_embeddings?|embed_positions)$")
+
+
+def position_limit(model) -> int | None:
+    """The most tokens a text may have in `model`: the rows of a learned absolute position table (GPT-2's `wpe`,
+    BERT's `position_embeddings`; OPT/BART's past their offset of 2, RoBERTa's past its padding index) — a longer
+    text was an IndexError inside the model; None for rotary, ALiBi and relative positions."""
+    limits = [mod.num_embeddings - getattr(mod, "offset", 0) - (mod.padding_idx + 1 if mod.padding_idx is not None
+                                                                 else 0)
+              for name, mod in model.named_modules()
+              if isinstance(mod, torch.nn.Embedding) and _POSITIONS.search(name)]
+    return min(limits, default=None)
+
+
+def text_length(model, requested: int, flag: str) -> tuple[int, str]:
+    """Tokens kept of each text — `requested`, or the model's position limit if smaller — and why, for a note."""
+    limit = position_limit(model)
+    if limit is not None and limit < requested:
+        return limit, f"the model's {limit} positions"
+    return requested, flag
+
+
+def cut_note(cut: int, total: int, length: int, why: str) -> list[str]:
+    """A note for texts cut to their first `length` tokens (none when no text was)."""
+    return [f"{cut} of {total} texts were cut to their first {length} tokens ({why})"] if cut else []
+
+
 def _token_plan(tok, lines, *, model, where, batch_size, max_length, keep_special, max_tokens, seed):
-    """[(encoding, mask of the sampled positions)] per batch, and the counts: padding (and by default special
-    tokens) excluded, then a seeded sample of at most `max_tokens` of the remaining positions, chosen before the
-    model runs so that only sampled positions are ever kept."""
+    """[(encoding, mask of the sampled positions)] per batch, the counts and notes: each text cut to
+    `max_length` tokens (or the model's position limit), padding (and by default special tokens) excluded, then
+    a seeded sample of at most `max_tokens` of the remaining positions, chosen before the model runs so that only
+    sampled positions are ever kept."""
+    max_length, why = text_length(model, max_length, "--max-length")
     special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
-    encs, keeps = [], []
+    encs, keeps, cut = [], [], 0
     for i in range(0, len(lines), batch_size):
-        enc = tok(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                  return_tensors="pt")
+        batch = lines[i:i + batch_size]
+        cut += sum(len(ids) > max_length for ids in tok(batch)["input_ids"])
+        enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         check_vocabulary(model, int(enc["input_ids"].max()), where)
         keep = enc["attention_mask"].bool()
         if not keep_special:
@@ -135,7 +167,7 @@ def _token_plan(tok, lines, *, model, where, batch_size, max_length, keep_specia
         sel[keep] = chosen[at:at + m]
         at += m
         plan.append((enc, sel))
-    return plan, n, int(chosen.sum())
+    return plan, n, int(chosen.sum()), {"max_length": max_length, "notes": cut_note(cut, len(lines), max_length, why)}
 
 
 def _metadata(model, model_dir, texts, lines, n, k, seed, keep_special, pad) -> dict:
@@ -152,9 +184,9 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
             keep_special: bool = False, batch_size: int = 16, max_length: int = 256,
             device: str = "auto") -> Capture:
     """Hidden states (embedding output, then each block's output) at a seeded sample of token positions."""
-    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens)
-    plan, n, k = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size, max_length=max_length,
-                             keep_special=keep_special, max_tokens=max_tokens, seed=seed)
+    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens, max_length)
+    plan, n, k, extra = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size,
+                                    max_length=max_length, keep_special=keep_special, max_tokens=max_tokens, seed=seed)
     dev = next(model.parameters()).device
     per_layer: list[list[torch.Tensor]] = []
     with torch.no_grad():
@@ -165,7 +197,8 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
                     per_layer.append([])
                 per_layer[j].append(h.cpu()[sel].float())
     layers = tuple(torch.cat(chunks).contiguous() for chunks in per_layer)
-    metadata = _metadata(model, model_dir, texts, lines, n, k, seed, keep_special, pad) | {"layers": len(layers)}
+    metadata = _metadata(model, model_dir, texts, lines, n, k, seed, keep_special, pad) | extra | {
+        "layers": len(layers)}
     return Capture(layers, metadata)
 
 
@@ -178,18 +211,20 @@ class ModuleInputs:
 def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, targets: str | None = None,
                    max_tokens: int = 4096, seed: int = 0, keep_special: bool = True, batch_size: int = 16,
                    max_length: int = 256, device: str = "auto") -> ModuleInputs:
-    """The inputs of the model's `nn.Linear` modules (those matching the regex `targets`, by default every one
+    """The inputs of the model's `nn.Linear` (and GPT-2 `Conv1D`) modules (those matching the regex `targets`, by default every one
     inside the transformer blocks) at a seeded sample of token positions — the X of `surgery tune`. Special
     tokens are kept by default: they are real inputs of every module."""
     pattern = regex(targets, "--targets") if targets else None
-    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens)
-    plan, n, k = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size, max_length=max_length,
-                             keep_special=keep_special, max_tokens=max_tokens, seed=seed)
+    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens, max_length)
+    plan, n, k, extra = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size,
+                                    max_length=max_length, keep_special=keep_special, max_tokens=max_tokens, seed=seed)
     prefix = _block_prefix(model)
-    names = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, weight (in, out): inputs alike
+
+    names = [name for name, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, Conv1D))
              and (pattern.search(name) if pattern else prefix and name.startswith(prefix + "."))]
     if not names:
-        raise SurgeryError(f"{model_dir}: no nn.Linear module matches {targets or 'the transformer blocks'!r}")
+        raise SurgeryError(f"{model_dir}: no linear module matches {targets or 'the transformer blocks'!r}")
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     state = {}
 
@@ -218,7 +253,7 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     for name, chunks in rows.items():
         twin = next((o for o in inputs if all(a is b for a, b in zip(rows[o], chunks))), None)
         inputs[name] = inputs[twin] if twin else torch.cat(chunks).contiguous()
-    metadata = _metadata(model, model_dir, texts, lines, n, k, seed, keep_special, pad) | {"modules": names}
+    metadata = _metadata(model, model_dir, texts, lines, n, k, seed, keep_special, pad) | extra | {"modules": names}
     return ModuleInputs(inputs, metadata)
 
 

@@ -169,11 +169,12 @@ def compare(model_dir: str | os.PathLike, a: Adapter, b: Adapter | None, texts: 
     """Next-token predictions of `model_dir` with adapter `a` against `b` (None: the base alone) on `texts`.
 
     dtype: the model's weights and activations (merged weights rounded once to it); log-probabilities in float64.
-    max_tokens: each text's tokens are cut to this many. Memory: the model once (the adapters' tensors are merged
+    max_tokens: each text's tokens are cut to this many (or to the model's position table; a note says how many
+    texts were cut). Memory: the model once (the adapters' tensors are merged
     into it and read back from the checkpoint afterwards), plus side A's logits for every text (tokens ×
     vocabulary, in the model's dtype).
     """
-    from .capture import check_vocabulary, read_texts
+    from .capture import check_vocabulary, cut_note, read_texts, text_length
     from .io.checkpoint import open_checkpoint
     from .io.hub import resolve
 
@@ -189,16 +190,18 @@ def compare(model_dir: str | os.PathLike, a: Adapter, b: Adapter | None, texts: 
         raise SurgeryError(f"{model_dir}: a quantized base; compare runs on float bases (merge it first)")
     tok, model = _causal_lm(model_dir, DTYPES[dtype], dev)
     compute = torch.float64 if dtype == "float64" else torch.float32
-    encoded = []
+    length, why = text_length(model, max_tokens, "--max-tokens")
+    encoded, cut = [], 0
     for i, line in enumerate(lines):
-        ids = tok(line, return_tensors="pt")["input_ids"][:, :max_tokens]
-        if ids.shape[1] >= 2:
+        ids = tok(line, return_tensors="pt")["input_ids"]
+        cut += ids.shape[1] > length
+        if (ids := ids[:, :length]).shape[1] >= 2:
             encoded.append((i, ids))
     if not encoded:
         raise SurgeryError(f"{texts}: no text has two tokens or more (nothing to predict)")
     check_vocabulary(model, max(int(ids.max()) for _, ids in encoded), model_dir)
     weights = _Weights(model, ck, compute, dev)
-    notes: list[str] = []
+    notes = cut_note(cut, len(lines), length, why)
 
     def logits(adapter: Adapter | None):
         try:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from surgery_cli.main import main
 
@@ -119,3 +120,96 @@ def test_bad_inputs_one_line(texts, tmp_path):
         r = run("compare", *args, "--device", "cpu")
         assert r.exit_code == 1 and r.output.startswith("error:") and msg in r.output, r.output
         assert r.output.count("\n") == 1, r.output
+
+
+ARCHITECTURES = {  # tiny configs with a 24-row position table (RoBERTa/XLM-R: 26 past the padding index)
+    "GPT2LMHeadModel": ("GPT2Config", dict(n_positions=24, n_embd=32, n_layer=1, n_head=2)),
+    "BertModel": ("BertConfig", dict(max_position_embeddings=24)),
+    "RobertaModel": ("RobertaConfig", dict(max_position_embeddings=26, pad_token_id=1)),
+    "OPTForCausalLM": ("OPTConfig", dict(max_position_embeddings=24, ffn_dim=64, word_embed_proj_dim=32)),
+    "BioGptForCausalLM": ("BioGptConfig", dict(max_position_embeddings=24)),
+    "CLIPTextModel": ("CLIPTextConfig", dict(max_position_embeddings=24)),
+    "LlamaForCausalLM": ("LlamaConfig", dict(max_position_embeddings=24)),  # rotary: no limit
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_position_limit_is_where_the_model_fails(arch):
+    """position_limit against the model itself: a text of `limit` tokens runs, one more is an error inside it."""
+    from surgery.capture import position_limit
+
+    config_name, extra = ARCHITECTURES[arch]
+    small = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config = getattr(transformers, config_name)(**(small | extra))
+    model = getattr(transformers, arch)(config).eval()
+
+    def runs(n):
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.full((1, n), 5))
+            return True
+        except (IndexError, RuntimeError, ValueError):
+            return False
+
+    limit = position_limit(model)
+    if arch == "LlamaForCausalLM":
+        assert limit is None and runs(60)
+    else:
+        assert limit == 24 and runs(24) and not runs(25)
+
+
+def test_texts_past_a_learned_position_table_are_cut_with_a_note(tmp_path):
+    """A GPT-2 with 32 positions and texts of ~70 tokens: compare and capture were an IndexError inside the model;
+    each text is now cut to 32 tokens (as compare --max-tokens 32 cuts it), with a note saying how many were."""
+    import shutil
+
+    model_dir = tmp_path / "gpt2"
+    vocab = json.loads((MODEL / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=64, n_layer=2,
+                                                         n_head=4)).save_pretrained(model_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(MODEL / f, model_dir / f)
+    adapter = write_peft(tmp_path / "lora", {"transformer.h.0.attn.c_attn": lora_pair(192, 64, 4)}, r=4, alpha=4,
+                         config={"fan_in_fan_out": True})
+    lines = [line for line in (FIXTURES / "sentences.txt").read_text().splitlines() if line.strip()][:4]
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(lines + ["short"]) + "\n")
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    lengths = [len(tok(line)["input_ids"]) for line in lines + ["short"]]
+    assert sum(n > 32 for n in lengths) == 4 and lengths[-1] < 32
+    r = run("compare", model_dir, adapter, "--texts", texts, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [t["tokens"] for t in doc["texts"]] == [min(n, 32) - 1 for n in lengths]
+    assert doc["notes"] == ["4 of 5 texts were cut to their first 32 tokens (the model's 32 positions)"]
+    assert "note: 4 of 5 texts were cut" in r.stderr
+    cut = run("compare", model_dir, adapter, "--texts", texts, "--device", "cpu", "--json", "--max-tokens", 32)
+    assert {k: v for k, v in json.loads(cut.stdout).items() if k != "notes"} == {
+        k: v for k, v in doc.items() if k != "notes"}
+    r = run("capture", model_dir, "--texts", texts, "--keep-special", "-o", tmp_path / "h.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    meta = json.loads(r.stdout)
+    assert meta["tokens_available"] == sum(min(n, 32) for n in lengths) and meta["max_length"] == 32
+    assert meta["notes"] == ["4 of 5 texts were cut to their first 32 tokens (the model's 32 positions)"]
+    # below the model's limit --max-length cuts, and says so; GPT-2's linear layers are Conv1D (weight (in, out)),
+    # whose inputs --module-inputs now captures (it found "no nn.Linear module"): as hooks on the model see them
+    r = run("capture", model_dir, "--texts", texts, "--max-length", 8, "--module-inputs", "-o",
+            tmp_path / "x.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    meta = json.loads(r.stdout)
+    assert meta["tokens_available"] == sum(min(n, 8) for n in lengths) == meta["tokens"]
+    assert meta["notes"] == ["4 of 5 texts were cut to their first 8 tokens (--max-length)"]
+    model = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    seen = {}
+    for name, mod in model.named_modules():
+        if type(mod).__name__ == "Conv1D":
+            mod.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0][0]))
+    with torch.no_grad():
+        for line in lines + ["short"]:
+            model(input_ids=tok(line, return_tensors="pt")["input_ids"][:, :8])
+    captured = load_file(tmp_path / "x.safetensors")
+    assert sorted(meta["modules"]) == sorted(seen) and len(seen) == 8
+    for name, xs in seen.items():
+        key = f"input.{name}" if f"input.{name}" in captured else f"input.{meta['shared'][name]}"
+        torch.testing.assert_close(captured[key], torch.cat(xs), rtol=1e-5, atol=1e-5)
