@@ -236,6 +236,11 @@ def nn_distances(X: torch.Tensor, device: str | torch.device = "cpu", candidates
     mean = X.sum(0, dtype=torch.float64) / N
     if not torch.isfinite(mean).all() and not torch.isfinite(X).all():  # the sums first: 7× cheaper
         raise SurgeryError("contains NaN or Inf")
+    top = float(X.abs().amax())
+    if top > 2.0 ** 40 or 0 < top < 2.0 ** -40:  # the float32 squares would overflow (or underflow): the search
+        e = math.frexp(top)[1]  # runs on X · 2⁻ᵉ, exactly scaled, and the distances are scaled back exactly
+        r1, r2 = nn_distances(torch.ldexp(X, torch.tensor(-e)), device, candidates, block, project)
+        return r1 * 2.0 ** e, r2 * 2.0 ** e
     mean = mean.to(dev)
     P = _dominant_subspace(X, mean, project) if project and D >= 4 * project and N > 8 * project else None
     M = torch.empty(N, D + 2, dtype=torch.float32, device=dev)  # [X − mean, −‖x − mean‖²/2, 1]

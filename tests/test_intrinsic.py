@@ -1,5 +1,6 @@
 """TwoNN against scikit-dimension 0.5 and DADApy; GeLoRA ranks; capture on the real all-MiniLM-L6-v2."""
 import json
+import math
 import warnings
 
 import numpy as np
@@ -117,6 +118,23 @@ def test_projected_search_is_exact(kind, monkeypatch):
     D = torch.from_numpy(cdist(X, X)).fill_diagonal_(float("inf")).sort(dim=1).values  # float64 differences
     assert torch.allclose(pruned[0], D[:, 0], rtol=1e-12, atol=0) and torch.allclose(pruned[1], D[:, 1], rtol=1e-12)
     assert (pruned[0][:30] == 0).all()
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 70, 2.0 ** -70, 1e30])
+def test_search_outside_float32_squares(scale):
+    """Data whose float32 squared norms overflow (or underflow) gave NaN distances and a NaN dimension, printed as
+    a result: the search runs on exactly rescaled rows; the distances are the float64 cdist's of the data as given,
+    and the estimate is that of the unscaled data (bit for bit at a power-of-two scale: TwoNN is scale-free)."""
+    X = torch.from_numpy(dataset("subspace", n=400) * 3).float()
+    Y = (X.double() * scale).float()
+    D = torch.from_numpy(cdist(Y.double().numpy(), Y.double().numpy())).fill_diagonal_(float("inf"))
+    D = D.sort(dim=1).values
+    r1, r2 = nn_distances(Y)
+    assert torch.allclose(r1, D[:, 0], rtol=1e-12, atol=0) and torch.allclose(r2, D[:, 1], rtol=1e-12, atol=0)
+    plain, scaled = two_nn(X, bootstrap=3), two_nn(Y, bootstrap=3)
+    if math.frexp(scale)[0] == 0.5:
+        assert scaled == plain
+    assert scaled.dimension == pytest.approx(plain.dimension, rel=1e-5) and math.isfinite(scaled.dimension)
 
 
 def test_refusals():
