@@ -410,3 +410,27 @@ def test_an_interrupt_between_the_renames_keeps_the_previous_output(tmp_path, mo
             (new / "b.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["a.txt"]
     assert (out / "a.txt").read_text() == "previous" and len(calls) == 3
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="RLIMIT_FSIZE, SIGXFSZ")
+def test_an_output_cut_short_is_one_line_and_nothing_is_left(tmp_path):
+    """A write the OS cuts short (a full disk; here RLIMIT_FSIZE, as `ulimit -f` sets it): the safetensors writers
+    say the OS's reason; the GGUF writer (numpy's tofile) raised an OSError without one, printed as "(4096
+    requested and 784 written)" — it now says it is a short write. Nothing is left in either case."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed at the limit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    for args, msg in [(["convert", PEFT_FIXTURE, "--to", "gguf", "--base", FIXTURES / "tiny-llama", "-o",
+                        tmp_path / "a.gguf"], "a.gguf: cannot write the output (a short write, the disk full? "),
+                      (["squeeze", PEFT_FIXTURE, "--rank", "8", "-o", tmp_path / "s"],
+                       "s: cannot write the output (File too large)")]:
+        r = subprocess.run([sys.executable, "-m", "surgery", *map(str, args)], preexec_fn=limited,
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.startswith("error:") and msg in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []

@@ -130,6 +130,30 @@ def test_unmerge_restores_base(sharded, tmp_path):
         assert (err <= eps * (base[k].float().abs() + merged[k].float().abs()) + 1e-30).all(), k
 
 
+@pytest.mark.parametrize("kernel", ["EXDEV", "absent"])
+def test_untouched_tensors_copy_where_the_kernel_cannot(sharded, tmp_path, monkeypatch, kernel):
+    """An output on another filesystem than the base (copy_file_range: EXDEV on Linux ≥ 5.19) failed the whole
+    merge, "Invalid cross-device link", and macOS has no copy_file_range at all: the untouched tensors are then
+    copied through a buffer (made small here, so each takes several reads); the output is the same bytes."""
+    import errno
+    import os
+
+    from surgery.io import checkpoint
+
+    d, _ = sharded
+    lora = load_adapter(d / "lora")
+    merge(d / "base", [lora], tmp_path / "ref", device="cpu", shard_size="40KB")
+    if kernel == "EXDEV":
+        def refuse(*args):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    else:
+        monkeypatch.delattr(os, "copy_file_range")
+    monkeypatch.setattr(checkpoint, "COPY_CHUNK", 1000, raising=False)
+    report = merge(d / "base", [lora], tmp_path / "out", device="cpu", shard_size="40KB")
+    assert report.tensors_copied > 0 and tree_digest(tmp_path / "out") == tree_digest(tmp_path / "ref")
+
+
 def test_resharding_and_dtype(sharded, tmp_path):
     d, dtype = sharded
     report = merge(d / "base", [load_adapter(d / "lora")], tmp_path / "o", device="cpu", shard_size="40KB",

@@ -8,6 +8,7 @@ tensor, and copies untouched tensors as raw bytes (bit-identical, no conversion)
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -22,7 +23,7 @@ import torch
 
 from ..errors import SurgeryError
 from . import hub, jsonfile, quant
-from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, check_regular, pickle_error, read_header
+from .safetensors_file import DTYPES, PICKLE_SUFFIXES, Entry, check_regular, pickle_error, read_header, write_all
 
 STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' weight file stems
 INDEX = "model.safetensors.index.json"
@@ -317,14 +318,33 @@ def read_stored(spec: TensorSpec, buffer: torch.Tensor | None = None) -> tuple[t
     return values, scale
 
 
+# copy_file_range refuses these where the kernel cannot copy between the two files: another filesystem (EXDEV,
+# Linux ≥ 5.19 — an output on another disk than the base), a filesystem or kernel without it
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+COPY_CHUNK = 1 << 24
+
+
 def copy_entry(spec: TensorSpec) -> Entry:
-    """An untouched tensor: its bytes copied from the input file as they are."""
+    """An untouched tensor: its bytes copied from the input file as they are — in the kernel (copy_file_range)
+    where it can, else through a 16 MiB buffer (another filesystem, macOS)."""
 
     def write(f):
+        kernel = hasattr(os, "copy_file_range")
         with open(spec.path, "rb") as src:
             offset, left = spec.begin, spec.nbytes
-            while left:  # in the kernel: no copy through Python
-                n = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
+            while left:
+                if kernel:
+                    try:
+                        n = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
+                    except OSError as e:
+                        if e.errno not in _NO_KERNEL_COPY:
+                            raise
+                        kernel = False
+                        continue
+                else:
+                    chunk = os.pread(src.fileno(), min(left, COPY_CHUNK), offset)
+                    write_all(f, chunk)
+                    n = len(chunk)
                 if n <= 0:
                     raise SurgeryError(f"{spec.path}: could not read {spec.name} (file changed while copying?)")
                 offset += n

@@ -268,7 +268,9 @@ def atomic_output(out: Path, is_dir: bool, replace: bool = False) -> Iterator[Pa
     except OSError as e:
         if e.filename is not None and not _within(e.filename, out):
             raise  # not the output's failure (e.g. reading an input inside the block)
-        raise SurgeryError(f"{out}: cannot write the output ({e.strerror or e})") from None
+        short = e.errno is None and "requested and" in str(e)  # numpy's tofile (the GGUF writer) cut short
+        why = f"a short write, the disk full? {e}" if short else e.strerror or e
+        raise SurgeryError(f"{out}: cannot write the output ({why})") from None
 
 
 def _within(path, out: Path) -> bool:
