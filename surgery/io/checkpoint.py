@@ -326,7 +326,7 @@ COPY_CHUNK = 1 << 24
 
 def copy_entry(spec: TensorSpec) -> Entry:
     """An untouched tensor: its bytes copied from the input file as they are — in the kernel (copy_file_range)
-    where it can, else through a 16 MiB buffer (another filesystem, macOS)."""
+    where it can, else through a 16 MiB buffer (another filesystem, macOS, Windows)."""
 
     def write(f):
         kernel = hasattr(os, "copy_file_range")
@@ -342,7 +342,8 @@ def copy_entry(spec: TensorSpec) -> Entry:
                         kernel = False
                         continue
                 else:
-                    chunk = os.pread(src.fileno(), min(left, COPY_CHUNK), offset)
+                    src.seek(offset)  # (not os.pread: Windows has none)
+                    chunk = src.read(min(left, COPY_CHUNK))
                     write_all(f, chunk)
                     n = len(chunk)
                 if n <= 0:
