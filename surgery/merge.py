@@ -519,13 +519,20 @@ class MergeReport:
 
 
 def _parse_size(text: str | int | None) -> int | None:
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", text.upper())  # upper(): GiB → GIB
-    if not m:
+    """'5GB' → 5·10⁹ bytes, '2GiB' → 2·2³⁰ (an int as it is); at least one byte (0 wrote a shard per tensor)."""
+    if text is None:
+        return None
+    m = None if isinstance(text, int) else re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*",
+                                                         str(text).upper())  # upper(): GiB → GIB
+    if m:
+        size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** "_KMGT".index(m.group(2) or "_"))
+    elif isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
         raise SurgeryError(f"shard size {text!r}: expected e.g. 5GB, 500MB, 2GiB")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2) or "_"))
+    if size < 1:
+        raise SurgeryError(f"shard size {text!r}: must be at least one byte (e.g. 5GB)")
+    return size
 
 
 def _shards(ck: Checkpoint, sizes: Mapping[str, int], shard_size: int | None,

@@ -273,6 +273,8 @@ CASES = {
                               "the dare-linear result overflows float32 (density 1e-300)"),
     "merge-weight-nan": (lambda p: ["merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--weight", "nan", "-o",
                                     p / "out"], "--weight values must be finite numbers within float32's range"),
+    "merge-shard-size-0": (lambda p: ["merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--shard-size", "0", "-o",
+                                      p / "out"], "shard size '0': must be at least one byte"),  # a shard per tensor
     # a weight past float32, or a weight × scale past it, was a traceback in the GEMM forming ΔW
     "merge-weight-1e39": (lambda p: ["merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "--weight", "1e39", "-o",
                                      p / "out"], "(|w| ≤ 3.4e+38), got [1e+39]"),
