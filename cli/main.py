@@ -878,7 +878,7 @@ def rerank_cmd(adapter, hidden, ids_file, out, formula, min_rank, budget, expand
     if adapter:
         small, rep = rerank(load(adapter), ids, formula=formula, min_rank=min_rank,
                             budget=parse_count(budget) if budget else None, expand_ranks=expand, device=device,
-                            seed=seed)
+                            seed=seed, block_prefix=block_prefix)
         path = save_adapter(small, out, force=force, inputs=inputs + ([config_out] if config_out else []))
         doc.update(rep.squeeze.to_dict(), clipped={n: list(v) for n, v in rep.clipped.items()},
                    expanded=rep.expanded, padded=dict(rep.padded), output=str(path))

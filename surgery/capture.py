@@ -44,12 +44,30 @@ def read_texts(path) -> list[str]:
 
 
 def _block_prefix(model) -> str | None:
-    """Path of the ModuleList holding the transformer blocks (e.g. `encoder.layer`, `model.layers`)."""
+    """Path of the ModuleList holding the transformer blocks (e.g. `encoder.layer`, `model.layers`) that capture
+    runs: an encoder-decoder's encoder's (`encoder.block`)."""
+    run, at = _run_part(model)
     best = None
-    for name, mod in model.named_modules():
+    for name, mod in run.named_modules():
         if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > best[1]):
             best = (name, len(mod))
-    return best[0] if best else None
+    return f"{at}{best[0]}" if best else None
+
+
+def _run_part(model) -> tuple[torch.nn.Module, str]:
+    """What capture runs on the texts, and its path in the model (with a trailing dot): the model, or an
+    encoder-decoder's (T5, BART) encoder alone — its decoder would need target texts (T5 refused to run
+    without them; BART fed it the input shifted)."""
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return model, ""
+    encoder = model.get_encoder()
+    return encoder, next(name for name, mod in model.named_modules() if mod is encoder) + "."
+
+
+def _runs_note(model) -> list[str]:
+    part = _run_part(model)[1]
+    return [f"{type(model).__name__} is an encoder-decoder model: its encoder ({part[:-1]}) is run on the texts, "
+            "the decoder is not"] if part else []
 
 
 def _model_class(model_dir):
@@ -167,7 +185,8 @@ def _token_plan(tok, lines, *, model, where, batch_size, max_length, keep_specia
         sel[keep] = chosen[at:at + m]
         at += m
         plan.append((enc, sel))
-    return plan, n, int(chosen.sum()), {"max_length": max_length, "notes": cut_note(cut, len(lines), max_length, why)}
+    return plan, n, int(chosen.sum()), {"max_length": max_length,
+                                        "notes": _runs_note(model) + cut_note(cut, len(lines), max_length, why)}
 
 
 def _metadata(model, model_dir, texts, lines, n, k, seed, keep_special, pad) -> dict:
@@ -188,10 +207,11 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
     plan, n, k, extra = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size,
                                     max_length=max_length, keep_special=keep_special, max_tokens=max_tokens, seed=seed)
     dev = next(model.parameters()).device
+    run = _run_part(model)[0]
     per_layer: list[list[torch.Tensor]] = []
     with torch.no_grad():
         for enc, sel in plan:
-            out = model(**{key: v.to(dev) for key, v in enc.items()}, output_hidden_states=True)
+            out = run(**{key: v.to(dev) for key, v in enc.items()}, output_hidden_states=True)
             for j, h in enumerate(out.hidden_states):
                 if len(per_layer) <= j:
                     per_layer.append([])
@@ -225,6 +245,15 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
              and (pattern.search(name) if pattern else prefix and name.startswith(prefix + "."))]
     if not names:
         raise SurgeryError(f"{model_dir}: no linear module matches {targets or 'the transformer blocks'!r}")
+    run, at = _run_part(model)
+    left = [name for name in names if not name.startswith(at)]  # an encoder-decoder's decoder modules
+    if left:
+        names = [name for name in names if name.startswith(at)]
+        if not names:
+            raise SurgeryError(f"{model_dir}: the module(s) matching {targets!r} ({', '.join(left[:3])}…) would get "
+                               f"no input: {_runs_note(model)[0]}")
+        extra["notes"].append(f"{len(left)} module(s) matching {targets!r} outside it are not captured "
+                              f"({', '.join(left[:3])}…)")
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     state = {}
 
@@ -245,10 +274,12 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
         with torch.no_grad():
             for enc, sel in plan:
                 state["sel"], state["fed"] = sel.to(dev), {}
-                model(**{key: v.to(dev) for key, v in enc.items()})
+                run(**{key: v.to(dev) for key, v in enc.items()})
     finally:
         for h in handles:
             h.remove()
+    if idle := [name for name in names if not rows[name]]:
+        raise SurgeryError(f"{model_dir}: module(s) {', '.join(idle[:3])} got no input (the model never called them)")
     inputs = {}
     for name, chunks in rows.items():
         twin = next((o for o in inputs if all(a is b for a, b in zip(rows[o], chunks))), None)

@@ -395,18 +395,24 @@ def block_of(name: str) -> int | None:
     return int(m[-1]) if m else None
 
 
-def module_ranks(names: Sequence[str], block_ranks: Sequence[int]) -> dict[str, int]:
-    """Every module gets the rank of its block; a module with no block, or a block beyond the IDs, is an error."""
+def module_ranks(names: Sequence[str], block_ranks: Sequence[int], block_prefix: str | None = None
+                 ) -> dict[str, int]:
+    """Every module gets the rank of its block; a module with no block, or a block beyond the IDs, is an error.
+    With the captured blocks' path (`block_prefix`, e.g. `encoder.block`), a module must be in those blocks: a
+    T5 decoder's `decoder.block.3` (or a vision tower's `layers.3`) is not block 3 of what was measured."""
+    where = re.compile(rf"(?:^|\.){re.escape(block_prefix)}\.(\d+)(?:\.|$)") if block_prefix else None
     out, unknown = {}, []
     for n in names:
-        b = block_of(n)
+        m = where.search(n) if where else None
+        b = int(m.group(1)) if m else None if where else block_of(n)
         if b is None or b >= len(block_ranks):
             unknown.append(n)
         else:
             out[n] = block_ranks[b]
     if unknown:
-        raise SurgeryError(f"cannot place module(s) in the {len(block_ranks)} blocks of the hidden-state file: "
-                           f"{', '.join(unknown[:5])}")
+        blocks = f" ({block_prefix}.N)" if block_prefix else ""
+        raise SurgeryError(f"cannot place module(s) in the {len(block_ranks)} blocks{blocks} of the hidden-state "
+                           f"file: {', '.join(unknown[:5])}")
     return out
 
 
@@ -468,15 +474,16 @@ def expand(m, k: int, generator: torch.Generator):
 
 
 def rerank(adapter, ids: Sequence[float], *, formula: str = "diff", min_rank: int = 1, budget: int | None = None,
-           expand_ranks: bool = False, device="auto", seed: int = 0):
+           expand_ranks: bool = False, device="auto", seed: int = 0, block_prefix: str | None = None):
     """Squeeze every LoRA module to its block's GeLoRA rank (exact SVD). Ranks above a module's current rank
-    are reported, and the module kept at its rank — or, with `expand_ranks`, padded up to it (`expand`)."""
+    are reported, and the module kept at its rank — or, with `expand_ranks`, padded up to it (`expand`).
+    `block_prefix`: the captured blocks' path (the capture's metadata), where every module must be."""
     from .device import seeded
     from .rank import PerModule
     from .squeeze import squeeze
 
     block_ranks = gelora_ranks(ids, formula, min_rank)
-    requested = module_ranks(list(adapter.modules), block_ranks)
+    requested = module_ranks(list(adapter.modules), block_ranks, block_prefix)
     if budget is not None:
         cost = {n: m.in_features + m.out_features for n, m in adapter.modules.items()}
         requested = fit_budget(requested, cost, budget, min_rank)

@@ -324,3 +324,65 @@ def test_id_reads_narrow_hidden_states_widened(tmp_path):
     save_file({"hidden.0": torch.zeros(300, 0)}, str(tmp_path / "none.safetensors"))
     r = run("id", tmp_path / "none.safetensors")
     assert r.exit_code == 1 and "hidden.0 is not a finite (tokens, hidden) matrix" in r.output
+
+
+def test_encoder_decoder_capture_runs_the_encoder_and_rerank_keeps_to_its_blocks(tmp_path):
+    """T5: capture was a traceback ("exactly one of input_ids or inputs_embeds": the decoder has no input); BART
+    fed its decoder the input shifted. The encoder alone is run — hidden states equal its own, the blocks'
+    path is `encoder.block` — and decoder modules are never given the encoder's inputs or ranks: rerank placed
+    `decoder.block.1` by its index alone, in the blocks measured on the encoder."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from .conftest import lora_pair, write_peft
+
+    transformers = pytest.importorskip("transformers")
+    tiny = FIXTURES / "tiny-llama"
+    vocab = json.loads((tiny / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)).eval()
+    model.save_pretrained(tmp_path / "t5")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / f, tmp_path / "t5" / f)
+    lines = [line for line in (FIXTURES / "sentences.txt").read_text().splitlines() if line.strip()][:3]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    note = "T5ForConditionalGeneration is an encoder-decoder model: its encoder (encoder) is run on the texts"
+    r = run("capture", tmp_path / "t5", "--texts", tmp_path / "t.txt", "--keep-special", "-o",
+            tmp_path / "h.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    meta = json.loads(r.stdout)
+    assert meta["block_prefix"] == "encoder.block" and meta["layers"] == 3 and note in meta["notes"][0]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "t5")
+    want: list[list[torch.Tensor]] = [[], [], []]
+    with torch.no_grad():
+        for line in lines:
+            states = model.encoder(input_ids=tok(line, return_tensors="pt")["input_ids"], output_hidden_states=True)
+            for j in range(3):
+                want[j].append(states.hidden_states[j][0])
+    got = load_file(tmp_path / "h.safetensors")
+    for j in range(3):
+        torch.testing.assert_close(got[f"hidden.{j}"], torch.cat(want[j]), rtol=1e-5, atol=1e-5)
+    # module inputs: the encoder's matches, the decoder's left out and named; only decoder ones: one line
+    r = run("capture", tmp_path / "t5", "--texts", tmp_path / "t.txt", "--module-inputs", "--targets",
+            r"SelfAttention\.q", "-o", tmp_path / "x.safetensors", "--json")
+    meta = json.loads(r.stdout)
+    assert meta["modules"] == ["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.0.SelfAttention.q"]
+    assert meta["notes"][1].startswith("2 module(s) matching") and "(decoder.block.0.layer.0.SelfAttention.q, " \
+        "decoder.block.1.layer.0.SelfAttention.q…)" in meta["notes"][1]
+    r = run("capture", tmp_path / "t5", "--texts", tmp_path / "t.txt", "--module-inputs", "--targets", "decoder",
+            "-o", tmp_path / "y.safetensors")
+    assert r.exit_code == 1 and "would get no input: " + note in r.output and r.output.count("\n") == 1
+    # rerank: modules of the captured blocks get their ranks; a decoder module is refused, not given block 1's
+    (tmp_path / "ids.json").write_text(json.dumps({"ids": [2.0, 5.0, 6.0], "block_prefix": "encoder.block"}))
+    enc = {f"encoder.block.{i}.layer.0.SelfAttention.q": lora_pair(32, 32, 8, seed=i) for i in range(2)}
+    write_peft(tmp_path / "enc", enc, r=8, alpha=8)
+    r = run("rerank", tmp_path / "enc", "--ids", tmp_path / "ids.json", "-o", tmp_path / "enc-r")
+    assert r.exit_code == 0, r.output
+    assert [m.rank for _, m in sorted(load_adapter(tmp_path / "enc-r").modules.items())] == [3, 1]
+    write_peft(tmp_path / "both", enc | {"decoder.block.1.layer.0.SelfAttention.q": lora_pair(32, 32, 8)},
+               r=8, alpha=8)
+    r = run("rerank", tmp_path / "both", "--ids", tmp_path / "ids.json", "-o", tmp_path / "both-r")
+    assert r.exit_code == 1 and "blocks (encoder.block.N) of the hidden-state file: base_model.model.decoder" \
+        ".block.1.layer.0.SelfAttention.q" in r.output and not (tmp_path / "both-r").exists()
