@@ -434,3 +434,18 @@ def test_an_output_cut_short_is_one_line_and_nothing_is_left(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 1 and r.stderr.startswith("error:") and msg in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_an_input_by_another_name_is_still_an_input(tmp_path):
+    """The same file or folder reached by another name — a hard link here; a bind mount, or `My-Lora` for
+    `my-lora` on a case-insensitive filesystem (macOS, Windows), the same way — compared unequal as a path, and a
+    squeeze with --force renamed its result over the input (seen through a bind mount: the input folder was
+    replaced). Compared by inode too now."""
+    src = tmp_path / "k.safetensors"
+    shutil.copy(KOHYA_FIXTURE, src)
+    os.link(src, tmp_path / "same.safetensors")
+    before = tree_digest(tmp_path)
+    r = run("squeeze", src, "--rank", 4, "-o", tmp_path / "same.safetensors", "--force")
+    assert r.exit_code == 1 and "same.safetensors: is an input of this command or part of one" in r.output
+    assert tree_digest(tmp_path) == before
+    assert run("squeeze", src, "--rank", 4, "-o", tmp_path / "other.safetensors").exit_code == 0

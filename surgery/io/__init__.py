@@ -221,6 +221,20 @@ def _resolved(path: Path) -> Path:
         raise SurgeryError(f"{path}: is a symlink loop (or cannot be resolved); give another path") from None
 
 
+def _same(a: Path, b: Path) -> bool:
+    """Whether two resolved paths are one file or folder: equal, or the same inode by another name — a bind mount,
+    a hard link, a case-insensitive filesystem's `My-Lora` for `my-lora` (macOS, Windows)."""
+    try:
+        return a == b or a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _under(path: Path, folder: Path) -> bool:
+    """Whether resolved `path` is `folder` or inside it, by name or by inode (`_same`)."""
+    return path.is_relative_to(folder) or any(_same(p, folder) for p in (path, *path.parents))
+
+
 def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path:
     """Refuse an output that is (or holds) one of `inputs`, or that would replace part of an input folder — a
     file in it, a pipeline's component folder — or add a PEFT file to one, whatever `force` says; and an existing
@@ -235,10 +249,10 @@ def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path
     replaces_file = out.is_symlink() or out.exists() and not out.is_dir()
     for i in inputs:
         i = _resolved(Path(i))
-        inside = i.is_dir() and o.is_relative_to(i)
+        inside = i.is_dir() and _under(o, i)
         part = inside and (o.name in (peft.WEIGHTS, peft.CONFIG) or replaces_file
                            or out.exists() and (i / "model_index.json").exists())  # a pipeline's component folder
-        if o == i or i.is_relative_to(o) or part:
+        if _same(o, i) or _under(i, o) or part:
             raise SurgeryError(f"{out}: is an input of this command or part of one ({i}); choose another output")
     if (out.exists() or out.is_symlink()) and not force:
         raise SurgeryError(f"{out}: exists; choose a new path or pass --force to replace it")
