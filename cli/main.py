@@ -638,13 +638,21 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
     from surgery.io.checkpoint import open_checkpoint
     from surgery.tera import fresh_adapter
 
+    from surgery.io.loaded import how_loaded
+
     ck = open_checkpoint(base)
     pattern = regex(targets, "--targets")
-    shapes = {f"base_model.model.{n[: -len('.weight')]}": tuple(s.shape) for n, s in ck.tensors.items()
+    stored = {n[: -len(".weight")]: tuple(s.shape) for n, s in ck.tensors.items()
               if n.endswith(".weight") and len(s.shape) == 2 and pattern.search(n)}
-    if not shapes:
+    if not stored:
         raise SurgeryError(f"{base}: no 2-D weight matches {targets!r}")
-    a = fresh_adapter(shapes, order=order, core_rank=core_rank, seed=seed, base=str(base))
+    conv1d = {n for n in stored if n in how_loaded(ck).transposed}  # GPT-2's Conv1D: stored (in, out)
+    if conv1d and len(conv1d) < len(stored):
+        raise SurgeryError(f"{base}: --targets {targets!r} matches Conv1D weights, stored (in, out) ({min(conv1d)}), "
+                           f"and others ({min(set(stored) - conv1d)}): an adapter states one fan_in_fan_out, as PEFT "
+                           "does; target one kind")
+    shapes = {f"base_model.model.{n}": shape[::-1] if conv1d else shape for n, shape in stored.items()}
+    a = fresh_adapter(shapes, order=order, core_rank=core_rank, seed=seed, base=str(base), fan_in_fan_out=bool(conv1d))
     path = save_adapter(a, out, force=force, inputs=(base,), save_factors=save_factors)
     if as_json:
         click.echo(json.dumps({"output": str(path), "modules": len(shapes), "trainable": a.num_params()}, indent=2))

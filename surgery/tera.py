@@ -322,6 +322,8 @@ def to_tera(adapter, *, order: int = 3, core_rank: int = 8, seed: int = 0, iters
             progress(name)
     config = {"order": order, "core_rank": core_rank, "name_style": "kohya" if adapter.format == "kohya" else "peft",
               "base_model_name_or_path": adapter.config.get("base_model_name_or_path")}
+    if adapter.config.get("fan_in_fan_out"):  # GPT-2's Conv1D bases store (in, out): merges transpose ΔW
+        config["fan_in_fan_out"] = True
     placement = {k: adapter.config[k] for k in PLACEMENT if adapter.config.get(k) is not None}
     if placement:  # where the LoRA sat in the model, for the way back (PEFT needs it to load a LoRA again)
         config["lora_placement"] = placement
@@ -369,7 +371,7 @@ def to_lora(adapter, rank: int | None = None, progress=None):
     config = {} if kohya else {
         "peft_type": "LORA", "r": r, "lora_alpha": r, "use_rslora": False, "lora_dropout": 0.0,
         "target_modules": sorted({n.split(".")[-1] for n in modules}), "rank_pattern": {}, "alpha_pattern": {},
-        "fan_in_fan_out": False, "bias": "none", "task_type": None, "inference_mode": True,
+        "fan_in_fan_out": bool(adapter.config.get("fan_in_fan_out")), "bias": "none", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
         **(adapter.config.get("lora_placement") or {})}
     return Adapter(modules=modules, format="kohya" if kohya else "peft", passthrough=adapter.passthrough,
@@ -381,14 +383,18 @@ def _describe(spec: TeraSpec) -> str:
     return f"{out}, R={'·'.join(map(str, spec.ranks))}"
 
 
-def fresh_adapter(shapes: dict, *, order: int = 3, core_rank: int = 8, seed: int = 0, base: str | None = None):
-    """A zero-update TeRA adapter ({module name: (out, in)}): λ_N = 0, every other λ = 1."""
+def fresh_adapter(shapes: dict, *, order: int = 3, core_rank: int = 8, seed: int = 0, base: str | None = None,
+                  fan_in_fan_out: bool = False):
+    """A zero-update TeRA adapter ({module name: (out, in)}): λ_N = 0, every other λ = 1. `fan_in_fan_out`: the
+    base stores these weights (in, out) (GPT-2's Conv1D), as PEFT's flag of that name says."""
 
     modules = {}
     for name, (o, i) in shapes.items():
         spec = TeraSpec.for_shape(o, i, order, core_rank, seed)
         modules[name] = TeraModule(init_lambdas(spec), spec, 1.0)
     config = {"order": order, "core_rank": core_rank, "name_style": "peft", "base_model_name_or_path": base}
+    if fan_in_fan_out:
+        config["fan_in_fan_out"] = True
     return Adapter(modules=modules, format="tera", config=config)
 
 

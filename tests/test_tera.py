@@ -221,3 +221,58 @@ def test_cli_convert_init_inspect(tmp_path):
     tera, small = load_adapter(tmp_path / "t.safetensors"), load_adapter(tmp_path / "s")
     for name, m in tera.modules.items():
         torch.testing.assert_close(small.modules[name].delta(), dense_truncation(m.delta(), 2), rtol=1e-4, atol=1e-6)
+
+
+def test_gpt2_conv1d_weights(tmp_path):
+    """GPT-2 stores its Conv1D weights (in, out). init-tera took the stored shape for (out, in), and LoRA ↔ TeRA
+    dropped fan_in_fan_out: a TeRA module of c_proj (square) merged its ΔW untransposed, silently. Now init-tera
+    reads (out, in) and states fan_in_fan_out as PEFT does, and both conversions keep it: our merge of the TeRA
+    file equals PeftModel's merge_and_unload of its exact LoRA, and of a fan_in_fan_out LoRA's TeRA fit."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from surgery.merge import merge
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    targets = r"attn\.c_(attn|proj)"
+    r = run("init-tera", tmp_path / "gpt2", "--targets", targets, "--core-rank", 4, "-o", tmp_path / "t0.safetensors")
+    assert r.exit_code == 0, r.output
+    fresh = load_adapter(tmp_path / "t0.safetensors")
+    assert fresh.config["fan_in_fan_out"] is True
+    assert fresh.modules["base_model.model.transformer.h.0.attn.c_attn"].shape == (96, 32)  # (out, in)
+    g = torch.Generator().manual_seed(1)
+    lams = {n: [torch.randn(k, generator=g) * 0.3 + 1 for k in m.spec.modes] for n, m in fresh.modules.items()}
+    trained = fresh.with_modules({n: TeraModule(lams[n], m.spec, m.scale) for n, m in fresh.modules.items()})
+    save_adapter(trained, tmp_path / "t.safetensors")
+    assert run("convert", tmp_path / "t.safetensors", "--to", "lora", "-o", tmp_path / "lora").exit_code == 0
+
+    def peft_merged(adapter_dir):
+        model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+        return peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().state_dict()
+
+    want = peft_merged(tmp_path / "lora")
+    merge(tmp_path / "gpt2", [load_adapter(tmp_path / "t.safetensors")], tmp_path / "m", device="cpu")
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    base = load_file(tmp_path / "gpt2" / "model.safetensors")
+    changed = [k for k in got if "attn.c_" in k and k.endswith(".weight")]
+
+    def check(got, want):  # ΔW's float32 rounding apart (a transposed ΔW is off by its own size)
+        assert len(changed) == 4
+        for k in changed:
+            delta = (got[k] - base[k]).norm()
+            assert delta > 0.1 and (got[k] - want[k]).norm() <= 1e-5 * delta, k
+
+    check(got, want)
+    # a fan_in_fan_out LoRA → TeRA keeps the flag: its merge equals PEFT's merge of the TeRA's own exact LoRA
+    r = run("convert", tmp_path / "lora", "--to", "tera", "--core-rank", 4, "-o", tmp_path / "fit.safetensors")
+    assert r.exit_code == 0, r.output
+    assert load_adapter(tmp_path / "fit.safetensors").config["fan_in_fan_out"] is True
+    assert run("convert", tmp_path / "fit.safetensors", "--to", "lora", "-o", tmp_path / "fit-lora").exit_code == 0
+    merge(tmp_path / "gpt2", [load_adapter(tmp_path / "fit.safetensors")], tmp_path / "m2", device="cpu")
+    check(load_file(tmp_path / "m2" / "model.safetensors"), peft_merged(tmp_path / "fit-lora"))
+    # one adapter states one fan_in_fan_out: Conv1D and Linear weights together are refused
+    r = run("init-tera", tmp_path / "gpt2", "--targets", "c_attn|wte", "-o", tmp_path / "x.safetensors")
+    assert r.exit_code == 1 and "matches Conv1D weights, stored (in, out)" in r.output
