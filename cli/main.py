@@ -636,9 +636,8 @@ def convert_cmd(adapter, to, out, rank, energy, budget, fmt, base, device, order
 def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, force, as_json):
     """A fresh zero-update TeRA adapter for the linear weights of a base checkpoint."""
     from surgery.io.checkpoint import open_checkpoint
-    from surgery.tera import fresh_adapter
-
     from surgery.io.loaded import how_loaded
+    from surgery.tera import fresh_adapter
 
     ck = open_checkpoint(base)
     pattern = regex(targets, "--targets")
@@ -652,7 +651,8 @@ def init_tera_cmd(base, targets, out, order, core_rank, seed, save_factors, forc
                            f"and others ({min(set(stored) - conv1d)}): an adapter states one fan_in_fan_out, as PEFT "
                            "does; target one kind")
     shapes = {f"base_model.model.{n}": shape[::-1] if conv1d else shape for n, shape in stored.items()}
-    a = fresh_adapter(shapes, order=order, core_rank=core_rank, seed=seed, base=str(base), fan_in_fan_out=bool(conv1d))
+    a = fresh_adapter(shapes, order=order, core_rank=core_rank, seed=seed, base=str(base),
+                      fan_in_fan_out=bool(conv1d))
     path = save_adapter(a, out, force=force, inputs=(base,), save_factors=save_factors)
     if as_json:
         click.echo(json.dumps({"output": str(path), "modules": len(shapes), "trainable": a.num_params()}, indent=2))

@@ -231,16 +231,16 @@ class ModuleInputs:
 def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, targets: str | None = None,
                    max_tokens: int = 4096, seed: int = 0, keep_special: bool = True, batch_size: int = 16,
                    max_length: int = 256, device: str = "auto") -> ModuleInputs:
-    """The inputs of the model's `nn.Linear` (and GPT-2 `Conv1D`) modules (those matching the regex `targets`, by default every one
-    inside the transformer blocks) at a seeded sample of token positions — the X of `surgery tune`. Special
-    tokens are kept by default: they are real inputs of every module."""
+    """The inputs of the model's `nn.Linear` (and GPT-2 `Conv1D`) modules — those matching the regex `targets`, by
+    default every one inside the transformer blocks — at a seeded sample of token positions: the X of `surgery
+    tune`. Special tokens are kept by default: they are real inputs of every module."""
     pattern = regex(targets, "--targets") if targets else None
     tok, model, lines, pad = _load(model_dir, texts, device, max_tokens, max_length)
     plan, n, k, extra = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size,
                                     max_length=max_length, keep_special=keep_special, max_tokens=max_tokens, seed=seed)
-    prefix = _block_prefix(model)
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, weight (in, out): inputs alike
 
+    prefix = _block_prefix(model)
     names = [name for name, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, Conv1D))
              and (pattern.search(name) if pattern else prefix and name.startswith(prefix + "."))]
     if not names:

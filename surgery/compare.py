@@ -170,9 +170,8 @@ def compare(model_dir: str | os.PathLike, a: Adapter, b: Adapter | None, texts: 
 
     dtype: the model's weights and activations (merged weights rounded once to it); log-probabilities in float64.
     max_tokens: each text's tokens are cut to this many (or to the model's position table; a note says how many
-    texts were cut). Memory: the model once (the adapters' tensors are merged
-    into it and read back from the checkpoint afterwards), plus side A's logits for every text (tokens ×
-    vocabulary, in the model's dtype).
+    texts were cut). Memory: the model once (the adapters' tensors are merged into it and read back from the
+    checkpoint afterwards), plus side A's logits for every text (tokens × vocabulary, in the model's dtype).
     """
     from .capture import check_vocabulary, cut_note, read_texts, text_length
     from .io.checkpoint import open_checkpoint

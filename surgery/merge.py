@@ -519,7 +519,8 @@ class MergeReport:
 
 
 def _parse_size(text: str | int | None) -> int | None:
-    """'5GB' → 5·10⁹ bytes, '2GiB' → 2·2³⁰ (an int as it is); at least one byte (0 wrote a shard per tensor)."""
+    """'5GB' → 5·10⁹ bytes, '2GiB' → 2·2³⁰ (an int as it is); at least one byte (0 wrote one shard per
+    tensor)."""
     if text is None:
         return None
     m = None if isinstance(text, int) else re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*",

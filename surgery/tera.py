@@ -371,7 +371,8 @@ def to_lora(adapter, rank: int | None = None, progress=None):
     config = {} if kohya else {
         "peft_type": "LORA", "r": r, "lora_alpha": r, "use_rslora": False, "lora_dropout": 0.0,
         "target_modules": sorted({n.split(".")[-1] for n in modules}), "rank_pattern": {}, "alpha_pattern": {},
-        "fan_in_fan_out": bool(adapter.config.get("fan_in_fan_out")), "bias": "none", "task_type": None, "inference_mode": True,
+        "fan_in_fan_out": bool(adapter.config.get("fan_in_fan_out")), "bias": "none", "task_type": None,
+        "inference_mode": True,
         "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
         **(adapter.config.get("lora_placement") or {})}
     return Adapter(modules=modules, format="kohya" if kohya else "peft", passthrough=adapter.passthrough,
