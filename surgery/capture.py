@@ -134,12 +134,16 @@ _POSITIONS = re.compile(r"(^|\.)(wpe|position_embeddings?|embed_positions)$")
 
 def position_limit(model) -> int | None:
     """The most tokens a text may have in `model`: the rows of a learned absolute position table (GPT-2's `wpe`,
-    BERT's `position_embeddings`; OPT/BART's past their offset of 2, RoBERTa's past its padding index) — a longer
-    text was an IndexError inside the model; None for rotary, ALiBi and relative positions."""
+    BERT's `position_embeddings`; OPT/BART's past their offset of 2, RoBERTa's past its padding index) beside the
+    token embedding (not a vision tower's) — a longer text was an IndexError inside the model; None for rotary,
+    ALiBi and relative positions."""
+    tokens = model.get_input_embeddings()
+    path = next((name for name, mod in model.named_modules() if mod is tokens), "")
+    scope = path.rpartition(".")[0]  # the token embedding's parent: GPT-2's `transformer`, BERT's `embeddings`
     limits = [mod.num_embeddings - getattr(mod, "offset", 0) - (mod.padding_idx + 1 if mod.padding_idx is not None
                                                                  else 0)
               for name, mod in model.named_modules()
-              if isinstance(mod, torch.nn.Embedding) and _POSITIONS.search(name)]
+              if isinstance(mod, torch.nn.Embedding) and _POSITIONS.search(name) and name.startswith(scope)]
     return min(limits, default=None)
 
 

@@ -158,6 +158,26 @@ def test_position_limit_is_where_the_model_fails(arch):
         assert limit == 24 and runs(24) and not runs(25)
 
 
+def test_position_limit_of_composite_models():
+    """A vision tower's position table (Llava's CLIP: 17 patches) does not limit the text; BART's two tables
+    (encoder and decoder, offset 2) do, as its forward shows."""
+    from surgery.capture import position_limit
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    llava = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**small, image_size=32, patch_size=8),
+        text_config=transformers.LlamaConfig(vocab_size=100, **small)))
+    assert position_limit(llava) is None
+    bart = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40)).eval()
+    assert position_limit(bart) == 40
+    with torch.no_grad():
+        bart(input_ids=torch.full((1, 40), 5))
+        with pytest.raises(IndexError):
+            bart(input_ids=torch.full((1, 41), 5))
+
+
 def test_texts_past_a_learned_position_table_are_cut_with_a_note(tmp_path):
     """A GPT-2 with 32 positions and texts of ~70 tokens: compare and capture were an IndexError inside the model;
     each text is now cut to 32 tokens (as compare --max-tokens 32 cuts it), with a note saying how many were."""
