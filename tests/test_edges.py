@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -449,3 +450,64 @@ def test_an_input_by_another_name_is_still_an_input(tmp_path):
     assert r.exit_code == 1 and "same.safetensors: is an input of this command or part of one" in r.output
     assert tree_digest(tmp_path) == before
     assert run("squeeze", src, "--rank", 4, "-o", tmp_path / "other.safetensors").exit_code == 0
+
+
+@pytest.fixture
+def mount_point(tmp_path):
+    """A tmpfs mounted at tmp_path/vol (root on Linux only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(vol)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield vol
+    subprocess.run(["umount", "-l", str(vol)], capture_output=True)
+
+
+def test_an_output_folder_that_is_a_mount_point(mount_point, tmp_path):
+    """`-o /out` where /out is a Docker volume or a disk's root: a merge failed "Device or resource busy" (the
+    folder swapped out by a rename) and a squeeze "Invalid cross-device link" (files renamed in from a sibling on
+    the parent's filesystem). The temporary folder now goes inside the mount point; a merge replaces its entries
+    (an old shard goes), a PEFT output adds its files; nothing temporary is left."""
+    base, vol = FIXTURES / "tiny-llama", mount_point
+    (vol / "model-00009-of-00009.safetensors").write_text("an old shard")
+    r = run("merge", base, PEFT_FIXTURE, "-o", vol, "--force")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in vol.iterdir()) == sorted(p.name for p in base.iterdir())
+    r = run("merge", base, PEFT_FIXTURE, "-o", tmp_path / "ref")
+    assert tree_digest(vol) == tree_digest(tmp_path / "ref")
+    r = run("squeeze", PEFT_FIXTURE, "--rank", 4, "-o", vol, "--force")
+    assert r.exit_code == 0, r.output
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= {p.name for p in vol.iterdir()}
+    assert not [p for p in [*vol.iterdir(), *tmp_path.iterdir()] if p.name.startswith(".")]
+
+
+def test_replacing_a_mount_points_entries_puts_them_back_on_failure(tmp_path, monkeypatch):
+    """The mount-point path (os.path.ismount made true for a plain folder): entries replaced, and an interrupt
+    while the new ones move in puts the previous ones back, with nothing new or temporary left."""
+    from surgery.io.safetensors_file import atomic_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("previous")
+    (out / "lost+found").mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out)
+    with atomic_output(out, is_dir=True, replace=True) as new:
+        assert new.parent == out
+        (new / "b.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", "lost+found"]
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if Path(dst).name == "c.txt":  # the second new entry
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(out, is_dir=True, replace=True) as new:
+            (new / "a.txt").write_text("newer")
+            (new / "c.txt").write_text("newer")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", "lost+found"] and (out / "b.txt").read_text() == "new"

@@ -273,6 +273,29 @@ def atomic_output(out: Path, is_dir: bool, replace: bool = False) -> Iterator[Pa
         raise SurgeryError(f"{out}: cannot write the output ({why})") from None
 
 
+def _replace_contents(out: Path, new: Path) -> None:
+    """A mount point's entries replaced by those of `new` (a folder inside it): the old ones set aside in it, the
+    new ones renamed in, the old ones deleted — or, on any failure (a signal too), put back. `lost+found` stays."""
+    old = Path(tempfile.mkdtemp(prefix=".surgery.", suffix=".old", dir=out))
+    aside, moved = [], []
+    try:
+        for e in sorted(out.iterdir()):
+            if e not in (new, old) and e.name != "lost+found":
+                os.replace(e, old / e.name)
+                aside.append(e.name)
+        for f in sorted(new.iterdir()):
+            os.replace(f, out / f.name)
+            moved.append(f.name)
+    except BaseException:
+        for name in moved:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        for name in aside:
+            os.replace(old / name, out / name)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _within(path, out: Path) -> bool:
     """Whether `path` is `out`, a folder above it, or inside its temporary sibling."""
     p, o = Path(path).resolve(), out.resolve()
@@ -288,7 +311,11 @@ def _atomic(out: Path, is_dir: bool, replace: bool) -> Iterator[Path]:
     if not above.is_dir():
         raise NotADirectoryError(20, f"{above} is a file, not a folder", str(above))
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    # a folder that is a mount point (a Docker volume, a disk's root) cannot be renamed, nor files renamed into it
+    # from the parent's filesystem: the temporary folder goes inside it
+    mount = is_dir and out.is_dir() and os.path.ismount(out)
+    tmp = Path(tempfile.mkdtemp(prefix=".surgery." if mount else f".{out.name}.", suffix=".tmp",
+                                dir=out if mount else parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output directory's mode
@@ -302,6 +329,8 @@ def _atomic(out: Path, is_dir: bool, replace: bool) -> Iterator[Path]:
                 raise SurgeryError(f"{out}: exists and is not a directory")
             for f in sorted(tmp.iterdir()):
                 os.replace(f, out / f.name)
+        elif mount:
+            _replace_contents(out, tmp)
         else:
             old = None
             try:
