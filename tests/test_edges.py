@@ -511,3 +511,30 @@ def test_replacing_a_mount_points_entries_puts_them_back_on_failure(tmp_path, mo
             (new / "a.txt").write_text("newer")
             (new / "c.txt").write_text("newer")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt", "lost+found"] and (out / "b.txt").read_text() == "new"
+
+
+def test_outputs_through_symbolic_links(tmp_path, request):
+    """`-o out` where out links to a folder (often on a bigger disk): a merge replaced the link by a folder of its
+    own (the model on the small disk, the link gone) and a squeeze failed "Invalid cross-device link" where the
+    target is on another filesystem. Outputs are written through the link, as `cp` does; the link stays."""
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True).returncode == 0:
+        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(mnt)], capture_output=True))
+    target = mnt / "disk"  # on another filesystem where mounting is allowed (root), else on this one
+    target.mkdir()
+    (tmp_path / "out").symlink_to(target)
+    r = run("squeeze", PEFT_FIXTURE, "--rank", 4, "-o", tmp_path / "out", "--force")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out").is_symlink() and (target / "adapter_model.safetensors").is_file()
+    r = run("merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "-o", tmp_path / "out", "--force")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out").is_symlink() and (target / "model.safetensors").is_file()
+    (target / "r4.safetensors").write_text("")
+    (tmp_path / "r4.safetensors").symlink_to(target / "r4.safetensors")
+    r = run("squeeze", KOHYA_FIXTURE, "--rank", 4, "-o", tmp_path / "r4.safetensors", "--force")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "r4.safetensors").is_symlink() and (target / "r4.safetensors").stat().st_size > 1000
+    assert not [p for p in [*tmp_path.iterdir(), *target.iterdir()] if p.name.startswith(".")]

@@ -94,6 +94,7 @@ def output_home(source: str | os.PathLike) -> Path:
 
 
 def in_cache(path: str | os.PathLike) -> bool:
-    """Whether `path` is inside the hub cache (or any hub cache snapshot)."""
-    p = Path(os.path.abspath(path))
-    return cached_repo(p) is not None or p.is_relative_to(Path(os.path.abspath(cache_dir())))
+    """Whether `path` — or where its links lead — is inside the hub cache (or any hub cache snapshot)."""
+    cache = Path(os.path.realpath(cache_dir()))
+    return any(cached_repo(p) is not None or p.is_relative_to(cache)
+               for p in {Path(os.path.abspath(path)), Path(os.path.realpath(path))})

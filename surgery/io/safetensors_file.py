@@ -260,13 +260,16 @@ def atomic_output(out: Path, is_dir: bool, replace: bool = False) -> Iterator[Pa
     A directory output that already exists keeps its other files (the new ones are renamed into it one by one),
     unless `replace`: then the whole directory is swapped for the new one. An OS failure while writing (no
     permission, full disk, a file where a folder must be) is a SurgeryError naming `out`, with nothing left.
+    A symbolic link is written through, as `cp` does: a folder linked to another disk gets the files (the
+    temporary beside them), the link stays.
     """
     out = Path(out)
+    real = Path(os.path.realpath(out)) if out.is_symlink() else out
     try:
-        with _atomic(out, is_dir, replace) as target:
+        with _atomic(real, is_dir, replace) as target:
             yield target
     except OSError as e:
-        if e.filename is not None and not _within(e.filename, out):
+        if e.filename is not None and not _within(e.filename, real):
             raise  # not the output's failure (e.g. reading an input inside the block)
         short = e.errno is None and "requested and" in str(e)  # numpy's tofile (the GGUF writer) cut short
         why = f"a short write, the disk full? {e}" if short else e.strerror or e
