@@ -538,3 +538,14 @@ def test_outputs_through_symbolic_links(tmp_path, request):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "r4.safetensors").is_symlink() and (target / "r4.safetensors").stat().st_size > 1000
     assert not [p for p in [*tmp_path.iterdir(), *target.iterdir()] if p.name.startswith(".")]
+
+
+def test_a_filesystem_without_modes(tmp_path, monkeypatch):
+    """A FAT volume refuses chmod (EPERM): setting the output folder's mode failed the whole write."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    r = run("squeeze", PEFT_FIXTURE, "--rank", 4, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -321,7 +321,8 @@ def _atomic(out: Path, is_dir: bool, replace: bool) -> Iterator[Path]:
                                 dir=out if mount else parent))
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output directory's mode
+    with contextlib.suppress(OSError):  # (a filesystem without modes, FAT, keeps its own)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output directory's mode
     try:
         target = tmp if is_dir else tmp / out.name
         yield target
