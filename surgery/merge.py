@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -31,9 +30,9 @@ from .io.experts import Param, Piece
 from .io.jsonfile import field, read_object
 from .io.loaded import on_disk
 from .io.peft import PREFIX
-from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_side_files, files_below, index_name,
-                            is_pipeline, open_pipeline, open_weight_sets, prefetch, read_stored, read_tensor,
-                            weights_name)
+from .io.checkpoint import (Checkpoint, Pipeline, TensorSpec, copy_entry, copy_file, copy_side_files, files_below,
+                            index_name, is_pipeline, open_pipeline, open_weight_sets, prefetch, read_stored,
+                            read_tensor, weights_name)
 from .io.names import (DENOISERS, Placement, base_targets, component_name, missing_error, place, resized_table,
                        TIED_EMBEDDING, VOCAB_TABLE, weight_key)
 from .io.safetensors_file import Entry, atomic_output, tensor_entry, write_shard
@@ -661,7 +660,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
                     continue
                 for f in files_below(p):
                     (tmp / f.relative_to(pipeline.root)).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(f, tmp / f.relative_to(pipeline.root))
+                    copy_file(f, tmp / f.relative_to(pipeline.root))
                 if p.name in pipeline.components:
                     counts["copied"] += len(pipeline.components[p.name].tensors)
     quantized = _quantized_report(ck, counts["dequantized"], opts, notes) if ck is not None and ck.quant else None
@@ -1051,7 +1050,7 @@ def _take_tokenizer(vocab: tuple, folder: Path) -> str:
     for f in TOKENIZER_FILES:
         (folder / f).unlink(missing_ok=True)
     for f in files:
-        shutil.copy2(src / f, folder / f)
+        copy_file(src / f, folder / f)
     return f"the tokenizer is {src}'s ({', '.join(files)}), which knows the resized vocabulary; the base's is left out"
 
 

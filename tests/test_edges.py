@@ -541,7 +541,8 @@ def test_outputs_through_symbolic_links(tmp_path, request):
 
 
 def test_a_filesystem_without_modes(tmp_path, monkeypatch):
-    """A FAT volume refuses chmod (EPERM): setting the output folder's mode failed the whole write."""
+    """A FAT volume refuses chmod (EPERM): setting the output folder's mode, or copying a side file's mode
+    (shutil.copy2 of config.json in a merge), failed the whole write; the modes are now left as they come."""
     def refuse(*args, **kwargs):
         raise PermissionError(1, "Operation not permitted")
 
@@ -549,3 +550,7 @@ def test_a_filesystem_without_modes(tmp_path, monkeypatch):
     r = run("squeeze", PEFT_FIXTURE, "--rank", 4, "-o", tmp_path / "out")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    # nor does a filesystem without posix_fadvise (the merge's read-ahead hint) fail a merge
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: refuse(), raising=False)
+    r = run("merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "-o", tmp_path / "m")
+    assert r.exit_code == 0, r.output

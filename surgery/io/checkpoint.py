@@ -8,6 +8,7 @@ tensor, and copies untouched tensors as raw bytes (bit-identical, no conversion)
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -292,7 +293,7 @@ def prefetch(specs) -> None:
             lo_hi[0], lo_hi[1] = min(lo_hi[0], part.begin), max(lo_hi[1], part.end)
     for path, (lo, hi) in spans.items():
         if hi > lo and hasattr(os, "posix_fadvise"):
-            with open(path, "rb") as f:
+            with open(path, "rb") as f, contextlib.suppress(OSError):  # a filesystem without it: no hint
                 os.posix_fadvise(f.fileno(), lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
 
@@ -387,6 +388,14 @@ def files_below(src: Path) -> list[Path]:
     return out
 
 
+def copy_file(src: Path, dst: Path) -> None:
+    """`src`'s bytes to `dst` (links followed), with its times and mode where the filesystem keeps them (FAT
+    refuses chmod, and a copy should not fail for it)."""
+    shutil.copyfile(src, dst)
+    with contextlib.suppress(OSError):
+        shutil.copystat(src, dst)
+
+
 def copy_side_files(src: Path, dst: Path, skip: set[str], skip_dirs: set[Path] = frozenset()) -> list[str]:
     """Copy the non-weight files of a model directory (config, tokenizer, …), sub-folders included but
     `skip_dirs` (relative paths); returns the weight files in other formats that were left out (they would hold
@@ -402,5 +411,5 @@ def copy_side_files(src: Path, dst: Path, skip: set[str], skip_dirs: set[Path] =
             left_out.append(str(rel))
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, dst / rel)
+        copy_file(p, dst / rel)
     return left_out
