@@ -137,7 +137,10 @@ def position_limit(model) -> int | None:
     BERT's `position_embeddings`; OPT/BART's past their offset of 2, RoBERTa's past its padding index) beside the
     token embedding (not a vision tower's) — a longer text was an IndexError inside the model; None for rotary,
     ALiBi and relative positions."""
-    tokens = model.get_input_embeddings()
+    try:
+        tokens = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # a model without one: every table counts
+        tokens = None
     path = next((name for name, mod in model.named_modules() if mod is tokens), "")
     scope = path.rpartition(".")[0]  # the token embedding's parent: GPT-2's `transformer`, BERT's `embeddings`
     limits = [mod.num_embeddings - getattr(mod, "offset", 0) - (mod.padding_idx + 1 if mod.padding_idx is not None
