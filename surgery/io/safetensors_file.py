@@ -291,7 +291,10 @@ def _replace_contents(out: Path, new: Path) -> None:
             moved.append(f.name)
     except BaseException:
         for name in moved:
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
         for name in aside:
             os.replace(old / name, out / name)
         raise
