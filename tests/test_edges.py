@@ -388,6 +388,20 @@ def test_the_python_api_names_a_path_given_for_an_adapter(tmp_path):
     assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "listed")
 
 
+def _interrupt_rename(monkeypatch, when) -> list:
+    """os.replace raising KeyboardInterrupt at the call `when(dst, n)` picks (n counts from 1); the calls' dst."""
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if when(dst, len(calls)):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    return calls
+
+
 def test_an_interrupt_between_the_renames_keeps_the_previous_output(tmp_path, monkeypatch):
     """Replacing a folder output is two renames (the old one aside, the new one in). A Ctrl-C or SIGTERM between
     them removed the new result and left the previous one hidden in `.out.*.old` (then deleted it): the previous
@@ -397,15 +411,7 @@ def test_an_interrupt_between_the_renames_keeps_the_previous_output(tmp_path, mo
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.txt").write_text("previous")
-    real, calls = os.replace, []
-
-    def interrupted(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:  # the new result's rename into place
-            raise KeyboardInterrupt
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", interrupted)
+    calls = _interrupt_rename(monkeypatch, lambda dst, n: n == 2)  # the new result's rename into place
     with pytest.raises(KeyboardInterrupt):
         with atomic_output(out, is_dir=True, replace=True) as new:
             (new / "b.txt").write_text("new")
@@ -497,15 +503,7 @@ def test_replacing_a_mount_points_entries_puts_them_back_on_failure(tmp_path, mo
         assert new.parent == out
         (new / "b.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt", "lost+found"]
-    real, calls = os.replace, []
-
-    def interrupted(src, dst):
-        calls.append(dst)
-        if Path(dst).name == "c.txt":  # the second new entry
-            raise KeyboardInterrupt
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", interrupted)
+    _interrupt_rename(monkeypatch, lambda dst, n: Path(dst).name == "c.txt")  # the second new entry
     with pytest.raises(KeyboardInterrupt):
         with atomic_output(out, is_dir=True, replace=True) as new:
             (new / "a.txt").write_text("newer")
