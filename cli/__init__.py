@@ -15,6 +15,10 @@ def run() -> None:
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # (no SIGHUP on Windows)
         if sig is not None:
             signal.signal(sig, _terminated)
+    for stream in (sys.stdout, sys.stderr):  # a stream that cannot encode '→' or 'σ' (Windows' cp1252 when
+        reconfigure = getattr(stream, "reconfigure", None)  # redirected) gets '?', not a traceback after the work
+        if reconfigure is not None:
+            reconfigure(errors="replace")
     try:
         from .main import run as main
     except KeyboardInterrupt:

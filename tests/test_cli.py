@@ -159,6 +159,15 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()  # the work itself was done
 
 
+def test_an_output_encoding_without_the_tables_characters(tmp_path):
+    """stdout in cp1252 (Windows, redirected to a file or a pipe) cannot encode '→': the squeeze was done, then
+    its table was a UnicodeEncodeError and "this is a bug", exit 1. Unencodable characters are now '?'."""
+    r = subprocess.run([sys.executable, "-m", "surgery", "squeeze", str(PEFT_FIXTURE), "--rank", "2", "-o",
+                        str(tmp_path / "o")], capture_output=True, env=os.environ | {"PYTHONIOENCODING": "cp1252"})
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    assert b" 16?2 " in r.stdout and b"32,768 ? 4,096 parameters" in r.stdout
+
+
 def test_sigterm_mid_write_leaves_nothing_behind(tmp_path):
     """`timeout`, a job scheduler or a closed terminal (SIGTERM, SIGHUP) stopping a merge while it writes: the
     default action killed the process on the spot and left the output's hidden temporary sibling (most of a model,
