@@ -552,3 +552,14 @@ def test_a_filesystem_without_modes(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "posix_fadvise", lambda *a: refuse(), raising=False)
     r = run("merge", FIXTURES / "tiny-llama", PEFT_FIXTURE, "-o", tmp_path / "m")
     assert r.exit_code == 0, r.output
+
+
+def test_an_output_name_near_the_filesystems_limit(tmp_path):
+    """A 242-character output name (255 bytes is the usual limit) failed "File name too long": its hidden
+    temporary sibling was named `.<name>.<random>.tmp`. The sibling's prefix is now the name cut short."""
+    out = tmp_path / ("b" * 230 + ".safetensors")
+    r = run("squeeze", KOHYA_FIXTURE, "--rank", 4, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    r = run("squeeze", PEFT_FIXTURE, "--rank", 4, "-o", tmp_path / ("é" * 120))  # 240 bytes of a folder name
+    assert r.exit_code == 0, r.output

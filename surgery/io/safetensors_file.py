@@ -302,11 +302,17 @@ def _replace_contents(out: Path, new: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _sibling(out: Path) -> str:
+    """The prefix of `out`'s hidden temporary siblings: its name, cut to 40 characters so that a name near the
+    filesystem's 255-byte limit still leaves room (`.<name>.<random>.tmp` was "File name too long")."""
+    return f".{out.name[:40]}."
+
+
 def _within(path, out: Path) -> bool:
     """Whether `path` is `out`, a folder above it, or inside its temporary sibling."""
     p, o = Path(path).resolve(), out.resolve()
     return o.is_relative_to(p) or p.is_relative_to(o.parent) and p.relative_to(o.parent).parts[0].startswith(
-        (o.name, f".{o.name}."))
+        (o.name, _sibling(o)))
 
 
 @contextlib.contextmanager
@@ -320,7 +326,7 @@ def _atomic(out: Path, is_dir: bool, replace: bool) -> Iterator[Path]:
     # a folder that is a mount point (a Docker volume, a disk's root) cannot be renamed, nor files renamed into it
     # from the parent's filesystem: the temporary folder goes inside it
     mount = is_dir and out.is_dir() and os.path.ismount(out)
-    tmp = Path(tempfile.mkdtemp(prefix=".surgery." if mount else f".{out.name}.", suffix=".tmp",
+    tmp = Path(tempfile.mkdtemp(prefix=".surgery." if mount else _sibling(out), suffix=".tmp",
                                 dir=out if mount else parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -342,7 +348,7 @@ def _atomic(out: Path, is_dir: bool, replace: bool) -> Iterator[Path]:
             old = None
             try:
                 if out.exists():
-                    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+                    old = Path(tempfile.mkdtemp(prefix=_sibling(out), suffix=".old", dir=parent))
                     os.replace(out, old / "x")
                 os.replace(tmp, out)
             except BaseException:  # (a signal between the renames too): the previous output back in its place
