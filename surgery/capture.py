@@ -168,7 +168,8 @@ def _token_plan(tok, lines, *, model, where, batch_size, max_length, keep_specia
     `max_length` tokens (or the model's position limit), padding (and by default special tokens) excluded, then
     a seeded sample of at most `max_tokens` of the remaining positions, chosen before the model runs so that only
     sampled positions are ever kept."""
-    max_length, why = text_length(model, max_length, "--max-length")
+    # (the tokenizer takes a machine-sized length: 10²⁰ overflowed inside it; no text has 2³⁰ tokens)
+    max_length, why = text_length(model, min(max_length, 1 << 30), "--max-length")
     special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
     encs, keeps, cut = [], [], 0
     for i in range(0, len(lines), batch_size):
