@@ -207,12 +207,14 @@ def test_texts_past_a_learned_position_table_are_cut_with_a_note(tmp_path):
     cut = run("compare", model_dir, adapter, "--texts", texts, "--device", "cpu", "--json", "--max-tokens", 32)
     assert {k: v for k, v in json.loads(cut.stdout).items() if k != "notes"} == {
         k: v for k, v in doc.items() if k != "notes"}
-    r = run("capture", model_dir, "--texts", texts, "--keep-special", "-o", tmp_path / "h.safetensors", "--json",
-            "--max-length", 10 ** 20)  # (a length past the tokenizer's machine integers was an OverflowError)
+    r = run("capture", model_dir, "--texts", texts, "--keep-special", "-o", tmp_path / "h.safetensors", "--json")
     assert r.exit_code == 0, r.output
     meta = json.loads(r.stdout)
     assert meta["tokens_available"] == sum(min(n, 32) for n in lengths) and meta["max_length"] == 32
     assert meta["notes"] == ["4 of 5 texts were cut to their first 32 tokens (the model's 32 positions)"]
+    # no limit of the model's (rotary): a --max-length past the tokenizer's machine integers was an OverflowError
+    r = run("capture", MODEL, "--texts", texts, "--max-length", 10 ** 20, "-o", tmp_path / "l.safetensors", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["notes"] == [], r.output
     # below the model's limit --max-length cuts, and says so; GPT-2's linear layers are Conv1D (weight (in, out)),
     # whose inputs --module-inputs now captures (it found "no nn.Linear module"): as hooks on the model see them
     r = run("capture", model_dir, "--texts", texts, "--max-length", 8, "--module-inputs", "-o",
