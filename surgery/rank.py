@@ -55,6 +55,12 @@ class RankMap:
 
     rules: tuple[tuple[str, int], ...]
 
+    def __post_init__(self):  # the Python API's RankMap too (a bad pattern was re.error at the first module)
+        for pattern, rank in self.rules:
+            regex(pattern, f"rank map entry {pattern!r}={rank!r}")
+            if not _is_int(rank):
+                raise SurgeryError(f"rank map entry {pattern!r}={rank!r}: the rank must be a whole number")
+
     def rank_for(self, name: str) -> int | None:
         for pattern, rank in self.rules:
             if re.search(pattern, name):
