@@ -347,12 +347,15 @@ def two_nn(X: torch.Tensor, *, method: str = "linear", discard: float = 0.1, dev
 
     Repeated rows are merged into one copy before the neighbour search, as DADApy's `remove_identical_points`
     does (methods.md §4.1); how many were merged is reported (`duplicates`) and warned about."""
-    keep = distinct_rows(X) if X.ndim == 2 and X.shape[0] else None
+    if not isinstance(X, torch.Tensor) or X.ndim != 2 or X.shape[1] == 0:
+        raise SurgeryError(f"{name}: TwoNN takes a (points, features) matrix with at least one feature, got "
+                           f"{tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__}")
+    keep = distinct_rows(X) if X.shape[0] else None
     dups = 0 if keep is None else X.shape[0] - keep.numel()
     if dups:
         X = X[keep.to(X.device)]
         warnings.warn(f"{name}: merged {dups} repeated rows into one copy each ({X.shape[0]} distinct rows)")
-    if X.ndim == 2 and X.shape[0] < MIN_POINTS:
+    if X.shape[0] < MIN_POINTS:
         raise SurgeryError(f"{name}: {X.shape[0]} distinct points (after merging {dups} repeated rows); TwoNN "
                            f"needs at least {MIN_POINTS} for a stable estimate")
     try:

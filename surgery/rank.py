@@ -74,6 +74,10 @@ class PerModule:
 
     ranks: Mapping[str, int]
 
+    def __post_init__(self):  # (a rank of 2.5 or "3" was a TypeError deep in a slice)
+        if bad := next(((n, r) for n, r in self.ranks.items() if not _is_int(r)), None):
+            raise SurgeryError(f"module {bad[0]}: the rank must be a whole number, got {bad[1]!r}")
+
 
 @dataclass(frozen=True)
 class Exact:

@@ -140,6 +140,9 @@ def test_search_outside_float32_squares(scale):
 def test_refusals():
     with pytest.raises(SurgeryError, match="at least 100"):
         two_nn(torch.randn(50, 8))
+    for shape in ((200, 0), (200,), (200, 3, 2)):  # were numpy/unpacking ValueErrors in the Python API
+        with pytest.raises(SurgeryError, match=r"TwoNN takes a \(points, features\) matrix"):
+            two_nn(torch.randn(shape))
     X = torch.randn(300, 8)
     X[5, 2] = float("nan")
     with pytest.raises(SurgeryError, match="NaN"):

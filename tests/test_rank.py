@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from peft.tuners.lora.conversion import _find_cutoff_index
 
 from surgery import Budget, Energy, FixedRank, RankMap, SurgeryError
-from surgery.rank import budget_ranks, energy_rank, parse_count, parse_rank_map
+from surgery.rank import PerModule, budget_ranks, energy_rank, parse_count, parse_rank_map
 
 
 @settings(max_examples=100, deadline=None)
@@ -86,7 +86,8 @@ def test_parse_count_and_rank_map():
     (lambda: Energy(float("nan")), "got nan"), (lambda: Energy("0.9"), "got '0.9'"),
     (lambda: Budget(0), "budget must be a positive whole number of parameters, got 0"), (lambda: Budget(1.5), "got 1.5"),
     (lambda: RankMap((("(", 2),)), "rank map entry '('=2: bad regex '('"),  # was re.error at the first module
-    (lambda: RankMap((("mlp", 2.5),)), "rank map entry 'mlp'=2.5: the rank must be a whole number")])
+    (lambda: RankMap((("mlp", 2.5),)), "rank map entry 'mlp'=2.5: the rank must be a whole number"),
+    (lambda: PerModule({"m.q_proj": "3"}), "module m.q_proj: the rank must be a whole number, got '3'")])
 def test_rules_check_themselves(make, message):
     """A rule of the wrong type or range is a SurgeryError where it is made — the Python API's FixedRank(2.5) was a
     TypeError deep in a slice — for every command that takes one (squeeze, combine, extract)."""
