@@ -93,10 +93,10 @@ def _padded(tok):
     return tok, how
 
 
-def _load(model_dir, texts, device, max_tokens: int, max_length: int):
+def _load(model_dir, texts, device, max_tokens: int, max_length: int, batch_size: int):
     from .io.hub import resolve
 
-    for flag, n in (("--max-tokens", max_tokens), ("--max-length", max_length)):
+    for flag, n in (("--max-tokens", max_tokens), ("--max-length", max_length), ("batch_size", batch_size)):
         if n < 1:  # a slice [:max_tokens] would take all but the last -n
             raise SurgeryError(f"{flag} must be at least 1, got {n}")
     model_dir = resolve(model_dir)
@@ -211,7 +211,7 @@ def capture(model_dir: str | os.PathLike, texts: str | os.PathLike, *, max_token
             keep_special: bool = False, batch_size: int = 16, max_length: int = 256,
             device: str = "auto") -> Capture:
     """Hidden states (embedding output, then each block's output) at a seeded sample of token positions."""
-    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens, max_length)
+    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens, max_length, batch_size)
     plan, n, k, extra = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size,
                                     max_length=max_length, keep_special=keep_special, max_tokens=max_tokens, seed=seed)
     dev = next(model.parameters()).device
@@ -243,7 +243,7 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     default every one inside the transformer blocks — at a seeded sample of token positions: the X of `surgery
     tune`. Special tokens are kept by default: they are real inputs of every module."""
     pattern = regex(targets, "--targets") if targets else None
-    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens, max_length)
+    tok, model, lines, pad = _load(model_dir, texts, device, max_tokens, max_length, batch_size)
     plan, n, k, extra = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size,
                                     max_length=max_length, keep_special=keep_special, max_tokens=max_tokens, seed=seed)
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, weight (in, out): inputs alike

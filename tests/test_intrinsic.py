@@ -140,6 +140,12 @@ def test_search_outside_float32_squares(scale):
 def test_refusals():
     with pytest.raises(SurgeryError, match="at least 100"):
         two_nn(torch.randn(50, 8))
+    from surgery.capture import capture, capture_inputs
+
+    for f in (capture, capture_inputs):  # batch_size 0 was range()'s ValueError, -1 ran nothing
+        for size in (0, -1):
+            with pytest.raises(SurgeryError, match=f"batch_size must be at least 1, got {size}"):
+                f(FIXTURES / "tiny-llama", FIXTURES / "sentences.txt", batch_size=size)
     for shape in ((200, 0), (200,), (200, 3, 2)):  # were numpy/unpacking ValueErrors in the Python API
         with pytest.raises(SurgeryError, match=r"TwoNN takes a \(points, features\) matrix"):
             two_nn(torch.randn(shape))
