@@ -41,8 +41,12 @@ def resolve_device(name: str | torch.device = "auto", exact: bool = True) -> tor
     """'auto' → CUDA when present, else CPU. Errors: CUDA asked for without one, an ordinal past the last GPU, and
     with `exact` (the maths, not a model's forward pass) a device other than cpu/cuda or TF32 CUDA matmuls
     (`tf32_setting`)."""
+    if isinstance(name, int) and not isinstance(name, bool):  # torch's own shorthand: an ordinal is a GPU
+        name = f"cuda:{name}"
     if isinstance(name, torch.device):
         dev = name
+    elif not isinstance(name, str):
+        raise SurgeryError(f"device {name!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device")
     elif name == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif name.startswith("cuda") and not torch.cuda.is_available():
@@ -99,11 +103,11 @@ def seeded(seed: int, key: str) -> torch.Generator:
 
 
 def compute_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in COMPUTE_DTYPES:
+    """float32 or float64, by name or as a torch dtype: the maths never run narrower."""
+    dtype = COMPUTE_DTYPES.get(name) if isinstance(name, str) else name
+    if dtype not in COMPUTE_DTYPES.values():
         raise SurgeryError(f"unknown compute precision {name!r}; use float32 or float64")
-    return COMPUTE_DTYPES[name]
+    return dtype
 
 
 class Scratch:

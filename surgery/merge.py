@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .adapter import Adapter, ExpertsModule, LoraModule, adapter_list, check_scaled, check_weights, materialize
-from .device import Scratch, resolve_device, storage_dtype
+from .device import Scratch, resolve_device, storage_dtype, compute_dtype as _compute_dtype
 from .errors import SurgeryError, listed
 from .io import check_output, gguf_file, hub
 from .io import experts as expert_layout
@@ -594,7 +594,7 @@ def merge(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *, wei
     """
     t0 = time.perf_counter()
     adapters = adapter_list(adapters, "merge")
-    weights = _weights(weights, adapters)
+    weights, compute_dtype = _weights(weights, adapters), _compute_dtype(compute_dtype)
     base = hub.resolve(base)
     if gguf_file.is_gguf(base):
         return merge_gguf(base, adapters, out, weights=weights, dtype=dtype, device=device,

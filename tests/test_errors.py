@@ -1,5 +1,6 @@
 """Error paths of the later commands: one `error:` line, exit status 1, nothing written, inputs untouched."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -459,3 +460,28 @@ def test_devices_other_than_cpu_and_cuda_are_one_line(tmp_path, device):
                                   str(tmp_path / "o")])
     assert r.exit_code == 1 and r.output.strip() == f"error: --device {device}: surgery's maths run on cpu or cuda[:N]"
     assert not (tmp_path / "o").exists() and resolve_device(device, exact=False).type == device
+
+
+def test_python_api_device_and_precision_arguments(tmp_path):
+    """The Python API's device as torch's ordinal shorthand (3 → cuda:3) or a wrong type, and a compute precision
+    by name or narrower than float32: were AttributeError / TypeError deep inside, or float16 maths."""
+    from surgery import FixedRank, SurgeryError, load_adapter, squeeze
+    from surgery.device import resolve_device
+    from surgery.merge import merge
+
+    for device, message in ([None, "device None: use 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device"],
+                            [2.5, "device 2.5: use"]):
+        with pytest.raises(SurgeryError, match=re.escape(message)):
+            resolve_device(device)
+    if not torch.cuda.is_available():
+        with pytest.raises(SurgeryError, match="no CUDA device is available"):
+            resolve_device(3)
+    adapter = load_adapter(PEFT_FIXTURE)
+    report = merge(FIXTURES / "tiny-llama", [adapter], tmp_path / "m", compute_dtype="float64", device="cpu")
+    assert report.tensors_merged == 14
+    for bad in (torch.float16, "bfloat16"):
+        with pytest.raises(SurgeryError, match="unknown compute precision"):
+            merge(FIXTURES / "tiny-llama", [adapter], tmp_path / "n", compute_dtype=bad, device="cpu")
+        with pytest.raises(SurgeryError, match="unknown compute precision"):
+            squeeze(adapter, FixedRank(2), compute_dtype=bad, device="cpu")
+    assert not (tmp_path / "n").exists()
