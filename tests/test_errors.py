@@ -485,3 +485,8 @@ def test_python_api_device_and_precision_arguments(tmp_path):
         with pytest.raises(SurgeryError, match="unknown compute precision"):
             squeeze(adapter, FixedRank(2), compute_dtype=bad, device="cpu")
     assert not (tmp_path / "n").exists()
+    from surgery.io.names import on_base  # the README's naming call with a format that names nothing: a KeyError
+
+    for fmt in ("tera", None):
+        with pytest.raises(SurgeryError, match=re.escape(f"names in format {fmt!r}: use peft, peft-file, kohya")):
+            on_base(adapter, FIXTURES / "tiny-llama", fmt)

@@ -517,6 +517,8 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False, exper
     llama.cpp's GGUF tensor names (the base a model folder, its config.json's folder or a GGUF model), …
     MoE experts (PEFT only): expert parameters and per-expert modules in the form PEFT loads on the model with
     transformers 5 (`target_parameters`), or with `expert_modules` per-expert modules (surgery.io.experts)."""
+    if fmt not in ("peft", "peft-file", "kohya", "diffusers", gguf_file.FORMAT):  # (was a KeyError inside)
+        raise SurgeryError(f"names in format {fmt!r}: use peft, peft-file, kohya, diffusers or gguf")
     experts.check_format(adapter, fmt)
     if fmt in ("peft", "peft-file") and not gguf_file.is_gguf(base) and (
             expert_modules or any(".experts." in n for n in adapter.modules)):
