@@ -8,6 +8,7 @@ keeps the scale (alpha moves with the rank), and resets the optimizer state of t
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -53,7 +54,9 @@ def attach_lora(model: torch.nn.Module, pattern: str, rank: int, *, alpha: float
     alpha / rank (1 without alpha); A is drawn from (seed, module name)."""
     from .device import seeded
     from .layers import replace_linears
+    from .rank import FixedRank
 
+    FixedRank(rank)  # a whole number ≥ 1 (0 divided by zero, 2.5 failed in torch.empty)
     return replace_linears(model, pattern, lambda name, mod: LoRALinear(mod, rank, (alpha or rank) / rank,
                                                                         generator=seeded(seed, name)))
 
@@ -131,6 +134,8 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-3, *, clip: float | None = 1.0, amp: str = "auto",
                  weight_decay: float = 0.0):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise SurgeryError(f"learning rate must be a finite number ≥ 0, got {lr!r}")
         self.model, self.clip = model, clip
         self.params = adapter_parameters(model)
         self.device = self.params[0].device
@@ -170,11 +175,14 @@ def squeeze_model(model: torch.nn.Module, rank: int | Mapping[str, int], optimiz
     with torch.no_grad():
         for name, site in lora_sites(model).items():
             k = rank.get(name) if isinstance(rank, Mapping) else rank
-            r = site.A.shape[0]
-            if k is None or k >= r:
+            if k is None:
                 continue
-            if k < 1:
-                raise SurgeryError(f"{name}: rank must be at least 1, got {k}")
+            if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:  # (2.5: a TypeError in a slice)
+                raise SurgeryError(f"{name}: rank must be a whole number of at least 1, got {k!r}")
+            k = int(k)
+            r = site.A.shape[0]
+            if k >= r:
+                continue
             B, A = site.B.double(), site.A.double()
             if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
                 raise SurgeryError(f"{name}: LoRA factors contain NaN or Inf")

@@ -1,6 +1,7 @@
 """surgery.train (adapter-only steps, In-Squeeze on our layers and on real PEFT models, export) and
 surgery.distill (`tune`), against float64 references and the real PEFT / transformers libraries."""
 import json
+import re
 
 import pytest
 import torch
@@ -70,6 +71,25 @@ def test_squeeze_model_is_the_exact_truncation_and_resets_optimizer_state():
         assert all(p not in step.optimizer.state or not step.optimizer.state[p] for p in (l.A, l.B))
     step.step(lambda: model(X).square().mean())  # the optimizer carries on with the new shapes
     assert squeeze_model(model, 8) == []  # never raises a rank
+
+
+def test_training_api_arguments_are_checked():
+    """The training API's bad arguments, each one line: a bad pattern (re.error), rank 0 (ZeroDivisionError) or
+    2.5 (TypeError in torch.empty) for attach_lora; a rank of 2.5 for squeeze_model (TypeError in a slice); a
+    negative or NaN learning rate (torch's ValueError). A numpy integer rank is a rank."""
+    import numpy as np
+
+    for pattern, rank, message in [("((", 4, "pattern: bad regex '(('"), ("0", 0, "got 0"), ("0", 2.5, "got 2.5")]:
+        with pytest.raises(SurgeryError, match=re.escape(message)):
+            attach_lora(mlp(), pattern, rank)
+    model = mlp()
+    attach_lora(model, r"^0$", rank=8)
+    with pytest.raises(SurgeryError, match=re.escape("0: rank must be a whole number of at least 1, got 2.5")):
+        squeeze_model(model, 2.5)
+    assert [s.to_rank for s in squeeze_model(model, np.int64(4))] == [4]
+    for lr in (-1.0, float("nan")):
+        with pytest.raises(SurgeryError, match="learning rate must be a finite number ≥ 0"):
+            TrainStep(model, lr=lr)
 
 
 def test_in_squeeze_plan():
