@@ -174,8 +174,10 @@ def _token_plan(tok, lines, *, model, where, batch_size, max_length, keep_specia
     encs, keeps, cut = [], [], 0
     for i in range(0, len(lines), batch_size):
         batch = lines[i:i + batch_size]
-        cut += sum(len(ids) > max_length for ids in tok(batch)["input_ids"])
         enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        # a fast tokenizer keeps what truncation dropped; a slow one is asked again, untruncated
+        cut += sum(bool(e.overflowing) for e in enc.encodings) if enc.encodings else \
+            sum(len(ids) > max_length for ids in tok(batch)["input_ids"])
         check_vocabulary(model, int(enc["input_ids"].max()), where)
         keep = enc["attention_mask"].bool()
         if not keep_special:

@@ -522,12 +522,10 @@ def _parse_size(text: str | int | None) -> int | None:
     tensor)."""
     if text is None:
         return None
-    m = None if isinstance(text, int) else re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*",
-                                                         str(text).upper())  # upper(): GiB → GIB
-    if m:
-        size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** "_KMGT".index(m.group(2) or "_"))
-    elif isinstance(text, int) and not isinstance(text, bool):
+    if isinstance(text, int) and not isinstance(text, bool):
         size = text
+    elif m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", str(text).upper()):  # GiB → GIB
+        size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** "_KMGT".index(m.group(2) or "_"))
     else:
         raise SurgeryError(f"shard size {text!r}: expected e.g. 5GB, 500MB, 2GiB")
     if size < 1:

@@ -28,8 +28,8 @@ from .errors import SurgeryError, listed
 from .hadamard_kron import lokr_svd
 from .linalg import (FLOAT32_MAX, SVD, CoreSVD, all_finite, core_factors, core_svd, lora_operator,
                      lowrank_frobenius_sq, output_factors, output_svd, randomized_svd, split_factors)
-from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank, check_rule,
-                   energy_rank, numerical_rank)
+from .rank import (Budget, Energy, Exact, FixedRank, PerModule, RankMap, RankRule, budget_ranks, check_rank,
+                   check_rule, energy_rank, numerical_rank)
 
 METHODS = ("exact", "rsvd")
 BATCH_BYTES = 1 << 28  # float32 factors of one module batch on a GPU (per_module runs CUDA_WORKERS batches at once)

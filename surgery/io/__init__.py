@@ -232,7 +232,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def _under(path: Path, folder: Path) -> bool:
     """Whether resolved `path` is `folder` or inside it, by name or by inode (`_same`)."""
-    return path.is_relative_to(folder) or any(_same(p, folder) for p in (path, *path.parents))
+    return any(_same(p, folder) for p in (path, *path.parents))
 
 
 def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> Path:
