@@ -395,3 +395,16 @@ def test_encoder_decoder_capture_runs_the_encoder_and_rerank_keeps_to_its_blocks
     r = run("rerank", tmp_path / "both", "--ids", tmp_path / "ids.json", "-o", tmp_path / "both-r")
     assert r.exit_code == 1 and "blocks (encoder.block.N) of the hidden-state file: base_model.model.decoder" \
         ".block.1.layer.0.SelfAttention.q" in r.output and not (tmp_path / "both-r").exists()
+
+
+def test_module_inputs_of_a_module_the_run_never_calls(tmp_path, monkeypatch):
+    """A targeted module the forward never calls has no rows (torch.cat of nothing was a traceback): one line,
+    nothing written. Here the run is made the Llama body alone, so lm_head is never called."""
+    from surgery import capture
+
+    monkeypatch.setattr(capture, "_run_part", lambda model: (model.model, ""))
+    r = run("capture", FIXTURES / "tiny-llama", "--texts", FIXTURES / "sentences.txt", "--module-inputs",
+            "--targets", "lm_head", "-o", tmp_path / "x.safetensors")
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert "module(s) lm_head got no input (the model never called them)" in r.output
+    assert list(tmp_path.iterdir()) == []
