@@ -236,7 +236,8 @@ def nn_distances(X: torch.Tensor, device: str | torch.device = "cpu", candidates
     mean = X.sum(0, dtype=torch.float64) / N
     if not torch.isfinite(mean).all() and not torch.isfinite(X).all():  # the sums first: 7× cheaper
         raise SurgeryError("contains NaN or Inf")
-    top = float(X.abs().amax())
+    lo, hi = torch.aminmax(X)  # (one pass, no |X| copy: abs().amax() cost a third of a small search)
+    top = max(-float(lo), float(hi))
     if top > 2.0 ** 40 or 0 < top < 2.0 ** -40:  # the float32 squares would overflow (or underflow): the search
         e = math.frexp(top)[1]  # runs on X · 2⁻ᵉ, exactly scaled, and the distances are scaled back exactly
         r1, r2 = nn_distances(torch.ldexp(X, torch.tensor(-e)), device, candidates, block, project)
