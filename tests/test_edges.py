@@ -458,15 +458,18 @@ def test_an_input_by_another_name_is_still_an_input(tmp_path):
     assert run("squeeze", src, "--rank", 4, "-o", tmp_path / "other.safetensors").exit_code == 0
 
 
-@pytest.fixture
-def mount_point(tmp_path):
-    """A tmpfs mounted at tmp_path/vol (root on Linux only; skipped where mounting is not allowed)."""
+@pytest.fixture(params=["tmpfs", "bind"])
+def mount_point(tmp_path, request):
+    """A tmpfs mounted at tmp_path/vol, or a folder of this filesystem bind-mounted there (`mount --bind`, which
+    os.path.ismount does not see: the same device). Root on Linux only; skipped where mounting is not allowed."""
     import subprocess
 
-    vol = tmp_path / "vol"
+    vol, src = tmp_path / "vol", tmp_path / "src"
     vol.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(vol)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
+    src.mkdir()
+    how = ["-t", "tmpfs", "-o", "size=64m", "tmpfs"] if request.param == "tmpfs" else ["--bind", str(src)]
+    if subprocess.run(["mount", *how, str(vol)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount ({request.param}) here")
     yield vol
     subprocess.run(["umount", "-l", str(vol)], capture_output=True)
 
@@ -487,6 +490,8 @@ def test_an_output_folder_that_is_a_mount_point(mount_point, tmp_path):
     assert r.exit_code == 0, r.output
     assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= {p.name for p in vol.iterdir()}
     assert not [p for p in [*vol.iterdir(), *tmp_path.iterdir()] if p.name.startswith(".")]
+    r = run("squeeze", PEFT_FIXTURE, "--rank", 2, "-o", vol / "adapter", "--force")  # below it: a plain folder
+    assert r.exit_code == 0, r.output
 
 
 def test_replacing_a_mount_points_entries_puts_them_back_on_failure(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import struct
@@ -302,6 +303,21 @@ def _replace_contents(out: Path, new: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _is_mount(folder: Path) -> bool:
+    """Whether `folder` is a mount point. os.path.ismount compares devices, so a bind mount of a folder of the same
+    filesystem (`mount --bind`, a container's volume on its host's disk) reads as a plain folder, and renames into or
+    out of it fail (EXDEV, EBUSY): Linux lists every mount point in /proc/self/mountinfo (spaces as \\040)."""
+    if os.path.ismount(folder):
+        return True
+    try:
+        lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
+    except OSError:
+        return False
+    real, octal = os.fsencode(os.path.realpath(folder)), re.compile(rb"\\([0-7]{3})")
+    return any(len(f) > 4 and octal.sub(lambda m: bytes([int(m[1], 8)]), f[4]) == real
+               for f in (line.split(b" ") for line in lines))
+
+
 def _sibling(out: Path) -> str:
     """The prefix of `out`'s hidden temporary siblings: its name, cut to 40 characters so that a name near the
     filesystem's 255-byte limit still leaves room (`.<name>.<random>.tmp` was "File name too long")."""
@@ -325,7 +341,7 @@ def _atomic(out: Path, is_dir: bool, replace: bool) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
     # a folder that is a mount point (a Docker volume, a disk's root) cannot be renamed, nor files renamed into it
     # from the parent's filesystem: the temporary folder goes inside it
-    mount = is_dir and out.is_dir() and os.path.ismount(out)
+    mount = is_dir and out.is_dir() and _is_mount(out)
     tmp = Path(tempfile.mkdtemp(prefix=".surgery." if mount else _sibling(out), suffix=".tmp",
                                 dir=out if mount else parent))
     umask = os.umask(0)
