@@ -19,7 +19,7 @@ import torch
 from .adapter import PEFT_PREFIX as PREFIX, Adapter, LoraModule, TensorLike, materialize
 from .device import seeded
 from .errors import SurgeryError
-from .layers import replace_linears
+from .layers import linear_shape, one_fan_in_fan_out, replace_linears
 from .linalg import SVD, randomized_svd, split_factors
 from .rank import numerical_rank
 
@@ -370,7 +370,7 @@ def to_lora(adapter, rank: int | None = None, progress=None):
     r = rank or max(m.rank for m in modules.values())
     config = {} if kohya else {
         "peft_type": "LORA", "r": r, "lora_alpha": r, "use_rslora": False, "lora_dropout": 0.0,
-        "target_modules": sorted({n.split(".")[-1] for n in modules}), "rank_pattern": {}, "alpha_pattern": {},
+        "rank_pattern": {}, "alpha_pattern": {},  # (target_modules: the writer's exact list, or the LoRA's own)
         "fan_in_fan_out": bool(adapter.config.get("fan_in_fan_out")), "bias": "none", "task_type": None,
         "inference_mode": True,
         "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
@@ -403,17 +403,21 @@ def fresh_adapter(shapes: dict, *, order: int = 3, core_rank: int = 8, seed: int
 
 
 class TeRALinear(torch.nn.Module):
-    """A frozen `nn.Linear` plus a TeRA update applied in tensorized form (ΔW is never formed).
+    """A frozen `nn.Linear` (or GPT-2 `Conv1D`) plus a TeRA update applied in tensorized form (ΔW is never formed).
 
     Only the λ's are trainable; the base weight and the shared core/factors have `requires_grad=False` (the
     shared tensors are non-persistent buffers, regenerated from the seed, and the same objects across modules).
     """
 
-    def __init__(self, base: torch.nn.Linear, spec: TeraSpec, lambdas=None, scale: float = 1.0):
+    def __init__(self, base: torch.nn.Module, spec: TeraSpec, lambdas=None, scale: float = 1.0):
         super().__init__()
-        if (spec.out_features, spec.in_features) != (base.out_features, base.in_features):
-            raise SurgeryError(f"TeRA spec {spec.out_features}×{spec.in_features} does not fit "
-                               f"Linear({base.in_features}, {base.out_features})")
+        shape = linear_shape(base)
+        if shape is None:
+            raise SurgeryError(f"TeRALinear wraps an nn.Linear or Conv1D, not {type(base).__name__}")
+        if (spec.out_features, spec.in_features) != shape[:2]:
+            raise SurgeryError(f"TeRA spec {spec.out_features}×{spec.in_features} does not fit a layer of "
+                               f"{shape[1]} inputs and {shape[0]} outputs")
+        self.fan_in_fan_out = shape[2]
         self.base, self.spec, self.scale = base, spec, scale
         for p in base.parameters():
             p.requires_grad_(False)
@@ -438,11 +442,13 @@ class TeRALinear(torch.nn.Module):
 
 def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: int = 3, core_rank: int = 8,
                 seed: int = 0) -> dict[str, TeRALinear]:
-    """Replace every `nn.Linear` whose name matches `pattern` (re.search) by a TeRALinear — fresh, or with the
-    λ's of `adapter` (a TeRA Adapter whose module names are `base_model.model.<name>` or `<name>`)."""
+    """Replace every `nn.Linear` (or GPT-2 `Conv1D`) whose name matches `pattern` (re.search) by a TeRALinear —
+    fresh, or with the λ's of `adapter` (a TeRA Adapter whose module names are `base_model.model.<name>` or
+    `<name>`)."""
     def make(name, mod):
         if adapter is None:
-            return TeRALinear(mod, TeraSpec.for_shape(mod.out_features, mod.in_features, order, core_rank, seed))
+            out_features, in_features, _ = linear_shape(mod)
+            return TeRALinear(mod, TeraSpec.for_shape(out_features, in_features, order, core_rank, seed))
         m = adapter.modules.get(PREFIX + name) or adapter.modules.get(name)
         return None if m is None else TeRALinear(mod, m.spec, [materialize(l) for l in m.lambdas], m.scale)
 
@@ -451,9 +457,12 @@ def attach_tera(model: torch.nn.Module, pattern: str, *, adapter=None, order: in
 
 def adapter_from_model(model: torch.nn.Module, base: str | None = None):
     """The TeRA Adapter of a model's TeRALinear modules (to save with `save_adapter`)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, TeRALinear)}
     modules = {PREFIX + n: TeraModule(tuple(l.detach().cpu().clone() for l in m.lambdas), m.spec, m.scale)
-               for n, m in model.named_modules() if isinstance(m, TeRALinear)}
+               for n, m in layers.items()}
     specs = [m.spec for m in modules.values()]
     config = {"name_style": "peft", "base_model_name_or_path": base,
               "order": max(len(s.out_modes) for s in specs) if specs else None}
+    if one_fan_in_fan_out(layers):
+        config["fan_in_fan_out"] = True
     return Adapter(modules=modules, format="tera", config=config)

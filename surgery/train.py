@@ -16,27 +16,32 @@ import torch
 
 from .errors import SurgeryError
 from .io.peft import PREFIX
+from .layers import linear_shape, one_fan_in_fan_out, replace_linears
 from .linalg import core_factors, core_svd
 from .tera import TeRALinear
 
 
 class LoRALinear(torch.nn.Module):
-    """A frozen `nn.Linear` plus `scale · B @ A` (A (r, in) Kaiming-uniform from `generator`, B (out, r) zero, as
-    PEFT initialises them), factors trained in float32."""
+    """A frozen `nn.Linear` (or GPT-2 `Conv1D`) plus `scale · B @ A` (A (r, in) Kaiming-uniform from `generator`,
+    B (out, r) zero, as PEFT initialises them), factors trained in float32."""
 
-    def __init__(self, base: torch.nn.Linear, rank: int, scale: float = 1.0, A=None, B=None,
+    def __init__(self, base: torch.nn.Module, rank: int, scale: float = 1.0, A=None, B=None,
                  generator: torch.Generator | None = None):
         super().__init__()
         if rank < 1:
             raise SurgeryError(f"LoRA rank must be at least 1, got {rank}")
+        shape = linear_shape(base)
+        if shape is None:
+            raise SurgeryError(f"LoRALinear wraps an nn.Linear or Conv1D, not {type(base).__name__}")
+        out_features, in_features, self.fan_in_fan_out = shape
         self.base, self.scale = base, scale
         for p in base.parameters():
             p.requires_grad_(False)
         dev = base.weight.device
         if A is None:
-            A = torch.empty(rank, base.in_features)
+            A = torch.empty(rank, in_features)
             torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        B = torch.zeros(base.out_features, rank) if B is None else B
+        B = torch.zeros(out_features, rank) if B is None else B
         self.A = torch.nn.Parameter(torch.as_tensor(A, dtype=torch.float32).to(dev).clone())
         self.B = torch.nn.Parameter(torch.as_tensor(B, dtype=torch.float32).to(dev).clone())
 
@@ -53,7 +58,6 @@ def attach_lora(model: torch.nn.Module, pattern: str, rank: int, *, alpha: float
     """Replace every `nn.Linear` whose name matches `pattern` (re.search) by a LoRALinear of `rank`, scale
     alpha / rank (1 without alpha); A is drawn from (seed, module name)."""
     from .device import seeded
-    from .layers import replace_linears
     from .rank import FixedRank
 
     FixedRank(rank)  # a whole number ≥ 1 (0 divided by zero, 2.5 failed in torch.empty)
@@ -278,19 +282,27 @@ class InSqueeze:
 # ---------------------------------------------------------------- export
 
 
+def _target_modules(model: torch.nn.Module, paths: set[str]) -> list[str]:
+    """The modules' last names (as PEFT users write them) where PEFT's name match of those selects exactly these
+    modules, else their paths: `c_proj` of GPT-2's attention alone would also put LoRA layers on mlp.c_proj."""
+    leaves = {p.rsplit(".", 1)[-1] for p in paths}
+    outside = (n for n, _ in model.named_modules() if n not in paths and not n.startswith(tuple(p + "." for p in paths)))
+    return sorted(paths if any(n.rsplit(".", 1)[-1] in leaves for n in outside) else leaves)
+
+
 def lora_adapter(model: torch.nn.Module, base: str | None = None, adapter_name: str | None = None,
                  copy: bool = True):
     """The LoRA Adapter of a model's LoRA layers (PEFT names, fp32 CPU copies — or, with copy=False, views of the
     live parameters, enough for ranks and scales), to save with `save_adapter`."""
     from .adapter import Adapter, LoraModule
 
-    modules = {}
+    modules, layers = {}, {}
     for name, site in lora_sites(model).items():
         if adapter_name is not None and site.adapter != adapter_name:
             continue
         key = name if name.startswith(PREFIX) else PREFIX + name
         A, B = (t.detach().float().cpu().clone() if copy else t.detach() for t in (site.A, site.B))
-        modules[key] = LoraModule(A=A, B=B, scale=site.scale)
+        modules[key], layers[name] = LoraModule(A=A, B=B, scale=site.scale), site.layer
     if not modules:
         raise SurgeryError("the model has no LoRA layers")
     if hasattr(model, "peft_config"):
@@ -299,8 +311,8 @@ def lora_adapter(model: torch.nn.Module, base: str | None = None, adapter_name: 
         config["peft_type"] = "LORA"
     else:
         config = {"peft_type": "LORA", "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
-                  "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules}), "fan_in_fan_out": False,
-                  "task_type": None, "base_model_name_or_path": base}
+                  "target_modules": _target_modules(model, set(layers)),
+                  "fan_in_fan_out": one_fan_in_fan_out(layers), "task_type": None, "base_model_name_or_path": base}
     if base is not None:
         config["base_model_name_or_path"] = base
     return Adapter(modules=modules, format="peft", config=config)

@@ -254,6 +254,10 @@ def test_gpt2_conv1d_weights(tmp_path):
         return peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().state_dict()
 
     want = peft_merged(tmp_path / "lora")
+    # exactly the TeRA's modules (target_modules `c_proj` also meant mlp.c_proj: PEFT put a LoRA layer there too)
+    wrapped = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"),
+                                             tmp_path / "lora")
+    assert {n for n, m in wrapped.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)} == set(fresh.modules)
     merge(tmp_path / "gpt2", [load_adapter(tmp_path / "t.safetensors")], tmp_path / "m", device="cpu")
     got = load_file(tmp_path / "m" / "model.safetensors")
     base = load_file(tmp_path / "gpt2" / "model.safetensors")

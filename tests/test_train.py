@@ -281,3 +281,52 @@ def test_cli_capture_module_inputs_and_tune_on_minilm(minilm, tmp_path):
                                   "--targets", "query", "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 2 and "--targets goes with --module-inputs" in r.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["lora", "tera"])
+def test_training_on_gpt2_conv1d_layers(tmp_path, kind):
+    """GPT-2's linear layers are Conv1D (weight stored (in, out)): attach_lora / attach_tera said "no nn.Linear
+    module matches", so TeRA (which only this library trains) could not be trained on GPT-2 at all. They wrap
+    Conv1D now, and the exported adapter states fan_in_fan_out: `surgery merge` of it (and, for LoRA, PEFT's
+    loader) gives the logits of the trained model. Conv1D and nn.Linear layers in one pattern are refused with the
+    model left as it was: one adapter file states one fan_in_fan_out."""
+    from surgery.tera import adapter_from_model
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    before = snapshot(model)
+    with pytest.raises(SurgeryError, match=r"matches Conv1D layers, stored \(in, out\) \(transformer.h.0.attn.c_attn\)"
+                                           r", and nn.Linear ones \(lm_head\)"):
+        attach_lora(model, r"c_attn|lm_head", rank=4)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert all(p.requires_grad for p in model.parameters())
+    targets = r"attn\.c_(attn|proj)|mlp\.c_fc"
+    layers = attach_lora(model, targets, rank=4, alpha=8) if kind == "lora" else attach_tera(model, targets, core_rank=4)
+    assert len(layers) == 6
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(2))
+    step = TrainStep(model, lr=5e-2)
+    losses = [step.step(lambda: model(ids, labels=ids).loss) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        want = model(ids).logits
+    adapter = lora_adapter(model, str(tmp_path / "gpt2")) if kind == "lora" else adapter_from_model(model)
+    assert adapter.config["fan_in_fan_out"] is True
+    out = tmp_path / ("lora" if kind == "lora" else "t.safetensors")
+    save_adapter(adapter, out)
+    r = run("merge", tmp_path / "gpt2", out, "-o", tmp_path / "merged")
+    assert r.exit_code == 0, r.output
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        base_logits = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")(ids).logits
+        torch.testing.assert_close(merged(ids).logits, want, rtol=0, atol=1e-4)
+        assert (want - base_logits).abs().max() > 1e-2  # the training moved the outputs
+        if kind == "lora":
+            loaded = peft.PeftModel.from_pretrained(
+                transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), out).eval()
+            torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=1e-4)
+            # target_modules select exactly the trained layers (`c_proj` alone also meant mlp.c_proj: PEFT put a
+            # LoRA layer there too and warned of missing keys)
+            assert {n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)} == set(layers)
