@@ -5,13 +5,12 @@
     small, report = squeeze(adapter, FixedRank(4))
     save_adapter(small, "my-lora-r4/")
 """
-__version__ = "0.1.0"  # before the imports: the writers record it
-
 from .adapter import Adapter, LoraModule, TensorRef
 from .errors import SurgeryError
 from .io import FORMATS, detect, load_adapter, save_adapter
 from .rank import Budget, Energy, Exact, FixedRank, RankMap, parse_count, parse_rank_map
 from .squeeze import ModuleReport, SqueezeReport, squeeze
+from .version import __version__ as __version__  # (pyproject.toml's; the writers record it)
 
 __all__ = [
     "Adapter", "LoraModule", "TensorRef", "SurgeryError", "FORMATS", "detect", "load_adapter", "save_adapter",

@@ -19,7 +19,7 @@ from .. import fuse
 from . import jsonfile, peft
 from .modules import make_module
 from .names import DENOISERS, TEXT_ENCODERS, component_configs, split_config
-from .. import __version__
+from ..version import __version__
 from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
 
 COMPONENTS = DENOISERS + TEXT_ENCODERS

@@ -25,6 +25,7 @@ import torch
 
 from ..adapter import PEFT_PREFIX, Adapter, ExpertsModule, LoraModule, materialize, pack_experts
 from ..errors import SurgeryError, listed
+from ..version import __version__
 from . import jsonfile
 from .safetensors_file import WRITTEN_BY, atomic_output, finite
 
@@ -786,7 +787,7 @@ def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
     fields = [(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER, gguf.GGUFValueType.STRING, None),
               (gguf.Keys.Adapter.TYPE, "lora", gguf.GGUFValueType.STRING, None),
               (gguf.Keys.Adapter.LORA_ALPHA, float(alpha), gguf.GGUFValueType.FLOAT32, None),
-              (WRITTEN_BY, _version(), gguf.GGUFValueType.STRING, None)]
+              (WRITTEN_BY, __version__, gguf.GGUFValueType.STRING, None)]
     with atomic_output(out, is_dir=False) as tmp:
         write_file(tmp, arch, fields, tensors)
 
@@ -817,9 +818,3 @@ def _maker(name: str, t, scale: float, qtype) -> Callable[[], np.ndarray]:
             finite(name, (x.abs().amax().float() / 127).half())
         return encode(x, qtype)
     return make
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -17,7 +17,7 @@ from safetensors.torch import save as save_bytes
 from ..adapter import Adapter, DiffModule, fold_scale, materialize, scaled
 from ..errors import SurgeryError, listed
 from .modules import KEY_PREFIX, group_keys, make_module, make_structured, stated_rank, structured_algo
-from .. import __version__
+from ..version import __version__
 from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
 
 # LoRA roles after any name; LoHa/LoKr ones only after kohya's dot-free names (dotted paths are PEFT's keys)

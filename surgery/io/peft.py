@@ -22,7 +22,7 @@ from ..adapter import PEFT_PREFIX, Adapter, ExpertsModule, LoraModule, fold_scal
 from ..errors import SurgeryError
 from . import jsonfile
 from .modules import KEY_PREFIX, floating, group_keys, make_module, make_structured, stated_rank
-from .. import __version__
+from ..version import __version__
 from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
 
 WEIGHTS = "adapter_model.safetensors"
