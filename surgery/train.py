@@ -14,8 +14,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from .adapter import PEFT_PREFIX as PREFIX, Adapter, LoraModule
 from .errors import SurgeryError
-from .io.peft import PREFIX
 from .layers import linear_shape, one_fan_in_fan_out, replace_linears
 from .linalg import core_factors, core_svd
 from .tera import TeRALinear
@@ -294,8 +294,6 @@ def lora_adapter(model: torch.nn.Module, base: str | None = None, adapter_name: 
                  copy: bool = True):
     """The LoRA Adapter of a model's LoRA layers (PEFT names, fp32 CPU copies — or, with copy=False, views of the
     live parameters, enough for ranks and scales), to save with `save_adapter`."""
-    from .adapter import Adapter, LoraModule
-
     modules, layers = {}, {}
     for name, site in lora_sites(model).items():
         if adapter_name is not None and site.adapter != adapter_name:
