@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from surgery import load_adapter
-from surgery.io.hub import is_repo_id, resolve
+from surgery.io.hub import is_repo_id, resolve, split_id
 from surgery_cli.main import main
 
 from .conftest import FIXTURES, PEFT_FIXTURE, hub_snapshot, tree_digest
@@ -42,8 +42,12 @@ def cache(tmp_path, monkeypatch):
 
 def test_ids():
     assert is_repo_id("meta-llama/Llama-3.2-1B") and is_repo_id("gpt2") and is_repo_id("org/name@v1.0")
-    assert not is_repo_id("/abs/path") and not is_repo_id("a/b/c") and not is_repo_id("x.safetensors")
-    assert not is_repo_id("../up") and not is_repo_id("./here")
+    assert not is_repo_id("/abs/path") and not is_repo_id("x.safetensors") and not is_repo_id("d/x.safetensors")
+    assert not is_repo_id("../up") and not is_repo_id("./here") and not is_repo_id("org/name/../x")
+    # a path inside org/name (huggingface_hub's file system spelling); a revision with a slash is a refs/…/… one
+    assert split_id("org/name@v1/loras/style.safetensors") == ("org/name", "v1", "loras/style.safetensors")
+    assert split_id("org/name@refs/pr/1/checkpoint-500/") == ("org/name", "refs/pr/1", "checkpoint-500")
+    assert split_id("gpt2@refs/pr/1") == ("gpt2", "refs/pr/1", None) and split_id("org/name//x") is None
 
 
 def test_squeeze_an_id_writes_into_the_current_directory(cache):
@@ -172,3 +176,47 @@ def test_gguf_naming_downloads_only_the_base_s_config(tmp_path, monkeypatch):
     calls.clear()
     run("convert", PEFT_FIXTURE, "--to", "kohya", "--base", "acme/tiny-llama", "-o", tmp_path / "k.safetensors")
     assert calls and all("*.safetensors" in c for c in calls)
+
+
+def test_a_file_or_folder_inside_a_repo(cache, tmp_path, monkeypatch):
+    """Hub repos hold several LoRAs (a collection of styles, `checkpoint-500/` folders of one run): `org/name`
+    alone gave "not a PEFT adapter directory" and nothing could name one of them. `org/name[@rev]/path` (as
+    huggingface_hub's file system writes it) reads that file or folder, fetching only it; a default output is
+    named after it in the current directory."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    kohya = FIXTURES / "kohya-lora-tiny.safetensors"
+    repo = tmp_path / "collection"
+    (repo / "styles").mkdir(parents=True)
+    shutil.copy(kohya, repo / "styles" / "ink.safetensors")
+    shutil.copytree(PEFT_FIXTURE, repo / "checkpoint-500")
+    hub_snapshot(repo, cache / "models--acme--collection", REV, "main")
+    r = run("inspect", "acme/collection")
+    assert r.exit_code == 1 and "not a PEFT adapter directory" in r.output
+    r = run("squeeze", "acme/collection/styles/ink.safetensors", "--rank", 4)
+    assert r.exit_code == 0, r.output
+    assert run("squeeze", kohya, "--rank", 4, "-o", tmp_path / "ref.safetensors").exit_code == 0
+    assert (tmp_path / "work" / "ink-r4.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    r = run("squeeze", "acme/collection@main/checkpoint-500/", "--rank", 4)
+    assert r.exit_code == 0 and (tmp_path / "work" / "checkpoint-500-r4" / "adapter_config.json").is_file(), r.output
+    r = run("inspect", "acme/collection/styles/nope.safetensors")
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "not in the Hugging Face cache" in r.output
+    # online: only that path is asked for; one the repo lacks is one line naming it
+    import huggingface_hub
+
+    calls = []
+
+    def fake(repo_id, *, local_files_only=False, **kwargs):
+        calls.append(kwargs["allow_patterns"])
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        return str(repo)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert resolve("acme/other/styles/ink.safetensors", role="adapter") == str(repo / "styles" / "ink.safetensors")
+    assert calls[-1][:2] == ["styles/ink.safetensors", "styles/ink.safetensors/*.json"]
+    from surgery import SurgeryError
+
+    with pytest.raises(SurgeryError, match="the Hugging Face repo acme/other has no styles/gone.safetensors"):
+        resolve("acme/other/styles/gone.safetensors", role="adapter")

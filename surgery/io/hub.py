@@ -1,4 +1,5 @@
-"""Hugging Face Hub repo ids where a path goes: `org/name` (or `org/name@revision`) → a local snapshot folder.
+"""Hugging Face Hub repo ids where a path goes: `org/name` (or `org/name@revision`) → a local snapshot folder;
+`org/name[@revision]/path/in/repo` → that file or folder of it (one LoRA of a collection, a `checkpoint-500/`).
 
 A local path always wins. Otherwise the id is looked up in the local cache first (huggingface_hub's layout:
 blobs, symlinked snapshots, refs), then — unless HF_HUB_OFFLINE is set — downloaded with huggingface_hub's own
@@ -19,14 +20,30 @@ ROLES = {
     "model": ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*"],
     "config": ["*.json"],  # a base that only names modules for llama.cpp (its config.json says how)
 }
-_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+_SEG = r"[A-Za-z0-9][\w.-]*"
+# org/name, a revision (a `refs/pr/1`, else up to the next /), a path inside the repo; or a bare name[@revision]
+_ID = re.compile(rf"^(?P<repo>{_SEG}/{_SEG})(?:@(?P<rev>refs/[^/]+/[^/]+|[^/]+))?(?:/(?P<sub>.+))?$"
+                 rf"|^(?P<name>{_SEG})(?:@(?P<rev1>[^/].*))?$")
 _TRUE = {"1", "on", "yes", "true"}
 
 
+def split_id(text: str) -> tuple[str, str | None, str | None] | None:
+    """(repo, revision or None, path inside the repo or None) of what from_pretrained takes as a repo id —
+    `name` or `org/name`, `@revision` — optionally followed by a path in the repo (`org/name/style.safetensors`,
+    as huggingface_hub's file system writes it); None for anything else (a local path)."""
+    m = _ID.match(str(text))
+    if m is None:
+        return None
+    repo, rev, sub = m["repo"] or m["name"], m["rev"] or m["rev1"], m["sub"] and m["sub"].removesuffix("/")
+    if repo.endswith((".safetensors", ".gguf", ".json")) or ".." in repo or sub is not None and any(
+            c in ("", ".", "..") for c in sub.split("/")):
+        return None
+    return repo, rev, sub
+
+
 def is_repo_id(text: str) -> bool:
-    """`name` or `org/name`, optionally `@revision`: what from_pretrained takes as a repo id."""
-    repo = str(text).split("@", 1)[0]
-    return bool(_ID.match(repo)) and not repo.endswith((".safetensors", ".gguf", ".json")) and ".." not in repo
+    """`name` or `org/name`, optionally `@revision` and a path inside the repo."""
+    return split_id(text) is not None
 
 
 def offline() -> bool:
@@ -43,11 +60,13 @@ def cache_dir() -> Path:
 
 def resolve(path: str | os.PathLike, revision: str | None = None, role: str = "model") -> str:
     """`path` itself when it exists (or is not a repo id); else the local snapshot folder of the repo id it
-    names, from the cache or (online) downloaded — the files of `role` only."""
+    names (or the file or folder inside it that the id's path names), from the cache or (online) downloaded —
+    the files of `role` only."""
     text = str(path)
-    if os.path.lexists(text) or not is_repo_id(text):
+    parts = None if os.path.lexists(text) else split_id(text)
+    if parts is None:
         return text
-    repo, _, pinned = text.partition("@")
+    repo, pinned, sub = parts
     revision = pinned or revision
     try:
         from huggingface_hub import snapshot_download
@@ -56,15 +75,20 @@ def resolve(path: str | os.PathLike, revision: str | None = None, role: str = "m
     except ImportError:
         raise SurgeryError(f"{text}: no such local path (install huggingface_hub to name Hub repos)") from None
     where = f"{text}" + (f" (revision {revision})" if revision and not pinned else "")
-    kwargs = dict(revision=revision, allow_patterns=ROLES[role], cache_dir=cache_dir())
+    patterns = ROLES[role] if sub is None else [sub, *(f"{sub}/{p}" for p in ROLES[role])]
+    kwargs = dict(revision=revision, allow_patterns=patterns, cache_dir=cache_dir())
+    inside = (lambda snapshot: snapshot) if sub is None else (lambda snapshot: os.path.join(snapshot, sub))
     try:
-        return snapshot_download(repo, local_files_only=True, **kwargs)
+        found = inside(snapshot_download(repo, local_files_only=True, **kwargs))
+        if os.path.exists(found):
+            return found
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        if offline():
-            raise SurgeryError(f"{where}: no such local path, and not in the Hugging Face cache "
-                               f"{cache_dir()} (HF_HUB_OFFLINE is set)") from None
+        pass
+    if offline():
+        raise SurgeryError(f"{where}: no such local path, and not in the Hugging Face cache "
+                           f"{cache_dir()} (HF_HUB_OFFLINE is set)") from None
     try:
-        return snapshot_download(repo, **kwargs)
+        found = inside(snapshot_download(repo, **kwargs))
     except GatedRepoError:
         raise SurgeryError(f"{where}: a gated Hugging Face repo; accept its terms and log in (hf auth login)") \
             from None
@@ -75,6 +99,10 @@ def resolve(path: str | os.PathLike, revision: str | None = None, role: str = "m
     except (LocalEntryNotFoundError, OSError, ValueError) as e:
         raise SurgeryError(f"{where}: no such local path, and the Hugging Face Hub could not be reached "
                            f"({str(e).splitlines()[0]})") from None
+    if not os.path.exists(found):
+        raise SurgeryError(f"{where}: the Hugging Face repo {repo} has no {sub} (of the files this reads: "
+                           f"{', '.join(ROLES[role])})")
+    return found
 
 
 def cached_repo(path: str | os.PathLike) -> str | None:
@@ -88,9 +116,14 @@ def cached_repo(path: str | os.PathLike) -> str | None:
 
 def output_home(source: str | os.PathLike) -> Path:
     """Where a default output of `source` is named from: the input itself, or for an input in the hub cache, a
-    path named after its repo in the current directory (outputs never go into the cache)."""
+    path in the current directory (outputs never go into the cache) named after the repo — or after the file or
+    folder inside it that was named (`org/name/style.safetensors` → `./style.safetensors`)."""
     repo = cached_repo(source)
-    return Path(source) if repo is None else Path.cwd() / repo
+    if repo is None:
+        return Path(source)
+    parts = Path(os.path.abspath(source)).parts
+    top = next(i for i, p in enumerate(parts) if p.startswith(("models--", "datasets--", "spaces--")))
+    return Path.cwd() / (parts[-1] if len(parts) > top + 3 else repo)  # past models--…/snapshots/<rev>
 
 
 def in_cache(path: str | os.PathLike) -> bool:
