@@ -192,7 +192,12 @@ def test_a_file_or_folder_inside_a_repo(cache, tmp_path, monkeypatch):
     shutil.copytree(PEFT_FIXTURE, repo / "checkpoint-500")
     hub_snapshot(repo, cache / "models--acme--collection", REV, "main")
     r = run("inspect", "acme/collection")
-    assert r.exit_code == 1 and "not a PEFT adapter directory" in r.output
+    assert r.exit_code == 1 and r.output.strip().endswith(
+        "not a PEFT adapter directory (no adapter_model.safetensors); it holds checkpoint-500/: name one (after the "
+        "repo id: org/name/<that path>)"), r.output
+    shutil.copy(kohya, repo / "styles" / "oil.safetensors")  # a local folder of LoRA files
+    r = run("inspect", repo / "styles")
+    assert r.exit_code == 1 and r.output.strip().endswith("it holds ink.safetensors, oil.safetensors: name one")
     r = run("squeeze", "acme/collection/styles/ink.safetensors", "--rank", 4)
     assert r.exit_code == 0, r.output
     assert run("squeeze", kohya, "--rank", 4, "-o", tmp_path / "ref.safetensors").exit_code == 0

@@ -20,9 +20,9 @@ import torch
 
 from ..adapter import PEFT_PREFIX, Adapter, ExpertsModule, LoraModule, fold_scale, materialize
 from ..errors import SurgeryError
-from . import jsonfile
-from .modules import KEY_PREFIX, floating, group_keys, make_module, make_structured, stated_rank
 from ..version import __version__
+from . import hub, jsonfile
+from .modules import KEY_PREFIX, floating, group_keys, make_module, make_structured, stated_rank
 from .safetensors_file import WRITTEN_BY, atomic_output, save_tensors, tensor_refs
 
 WEIGHTS = "adapter_model.safetensors"
@@ -446,10 +446,15 @@ def read_dir(path: Path) -> Adapter:
             from .safetensors_file import pickle_error
 
             raise pickle_error(path / "adapter_model.bin")
-        inside = sorted(p.parent.name for p in path.glob(f"*/{WEIGHTS}"))
-        hint = f"; adapters in its subfolders: {', '.join(inside)}" if inside else ""
-        if not inside and any((path / f).exists() for f in ("model_index.json", "config.json")):
+        inside = sorted(p.parent.name + "/" for p in path.glob(f"*/{WEIGHTS}"))
+        files = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".gguf"))
+        hint = ""
+        if any((path / f).exists() for f in ("model_index.json", "config.json")) and not inside:
             hint = "; it is a model (a base for merge/extract/--base), not an adapter"
+        elif inside or files:  # a collection, or a run's checkpoint-N/ folders: name one
+            held = [*files, *inside]
+            hint = (f"; it holds {', '.join(held[:6])}{', …' if len(held) > 6 else ''}: name one" +
+                    (" (after the repo id: org/name/<that path>)" if hub.cached_repo(path) else ""))
         raise SurgeryError(f"{path}: not a PEFT adapter directory (no {WEIGHTS}){hint}")
     if not cfg.exists():
         raise SurgeryError(f"{path}: {CONFIG} is missing (PEFT needs it for r and lora_alpha)")
