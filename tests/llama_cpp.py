@@ -73,6 +73,9 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
         extra.update(tie_word_embeddings=True, query_pre_attn_scalar=16, sliding_window=32)
         if arch == "Gemma3ForCausalLM":
             extra.update(rope_scaling=None)
+    if arch.startswith("Cohere"):  # llama.cpp's command-r / cohere2 have no output matrix: tied, as the real ones;
+        # logits unscaled (the default 1/16 would hide what the adapter does); llama.cpp reads cohere2's rotary_pct
+        extra.update(tie_word_embeddings=True, logit_scale=1.0, **({"rotary_pct": 1.0} if "2" in arch else {}))
     if arch == "Phi3ForCausalLM":
         extra.pop("head_dim")
         extra.update(num_key_value_heads=4, original_max_position_embeddings=64)

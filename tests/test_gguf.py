@@ -22,9 +22,12 @@ from surgery.errors import SurgeryError  # noqa: E402
 from . import llama_cpp as L  # noqa: E402
 
 ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM",
-         "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"]
+         "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "OlmoForCausalLM",
+         "Olmo2ForCausalLM", "Olmo3ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "SeedOssForCausalLM",
+         "Ernie4_5ForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM"]
 PHI3 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NO_GATE = {"ArceeForCausalLM", "ApertusForCausalLM"}  # up_proj → activation → down_proj
 
 
 def surgery(*args, ok: bool = True):
@@ -60,7 +63,8 @@ class Case:
         self.root, self.arch = root, arch
         self.hf = L.model(arch, root / "hf")
         self.base = L.convert_model(self.hf, root / "base-f32.gguf")
-        self.targets = PHI3 if arch == "Phi3ForCausalLM" else ALL7
+        self.targets = PHI3 if arch == "Phi3ForCausalLM" else [t for t in ALL7 if t != "gate_proj"] \
+            if arch in NO_GATE else ALL7
         self.lora = peft_lora(self.hf, root / "lora", self.targets)
         self.ref = L.hf_logits(self.hf, self.lora)
         self.hf_base = L.hf_logits(self.hf)

@@ -96,6 +96,15 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP, tied=True),
     "Phi3ForCausalLM": Arch("phi3", False, ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                             "mlp.down_proj")),
+    "OlmoForCausalLM": Arch("olmo", True, ATTN_MLP),
+    "Olmo2ForCausalLM": Arch("olmo2", False, ATTN_MLP),
+    "Olmo3ForCausalLM": Arch("olmo2", False, ATTN_MLP),  # llama.cpp converts OLMo 3 as OLMo 2
+    "CohereForCausalLM": Arch("command-r", False, ATTN_MLP, tied=True),
+    "Cohere2ForCausalLM": Arch("cohere2", False, ATTN_MLP, tied=True),
+    "SeedOssForCausalLM": Arch("seed_oss", False, ATTN_MLP),
+    "Ernie4_5ForCausalLM": Arch("ernie4_5", False, ATTN_MLP, tied=True),
+    "ArceeForCausalLM": Arch("arcee", True, ATTN_MLP[:4] + ATTN_MLP[5:]),  # no gate_proj (ReLU² MLP)
+    "ApertusForCausalLM": Arch("apertus", False, ATTN_MLP[:4] + ATTN_MLP[5:]),  # (xIELU MLP)
     "MixtralForCausalLM": Arch("llama", True, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "Qwen3MoeForCausalLM": Arch("qwen3moe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + (
