@@ -22,9 +22,9 @@ from surgery.errors import SurgeryError  # noqa: E402
 from . import llama_cpp as L  # noqa: E402
 
 ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM",
-         "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "OlmoForCausalLM",
-         "Olmo2ForCausalLM", "Olmo3ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "SeedOssForCausalLM",
-         "Ernie4_5ForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM"]
+         "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+         "OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM",
+         "SeedOssForCausalLM", "Ernie4_5ForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM"]
 PHI3 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NO_GATE = {"ArceeForCausalLM", "ApertusForCausalLM"}  # up_proj → activation → down_proj
