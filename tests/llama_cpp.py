@@ -102,13 +102,19 @@ MOE = {"MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
                                    shared_expert_intermediate_size=48),
        "GptOssForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                                  layer_types=["sliding_attention", "full_attention"])}
-# The converters run as scripts, with one change: llama.cpp's converters for some architectures (Qwen MoE, gpt-oss)
-# ask for a BPE tokenizer (they know the real ones by hash), while these tiny models carry a SentencePiece one,
-# which they are made to read instead; the vocabulary is not what any test here is about.
+# The converters run as scripts, with one change: llama.cpp's converters for some architectures (Qwen MoE, gpt-oss,
+# GLM-4, EXAONE 4, HunYuan, StableLM) ask for a BPE tokenizer (they know the real ones by hash), while these tiny
+# models carry a SentencePiece one, which they are made to read instead; the vocabulary is not what any test here is
+# about.
 _RUN = """import runpy, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
 from conversion.base import TextModel
 TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
+import importlib
+for module, cls in [("glm", "Glm4Model"), ("exaone", "Exaone4Model"), ("hunyuan", "HunYuanModel"),
+                    ("stablelm", "StableLMModel")]:  # their own BPE vocabulary readers
+    setattr(getattr(importlib.import_module("conversion." + module), cls), "set_vocab",
+            TextModel._set_vocab_sentencepiece)
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

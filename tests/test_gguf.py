@@ -24,7 +24,8 @@ from . import llama_cpp as L  # noqa: E402
 ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM",
          "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
          "OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM",
-         "SeedOssForCausalLM", "Ernie4_5ForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM"]
+         "SeedOssForCausalLM", "Ernie4_5ForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM", "Glm4ForCausalLM",
+         "Exaone4ForCausalLM", "StableLmForCausalLM", "HunYuanDenseV1ForCausalLM"]
 PHI3 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NO_GATE = {"ArceeForCausalLM", "ApertusForCausalLM"}  # up_proj → activation → down_proj
@@ -63,8 +64,8 @@ class Case:
         self.root, self.arch = root, arch
         self.hf = L.model(arch, root / "hf")
         self.base = L.convert_model(self.hf, root / "base-f32.gguf")
-        self.targets = PHI3 if arch == "Phi3ForCausalLM" else [t for t in ALL7 if t != "gate_proj"] \
-            if arch in NO_GATE else ALL7
+        self.targets = {"Phi3ForCausalLM": PHI3, "Glm4ForCausalLM": ALL7[:4] + PHI3[2:]}.get(
+            arch, [t for t in ALL7 if t != "gate_proj"] if arch in NO_GATE else ALL7)
         self.lora = peft_lora(self.hf, root / "lora", self.targets)
         self.ref = L.hf_logits(self.hf, self.lora)
         self.hf_base = L.hf_logits(self.hf)
@@ -491,6 +492,16 @@ def test_every_gguf_refusal_is_one_line_and_writes_nothing(cases, tmp_path):
     (tmp_path / "nolayers" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     _one_line_error(surgery("convert", c.lora, "--base", tmp_path / "nolayers", "-o", out, ok=False),
                     "num_hidden_layers")
+    # GLM-4 with multimodal RoPE: llama.cpp reorders its q/k rows (normal_to_neox), which we do not: refused
+    (tmp_path / "glm").mkdir()
+    (tmp_path / "glm" / "config.json").write_text(json.dumps({
+        "architectures": ["Glm4ForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12]}}))
+    _one_line_error(surgery("convert", c.lora, "--base", tmp_path / "glm", "-o", out, ok=False), "mrope_section")
+    glm = _gguf_adapter(tmp_path / "glm.gguf", {"general.type": ("model", T.STRING), "glm4.block_count": (2, T.UINT32),
+                                                "glm4.attention.head_count": (4, T.UINT32),
+                                                "glm4.rope.dimension_sections": ([8, 12, 12, 0], T.ARRAY)}, arch="glm4")
+    _one_line_error(surgery("convert", c.lora, "--base", glm, "-o", out, ok=False), "mrope_section")
     # merge options a GGUF model cannot take; a module the base lacks
     _one_line_error(surgery("merge", c.base, good, "-o", out, "--dtype", "float16", ok=False), "--dtype")
     _one_line_error(surgery("merge", c.base, good, "-o", tmp_path / "m.safetensors", ok=False), ".gguf output")

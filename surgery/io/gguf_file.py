@@ -103,6 +103,10 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Cohere2ForCausalLM": Arch("cohere2", False, ATTN_MLP, tied=True),
     "SeedOssForCausalLM": Arch("seed_oss", False, ATTN_MLP),
     "Ernie4_5ForCausalLM": Arch("ernie4_5", False, ATTN_MLP, tied=True),
+    "Glm4ForCausalLM": Arch("glm4", False, ATTN_MLP[:4] + ("mlp.gate_up_proj", "mlp.down_proj")),  # fused, as Phi-3
+    "Exaone4ForCausalLM": Arch("exaone4", False, ATTN_MLP),
+    "StableLmForCausalLM": Arch("stablelm", False, ATTN_MLP),
+    "HunYuanDenseV1ForCausalLM": Arch("hunyuan-dense", False, ATTN_MLP),
     "ArceeForCausalLM": Arch("arcee", True, ATTN_MLP[:4] + ATTN_MLP[5:]),  # no gate_proj (ReLU² MLP)
     "ApertusForCausalLM": Arch("apertus", False, ATTN_MLP[:4] + ATTN_MLP[5:]),  # (xIELU MLP)
     "MixtralForCausalLM": Arch("llama", True, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
@@ -193,6 +197,8 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
         kv = reader.get_field(f"{name}.attention.head_count_kv")
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
         experts = reader.get_field(f"{name}.expert_count")
+        if name == "glm4" and reader.get_field(f"{name}.rope.dimension_sections") is not None:
+            raise _mrope(path)
         return Base(str(path), BY_NAME[name], _field(reader, f"{name}.block_count", path), heads,
                     int(kv.contents()) if kv is not None else heads, shapes, "output.weight" in shapes,
                     int(experts.contents()) if experts is not None else 0)
@@ -205,6 +211,9 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
     if arch is None:
         raise SurgeryError(f"{config_path}: architecture {', '.join(archs) or '(none)'} is not one surgery converts "
                            f"LoRA to GGUF for (supported: {', '.join(ARCHS)})")
+    rope = [config.get(k) for k in ("rope_parameters", "rope_scaling")]
+    if arch.name == "glm4" and any(isinstance(r, dict) and "mrope_section" in r for r in rope):
+        raise _mrope(config_path)
     blocks, heads = (jsonfile.field(config, k, "positive int", config_path)
                      for k in ("num_hidden_layers", "num_attention_heads"))
     if blocks is None or heads is None:
@@ -225,6 +234,13 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
     else:
         has_output = not jsonfile.field(config, "tie_word_embeddings", "bool", config_path, default=arch.tied)
     return Base(str(path), arch, blocks, heads, kv, shapes, has_output, experts)
+
+
+def _mrope(where) -> SurgeryError:
+    """GLM-4 with multimodal RoPE sections: llama.cpp's converter reorders the rotary rows of q and k
+    (`Glm4Model.normal_to_neox`), which this writer does not do; refused rather than a file it would misread."""
+    return SurgeryError(f"{where}: a GLM-4 with multimodal RoPE sections (mrope_section), whose q/k rows llama.cpp "
+                        "reorders; its LoRA cannot be written for llama.cpp here")
 
 
 def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict[str, tuple[int, ...]]]:
