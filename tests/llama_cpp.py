@@ -98,6 +98,9 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
 MOE = {"MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
        "Qwen3MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                    norm_topk_prob=True),  # as real Qwen3-MoE models (llama.cpp assumes it)
+       # llama.cpp's OLMoE: no GQA (k_norm over all heads) and its converter's fixed norm eps, as the real ones
+       "OlmoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32, num_key_value_heads=4,
+                                rms_norm_eps=1e-5),
        "Qwen2MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                    shared_expert_intermediate_size=48),
        "GptOssForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=32,

@@ -554,7 +554,7 @@ def moe(tmp_path_factory):
     return _made_once(MoeCase, tmp_path_factory)
 
 
-MOE_ARCHS = ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"]
+MOE_ARCHS = ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -587,7 +587,7 @@ def test_moe_adapter_runs_in_llama_cpp_as_peft_runs_it(moe, arch, tmp_path):
             == {n: np.array(x.data).tobytes() for n, x in o.items()}
 
 
-@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM"])
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM"])
 def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
     """llama.cpp's MoE adapter file → PEFT (gate and up expert tensors fused back into gate_up_proj, the router
     wrapped by target_parameters): PeftModel gives the original's logits; merged into the GGUF model and into the

@@ -111,6 +111,7 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "ApertusForCausalLM": Arch("apertus", False, ATTN_MLP[:4] + ATTN_MLP[5:]),  # (xIELU MLP)
     "MixtralForCausalLM": Arch("llama", True, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "Qwen3MoeForCausalLM": Arch("qwen3moe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
+    "OlmoeForCausalLM": Arch("olmoe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + (
         "mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
         "mlp.shared_expert_gate"), moe=True),
