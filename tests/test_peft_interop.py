@@ -242,3 +242,35 @@ def test_variants_that_merge_as_plain_loras_are_squeezed_and_merged_as_peft_merg
     loaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "s").eval()
     assert loaded.peft_config["default"].use_bdlora is None
     torch.testing.assert_close(logits(loaded), logits(reference), rtol=1e-4, atol=2e-4)
+
+
+def test_a_vera_adapter_is_refused_with_peft_s_route_to_a_lora_that_then_merges_as_it(base_dir, tmp_path):
+    """VeRA (shared random A/B sliced to each module's in/out, per-module λ's) is not read: its modules' input
+    sizes are not in the file. The refusal names PEFT's save_as_lora, and that route works: the LoRA it writes (at
+    rank r, exact) merges as PEFT merges the VeRA adapter."""
+    from peft import PeftModel, VeraConfig, save_as_lora
+    from safetensors.torch import load_file
+
+    from surgery.errors import SurgeryError
+    from surgery.merge import merge
+
+    model = get_peft_model(load_base(base_dir), VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "vera_lambda" in n:
+            p.data.normal_()
+    model.save_pretrained(tmp_path / "vera")
+    with pytest.raises(SurgeryError, match=r"peft_type 'VERA' is not read by surgery .*peft\.save_as_lora"):
+        load_adapter(tmp_path / "vera")
+    vera = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "vera")
+    save_as_lora(tmp_path / "lora", vera, rank=8)
+    want = {k: v for k, v in vera.merge_and_unload().state_dict().items()}
+    merge(base_dir, [load_adapter(tmp_path / "lora")], tmp_path / "merged", device="cpu")
+    got = load_file(tmp_path / "merged" / "model.safetensors")
+    base = load_file(base_dir / "model.safetensors")
+    changed = [k for k in got if not torch.equal(got[k], base[k])]
+    assert len(changed) == 3 * 2 and all(k.endswith((".q_proj.weight", ".v_proj.weight", ".down_proj.weight"))
+                                         for k in changed)
+    for k in changed:
+        delta = (want[k] - base[k]).norm()
+        assert (got[k] - want[k]).norm() <= 1e-5 * delta, k

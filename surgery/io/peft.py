@@ -243,7 +243,9 @@ def read_modules(refs, config: Mapping[str, Any] | None, weights: Path, where: s
         check_config(config, where)
     ptype = (config or {}).get("peft_type", "LORA")
     if ptype not in TYPES:
-        raise SurgeryError(f"{where}: peft_type {ptype!r} is not read by surgery (LORA, LOHA and LOKR are)")
+        raise SurgeryError(f"{where}: peft_type {ptype!r} is not read by surgery (LORA, LOHA and LOKR are); for the "
+                           "methods PEFT converts (VeRA, FourierFT, VB-LoRA, MiSS, …), peft.save_as_lora(out, "
+                           "model, rank) writes the loaded model's adapter as a LoRA, which surgery reads")
     algo = TYPES[ptype]
     for key in refs:  # a config naming one algorithm over another's tensors means two adapters to two readers
         found = key_algo(key)
