@@ -101,6 +101,10 @@ MOE = {"MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
        # llama.cpp's OLMoE: no GQA (k_norm over all heads) and its converter's fixed norm eps, as the real ones
        "OlmoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32, num_key_value_heads=4,
                                 rms_norm_eps=1e-5),
+       # GLM-4.5: block 0 dense (first_k_dense_replace), a shared expert, sigmoid routing; no MTP layer
+       "Glm4MoeForCausalLM": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                  num_nextn_predict_layers=0),
        "Qwen2MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                    shared_expert_intermediate_size=48),
        "GptOssForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
@@ -114,8 +118,8 @@ sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
 from conversion.base import TextModel
 TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
 import importlib
-for module, cls in [("glm", "Glm4Model"), ("exaone", "Exaone4Model"), ("hunyuan", "HunYuanModel"),
-                    ("stablelm", "StableLMModel")]:  # their own BPE vocabulary readers
+for module, cls in [("glm", "Glm4Model"), ("glm", "Glm4MoeModel"), ("exaone", "Exaone4Model"),
+                    ("hunyuan", "HunYuanModel"), ("stablelm", "StableLMModel")]:  # their own BPE vocabulary readers
     setattr(getattr(importlib.import_module("conversion." + module), cls), "set_vocab",
             TextModel._set_vocab_sentencepiece)
 sys.argv = sys.argv[2:]

@@ -112,6 +112,9 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "MixtralForCausalLM": Arch("llama", True, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "Qwen3MoeForCausalLM": Arch("qwen3moe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "OlmoeForCausalLM": Arch("olmoe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
+    "Glm4MoeForCausalLM": Arch("glm4moe", False, ATTN_MLP + (  # its first_k_dense_replace blocks: a dense MLP
+        "mlp.gate", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"),
+        moe=True),
     "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + (
         "mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
         "mlp.shared_expert_gate"), moe=True),
@@ -252,13 +255,14 @@ def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict
     def first(*keys):
         return next((v for v in (jsonfile.field(config, k, "positive int", where) for k in keys) if v is not None),
                     None)
-    count, ff, hidden = first("num_experts", "num_local_experts"), first("moe_intermediate_size",
-                                                                        "intermediate_size"), first("hidden_size")
+    count, ff, hidden = first("num_experts", "num_local_experts", "n_routed_experts"), first(
+        "moe_intermediate_size", "intermediate_size"), first("hidden_size")
     if None in (count, ff, hidden):
         raise SurgeryError(f"{where}: the expert count, their intermediate size and hidden_size are needed for GGUF "
                            "expert names")
+    dense = jsonfile.field(config, "first_k_dense_replace", "int", where, default=0)  # GLM-4.5's leading dense blocks
     parts = {"gate": (count, ff, hidden), "up": (count, ff, hidden), "down": (count, hidden, ff)}
-    return count, {f"blk.{i}.ffn_{p}_exps.weight": s for i in range(blocks) for p, s in parts.items()}
+    return count, {f"blk.{i}.ffn_{p}_exps.weight": s for i in range(dense, blocks) for p, s in parts.items()}
 
 
 def permute_rows(t: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
