@@ -540,7 +540,7 @@ class MoeCase:
         self.hf = L.model(arch, root / "hf")
         self.base = L.convert_model(self.hf, root / "base-f32.gguf")
         shared = ["shared_expert.gate_proj", "shared_expert.down_proj", "shared_expert_gate"] \
-            if arch == "Qwen2MoeForCausalLM" else []  # (PEFT turns GLM-4.5's *_proj targets into expert parameters)
+            if arch == "Qwen2MoeForCausalLM" else []  # (PEFT turns GLM-4.5's / ERNIE's *_proj targets into experts')
         self.lora = peft_lora(self.hf, root / "lora", ATTN + shared, target_parameters=EXPERT_PARAMS, r=4,
                               lora_alpha=8)
         self.ref = L.hf_logits(self.hf, self.lora)
@@ -554,8 +554,9 @@ def moe(tmp_path_factory):
     return _made_once(MoeCase, tmp_path_factory)
 
 
+DENSE_FIRST = ["Glm4MoeForCausalLM", "Ernie4_5_MoeForCausalLM"]  # block 0 dense, a shared expert
 MOE_ARCHS = ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM",
-             "Glm4MoeForCausalLM"]
+             "Glm4MoeForCausalLM", "Ernie4_5_MoeForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -588,19 +589,21 @@ def test_moe_adapter_runs_in_llama_cpp_as_peft_runs_it(moe, arch, tmp_path):
             == {n: np.array(x.data).tobytes() for n, x in o.items()}
 
 
-def test_glm4_moe_dense_block_and_shared_expert(moe, tmp_path):
-    """GLM-4.5's leading dense block (`mlp.{gate,up,down}_proj` → ffn_gate/up/down) and its shared experts
-    (`mlp.shared_experts.*` → ffn_*_shexp), which PEFT 0.21 cannot target on transformers 5 (it turns every *_proj
-    target into the routed experts' parameters): an adapter on them written by hand is the file llama.cpp's converter
-    writes, tensor for tensor, and llama.cpp runs it with the logits of the HF model it is merged into."""
+@pytest.mark.parametrize("arch", DENSE_FIRST)
+def test_dense_block_and_shared_expert(moe, tmp_path, arch):
+    """GLM-4.5's and ERNIE 4.5's leading dense block (`mlp.{gate,up,down}_proj` → ffn_gate/up/down) and shared
+    experts (`mlp.shared_experts.*` → ffn_*_shexp), which PEFT 0.21 cannot target on transformers 5 (it turns every
+    *_proj target into the routed experts' parameters): an adapter on them written by hand is the file llama.cpp's
+    converter writes, tensor for tensor, and llama.cpp runs it with the logits of the HF model it is merged into."""
     from surgery.adapter import Adapter, LoraModule
 
-    c = moe("Glm4MoeForCausalLM")
+    c = moe(arch)
+    shared = {"Glm4MoeForCausalLM": 32, "Ernie4_5_MoeForCausalLM": 48}[arch]  # (L.MOE's expert sizes × 1 shared)
     g = torch.Generator().manual_seed(3)
     shapes = {"model.layers.0.mlp.gate_proj": (96, 64), "model.layers.0.mlp.up_proj": (96, 64),
-              "model.layers.0.mlp.down_proj": (64, 96), "model.layers.1.mlp.shared_experts.gate_proj": (32, 64),
-              "model.layers.1.mlp.shared_experts.up_proj": (32, 64),
-              "model.layers.1.mlp.shared_experts.down_proj": (64, 32)}
+              "model.layers.0.mlp.down_proj": (64, 96), "model.layers.1.mlp.shared_experts.gate_proj": (shared, 64),
+              "model.layers.1.mlp.shared_experts.up_proj": (shared, 64),
+              "model.layers.1.mlp.shared_experts.down_proj": (64, shared)}
     modules = {f"base_model.model.{n}": LoraModule(A=torch.randn(4, i, generator=g) * 0.3,
                                                      B=torch.randn(o, 4, generator=g) * 0.3, scale=2.0)
                for n, (o, i) in shapes.items()}
@@ -618,7 +621,7 @@ def test_glm4_moe_dense_block_and_shared_expert(moe, tmp_path):
     assert effect > 1.0 and close(L.logits(c.base, ours), want) < 1e-5 * effect
 
 
-@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "Glm4MoeForCausalLM"])
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", *DENSE_FIRST])
 def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
     """llama.cpp's MoE adapter file → PEFT (gate and up expert tensors fused back into gate_up_proj, the router
     wrapped by target_parameters): PeftModel gives the original's logits; merged into the GGUF model and into the
@@ -629,7 +632,7 @@ def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
     back = tmp_path / "back"
     surgery("convert", theirs, "--to", "peft", "--base", c.hf, "-o", back)
     config = json.loads((back / "adapter_config.json").read_text())
-    moe_blocks = [1] if arch == "Glm4MoeForCausalLM" else [0, 1]  # (GLM-4.5's block 0 is dense)
+    moe_blocks = [1] if arch in DENSE_FIRST else [0, 1]
     assert sorted(config["target_parameters"]) == sorted(f"model.layers.{i}.{p}" for i in moe_blocks
                                                          for p in EXPERT_PARAMS)
     effect = close(c.ref, c.hf_base)
@@ -642,7 +645,7 @@ def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
     # gate and up tensors that do not share an A (one missing, one of another rank): fused side by side, exactly
     from surgery.io import gguf_file
 
-    missing = "blk.1.ffn_up_" if arch == "Glm4MoeForCausalLM" else "blk.0.ffn_gate_"
+    missing = "blk.1.ffn_up_" if arch in DENSE_FIRST else "blk.0.ffn_gate_"
     t = {x.name: np.array(x.data) for x in gguf.GGUFReader(theirs).tensors if not x.name.startswith(missing)}
     for part in ("a", "b"):
         name = f"blk.1.ffn_gate_exps.weight.lora_{part}"

@@ -84,6 +84,9 @@ class Arch:
 
 ATTN_MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# MoE models with dense blocks beside their MoE ones, and shared experts (llama.cpp's ffn_*_shexp)
+DENSE_AND_SHARED = ATTN_MLP + ("mlp.gate", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
+                               "mlp.shared_experts.down_proj")
 ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
     "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
     "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
@@ -112,9 +115,8 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "MixtralForCausalLM": Arch("llama", True, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "Qwen3MoeForCausalLM": Arch("qwen3moe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "OlmoeForCausalLM": Arch("olmoe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
-    "Glm4MoeForCausalLM": Arch("glm4moe", False, ATTN_MLP + (  # its first_k_dense_replace blocks: a dense MLP
-        "mlp.gate", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"),
-        moe=True),
+    "Glm4MoeForCausalLM": Arch("glm4moe", False, DENSE_AND_SHARED, moe=True),  # first_k_dense_replace blocks dense
+    "Ernie4_5_MoeForCausalLM": Arch("ernie4_5-moe", False, DENSE_AND_SHARED, moe=True),  # moe_layer_* say which
     "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + (
         "mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
         "mlp.shared_expert_gate"), moe=True),
@@ -255,14 +257,21 @@ def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict
     def first(*keys):
         return next((v for v in (jsonfile.field(config, k, "positive int", where) for k in keys) if v is not None),
                     None)
-    count, ff, hidden = first("num_experts", "num_local_experts", "n_routed_experts"), first(
+    count, ff, hidden = first("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), first(
         "moe_intermediate_size", "intermediate_size"), first("hidden_size")
     if None in (count, ff, hidden):
         raise SurgeryError(f"{where}: the expert count, their intermediate size and hidden_size are needed for GGUF "
                            "expert names")
-    dense = jsonfile.field(config, "first_k_dense_replace", "int", where, default=0)  # GLM-4.5's leading dense blocks
+    # which blocks have experts, as transformers builds them: GLM-4.5's first_k_dense_replace leading dense blocks;
+    # ERNIE 4.5's moe_layer_start_index … moe_layer_end_index, every moe_layer_interval-th
+    def index(key, default):
+        value = jsonfile.field(config, key, "int", where, default=default)
+        return default if value is None else value
+    start = max(index("first_k_dense_replace", 0), index("moe_layer_start_index", 0))
+    end, step = index("moe_layer_end_index", blocks - 1), max(index("moe_layer_interval", 1), 1)
     parts = {"gate": (count, ff, hidden), "up": (count, ff, hidden), "down": (count, hidden, ff)}
-    return count, {f"blk.{i}.ffn_{p}_exps.weight": s for i in range(dense, blocks) for p, s in parts.items()}
+    return count, {f"blk.{i}.ffn_{p}_exps.weight": s for i in range(blocks) if start <= i <= end and (i + 1) % step == 0
+                   for p, s in parts.items()}
 
 
 def permute_rows(t: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
