@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("llama_cpp")
-pytestmark = pytest.mark.slow  # llama.cpp's converters and runtime on a dozen architectures
+pytestmark = pytest.mark.slow  # llama.cpp's converters and runtime on some thirty architectures
 gguf = pytest.importorskip("gguf")
 
 from surgery import load_adapter, save_adapter  # noqa: E402
@@ -752,3 +752,16 @@ def test_moe_q8_0_missing_experts_and_bad_inputs(moe, tmp_path):
             "blk.0.ffn_up_exps.weight.lora_b": rng.standard_normal(b, dtype=np.float32)})
         _one_line_error(surgery("squeeze", bad, "--rank", "1", "-o", out, ok=False), "(experts, r, in)")
     assert not out.exists() and not (tmp_path / "p").exists()
+
+
+def test_every_architecture_s_tie_default_is_transformers():
+    """A base given as its config.json alone has an output matrix unless tie_word_embeddings says otherwise, and a
+    config that leaves the key out means the config class's default: each architecture's `tied` must be it."""
+    import transformers
+
+    from surgery.io.gguf_file import ARCHS
+
+    for arch, a in ARCHS.items():
+        cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(arch, arch.replace("ForCausalLM",
+                                                                                                  "Config")))
+        assert cls().tie_word_embeddings == a.tied, arch

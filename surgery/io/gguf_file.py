@@ -91,7 +91,7 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
     "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
     "GraniteForCausalLM": Arch("granite", True, ATTN_MLP),
-    "SmolLM3ForCausalLM": Arch("smollm3", True, ATTN_MLP),
+    "SmolLM3ForCausalLM": Arch("smollm3", True, ATTN_MLP, tied=True),
     "Qwen2ForCausalLM": Arch("qwen2", False, ATTN_MLP),
     "Qwen3ForCausalLM": Arch("qwen3", False, ATTN_MLP),
     "GemmaForCausalLM": Arch("gemma", False, ATTN_MLP, tied=True),
@@ -116,7 +116,7 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Qwen3MoeForCausalLM": Arch("qwen3moe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "OlmoeForCausalLM": Arch("olmoe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "Glm4MoeForCausalLM": Arch("glm4moe", False, DENSE_AND_SHARED, moe=True),  # first_k_dense_replace blocks dense
-    "Ernie4_5_MoeForCausalLM": Arch("ernie4_5-moe", False, DENSE_AND_SHARED, moe=True),  # moe_layer_* say which
+    "Ernie4_5_MoeForCausalLM": Arch("ernie4_5-moe", False, DENSE_AND_SHARED, tied=True, moe=True),  # moe_layer_*
     "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + (
         "mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
         "mlp.shared_expert_gate"), moe=True),
