@@ -254,6 +254,7 @@ def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict
     stacks them; (0, {}) for a dense architecture."""
     if not arch.moe:
         return 0, {}
+
     def first(*keys):
         return next((v for v in (jsonfile.field(config, k, "positive int", where) for k in keys) if v is not None),
                     None)
@@ -262,11 +263,13 @@ def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict
     if None in (count, ff, hidden):
         raise SurgeryError(f"{where}: the expert count, their intermediate size and hidden_size are needed for GGUF "
                            "expert names")
-    # which blocks have experts, as transformers builds them: GLM-4.5's first_k_dense_replace leading dense blocks;
-    # ERNIE 4.5's moe_layer_start_index … moe_layer_end_index, every moe_layer_interval-th
+
     def index(key, default):
         value = jsonfile.field(config, key, "int", where, default=default)
         return default if value is None else value
+
+    # which blocks have experts, as transformers builds them: GLM-4.5's first_k_dense_replace leading dense blocks;
+    # ERNIE 4.5's moe_layer_start_index … moe_layer_end_index, every moe_layer_interval-th
     start = max(index("first_k_dense_replace", 0), index("moe_layer_start_index", 0))
     end, step = index("moe_layer_end_index", blocks - 1), max(index("moe_layer_interval", 1), 1)
     parts = {"gate": (count, ff, hidden), "up": (count, ff, hidden), "down": (count, hidden, ff)}
