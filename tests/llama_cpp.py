@@ -66,12 +66,13 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
     import transformers
 
     vocab = tokenizer(folder)
-    config_cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(
+    config_cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig",
+                                        "Gemma3ForConditionalGeneration": "Gemma3TextConfig"}.get(
         arch, arch.replace("ForCausalLM", "Config")))
     extra = dict(head_dim=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     if arch.startswith("Gemma"):
         extra.update(tie_word_embeddings=True, query_pre_attn_scalar=16, sliding_window=32)
-        if arch == "Gemma3ForCausalLM":
+        if arch.startswith("Gemma3"):
             extra.update(rope_scaling=None)
     if arch.startswith("Cohere"):  # llama.cpp's command-r / cohere2 have no output matrix: tied, as the real ones;
         # logits unscaled (the default 1/16 would hide what the adapter does); llama.cpp reads cohere2's rotary_pct
@@ -82,6 +83,11 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
     if arch in MOE:
         extra.update(MOE[arch])
     config = config_cls(vocab_size=vocab, **{**SMALL, **extra})
+    if arch == "Gemma3ForConditionalGeneration":  # Gemma 3 4B and up: the text model beside a tiny SigLIP tower
+        config = transformers.Gemma3Config(
+            text_config=config.to_dict(), tie_word_embeddings=True, mm_tokens_per_image=4,
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8))
     torch.manual_seed(seed)
     m = getattr(transformers, arch)(config).eval()
     with torch.no_grad():

@@ -22,7 +22,8 @@ from surgery.errors import SurgeryError  # noqa: E402
 from . import llama_cpp as L  # noqa: E402
 
 ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM",
-         "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+         "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+         "Gemma3ForConditionalGeneration", "Phi3ForCausalLM",
          "OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM",
          "SeedOssForCausalLM", "Ernie4_5ForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM", "Glm4ForCausalLM",
          "Exaone4ForCausalLM", "StableLmForCausalLM", "HunYuanDenseV1ForCausalLM"]
@@ -159,6 +160,30 @@ def test_gguf_to_peft_round_trip(cases, tmp_path):
     api = save_adapter(load_adapter(g), tmp_path / "api.safetensors", format="peft-file", base=c.hf)
     for n, m in load_adapter(api).modules.items():
         torch.testing.assert_close(m.delta(), a.modules[n].delta(), rtol=0, atol=1e-6)
+
+
+def test_image_text_model_s_text_adapter(cases, tmp_path):
+    """Gemma 3 4B and up are image-text models (Gemma3ForConditionalGeneration: the text model under
+    `model.language_model.`, its sizes in text_config), and their PEFT adapters (all-linear) cover the SigLIP tower
+    too. Written for llama.cpp, the text model's modules are named as its converter names them, the tower's are
+    left out with a note (llama.cpp adapts the text model only; its converter drops them too); back to PEFT, the
+    names are the image-text model's, and PeftModel and a merge into the HF model give llama.cpp's logits."""
+    c = cases("Gemma3ForConditionalGeneration")
+    g = tmp_path / "a.gguf"
+    r = surgery("convert", c.lora, "--base", c.hf, "-o", g)
+    assert "3 module(s) of the vision tower / projector left out" in r.stderr
+    back = tmp_path / "back"
+    surgery("convert", g, "--to", "peft", "--base", c.hf, "-o", back)
+    a, b = load_adapter(c.lora), load_adapter(back)
+    text = {n for n in a.modules if ".language_model." in n}
+    assert b.modules.keys() == text and len(text) == 2 * 7
+    for n in text:
+        torch.testing.assert_close(b.modules[n].delta(), a.modules[n].delta(), rtol=0, atol=1e-6)
+    effect = close(c.ref, c.hf_base)
+    runtime = L.logits(c.base, g)
+    assert close(L.hf_logits(c.hf, back), runtime) < 2e-3 * effect
+    surgery("merge", c.hf, g, "-o", tmp_path / "merged")
+    assert close(L.hf_logits(tmp_path / "merged"), runtime) < 2e-3 * effect
 
 
 def _truncated_peft(lora: Path, out: Path, rank: int) -> Path:
@@ -762,6 +787,6 @@ def test_every_architecture_s_tie_default_is_transformers():
     from surgery.io.gguf_file import ARCHS
 
     for arch, a in ARCHS.items():
-        cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(arch, arch.replace("ForCausalLM",
-                                                                                                  "Config")))
+        cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma3ForConditionalGeneration":
+                                     "Gemma3Config"}.get(arch, arch.replace("ForCausalLM", "Config")))
         assert cls().tie_word_embeddings == a.tied, arch

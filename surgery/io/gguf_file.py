@@ -75,6 +75,7 @@ class Arch:
     moe: bool = False  # experts in `mlp.experts` (transformers 5's fused gate_up_proj / down_proj)
     router: str = "mlp.gate"
     interleaved: bool = False  # gate_up_proj's gate and up rows alternate (gpt-oss), else gate rows first
+    multimodal: bool = False  # the text model of an image-text model: `model.language_model.`, its text_config
 
     def halves(self, rows: int) -> tuple[slice, slice]:
         """The gate and the up rows of a fused gate_up_proj ΔW with `rows` rows."""
@@ -97,6 +98,7 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "GemmaForCausalLM": Arch("gemma", False, ATTN_MLP, tied=True),
     "Gemma2ForCausalLM": Arch("gemma2", False, ATTN_MLP, tied=True),
     "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP, tied=True),
+    "Gemma3ForConditionalGeneration": Arch("gemma3", False, ATTN_MLP, tied=True, multimodal=True),
     "Phi3ForCausalLM": Arch("phi3", False, ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                             "mlp.down_proj")),
     "OlmoForCausalLM": Arch("olmo", True, ATTN_MLP),
@@ -124,7 +126,7 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
                               interleaved=True),
 }
 # a GGUF model names its architecture only: llama's covers Mixtral's experts and router too
-BY_NAME = {a.name: a for a in ARCHS.values() if a.name != "llama"} | {
+BY_NAME = {a.name: a for a in ARCHS.values() if a.name != "llama" and not a.multimodal} | {
     "llama": Arch("llama", True, ATTN_MLP + ("mlp.gate",), moe=True)}
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")  # llama.cpp's ffn_{gate,up,down}_exps, one 3-D tensor each
 
@@ -144,6 +146,11 @@ class Base:
     has_output: bool
     experts: int = 0  # per MoE layer
 
+    @property
+    def text(self) -> str:
+        """Where the text model's blocks and embeddings are, as transformers 5 loads the model (PEFT's names)."""
+        return "model.language_model." if self.arch.multimodal else "model."
+
     def tensor_map(self):
         gguf = _gguf()
         enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch.name)
@@ -152,14 +159,24 @@ class Base:
     def names(self) -> dict[str, str]:
         """{HF module path: GGUF module name} of every module a LoRA can adapt here."""
         tmap = self.tensor_map()
-        paths = ["model.embed_tokens"] + [f"model.layers.{i}.{p}" for i in range(self.blocks)
-                                          for p in self.arch.projections + self._expert_parts()]
+        paths = [f"{self.text}embed_tokens"] + [f"{self.text}layers.{i}.{p}" for i in range(self.blocks)
+                                                for p in self.arch.projections + self._expert_parts()]
         if self.has_output:
             paths.append("lm_head")
-        return {p: g for p in paths if (g := tmap.get_name(p))}
+        return {p: g for p in paths if (g := tmap.get_name(text_path(p)))}
 
     def _expert_parts(self) -> tuple[str, ...]:
         return tuple(f"mlp.experts.{p}" for p in EXPERT_PARTS) if self.arch.moe else ()
+
+
+def text_path(path: str) -> str:
+    """A module path of an image-text model's text part as its text-only model names it, as llama.cpp's converter
+    reads it: `model.language_model.layers.0…` (transformers 5) or `language_model.model.layers.0…` (4) →
+    `model.layers.0…`; other paths as they are."""
+    return path.replace("language_model.", "")
+
+
+_VISION = re.compile(r"(^|\.)(vision_tower|vision_model|multi_modal_projector|visual|audio_tower)\.")
 
 
 def _field(reader, key: str, where, kind=int):
@@ -217,6 +234,11 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
     if arch is None:
         raise SurgeryError(f"{config_path}: architecture {', '.join(archs) or '(none)'} is not one surgery converts "
                            f"LoRA to GGUF for (supported: {', '.join(ARCHS)})")
+    top = config
+    if arch.multimodal:  # the text model's numbers
+        config = jsonfile.field(top, "text_config", "object", config_path)
+        if config is None:
+            raise SurgeryError(f"{config_path}: an image-text model without text_config (its text model's sizes)")
     rope = [config.get(k) for k in ("rope_parameters", "rope_scaling")]
     if arch.name == "glm4" and any(isinstance(r, dict) and "mrope_section" in r for r in rope):
         raise _mrope(config_path)
@@ -231,14 +253,15 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
         from .checkpoint import open_checkpoint
 
         ck = open_checkpoint(path)
-        b = Base(str(path), arch, blocks, heads, kv, None, "lm_head.weight" in ck.tensors, experts)
+        stored = {text_path(k): t for k, t in ck.tensors.items() if not _VISION.search(k)}
+        b = Base(str(path), arch, blocks, heads, kv, None, "lm_head.weight" in stored, experts)
         tmap = b.tensor_map()
-        shapes = {name + ".weight": tuple(t.shape) for k, t in ck.tensors.items()
+        shapes = {name + ".weight": tuple(t.shape) for k, t in stored.items()
                   if k.endswith(".weight") and (name := tmap.get_name(k[: -len(".weight")])) is not None}
         shapes |= expert_shapes  # however the checkpoint stores them (per expert, fused, MXFP4 blocks)
         has_output = b.has_output
     else:
-        has_output = not jsonfile.field(config, "tie_word_embeddings", "bool", config_path, default=arch.tied)
+        has_output = not jsonfile.field(top, "tie_word_embeddings", "bool", config_path, default=arch.tied)
     return Base(str(path), arch, blocks, heads, kv, shapes, has_output, experts)
 
 
@@ -373,9 +396,13 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         raise SurgeryError("cannot write GGUF: fan_in_fan_out = true (GPT-2 Conv1D bases) is not an architecture "
                            "llama.cpp's adapters cover")
     tmap = base.tensor_map()
-    modules, per_expert = {}, {}
+    modules, per_expert, vision = {}, {}, []
     for name, m in adapter.modules.items():
         path = name.removeprefix(PEFT_PREFIX)
+        if base.arch.multimodal and _VISION.search(path):
+            vision.append(name)
+            continue
+        path = text_path(path)
         if m.kind == "experts" or _EXPERT.match(path):
             for target, part in _expert_targets(name, path, m, base, tmap, per_expert):
                 if target in modules:
@@ -403,6 +430,11 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
             raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
         modules[target] = m
     notes = list(adapter.notes)
+    if vision:  # as llama.cpp's converter does: its runtime adapts the text model (the mmproj file takes none)
+        notes.append(f"{len(vision)} module(s) of the vision tower / projector left out ({listed(vision)}): "
+                     "llama.cpp applies adapters to the text model only")
+    if not modules and not per_expert:
+        raise SurgeryError("the adapter has no module of the text model, the only part llama.cpp adapts")
     for target, (names, experts) in per_expert.items():
         if target in modules:
             raise SurgeryError(f"module {names[0]}: two modules map to GGUF tensor {target}")
@@ -416,7 +448,7 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         # PEFT's save_embedding_layers copy of the base's own table: the base has it (llama.cpp's converter skips
         # it too), unless it was resized
         path = key.removeprefix(PEFT_PREFIX)[: -len(".base_layer.weight")]
-        target = tmap.get_name(path)
+        target = tmap.get_name(text_path(path))
         if PEFT_PREFIX + path not in adapter.modules or target is None:
             continue
         shape = None if base.shapes is None else base.shapes.get(target + ".weight")

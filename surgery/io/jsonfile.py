@@ -74,6 +74,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "str list": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
     "regex": (_is_regex, "a valid regular expression"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
 }
 
 
