@@ -172,6 +172,9 @@ def test_image_text_model_s_text_adapter(cases, tmp_path):
     g = tmp_path / "a.gguf"
     r = surgery("convert", c.lora, "--base", c.hf, "-o", g)
     assert "3 module(s) of the vision tower / projector left out" in r.stderr
+    surgery("convert", c.lora, "--base", c.base, "-o", tmp_path / "b.gguf")  # the GGUF model names the same
+    assert {t.name: np.array(t.data).tobytes() for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors} == \
+        {t.name: np.array(t.data).tobytes() for t in gguf.GGUFReader(g).tensors}
     back = tmp_path / "back"
     surgery("convert", g, "--to", "peft", "--base", c.hf, "-o", back)
     a, b = load_adapter(c.lora), load_adapter(back)

@@ -399,7 +399,7 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     modules, per_expert, vision = {}, {}, []
     for name, m in adapter.modules.items():
         path = name.removeprefix(PEFT_PREFIX)
-        if base.arch.multimodal and _VISION.search(path):
+        if _VISION.search(path):  # (an image-text model's; its GGUF model file names the text architecture only)
             vision.append(name)
             continue
         path = text_path(path)
