@@ -67,7 +67,8 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
 
     vocab = tokenizer(folder)
     config_cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig",
-                                        "Gemma3ForConditionalGeneration": "Gemma3TextConfig"}.get(
+                                        "Gemma3ForConditionalGeneration": "Gemma3TextConfig",
+                                        "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextConfig"}.get(
         arch, arch.replace("ForCausalLM", "Config")))
     extra = dict(head_dim=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     if arch.startswith("Gemma"):
@@ -88,6 +89,14 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
             text_config=config.to_dict(), tie_word_embeddings=True, mm_tokens_per_image=4,
             vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                                image_size=32, patch_size=8))
+    if arch == "Qwen2_5_VLForConditionalGeneration":  # the text model (M-RoPE sections over head_dim / 2) and a
+        # one-block vision tower
+        text = {**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [2, 3, 3]}}
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=text, tie_word_embeddings=False,
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                               fullatt_block_indexes=[0]))
     torch.manual_seed(seed)
     m = getattr(transformers, arch)(config).eval()
     with torch.no_grad():
@@ -182,11 +191,20 @@ def logits(model_path: Path, lora: Path | None = None, tokens=TOKENS, scale: flo
     return out
 
 
-def hf_logits(model_dir: Path, lora: Path | None = None, tokens=TOKENS) -> np.ndarray:
-    """transformers' (and PEFT's) float32 logits for the same tokens."""
+def load_model(model_dir: Path):
+    """The float32 transformers model of a folder: a causal LM, or an image-text one (Qwen2.5-VL is not among
+    AutoModelForCausalLM's)."""
     import transformers
 
-    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures", [])
+    auto = transformers.AutoModelForImageTextToText if any(a.endswith("ForConditionalGeneration") for a in archs) \
+        else transformers.AutoModelForCausalLM
+    return auto.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def hf_logits(model_dir: Path, lora: Path | None = None, tokens=TOKENS) -> np.ndarray:
+    """transformers' (and PEFT's) float32 logits for the same tokens."""
+    m = load_model(model_dir).eval()
     if lora is not None:
         from peft import PeftModel
 

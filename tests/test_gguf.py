@@ -23,7 +23,7 @@ from . import llama_cpp as L  # noqa: E402
 
 ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM",
          "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-         "Gemma3ForConditionalGeneration", "Phi3ForCausalLM",
+         "Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Phi3ForCausalLM",
          "OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM",
          "SeedOssForCausalLM", "Ernie4_5ForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM", "Glm4ForCausalLM",
          "Exaone4ForCausalLM", "StableLmForCausalLM", "HunYuanDenseV1ForCausalLM"]
@@ -49,10 +49,9 @@ def surgery(*args, ok: bool = True):
 
 def peft_lora(model_dir: Path, out: Path, targets, seed: int = 1, **config) -> Path:
     """A PEFT LoRA with random (non-zero) A and B on `targets`, saved by PEFT."""
-    import transformers
     from peft import LoraConfig, get_peft_model
 
-    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    m = L.load_model(model_dir)
     torch.manual_seed(seed)
     pm = get_peft_model(m, LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": targets,
                                          "init_lora_weights": False, **config}))
@@ -162,13 +161,13 @@ def test_gguf_to_peft_round_trip(cases, tmp_path):
         torch.testing.assert_close(m.delta(), a.modules[n].delta(), rtol=0, atol=1e-6)
 
 
-def test_image_text_model_s_text_adapter(cases, tmp_path):
-    """Gemma 3 4B and up are image-text models (Gemma3ForConditionalGeneration: the text model under
-    `model.language_model.`, its sizes in text_config), and their PEFT adapters (all-linear) cover the SigLIP tower
-    too. Written for llama.cpp, the text model's modules are named as its converter names them, the tower's are
+@pytest.mark.parametrize("arch", ["Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"])
+def test_image_text_model_s_text_adapter(cases, tmp_path, arch):
+    """Gemma 3 4B and up and Qwen2.5-VL are image-text models (the text model under `model.language_model.`, its
+    sizes in text_config), and their PEFT adapters (all-linear) cover the vision tower too. Written for llama.cpp, the text model's modules are named as its converter names them, the tower's are
     left out with a note (llama.cpp adapts the text model only; its converter drops them too); back to PEFT, the
     names are the image-text model's, and PeftModel and a merge into the HF model give llama.cpp's logits."""
-    c = cases("Gemma3ForConditionalGeneration")
+    c = cases(arch)
     g = tmp_path / "a.gguf"
     r = surgery("convert", c.lora, "--base", c.hf, "-o", g)
     assert "3 module(s) of the vision tower / projector left out" in r.stderr
@@ -790,6 +789,6 @@ def test_every_architecture_s_tie_default_is_transformers():
     from surgery.io.gguf_file import ARCHS
 
     for arch, a in ARCHS.items():
-        cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma3ForConditionalGeneration":
-                                     "Gemma3Config"}.get(arch, arch.replace("ForCausalLM", "Config")))
+        cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(
+            arch, arch.replace("ForCausalLM", "Config").replace("ForConditionalGeneration", "Config")))
         assert cls().tie_word_embeddings == a.tied, arch

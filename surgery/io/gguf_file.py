@@ -95,6 +95,8 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "SmolLM3ForCausalLM": Arch("smollm3", True, ATTN_MLP, tied=True),
     "Qwen2ForCausalLM": Arch("qwen2", False, ATTN_MLP),
     "Qwen3ForCausalLM": Arch("qwen3", False, ATTN_MLP),
+    "Qwen2VLForConditionalGeneration": Arch("qwen2vl", False, ATTN_MLP, multimodal=True),
+    "Qwen2_5_VLForConditionalGeneration": Arch("qwen2vl", False, ATTN_MLP, multimodal=True),
     "GemmaForCausalLM": Arch("gemma", False, ATTN_MLP, tied=True),
     "Gemma2ForCausalLM": Arch("gemma2", False, ATTN_MLP, tied=True),
     "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP, tied=True),
@@ -125,8 +127,10 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "GptOssForCausalLM": Arch("gpt-oss", False, ATTN_MLP[:4] + ("mlp.router",), moe=True, router="mlp.router",
                               interleaved=True),
 }
-# a GGUF model names its architecture only: llama's covers Mixtral's experts and router too
-BY_NAME = {a.name: a for a in ARCHS.values() if a.name != "llama" and not a.multimodal} | {
+# a GGUF model names its architecture only: llama's covers Mixtral's experts and router too; a text-only model's
+# names where there is one (gemma3), else the image-text model's (qwen2vl)
+BY_NAME = {a.name: a for a in ARCHS.values() if a.multimodal} | {
+    a.name: a for a in ARCHS.values() if a.name != "llama" and not a.multimodal} | {
     "llama": Arch("llama", True, ATTN_MLP + ("mlp.gate",), moe=True)}
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")  # llama.cpp's ffn_{gate,up,down}_exps, one 3-D tensor each
 
@@ -235,10 +239,8 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
         raise SurgeryError(f"{config_path}: architecture {', '.join(archs) or '(none)'} is not one surgery converts "
                            f"LoRA to GGUF for (supported: {', '.join(ARCHS)})")
     top = config
-    if arch.multimodal:  # the text model's numbers
-        config = jsonfile.field(top, "text_config", "object", config_path)
-        if config is None:
-            raise SurgeryError(f"{config_path}: an image-text model without text_config (its text model's sizes)")
+    if arch.multimodal:  # the text model's numbers (older Qwen2-VL configs keep them at the top)
+        config = jsonfile.field(top, "text_config", "object", config_path, default=top)
     rope = [config.get(k) for k in ("rope_parameters", "rope_scaling")]
     if arch.name == "glm4" and any(isinstance(r, dict) and "mrope_section" in r for r in rope):
         raise _mrope(config_path)
