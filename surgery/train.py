@@ -55,8 +55,8 @@ class LoRALinear(torch.nn.Module):
 
 def attach_lora(model: torch.nn.Module, pattern: str, rank: int, *, alpha: float | None = None,
                 seed: int = 0) -> dict[str, LoRALinear]:
-    """Replace every `nn.Linear` whose name matches `pattern` (re.search) by a LoRALinear of `rank`, scale
-    alpha / rank (1 without alpha); A is drawn from (seed, module name)."""
+    """Replace every `nn.Linear` (or GPT-2 `Conv1D`) whose name matches `pattern` (re.search) by a LoRALinear of
+    `rank`, scale alpha / rank (1 without alpha); A is drawn from (seed, module name)."""
     from .device import seeded
     from .rank import FixedRank
 
@@ -285,8 +285,8 @@ class InSqueeze:
 def _target_modules(model: torch.nn.Module, paths: set[str]) -> list[str]:
     """The modules' last names (as PEFT users write them) where PEFT's name match of those selects exactly these
     modules, else their paths: `c_proj` of GPT-2's attention alone would also put LoRA layers on mlp.c_proj."""
-    leaves = {p.rsplit(".", 1)[-1] for p in paths}
-    outside = (n for n, _ in model.named_modules() if n not in paths and not n.startswith(tuple(p + "." for p in paths)))
+    leaves, inside = {p.rsplit(".", 1)[-1] for p in paths}, tuple(p + "." for p in paths)
+    outside = (n for n, _ in model.named_modules() if n not in paths and not n.startswith(inside))
     return sorted(paths if any(n.rsplit(".", 1)[-1] in leaves for n in outside) else leaves)
 
 
