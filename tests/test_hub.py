@@ -150,26 +150,32 @@ def test_online_download_asks_only_for_the_files_read(tmp_path, monkeypatch):
         resolve("acme/gone", role="adapter")
 
 
-def test_gguf_naming_downloads_only_the_base_s_config(tmp_path, monkeypatch):
-    """convert --to gguf --base org/name reads only config.json (llama.cpp's names follow the architecture), so
-    only the repo's JSON files are asked for, not its weights; other namings take the whole model."""
-    pytest.importorskip("gguf")
+def online_from(snapshot, calls: list, monkeypatch) -> None:
+    """Online, nothing cached: huggingface_hub's snapshot_download "downloads" `snapshot`, recording the patterns
+    it was asked for in `calls`."""
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
-
-    calls = []
-    config_only = tmp_path / "snapshot"
-    config_only.mkdir()
-    shutil.copy(FIXTURES / "tiny-llama" / "config.json", config_only)
 
     def fake(repo, *, local_files_only=False, **kwargs):
         calls.append(kwargs["allow_patterns"])
         if local_files_only:
             raise LocalEntryNotFoundError("not cached")
-        return str(config_only)
+        return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def test_gguf_naming_downloads_only_the_base_s_config(tmp_path, monkeypatch):
+    """convert --to gguf --base org/name reads only config.json (llama.cpp's names follow the architecture), so
+    only the repo's JSON files are asked for, not its weights; other namings take the whole model."""
+    pytest.importorskip("gguf")
+    calls = []
+    config_only = tmp_path / "snapshot"
+    config_only.mkdir()
+    shutil.copy(FIXTURES / "tiny-llama" / "config.json", config_only)
+
+    online_from(config_only, calls, monkeypatch)
     r = run("convert", PEFT_FIXTURE, "--base", "acme/tiny-llama", "-o", tmp_path / "a.gguf")
     assert r.exit_code == 0, r.output
     assert calls == [["*.json"], ["*.json"]] and (tmp_path / "a.gguf").is_file()
@@ -183,8 +189,6 @@ def test_a_file_or_folder_inside_a_repo(cache, tmp_path, monkeypatch):
     alone gave "not a PEFT adapter directory" and nothing could name one of them. `org/name[@rev]/path` (as
     huggingface_hub's file system writes it) reads that file or folder, fetching only it; a default output is
     named after it in the current directory."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     kohya = FIXTURES / "kohya-lora-tiny.safetensors"
     repo = tmp_path / "collection"
     (repo / "styles").mkdir(parents=True)
@@ -207,18 +211,8 @@ def test_a_file_or_folder_inside_a_repo(cache, tmp_path, monkeypatch):
     r = run("inspect", "acme/collection/styles/nope.safetensors")
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "not in the Hugging Face cache" in r.output
     # online: only that path is asked for; one the repo lacks is one line naming it
-    import huggingface_hub
-
     calls = []
-
-    def fake(repo_id, *, local_files_only=False, **kwargs):
-        calls.append(kwargs["allow_patterns"])
-        if local_files_only:
-            raise LocalEntryNotFoundError("not cached")
-        return str(repo)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    online_from(repo, calls, monkeypatch)
     assert resolve("acme/other/styles/ink.safetensors", role="adapter") == str(repo / "styles" / "ink.safetensors")
     assert calls[-1][:2] == ["styles/ink.safetensors", "styles/ink.safetensors/*.json"]
     from surgery import SurgeryError
