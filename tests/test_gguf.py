@@ -646,6 +646,12 @@ def test_dense_block_and_shared_expert(moe, tmp_path, arch):
     want = L.hf_logits(tmp_path / "merged")
     effect = close(want, c.hf_base)
     assert effect > 1.0 and close(L.logits(c.base, ours), want) < 1e-5 * effect
+    # and back: the same modules under their HF names
+    surgery("convert", ours, "--to", "peft", "--base", c.hf, "-o", tmp_path / "back")
+    back = load_adapter(tmp_path / "back")
+    assert back.modules.keys() == modules.keys()
+    for n, m in modules.items():
+        torch.testing.assert_close(back.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", *DENSE_FIRST])
