@@ -68,7 +68,8 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
     vocab = tokenizer(folder)
     config_cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig",
                                         "Gemma3ForConditionalGeneration": "Gemma3TextConfig",
-                                        "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextConfig"}.get(
+                                        "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextConfig",
+                                        "LlavaForConditionalGeneration": "LlamaConfig"}.get(
         arch, arch.replace("ForCausalLM", "Config")))
     extra = dict(head_dim=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     if arch.startswith("Gemma"):
@@ -89,6 +90,12 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
             text_config=config.to_dict(), tie_word_embeddings=True, mm_tokens_per_image=4,
             vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                                image_size=32, patch_size=8))
+    if arch == "LlavaForConditionalGeneration":  # LLaVA 1.5: a Llama text model and a one-layer CLIP tower
+        config = transformers.LlavaConfig(
+            text_config={**config.to_dict(), "model_type": "llama"}, image_token_index=vocab - 1,
+            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+                               projection_dim=32))
     if arch == "Qwen2_5_VLForConditionalGeneration":  # the text model (M-RoPE sections over head_dim / 2) and a
         # one-block vision tower
         text = {**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,

@@ -23,7 +23,8 @@ from . import llama_cpp as L  # noqa: E402
 
 ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM",
          "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-         "Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Phi3ForCausalLM",
+         "Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration",
+         "Phi3ForCausalLM",
          "OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM",
          "SeedOssForCausalLM", "Ernie4_5ForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM", "Glm4ForCausalLM",
          "Exaone4ForCausalLM", "StableLmForCausalLM", "HunYuanDenseV1ForCausalLM"]
@@ -161,16 +162,18 @@ def test_gguf_to_peft_round_trip(cases, tmp_path):
         torch.testing.assert_close(m.delta(), a.modules[n].delta(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"])
-def test_image_text_model_s_text_adapter(cases, tmp_path, arch):
-    """Gemma 3 4B and up and Qwen2.5-VL are image-text models (the text model under `model.language_model.`, its
+@pytest.mark.parametrize("arch, vision", [("Gemma3ForConditionalGeneration", 3),
+                                          ("Qwen2_5_VLForConditionalGeneration", 3),
+                                          ("LlavaForConditionalGeneration", 6)])
+def test_image_text_model_s_text_adapter(cases, tmp_path, arch, vision):
+    """Gemma 3 4B and up, Qwen2.5-VL and LLaVA are image-text models (the text model under `model.language_model.`, its
     sizes in text_config), and their PEFT adapters (all-linear) cover the vision tower too. Written for llama.cpp, the text model's modules are named as its converter names them, the tower's are
     left out with a note (llama.cpp adapts the text model only; its converter drops them too); back to PEFT, the
     names are the image-text model's, and PeftModel and a merge into the HF model give llama.cpp's logits."""
     c = cases(arch)
     g = tmp_path / "a.gguf"
     r = surgery("convert", c.lora, "--base", c.hf, "-o", g)
-    assert "3 module(s) of the vision tower / projector left out" in r.stderr
+    assert f"{vision} module(s) of the vision tower / projector left out" in r.stderr
     surgery("convert", c.lora, "--base", c.base, "-o", tmp_path / "b.gguf")  # the GGUF model names the same
     assert {t.name: np.array(t.data).tobytes() for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors} == \
         {t.name: np.array(t.data).tobytes() for t in gguf.GGUFReader(g).tensors}

@@ -91,6 +91,7 @@ DENSE_AND_SHARED = ATTN_MLP + ("mlp.gate", "mlp.shared_experts.gate_proj", "mlp.
 ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
     "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
     "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
+    "LlavaForConditionalGeneration": Arch("llama", True, ATTN_MLP, multimodal=True),  # as llama.cpp: any text model
     "GraniteForCausalLM": Arch("granite", True, ATTN_MLP),
     "SmolLM3ForCausalLM": Arch("smollm3", True, ATTN_MLP, tied=True),
     "Qwen2ForCausalLM": Arch("qwen2", False, ATTN_MLP),
