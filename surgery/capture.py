@@ -20,6 +20,7 @@ import torch
 
 from .device import resolve_device
 from .errors import SurgeryError, regex
+from .layers import linear_shape
 
 
 @dataclass(frozen=True)
@@ -248,10 +249,8 @@ def capture_inputs(model_dir: str | os.PathLike, texts: str | os.PathLike, *, ta
     tok, model, lines, pad = _load(model_dir, texts, device, max_tokens, max_length, batch_size)
     plan, n, k, extra = _token_plan(tok, lines, model=model, where=model_dir, batch_size=batch_size,
                                     max_length=max_length, keep_special=keep_special, max_tokens=max_tokens, seed=seed)
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, weight (in, out): inputs alike
-
     prefix = _block_prefix(model)
-    names = [name for name, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, Conv1D))
+    names = [name for name, mod in model.named_modules() if linear_shape(mod)  # (GPT-2's Conv1D too: inputs alike)
              and (pattern.search(name) if pattern else prefix and name.startswith(prefix + "."))]
     if not names:
         raise SurgeryError(f"{model_dir}: no linear module matches {targets or 'the transformer blocks'!r}")

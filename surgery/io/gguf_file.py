@@ -291,8 +291,7 @@ def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict
                            "expert names")
 
     def index(key, default):
-        value = jsonfile.field(config, key, "int", where, default=default)
-        return default if value is None else value
+        return jsonfile.field(config, key, "int", where, default=default)
 
     # which blocks have experts, as transformers builds them: GLM-4.5's first_k_dense_replace leading dense blocks;
     # ERNIE 4.5's moe_layer_start_index … moe_layer_end_index, every moe_layer_interval-th

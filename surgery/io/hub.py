@@ -105,25 +105,31 @@ def resolve(path: str | os.PathLike, revision: str | None = None, role: str = "m
     return found
 
 
-def cached_repo(path: str | os.PathLike) -> str | None:
-    """The repo name (`name` of `org/name`) when `path` lies in a hub cache snapshot, else None."""
+def _in_snapshot(path: str | os.PathLike) -> tuple[str, tuple[str, ...]] | None:
+    """(repo name — `name` of `org/name` —, the path's parts inside its snapshot) when `path` lies in a hub cache
+    snapshot (`models--org--name/snapshots/<rev>/…`), else None."""
     parts = Path(os.path.abspath(path)).parts
     for i, part in enumerate(parts[:-1]):
         if part.startswith(("models--", "datasets--", "spaces--")) and parts[i + 1] == "snapshots":
-            return part.split("--")[-1]
+            return part.split("--")[-1], parts[i + 3:]
     return None
+
+
+def cached_repo(path: str | os.PathLike) -> str | None:
+    """The repo name (`name` of `org/name`) when `path` lies in a hub cache snapshot, else None."""
+    found = _in_snapshot(path)
+    return found and found[0]
 
 
 def output_home(source: str | os.PathLike) -> Path:
     """Where a default output of `source` is named from: the input itself, or for an input in the hub cache, a
     path in the current directory (outputs never go into the cache) named after the repo — or after the file or
     folder inside it that was named (`org/name/style.safetensors` → `./style.safetensors`)."""
-    repo = cached_repo(source)
-    if repo is None:
+    found = _in_snapshot(source)
+    if found is None:
         return Path(source)
-    parts = Path(os.path.abspath(source)).parts
-    top = next(i for i, p in enumerate(parts) if p.startswith(("models--", "datasets--", "spaces--")))
-    return Path.cwd() / (parts[-1] if len(parts) > top + 3 else repo)  # past models--…/snapshots/<rev>
+    repo, inside = found
+    return Path.cwd() / (inside[-1] if inside else repo)
 
 
 def in_cache(path: str | os.PathLike) -> bool:
