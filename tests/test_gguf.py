@@ -191,6 +191,24 @@ def test_image_text_model_s_text_adapter(cases, tmp_path, arch, vision):
     assert close(L.hf_logits(tmp_path / "merged"), runtime) < 2e-3 * effect
 
 
+def test_image_text_refusals_are_one_line_and_write_nothing(cases, tmp_path):
+    """An image-text adapter on the vision tower alone has nothing llama.cpp adapts, and a config whose text_config
+    is not an object has no text model's sizes: each one `error:` line, exit 1, nothing written."""
+    c = cases("Gemma3ForConditionalGeneration")
+    a = load_adapter(c.lora)
+    vision = a.with_modules({n: m for n, m in a.modules.items() if ".vision_tower." in n})
+    save_adapter(vision, tmp_path / "vision")
+    out = tmp_path / "out.gguf"
+    _one_line_error(surgery("convert", tmp_path / "vision", "--base", c.hf, "-o", out, ok=False),
+                    "no module of the text model")
+    config = json.loads((c.hf / "config.json").read_text())
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({**config, "text_config": [1]}))
+    _one_line_error(surgery("convert", c.lora, "--base", tmp_path / "bad", "-o", out, ok=False),
+                    "text_config must be an object")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad", "vision"]
+
+
 def _truncated_peft(lora: Path, out: Path, rank: int) -> Path:
     """The optimal rank-`rank` truncation of every ΔW (float64 SVD of the dense product), as a PEFT adapter."""
     a = load_adapter(lora)

@@ -330,3 +330,28 @@ def test_training_on_gpt2_conv1d_layers(tmp_path, kind):
             # LoRA layer there too and warned of missing keys)
             assert {n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
                     if isinstance(m, peft.tuners.lora.LoraLayer)} == set(layers)
+
+
+def test_adapter_layers_refuse_what_they_cannot_wrap():
+    """Each one line: a pattern matching no linear layer; LoRALinear / TeRALinear around a layer that is neither
+    nn.Linear nor Conv1D; a model whose layers, attached by separate calls, wrap both kinds (one adapter file states
+    one fan_in_fan_out) — refused when it is exported."""
+    from surgery.tera import TeRALinear, TeraSpec, adapter_from_model
+    from surgery.train import LoRALinear
+
+    with pytest.raises(SurgeryError, match=re.escape("no nn.Linear or Conv1D module matches 'nothing'")):
+        attach_lora(mlp(), "nothing", rank=2)
+    with pytest.raises(SurgeryError, match="LoRALinear wraps an nn.Linear or Conv1D, not Conv2d"):
+        LoRALinear(torch.nn.Conv2d(4, 4, 3), rank=2)
+    with pytest.raises(SurgeryError, match="TeRALinear wraps an nn.Linear or Conv1D, not Embedding"):
+        TeRALinear(torch.nn.Embedding(8, 4), TeraSpec.for_shape(4, 8, 3, 2, 0))
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), transformers.pytorch_utils.Conv1D(32, 32))
+    attach_lora(model, "^0$", rank=2)
+    attach_lora(model, "^1$", rank=2)
+    with pytest.raises(SurgeryError, match=r"wrap Conv1D layers, stored \(in, out\) \(1\), and nn.Linear ones \(0\)"):
+        lora_adapter(model)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), transformers.pytorch_utils.Conv1D(32, 32))
+    attach_tera(model, "^0$", core_rank=2)
+    attach_tera(model, "^1$", core_rank=2)
+    with pytest.raises(SurgeryError, match=r"wrap Conv1D layers, stored \(in, out\) \(1\), and nn.Linear ones \(0\)"):
+        adapter_from_model(model)
