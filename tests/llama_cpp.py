@@ -69,6 +69,11 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
     config_cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig",
                                         "Gemma3ForConditionalGeneration": "Gemma3TextConfig",
                                         "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextConfig",
+                                        "Qwen3VLForConditionalGeneration": "Qwen3VLTextConfig",
+                                        "Qwen3_5ForCausalLM": "Qwen3_5TextConfig",
+                                        "Qwen3_5ForConditionalGeneration": "Qwen3_5TextConfig",
+                                        "Qwen3_5MoeForCausalLM": "Qwen3_5MoeTextConfig",
+                                        "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeTextConfig",
                                         "LlavaForConditionalGeneration": "LlamaConfig"}.get(
         arch, arch.replace("ForCausalLM", "Config")))
     extra = dict(head_dim=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
@@ -82,8 +87,15 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
     if arch == "Phi3ForCausalLM":
         extra.pop("head_dim")
         extra.update(num_key_value_heads=4, original_max_position_embeddings=64)
-    if arch in MOE:
-        extra.update(MOE[arch])
+    if arch.startswith("Qwen3_5"):  # a gated-delta-net block (more V heads than K heads, as the real ones) and a
+        # full-attention one; partial rotary over interleaved M-RoPE sections; one MTP layer named, as the real
+        # configs do (llama.cpp's LoRA converter asserts it; the weights leave it out, as transformers does)
+        extra.update(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                     linear_key_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_value_head_dim=8,
+                     mtp_num_hidden_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                               "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
+    extra.update(MOE.get(arch.replace("ForConditionalGeneration", "ForCausalLM"), {}))  # (an image-text MoE: its text
+    # model's)
     config = config_cls(vocab_size=vocab, **{**SMALL, **extra})
     if arch == "Gemma3ForConditionalGeneration":  # Gemma 3 4B and up: the text model beside a tiny SigLIP tower
         config = transformers.Gemma3Config(
@@ -104,6 +116,18 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
             text_config=text, tie_word_embeddings=False,
             vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                                fullatt_block_indexes=[0]))
+    if arch == "Qwen3VLForConditionalGeneration":  # interleaved M-RoPE whose sections llama.cpp lays out as
+        # transformers does (each section at least as long as the ones after it), and a two-block tower
+        text = {**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [3, 3, 2], "mrope_interleaved": True}}
+        config = transformers.Qwen3VLConfig(
+            text_config=text, tie_word_embeddings=False,
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                               deepstack_visual_indexes=[0]))
+    if arch.startswith("Qwen3_5") and arch.endswith("ForConditionalGeneration"):
+        config = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))(
+            text_config=config.to_dict(), tie_word_embeddings=False,
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64))
     torch.manual_seed(seed)
     m = getattr(transformers, arch)(config).eval()
     with torch.no_grad():
@@ -132,6 +156,8 @@ MOE = {"MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
                                        moe_layer_start_index=1, moe_layer_end_index=1, moe_layer_interval=1),
        "Qwen2MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                    shared_expert_intermediate_size=48),
+       "Qwen3_5MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                     shared_expert_intermediate_size=48),
        "GptOssForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                                  layer_types=["sliding_attention", "full_attention"])}
 # The converters run as scripts, with one change: llama.cpp's converters for some architectures (Qwen MoE, gpt-oss,
@@ -160,7 +186,9 @@ def run_script(script: str, *args) -> None:
 
 
 def convert_model(folder: Path, out: Path, outtype: str = "f32") -> Path:
-    run_script("convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype)
+    """llama.cpp's GGUF of the model; without the MTP layers a config names but the tiny model has no weights for."""
+    mtp = "mtp_num_hidden_layers" in (folder / "config.json").read_text()
+    run_script("convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype, *["--no-mtp"] * mtp)
     return out
 
 

@@ -24,12 +24,14 @@ from . import llama_cpp as L  # noqa: E402
 ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM",
          "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
          "Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration",
+         "Qwen3VLForConditionalGeneration", "Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration",
          "Phi3ForCausalLM",
          "OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM",
          "SeedOssForCausalLM", "Ernie4_5ForCausalLM", "ArceeForCausalLM", "ApertusForCausalLM", "Glm4ForCausalLM",
          "Exaone4ForCausalLM", "StableLmForCausalLM", "HunYuanDenseV1ForCausalLM"]
 PHI3 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LINEAR = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]  # Qwen3.5's gated delta net
 NO_GATE = {"ArceeForCausalLM", "ApertusForCausalLM"}  # up_proj → activation → down_proj
 
 
@@ -66,7 +68,8 @@ class Case:
         self.hf = L.model(arch, root / "hf")
         self.base = L.convert_model(self.hf, root / "base-f32.gguf")
         self.targets = {"Phi3ForCausalLM": PHI3, "Glm4ForCausalLM": ALL7[:4] + PHI3[2:]}.get(
-            arch, [t for t in ALL7 if t != "gate_proj"] if arch in NO_GATE else ALL7)
+            arch, [t for t in ALL7 if t != "gate_proj"] if arch in NO_GATE else
+            ALL7 + LINEAR if arch.startswith("Qwen3_5") else ALL7)
         self.lora = peft_lora(self.hf, root / "lora", self.targets)
         self.ref = L.hf_logits(self.hf, self.lora)
         self.hf_base = L.hf_logits(self.hf)
@@ -207,6 +210,48 @@ def test_image_text_refusals_are_one_line_and_write_nothing(cases, tmp_path):
     _one_line_error(surgery("convert", c.lora, "--base", tmp_path / "bad", "-o", out, ok=False),
                     "text_config must be an object")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad", "vision"]
+
+
+def test_qwen3_5_linear_attention_v_heads_in_llama_cpp_s_order(cases, tmp_path, monkeypatch):
+    """Qwen3.5's gated-delta-net layers have more V heads than K heads; llama.cpp's converter reorders them from
+    HF's grouped order to a tiled one (rows of in_proj_qkv's V part, in_proj_z, in_proj_a/b; columns of out_proj). A
+    LoRA on those layers alone: ours runs in llama.cpp as PEFT runs it, named without the reorder it would not; back
+    to PEFT (through the HF folder or the GGUF model as base) every ΔW is the original's; merged into the GGUF model
+    (PEFT's file or ours) it equals the adapter applied at run time."""
+    from surgery.io import gguf_file
+
+    c = cases("Qwen3_5ForCausalLM")
+    lora = peft_lora(c.hf, tmp_path / "linear", LINEAR, seed=3)
+    ref = L.hf_logits(c.hf, lora)
+    effect = close(ref, c.hf_base)
+    ours = tmp_path / "ours.gguf"
+    surgery("convert", lora, "--base", c.hf, "-o", ours)
+    runtime = L.logits(c.base, ours)
+    assert close(runtime, ref) < 1e-5 * effect
+    with monkeypatch.context() as m:  # the same names in HF's order: another model
+        m.setattr(gguf_file, "_reorder", lambda *a: (None, None))
+        surgery("convert", lora, "--base", c.hf, "-o", tmp_path / "naive.gguf")
+    assert close(L.logits(c.base, tmp_path / "naive.gguf"), ref) > 0.05 * effect
+    a = load_adapter(lora)
+    for i, base in enumerate((c.hf, c.base)):
+        back = tmp_path / f"back{i}"
+        surgery("convert", ours, "--to", "peft", "--base", base, "-o", back)
+        b = load_adapter(back)
+        assert b.modules.keys() == a.modules.keys()
+        for n, m in a.modules.items():
+            torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+    for i, adapter in enumerate((lora, ours)):
+        merged = tmp_path / f"merged{i}.gguf"
+        surgery("merge", c.base, adapter, "-o", merged)
+        assert close(L.logits(merged), runtime) < 1e-5 * effect
+    config = json.loads((c.hf / "config.json").read_text())  # a config-only base without the head counts
+    for i, change in enumerate(({"linear_num_value_heads": None}, {"linear_num_value_heads": 3})):
+        (tmp_path / f"cfg{i}").mkdir()
+        (tmp_path / f"cfg{i}" / "config.json").write_text(json.dumps({k: v for k, v in {**config, **change}.items()
+                                                                      if v is not None}))
+        _one_line_error(surgery("convert", lora, "--base", tmp_path / f"cfg{i}", "-o", tmp_path / "x.gguf", ok=False),
+                        "linear_num_value_heads" if i == 0 else "3 linear-attention V heads do not group over 2")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def _truncated_peft(lora: Path, out: Path, rank: int) -> Path:
@@ -588,7 +633,9 @@ class MoeCase:
         self.hf = L.model(arch, root / "hf")
         self.base = L.convert_model(self.hf, root / "base-f32.gguf")
         shared = ["shared_expert.gate_proj", "shared_expert.down_proj", "shared_expert_gate"] \
-            if arch == "Qwen2MoeForCausalLM" else []  # (PEFT turns GLM-4.5's / ERNIE's *_proj targets into experts')
+            if arch.startswith(("Qwen2Moe", "Qwen3_5Moe")) else []  # (PEFT turns GLM-4.5's / ERNIE's
+        # *_proj targets into experts')
+        shared += LINEAR if arch.startswith("Qwen3_5") else []
         self.lora = peft_lora(self.hf, root / "lora", ATTN + shared, target_parameters=EXPERT_PARAMS, r=4,
                               lora_alpha=8)
         self.ref = L.hf_logits(self.hf, self.lora)
@@ -604,7 +651,8 @@ def moe(tmp_path_factory):
 
 DENSE_FIRST = ["Glm4MoeForCausalLM", "Ernie4_5_MoeForCausalLM"]  # block 0 dense, a shared expert
 MOE_ARCHS = ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM",
-             "Glm4MoeForCausalLM", "Ernie4_5_MoeForCausalLM"]
+             "Glm4MoeForCausalLM", "Ernie4_5_MoeForCausalLM", "Qwen3_5MoeForCausalLM",
+             "Qwen3_5MoeForConditionalGeneration"]
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -675,7 +723,8 @@ def test_dense_block_and_shared_expert(moe, tmp_path, arch):
         torch.testing.assert_close(back.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", *DENSE_FIRST])
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", *DENSE_FIRST,
+                                  "Qwen3_5MoeForCausalLM"])
 def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
     """llama.cpp's MoE adapter file → PEFT (gate and up expert tensors fused back into gate_up_proj, the router
     wrapped by target_parameters): PeftModel gives the original's logits; merged into the GGUF model and into the

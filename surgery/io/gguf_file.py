@@ -88,6 +88,11 @@ ATTN_MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 # MoE models with dense blocks beside their MoE ones, and shared experts (llama.cpp's ffn_*_shexp)
 DENSE_AND_SHARED = ATTN_MLP + ("mlp.gate", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
                                "mlp.shared_experts.down_proj")
+# the router and the shared expert of Qwen2-MoE and Qwen3.5-MoE (its gate: ffn_gate_inp_shexp)
+QWEN_SHARED = ("mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+               "mlp.shared_expert_gate")
+# Qwen3.5's gated-delta-net blocks beside its full-attention ones (llama.cpp's attn_qkv, attn_gate, ssm_*)
+LINEAR_ATTN = tuple(f"linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"))
 ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
     "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
     "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
@@ -98,6 +103,9 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Qwen3ForCausalLM": Arch("qwen3", False, ATTN_MLP),
     "Qwen2VLForConditionalGeneration": Arch("qwen2vl", False, ATTN_MLP, multimodal=True),
     "Qwen2_5_VLForConditionalGeneration": Arch("qwen2vl", False, ATTN_MLP, multimodal=True),
+    "Qwen3VLForConditionalGeneration": Arch("qwen3vl", False, ATTN_MLP, multimodal=True),
+    "Qwen3_5ForCausalLM": Arch("qwen35", False, ATTN_MLP + LINEAR_ATTN),
+    "Qwen3_5ForConditionalGeneration": Arch("qwen35", False, ATTN_MLP + LINEAR_ATTN, multimodal=True),
     "GemmaForCausalLM": Arch("gemma", False, ATTN_MLP, tied=True),
     "Gemma2ForCausalLM": Arch("gemma2", False, ATTN_MLP, tied=True),
     "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP, tied=True),
@@ -122,9 +130,10 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "OlmoeForCausalLM": Arch("olmoe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True),
     "Glm4MoeForCausalLM": Arch("glm4moe", False, DENSE_AND_SHARED, moe=True),  # first_k_dense_replace blocks dense
     "Ernie4_5_MoeForCausalLM": Arch("ernie4_5-moe", False, DENSE_AND_SHARED, tied=True, moe=True),  # moe_layer_*
-    "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + (
-        "mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
-        "mlp.shared_expert_gate"), moe=True),
+    "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + QWEN_SHARED, moe=True),
+    "Qwen3_5MoeForCausalLM": Arch("qwen35moe", False, ATTN_MLP[:4] + LINEAR_ATTN + QWEN_SHARED, moe=True),
+    "Qwen3_5MoeForConditionalGeneration": Arch("qwen35moe", False, ATTN_MLP[:4] + LINEAR_ATTN + QWEN_SHARED,
+                                               moe=True, multimodal=True),
     "GptOssForCausalLM": Arch("gpt-oss", False, ATTN_MLP[:4] + ("mlp.router",), moe=True, router="mlp.router",
                               interleaved=True),
 }
@@ -150,6 +159,7 @@ class Base:
     shapes: Mapping[str, tuple[int, ...]] | None
     has_output: bool
     experts: int = 0  # per MoE layer
+    linear: tuple[int, int, int, int] | None = None  # linear attention's K heads, V heads, K and V head sizes
 
     @property
     def text(self) -> str:
@@ -227,9 +237,14 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
         experts = reader.get_field(f"{name}.expert_count")
         if name == "glm4" and reader.get_field(f"{name}.rope.dimension_sections") is not None:
             raise _mrope(path)
+        linear = None
+        if LINEAR_ATTN[0] in BY_NAME[name].projections:  # as llama.cpp's converter writes them
+            k_heads, v_heads, k_dim, inner = (_field(reader, f"{name}.ssm.{k}", path) for k in (
+                "group_count", "time_step_rank", "state_size", "inner_size"))
+            linear = _linear(k_heads, v_heads, k_dim, inner // max(v_heads, 1), path)
         return Base(str(path), BY_NAME[name], _field(reader, f"{name}.block_count", path), heads,
                     int(kv.contents()) if kv is not None else heads, shapes, "output.weight" in shapes,
-                    int(experts.contents()) if experts is not None else 0)
+                    int(experts.contents()) if experts is not None else 0, linear)
     config_path = (path if path.is_dir() else path.parent) / "config.json"
     if not config_path.is_file():
         raise SurgeryError(f"{path}: no config.json (the base model's config names its architecture for GGUF)")
@@ -251,13 +266,21 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
         raise SurgeryError(f"{config_path}: num_hidden_layers and num_attention_heads are needed for GGUF names")
     kv = jsonfile.field(config, "num_key_value_heads", "positive int", config_path, default=heads)
     experts, expert_shapes = _experts(arch, blocks, config, config_path)
+    linear = None
+    if LINEAR_ATTN[0] in arch.projections:
+        sizes = [jsonfile.field(config, f"linear_{k}", "positive int", config_path) for k in (
+            "num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim")]
+        if None in sizes:
+            raise SurgeryError(f"{config_path}: linear_num_key_heads, linear_num_value_heads, linear_key_head_dim "
+                               "and linear_value_head_dim are needed for the linear-attention layers' GGUF layout")
+        linear = _linear(*sizes, config_path)
     shapes = None
     if path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
         from .checkpoint import open_checkpoint
 
         ck = open_checkpoint(path)
         stored = {text_path(k): t for k, t in ck.tensors.items() if not _VISION.search(k)}
-        b = Base(str(path), arch, blocks, heads, kv, None, "lm_head.weight" in stored, experts)
+        b = Base(str(path), arch, blocks, heads, kv, None, "lm_head.weight" in stored, experts, linear)
         tmap = b.tensor_map()
         shapes = {name + ".weight": tuple(t.shape) for k, t in stored.items()
                   if k.endswith(".weight") and (name := tmap.get_name(k[: -len(".weight")])) is not None}
@@ -265,7 +288,13 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
         has_output = b.has_output
     else:
         has_output = not jsonfile.field(top, "tie_word_embeddings", "bool", config_path, default=arch.tied)
-    return Base(str(path), arch, blocks, heads, kv, shapes, has_output, experts)
+    return Base(str(path), arch, blocks, heads, kv, shapes, has_output, experts, linear)
+
+
+def _linear(k_heads: int, v_heads: int, k_dim: int, v_dim: int, where) -> tuple[int, int, int, int]:
+    if k_heads < 1 or v_dim < 1 or v_heads % k_heads:
+        raise SurgeryError(f"{where}: {v_heads} linear-attention V heads do not group over {k_heads} K heads")
+    return k_heads, v_heads, k_dim, v_dim
 
 
 def _mrope(where) -> SurgeryError:
@@ -302,24 +331,53 @@ def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict
                    for p, s in parts.items()}
 
 
-def permute_rows(t: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
-    """llama.cpp's `LlamaModel.permute` of a q/k weight's rows (HF's rotary halves → interleaved pairs), applied
-    to B (out, r); `inverse` undoes it."""
-    out = t.shape[0]
-    if out % (2 * heads):
-        raise SurgeryError(f"cannot permute {out} rows over {heads} heads")
-    shape = (heads, out // heads // 2, 2) if inverse else (heads, 2, out // heads // 2)
-    return t.reshape(*shape, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+def _rotary(rows: int, heads: int) -> torch.Tensor:
+    """llama.cpp's `LlamaModel.permute` of a q/k weight's rows (HF's rotary halves → interleaved pairs), as an
+    index: GGUF's row i is HF's row idx[i]."""
+    if rows % (2 * heads):
+        raise SurgeryError(f"cannot permute {rows} rows over {heads} heads")
+    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
 
 
-def _permute_heads(base: Base, path: str) -> int | None:
-    if not base.arch.permute:
-        return None
-    if path.endswith("self_attn.q_proj"):
-        return base.heads
-    if path.endswith("self_attn.k_proj"):
-        return base.kv_heads
-    return None
+def _tiled(n: int, groups: int, per_group: int, size: int, where: str) -> torch.Tensor:
+    """llama.cpp's order of Qwen3.5's linear-attention V heads (`_reorder_v_heads`): HF groups them by K head
+    ([K0v0, K0v1, K1v0, K1v1]), GGUF tiles them ([K0v0, K1v0, K0v1, K1v1]) for ggml's broadcast; entry i of the
+    index is the HF row (or column) that GGUF's i-th is."""
+    if n != groups * per_group * size:
+        raise SurgeryError(f"{where}: {n} rows/columns are not {groups * per_group} linear-attention V heads of {size}")
+    return torch.arange(n).reshape(groups, per_group, size).transpose(0, 1).reshape(n)
+
+
+def _reorder(base: Base, path: str, rows: int, cols: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """How llama.cpp's converter reorders the rows and columns of the weight at `path` (ΔW_gguf = ΔW[r][:, c], None:
+    as they are): Llama's q/k rotary permutation; Qwen3.5's linear-attention V heads, where they outnumber K's."""
+    if base.arch.permute and path.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+        heads = base.heads if path.endswith("q_proj") else base.kv_heads
+        return _rotary(rows, heads), None
+    if base.linear is None or ".linear_attn." not in path or base.linear[0] == base.linear[1]:
+        return None, None
+    k_heads, v_heads, k_dim, v_dim = base.linear
+    part, per = path.rsplit(".", 1)[1], v_heads // k_heads
+    if part == "in_proj_qkv":  # q and k rows as they are, then v's
+        qk = 2 * k_heads * k_dim
+        return torch.cat([torch.arange(qk), qk + _tiled(rows - qk, k_heads, per, v_dim, path)]), None
+    if part in ("in_proj_z", "in_proj_a", "in_proj_b"):  # a row per V head channel (z), a row per V head (a, b)
+        return _tiled(rows, k_heads, per, v_dim if part == "in_proj_z" else 1, path), None
+    if part == "out_proj":
+        return None, _tiled(cols, k_heads, per, v_dim, path)
+    return None, None
+
+
+def _reordered(m, base: Base, path: str, inverse: bool):
+    """A 2-D LoRA module with B's rows and A's columns in llama.cpp's order (`inverse`: back to HF's)."""
+    rows, cols = _reorder(base, path, m.out_features, m.in_features)
+    if inverse:
+        rows, cols = (None if i is None else torch.argsort(i) for i in (rows, cols))
+    if rows is not None:
+        m = replace(m, B=_Derived(m.B, lambda x: x[rows], m.B.shape))
+    if cols is not None:
+        m = replace(m, A=_Derived(m.A, lambda x: x[:, cols], m.A.shape))
+    return m
 
 
 class _Derived:
@@ -344,10 +402,6 @@ class _Made(_Derived):
 
     def load(self) -> torch.Tensor:
         return self.make()
-
-
-def _permuted(t, heads: int, inverse: bool) -> _Derived:
-    return _Derived(t, lambda x: permute_rows(x, heads, inverse), t.shape)
 
 
 def _transposed(t) -> _Derived:
@@ -426,8 +480,7 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         if shape is not None and tuple(shape) != weight_shape(m):
             raise SurgeryError(f"module {name}: ΔW is {weight_shape(m)} but {base.where} has {target}.weight "
                                f"{tuple(shape)} (an adapter for another model?)")
-        if (heads := _permute_heads(base, path)) is not None:
-            m = replace(m, B=_permuted(m.B, heads, inverse=False))
+        m = _reordered(m, base, path, inverse=False)
         if target in modules:
             raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
         modules[target] = m
@@ -550,11 +603,11 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         if shape is not None and tuple(shape) != weight_shape(m):
             raise SurgeryError(f"{adapter.source}: {name} updates a {weight_shape(m)} weight, but {base.where} has "
                                f"{tuple(shape)} (an adapter for another model?)")
-        if (heads := _permute_heads(base, path)) is not None:
-            m = replace(m, B=_permuted(m.B, heads, inverse=True))
         if (m.kind == "experts") != (".experts." in path):
             raise SurgeryError(f"{adapter.source}: {name} is {'an expert' if m.kind == 'experts' else 'a 2-D'} "
                                f"LoRA, but {path} is {'not ' if m.kind == 'experts' else ''}an expert tensor")
+        if m.kind != "experts":
+            m = _reordered(m, base, path, inverse=True)
         modules[PEFT_PREFIX + path] = m
     if unknown:
         raise SurgeryError(f"{adapter.source}: no {base.arch.name} module of {base.where} for GGUF tensor(s) "
