@@ -70,6 +70,7 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
                                         "Gemma3ForConditionalGeneration": "Gemma3TextConfig",
                                         "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextConfig",
                                         "Qwen3VLForConditionalGeneration": "Qwen3VLTextConfig",
+                                        "Qwen3VLMoeForConditionalGeneration": "Qwen3VLMoeTextConfig",
                                         "Qwen3_5ForCausalLM": "Qwen3_5TextConfig",
                                         "Qwen3_5ForConditionalGeneration": "Qwen3_5TextConfig",
                                         "Qwen3_5MoeForCausalLM": "Qwen3_5MoeTextConfig",
@@ -116,11 +117,11 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
             text_config=text, tie_word_embeddings=False,
             vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                                fullatt_block_indexes=[0]))
-    if arch == "Qwen3VLForConditionalGeneration":  # interleaved M-RoPE whose sections llama.cpp lays out as
+    if arch.startswith("Qwen3VL"):  # interleaved M-RoPE whose sections llama.cpp lays out as
         # transformers does (each section at least as long as the ones after it), and a two-block tower
         text = {**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                         "mrope_section": [3, 3, 2], "mrope_interleaved": True}}
-        config = transformers.Qwen3VLConfig(
+        config = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))(
             text_config=text, tie_word_embeddings=False,
             vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                                deepstack_visual_indexes=[0]))
@@ -135,6 +136,13 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     m.save_pretrained(folder, safe_serialization=True)
+    if arch == "Qwen3VLMoeForConditionalGeneration":  # its experts stored as the released checkpoints store them,
+        # (E, in, out), which llama.cpp's converter expects and transformers transposes on loading
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "model.safetensors")
+        save_file({k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in tensors.items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False,
                                                                      "tokenizer_class": "LlamaTokenizer"}))
     return folder
@@ -156,6 +164,8 @@ MOE = {"MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
                                        moe_layer_start_index=1, moe_layer_end_index=1, moe_layer_interval=1),
        "Qwen2MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                    shared_expert_intermediate_size=48),
+       "Qwen3VLMoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24),  # (not square:
+       # transformers transposes its stored experts only where the shapes tell)
        "Qwen3_5MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                      shared_expert_intermediate_size=48),
        "GptOssForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=32,

@@ -3,10 +3,10 @@
 transformers 5 holds a MoE layer's experts fused in memory — `mlp.experts.gate_up_proj` (E, 2I, H) and
 `down_proj` (E, H, I), or (E, in, out) for a module marked `is_transposed` (gpt-oss) — but each model type keeps
 its checkpoint's layout: one tensor per expert (Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3: `experts.N.gate_proj.weight`;
-Mixtral: `block_sparse_moe.experts.N.w1.weight`), or the fused tensor itself (gpt-oss). The map between the two is
-transformers' own conversion mapping for the model type; the orientation and the parameters' registration order
-come from the model built from the base's config.json on the meta device (no weights are read). transformers is
-an optional dependency, needed only where a base's expert tensors are placed.
+Mixtral: `block_sparse_moe.experts.N.w1.weight`), the fused tensor itself (gpt-oss), or transposed (Qwen3-VL-MoE).
+The map between the two is transformers' own conversion mapping for the model type; the orientation and the
+parameters' registration order come from the model built from the base's config.json on the meta device (no
+weights are read). transformers is an optional dependency, needed only where a base's expert tensors are placed.
 """
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ from .loaded import conversion
 
 @dataclass(frozen=True)
 class Param:
-    """An expert parameter as the model holds it in memory."""
+    """An expert parameter of the model, oriented as the checkpoint stores it: as the model holds it in memory,
+    or, where transformers transposes it on loading (Qwen3-VL-MoE), the other way round."""
 
     path: str  # model.layers.0.mlp.experts.gate_up_proj
     shape: tuple[int, int, int]  # (E, out, in), or (E, in, out) when transposed
-    transposed: bool  # is_transposed: stored (E, in, out)
+    transposed: bool  # stored (E, in, out): is_transposed (gpt-oss), or transposed on loading
     nesting: tuple[str, ...]  # the owning module's 3-D parameters in registration order (PEFT's nesting order)
 
     @property
@@ -86,6 +87,20 @@ def layout(ck: Checkpoint) -> Layout:
             found.setdefault(renamed, []).append((key, Piece(param)))
             continue
         conv = next(c for c in converters if pattern in c.source_patterns)
+        ops = list(conv.operations)
+        if len(ops) == 1 and isinstance(ops[0], loading.Transpose) and {ops[0].dim0, ops[0].dim1} == {1, 2}:
+            # the fused parameter stored (E, in, out) (Qwen3-VL-MoE): as transformers does, transposed only where
+            # the shapes differ (check_dims)
+            E, d1, d2 = param.shape
+            stored = tuple(spec.shape)
+            flipped = stored != param.shape or not ops[0].check_dims
+            if stored != ((E, d2, d1) if flipped else param.shape):
+                raise SurgeryError(f"{ck.root}: tensor {key} has shape {list(stored)}, the model's {renamed} "
+                                   f"{list(param.shape)} (stored transposed)")
+            if flipped:
+                param = params[renamed] = Param(renamed, stored, not param.transposed, param.nesting)
+            found.setdefault(renamed, []).append((key, Piece(param)))
+            continue
         found.setdefault(renamed, []).append((key, _expert_piece(ck, key, spec.shape, param, conv, pattern, model_type,
                                                                   loading)))
     pieces = {p: _tiled(ck, params[p], found[p]) for p in found}

@@ -131,6 +131,8 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Glm4MoeForCausalLM": Arch("glm4moe", False, DENSE_AND_SHARED, moe=True),  # first_k_dense_replace blocks dense
     "Ernie4_5_MoeForCausalLM": Arch("ernie4_5-moe", False, DENSE_AND_SHARED, tied=True, moe=True),  # moe_layer_*
     "Qwen2MoeForCausalLM": Arch("qwen2moe", False, ATTN_MLP[:4] + QWEN_SHARED, moe=True),
+    "Qwen3VLMoeForConditionalGeneration": Arch("qwen3vlmoe", False, ATTN_MLP[:4] + ("mlp.gate",), moe=True,
+                                               multimodal=True),
     "Qwen3_5MoeForCausalLM": Arch("qwen35moe", False, ATTN_MLP[:4] + LINEAR_ATTN + QWEN_SHARED, moe=True),
     "Qwen3_5MoeForConditionalGeneration": Arch("qwen35moe", False, ATTN_MLP[:4] + LINEAR_ATTN + QWEN_SHARED,
                                                moe=True, multimodal=True),
