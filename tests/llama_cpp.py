@@ -68,6 +68,8 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
     vocab = tokenizer(folder)
     config_cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig",
                                         "Gemma3ForConditionalGeneration": "Gemma3TextConfig",
+                                        "Gemma4ForCausalLM": "Gemma4TextConfig",
+                                        "Gemma4ForConditionalGeneration": "Gemma4TextConfig",
                                         "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextConfig",
                                         "Qwen3VLForConditionalGeneration": "Qwen3VLTextConfig",
                                         "Qwen3VLMoeForConditionalGeneration": "Qwen3VLMoeTextConfig",
@@ -82,6 +84,9 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
         extra.update(tie_word_embeddings=True, query_pre_attn_scalar=16, sliding_window=32)
         if arch.startswith("Gemma3"):
             extra.update(rope_scaling=None)
+        if arch.startswith("Gemma4"):  # a sliding and a full-attention block (its own head size), per-layer inputs
+            extra.update(global_head_dim=32, layer_types=["sliding_attention", "full_attention"],
+                         hidden_size_per_layer_input=16, vocab_size_per_layer_input=vocab)
     if arch.startswith("Cohere"):  # llama.cpp's command-r / cohere2 have no output matrix: tied, as the real ones;
         # logits unscaled (the default 1/16 would hide what the adapter does); llama.cpp reads cohere2's rotary_pct
         extra.update(tie_word_embeddings=True, logit_scale=1.0, **({"rotary_pct": 1.0} if "2" in arch else {}))
@@ -103,6 +108,11 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
             text_config=config.to_dict(), tie_word_embeddings=True, mm_tokens_per_image=4,
             vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                                image_size=32, patch_size=8))
+    if arch == "Gemma4ForConditionalGeneration":  # beside a one-layer vision tower
+        config = transformers.Gemma4Config(
+            text_config=config.to_dict(), tie_word_embeddings=True, audio_config=None,
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=2, head_dim=16, patch_size=8, position_embedding_size=64))
     if arch == "LlavaForConditionalGeneration":  # LLaVA 1.5: a Llama text model and a one-layer CLIP tower
         config = transformers.LlavaConfig(
             text_config={**config.to_dict(), "model_type": "llama"}, image_token_index=vocab - 1,
@@ -180,7 +190,8 @@ from conversion.base import TextModel
 TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
 import importlib
 for module, cls in [("glm", "Glm4Model"), ("glm", "Glm4MoeModel"), ("exaone", "Exaone4Model"),
-                    ("hunyuan", "HunYuanModel"), ("stablelm", "StableLMModel")]:  # their own BPE vocabulary readers
+                    ("hunyuan", "HunYuanModel"), ("stablelm", "StableLMModel"), ("gemma", "Gemma4Model")]:  # their own
+    # vocabulary readers
     setattr(getattr(importlib.import_module("conversion." + module), cls), "set_vocab",
             TextModel._set_vocab_sentencepiece)
 sys.argv = sys.argv[2:]

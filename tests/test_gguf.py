@@ -857,6 +857,51 @@ def test_gpt_oss_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path):
     assert close(L.hf_logits(hf, tmp_path / "back"), want) < 1e-6 * close(want, L.hf_logits(hf))
 
 
+@pytest.mark.parametrize("arch", ["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"])
+def test_gemma4_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path, arch):
+    """Gemma 4 (a sliding and a full-attention block of another head size, per-layer inputs): a PEFT adapter on
+    attention, MLP and the per-layer-input gate and projection → GGUF is llama.cpp's converter's file tensor for
+    tensor, and llama.cpp runs it with the logits it gives for PEFT's merge_and_unload (converted by its own
+    converter; the same llama.cpp graph on both sides, since tiny Gemma 4 models run apart in llama.cpp and
+    transformers); merged into the GGUF model it does too, and back to PEFT it is the same adapter. A LoRA on
+    per_layer_model_projection, which llama.cpp multiplies without adapters, is refused (one line, nothing
+    written) rather than written to be ignored."""
+    from peft import PeftModel
+
+    hf = L.model(arch, tmp_path / "hf")
+    base = L.convert_model(hf, tmp_path / "base.gguf")
+    targets = ALL7 + ["per_layer_input_gate", "per_layer_projection"]  # (the text model's: PEFT cannot wrap the
+    # vision tower's clippable linears)
+    lora = peft_lora(hf, tmp_path / "lora", rf".*language_model.*\.({'|'.join(targets)})" if "Conditional" in arch
+                     else targets)
+    merged = PeftModel.from_pretrained(L.load_model(hf), lora).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(hf / f, tmp_path / "merged")
+    ref = L.logits(L.convert_model(tmp_path / "merged", tmp_path / "merged.gguf"))
+    effect = close(ref, L.logits(base))
+    assert effect > 1.0
+    ours = tmp_path / "ours.gguf"
+    surgery("convert", lora, "--base", hf, "-o", ours)
+    theirs = L.convert_lora(lora, hf, tmp_path / "theirs.gguf")
+    o = {t.name: np.array(t.data) for t in gguf.GGUFReader(ours).tensors}
+    t = {t.name: np.array(t.data) for t in gguf.GGUFReader(theirs).tensors}
+    assert o.keys() == t.keys() and "blk.1.inp_gate.weight.lora_a" in o and "blk.0.proj.weight.lora_b" in o
+    assert all(np.array_equal(o[n], t[n]) for n in o)
+    assert close(L.logits(base, ours), ref) < 3e-5 * effect  # (float32 sums: the file is llama.cpp's own)
+    surgery("merge", base, lora, "-o", tmp_path / "ours-merged.gguf")
+    assert close(L.logits(tmp_path / "ours-merged.gguf"), ref) < 3e-5 * effect
+    surgery("convert", ours, "--to", "peft", "--base", hf, "-o", tmp_path / "back")
+    a, b = load_adapter(lora), load_adapter(tmp_path / "back")
+    assert a.modules.keys() == b.modules.keys() and len(a.modules) == 2 * 9
+    for n, m in a.modules.items():
+        torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+    whole = peft_lora(hf, tmp_path / "whole", r".*(per_layer_model_projection|language_model.*q_proj)")
+    _one_line_error(surgery("convert", whole, "--base", hf, "-o", tmp_path / "x.gguf", ok=False),
+                    "llama.cpp applies no LoRA to gemma4's per_layer_model_proj")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_moe_q8_0_missing_experts_and_bad_inputs(moe, tmp_path):
     """--dtype q8_0 writes llama.cpp's converter's bytes for expert tensors too; per-expert modules for some of the
     experts only are stacked with zero updates for the others (noted); an adapter for a model with other expert

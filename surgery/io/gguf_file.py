@@ -91,6 +91,7 @@ DENSE_AND_SHARED = ATTN_MLP + ("mlp.gate", "mlp.shared_experts.gate_proj", "mlp.
 # the router and the shared expert of Qwen2-MoE and Qwen3.5-MoE (its gate: ffn_gate_inp_shexp)
 QWEN_SHARED = ("mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
                "mlp.shared_expert_gate")
+GEMMA4_PER_LAYER = ("per_layer_input_gate", "per_layer_projection")
 # Qwen3.5's gated-delta-net blocks beside its full-attention ones (llama.cpp's attn_qkv, attn_gate, ssm_*)
 LINEAR_ATTN = tuple(f"linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"))
 ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
@@ -110,6 +111,10 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Gemma2ForCausalLM": Arch("gemma2", False, ATTN_MLP, tied=True),
     "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP, tied=True),
     "Gemma3ForConditionalGeneration": Arch("gemma3", False, ATTN_MLP, tied=True, multimodal=True),
+    # Gemma 4 (dense): its per-layer-input gate and projection too (llama.cpp's inp_gate / proj); not the model's
+    # per_layer_model_projection, which llama.cpp multiplies without its adapters
+    "Gemma4ForCausalLM": Arch("gemma4", False, ATTN_MLP + GEMMA4_PER_LAYER, tied=True),
+    "Gemma4ForConditionalGeneration": Arch("gemma4", False, ATTN_MLP + GEMMA4_PER_LAYER, tied=True, multimodal=True),
     "Phi3ForCausalLM": Arch("phi3", False, ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                             "mlp.down_proj")),
     "OlmoForCausalLM": Arch("olmo", True, ATTN_MLP),
@@ -454,6 +459,7 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         raise SurgeryError("cannot write GGUF: fan_in_fan_out = true (GPT-2 Conv1D bases) is not an architecture "
                            "llama.cpp's adapters cover")
     tmap = base.tensor_map()
+    adaptable = set(base.names().values())
     modules, per_expert, vision = {}, {}, []
     for name, m in adapter.modules.items():
         path = name.removeprefix(PEFT_PREFIX)
@@ -476,6 +482,9 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
             raise SurgeryError(f"module {name}: no {base.arch.name} GGUF tensor for {path} in llama.cpp's tensor map")
         if "norm" in target.rsplit(".", 1)[-1]:
             raise SurgeryError(f"module {name}: {target} is a norm vector, which llama.cpp does not adapt")
+        if target not in adaptable:  # llama.cpp would load the tensors and multiply without them
+            raise SurgeryError(f"module {name}: llama.cpp applies no LoRA to {base.arch.name}'s {target} (it "
+                               "adapts the token embeddings, the output head and the blocks' projections)")
         shape = None if base.shapes is None else base.shapes.get(target + ".weight")
         if base.shapes is not None and shape is None:
             raise SurgeryError(f"module {name}: {base.where} has no tensor {target}.weight")
