@@ -60,9 +60,9 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              max_position_embeddings=64, rms_norm_eps=1e-6)
 
 
-def model(arch: str, folder: Path, seed: int = 0) -> Path:
+def model(arch: str, folder: Path, seed: int = 0, **text) -> Path:
     """A tiny random `arch` (LlamaForCausalLM, Qwen2ForCausalLM, …) with the SentencePiece tokenizer, saved as
-    transformers saves it (float32 safetensors)."""
+    transformers saves it (float32 safetensors); `text`: more settings of its (text) config."""
     import transformers
 
     vocab = tokenizer(folder)
@@ -102,7 +102,7 @@ def model(arch: str, folder: Path, seed: int = 0) -> Path:
                                                                "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
     extra.update(MOE.get(arch.replace("ForConditionalGeneration", "ForCausalLM"), {}))  # (an image-text MoE: its text
     # model's)
-    config = config_cls(vocab_size=vocab, **{**SMALL, **extra})
+    config = config_cls(vocab_size=vocab, **{**SMALL, **extra, **text})
     if arch == "Gemma3ForConditionalGeneration":  # Gemma 3 4B and up: the text model beside a tiny SigLIP tower
         config = transformers.Gemma3Config(
             text_config=config.to_dict(), tie_word_embeddings=True, mm_tokens_per_image=4,

@@ -857,23 +857,29 @@ def test_gpt_oss_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path):
     assert close(L.hf_logits(hf, tmp_path / "back"), want) < 1e-6 * close(want, L.hf_logits(hf))
 
 
-@pytest.mark.parametrize("arch", ["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"])
-def test_gemma4_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path, arch):
-    """Gemma 4 (a sliding and a full-attention block of another head size, per-layer inputs): a PEFT adapter on
-    attention, MLP and the per-layer-input gate and projection → GGUF is llama.cpp's converter's file tensor for
-    tensor, and llama.cpp runs it with the logits it gives for PEFT's merge_and_unload (converted by its own
-    converter; the same llama.cpp graph on both sides, since tiny Gemma 4 models run apart in llama.cpp and
-    transformers); merged into the GGUF model it does too, and back to PEFT it is the same adapter. A LoRA on
-    per_layer_model_projection, which llama.cpp multiplies without adapters, is refused (one line, nothing
-    written) rather than written to be ignored."""
+GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24)
+
+
+@pytest.mark.parametrize("arch, moe", [("Gemma4ForCausalLM", {}), ("Gemma4ForConditionalGeneration", {}),
+                                       ("Gemma4ForCausalLM", GEMMA4_MOE)])
+def test_gemma4_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path, arch, moe):
+    """Gemma 4 (a sliding and a full-attention block of another head size, per-layer inputs; 26B-A4B's experts
+    beside the MLP): a PEFT adapter on attention, MLP, the per-layer-input gate and projection (and the router and
+    the experts, which llama.cpp keeps fused: ffn_gate_up_exps) → GGUF is llama.cpp's converter's file tensor for
+    tensor (where it reads the adapter: not target_parameters), and llama.cpp runs it with the logits it gives for
+    PEFT's merge_and_unload (converted by its own converter; the same llama.cpp graph on both sides, since tiny
+    Gemma 4 models run apart in llama.cpp and transformers); merged into the GGUF model it does too, and back to
+    PEFT it is the same adapter. A LoRA on per_layer_model_projection, which llama.cpp multiplies without
+    adapters, is refused (one line, nothing written) rather than written to be ignored."""
     from peft import PeftModel
 
-    hf = L.model(arch, tmp_path / "hf")
+    hf = L.model(arch, tmp_path / "hf", **moe)
     base = L.convert_model(hf, tmp_path / "base.gguf")
-    targets = ALL7 + ["per_layer_input_gate", "per_layer_projection"]  # (the text model's: PEFT cannot wrap the
-    # vision tower's clippable linears)
+    targets = ALL7 + ["per_layer_input_gate", "per_layer_projection"] + ["router.proj"] * bool(moe)
+    # (the text model's: PEFT cannot wrap the vision tower's clippable linears)
     lora = peft_lora(hf, tmp_path / "lora", rf".*language_model.*\.({'|'.join(targets)})" if "Conditional" in arch
-                     else targets)
+                     else targets, **({"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]} if moe
+                                      else {}))
     merged = PeftModel.from_pretrained(L.load_model(hf), lora).merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
     for f in ("tokenizer.model", "tokenizer_config.json"):
@@ -883,19 +889,28 @@ def test_gemma4_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path, arch):
     assert effect > 1.0
     ours = tmp_path / "ours.gguf"
     surgery("convert", lora, "--base", hf, "-o", ours)
-    theirs = L.convert_lora(lora, hf, tmp_path / "theirs.gguf")
     o = {t.name: np.array(t.data) for t in gguf.GGUFReader(ours).tensors}
-    t = {t.name: np.array(t.data) for t in gguf.GGUFReader(theirs).tensors}
-    assert o.keys() == t.keys() and "blk.1.inp_gate.weight.lora_a" in o and "blk.0.proj.weight.lora_b" in o
-    assert all(np.array_equal(o[n], t[n]) for n in o)
-    assert close(L.logits(base, ours), ref) < 3e-5 * effect  # (float32 sums: the file is llama.cpp's own)
+    assert "blk.1.inp_gate.weight.lora_a" in o and "blk.0.proj.weight.lora_b" in o
+    if moe:
+        assert o["blk.1.ffn_gate_up_exps.weight.lora_b"].shape == (4, 48, 8)  # (E, 2I, r): gate and up fused
+        assert "blk.0.ffn_gate_inp.weight.lora_a" in o and "blk.0.ffn_down_exps.weight.lora_a" in o
+    else:
+        theirs = L.convert_lora(lora, hf, tmp_path / "theirs.gguf")
+        t = {t.name: np.array(t.data) for t in gguf.GGUFReader(theirs).tensors}
+        assert o.keys() == t.keys() and all(np.array_equal(o[n], t[n]) for n in o)
+    assert close(L.logits(base, ours), ref) < 3e-5 * effect  # (float32 sums)
     surgery("merge", base, lora, "-o", tmp_path / "ours-merged.gguf")
     assert close(L.logits(tmp_path / "ours-merged.gguf"), ref) < 3e-5 * effect
     surgery("convert", ours, "--to", "peft", "--base", hf, "-o", tmp_path / "back")
     a, b = load_adapter(lora), load_adapter(tmp_path / "back")
-    assert a.modules.keys() == b.modules.keys() and len(a.modules) == 2 * 9
+    assert a.modules.keys() == b.modules.keys() and len(a.modules) == 2 * (9 + 3 * bool(moe))
     for n, m in a.modules.items():
         torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+    if moe:  # PEFT loads it back as it was; merged into the HF model (experts stored fused) it is PeftModel's
+        want = L.hf_logits(hf, lora)
+        assert close(L.hf_logits(hf, tmp_path / "back"), want) < 1e-6 * close(want, L.hf_logits(hf))
+        surgery("merge", hf, lora, "-o", tmp_path / "merged-hf")
+        assert close(L.hf_logits(tmp_path / "merged-hf"), want) < 1e-5 * close(want, L.hf_logits(hf))
     whole = peft_lora(hf, tmp_path / "whole", r".*(per_layer_model_projection|language_model.*q_proj)")
     _one_line_error(surgery("convert", whole, "--base", hf, "-o", tmp_path / "x.gguf", ok=False),
                     "llama.cpp applies no LoRA to gemma4's per_layer_model_proj")

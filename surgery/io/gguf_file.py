@@ -72,8 +72,10 @@ class Arch:
     permute: bool
     projections: tuple[str, ...]
     tied: bool = False  # transformers' default tie_word_embeddings for the architecture
-    moe: bool = False  # experts in `mlp.experts` (transformers 5's fused gate_up_proj / down_proj)
-    router: str = "mlp.gate"
+    moe: bool = False  # experts (transformers 5's fused gate_up_proj / down_proj) in `experts`
+    router: str | None = "mlp.gate"  # the router, a parameter PEFT wraps by target_parameters (None: a Linear)
+    experts: str = "mlp.experts"  # where a block's experts are
+    fused: bool = False  # llama.cpp keeps gate_up_proj fused (ffn_gate_up_exps) rather than split
     interleaved: bool = False  # gate_up_proj's gate and up rows alternate (gpt-oss), else gate rows first
     multimodal: bool = False  # the text model of an image-text model: `model.language_model.`, its text_config
 
@@ -91,7 +93,10 @@ DENSE_AND_SHARED = ATTN_MLP + ("mlp.gate", "mlp.shared_experts.gate_proj", "mlp.
 # the router and the shared expert of Qwen2-MoE and Qwen3.5-MoE (its gate: ffn_gate_inp_shexp)
 QWEN_SHARED = ("mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
                "mlp.shared_expert_gate")
-GEMMA4_PER_LAYER = ("per_layer_input_gate", "per_layer_projection")
+# Gemma 4: its per-layer-input gate and projection too (llama.cpp's inp_gate / proj); with enable_moe_block, experts
+# beside the MLP (kept fused by llama.cpp) and a Linear router
+GEMMA4 = Arch("gemma4", False, ATTN_MLP + ("per_layer_input_gate", "per_layer_projection", "router.proj"), tied=True,
+              moe=True, router=None, experts="experts", fused=True)
 # Qwen3.5's gated-delta-net blocks beside its full-attention ones (llama.cpp's attn_qkv, attn_gate, ssm_*)
 LINEAR_ATTN = tuple(f"linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"))
 ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
@@ -111,10 +116,9 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Gemma2ForCausalLM": Arch("gemma2", False, ATTN_MLP, tied=True),
     "Gemma3ForCausalLM": Arch("gemma3", False, ATTN_MLP, tied=True),
     "Gemma3ForConditionalGeneration": Arch("gemma3", False, ATTN_MLP, tied=True, multimodal=True),
-    # Gemma 4 (dense): its per-layer-input gate and projection too (llama.cpp's inp_gate / proj); not the model's
-    # per_layer_model_projection, which llama.cpp multiplies without its adapters
-    "Gemma4ForCausalLM": Arch("gemma4", False, ATTN_MLP + GEMMA4_PER_LAYER, tied=True),
-    "Gemma4ForConditionalGeneration": Arch("gemma4", False, ATTN_MLP + GEMMA4_PER_LAYER, tied=True, multimodal=True),
+    # (not Gemma 4's per_layer_model_projection, which llama.cpp multiplies without its adapters)
+    "Gemma4ForCausalLM": GEMMA4,
+    "Gemma4ForConditionalGeneration": replace(GEMMA4, multimodal=True),
     "Phi3ForCausalLM": Arch("phi3", False, ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                             "mlp.down_proj")),
     "OlmoForCausalLM": Arch("olmo", True, ATTN_MLP),
@@ -188,7 +192,8 @@ class Base:
         return {p: g for p in paths if (g := tmap.get_name(text_path(p)))}
 
     def _expert_parts(self) -> tuple[str, ...]:
-        return tuple(f"mlp.experts.{p}" for p in EXPERT_PARTS) if self.arch.moe else ()
+        parts = ("gate_up_proj", "down_proj") if self.arch.fused else EXPERT_PARTS
+        return tuple(f"{self.arch.experts}.{p}" for p in parts) if self.arch.moe else ()
 
 
 def text_path(path: str) -> str:
@@ -313,8 +318,8 @@ def _mrope(where) -> SurgeryError:
 
 def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict[str, tuple[int, ...]]]:
     """A MoE config's expert count and its GGUF expert tensors' shapes (E, out, in), as llama.cpp's converter
-    stacks them; (0, {}) for a dense architecture."""
-    if not arch.moe:
+    stacks them; (0, {}) for a dense architecture or config (Gemma 4 without enable_moe_block)."""
+    if not arch.moe or config.get("enable_moe_block") is False:
         return 0, {}
 
     def first(*keys):
@@ -333,7 +338,9 @@ def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict
     # ERNIE 4.5's moe_layer_start_index … moe_layer_end_index, every moe_layer_interval-th
     start = max(index("first_k_dense_replace", 0), index("moe_layer_start_index", 0))
     end, step = index("moe_layer_end_index", blocks - 1), max(index("moe_layer_interval", 1), 1)
-    parts = {"gate": (count, ff, hidden), "up": (count, ff, hidden), "down": (count, hidden, ff)}
+    parts = {"gate_up": (count, 2 * ff, hidden)} if arch.fused else {"gate": (count, ff, hidden),
+                                                                        "up": (count, ff, hidden)}
+    parts["down"] = (count, hidden, ff)
     return count, {f"blk.{i}.ffn_{p}_exps.weight": s for i in range(blocks) if start <= i <= end and (i + 1) % step == 0
                    for p, s in parts.items()}
 
@@ -558,7 +565,7 @@ def _expert_targets(name: str, path: str, m, base: Base, tmap, per_expert: dict)
         experts[int(hit["e"])] = m
         return []
     owner, param = path.rsplit(".", 1)
-    parts = ("gate_proj", "up_proj") if param == "gate_up_proj" else (param,)
+    parts = ("gate_proj", "up_proj") if param == "gate_up_proj" and not base.arch.fused else (param,)
     targets = [tmap.get_name(f"{owner}.{p}") for p in parts]
     if param not in EXPERT_PARTS + ("gate_up_proj",) or None in targets:
         raise SurgeryError(f"expert parameter {name}: llama.cpp's adapters have no tensor for {param} (they adapt "
@@ -627,7 +634,8 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     if base.arch.moe:
         modules = _fused_experts(modules, base.arch)
         # transformers 5's MoE routers are parameters of a router module, which PEFT wraps by target_parameters
-        if routers := [f"{n.removeprefix(PEFT_PREFIX)}.weight" for n in modules if n.endswith("." + base.arch.router)]:
+        if routers := [f"{n.removeprefix(PEFT_PREFIX)}.weight" for n in modules
+                       if base.arch.router and n.endswith("." + base.arch.router)]:
             config["target_parameters"] = routers
     return Adapter(modules=modules, format="peft", config=config, source=adapter.source, notes=adapter.notes)
 
