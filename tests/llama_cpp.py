@@ -77,7 +77,8 @@ def model(arch: str, folder: Path, seed: int = 0, **text) -> Path:
                                         "Qwen3_5ForConditionalGeneration": "Qwen3_5TextConfig",
                                         "Qwen3_5MoeForCausalLM": "Qwen3_5MoeTextConfig",
                                         "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeTextConfig",
-                                        "LlavaForConditionalGeneration": "LlamaConfig"}.get(
+                                        "LlavaForConditionalGeneration": "LlamaConfig",
+                                        "Mistral3ForConditionalGeneration": "MistralConfig"}.get(
         arch, arch.replace("ForCausalLM", "Config")))
     extra = dict(head_dim=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     if arch.startswith("Gemma"):
@@ -108,6 +109,12 @@ def model(arch: str, folder: Path, seed: int = 0, **text) -> Path:
             text_config=config.to_dict(), tie_word_embeddings=True, mm_tokens_per_image=4,
             vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                                image_size=32, patch_size=8))
+    if arch == "Mistral3ForConditionalGeneration":  # Mistral Small 3.1+: a Mistral text model, a Pixtral tower
+        config = transformers.Mistral3Config(
+            text_config={**config.to_dict(), "model_type": "mistral", "sliding_window": None},
+            image_token_index=vocab - 1,
+            vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                               num_attention_heads=2, head_dim=16, image_size=32, patch_size=8))
     if arch == "Gemma4ForConditionalGeneration":  # beside a one-layer vision tower
         config = transformers.Gemma4Config(
             text_config=config.to_dict(), tie_word_embeddings=True, audio_config=None,

@@ -103,6 +103,7 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
     "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
     "LlavaForConditionalGeneration": Arch("llama", True, ATTN_MLP, multimodal=True),  # as llama.cpp: any text model
+    "Mistral3ForConditionalGeneration": Arch("mistral3", True, ATTN_MLP, tied=True, multimodal=True),  # Small 3.1+
     "GraniteForCausalLM": Arch("granite", True, ATTN_MLP),
     "SmolLM3ForCausalLM": Arch("smollm3", True, ATTN_MLP, tied=True),
     "Qwen2ForCausalLM": Arch("qwen2", False, ATTN_MLP),
