@@ -66,20 +66,9 @@ def model(arch: str, folder: Path, seed: int = 0, **text) -> Path:
     import transformers
 
     vocab = tokenizer(folder)
-    config_cls = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig",
-                                        "Gemma3ForConditionalGeneration": "Gemma3TextConfig",
-                                        "Gemma4ForCausalLM": "Gemma4TextConfig",
-                                        "Gemma4ForConditionalGeneration": "Gemma4TextConfig",
-                                        "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextConfig",
-                                        "Qwen3VLForConditionalGeneration": "Qwen3VLTextConfig",
-                                        "Qwen3VLMoeForConditionalGeneration": "Qwen3VLMoeTextConfig",
-                                        "Qwen3_5ForCausalLM": "Qwen3_5TextConfig",
-                                        "Qwen3_5ForConditionalGeneration": "Qwen3_5TextConfig",
-                                        "Qwen3_5MoeForCausalLM": "Qwen3_5MoeTextConfig",
-                                        "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeTextConfig",
-                                        "LlavaForConditionalGeneration": "LlamaConfig",
-                                        "Mistral3ForConditionalGeneration": "MistralConfig"}.get(
-        arch, arch.replace("ForCausalLM", "Config")))
+    stem = arch.replace("ForCausalLM", "").replace("ForConditionalGeneration", "")  # the (text) model's config
+    config_cls = getattr(transformers, {"Llava": "LlamaConfig", "Mistral3": "MistralConfig"}.get(stem) or (
+        stem + "TextConfig" if hasattr(transformers, stem + "TextConfig") else stem + "Config"))
     extra = dict(head_dim=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     if arch.startswith("Gemma"):
         extra.update(tie_word_embeddings=True, query_pre_attn_scalar=16, sliding_window=32)
