@@ -900,7 +900,9 @@ def test_gemma4_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path, arch, moe)
         theirs = L.convert_lora(lora, hf, tmp_path / "theirs.gguf")
         t = {t.name: np.array(t.data) for t in gguf.GGUFReader(theirs).tensors}
         assert o.keys() == t.keys() and all(np.array_equal(o[n], t[n]) for n in o)
-    assert close(L.logits(base, ours), ref) < 3e-5 * effect  # (float32 sums)
+    # (float32 sums; with experts, llama.cpp's run-time LoRA and merged weights round apart and routing near a tie
+    # between the 2nd and 3rd expert magnifies that: measured up to 1e-4 of the effect, while the merge is exact)
+    assert close(L.logits(base, ours), ref) < (3e-4 if moe else 3e-5) * effect
     surgery("merge", base, lora, "-o", tmp_path / "ours-merged.gguf")
     assert close(L.logits(tmp_path / "ours-merged.gguf"), ref) < 3e-5 * effect
     surgery("convert", ours, "--to", "peft", "--base", hf, "-o", tmp_path / "back")
