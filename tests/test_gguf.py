@@ -171,10 +171,11 @@ def test_gguf_to_peft_round_trip(cases, tmp_path):
                                           ("Mistral3ForConditionalGeneration", 7)])
 def test_image_text_model_s_text_adapter(cases, tmp_path, arch, vision):
     """Gemma 3 4B and up, Qwen2.5-VL, LLaVA and Mistral Small 3.1+ (Mistral3, for which llama.cpp's own LoRA
-    converter writes a model file rather than an adapter) are image-text models (the text model under `model.language_model.`, its
-    sizes in text_config), and their PEFT adapters (all-linear) cover the vision tower too. Written for llama.cpp, the text model's modules are named as its converter names them, the tower's are
-    left out with a note (llama.cpp adapts the text model only; its converter drops them too); back to PEFT, the
-    names are the image-text model's, and PeftModel and a merge into the HF model give llama.cpp's logits."""
+    converter writes a model file rather than an adapter) are image-text models (the text model under
+    `model.language_model.`, its sizes in text_config), and their PEFT adapters (all-linear) cover the vision
+    tower too. Written for llama.cpp, the text model's modules are named as its converter names them, the tower's
+    are left out with a note (llama.cpp adapts the text model only; its converter drops them too); back to PEFT,
+    the names are the image-text model's, and PeftModel and a merge into the HF model give llama.cpp's logits."""
     c = cases(arch)
     g = tmp_path / "a.gguf"
     r = surgery("convert", c.lora, "--base", c.hf, "-o", g)
