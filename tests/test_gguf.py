@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("llama_cpp")
-pytestmark = pytest.mark.slow  # llama.cpp's converters and runtime on some thirty architectures
+pytestmark = pytest.mark.slow  # llama.cpp's converters and runtime on some forty architectures
 gguf = pytest.importorskip("gguf")
 
 from surgery import load_adapter, save_adapter  # noqa: E402
