@@ -828,26 +828,29 @@ def test_experts_stored_transposed(moe, tmp_path):
     shutil.rmtree(bad)  # (not a model for the after-test load check)
 
 
+def _peft_merged_in_llama_cpp(hf: Path, lora: Path, out: Path) -> np.ndarray:
+    """llama.cpp's logits of PEFT's merge_and_unload of `lora` into `hf`, converted by llama.cpp's converter: the
+    reference where tiny models run apart in llama.cpp and transformers (the same llama.cpp graph on both sides)."""
+    from peft import PeftModel
+
+    PeftModel.from_pretrained(L.load_model(hf), lora).merge_and_unload().save_pretrained(out)
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(hf / f, out)
+    return L.logits(L.convert_model(out, out.with_suffix(".gguf")))
+
+
 def test_gpt_oss_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path):
     """gpt-oss (experts fused on disk, gate and up rows alternating, the router `mlp.router`): a PEFT adapter on
     attention, experts and router → GGUF → llama.cpp at run time gives the logits llama.cpp gives for PEFT's
     merge_and_unload of it (converted by llama.cpp's own converter; the same llama.cpp graph on both sides, since
     tiny gpt-oss models differ between llama.cpp and transformers by their rope); merged into the GGUF model it
     does too; and back to PEFT it is the same adapter."""
-    import transformers
-    from peft import PeftModel
-
     hf = L.model("GptOssForCausalLM", tmp_path / "hf")
     base = L.convert_model(hf, tmp_path / "base.gguf")
     lora = peft_lora(hf, tmp_path / "lora", ATTN, target_parameters=["mlp.experts.gate_up_proj",
                                                                       "mlp.experts.down_proj", "mlp.router.weight"],
                      r=4, lora_alpha=8)
-    merged = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
-                                       lora).merge_and_unload()
-    merged.save_pretrained(tmp_path / "merged")
-    for f in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(hf / f, tmp_path / "merged")
-    ref = L.logits(L.convert_model(tmp_path / "merged", tmp_path / "merged.gguf"))
+    ref = _peft_merged_in_llama_cpp(hf, lora, tmp_path / "merged")
     effect = close(ref, L.logits(base))
     assert effect > 1.0
     ours = tmp_path / "ours.gguf"
@@ -874,8 +877,6 @@ def test_gemma4_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path, arch, moe)
     Gemma 4 models run apart in llama.cpp and transformers); merged into the GGUF model it does too, and back to
     PEFT it is the same adapter. A LoRA on per_layer_model_projection, which llama.cpp multiplies without
     adapters, is refused (one line, nothing written) rather than written to be ignored."""
-    from peft import PeftModel
-
     hf = L.model(arch, tmp_path / "hf", **moe)
     base = L.convert_model(hf, tmp_path / "base.gguf")
     targets = ALL7 + ["per_layer_input_gate", "per_layer_projection"] + ["router.proj"] * bool(moe)
@@ -883,11 +884,7 @@ def test_gemma4_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path, arch, moe)
     lora = peft_lora(hf, tmp_path / "lora", rf".*language_model.*\.({'|'.join(targets)})" if "Conditional" in arch
                      else targets, **({"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]} if moe
                                       else {}))
-    merged = PeftModel.from_pretrained(L.load_model(hf), lora).merge_and_unload()
-    merged.save_pretrained(tmp_path / "merged")
-    for f in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(hf / f, tmp_path / "merged")
-    ref = L.logits(L.convert_model(tmp_path / "merged", tmp_path / "merged.gguf"))
+    ref = _peft_merged_in_llama_cpp(hf, lora, tmp_path / "merged")
     effect = close(ref, L.logits(base))
     assert effect > 1.0
     ours = tmp_path / "ours.gguf"
