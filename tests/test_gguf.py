@@ -248,12 +248,16 @@ def test_qwen3_5_linear_attention_v_heads_in_llama_cpp_s_order(cases, tmp_path, 
         surgery("merge", c.base, adapter, "-o", merged)
         assert close(L.logits(merged), runtime) < 1e-5 * effect
     config = json.loads((c.hf / "config.json").read_text())  # a config-only base without the head counts
-    for i, change in enumerate(({"linear_num_value_heads": None}, {"linear_num_value_heads": 3})):
+    for i, (change, says) in enumerate([({"linear_num_value_heads": None}, "linear_num_value_heads"),
+                                        ({"linear_num_value_heads": 3},
+                                         "3 linear-attention V heads do not group over 2"),
+                                        ({"linear_value_head_dim": 4}, "32 rows/columns are not 4 linear-attention V "
+                                                                      "heads of 4")]):  # (no shapes to check first)
         (tmp_path / f"cfg{i}").mkdir()
         (tmp_path / f"cfg{i}" / "config.json").write_text(json.dumps({k: v for k, v in {**config, **change}.items()
                                                                       if v is not None}))
         _one_line_error(surgery("convert", lora, "--base", tmp_path / f"cfg{i}", "-o", tmp_path / "x.gguf", ok=False),
-                        "linear_num_value_heads" if i == 0 else "3 linear-attention V heads do not group over 2")
+                        says)
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -79,6 +79,11 @@ class Arch:
     interleaved: bool = False  # gate_up_proj's gate and up rows alternate (gpt-oss), else gate rows first
     multimodal: bool = False  # the text model of an image-text model: `model.language_model.`, its text_config
 
+    @property
+    def linear_attention(self) -> bool:
+        """Gated-delta-net blocks (Qwen3.5), whose V heads llama.cpp reorders."""
+        return LINEAR_ATTN[0] in self.projections
+
     def halves(self, rows: int) -> tuple[slice, slice]:
         """The gate and the up rows of a fused gate_up_proj ΔW with `rows` rows."""
         return (slice(0, None, 2), slice(1, None, 2)) if self.interleaved else \
@@ -251,7 +256,7 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
         if name == "glm4" and reader.get_field(f"{name}.rope.dimension_sections") is not None:
             raise _mrope(path)
         linear = None
-        if LINEAR_ATTN[0] in BY_NAME[name].projections:  # as llama.cpp's converter writes them
+        if BY_NAME[name].linear_attention:  # as llama.cpp's converter writes them
             k_heads, v_heads, k_dim, inner = (_field(reader, f"{name}.ssm.{k}", path) for k in (
                 "group_count", "time_step_rank", "state_size", "inner_size"))
             linear = _linear(k_heads, v_heads, k_dim, inner // max(v_heads, 1), path)
@@ -280,7 +285,7 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
     kv = jsonfile.field(config, "num_key_value_heads", "positive int", config_path, default=heads)
     experts, expert_shapes = _experts(arch, blocks, config, config_path)
     linear = None
-    if LINEAR_ATTN[0] in arch.projections:
+    if arch.linear_attention:
         sizes = [jsonfile.field(config, f"linear_{k}", "positive int", config_path) for k in (
             "num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim")]
         if None in sizes:
