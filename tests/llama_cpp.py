@@ -83,13 +83,15 @@ def model(arch: str, folder: Path, seed: int = 0, **text) -> Path:
     if arch == "Phi3ForCausalLM":
         extra.pop("head_dim")
         extra.update(num_key_value_heads=4, original_max_position_embeddings=64)
-    if arch.startswith("Qwen3_5"):  # a gated-delta-net block (more V heads than K heads, as the real ones) and a
-        # full-attention one; partial rotary over interleaved M-RoPE sections; one MTP layer named, as the real
-        # configs do (llama.cpp's LoRA converter asserts it; the weights leave it out, as transformers does)
+    if arch.startswith(("Qwen3_5", "Qwen3Next")):  # a gated-delta-net block (more V heads than K heads, as the real
+        # ones; Qwen3-Next's q/k/v/z fused in in_proj_qkvz) and a full-attention one, with partial rotary
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
         extra.update(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
                      linear_key_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_value_head_dim=8,
-                     mtp_num_hidden_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                               "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
+                     rope_parameters=rope)
+    if arch.startswith("Qwen3_5"):  # over interleaved M-RoPE sections; one MTP layer named, as the real configs do
+        # (llama.cpp's LoRA converter asserts it; the weights leave it out, as transformers does)
+        extra.update(mtp_num_hidden_layers=1, rope_parameters={**rope, "mrope_section": [2, 1, 1]})
     extra.update(MOE.get(arch.replace("ForConditionalGeneration", "ForCausalLM"), {}))  # (an image-text MoE: its text
     # model's)
     config = config_cls(vocab_size=vocab, **{**SMALL, **extra, **text})
@@ -172,6 +174,8 @@ MOE = {"MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
                                    shared_expert_intermediate_size=48),
        "Qwen3VLMoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24),  # (not square:
        # transformers transposes its stored experts only where the shapes tell)
+       "Qwen3NextForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=48),
        "Qwen3_5MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                      shared_expert_intermediate_size=48),
        "GptOssForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
@@ -190,22 +194,33 @@ for module, cls in [("glm", "Glm4Model"), ("glm", "Glm4MoeModel"), ("exaone", "E
     # vocabulary readers
     setattr(getattr(importlib.import_module("conversion." + module), cls), "set_vocab",
             TextModel._set_vocab_sentencepiece)
+if sys.argv[2] == "--qkvz-whole":  # Qwen3-Next's in_proj_qkvz as one ssm_in, as llama.cpp's converter wrote it
+    # before splitting it into attn_qkv and attn_gate (GGUF models of that time still load so)
+    from conversion.qwen import Qwen3NextModel
+    split = Qwen3NextModel.modify_tensors
+    Qwen3NextModel.modify_tensors = lambda self, data, name, bid: (
+        super(Qwen3NextModel, self).modify_tensors(data, name, bid) if "in_proj_qkvz" in name
+        else split(self, data, name, bid))
+    del sys.argv[2]
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_script(script: str, *args) -> None:
-    r = subprocess.run([sys.executable, "-c", _RUN, str(sources()), str(sources() / script), *map(str, args)],
+def run_script(script: str, *args, qkvz_whole: bool = False) -> None:
+    r = subprocess.run([sys.executable, "-c", _RUN, str(sources()), *["--qkvz-whole"] * qkvz_whole,
+                        str(sources() / script), *map(str, args)],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if r.returncode:
         raise AssertionError(f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
-def convert_model(folder: Path, out: Path, outtype: str = "f32") -> Path:
-    """llama.cpp's GGUF of the model; without the MTP layers a config names but the tiny model has no weights for."""
-    mtp = "mtp_num_hidden_layers" in (folder / "config.json").read_text()
-    run_script("convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype, *["--no-mtp"] * mtp)
+def convert_model(folder: Path, out: Path, outtype: str = "f32", qkvz_whole: bool = False) -> Path:
+    """llama.cpp's GGUF of the model; without the MTP layers a config names (Qwen3-Next's converter assumes them)
+    but the tiny model has no weights for."""
+    mtp = any(k in (folder / "config.json").read_text() for k in ("mtp_num_hidden_layers", "Qwen3Next"))
+    run_script("convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype, *["--no-mtp"] * mtp,
+               qkvz_whole=qkvz_whole)
     return out
 
 

@@ -794,6 +794,59 @@ def test_moe_gguf_back_to_peft_merged_and_squeezed(moe, arch, tmp_path):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_qwen3_next_in_proj_qkvz_split_as_llama_cpp_splits_it(tmp_path):
+    """Qwen3-Next fuses q, k, v and z per K head in in_proj_qkvz; llama.cpp's converter splits it into attn_qkv
+    (every head's q, then k, then v) and attn_gate (z), where GGUF models converted before that split keep it whole
+    (ssm_in). llama.cpp's own LoRA converter converts no Qwen3-Next adapter (it asserts MTP layers), so PeftModel is
+    the reference: a LoRA on every projection (gated delta net, attention, experts, router, shared expert) runs in
+    llama.cpp with its logits on either form of the base, named after it; back to PEFT every ΔW is the original's;
+    merged into either GGUF model it equals the adapter applied at run time, into the HF model PeftModel's logits;
+    squeezed (attn_qkv and attn_gate no longer sharing an A), back to PEFT it is the file llama.cpp runs."""
+    hf = L.model("Qwen3NextForCausalLM", tmp_path / "hf")
+    split, whole = (L.convert_model(hf, tmp_path / f"{n}.gguf", qkvz_whole=n == "whole") for n in ("split", "whole"))
+    lora = peft_lora(hf, tmp_path / "lora", ATTN + ["in_proj_qkvz", "in_proj_ba", "out_proj", "shared_expert.up_proj",
+                                                   "shared_expert_gate"], target_parameters=EXPERT_PARAMS, r=4,
+                     lora_alpha=8)
+    ref = L.hf_logits(hf, lora)
+    effect = close(ref, L.hf_logits(hf))
+    assert effect > 1.0
+    a = load_adapter(lora)
+    for base, model, names in [(hf, split, ["attn_qkv", "attn_gate"]), (split, split, ["attn_qkv", "attn_gate"]),
+                               (whole, whole, ["ssm_in"])]:
+        ours = tmp_path / f"{base.stem}-{model.stem}.gguf"
+        surgery("convert", lora, "--base", base, "-o", ours)
+        written = {t.name for t in gguf.GGUFReader(ours).tensors if t.name.startswith("blk.0.")}
+        assert {f"blk.0.{n}.weight.lora_{x}" for n in names for x in "ab"} <= written
+        assert not {f"blk.0.{n}.weight.lora_a" for n in ("attn_qkv", "attn_gate", "ssm_in") if n not in names} & written
+        runtime = L.logits(model, ours)
+        assert close(runtime, ref) < 1e-5 * effect
+        back = tmp_path / f"back-{base.stem}"
+        surgery("convert", ours, "--to", "peft", "--base", base, "-o", back)
+        b = load_adapter(back)
+        assert b.modules.keys() == a.modules.keys()
+        for n, m in a.modules.items():
+            assert b.modules[n].rank == m.rank, n
+            torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+        if base is not hf:
+            merged = tmp_path / f"merged-{base.stem}.gguf"
+            surgery("merge", base, ours, "-o", merged)
+            assert close(L.logits(merged), runtime) < 1e-5 * effect
+    surgery("merge", hf, tmp_path / "split-split.gguf", "-o", tmp_path / "merged-hf")  # (the GGUF file into HF's)
+    assert close(L.hf_logits(tmp_path / "merged-hf"), ref) < 1e-5 * effect
+    small = tmp_path / "small.gguf"
+    surgery("squeeze", tmp_path / "split-split.gguf", "--rank", "2", "-o", small)
+    surgery("convert", small, "--to", "peft", "--base", split, "-o", tmp_path / "small")
+    assert load_adapter(tmp_path / "small").modules["base_model.model.model.layers.0.linear_attn.in_proj_qkvz"].rank \
+        == 4  # (attn_qkv's two directions beside attn_gate's)
+    assert close(L.hf_logits(hf, tmp_path / "small"), L.logits(split, small)) < 1e-5 * effect
+    config = json.loads((hf / "config.json").read_text())  # a config-only base whose head counts do not fit
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({**config, "linear_num_key_heads": 1}))
+    _one_line_error(surgery("convert", lora, "--base", tmp_path / "cfg", "-o", tmp_path / "x.gguf", ok=False),
+                    "96 rows are not 1 K heads' q, k (of 8), v and z (of 32)")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_experts_stored_transposed(moe, tmp_path):
     """Qwen3-VL-MoE checkpoints store the fused experts (E, in, out), which transformers transposes on loading:
     merged into the HF checkpoint the experts keep that layout and transformers loads PeftModel's logits from it;

@@ -81,7 +81,12 @@ class Arch:
 
     @property
     def linear_attention(self) -> bool:
-        """Gated-delta-net blocks (Qwen3.5), whose V heads llama.cpp reorders."""
+        """Gated-delta-net blocks (Qwen3-Next, Qwen3.5), whose head counts and sizes their GGUF layout needs."""
+        return any(p.startswith("linear_attn.") for p in self.projections)
+
+    @property
+    def tiled_v(self) -> bool:
+        """Qwen3.5's separate in_proj_qkv / in_proj_z, whose V heads llama.cpp's converter tiles."""
         return LINEAR_ATTN[0] in self.projections
 
     def halves(self, rows: int) -> tuple[slice, slice]:
@@ -104,6 +109,9 @@ GEMMA4 = Arch("gemma4", False, ATTN_MLP + ("per_layer_input_gate", "per_layer_pr
               moe=True, router=None, experts="experts", fused=True)
 # Qwen3.5's gated-delta-net blocks beside its full-attention ones (llama.cpp's attn_qkv, attn_gate, ssm_*)
 LINEAR_ATTN = tuple(f"linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"))
+# Qwen3-Next's: q, k, v and z fused per K head (llama.cpp's attn_qkv + attn_gate, or ssm_in in older GGUF models)
+FUSED_QKVZ = "linear_attn.in_proj_qkvz"
+QWEN3NEXT_LINEAR = (FUSED_QKVZ, "linear_attn.in_proj_ba", "linear_attn.out_proj")
 ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
     "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
     "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
@@ -151,6 +159,7 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Qwen3_5MoeForCausalLM": Arch("qwen35moe", False, ATTN_MLP[:4] + LINEAR_ATTN + QWEN_SHARED, moe=True),
     "Qwen3_5MoeForConditionalGeneration": Arch("qwen35moe", False, ATTN_MLP[:4] + LINEAR_ATTN + QWEN_SHARED,
                                                moe=True, multimodal=True),
+    "Qwen3NextForCausalLM": Arch("qwen3next", False, ATTN_MLP[:4] + QWEN3NEXT_LINEAR + QWEN_SHARED, moe=True),
     "GptOssForCausalLM": Arch("gpt-oss", False, ATTN_MLP[:4] + ("mlp.router",), moe=True, router="mlp.router",
                               interleaved=True),
 }
@@ -160,6 +169,7 @@ BY_NAME = {a.name: a for a in ARCHS.values() if a.multimodal} | {
     a.name: a for a in ARCHS.values() if a.name != "llama" and not a.multimodal} | {
     "llama": Arch("llama", True, ATTN_MLP + ("mlp.gate",), moe=True)}
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")  # llama.cpp's ffn_{gate,up,down}_exps, one 3-D tensor each
+QKVZ_PARTS = (".attn_qkv", ".attn_gate")  # Qwen3-Next's in_proj_qkvz as llama.cpp's converter splits it
 
 
 @dataclass(frozen=True)
@@ -189,13 +199,22 @@ class Base:
         return gguf.get_tensor_name_map(enum, self.blocks)
 
     def names(self) -> dict[str, str]:
-        """{HF module path: GGUF module name} of every module a LoRA can adapt here."""
+        """{GGUF module name: HF module path} of every module a LoRA can adapt here (Qwen3-Next's in_proj_qkvz:
+        two GGUF modules, where the base splits it)."""
         tmap = self.tensor_map()
         paths = [f"{self.text}embed_tokens"] + [f"{self.text}layers.{i}.{p}" for i in range(self.blocks)
                                                 for p in self.arch.projections + self._expert_parts()]
         if self.has_output:
             paths.append("lm_head")
-        return {p: g for p in paths if (g := tmap.get_name(text_path(p)))}
+        return {t: p for p in paths if (g := tmap.get_name(text_path(p))) for t in self.split_targets(p, g)}
+
+    def split_targets(self, path: str, target: str) -> tuple[str, ...]:
+        """The GGUF module(s) of the module at `path` (named `target` by the tensor map): Qwen3-Next's in_proj_qkvz
+        is attn_qkv and attn_gate, as llama.cpp's converter splits it, unless the base keeps it whole (ssm_in, as
+        GGUF models converted before that split do)."""
+        if not path.endswith(FUSED_QKVZ) or (self.shapes is not None and target + ".weight" in self.shapes):
+            return (target,)
+        return tuple(target.replace(".ssm_in", part) for part in QKVZ_PARTS)
 
     def _expert_parts(self) -> tuple[str, ...]:
         parts = ("gate_up_proj", "down_proj") if self.arch.fused else EXPERT_PARTS
@@ -303,6 +322,11 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
         shapes = {name + ".weight": tuple(t.shape) for k, t in stored.items()
                   if k.endswith(".weight") and (name := tmap.get_name(k[: -len(".weight")])) is not None}
         shapes |= expert_shapes  # however the checkpoint stores them (per expert, fused, MXFP4 blocks)
+        for key in [k for k in shapes if k.endswith(".ssm_in.weight") and FUSED_QKVZ in arch.projections]:
+            rows, cols = shapes.pop(key)  # (llama.cpp's converter splits Qwen3-Next's in_proj_qkvz)
+            z = linear[1] * linear[3]
+            qkv, gate = (key.replace(".ssm_in", part) for part in QKVZ_PARTS)
+            shapes |= {qkv: (rows - z, cols), gate: (z, cols)}
         has_output = b.has_output
     else:
         has_output = not jsonfile.field(top, "tie_word_embeddings", "bool", config_path, default=arch.tied)
@@ -374,7 +398,7 @@ def _reorder(base: Base, path: str, rows: int, cols: int) -> tuple[torch.Tensor 
     if base.arch.permute and path.endswith(("self_attn.q_proj", "self_attn.k_proj")):
         heads = base.heads if path.endswith("q_proj") else base.kv_heads
         return _rotary(rows, heads), None
-    if base.linear is None or ".linear_attn." not in path or base.linear[0] == base.linear[1]:
+    if not base.arch.tiled_v or ".linear_attn." not in path or base.linear[0] == base.linear[1]:
         return None, None
     k_heads, v_heads, k_dim, v_dim = base.linear
     part, per = path.rsplit(".", 1)[1], v_heads // k_heads
@@ -386,6 +410,55 @@ def _reorder(base: Base, path: str, rows: int, cols: int) -> tuple[torch.Tensor 
     if part == "out_proj":
         return None, _tiled(cols, k_heads, per, v_dim, path)
     return None, None
+
+
+def _qkvz_rows(base: Base, rows: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-Next's in_proj_qkvz rows as llama.cpp's converter splits them: HF's are [q, k, v, z] per K head;
+    GGUF's attn_qkv holds every head's q, then every k, then every v, and attn_gate every z. The HF rows of each."""
+    k_heads, v_heads, k_dim, v_dim = base.linear
+    vz = v_heads // k_heads * v_dim
+    if rows != k_heads * (2 * k_dim + 2 * vz):
+        raise SurgeryError(f"{where}: {rows} rows are not {k_heads} K heads' q, k (of {k_dim}), v and z (of {vz})")
+    q, k, v, z = torch.arange(rows).reshape(k_heads, -1).split([k_dim, k_dim, vz, vz], 1)
+    return torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]), z.reshape(-1)
+
+
+def _split(m, base: Base, path: str, target: str) -> list[tuple[str, Any]]:
+    """[(GGUF module, its LoRA)] of the module at `path`: itself, or Qwen3-Next's in_proj_qkvz as attn_qkv and
+    attn_gate (B's rows split, one A for both)."""
+    targets = base.split_targets(path, target)
+    if len(targets) == 1:
+        return [(target, m)]
+    rows = _qkvz_rows(base, m.out_features, path)
+    return [(t, replace(m, B=_Derived(m.B, lambda x, r=r: x[r], (len(r), m.rank)))) for t, r in zip(targets, rows)]
+
+
+def _joined(base: Base, path: str, pieces: list) -> LoraModule:
+    """Qwen3-Next's attn_qkv and attn_gate LoRAs (`pieces`, either None where the adapter has none) as one on
+    in_proj_qkvz: one A where both have the same one (as written from one module), else the two side by side
+    (rank r_qkv + r_gate, B's rows apart; a missing part a zero update) — exact either way."""
+    like = next(m for m in pieces if m is not None)
+    k_heads, v_heads, k_dim, v_dim = base.linear
+    rows = _qkvz_rows(base, k_heads * 2 * (k_dim + v_heads // k_heads * v_dim), path)
+    for m, r in zip(pieces, rows):
+        if m is not None and (m.kind, m.out_features, m.in_features) != ("linear", len(r), like.in_features):
+            raise SurgeryError(f"{path}: its GGUF attn_qkv / attn_gate LoRA is {m.shape}; the base's is "
+                               f"{(len(r), like.in_features)}")
+    shared = None not in pieces and pieces[0].rank == pieces[1].rank and _same(pieces[0].A, pieces[1].A)
+    k = like.rank if shared else sum(m.rank for m in pieces if m is not None)
+
+    def make():
+        B, As, col = torch.zeros(sum(map(len, rows)), k), [], 0
+        for m, r in ((m, r) for m, r in zip(pieces, rows) if m is not None):
+            b, a = m.factors(torch.float32, "cpu")
+            B[r, col: col + m.rank] = b * (m.scale / like.scale)
+            if not (shared and As):
+                As.append(a)
+                col += 0 if shared else m.rank
+        return B.to(like.dtype), torch.cat(As).to(like.dtype)
+    get = _handed_out_once(make)
+    return LoraModule(A=_Made(lambda: get(1), (k, like.in_features), like.dtype),
+                      B=_Made(lambda: get(0), (sum(map(len, rows)), k), like.dtype), scale=like.scale)
 
 
 def _reordered(m, base: Base, path: str, inverse: bool):
@@ -472,7 +545,7 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         raise SurgeryError("cannot write GGUF: fan_in_fan_out = true (GPT-2 Conv1D bases) is not an architecture "
                            "llama.cpp's adapters cover")
     tmap = base.tensor_map()
-    adaptable = set(base.names().values())
+    adaptable = base.names()
     modules, per_expert, vision = {}, {}, []
     for name, m in adapter.modules.items():
         path = name.removeprefix(PEFT_PREFIX)
@@ -495,19 +568,19 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
             raise SurgeryError(f"module {name}: no {base.arch.name} GGUF tensor for {path} in llama.cpp's tensor map")
         if "norm" in target.rsplit(".", 1)[-1]:
             raise SurgeryError(f"module {name}: {target} is a norm vector, which llama.cpp does not adapt")
-        if target not in adaptable:  # llama.cpp would load the tensors and multiply without them
-            raise SurgeryError(f"module {name}: llama.cpp applies no LoRA to {base.arch.name}'s {target} (it "
-                               "adapts the token embeddings, the output head and the blocks' projections)")
-        shape = None if base.shapes is None else base.shapes.get(target + ".weight")
-        if base.shapes is not None and shape is None:
-            raise SurgeryError(f"module {name}: {base.where} has no tensor {target}.weight")
-        if shape is not None and tuple(shape) != weight_shape(m):
-            raise SurgeryError(f"module {name}: ΔW is {weight_shape(m)} but {base.where} has {target}.weight "
-                               f"{tuple(shape)} (an adapter for another model?)")
-        m = _reordered(m, base, path, inverse=False)
-        if target in modules:
-            raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
-        modules[target] = m
+        for target, m in _split(_reordered(m, base, path, inverse=False), base, path, target):
+            if target not in adaptable:  # llama.cpp would load the tensors and multiply without them
+                raise SurgeryError(f"module {name}: llama.cpp applies no LoRA to {base.arch.name}'s {target} (it "
+                                   "adapts the token embeddings, the output head and the blocks' projections)")
+            shape = None if base.shapes is None else base.shapes.get(target + ".weight")
+            if base.shapes is not None and shape is None:
+                raise SurgeryError(f"module {name}: {base.where} has no tensor {target}.weight")
+            if shape is not None and tuple(shape) != weight_shape(m):
+                raise SurgeryError(f"module {name}: ΔW is {weight_shape(m)} but {base.where} has {target}.weight "
+                                   f"{tuple(shape)} (an adapter for another model?)")
+            if target in modules:
+                raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
+            modules[target] = m
     notes = list(adapter.notes)
     if vision:  # as llama.cpp's converter does: its runtime adapts the text model (the mmproj file takes none)
         notes.append(f"{len(vision)} module(s) of the vision tower / projector left out ({listed(vision)}): "
@@ -615,8 +688,8 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     undone. The config says alpha per module (rank_pattern/alpha_pattern where they differ)."""
     base = base if isinstance(base, Base) else base_info(base)
     _check_arch(adapter, base)
-    paths = {g: p for p, g in base.names().items()}
-    modules, unknown = {}, []
+    paths = base.names()
+    modules, unknown, split = {}, [], {}
     for name, m in adapter.modules.items():
         path = paths.get(name)
         if path is None:
@@ -630,9 +703,14 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
         if (m.kind == "experts") != (".experts." in path):
             raise SurgeryError(f"{adapter.source}: {name} is {'an expert' if m.kind == 'experts' else 'a 2-D'} "
                                f"LoRA, but {path} is {'not ' if m.kind == 'experts' else ''}an expert tensor")
+        if path.endswith(FUSED_QKVZ) and name.endswith(QKVZ_PARTS):
+            split.setdefault(path, [None, None])[name.endswith(QKVZ_PARTS[1])] = m
+            continue
         if m.kind != "experts":
             m = _reordered(m, base, path, inverse=True)
         modules[PEFT_PREFIX + path] = m
+    for path, pieces in split.items():
+        modules[PEFT_PREFIX + path] = _joined(base, path, pieces)
     if unknown:
         raise SurgeryError(f"{adapter.source}: no {base.arch.name} module of {base.where} for GGUF tensor(s) "
                            f"{listed(unknown)}")
