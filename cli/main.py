@@ -438,7 +438,8 @@ def _weight_map(items) -> list[tuple[str, float]]:
 @click.option("--shard-size", help="Re-split the output into shards of at most this size (e.g. 5GB).")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision in which W + ΔW is formed before the one rounding.")
-@click.option("--allow-missing", is_flag=True, help="Skip adapter modules that have no tensor in the base.")
+@click.option("--allow-missing", is_flag=True, help="Skip (and report) adapter modules that have no tensor in the "
+              "base (a GGUF model: or on a weight llama.cpp adapts none of).")
 @click.option("--skip-modules-to-save", is_flag=True,
               help="Keep the base's tensors where an adapter carries modules_to_save (needed with --weight ≠ 1).")
 @click.option("--requantize", is_flag=True,
@@ -540,7 +541,8 @@ def extract_cmd(finetuned, base, out, rank, energy, budget, max_rank, targets, f
 @force_option
 @alpha_option
 @click.option("--seed", type=SEED, default=0, show_default=True, help="--to tera: seed of the shared factors.")
-@click.option("--allow-missing", is_flag=True, help="--base: skip (and report) modules that match no base tensor.")
+@click.option("--allow-missing", is_flag=True, help="--base: skip (and report) modules that match no base tensor "
+              "(--to gguf: or on a weight llama.cpp adapts none of).")
 @click.option("--dtype", type=click.Choice(GGUF_TYPES),
               help="--to gguf: tensor type of the factors (default: the adapter's; q8_0 rows that are not whole "
                    "blocks of 32 are stored f16, as llama.cpp's converter does).")

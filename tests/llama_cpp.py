@@ -156,6 +156,10 @@ def model(arch: str, folder: Path, seed: int = 0, **text) -> Path:
     return folder
 
 
+_MLA = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+            first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+            v_head_dim=16, head_dim=8, num_key_value_heads=4)  # (llama.cpp's converter splits kv_b_proj over
+# num_key_value_heads; it takes a missing q_lora_rank for DeepSeek-V2-Lite's, by its 27 layers only)
 # tiny MoE models: 4 experts, 2 per token (Qwen2-MoE with a shared expert)
 MOE = {"MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
        "Qwen3MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -170,6 +174,11 @@ MOE = {"MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
        # ERNIE 4.5: block 0 dense, a shared expert (llama.cpp reads its size as intermediate_size / kv heads)
        "Ernie4_5_MoeForCausalLM": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=48, moe_num_shared_experts=1,
                                        moe_layer_start_index=1, moe_layer_end_index=1, moe_layer_interval=1),
+       # DeepSeek-V3 (Kimi K2): multi-head latent attention (q and kv through low-rank projections), block 0 dense, a
+       # shared expert, sigmoid routing with its bias; no MTP layer. DeepSeek-V2: softmax routing
+       "DeepseekV3ForCausalLM": dict(_MLA, n_group=1, topk_group=1, num_nextn_predict_layers=0),
+       "DeepseekV2ForCausalLM": _MLA,
+       "Glm4MoeLiteForCausalLM": dict(_MLA, n_group=1, topk_group=1, num_nextn_predict_layers=0),  # GLM-4.7-Flash
        "Qwen2MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                    shared_expert_intermediate_size=48),
        "Qwen3VLMoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24),  # (not square:
@@ -190,7 +199,8 @@ from conversion.base import TextModel
 TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
 import importlib
 for module, cls in [("glm", "Glm4Model"), ("glm", "Glm4MoeModel"), ("exaone", "Exaone4Model"),
-                    ("hunyuan", "HunYuanModel"), ("stablelm", "StableLMModel"), ("gemma", "Gemma4Model")]:  # their own
+                    ("hunyuan", "HunYuanModel"), ("stablelm", "StableLMModel"), ("gemma", "Gemma4Model"),
+                    ("glm", "Glm4MoeLiteModel")]:  # their own
     # vocabulary readers
     setattr(getattr(importlib.import_module("conversion." + module), cls), "set_vocab",
             TextModel._set_vocab_sentencepiece)

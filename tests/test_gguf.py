@@ -923,6 +923,77 @@ def test_gpt_oss_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path):
 GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24)
 
 
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"])
+def test_deepseek_adapter_where_llama_cpp_applies_it(tmp_path, arch):
+    """DeepSeek-V2/V3 (Kimi K2) and GLM-4.7-Flash (llama.cpp's deepseek2): llama.cpp multiplies the latent-attention projections and the output head without
+    adapters; it adapts the attention output, the MLPs, the router and the experts. A PEFT adapter on those →
+    GGUF: llama.cpp's converter's file from the per-expert form, tensor for tensor, and at run time the logits
+    llama.cpp gives for PEFT's merge_and_unload (tiny V3 / GLM models run apart in llama.cpp and transformers);
+    a hand-made one on the dense block and the shared expert: its converter's file too, and the merged GGUF
+    model's logits. A module on q_a/q_b/kv_a/kv_b or the head is one line, nothing written; with --allow-missing it
+    is left out with a note, in convert and merge alike. Back to PEFT, every ΔW is the original's."""
+    from surgery.adapter import Adapter, LoraModule
+
+    hf = L.model(arch, tmp_path / "hf")
+    base = L.convert_model(hf, tmp_path / "base.gguf")
+    lora = peft_lora(hf, tmp_path / "lora", ["o_proj"], target_parameters=EXPERT_PARAMS, r=4, lora_alpha=8)
+    ours = tmp_path / "ours.gguf"
+    surgery("convert", lora, "--base", hf, "-o", ours)
+    surgery("convert", lora, "--to", "peft", "--base", hf, "--expert-modules", "-o", tmp_path / "per-expert")
+    theirs = L.convert_lora(tmp_path / "per-expert", hf, tmp_path / "theirs.gguf")
+    o, t = ({x.name: np.array(x.data) for x in gguf.GGUFReader(f).tensors} for f in (ours, theirs))
+    assert o.keys() == t.keys() and {"blk.0.attn_output.weight.lora_a", "blk.1.ffn_gate_exps.weight.lora_b",
+                                     "blk.1.ffn_gate_inp.weight.lora_a"} <= o.keys()
+    assert all(np.allclose(o[n], t[n], rtol=0, atol=1e-6) for n in o)
+    ref = _peft_merged_in_llama_cpp(hf, lora, tmp_path / "merged")
+    effect = close(ref, L.logits(base))
+    assert effect > 1.0 and close(L.logits(base, ours), ref) < 1e-5 * effect
+    # the dense block and the shared expert (PEFT on transformers 5 turns *_proj targets into the experts'), and
+    # modules on weights llama.cpp adapts none of
+    g = torch.Generator().manual_seed(3)
+    shapes = {"model.layers.0.mlp.gate_proj": (96, 64), "model.layers.0.mlp.down_proj": (64, 96),
+              "model.layers.1.mlp.shared_experts.up_proj": (32, 64), "model.layers.1.self_attn.o_proj": (64, 64)}
+    unadapted = {"model.layers.0.self_attn.q_a_proj": (24, 64), "model.layers.1.self_attn.kv_b_proj": (128, 16),
+                 "lm_head": (L.tokenizer(hf), 64)}
+    modules = {f"base_model.model.{n}": LoraModule(A=torch.randn(4, i, generator=g) * 0.3,
+                                                     B=torch.randn(o, 4, generator=g) * 0.3, scale=2.0)
+               for n, (o, i) in (shapes | unadapted).items()}
+    for name, chosen in (("hand", shapes), ("all", shapes | unadapted)):
+        save_adapter(Adapter(modules={k: m for k, m in modules.items() if k.split(".", 2)[2] in chosen},
+                             format="peft", config={"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                    "target_modules": sorted(chosen)}), tmp_path / name)
+    for n in unadapted:
+        save_adapter(Adapter(modules={f"base_model.model.{n}": modules[f"base_model.model.{n}"]}, format="peft",
+                             config={"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [n]}),
+                     tmp_path / "one")
+        what = {"lm_head": "output", "kv_b_proj": "attn_kv_b", "q_a_proj": "attn_q_a"}[n.rsplit(".", 1)[-1]]
+        _one_line_error(surgery("convert", tmp_path / "one", "--base", base, "-o", tmp_path / "x.gguf", ok=False),
+                        f"llama.cpp applies no LoRA to deepseek2's ", what, "--allow-missing")
+        shutil.rmtree(tmp_path / "one")
+    _one_line_error(surgery("merge", base, tmp_path / "all", "-o", tmp_path / "x.gguf", ok=False),
+                    "llama.cpp applies no LoRA to deepseek2")
+    assert not (tmp_path / "x.gguf").exists()
+    hand = tmp_path / "hand.gguf"
+    r = surgery("convert", tmp_path / "all", "--base", hf, "--allow-missing", "-o", hand)
+    assert "3 module(s) on weights llama.cpp adapts none of left out" in r.output + r.stderr
+    o = {x.name: np.array(x.data) for x in gguf.GGUFReader(hand).tensors}
+    t = {x.name: np.array(x.data) for x in gguf.GGUFReader(
+        L.convert_lora(tmp_path / "hand", hf, tmp_path / "hand-theirs.gguf")).tensors}
+    assert o.keys() == t.keys() == {f"blk.{n}.weight.lora_{x}" for n in ("0.ffn_gate", "0.ffn_down", "1.ffn_up_shexp",
+                                                                         "1.attn_output") for x in "ab"}
+    assert all(np.array_equal(o[n], t[n]) for n in o)
+    surgery("merge", base, tmp_path / "all", "--allow-missing", "-o", tmp_path / "hand-merged.gguf")
+    runtime = L.logits(base, hand)
+    assert close(L.logits(tmp_path / "hand-merged.gguf"), runtime) < 1e-5 * close(runtime, L.logits(base))
+    for adapter, gguf_file in ((lora, ours), (tmp_path / "hand", hand)):
+        back = tmp_path / f"back-{gguf_file.stem}"
+        surgery("convert", gguf_file, "--to", "peft", "--base", base, "-o", back)
+        a, b = load_adapter(adapter), load_adapter(back)
+        assert b.modules.keys() == a.modules.keys()
+        for n, m in a.modules.items():
+            torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch, moe", [("Gemma4ForCausalLM", {}), ("Gemma4ForConditionalGeneration", {}),
                                        ("Gemma4ForCausalLM", GEMMA4_MOE)])
 def test_gemma4_adapter_runs_in_llama_cpp_as_peft_merges_it(tmp_path, arch, moe):

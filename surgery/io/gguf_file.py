@@ -78,6 +78,7 @@ class Arch:
     fused: bool = False  # llama.cpp keeps gate_up_proj fused (ffn_gate_up_exps) rather than split
     interleaved: bool = False  # gate_up_proj's gate and up rows alternate (gpt-oss), else gate rows first
     multimodal: bool = False  # the text model of an image-text model: `model.language_model.`, its text_config
+    head: bool = True  # llama.cpp applies an output-head LoRA (DeepSeek-V2/V3's graph multiplies it without)
 
     @property
     def linear_attention(self) -> bool:
@@ -112,6 +113,9 @@ LINEAR_ATTN = tuple(f"linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in
 # Qwen3-Next's: q, k, v and z fused per K head (llama.cpp's attn_qkv + attn_gate, or ssm_in in older GGUF models)
 FUSED_QKVZ = "linear_attn.in_proj_qkvz"
 QWEN3NEXT_LINEAR = (FUSED_QKVZ, "linear_attn.in_proj_ba", "linear_attn.out_proj")
+# DeepSeek-V2/V3 (Kimi K2, GLM-4.7-Flash): llama.cpp multiplies the latent-attention projections (q_a/q_b/kv_a/k_b/v_b) and the
+# output head without adapters; the attention output, the MLPs, the router and the experts take them
+DEEPSEEK = Arch("deepseek2", False, ("self_attn.o_proj",) + DENSE_AND_SHARED[4:], moe=True, head=False)
 ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
     "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
     "MistralForCausalLM": Arch("llama", True, ATTN_MLP),
@@ -160,6 +164,9 @@ ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by n
     "Qwen3_5MoeForConditionalGeneration": Arch("qwen35moe", False, ATTN_MLP[:4] + LINEAR_ATTN + QWEN_SHARED,
                                                moe=True, multimodal=True),
     "Qwen3NextForCausalLM": Arch("qwen3next", False, ATTN_MLP[:4] + QWEN3NEXT_LINEAR + QWEN_SHARED, moe=True),
+    "DeepseekV2ForCausalLM": DEEPSEEK,
+    "DeepseekV3ForCausalLM": DEEPSEEK,
+    "Glm4MoeLiteForCausalLM": DEEPSEEK,  # GLM-4.7-Flash, as llama.cpp converts it
     "GptOssForCausalLM": Arch("gpt-oss", False, ATTN_MLP[:4] + ("mlp.router",), moe=True, router="mlp.router",
                               interleaved=True),
 }
@@ -204,7 +211,7 @@ class Base:
         tmap = self.tensor_map()
         paths = [f"{self.text}embed_tokens"] + [f"{self.text}layers.{i}.{p}" for i in range(self.blocks)
                                                 for p in self.arch.projections + self._expert_parts()]
-        if self.has_output:
+        if self.has_output and self.arch.head:
             paths.append("lm_head")
         return {t: p for p in paths if (g := tmap.get_name(text_path(p))) for t in self.split_targets(p, g)}
 
@@ -364,15 +371,18 @@ def _experts(arch: Arch, blocks: int, config: Mapping, where) -> tuple[int, dict
     def index(key, default):
         return jsonfile.field(config, key, "int", where, default=default)
 
-    # which blocks have experts, as transformers builds them: GLM-4.5's first_k_dense_replace leading dense blocks;
-    # ERNIE 4.5's moe_layer_start_index … moe_layer_end_index, every moe_layer_interval-th
+    # which blocks have experts, as transformers builds them: GLM-4.7-Flash's mlp_layer_types; GLM-4.5's
+    # first_k_dense_replace leading dense blocks; ERNIE 4.5's moe_layer_start_index … moe_layer_end_index, every
+    # moe_layer_interval-th
     start = max(index("first_k_dense_replace", 0), index("moe_layer_start_index", 0))
     end, step = index("moe_layer_end_index", blocks - 1), max(index("moe_layer_interval", 1), 1)
+    moe = [start <= i <= end and (i + 1) % step == 0 for i in range(blocks)]
+    if (types := jsonfile.field(config, "mlp_layer_types", "str list", where)) is not None:
+        moe = [i < len(types) and types[i] == "sparse" for i in range(blocks)]
     parts = {"gate_up": (count, 2 * ff, hidden)} if arch.fused else {"gate": (count, ff, hidden),
                                                                         "up": (count, ff, hidden)}
     parts["down"] = (count, hidden, ff)
-    return count, {f"blk.{i}.ffn_{p}_exps.weight": s for i in range(blocks) if start <= i <= end and (i + 1) % step == 0
-                   for p, s in parts.items()}
+    return count, {f"blk.{i}.ffn_{p}_exps.weight": s for i in range(blocks) if moe[i] for p, s in parts.items()}
 
 
 def _rotary(rows: int, heads: int) -> torch.Tensor:
@@ -531,9 +541,11 @@ def _check_arch(adapter: Adapter, base: Base) -> None:
                            f"{base.arch.name}")
 
 
-def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
+def to_gguf(adapter: Adapter, base: str | os.PathLike | Base, allow_missing: bool = False) -> Adapter:
     """The adapter in llama.cpp's naming and layout for `base` (a model folder, its config.json's folder, or a
-    GGUF model): modules renamed through the architecture's `TensorNameMap`, Llama's q/k B rows permuted."""
+    GGUF model): modules renamed through the architecture's `TensorNameMap`, Llama's q/k B rows permuted.
+    allow_missing: a module on a weight llama.cpp adapts none of (or the base lacks) is left out with a note,
+    not refused."""
     base = base if isinstance(base, Base) else base_info(base)
     if adapter.format == FORMAT:
         _check_arch(adapter, base)
@@ -546,7 +558,7 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
                            "llama.cpp's adapters cover")
     tmap = base.tensor_map()
     adaptable = base.names()
-    modules, per_expert, vision = {}, {}, []
+    modules, per_expert, vision, left_out = {}, {}, [], []
     for name, m in adapter.modules.items():
         path = name.removeprefix(PEFT_PREFIX)
         if _VISION.search(path):  # (an image-text model's; its GGUF model file names the text architecture only)
@@ -559,29 +571,21 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
                     raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
                 modules[target] = part
             continue
-        target = tmap.get_name(path)
-        _check_lora(name, m, "has no llama.cpp form", target == "token_embd")
-        if path == "lm_head" and (target is None or not base.has_output):
-            raise SurgeryError(f"module {name}: the base ties its output head to the embeddings, and llama.cpp "
-                               "applies no LoRA to a tied head (llama.cpp issue 9065)")
-        if target is None:
-            raise SurgeryError(f"module {name}: no {base.arch.name} GGUF tensor for {path} in llama.cpp's tensor map")
-        if "norm" in target.rsplit(".", 1)[-1]:
-            raise SurgeryError(f"module {name}: {target} is a norm vector, which llama.cpp does not adapt")
-        for target, m in _split(_reordered(m, base, path, inverse=False), base, path, target):
-            if target not in adaptable:  # llama.cpp would load the tensors and multiply without them
-                raise SurgeryError(f"module {name}: llama.cpp applies no LoRA to {base.arch.name}'s {target} (it "
-                                   "adapts the token embeddings, the output head and the blocks' projections)")
-            shape = None if base.shapes is None else base.shapes.get(target + ".weight")
-            if base.shapes is not None and shape is None:
-                raise SurgeryError(f"module {name}: {base.where} has no tensor {target}.weight")
-            if shape is not None and tuple(shape) != weight_shape(m):
-                raise SurgeryError(f"module {name}: ΔW is {weight_shape(m)} but {base.where} has {target}.weight "
-                                   f"{tuple(shape)} (an adapter for another model?)")
+        try:
+            placed = _placed(name, path, m, base, tmap, adaptable)
+        except _Unadapted:
+            if not allow_missing:
+                raise
+            left_out.append(name)
+            continue
+        for target, m in placed:
             if target in modules:
                 raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
             modules[target] = m
     notes = list(adapter.notes)
+    if left_out:
+        notes.append(f"{len(left_out)} module(s) on weights llama.cpp adapts none of left out (--allow-missing): "
+                     f"{listed(left_out)}")
     if vision:  # as llama.cpp's converter does: its runtime adapts the text model (the mmproj file takes none)
         notes.append(f"{len(vision)} module(s) of the vision tower / projector left out ({listed(vision)}): "
                      "llama.cpp applies adapters to the text model only")
@@ -614,6 +618,35 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
                            "llama.cpp adapters have no place for")
     return Adapter(modules=modules, format=FORMAT, config={}, source=adapter.source, notes=tuple(notes),
                    metadata={ARCH_KEY: base.arch.name})
+
+
+class _Unadapted(SurgeryError):
+    """A module on a weight that llama.cpp adapts none of in this base, or that the base lacks."""
+
+
+def _placed(name: str, path: str, m, base: Base, tmap, adaptable: Mapping[str, str]) -> list[tuple[str, Any]]:
+    """[(GGUF module, its LoRA in llama.cpp's layout)] of a 2-D module at `path`, checked against the base."""
+    target = tmap.get_name(path)
+    _check_lora(name, m, "has no llama.cpp form", target == "token_embd")
+    if path == "lm_head" and (target is None or not base.has_output):
+        raise _Unadapted(f"module {name}: the base ties its output head to the embeddings, and llama.cpp applies no "
+                         "LoRA to a tied head (llama.cpp issue 9065)")
+    if target is None:
+        raise _Unadapted(f"module {name}: no {base.arch.name} GGUF tensor for {path} in llama.cpp's tensor map")
+    if "norm" in target.rsplit(".", 1)[-1]:
+        raise _Unadapted(f"module {name}: {target} is a norm vector, which llama.cpp does not adapt")
+    placed = _split(_reordered(m, base, path, inverse=False), base, path, target)
+    for target, m in placed:
+        if target not in adaptable:  # llama.cpp would load the tensors and multiply without them
+            raise _Unadapted(f"module {name}: llama.cpp applies no LoRA to {base.arch.name}'s {target} (its graph "
+                             "multiplies that weight without adapters); leave the module out (--allow-missing)")
+        shape = None if base.shapes is None else base.shapes.get(target + ".weight")
+        if base.shapes is not None and shape is None:
+            raise _Unadapted(f"module {name}: {base.where} has no tensor {target}.weight")
+        if shape is not None and tuple(shape) != weight_shape(m):
+            raise SurgeryError(f"module {name}: ΔW is {weight_shape(m)} but {base.where} has {target}.weight "
+                               f"{tuple(shape)} (an adapter for another model?)")
+    return placed
 
 
 def _expert_shape(base: Base, target: str, m: ExpertsModule) -> tuple[int, ...] | None:

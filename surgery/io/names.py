@@ -531,7 +531,7 @@ def on_base(adapter: Adapter, base, fmt: str, allow_missing: bool = False, exper
     if fmt == gguf_file.FORMAT:
         if adapter.format not in ("peft", "peft-file", fmt):
             adapter = on_base(adapter, base, "peft", allow_missing)
-        return gguf_file.to_gguf(adapter, base)
+        return gguf_file.to_gguf(adapter, base, allow_missing)
     if adapter.format == gguf_file.FORMAT:
         adapter = gguf_file.from_gguf(adapter, base)
         return replace(adapter, format=fmt) if fmt in ("peft", "peft-file") else on_base(adapter, base, fmt)
