@@ -494,7 +494,8 @@ def test_squeeze_and_extract_write_gguf_with_a_base(cases, tmp_path):
 
 def test_token_embedding_lora(cases, tmp_path):
     """A LoRA on embed_tokens (PEFT also saves the base table beside it): llama.cpp's token_embd layout (lora_a
-    transposed), as its converter writes it; back to PEFT and merged into the GGUF model, the same logits."""
+    transposed), as its converter writes it; back to PEFT and merged into the GGUF model, the same logits. On a base
+    whose head is tied to the embeddings, one line (llama.cpp would crash on the file)."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -520,6 +521,20 @@ def test_token_embedding_lora(cases, tmp_path):
     assert close(L.hf_logits(c.hf, tmp_path / "back"), ref) < 1e-5 * effect
     surgery("merge", c.base, ours, "-o", tmp_path / "merged.gguf")
     assert close(L.logits(tmp_path / "merged.gguf"), runtime) < 1e-5 * effect
+    # a base whose output head is the token embeddings (Gemma 3): llama.cpp applies a token_embd LoRA there too and
+    # aborts the process, so the module is refused (or left out with --allow-missing)
+    g = cases("Gemma3ForCausalLM")
+    pm = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(g.hf, dtype=torch.float32), LoraConfig(
+        r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "tied")
+    for base in (g.hf, g.base):
+        _one_line_error(surgery("convert", tmp_path / "tied", "--base", base, "-o", tmp_path / "t.gguf", ok=False),
+                        "embed_tokens", "ties its output head to the token embeddings", "--allow-missing")
+    assert not (tmp_path / "t.gguf").exists()
+    surgery("convert", tmp_path / "tied", "--base", g.base, "--allow-missing", "-o", tmp_path / "t.gguf")
+    written = {t.name for t in gguf.GGUFReader(tmp_path / "t.gguf").tensors}
+    assert "blk.0.attn_q.weight.lora_a" in written and not any(n.startswith("token_embd") for n in written)
+    assert np.isfinite(L.logits(g.base, tmp_path / "t.gguf")).all()
 
 
 def _gguf_adapter(path: Path, fields=None, tensors=None, arch: str = "llama") -> Path:

@@ -631,6 +631,10 @@ def _placed(name: str, path: str, m, base: Base, tmap, adaptable: Mapping[str, s
     if path == "lm_head" and (target is None or not base.has_output):
         raise _Unadapted(f"module {name}: the base ties its output head to the embeddings, and llama.cpp applies no "
                          "LoRA to a tied head (llama.cpp issue 9065)")
+    if target == "token_embd" and not base.has_output:
+        raise _Unadapted(f"module {name}: the base ties its output head to the token embeddings, and llama.cpp would "
+                         "apply this LoRA to the head too (and fail there: GGML_ASSERT(ggml_can_mul_mat)); leave the "
+                         "module out (--allow-missing)")
     if target is None:
         raise _Unadapted(f"module {name}: no {base.arch.name} GGUF tensor for {path} in llama.cpp's tensor map")
     if "norm" in target.rsplit(".", 1)[-1]:
