@@ -983,7 +983,7 @@ def test_deepseek_adapter_where_llama_cpp_applies_it(tmp_path, arch):
                      tmp_path / "one")
         what = {"lm_head": "output", "kv_b_proj": "attn_kv_b", "q_a_proj": "attn_q_a"}[n.rsplit(".", 1)[-1]]
         _one_line_error(surgery("convert", tmp_path / "one", "--base", base, "-o", tmp_path / "x.gguf", ok=False),
-                        f"llama.cpp applies no LoRA to deepseek2's ", what, "--allow-missing")
+                        "llama.cpp applies no LoRA to deepseek2's ", what, "--allow-missing")
         shutil.rmtree(tmp_path / "one")
     _one_line_error(surgery("merge", base, tmp_path / "all", "-o", tmp_path / "x.gguf", ok=False),
                     "llama.cpp applies no LoRA to deepseek2")
