@@ -225,11 +225,11 @@ def run_script(script: str, *args, qkvz_whole: bool = False) -> None:
         raise AssertionError(f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
-def convert_model(folder: Path, out: Path, outtype: str = "f32", qkvz_whole: bool = False) -> Path:
-    """llama.cpp's GGUF of the model; without the MTP layers a config names (Qwen3-Next's converter assumes them)
-    but the tiny model has no weights for."""
+def convert_model(folder: Path, out: Path, outtype: str = "f32", *flags: str, qkvz_whole: bool = False) -> Path:
+    """llama.cpp's GGUF of the model (`flags`: more of its converter's options); without the MTP layers a config
+    names (Qwen3-Next's converter assumes them) but the tiny model has no weights for."""
     mtp = any(k in (folder / "config.json").read_text() for k in ("mtp_num_hidden_layers", "Qwen3Next"))
-    run_script("convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype, *["--no-mtp"] * mtp,
+    run_script("convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype, *["--no-mtp"] * mtp, *flags,
                qkvz_whole=qkvz_whole)
     return out
 

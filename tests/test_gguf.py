@@ -862,6 +862,36 @@ def test_qwen3_next_in_proj_qkvz_split_as_llama_cpp_splits_it(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_gguf_model_with_fused_gate_up_experts(moe, tmp_path):
+    """A GGUF model converted with llama.cpp's --fuse-gate-up-exps keeps each block's expert gate and up rows in one
+    tensor (ffn_gate_up_exps), and llama.cpp looks its adapter up by that name: given such a model as base, the
+    experts' gate_up_proj LoRA is written whole, and llama.cpp runs it with PeftModel's logits; back to PEFT, every
+    ΔW is the original's; merged into that model, the run-time adapter's logits. Per-expert modules, which would
+    need joining, are one line."""
+    c = moe("Qwen3_5MoeForCausalLM")
+    fused = L.convert_model(c.hf, tmp_path / "fused.gguf", "f32", "--fuse-gate-up-exps")
+    names = {t.name for t in gguf.GGUFReader(fused).tensors}
+    assert "blk.0.ffn_gate_up_exps.weight" in names and "blk.0.ffn_gate_exps.weight" not in names
+    ours = tmp_path / "ours.gguf"
+    surgery("convert", c.lora, "--base", fused, "-o", ours)
+    written = {t.name for t in gguf.GGUFReader(ours).tensors}
+    assert {"blk.0.ffn_gate_up_exps.weight.lora_a", "blk.1.ffn_down_exps.weight.lora_b"} <= written
+    assert not any("ffn_gate_exps" in n or "ffn_up_exps" in n for n in written)
+    effect = close(c.ref, c.hf_base)
+    runtime = L.logits(fused, ours)
+    assert close(runtime, c.ref) < 1e-5 * effect
+    surgery("convert", ours, "--to", "peft", "--base", fused, "-o", tmp_path / "back")
+    a, b = load_adapter(c.lora), load_adapter(tmp_path / "back")
+    assert b.modules.keys() == a.modules.keys()
+    for n, m in a.modules.items():
+        torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+    surgery("merge", fused, ours, "-o", tmp_path / "merged.gguf")
+    assert close(L.logits(tmp_path / "merged.gguf"), runtime) < 1e-5 * effect
+    _one_line_error(surgery("convert", c.per_expert, "--base", fused, "-o", tmp_path / "x.gguf", ok=False),
+                    "ffn_gate_up_exps", "surgery convert --to peft")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_experts_stored_transposed(moe, tmp_path):
     """Qwen3-VL-MoE checkpoints store the fused experts (E, in, out), which transformers transposes on loading:
     merged into the HF checkpoint the experts keep that layout and transformers loads PeftModel's logits from it;

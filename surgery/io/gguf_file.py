@@ -223,8 +223,14 @@ class Base:
             return (target,)
         return tuple(target.replace(".ssm_in", part) for part in QKVZ_PARTS)
 
+    @property
+    def fused(self) -> bool:
+        """Experts' gate and up rows in one GGUF tensor (ffn_gate_up_exps): the architecture's way (Gemma 4), or a
+        GGUF model converted so (llama.cpp's --fuse-gate-up-exps: gate rows, then up rows)."""
+        return self.arch.fused or any(k.endswith(".ffn_gate_up_exps.weight") for k in self.shapes or ())
+
     def _expert_parts(self) -> tuple[str, ...]:
-        parts = ("gate_up_proj", "down_proj") if self.arch.fused else EXPERT_PARTS
+        parts = ("gate_up_proj", "down_proj") if self.fused else EXPERT_PARTS
         return tuple(f"{self.arch.experts}.{p}" for p in parts) if self.arch.moe else ()
 
 
@@ -676,12 +682,16 @@ def _expert_targets(name: str, path: str, m, base: Base, tmap, per_expert: dict)
         target = tmap.get_name(f"{hit['owner']}.{hit['part']}")
         if target is None or not target.endswith("_exps"):
             raise SurgeryError(f"module {name}: no GGUF expert tensor for {path} in llama.cpp's tensor map")
+        if base.fused and not target.endswith("_down_exps"):
+            raise SurgeryError(f"module {name}: {base.where} keeps its experts' gate and up in one tensor "
+                               "(ffn_gate_up_exps), which per-expert modules are not joined into here; convert the "
+                               "adapter to PEFT's fused form first (surgery convert --to peft --base <HF model>)")
         names, experts = per_expert.setdefault(target, ([], {}))
         names.append(name)
         experts[int(hit["e"])] = m
         return []
     owner, param = path.rsplit(".", 1)
-    parts = ("gate_proj", "up_proj") if param == "gate_up_proj" and not base.arch.fused else (param,)
+    parts = ("gate_proj", "up_proj") if param == "gate_up_proj" and not base.fused else (param,)
     targets = [tmap.get_name(f"{owner}.{p}") for p in parts]
     if param not in EXPERT_PARTS + ("gate_up_proj",) or None in targets:
         raise SurgeryError(f"expert parameter {name}: llama.cpp's adapters have no tensor for {param} (they adapt "
