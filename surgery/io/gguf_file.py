@@ -177,6 +177,7 @@ BY_NAME = {a.name: a for a in ARCHS.values() if a.multimodal} | {
     "llama": Arch("llama", True, ATTN_MLP + ("mlp.gate",), moe=True)}
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")  # llama.cpp's ffn_{gate,up,down}_exps, one 3-D tensor each
 QKVZ_PARTS = (".attn_qkv", ".attn_gate")  # Qwen3-Next's in_proj_qkvz as llama.cpp's converter splits it
+QKV = ("attn_q", "attn_k", "attn_v")  # in this order in a fused attn_qkv (llama.cpp's --fuse-qkv)
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ class Base:
     has_output: bool
     experts: int = 0  # per MoE layer
     linear: tuple[int, int, int, int] | None = None  # linear attention's K heads, V heads, K and V head sizes
+    head_dims: tuple[int, int] | None = None  # a GGUF model's key and value head sizes
 
     @property
     def text(self) -> str:
@@ -222,6 +224,28 @@ class Base:
         if not path.endswith(FUSED_QKVZ) or (self.shapes is not None and target + ".weight" in self.shapes):
             return (target,)
         return tuple(target.replace(".ssm_in", part) for part in QKVZ_PARTS)
+
+    def fused_qkv(self, target: str) -> str | None:
+        """The GGUF tensor that holds `target` (blk.N.attn_q / _k / _v) in a GGUF model converted with llama.cpp's
+        --fuse-qkv (blk.N.attn_qkv: q rows, then k, then v), else None. Not where attn_qkv is already another
+        module's (Phi-3's qkv_proj, the gated delta net's in_proj_qkv): such a model's adapter is refused."""
+        blk, _, part = target.rpartition(".")
+        if part not in QKV or self.head_dims is None or target + ".weight" in self.shapes or \
+                self.arch.linear_attention or "self_attn.qkv_proj" in self.arch.projections:
+            return None
+        return f"{blk}.attn_qkv" if f"{blk}.attn_qkv.weight" in self.shapes else None
+
+    def qkv_rows(self, fused: str, known: Mapping[str, int]) -> list[int]:
+        """The q, k and v row counts of the fused tensor `fused` (those of `known` parts as given), checked against
+        its shape."""
+        total = self.shapes[fused + ".weight"][0]
+        k_dim, v_dim = self.head_dims
+        rows = [known.get(p, n) for p, n in zip(QKV, (self.heads * k_dim, self.kv_heads * k_dim,
+                                                       self.kv_heads * v_dim))]
+        if sum(rows) != total:
+            raise SurgeryError(f"{self.where}: {fused} has {total} rows, not the {' + '.join(map(str, rows))} of its "
+                               "q, k and v")
+        return rows
 
     @property
     def fused(self) -> bool:
@@ -292,9 +316,12 @@ def base_info(base: str | os.PathLike, reader=None) -> Base:
             k_heads, v_heads, k_dim, inner = (_field(reader, f"{name}.ssm.{k}", path) for k in (
                 "group_count", "time_step_rank", "state_size", "inner_size"))
             linear = _linear(k_heads, v_heads, k_dim, inner // max(v_heads, 1), path)
+        k_dim, v_dim = (reader.get_field(f"{name}.attention.{k}_length") for k in ("key", "value"))
+        k_dim = _field(reader, f"{name}.embedding_length", path) // heads if k_dim is None else int(k_dim.contents())
         return Base(str(path), BY_NAME[name], _field(reader, f"{name}.block_count", path), heads,
                     int(kv.contents()) if kv is not None else heads, shapes, "output.weight" in shapes,
-                    int(experts.contents()) if experts is not None else 0, linear)
+                    int(experts.contents()) if experts is not None else 0, linear,
+                    (k_dim, int(v_dim.contents()) if v_dim is not None else k_dim))
     config_path = (path if path.is_dir() else path.parent) / "config.json"
     if not config_path.is_file():
         raise SurgeryError(f"{path}: no config.json (the base model's config names its architecture for GGUF)")
@@ -445,23 +472,37 @@ def _split(m, base: Base, path: str, target: str) -> list[tuple[str, Any]]:
     targets = base.split_targets(path, target)
     if len(targets) == 1:
         return [(target, m)]
-    rows = _qkvz_rows(base, m.out_features, path)
-    return [(t, replace(m, B=_Derived(m.B, lambda x, r=r: x[r], (len(r), m.rank)))) for t, r in zip(targets, rows)]
+    return list(zip(targets, _row_blocks(m, _qkvz_rows(base, m.out_features, path))))
+
+
+def _consecutive(sizes: list[int]) -> list[torch.Tensor]:
+    """Consecutive row blocks of these sizes, as indices."""
+    return list(torch.arange(sum(sizes)).split(sizes))
+
+
+def _row_blocks(m: LoraModule, rows: Iterable[torch.Tensor]) -> list[LoraModule]:
+    """The LoRA on each block of ΔW's rows (an index each): B's rows, the same A."""
+    return [replace(m, B=_Derived(m.B, lambda x, r=r: x[r], (len(r), m.rank))) for r in rows]
 
 
 def _joined(base: Base, path: str, pieces: list) -> LoraModule:
     """Qwen3-Next's attn_qkv and attn_gate LoRAs (`pieces`, either None where the adapter has none) as one on
-    in_proj_qkvz: one A where both have the same one (as written from one module), else the two side by side
-    (rank r_qkv + r_gate, B's rows apart; a missing part a zero update) — exact either way."""
-    like = next(m for m in pieces if m is not None)
+    in_proj_qkvz (`_side_by_side`)."""
     k_heads, v_heads, k_dim, v_dim = base.linear
-    rows = _qkvz_rows(base, k_heads * 2 * (k_dim + v_heads // k_heads * v_dim), path)
+    return _side_by_side(path, pieces, _qkvz_rows(base, k_heads * 2 * (k_dim + v_heads // k_heads * v_dim), path))
+
+
+def _side_by_side(where: str, pieces: list, rows: list[torch.Tensor]) -> LoraModule:
+    """LoRAs on row blocks of one weight (pieces[i] on its rows[i], an index; None: no update there) as one LoRA
+    on the whole: one A where all have the same one (as written from one module), else their A's stacked (rank
+    Σ rᵢ) and B's rows apart, block by block; scales folded into B where they differ — exact either way."""
+    like = next(m for m in pieces if m is not None)
     for m, r in zip(pieces, rows):
         if m is not None and (m.kind, m.out_features, m.in_features) != ("linear", len(r), like.in_features):
-            raise SurgeryError(f"{path}: its GGUF attn_qkv / attn_gate LoRA is {m.shape}; the base's is "
-                               f"{(len(r), like.in_features)}")
-    shared = None not in pieces and pieces[0].rank == pieces[1].rank and _same(pieces[0].A, pieces[1].A)
-    k = like.rank if shared else sum(m.rank for m in pieces if m is not None)
+            raise SurgeryError(f"{where}: a part's LoRA is {m.shape}; the base's part is {(len(r), like.in_features)}")
+    given = [m for m in pieces if m is not None]
+    shared = len(given) == len(pieces) and all(m.rank == like.rank and _same(m.A, like.A) for m in given[1:])
+    k = like.rank if shared else sum(m.rank for m in given)
 
     def make():
         B, As, col = torch.zeros(sum(map(len, rows)), k), [], 0
@@ -564,7 +605,7 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base, allow_missing: boo
                            "llama.cpp's adapters cover")
     tmap = base.tensor_map()
     adaptable = base.names()
-    modules, per_expert, vision, left_out = {}, {}, [], []
+    modules, per_expert, vision, left_out, qkv = {}, {}, [], [], {}
     for name, m in adapter.modules.items():
         path = name.removeprefix(PEFT_PREFIX)
         if _VISION.search(path):  # (an image-text model's; its GGUF model file names the text architecture only)
@@ -585,9 +626,15 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base, allow_missing: boo
             left_out.append(name)
             continue
         for target, m in placed:
-            if target in modules:
+            into = modules
+            if fused := base.fused_qkv(target):  # a part of the base's attn_qkv: joined below
+                target, into = target.rsplit(".", 1)[1], qkv.setdefault(fused, {})
+            if target in into:
                 raise SurgeryError(f"module {name}: two modules map to GGUF tensor {target}")
-            modules[target] = m
+            into[target] = m
+    for fused, parts in qkv.items():
+        rows = base.qkv_rows(fused, {p: m.out_features for p, m in parts.items()})
+        modules[fused] = _side_by_side(fused, [parts.get(p) for p in QKV], _consecutive(rows))
     notes = list(adapter.notes)
     if left_out:
         notes.append(f"{len(left_out)} module(s) on weights llama.cpp adapts none of left out (--allow-missing): "
@@ -651,7 +698,7 @@ def _placed(name: str, path: str, m, base: Base, tmap, adaptable: Mapping[str, s
             raise _Unadapted(f"module {name}: llama.cpp applies no LoRA to {base.arch.name}'s {target} (its graph "
                              "multiplies that weight without adapters); leave the module out (--allow-missing)")
         shape = None if base.shapes is None else base.shapes.get(target + ".weight")
-        if base.shapes is not None and shape is None:
+        if base.shapes is not None and shape is None and not base.fused_qkv(target):
             raise _Unadapted(f"module {name}: {base.where} has no tensor {target}.weight")
         if shape is not None and tuple(shape) != weight_shape(m):
             raise SurgeryError(f"module {name}: ΔW is {weight_shape(m)} but {base.where} has {target}.weight "
@@ -737,7 +784,7 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     _check_arch(adapter, base)
     paths = base.names()
     modules, unknown, split = {}, [], {}
-    for name, m in adapter.modules.items():
+    for name, m in _qkv_split(adapter.modules, base, paths).items():
         path = paths.get(name)
         if path is None:
             unknown.append(name)
@@ -769,6 +816,22 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
                        if base.arch.router and n.endswith("." + base.arch.router)]:
             config["target_parameters"] = routers
     return Adapter(modules=modules, format="peft", config=config, source=adapter.source, notes=adapter.notes)
+
+
+def _qkv_split(modules: Mapping[str, Any], base: Base, paths: Mapping[str, str]) -> dict[str, Any]:
+    """The modules, a LoRA on a fused attn_qkv of the base (llama.cpp's --fuse-qkv) as its q, k and v parts."""
+    out = {}
+    for name, m in modules.items():
+        parts = [name.replace(".attn_qkv", f".{p}") for p in QKV]
+        if name in paths or not name.endswith(".attn_qkv") or base.fused_qkv(parts[0]) != name:
+            out[name] = m
+            continue
+        rows = base.qkv_rows(name, {})
+        if m.kind != "linear" or m.out_features != sum(rows):
+            raise SurgeryError(f"{name}: a {weight_shape(m)} LoRA, but {base.where} has {name}.weight "
+                               f"{base.shapes[name + '.weight']}")
+        out |= zip(parts, _row_blocks(m, _consecutive(rows)))
+    return out
 
 
 def _fused_experts(modules: Mapping, arch: Arch) -> dict:
