@@ -275,11 +275,11 @@ class Adapter:
     def num_params(self) -> int:
         return sum(m.num_params() for m in self.modules.values())
 
-    def check_plain(self, what: str) -> None:
+    def check_plain(self, what: str, keep: tuple[str, ...] = ()) -> None:
         """Refuse, where `what` would apply the factors as a plain update of the base's own layers, an adapter
-        whose PEFT config makes them something else (`NOT_PLAIN`)."""
+        whose PEFT config makes them something else (`NOT_PLAIN`; those in `keep`: `what` says it too)."""
         for key, meaning in NOT_PLAIN.items():
-            if value := self.config.get(key):
+            if key not in keep and (value := self.config.get(key)):
                 raise SurgeryError(f"{self.source}: {key} {value}: {meaning}, which {what} cannot express; keep it "
                                    "a PEFT adapter")
 

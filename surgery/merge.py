@@ -1081,6 +1081,7 @@ def merge_gguf(base: str | Path, adapters: Sequence[Adapter], out: str | Path, *
     parts: dict[str, list[tuple[LoraModule, float]]] = {}
     notes = []
     for a, w in zip(adapters, weights):
+        a.check_plain("a merge into the base")
         named = gguf_file.to_gguf(a, info, allow_missing)
         notes += [n for n in named.notes if n not in a.notes]
         for name, m in named.modules.items():

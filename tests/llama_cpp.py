@@ -7,6 +7,7 @@ package): `sources()` takes them from $LLAMA_CPP_DIR, else downloads that sdist 
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -242,9 +243,12 @@ def convert_lora(lora: Path, base: Path, out: Path, outtype: str = "f32") -> Pat
 TOKENS = [1, 40, 71, 120, 5, 250, 33, 17, 90, 210, 64, 3]
 
 
-def logits(model_path: Path, lora: Path | None = None, tokens=TOKENS, scale: float = 1.0) -> np.ndarray:
+def logits(model_path: Path, lora: Path | None = None, tokens=TOKENS, scale: float = 1.0,
+           activate_at: int = 0) -> np.ndarray:
     """llama.cpp's logits for every position of `tokens` (float32 KV cache: the default f16 cache alone moves the
-    logits by ~1e-3 of an adapter's effect; weight repacking off: it crashes on tiny models on these CPUs)."""
+    logits by ~1e-3 of an adapter's effect; weight repacking off: it crashes on tiny models on these CPUs).
+    activate_at: the adapter set only from that token on, as llama.cpp's server runs an activated LoRA (the tokens
+    before its invocation evaluated without it)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import llama_cpp.llama_cpp as low
 
@@ -262,7 +266,13 @@ def logits(model_path: Path, lora: Path | None = None, tokens=TOKENS, scale: flo
                               type_k=low.GGML_TYPE_F32, type_v=low.GGML_TYPE_F32, seed=0)
     finally:
         low.llama_model_default_params = default
-    llm.eval(list(tokens))
+    if activate_at:
+        adapters = (low.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+        for part, s in ((tokens[:activate_at], 0.0), (tokens[activate_at:], scale)):
+            low.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(s))
+            llm.eval(list(part))
+    else:
+        llm.eval(list(tokens))
     out = np.array(llm.scores[: len(tokens)], dtype=np.float64)
     llm.close()
     return out

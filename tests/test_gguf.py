@@ -568,6 +568,40 @@ def test_gguf_model_with_fused_qkv(cases, tmp_path):
         assert close(L.logits(tmp_path / f"merged{i}.gguf"), runtime) < 1e-5 * effect
 
 
+def test_activated_lora(cases, tmp_path):
+    """An activated LoRA (PEFT's alora_invocation_tokens: applied from its invocation tokens on) is llama.cpp's
+    adapter.alora.invocation_tokens: our file is its converter's, key and tensors; llama.cpp run as its server runs
+    an aLoRA (the tokens before the invocation without the adapter) gives PeftModel's logits; back to PEFT, squeezed,
+    the tokens stay. Merged into a model, combined, or written where no loader reads the tokens: one line."""
+    c = cases("LlamaForCausalLM")
+    lora = peft_lora(c.hf, tmp_path / "alora", ["q_proj", "v_proj", "down_proj"], alora_invocation_tokens=[71, 120],
+                     task_type="CAUSAL_LM")  # (TOKENS[2:4]: PEFT applies it from position 2 on)
+    ref = L.hf_logits(c.hf, lora)
+    assert close(ref[:2], c.hf_base[:2]) == 0
+    effect = close(ref, c.hf_base)
+    ours = tmp_path / "ours.gguf"
+    surgery("convert", lora, "--base", c.hf, "-o", ours)
+    theirs = L.convert_lora(lora, c.hf, tmp_path / "theirs.gguf")
+    key = "adapter.alora.invocation_tokens"
+    assert gguf.GGUFReader(ours).get_field(key).contents() == gguf.GGUFReader(theirs).get_field(key).contents() \
+        == [71, 120]
+    o, t = ({x.name: np.array(x.data) for x in gguf.GGUFReader(f).tensors} for f in (ours, theirs))
+    assert o.keys() == t.keys() and all(np.allclose(o[n], t[n], rtol=0, atol=1e-6) for n in o)
+    assert close(L.logits(c.base, ours, activate_at=2), ref) < 1e-5 * effect
+    assert close(L.logits(c.base, ours), ref) > 0.1 * effect  # (applied everywhere, another model)
+    surgery("convert", ours, "--to", "peft", "--base", c.hf, "-o", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["alora_invocation_tokens"] == [71, 120]
+    assert close(L.hf_logits(c.hf, tmp_path / "back"), ref) < 1e-5 * effect
+    surgery("squeeze", ours, "--rank", "4", "-o", tmp_path / "small.gguf")
+    assert gguf.GGUFReader(tmp_path / "small.gguf").get_field(key).contents() == [71, 120]
+    x = tmp_path / "x"
+    for args in (("merge", c.base, ours, "-o", x.with_suffix(".gguf")), ("merge", c.base, lora, "-o", x.with_suffix(
+            ".gguf")), ("merge", c.hf, ours, "-o", x), ("combine", ours, c.lora, "--base", c.hf, "-o", x.with_suffix(
+            ".gguf")), ("convert", ours, "--to", "peft-file", "--base", c.hf, "-o", x.with_suffix(".safetensors"))):
+        _one_line_error(surgery(*args, ok=False), "alora_invocation_tokens", "activated LoRA")
+    assert not any(p.name.startswith("x") for p in tmp_path.iterdir())
+
+
 def _gguf_adapter(path: Path, fields=None, tensors=None, arch: str = "llama") -> Path:
     """A hand-made GGUF adapter: llama.cpp's adapter fields (overridable; None drops one) and {name: array}."""
     from surgery.io import gguf_file
@@ -597,8 +631,8 @@ def test_every_gguf_refusal_is_one_line_and_writes_nothing(cases, tmp_path):
         "not-an-adapter": (_gguf_adapter(tmp_path / "m.gguf", {"general.type": ("model", T.STRING)}), "not an adapter"),
         "not-lora": (_gguf_adapter(tmp_path / "t.gguf", {"adapter.type": ("control_vector", T.STRING)}),
                      "control_vector"),
-        "alora": (_gguf_adapter(tmp_path / "al.gguf", {"adapter.alora.invocation_tokens": ([1, 2], T.ARRAY)}),
-                  "activated LoRA"),
+        "alora": (_gguf_adapter(tmp_path / "al.gguf", {"adapter.alora.invocation_tokens": ("x", T.STRING)}),
+                  "is not a list of token ids"),  # (an activated LoRA's tokens: test_activated_lora)
         "alpha": (_gguf_adapter(tmp_path / "al2.gguf", {"adapter.lora.alpha": (-1.0, T.FLOAT32)}), "alpha"),
         "no-alpha": (_gguf_adapter(tmp_path / "al3.gguf", {"adapter.lora.alpha": (None, None)}), "adapter.lora.alpha"),
         "other-tensor": (_gguf_adapter(tmp_path / "o.gguf", tensors={"blk.0.attn_v.weight": np.ones((32, 64),

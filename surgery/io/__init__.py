@@ -269,7 +269,7 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, format: str | None = 
     adapter_list([adapter], "save_adapter")  # one Adapter (a path or a list named in one line)
     fmt = output_format(adapter, out, format, base)
     if fmt != "peft":  # loaders read the other formats (a peft-file too) without PEFT's config
-        adapter.check_plain(f"the {fmt} format")
+        adapter.check_plain(f"the {fmt} format", gguf_file.KEPT if fmt == gguf_file.FORMAT else ())
     spec = FORMATS[fmt]
     experts.check_format(adapter, fmt)
     out = check_output(out, [*inputs, *([adapter.source] if adapter.source is not None else []),

@@ -34,6 +34,8 @@ MAGIC = b"GGUF"
 FORMAT = "gguf"
 ARCH_KEY = "general.architecture"
 TYPE_KEY = "gguf.tensor_type"  # Adapter.metadata: the tensor type the factors were read in (written back so)
+ALORA = "alora_invocation_tokens"  # PEFT's config key of an activated LoRA; llama.cpp's adapter.alora.invocation_tokens
+KEPT = (ALORA,)  # the PEFT config a GGUF adapter holds (surgery.adapter.NOT_PLAIN: the others refused)
 # what llama.cpp's adapter loader takes (llama-adapter.cpp), and what a merge writes back exactly (floats) or
 # re-quantizes as llama.cpp quantizes (Q8_0)
 TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -669,8 +671,8 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base, allow_missing: boo
     if rest:
         raise SurgeryError(f"cannot write GGUF: the adapter carries non-LoRA tensors ({listed(sorted(rest))}), which "
                            "llama.cpp adapters have no place for")
-    return Adapter(modules=modules, format=FORMAT, config={}, source=adapter.source, notes=tuple(notes),
-                   metadata={ARCH_KEY: base.arch.name})
+    return Adapter(modules=modules, format=FORMAT, config={k: v for k in KEPT if (v := adapter.config.get(k))},
+                   source=adapter.source, notes=tuple(notes), metadata={ARCH_KEY: base.arch.name})
 
 
 class _Unadapted(SurgeryError):
@@ -808,7 +810,8 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     if unknown:
         raise SurgeryError(f"{adapter.source}: no {base.arch.name} module of {base.where} for GGUF tensor(s) "
                            f"{listed(unknown)}")
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.where)}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.where),
+              **{k: v for k in KEPT if (v := adapter.config.get(k))}}
     if base.arch.moe:
         modules = _fused_experts(modules, base.arch)
         # transformers 5's MoE routers are parameters of a router module, which PEFT wraps by target_parameters
@@ -968,9 +971,12 @@ def read(path: Path) -> Adapter:
     if (t := reader.get_field(gguf.Keys.Adapter.TYPE)) is None or t.contents() != "lora":
         raise SurgeryError(f"{path}: GGUF adapter type {t.contents() if t is not None else '(missing)'}; surgery "
                            "reads LoRA adapters")
-    if reader.get_field(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS) is not None:
-        raise SurgeryError(f"{path}: is an activated LoRA (adapter.alora.invocation_tokens), which applies only "
-                           "after its invocation tokens; surgery does not convert aLoRA")
+    config = {}
+    if (f := reader.get_field(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS)) is not None:  # an activated LoRA
+        tokens = f.contents()
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) and t >= 0 for t in tokens):
+            raise SurgeryError(f"{path}: {f.name} = {tokens!r:.60} is not a list of token ids")
+        config[ALORA] = tokens
     arch = _field(reader, ARCH_KEY, path, str)
     alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA, path, float)
     if not np.isfinite(alpha) or alpha < 0:
@@ -1012,7 +1018,7 @@ def read(path: Path) -> Adapter:
     if not modules:
         raise SurgeryError(f"{path}: a GGUF adapter without LoRA tensors")
     types = Counter(type_name(r.qtype) for r in refs.values())
-    return Adapter(modules=modules, format=FORMAT, source=path,
+    return Adapter(modules=modules, format=FORMAT, source=path, config=config,
                    metadata={ARCH_KEY: arch, TYPE_KEY: types.most_common(1)[0][0]})
 
 
@@ -1130,6 +1136,9 @@ def write(adapter: Adapter, out: Path, dtype: str | None = None) -> None:
               (gguf.Keys.Adapter.TYPE, "lora", gguf.GGUFValueType.STRING, None),
               (gguf.Keys.Adapter.LORA_ALPHA, float(alpha), gguf.GGUFValueType.FLOAT32, None),
               (WRITTEN_BY, __version__, gguf.GGUFValueType.STRING, None)]
+    if tokens := adapter.config.get(ALORA):  # applied from its invocation tokens on, as PEFT applies it
+        fields.append((gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in tokens], gguf.GGUFValueType.ARRAY,
+                       gguf.GGUFValueType.UINT32))
     with atomic_output(out, is_dir=False) as tmp:
         write_file(tmp, arch, fields, tensors)
 
