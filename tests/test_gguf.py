@@ -1035,8 +1035,9 @@ GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_int
 
 @pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"])
 def test_deepseek_adapter_where_llama_cpp_applies_it(tmp_path, arch):
-    """DeepSeek-V2/V3 (Kimi K2) and GLM-4.7-Flash (llama.cpp's deepseek2): llama.cpp multiplies the latent-attention projections and the output head without
-    adapters; it adapts the attention output, the MLPs, the router and the experts. A PEFT adapter on those →
+    """DeepSeek-V2/V3 (Kimi K2) and GLM-4.7-Flash (llama.cpp's deepseek2): llama.cpp multiplies the latent-attention
+    projections and the output head without adapters; it adapts the attention output, the MLPs, the router and the
+    experts. A PEFT adapter on those →
     GGUF: llama.cpp's converter's file from the per-expert form, tensor for tensor, and at run time the logits
     llama.cpp gives for PEFT's merge_and_unload (tiny V3 / GLM models run apart in llama.cpp and transformers);
     a hand-made one on the dense block and the shared expert: its converter's file too, and the merged GGUF

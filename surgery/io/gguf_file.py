@@ -115,8 +115,8 @@ LINEAR_ATTN = tuple(f"linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in
 # Qwen3-Next's: q, k, v and z fused per K head (llama.cpp's attn_qkv + attn_gate, or ssm_in in older GGUF models)
 FUSED_QKVZ = "linear_attn.in_proj_qkvz"
 QWEN3NEXT_LINEAR = (FUSED_QKVZ, "linear_attn.in_proj_ba", "linear_attn.out_proj")
-# DeepSeek-V2/V3 (Kimi K2, GLM-4.7-Flash): llama.cpp multiplies the latent-attention projections (q_a/q_b/kv_a/k_b/v_b) and the
-# output head without adapters; the attention output, the MLPs, the router and the experts take them
+# DeepSeek-V2/V3 (Kimi K2, GLM-4.7-Flash): llama.cpp multiplies the latent-attention projections (q_a/q_b/kv_a/
+# k_b/v_b) and the output head without adapters; the attention output, the MLPs, the router and the experts take them
 DEEPSEEK = Arch("deepseek2", False, ("self_attn.o_proj",) + DENSE_AND_SHARED[4:], moe=True, head=False)
 ARCHS = {  # the architectures llama.cpp's convert_lora_to_gguf.py converts by name mapping (+ Llama's permute)
     "LlamaForCausalLM": Arch("llama", True, ATTN_MLP),
