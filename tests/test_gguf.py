@@ -594,6 +594,7 @@ def test_activated_lora(cases, tmp_path):
     assert close(L.hf_logits(c.hf, tmp_path / "back"), ref) < 1e-5 * effect
     surgery("squeeze", ours, "--rank", "4", "-o", tmp_path / "small.gguf")
     assert gguf.GGUFReader(tmp_path / "small.gguf").get_field(key).contents() == [71, 120]
+    assert "alora_invocation_tokens [71, 120]: an activated LoRA" in surgery("inspect", ours).output
     x = tmp_path / "x"
     for args in (("merge", c.base, ours, "-o", x.with_suffix(".gguf")), ("merge", c.base, lora, "-o", x.with_suffix(
             ".gguf")), ("merge", c.hf, ours, "-o", x), ("combine", ours, c.lora, "--base", c.hf, "-o", x.with_suffix(
