@@ -201,8 +201,7 @@ TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
 import importlib
 for module, cls in [("glm", "Glm4Model"), ("glm", "Glm4MoeModel"), ("exaone", "Exaone4Model"),
                     ("hunyuan", "HunYuanModel"), ("stablelm", "StableLMModel"), ("gemma", "Gemma4Model"),
-                    ("glm", "Glm4MoeLiteModel")]:  # their own
-    # vocabulary readers
+                    ("glm", "Glm4MoeLiteModel")]:  # their own vocabulary readers
     setattr(getattr(importlib.import_module("conversion." + module), cls), "set_vocab",
             TextModel._set_vocab_sentencepiece)
 if sys.argv[2] == "--qkvz-whole":  # Qwen3-Next's in_proj_qkvz as one ssm_in, as llama.cpp's converter wrote it
