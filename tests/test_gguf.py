@@ -537,16 +537,18 @@ def test_token_embedding_lora(cases, tmp_path):
     assert np.isfinite(L.logits(g.base, tmp_path / "t.gguf")).all()
 
 
-def test_gguf_model_with_fused_qkv(cases, tmp_path):
-    """A GGUF model converted with llama.cpp's --fuse-qkv keeps each block's q, k and v rows (q and k permuted) in
-    one tensor (attn_qkv), and llama.cpp looks its adapter up by that name: given such a model as base, the q, k and
-    v LoRAs are written as one, side by side (a missing one a zero block), and llama.cpp runs it with PeftModel's
-    logits — on all three or on q and v only (PEFT's default targets); back to PEFT every ΔW is the original's;
-    merged into that model, the run-time adapter's logits."""
-    c = cases("LlamaForCausalLM")
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3_5ForCausalLM"])
+def test_gguf_model_with_fused_qkv(cases, tmp_path, arch):
+    """A GGUF model converted with llama.cpp's --fuse-qkv keeps each block's q, k and v rows (Llama's q and k
+    permuted; Qwen3.5's gated q twice its heads' size, in its full-attention blocks only) in one tensor (attn_qkv),
+    and llama.cpp looks its adapter up by that name: given such a model as base, the q, k and v LoRAs are written as
+    one, side by side (a missing one a zero block), and llama.cpp runs it with PeftModel's logits — on all three or
+    on q and v only (PEFT's default targets); back to PEFT every ΔW is the original's; merged into that model, the
+    run-time adapter's logits."""
+    c = cases(arch)
     fused = L.convert_model(c.hf, tmp_path / "fused.gguf", "f32", "--fuse-qkv")
     names = {t.name for t in gguf.GGUFReader(fused).tensors}
-    assert "blk.0.attn_qkv.weight" in names and "blk.0.attn_q.weight" not in names
+    assert "blk.1.attn_qkv.weight" in names and "blk.1.attn_q.weight" not in names
     qv = peft_lora(c.hf, tmp_path / "qv", ["q_proj", "v_proj", "down_proj"], seed=4)
     for i, (lora, ref) in enumerate([(c.lora, c.ref), (qv, L.hf_logits(c.hf, qv))]):
         ours = tmp_path / f"ours{i}.gguf"
@@ -560,10 +562,10 @@ def test_gguf_model_with_fused_qkv(cases, tmp_path):
         assert close(runtime, ref) < 1e-5 * effect
         surgery("convert", ours, "--to", "peft", "--base", fused, "-o", tmp_path / f"back{i}")
         a, b = load_adapter(lora), load_adapter(tmp_path / f"back{i}")
-        assert set(a.modules) <= set(b.modules)
-        for n, m in b.modules.items():
-            want = a.modules[n].delta() if n in a.modules else torch.zeros_like(m.delta())  # (k: a zero block)
-            torch.testing.assert_close(m.delta(), want, rtol=0, atol=1e-6)
+        assert b.modules.keys() == a.modules.keys()  # (k_proj's zero block in the q + v file: no module)
+        for n, m in a.modules.items():
+            assert b.modules[n].rank == m.rank, n  # (each part its own directions of the side-by-side A)
+            torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
         surgery("merge", fused, ours, "-o", tmp_path / f"merged{i}.gguf")
         assert close(L.logits(tmp_path / f"merged{i}.gguf"), runtime) < 1e-5 * effect
 

@@ -229,22 +229,23 @@ class Base:
 
     def fused_qkv(self, target: str) -> str | None:
         """The GGUF tensor that holds `target` (blk.N.attn_q / _k / _v) in a GGUF model converted with llama.cpp's
-        --fuse-qkv (blk.N.attn_qkv: q rows, then k, then v), else None. Not where attn_qkv is already another
-        module's (Phi-3's qkv_proj, the gated delta net's in_proj_qkv): such a model's adapter is refused."""
+        --fuse-qkv (blk.N.attn_qkv: q rows, then k, then v), else None. Not Phi-3's (its attn_qkv is qkv_proj's)
+        nor a gated-delta-net block's (in_proj_qkv's)."""
         blk, _, part = target.rpartition(".")
         if part not in QKV or self.head_dims is None or target + ".weight" in self.shapes or \
-                self.arch.linear_attention or "self_attn.qkv_proj" in self.arch.projections:
+                f"{blk}.ssm_out.weight" in self.shapes or "self_attn.qkv_proj" in self.arch.projections:
             return None
         return f"{blk}.attn_qkv" if f"{blk}.attn_qkv.weight" in self.shapes else None
 
     def qkv_rows(self, fused: str, known: Mapping[str, int]) -> list[int]:
-        """The q, k and v row counts of the fused tensor `fused` (those of `known` parts as given), checked against
+        """The q, k and v row counts of the fused tensor `fused`: those of `known` parts as given, k's and v's from
+        the KV heads and head sizes, q's the rest (a gated attention's q is twice its heads' size); checked against
         its shape."""
         total = self.shapes[fused + ".weight"][0]
         k_dim, v_dim = self.head_dims
-        rows = [known.get(p, n) for p, n in zip(QKV, (self.heads * k_dim, self.kv_heads * k_dim,
-                                                       self.kv_heads * v_dim))]
-        if sum(rows) != total:
+        k, v = known.get(QKV[1], self.kv_heads * k_dim), known.get(QKV[2], self.kv_heads * v_dim)
+        rows = [known.get(QKV[0], total - k - v), k, v]
+        if sum(rows) != total or min(rows) < 1:
             raise SurgeryError(f"{self.where}: {fused} has {total} rows, not the {' + '.join(map(str, rows))} of its "
                                "q, k and v")
         return rows
@@ -786,7 +787,7 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     _check_arch(adapter, base)
     paths = base.names()
     modules, unknown, split = {}, [], {}
-    for name, m in _qkv_split(adapter.modules, base, paths).items():
+    for name, m in _qkv_split(adapter.modules, base).items():
         path = paths.get(name)
         if path is None:
             unknown.append(name)
@@ -821,19 +822,24 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
     return Adapter(modules=modules, format="peft", config=config, source=adapter.source, notes=adapter.notes)
 
 
-def _qkv_split(modules: Mapping[str, Any], base: Base, paths: Mapping[str, str]) -> dict[str, Any]:
-    """The modules, a LoRA on a fused attn_qkv of the base (llama.cpp's --fuse-qkv) as its q, k and v parts."""
+def _qkv_split(modules: Mapping[str, Any], base: Base) -> dict[str, Any]:
+    """The modules, a LoRA on a fused attn_qkv of the base (llama.cpp's --fuse-qkv) as its q, k and v parts: B's
+    rows, and only the directions each part's B uses (written side by side, each part gets its own rank back; a
+    part with none is no module)."""
     out = {}
     for name, m in modules.items():
         parts = [name.replace(".attn_qkv", f".{p}") for p in QKV]
-        if name in paths or not name.endswith(".attn_qkv") or base.fused_qkv(parts[0]) != name:
+        if not name.endswith(".attn_qkv") or base.fused_qkv(parts[0]) != name:
             out[name] = m
             continue
-        rows = base.qkv_rows(name, {})
-        if m.kind != "linear" or m.out_features != sum(rows):
+        if m.kind != "linear" or weight_shape(m) != tuple(base.shapes[name + ".weight"]):
             raise SurgeryError(f"{name}: a {weight_shape(m)} LoRA, but {base.where} has {name}.weight "
-                               f"{base.shapes[name + '.weight']}")
-        out |= zip(parts, _row_blocks(m, _consecutive(rows)))
+                               f"{tuple(base.shapes[name + '.weight'])}")
+        B = materialize(m.B)  # (out, r), small
+        for part, rows in zip(parts, _consecutive(base.qkv_rows(name, {}))):
+            if len(cols := B[rows].ne(0).any(0).nonzero().flatten()):
+                out[part] = replace(m, B=B[rows][:, cols].contiguous(),
+                                    A=_Derived(m.A, lambda x, c=cols: x[c], (len(cols), m.in_features)))
     return out
 
 
