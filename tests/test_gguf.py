@@ -259,6 +259,16 @@ def test_qwen3_5_linear_attention_v_heads_in_llama_cpp_s_order(cases, tmp_path, 
         _one_line_error(surgery("convert", lora, "--base", tmp_path / f"cfg{i}", "-o", tmp_path / "x.gguf", ok=False),
                         says)
     assert not (tmp_path / "x.gguf").exists()
+    # attn_qkv is in_proj_qkv's in a gated-delta-net block; on the full-attention block 1 the model has none (it was
+    # read as layers.1.linear_attn.in_proj_qkv, a module the model lacks)
+    rng = np.random.default_rng(1)
+    odd = _gguf_adapter(tmp_path / "odd.gguf", arch="qwen35", tensors={
+        "blk.1.attn_qkv.weight.lora_a": rng.standard_normal((4, 64), dtype=np.float32),
+        "blk.1.attn_qkv.weight.lora_b": rng.standard_normal((64, 4), dtype=np.float32)})
+    for base in (c.base, c.hf):
+        _one_line_error(surgery("convert", odd, "--to", "peft", "--base", base, "-o", tmp_path / "p", ok=False),
+                        "has no tensor blk.1.attn_qkv.weight")
+    assert not (tmp_path / "p").exists()
 
 
 def _truncated_peft(lora: Path, out: Path, rank: int) -> Path:

@@ -794,6 +794,9 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
             continue
         shape = _expert_shape(base, name, m) if m.kind == "experts" else \
             None if base.shapes is None else base.shapes.get(name + ".weight")
+        if shape is None and base.shapes is not None and not base.fused_qkv(name):  # (llama.cpp would not load it)
+            raise SurgeryError(f"{adapter.source}: {base.where} has no tensor {name}.weight (an adapter for another "
+                               "model?)")
         if shape is not None and tuple(shape) != weight_shape(m):
             raise SurgeryError(f"{adapter.source}: {name} updates a {weight_shape(m)} weight, but {base.where} has "
                                f"{tuple(shape)} (an adapter for another model?)")
