@@ -85,8 +85,8 @@ def inspect_table(a: Adapter, spectra=None, sigmas: bool = True) -> str:
     if a.passthrough:
         lines.append(f"pass-through tensors: {len(a.passthrough)} ({printable(', '.join(list(a.passthrough)[:4]))}"
                      f"{', …' if len(a.passthrough) > 4 else ''})")
-    lines += [f"{key} {a.config[key]}: {meaning}; it stays a PEFT adapter{' or GGUF' * (key in gguf_file.KEPT)} "
-              "(merges and other formats refuse it)" for key, meaning in NOT_PLAIN.items() if a.config.get(key)]
+    lines += [f"{key} {a.config[key]}: {meaning}; it stays a PEFT adapter{' or GGUF' if key in gguf_file.KEPT else ''}"
+              " (merges and other formats refuse it)" for key, meaning in NOT_PLAIN.items() if a.config.get(key)]
     header = ["module", "kind", "out×in", "rank", "scale", "params"]
     if spectra is not None and sigmas:
         header += ["σ1"] + [f"r@{e:g}" for e in ENERGIES]

@@ -95,6 +95,15 @@ def close(a, b) -> float:
     return float(np.abs(a - b).max())
 
 
+def _same_updates(want: Path, got: Path, ranks: bool = False) -> None:
+    """Two adapters with the same modules and every ΔW equal to float32 round-off (`ranks`: at the same ranks)."""
+    a, b = load_adapter(want), load_adapter(got)
+    assert b.modules.keys() == a.modules.keys()
+    for n, m in a.modules.items():
+        assert not ranks or b.modules[n].rank == m.rank, n
+        torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llama_cpp_runs_our_gguf_as_it_runs_its_own_converters(cases, arch, tmp_path):
     """PEFT LoRA → `surgery convert --base` → llama.cpp: its logits equal PEFT's on the HF model as closely as
@@ -235,14 +244,9 @@ def test_qwen3_5_linear_attention_v_heads_in_llama_cpp_s_order(cases, tmp_path, 
         m.setattr(gguf_file, "_reorder", lambda *a: (None, None))
         surgery("convert", lora, "--base", c.hf, "-o", tmp_path / "naive.gguf")
     assert close(L.logits(c.base, tmp_path / "naive.gguf"), ref) > 0.05 * effect
-    a = load_adapter(lora)
     for i, base in enumerate((c.hf, c.base)):
-        back = tmp_path / f"back{i}"
-        surgery("convert", ours, "--to", "peft", "--base", base, "-o", back)
-        b = load_adapter(back)
-        assert b.modules.keys() == a.modules.keys()
-        for n, m in a.modules.items():
-            torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+        surgery("convert", ours, "--to", "peft", "--base", base, "-o", tmp_path / f"back{i}")
+        _same_updates(lora, tmp_path / f"back{i}")
     for i, adapter in enumerate((lora, ours)):
         merged = tmp_path / f"merged{i}.gguf"
         surgery("merge", c.base, adapter, "-o", merged)
@@ -571,11 +575,8 @@ def test_gguf_model_with_fused_qkv(cases, tmp_path, arch):
         runtime = L.logits(fused, ours)
         assert close(runtime, ref) < 1e-5 * effect
         surgery("convert", ours, "--to", "peft", "--base", fused, "-o", tmp_path / f"back{i}")
-        a, b = load_adapter(lora), load_adapter(tmp_path / f"back{i}")
-        assert b.modules.keys() == a.modules.keys()  # (k_proj's zero block in the q + v file: no module)
-        for n, m in a.modules.items():
-            assert b.modules[n].rank == m.rank, n  # (each part its own directions of the side-by-side A)
-            torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+        # (k_proj's zero block in the q + v file: no module; each part its own directions of the side-by-side A)
+        _same_updates(lora, tmp_path / f"back{i}", ranks=True)
         surgery("merge", fused, ours, "-o", tmp_path / f"merged{i}.gguf")
         assert close(L.logits(tmp_path / f"merged{i}.gguf"), runtime) < 1e-5 * effect
 
@@ -903,7 +904,6 @@ def test_qwen3_next_in_proj_qkvz_split_as_llama_cpp_splits_it(tmp_path):
     ref = L.hf_logits(hf, lora)
     effect = close(ref, L.hf_logits(hf))
     assert effect > 1.0
-    a = load_adapter(lora)
     for base, model, names in [(hf, split, ["attn_qkv", "attn_gate"]), (split, split, ["attn_qkv", "attn_gate"]),
                                (whole, whole, ["ssm_in"])]:
         ours = tmp_path / f"{base.stem}-{model.stem}.gguf"
@@ -913,13 +913,8 @@ def test_qwen3_next_in_proj_qkvz_split_as_llama_cpp_splits_it(tmp_path):
         assert not {f"blk.0.{n}.weight.lora_a" for n in ("attn_qkv", "attn_gate", "ssm_in") if n not in names} & written
         runtime = L.logits(model, ours)
         assert close(runtime, ref) < 1e-5 * effect
-        back = tmp_path / f"back-{base.stem}"
-        surgery("convert", ours, "--to", "peft", "--base", base, "-o", back)
-        b = load_adapter(back)
-        assert b.modules.keys() == a.modules.keys()
-        for n, m in a.modules.items():
-            assert b.modules[n].rank == m.rank, n
-            torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+        surgery("convert", ours, "--to", "peft", "--base", base, "-o", tmp_path / f"back-{base.stem}")
+        _same_updates(lora, tmp_path / f"back-{base.stem}", ranks=True)
         if base is not hf:
             merged = tmp_path / f"merged-{base.stem}.gguf"
             surgery("merge", base, ours, "-o", merged)
@@ -959,10 +954,7 @@ def test_gguf_model_with_fused_gate_up_experts(moe, tmp_path):
     runtime = L.logits(fused, ours)
     assert close(runtime, c.ref) < 1e-5 * effect
     surgery("convert", ours, "--to", "peft", "--base", fused, "-o", tmp_path / "back")
-    a, b = load_adapter(c.lora), load_adapter(tmp_path / "back")
-    assert b.modules.keys() == a.modules.keys()
-    for n, m in a.modules.items():
-        torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+    _same_updates(c.lora, tmp_path / "back")
     surgery("merge", fused, ours, "-o", tmp_path / "merged.gguf")
     assert close(L.logits(tmp_path / "merged.gguf"), runtime) < 1e-5 * effect
     _one_line_error(surgery("convert", c.per_expert, "--base", fused, "-o", tmp_path / "x.gguf", ok=False),
@@ -1109,13 +1101,9 @@ def test_deepseek_adapter_where_llama_cpp_applies_it(tmp_path, arch):
     surgery("merge", base, tmp_path / "all", "--allow-missing", "-o", tmp_path / "hand-merged.gguf")
     runtime = L.logits(base, hand)
     assert close(L.logits(tmp_path / "hand-merged.gguf"), runtime) < 1e-5 * close(runtime, L.logits(base))
-    for adapter, gguf_file in ((lora, ours), (tmp_path / "hand", hand)):
-        back = tmp_path / f"back-{gguf_file.stem}"
-        surgery("convert", gguf_file, "--to", "peft", "--base", base, "-o", back)
-        a, b = load_adapter(adapter), load_adapter(back)
-        assert b.modules.keys() == a.modules.keys()
-        for n, m in a.modules.items():
-            torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=0, atol=1e-6)
+    for adapter, file in ((lora, ours), (tmp_path / "hand", hand)):
+        surgery("convert", file, "--to", "peft", "--base", base, "-o", tmp_path / f"back-{file.stem}")
+        _same_updates(adapter, tmp_path / f"back-{file.stem}")
 
 
 @pytest.mark.parametrize("arch, moe", [("Gemma4ForCausalLM", {}), ("Gemma4ForConditionalGeneration", {}),

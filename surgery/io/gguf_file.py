@@ -458,12 +458,15 @@ def _reorder(base: Base, path: str, rows: int, cols: int) -> tuple[torch.Tensor 
     return None, None
 
 
-def _qkvz_rows(base: Base, rows: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _qkvz_rows(base: Base, where: str, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3-Next's in_proj_qkvz rows as llama.cpp's converter splits them: HF's are [q, k, v, z] per K head;
-    GGUF's attn_qkv holds every head's q, then every k, then every v, and attn_gate every z. The HF rows of each."""
+    GGUF's attn_qkv holds every head's q, then every k, then every v, and attn_gate every z. The HF rows of each
+    (`rows`: the module's, checked against the base's head counts)."""
     k_heads, v_heads, k_dim, v_dim = base.linear
     vz = v_heads // k_heads * v_dim
-    if rows != k_heads * (2 * k_dim + 2 * vz):
+    if rows is None:
+        rows = k_heads * (2 * k_dim + 2 * vz)
+    elif rows != k_heads * (2 * k_dim + 2 * vz):
         raise SurgeryError(f"{where}: {rows} rows are not {k_heads} K heads' q, k (of {k_dim}), v and z (of {vz})")
     q, k, v, z = torch.arange(rows).reshape(k_heads, -1).split([k_dim, k_dim, vz, vz], 1)
     return torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]), z.reshape(-1)
@@ -475,7 +478,7 @@ def _split(m, base: Base, path: str, target: str) -> list[tuple[str, Any]]:
     targets = base.split_targets(path, target)
     if len(targets) == 1:
         return [(target, m)]
-    return list(zip(targets, _row_blocks(m, _qkvz_rows(base, m.out_features, path))))
+    return list(zip(targets, _row_blocks(m, _qkvz_rows(base, path, m.out_features))))
 
 
 def _consecutive(sizes: list[int]) -> list[torch.Tensor]:
@@ -486,13 +489,6 @@ def _consecutive(sizes: list[int]) -> list[torch.Tensor]:
 def _row_blocks(m: LoraModule, rows: Iterable[torch.Tensor]) -> list[LoraModule]:
     """The LoRA on each block of ΔW's rows (an index each): B's rows, the same A."""
     return [replace(m, B=_Derived(m.B, lambda x, r=r: x[r], (len(r), m.rank))) for r in rows]
-
-
-def _joined(base: Base, path: str, pieces: list) -> LoraModule:
-    """Qwen3-Next's attn_qkv and attn_gate LoRAs (`pieces`, either None where the adapter has none) as one on
-    in_proj_qkvz (`_side_by_side`)."""
-    k_heads, v_heads, k_dim, v_dim = base.linear
-    return _side_by_side(path, pieces, _qkvz_rows(base, k_heads * 2 * (k_dim + v_heads // k_heads * v_dim), path))
 
 
 def _side_by_side(where: str, pieces: list, rows: list[torch.Tensor]) -> LoraModule:
@@ -810,7 +806,7 @@ def from_gguf(adapter: Adapter, base: str | os.PathLike | Base) -> Adapter:
             m = _reordered(m, base, path, inverse=True)
         modules[PEFT_PREFIX + path] = m
     for path, pieces in split.items():
-        modules[PEFT_PREFIX + path] = _joined(base, path, pieces)
+        modules[PEFT_PREFIX + path] = _side_by_side(path, pieces, _qkvz_rows(base, path))  # (attn_qkv, attn_gate)
     if unknown:
         raise SurgeryError(f"{adapter.source}: no {base.arch.name} module of {base.where} for GGUF tensor(s) "
                            f"{listed(unknown)}")
