@@ -579,6 +579,30 @@ def test_gguf_model_with_fused_qkv(cases, tmp_path, arch):
         _same_updates(lora, tmp_path / f"back{i}", ranks=True)
         surgery("merge", fused, ours, "-o", tmp_path / f"merged{i}.gguf")
         assert close(L.logits(tmp_path / f"merged{i}.gguf"), runtime) < 1e-5 * effect
+    if arch != "LlamaForCausalLM":
+        return
+    # parts that do not fit the fused tensor, either way: one line, nothing written
+    from surgery.adapter import Adapter, LoraModule
+
+    g = torch.Generator().manual_seed(5)
+    for name, shapes, says in [
+            ("rows", {"q_proj": (96, 64), "v_proj": (32, 64)}, "has 128 rows, not the 96 + 32 + 32 of its q, k and v"),
+            ("cols", {"q_proj": (64, 48), "v_proj": (32, 64)},
+             "a part's LoRA is (32, 64); the base's part is (32, 48)"),
+            ("all-cols", {"q_proj": (64, 48), "v_proj": (32, 48)}, "ΔW is (128, 48) but")]:
+        save_adapter(Adapter(modules={f"base_model.model.model.layers.0.self_attn.{k}": LoraModule(
+            A=torch.randn(4, i, generator=g), B=torch.randn(o, 4, generator=g), scale=1.0) for k, (o, i) in
+            shapes.items()}, format="peft", config={"peft_type": "LORA", "r": 4, "lora_alpha": 4,
+                                                    "target_modules": sorted(shapes)}), tmp_path / name)
+        _one_line_error(surgery("convert", tmp_path / name, "--base", fused, "-o", tmp_path / "x.gguf", ok=False),
+                        "blk.0.attn_qkv", says)
+    rng = np.random.default_rng(2)
+    wrong = _gguf_adapter(tmp_path / "wrong.gguf", tensors={
+        "blk.0.attn_qkv.weight.lora_a": rng.standard_normal((4, 64), dtype=np.float32),
+        "blk.0.attn_qkv.weight.lora_b": rng.standard_normal((96, 4), dtype=np.float32)})
+    _one_line_error(surgery("convert", wrong, "--to", "peft", "--base", fused, "-o", tmp_path / "x", ok=False),
+                    "blk.0.attn_qkv: a (96, 64) LoRA, but")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x").exists()
 
 
 def test_activated_lora(cases, tmp_path):

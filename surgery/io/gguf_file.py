@@ -633,7 +633,10 @@ def to_gguf(adapter: Adapter, base: str | os.PathLike | Base, allow_missing: boo
             into[target] = m
     for fused, parts in qkv.items():
         rows = base.qkv_rows(fused, {p: m.out_features for p, m in parts.items()})
-        modules[fused] = _side_by_side(fused, [parts.get(p) for p in QKV], _consecutive(rows))
+        modules[fused] = m = _side_by_side(fused, [parts.get(p) for p in QKV], _consecutive(rows))
+        if (shape := tuple(base.shapes[fused + ".weight"])) != weight_shape(m):  # (the parts' input size)
+            raise SurgeryError(f"{fused}: the q, k and v LoRAs' ΔW is {weight_shape(m)} but {base.where} has "
+                               f"{fused}.weight {shape} (an adapter for another model?)")
     notes = list(adapter.notes)
     if left_out:
         notes.append(f"{len(left_out)} module(s) on weights llama.cpp adapts none of left out (--allow-missing): "
